@@ -1,0 +1,1 @@
+//! Job files and master settings: raw YAML in, validated specs out.

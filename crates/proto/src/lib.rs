@@ -1,0 +1,59 @@
+//! The saltpeter wire protocol: every message exchanged between `sp-wrapper` and the machines
+//! endpoint of `sp-master`, plus the protocol constants and exit codes both sides agree on.
+//!
+//! Architecture invariant: this crate does no I/O. It knows JSON and time stamps, nothing about
+//! sockets, files or clocks; callers pass "now" in. That keeps it usable from the wrapper's
+//! synchronous start-up code, from the master's actor, and from tests alike.
+//!
+//! Compatibility: the message names, fields and types are those of the original Python
+//! saltpeter 0.9.31, so an old wrapper talks to a new master and vice versa. Our additions
+//! (`connect.protocol`, `connect.token`, `connect.wrapper_pid`, `ack.last_seq`, `complete.cause`,
+//! `complete.signal`, the `UNAUTHORIZED` and `BAD_REQUEST` error codes) are optional on the wire
+//! and ignored by the original. Unknown fields are ignored on decode so both sides can grow.
+
+#![forbid(unsafe_code)]
+
+pub mod consts;
+mod master;
+mod timestamp;
+mod wrapper;
+
+pub use consts::*;
+pub use master::{Ack, AckType, ErrorCode, ErrorReply, Kill, MasterMessage, Nack, NackType, SyncResponse};
+pub use timestamp::{Timestamp, TimestampError};
+pub use wrapper::{
+    Cause, Complete, Connect, Envelope, Heartbeat, Killed, Output, Start, SyncRequest,
+    WrapperError, WrapperMessage,
+};
+
+/// Why a frame could not be decoded. Carries serde's message, which names the offending field
+/// and column, so a rejected message can be logged and answered with `BAD_REQUEST`.
+#[derive(Debug, thiserror::Error)]
+#[error("malformed message: {0}")]
+pub struct DecodeError(#[from] serde_json::Error);
+
+impl WrapperMessage {
+    /// Decodes one text frame sent by a wrapper.
+    pub fn decode(text: &str) -> Result<Self, DecodeError> {
+        Ok(serde_json::from_str(text)?)
+    }
+
+    /// Encodes this message as one JSON text frame.
+    pub fn encode(&self) -> String {
+        // Serialising these plain structs cannot fail: every key is a string and no map has
+        // non-string keys. Falling back to an empty object keeps the function total anyway.
+        serde_json::to_string(self).unwrap_or_else(|_| String::from("{}"))
+    }
+}
+
+impl MasterMessage {
+    /// Decodes one text frame sent by a master.
+    pub fn decode(text: &str) -> Result<Self, DecodeError> {
+        Ok(serde_json::from_str(text)?)
+    }
+
+    /// Encodes this message as one JSON text frame.
+    pub fn encode(&self) -> String {
+        serde_json::to_string(self).unwrap_or_else(|_| String::from("{}"))
+    }
+}

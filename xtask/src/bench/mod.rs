@@ -1,0 +1,13 @@
+//! `cargo xtask bench <what>`: benchmarks that print their figures.
+
+mod wrapper;
+
+use anyhow::{Result, bail};
+
+pub fn run(args: &[String]) -> Result<()> {
+    match args.first().map(String::as_str) {
+        Some("wrapper") => wrapper::run(&args[1..]),
+        Some(other) => bail!("unknown benchmark {other:?}; try wrapper"),
+        None => bail!("usage: cargo xtask bench <wrapper>"),
+    }
+}

@@ -1,0 +1,18 @@
+//! Project automation, run as `cargo xtask <command>`. See <https://github.com/matklad/cargo-xtask/>.
+//!
+//! - `ci`: everything CI runs (format, lints, unit and integration tests, e2e).
+//! - `e2e`: end-to-end scenarios with the real binaries.
+//! - `bench wrapper|master`: benchmarks that print figures.
+
+mod bench;
+
+use anyhow::{Result, bail};
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("bench") => bench::run(&args[1..]),
+        Some(other) => bail!("unknown xtask command {other:?}; try ci, e2e or bench"),
+        None => bail!("usage: cargo xtask <ci|e2e|bench>"),
+    }
+}
