@@ -19,7 +19,9 @@ mod timestamp;
 mod wrapper;
 
 pub use consts::*;
-pub use master::{Ack, AckType, ErrorCode, ErrorReply, Kill, MasterMessage, Nack, NackType, SyncResponse};
+pub use master::{
+    Ack, AckType, ErrorCode, ErrorReply, Kill, MasterMessage, Nack, NackType, SyncResponse,
+};
 pub use timestamp::{Timestamp, TimestampError};
 pub use wrapper::{
     Cause, Complete, Connect, Envelope, Heartbeat, Killed, Output, Start, SyncRequest,

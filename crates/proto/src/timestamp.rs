@@ -42,7 +42,9 @@ impl Timestamp {
 
     /// Parses the accepted input forms.
     pub fn parse(input: &str) -> Result<Self, TimestampError> {
-        let err = || TimestampError { input: input.chars().take(64).collect() };
+        let err = || TimestampError {
+            input: input.chars().take(64).collect(),
+        };
         // Python's str(datetime) uses a space where RFC 3339 has `T`; accept it. Byte 10 being
         // an ASCII space guarantees that slicing around it stays on char boundaries.
         let text: std::borrow::Cow<'_, str> = if input.len() > 10 && input.as_bytes()[10] == b' ' {
@@ -50,7 +52,9 @@ impl Timestamp {
         } else {
             input.into()
         };
-        OffsetDateTime::parse(&text, &Rfc3339).map(Self::new).map_err(|_| err())
+        OffsetDateTime::parse(&text, &Rfc3339)
+            .map(Self::new)
+            .map_err(|_| err())
     }
 }
 
@@ -103,12 +107,30 @@ mod tests {
     #[test]
     fn accepts_every_spelling_the_original_and_newer_pythons_emit() {
         let cases = [
-            ("2025-12-23T09:31:46.123456+00:00", "2025-12-23T09:31:46.123456+00:00"),
-            ("2025-12-23T09:31:46.123456Z", "2025-12-23T09:31:46.123456+00:00"),
-            ("2025-12-23T09:31:49+00:00", "2025-12-23T09:31:49.000000+00:00"),
-            ("2025-12-23T09:31:50.5+00:00", "2025-12-23T09:31:50.500000+00:00"),
-            ("2025-12-23 09:31:46.123456+00:00", "2025-12-23T09:31:46.123456+00:00"),
-            ("2025-12-23T11:31:46+02:00", "2025-12-23T09:31:46.000000+00:00"),
+            (
+                "2025-12-23T09:31:46.123456+00:00",
+                "2025-12-23T09:31:46.123456+00:00",
+            ),
+            (
+                "2025-12-23T09:31:46.123456Z",
+                "2025-12-23T09:31:46.123456+00:00",
+            ),
+            (
+                "2025-12-23T09:31:49+00:00",
+                "2025-12-23T09:31:49.000000+00:00",
+            ),
+            (
+                "2025-12-23T09:31:50.5+00:00",
+                "2025-12-23T09:31:50.500000+00:00",
+            ),
+            (
+                "2025-12-23 09:31:46.123456+00:00",
+                "2025-12-23T09:31:46.123456+00:00",
+            ),
+            (
+                "2025-12-23T11:31:46+02:00",
+                "2025-12-23T09:31:46.000000+00:00",
+            ),
         ];
         for (input, want) in cases {
             let ts = Timestamp::parse(input).unwrap_or_else(|e| panic!("{input}: {e}"));
@@ -118,8 +140,17 @@ mod tests {
 
     #[test]
     fn rejects_what_is_not_a_time() {
-        for input in ["", "yesterday", "2025-12-23", "2025-13-01T00:00:00Z", "2025-12-23T09:31:46"] {
-            assert!(Timestamp::parse(input).is_err(), "{input} should be rejected");
+        for input in [
+            "",
+            "yesterday",
+            "2025-12-23",
+            "2025-13-01T00:00:00Z",
+            "2025-12-23T09:31:46",
+        ] {
+            assert!(
+                Timestamp::parse(input).is_err(),
+                "{input} should be rejected"
+            );
         }
     }
 

@@ -1,0 +1,67 @@
+//! Decoding is total: no input, however hostile, makes it panic.
+
+use proptest::prelude::*;
+use saltpeter_proto::{MasterMessage, WrapperMessage};
+
+/// JSON-ish text built from the protocol's own vocabulary, so the generator reaches deep into
+/// the decoders instead of failing at the first byte.
+fn jsonish() -> impl Strategy<Value = String> {
+    let atoms = prop::sample::select(vec![
+        "{",
+        "}",
+        "[",
+        "]",
+        ":",
+        ",",
+        "\"type\"",
+        "\"output\"",
+        "\"complete\"",
+        "\"connect\"",
+        "\"ack\"",
+        "\"ack_type\"",
+        "\"seq\"",
+        "\"data\"",
+        "\"job_name\"",
+        "\"job_instance\"",
+        "\"machine\"",
+        "\"timestamp\"",
+        "\"2025-12-23T09:31:46.1+00:00\"",
+        "\"retcode\"",
+        "-1",
+        "0",
+        "18446744073709551616",
+        "1e999",
+        "null",
+        "true",
+        "\"\\ud83d\"",
+        "\"\\u0000\"",
+        "\"x\"",
+        "\"cause\"",
+        "\"signal\"",
+        "\"last_seq\"",
+        " ",
+    ]);
+    prop::collection::vec(atoms, 0..64).prop_map(|v| v.concat())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(4000))]
+
+    #[test]
+    fn wrapper_decode_never_panics_on_bytes(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+        let text = String::from_utf8_lossy(&bytes);
+        let _ = WrapperMessage::decode(&text);
+        let _ = MasterMessage::decode(&text);
+    }
+
+    #[test]
+    fn decode_never_panics_on_jsonish(text in jsonish()) {
+        if let Ok(msg) = WrapperMessage::decode(&text) {
+            // Whatever decodes must survive its own round trip.
+            prop_assert_eq!(WrapperMessage::decode(&msg.encode()).ok(), Some(msg));
+        }
+        if let Ok(msg) = MasterMessage::decode(&text) {
+            prop_assert_eq!(MasterMessage::decode(&msg.encode()).ok(), Some(msg));
+        }
+    }
+}
