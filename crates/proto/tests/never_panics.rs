@@ -1,5 +1,7 @@
 //! Decoding is total: no input, however hostile, makes it panic.
 
+#![allow(clippy::unwrap_used)] // Tests fail loudly by design.
+
 use proptest::prelude::*;
 use saltpeter_proto::{MasterMessage, WrapperMessage};
 

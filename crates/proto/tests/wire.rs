@@ -1,6 +1,8 @@
 //! The wire contract: every golden message of the original protocol decodes, re-encodes
 //! without losing a field, and every message shape is snapshotted so a change shows in review.
 
+#![allow(clippy::unwrap_used)] // Tests fail loudly by design.
+
 use std::path::{Path, PathBuf};
 
 use saltpeter_proto::*;
