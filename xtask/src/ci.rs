@@ -1,0 +1,48 @@
+//! `cargo xtask ci`: everything CI checks, in the order a developer would want to hear about
+//! failures: formatting, lints, unit and integration tests, then end-to-end scenarios.
+
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+
+/// Runs a command, streaming its output, and fails with its name if it fails.
+pub fn step(name: &str, cmd: &mut Command) -> Result<()> {
+    eprintln!("==> {name}");
+    let status = cmd.status().with_context(|| format!("could not run {name}"))?;
+    if !status.success() {
+        bail!("{name} failed ({status})");
+    }
+    Ok(())
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+}
+
+fn has_nextest() -> bool {
+    cargo()
+        .args(["nextest", "--version"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+pub fn run(_args: &[String]) -> Result<()> {
+    step("cargo fmt --check", cargo().args(["fmt", "--all", "--", "--check"]))?;
+    step(
+        "cargo clippy",
+        cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]),
+    )?;
+    // Build the binaries once so integration tests and e2e share them.
+    step("cargo build", cargo().args(["build", "--workspace", "--bins"]))?;
+    if has_nextest() {
+        step(
+            "cargo nextest run",
+            cargo().args(["nextest", "run", "--workspace", "--no-fail-fast"]).env("CI", "true"),
+        )?;
+    } else {
+        step("cargo test", cargo().args(["test", "--workspace", "--no-fail-fast"]))?;
+    }
+    crate::e2e::run(&[])
+}
