@@ -5,6 +5,8 @@
 //! - `bench wrapper|master`: benchmarks that print figures.
 
 mod bench;
+mod ci;
+mod e2e;
 
 use anyhow::{Result, bail};
 
@@ -12,6 +14,8 @@ fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("bench") => bench::run(&args[1..]),
+        Some("ci") => ci::run(&args[1..]),
+        Some("e2e") => e2e::run(&args[1..]),
         Some(other) => bail!("unknown xtask command {other:?}; try ci, e2e or bench"),
         None => bail!("usage: cargo xtask <ci|e2e|bench>"),
     }

@@ -1,0 +1,148 @@
+//! A real `sp-master` process for scenarios: its own config directory, ports chosen by the
+//! kernel (reported through `--ready-file`), logs in a file, and ended by PID when dropped.
+
+use std::fs;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde_json::Value;
+
+use super::http;
+
+/// A running master.
+#[derive(Debug)]
+pub struct Master {
+    child: Child,
+    pub api: SocketAddr,
+    pub dir: PathBuf,
+    pub conf: PathBuf,
+}
+
+/// Where cargo puts binaries.
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"))
+}
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
+}
+
+pub fn binary(name: &str) -> PathBuf {
+    target_dir().join("debug").join(name)
+}
+
+impl Master {
+    /// Writes `files` (name, YAML) into a fresh config directory under `dir` and starts a master.
+    pub fn start(dir: &Path, files: &[(&str, String)]) -> Result<Self> {
+        let conf = dir.join("conf");
+        fs::create_dir_all(&conf)?;
+        for (name, text) in files {
+            fs::write(conf.join(name), text.replace("@DIR@", &dir.to_string_lossy()))?;
+        }
+        let ready = dir.join("ready.json");
+        let log = fs::File::create(dir.join("master.log"))?;
+        let child = Command::new(binary("sp-master"))
+            .arg("-c")
+            .arg(&conf)
+            .arg("--ready-file")
+            .arg(&ready)
+            .env("RUST_LOG", "info,saltpeter_master=debug")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting sp-master")?;
+        let mut master = Self { child, api: "127.0.0.1:1".parse()?, dir: dir.to_owned(), conf };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(text) = fs::read_to_string(&ready)
+                && let Ok(v) = serde_json::from_str::<Value>(&text)
+                && let Some(api) = v["api"].as_str()
+            {
+                master.api = api.parse()?;
+                return Ok(master);
+            }
+            if let Some(status) = master.child.try_wait()? {
+                bail!("sp-master exited early ({status}); see {}", dir.join("master.log").display());
+            }
+            if Instant::now() > deadline {
+                bail!("sp-master not ready within 30 s");
+            }
+            sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Starts a run now and returns its instance id.
+    pub fn run_job(&self, job: &str) -> Result<String> {
+        let r = http::post(self.api, &format!("/api/v1/jobs/{job}/run"))?;
+        if r.status != 202 {
+            bail!("run {job}: HTTP {} {}", r.status, r.body);
+        }
+        Ok(r.body["instance"].as_str().context("no instance in reply")?.to_owned())
+    }
+
+    pub fn run(&self, instance: &str) -> Result<Value> {
+        let r = http::get(self.api, &format!("/api/v1/runs/{instance}"))?;
+        if r.status != 200 {
+            bail!("run {instance}: HTTP {} {}", r.status, r.body);
+        }
+        Ok(r.body)
+    }
+
+    /// Polls a run until `done` holds, for at most `limit`.
+    pub fn wait_run(&self, instance: &str, limit: Duration, done: impl Fn(&Value) -> bool) -> Result<Value> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let run = self.run(instance)?;
+            if done(&run) {
+                return Ok(run);
+            }
+            if Instant::now() > deadline {
+                bail!("{instance} did not reach the expected state within {limit:?}: {run}");
+            }
+            sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn jobs(&self) -> Result<Value> {
+        Ok(http::get(self.api, "/api/v1/jobs")?.body)
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.dir.join("master.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Master {
+    fn drop(&mut self) {
+        // Only the process we started, by PID: SIGTERM, a grace, then SIGKILL.
+        let pid = self.child.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A run's machine as JSON.
+pub fn machine<'a>(run: &'a Value, name: &str) -> &'a Value {
+    &run["machines"][name]
+}
+
+/// Whether every machine of a run has a retcode.
+pub fn all_ended(run: &Value) -> bool {
+    run["ended"].is_string()
+}
