@@ -1,0 +1,451 @@
+//! The wrapper's configuration: every `SP_*` environment variable, parsed and validated in
+//! the invoking process before anything forks, so that a bad value reaches Salt's result as
+//! a message on stderr and a non-zero exit (reference §3.1, defect D-17).
+//!
+//! Parsing goes through a lookup function rather than the process environment directly,
+//! which keeps it testable without mutating the environment.
+
+use std::ffi::{CString, OsString};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use nix::unistd::{Gid, Uid, User, getgrouplist};
+
+/// Default directory of the local log and the spool file (the original's default).
+pub const DEFAULT_LOGDIR: &str = "/var/log/sp_wrapper";
+
+/// A configuration value that is missing or unusable. The message is printed as is.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{0} environment variable not set")]
+    Missing(&'static str),
+    #[error("invalid {name} value {value:?}: {reason}")]
+    Invalid {
+        name: &'static str,
+        value: String,
+        reason: &'static str,
+    },
+    #[error("SP_USER {0:?}: no such user")]
+    UnknownUser(String),
+    #[error("SP_USER {user:?}: {reason}")]
+    User { user: String, reason: String },
+    #[error("SP_CWD {path:?} is not a usable directory: {reason}")]
+    Cwd { path: PathBuf, reason: String },
+}
+
+/// How much the local log records.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum LogLevel {
+    /// Nothing; the log directory is not even created.
+    Off,
+    /// Start, end, errors and delivery failures.
+    Normal,
+    /// Everything, including each frame sent and received.
+    Debug,
+}
+
+/// The account the job runs as, resolved before forking because name-service lookups are
+/// not async-signal-safe (rust-stack.md §1.10, pitfall 3).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RunAs {
+    pub name: String,
+    pub uid: Uid,
+    pub gid: Gid,
+    /// Supplementary groups, including the primary one, as `getgrouplist` reports them.
+    pub groups: Vec<Gid>,
+    pub home: PathBuf,
+    pub shell: PathBuf,
+}
+
+/// Everything the wrapper needs to know, validated.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub websocket_url: String,
+    pub job_name: String,
+    pub job_instance: String,
+    pub command: String,
+    pub machine: String,
+    /// The job's working directory: `SP_CWD`, or the directory the wrapper was started in
+    /// (captured before the daemon changes to `/`).
+    pub cwd: PathBuf,
+    pub run_as: Option<RunAs>,
+    /// `None` means no limit (`SP_TIMEOUT` absent, empty or 0).
+    pub timeout: Option<Duration>,
+    pub output_interval: Duration,
+    pub heartbeat_interval: Duration,
+    pub log_level: LogLevel,
+    pub log_dir: PathBuf,
+    /// `None` when overlap is allowed and no lock is taken.
+    pub lockfile: Option<PathBuf>,
+    pub run_token: Option<String>,
+}
+
+impl Config {
+    /// Reads the configuration from the process environment.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
+        let mut cfg = Self::parse(|name| std::env::var_os(name), &cwd, default_machine_id)?;
+        if let Some(user) = std::env::var_os("SP_USER").filter(|u| !u.is_empty()) {
+            cfg.run_as = resolve_user(&user.to_string_lossy())?;
+        }
+        check_cwd(&cfg.cwd)?;
+        Ok(cfg)
+    }
+
+    /// Parses the pure part of the configuration (everything but the user account and the
+    /// directory check, which consult the system).
+    pub fn parse(
+        lookup: impl Fn(&str) -> Option<OsString>,
+        cwd: &Path,
+        default_machine: impl FnOnce() -> Option<String>,
+    ) -> Result<Self, ConfigError> {
+        let get = |name: &'static str| -> Result<Option<String>, ConfigError> {
+            match lookup(name) {
+                None => Ok(None),
+                Some(v) => match v.into_string() {
+                    Ok(s) => Ok(Some(s)),
+                    Err(v) => Err(ConfigError::Invalid {
+                        name,
+                        value: v.to_string_lossy().into_owned(),
+                        reason: "not valid UTF-8",
+                    }),
+                },
+            }
+        };
+        let required = |name: &'static str| -> Result<String, ConfigError> {
+            get(name)?
+                .filter(|v| !v.is_empty())
+                .ok_or(ConfigError::Missing(name))
+        };
+
+        let websocket_url = required("SP_WEBSOCKET_URL")?;
+        let job_name = required("SP_JOB_NAME")?;
+        let job_instance = required("SP_JOB_INSTANCE")?;
+        let command = required("SP_COMMAND")?;
+
+        if !websocket_url.starts_with("ws://") {
+            return Err(ConfigError::Invalid {
+                name: "SP_WEBSOCKET_URL",
+                value: websocket_url,
+                reason: "expected a ws:// URL",
+            });
+        }
+        // The job name becomes part of file names (lock and log), so it must be one.
+        if job_name.contains('/') || job_name.contains('\0') || job_name == "." || job_name == ".."
+        {
+            return Err(ConfigError::Invalid {
+                name: "SP_JOB_NAME",
+                value: job_name,
+                reason: "must be usable as a file name",
+            });
+        }
+
+        let machine = match get("SP_MACHINE_ID")?.filter(|v| !v.is_empty()) {
+            Some(m) => m,
+            None => default_machine().ok_or(ConfigError::Missing("SP_MACHINE_ID"))?,
+        };
+        let cwd = match get("SP_CWD")?.filter(|v| !v.is_empty()) {
+            Some(dir) => PathBuf::from(dir),
+            None => cwd.to_path_buf(),
+        };
+
+        let timeout = match get("SP_TIMEOUT")?.map(|v| v.trim().to_owned()) {
+            None => None,
+            Some(v) if v.is_empty() => None,
+            Some(v) => match v.parse::<u64>() {
+                Ok(0) => None,
+                Ok(secs) => Some(Duration::from_secs(secs)),
+                Err(_) => {
+                    return Err(ConfigError::Invalid {
+                        name: "SP_TIMEOUT",
+                        value: v,
+                        reason: "expected whole seconds (0 or absent for no limit)",
+                    });
+                }
+            },
+        };
+        let output_interval = Duration::from_millis(positive(
+            "SP_OUTPUT_INTERVAL_MS",
+            get("SP_OUTPUT_INTERVAL_MS")?,
+            1000,
+        )?);
+        let heartbeat_interval = Duration::from_secs(positive(
+            "SP_HEARTBEAT_INTERVAL",
+            get("SP_HEARTBEAT_INTERVAL")?,
+            saltpeter_proto::HEARTBEAT_INTERVAL.as_secs(),
+        )?);
+
+        let log_level = match get("SP_WRAPPER_LOGLEVEL")?.as_deref().map(str::trim) {
+            None | Some("") => LogLevel::Normal,
+            Some(v) if v.eq_ignore_ascii_case("normal") => LogLevel::Normal,
+            Some(v) if v.eq_ignore_ascii_case("debug") => LogLevel::Debug,
+            Some(v) if v.eq_ignore_ascii_case("off") => LogLevel::Off,
+            Some(v) => {
+                return Err(ConfigError::Invalid {
+                    name: "SP_WRAPPER_LOGLEVEL",
+                    value: v.to_owned(),
+                    reason: "expected normal, debug or off",
+                });
+            }
+        };
+        let log_dir = get("SP_WRAPPER_LOGDIR")?
+            .filter(|v| !v.is_empty())
+            .map_or_else(|| PathBuf::from(DEFAULT_LOGDIR), PathBuf::from);
+
+        // The original treats an absent SP_ALLOW_OVERLAP as "true"; the master always sends
+        // it explicitly, so keeping that default changes nothing for scheduled runs.
+        let allow_overlap = match get("SP_ALLOW_OVERLAP")?.as_deref().map(str::trim) {
+            None | Some("") => true,
+            Some(v)
+                if ["true", "1", "yes"]
+                    .iter()
+                    .any(|t| v.eq_ignore_ascii_case(t)) =>
+            {
+                true
+            }
+            Some(v)
+                if ["false", "0", "no"]
+                    .iter()
+                    .any(|t| v.eq_ignore_ascii_case(t)) =>
+            {
+                false
+            }
+            Some(v) => {
+                return Err(ConfigError::Invalid {
+                    name: "SP_ALLOW_OVERLAP",
+                    value: v.to_owned(),
+                    reason: "expected true or false",
+                });
+            }
+        };
+        let lockfile = if allow_overlap {
+            None
+        } else {
+            Some(get("SP_LOCKFILE")?.filter(|v| !v.is_empty()).map_or_else(
+                || PathBuf::from(format!("/tmp/sp_wrapper_{job_name}.lock")),
+                PathBuf::from,
+            ))
+        };
+        let run_token = get("SP_RUN_TOKEN")?.filter(|v| !v.is_empty());
+
+        Ok(Self {
+            websocket_url,
+            job_name,
+            job_instance,
+            command,
+            machine,
+            cwd,
+            run_as: None,
+            timeout,
+            output_interval,
+            heartbeat_interval,
+            log_level,
+            log_dir,
+            lockfile,
+            run_token,
+        })
+    }
+}
+
+/// Parses a positive integer with a default.
+fn positive(name: &'static str, value: Option<String>, default: u64) -> Result<u64, ConfigError> {
+    match value.as_deref().map(str::trim) {
+        None | Some("") => Ok(default),
+        Some(v) => match v.parse::<u64>() {
+            Ok(n) if n > 0 => Ok(n),
+            _ => Err(ConfigError::Invalid {
+                name,
+                value: v.to_owned(),
+                reason: "expected a positive whole number",
+            }),
+        },
+    }
+}
+
+/// The Salt minion id if this host has one, else the kernel's host name. The master names
+/// machines by minion id, so that is the right default (defect D-14).
+pub fn default_machine_id() -> Option<String> {
+    [
+        "/etc/salt/minion_id",
+        "/proc/sys/kernel/hostname",
+        "/etc/hostname",
+    ]
+    .iter()
+    .filter_map(|path| std::fs::read_to_string(path).ok())
+    .map(|text| text.trim().to_owned())
+    .find(|id| !id.is_empty())
+}
+
+/// Resolves `SP_USER`. Running as the current user is a no-op; switching to another user
+/// needs root, and rather than ignore the request silently (defect D-16) we refuse.
+fn resolve_user(name: &str) -> Result<Option<RunAs>, ConfigError> {
+    let err = |reason: String| ConfigError::User {
+        user: name.to_owned(),
+        reason,
+    };
+    let user = User::from_name(name)
+        .map_err(|e| err(e.to_string()))?
+        .ok_or_else(|| ConfigError::UnknownUser(name.to_owned()))?;
+    let me = Uid::effective();
+    if !me.is_root() {
+        if user.uid == me {
+            return Ok(None);
+        }
+        return Err(err(String::from(
+            "switching users requires running the wrapper as root",
+        )));
+    }
+    let cname = CString::new(name).map_err(|e| err(e.to_string()))?;
+    let groups = getgrouplist(&cname, user.gid).map_err(|e| err(e.to_string()))?;
+    Ok(Some(RunAs {
+        name: user.name,
+        uid: user.uid,
+        gid: user.gid,
+        groups,
+        home: user.dir,
+        shell: user.shell,
+    }))
+}
+
+/// Checks that the working directory exists and is a directory, so a typo is reported to
+/// Salt before forking instead of as a failed spawn.
+fn check_cwd(path: &Path) -> Result<(), ConfigError> {
+    match std::fs::metadata(path) {
+        Ok(meta) if meta.is_dir() => Ok(()),
+        Ok(_) => Err(ConfigError::Cwd {
+            path: path.to_owned(),
+            reason: "not a directory".into(),
+        }),
+        Err(e) => Err(ConfigError::Cwd {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn parse(vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let map: HashMap<String, OsString> = vars
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), OsString::from(v)))
+            .collect();
+        Config::parse(
+            |k| map.get(k).cloned(),
+            Path::new("/srv"),
+            || Some("host1".into()),
+        )
+    }
+
+    const BASE: [(&str, &str); 4] = [
+        ("SP_WEBSOCKET_URL", "ws://master:8889"),
+        ("SP_JOB_NAME", "backup"),
+        ("SP_JOB_INSTANCE", "backup_1766482300"),
+        ("SP_COMMAND", "echo hi"),
+    ];
+
+    fn with(extra: &[(&'static str, &'static str)]) -> Result<Config, ConfigError> {
+        let mut vars = BASE.to_vec();
+        vars.extend_from_slice(extra);
+        parse(&vars)
+    }
+
+    #[test]
+    fn defaults_match_the_original() {
+        let cfg = with(&[]).unwrap();
+        assert_eq!(cfg.machine, "host1");
+        assert_eq!(cfg.cwd, Path::new("/srv"));
+        assert_eq!(cfg.timeout, None);
+        assert_eq!(cfg.output_interval, Duration::from_millis(1000));
+        assert_eq!(cfg.heartbeat_interval, Duration::from_secs(5));
+        assert_eq!(cfg.log_level, LogLevel::Normal);
+        assert_eq!(cfg.log_dir, Path::new(DEFAULT_LOGDIR));
+        assert_eq!(cfg.lockfile, None);
+        assert_eq!(cfg.run_token, None);
+    }
+
+    #[test]
+    fn each_required_variable_is_named_when_missing() {
+        for (name, _) in BASE {
+            let vars: Vec<_> = BASE.iter().filter(|(n, _)| *n != name).copied().collect();
+            let err = parse(&vars).unwrap_err().to_string();
+            assert!(err.contains(name), "{err}");
+        }
+        let mut vars = BASE.to_vec();
+        vars[3].1 = "";
+        assert!(parse(&vars).unwrap_err().to_string().contains("SP_COMMAND"));
+    }
+
+    #[test]
+    fn timeout_zero_or_empty_means_no_limit() {
+        assert_eq!(with(&[("SP_TIMEOUT", "0")]).unwrap().timeout, None);
+        assert_eq!(with(&[("SP_TIMEOUT", "")]).unwrap().timeout, None);
+        assert_eq!(
+            with(&[("SP_TIMEOUT", "30")]).unwrap().timeout,
+            Some(Duration::from_secs(30))
+        );
+        assert!(with(&[("SP_TIMEOUT", "ten")]).is_err());
+        assert!(with(&[("SP_TIMEOUT", "-1")]).is_err());
+    }
+
+    #[test]
+    fn invalid_values_are_rejected_not_ignored() {
+        for (name, value) in [
+            ("SP_OUTPUT_INTERVAL_MS", "fast"),
+            ("SP_OUTPUT_INTERVAL_MS", "0"),
+            ("SP_HEARTBEAT_INTERVAL", "0"),
+            ("SP_WRAPPER_LOGLEVEL", "verbose"),
+            ("SP_ALLOW_OVERLAP", "maybe"),
+            ("SP_WEBSOCKET_URL", "http://master"),
+            ("SP_JOB_NAME", "../etc"),
+        ] {
+            let err = with(&[(name, value)]).unwrap_err().to_string();
+            assert!(err.contains(name), "{name}={value}: {err}");
+        }
+    }
+
+    #[test]
+    fn overlap_lock_defaults_to_a_path_per_job() {
+        let cfg = with(&[("SP_ALLOW_OVERLAP", "False")]).unwrap();
+        assert_eq!(
+            cfg.lockfile.as_deref(),
+            Some(Path::new("/tmp/sp_wrapper_backup.lock"))
+        );
+        let cfg = with(&[("SP_ALLOW_OVERLAP", "no"), ("SP_LOCKFILE", "/run/x.lock")]).unwrap();
+        assert_eq!(cfg.lockfile.as_deref(), Some(Path::new("/run/x.lock")));
+        assert_eq!(with(&[("SP_ALLOW_OVERLAP", "yes")]).unwrap().lockfile, None);
+    }
+
+    #[test]
+    fn explicit_values_win() {
+        let cfg = with(&[
+            ("SP_MACHINE_ID", "db01"),
+            ("SP_CWD", "/tmp"),
+            ("SP_RUN_TOKEN", "s3cret"),
+            ("SP_HEARTBEAT_INTERVAL", "1"),
+            ("SP_WRAPPER_LOGLEVEL", "DEBUG"),
+        ])
+        .unwrap();
+        assert_eq!(cfg.machine, "db01");
+        assert_eq!(cfg.cwd, Path::new("/tmp"));
+        assert_eq!(cfg.run_token.as_deref(), Some("s3cret"));
+        assert_eq!(cfg.heartbeat_interval, Duration::from_secs(1));
+        assert_eq!(cfg.log_level, LogLevel::Debug);
+    }
+
+    #[test]
+    fn unknown_user_and_bad_cwd_are_reported() {
+        assert!(matches!(
+            resolve_user("no-such-user-sp-test"),
+            Err(ConfigError::UnknownUser(_))
+        ));
+        assert!(check_cwd(Path::new("/nonexistent/sp-test")).is_err());
+        assert!(
+            check_cwd(Path::new("/etc/hostname")).is_err() || !Path::new("/etc/hostname").exists()
+        );
+        assert!(check_cwd(Path::new("/")).is_ok());
+    }
+}

@@ -1,0 +1,640 @@
+//! The WebSocket link to the master: connecting with capped backoff, one writer task per
+//! connection that sends heartbeats on their own timer ahead of anything else, and the loop
+//! that drives [`Session`] with the master's replies and the job's output.
+//!
+//! The link never blocks the job: output arrives over a channel and goes straight into the
+//! [`Outbox`] (memory, then spool), whatever the connection state. It ends when `complete`
+//! is acknowledged, when the master refuses the run (`JOB_NOT_FOUND`, `UNAUTHORIZED`), when
+//! the delivery deadline passes, or when told to abort; it then hands back the outbox so that
+//! whatever was not delivered can be written to the local log.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{Sink, SinkExt, StreamExt};
+use saltpeter_proto::{
+    AckType, Complete, Connect, Envelope, ErrorCode, Heartbeat, MasterMessage, Output,
+    PROTOCOL_VERSION, Start, Timestamp, WrapperMessage,
+};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio::time::{Instant, interval_at, sleep_until, timeout};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+use crate::log::Log;
+use crate::outbox::{Chunk, Outbox};
+use crate::session::{Completion, Session};
+
+/// How long one connection attempt (TCP plus WebSocket handshake) may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the master may take to acknowledge `connect` or `start`.
+const HANDSHAKE_ACK_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long in-flight outputs may wait for an ack before the connection is presumed dead.
+const OUTPUT_ACK_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the master may take to confirm `complete` (the original polls up to 30 s).
+const COMPLETE_ACK_TIMEOUT: Duration = Duration::from_secs(40);
+
+/// What the rest of the wrapper feeds the link, in order.
+#[derive(Debug)]
+pub enum LinkInput {
+    /// A batch of output.
+    Output(Chunk),
+    /// The run is over and every output has been sent before this; deliver `complete`,
+    /// giving up after `deliver_within`.
+    Complete(Completion, Duration),
+}
+
+/// Fixed facts about this run that the link puts on the wire.
+#[derive(Clone, Debug)]
+pub struct LinkConfig {
+    pub url: String,
+    pub job_name: String,
+    pub job_instance: String,
+    pub machine: String,
+    pub token: Option<String>,
+    pub wrapper_pid: u32,
+    /// PID reported in `start`: the job's shell, or the wrapper's own when no job ran.
+    pub start_pid: u32,
+    /// When the job was spawned; `start` carries it, as the original's does.
+    pub started_at: Timestamp,
+    pub version: String,
+    pub heartbeat: Duration,
+}
+
+impl LinkConfig {
+    fn envelope(&self) -> Envelope {
+        Envelope {
+            job_name: self.job_name.clone(),
+            job_instance: self.job_instance.clone(),
+            machine: self.machine.clone(),
+            timestamp: Some(Timestamp::now()),
+        }
+    }
+}
+
+/// How delivery ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Delivery {
+    /// The master acknowledged `complete`.
+    Delivered,
+    /// The master refused the run; terminal.
+    Rejected(ErrorCode, String),
+    /// The delivery deadline passed.
+    GaveUp,
+    /// Told to stop (a second termination signal).
+    Aborted,
+}
+
+/// The link's result: how it ended and what it could not deliver.
+#[derive(Debug)]
+pub struct LinkEnd {
+    pub delivery: Delivery,
+    pub outbox: Outbox,
+}
+
+type WsStream = WebSocketStream<MaybeTlsStream<TcpStream>>;
+type Connecting = Pin<Box<dyn Future<Output = Result<WsStream, String>> + Send>>;
+
+/// One open connection.
+struct Conn {
+    tx: mpsc::UnboundedSender<Message>,
+    rx: futures_util::stream::SplitStream<WsStream>,
+    writer: JoinHandle<()>,
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        self.writer.abort();
+    }
+}
+
+enum ConnEvent {
+    Frame(Option<Result<Message, tokio_tungstenite::tungstenite::Error>>),
+    WriterEnded,
+}
+
+/// Runs the link until delivery ends. `kill` is told when the master asks to kill the job.
+pub async fn run(
+    cfg: LinkConfig,
+    mut input: mpsc::Receiver<LinkInput>,
+    kill: mpsc::Sender<()>,
+    mut abort: oneshot::Receiver<()>,
+    mut outbox: Outbox,
+    log: Arc<Log>,
+) -> LinkEnd {
+    let mut session = Session::new();
+    let mut conn: Option<Conn> = None;
+    let mut connecting: Option<Connecting> = None;
+    let mut retry_at: Option<Instant> = Some(Instant::now());
+    let mut failures: u32 = 0;
+    let mut ack_deadline: Option<Instant> = None;
+    let mut give_up_at: Option<Instant> = None;
+    let mut input_open = true;
+    let mut abort_open = true;
+
+    let end = loop {
+        // Send whatever the session allows, then re-arm the ack timeout.
+        if let Some(c) = conn.as_ref() {
+            pump_sends(&cfg, &mut session, &outbox, c, &log);
+        }
+        if session.is_done() {
+            break Delivery::Delivered;
+        }
+        if session.awaiting_ack() {
+            if ack_deadline.is_none() {
+                let wait = match session.phase() {
+                    crate::session::Phase::Streaming if session.in_flight() == 0 => {
+                        COMPLETE_ACK_TIMEOUT
+                    }
+                    crate::session::Phase::Streaming => OUTPUT_ACK_TIMEOUT,
+                    _ => HANDSHAKE_ACK_TIMEOUT,
+                };
+                ack_deadline = Some(Instant::now() + wait);
+            }
+        } else {
+            ack_deadline = None;
+        }
+
+        tokio::select! {
+            biased;
+            res = &mut abort, if abort_open => {
+                if res.is_ok() {
+                    break Delivery::Aborted;
+                }
+                abort_open = false;
+            }
+            item = input.recv(), if input_open => match item {
+                Some(LinkInput::Output(chunk)) => {
+                    let seq = outbox.push(chunk);
+                    if log.debug_enabled() {
+                        log.debug(format!("Queued output seq {seq}"));
+                    }
+                }
+                Some(LinkInput::Complete(completion, within)) => {
+                    log.debug(format!("Run ended: {completion:?}"));
+                    session.set_completion(completion);
+                    give_up_at = Some(Instant::now() + within);
+                }
+                None => {
+                    input_open = false;
+                    if session.completion().is_none() {
+                        // The controller went away without an outcome; nothing will ever
+                        // complete, so only keep delivering output for a bounded time.
+                        give_up_at.get_or_insert(Instant::now() + Duration::from_secs(60));
+                    }
+                }
+            },
+            event = next_event(&mut conn) => {
+                let lost = match event {
+                    ConnEvent::WriterEnded => Some(String::from("send failed")),
+                    ConnEvent::Frame(None) => Some(String::from("connection closed by the master")),
+                    ConnEvent::Frame(Some(Err(e))) => Some(format!("connection error: {e}")),
+                    ConnEvent::Frame(Some(Ok(Message::Close(_)))) => Some(String::from("master closed the connection")),
+                    ConnEvent::Frame(Some(Ok(Message::Text(text)))) => {
+                        match handle_frame(&cfg, &mut session, &mut outbox, &kill, &log, &text) {
+                            Frame::Continue { progress } => {
+                                if progress {
+                                    ack_deadline = None;
+                                }
+                                None
+                            }
+                            Frame::Connected { send_start } => {
+                                failures = 0;
+                                ack_deadline = None;
+                                if let (true, Some(c)) = (send_start, conn.as_ref()) {
+                                    send(c, &start_message(&cfg), &log);
+                                }
+                                None
+                            }
+                            Frame::Rejected(code, message) => {
+                                break Delivery::Rejected(code, message);
+                            }
+                        }
+                    }
+                    ConnEvent::Frame(Some(Ok(_))) => None,
+                };
+                if let Some(reason) = lost {
+                    log.info(format!("Disconnected from master: {reason}"));
+                    conn = None;
+                    session.disconnected();
+                    ack_deadline = None;
+                    retry_at = Some(Instant::now() + backoff(failures));
+                    failures += 1;
+                }
+            }
+            res = maybe(&mut connecting) => {
+                connecting = None;
+                match res {
+                    Ok(ws) => {
+                        log.debug("Connected to master");
+                        let c = open_conn(ws, &cfg);
+                        session.connected();
+                        send(&c, &WrapperMessage::Connect(Connect {
+                            envelope: cfg.envelope(),
+                            protocol: Some(PROTOCOL_VERSION),
+                            token: cfg.token.clone(),
+                            wrapper_pid: Some(cfg.wrapper_pid),
+                        }), &log);
+                        conn = Some(c);
+                    }
+                    Err(e) => {
+                        if failures == 0 || log.debug_enabled() {
+                            log.info(format!("Cannot reach master at {}: {e}", cfg.url));
+                        }
+                        retry_at = Some(Instant::now() + backoff(failures));
+                        failures += 1;
+                    }
+                }
+            }
+            () = sleep_until(retry_at.unwrap_or_else(Instant::now)),
+                if retry_at.is_some() && conn.is_none() && connecting.is_none() => {
+                retry_at = None;
+                connecting = Some(Box::pin(connect(cfg.url.clone())));
+            }
+            () = sleep_until(ack_deadline.unwrap_or_else(Instant::now)), if ack_deadline.is_some() => {
+                log.info(format!("No ack from master in time ({:?}); reconnecting", session.phase()));
+                conn = None;
+                session.disconnected();
+                ack_deadline = None;
+                retry_at = Some(Instant::now() + backoff(failures));
+                failures += 1;
+            }
+            () = sleep_until(give_up_at.unwrap_or_else(Instant::now)), if give_up_at.is_some() => {
+                break Delivery::GaveUp;
+            }
+        }
+    };
+    if let Some(c) = conn.take() {
+        close_politely(c).await;
+    }
+    LinkEnd {
+        delivery: end,
+        outbox,
+    }
+}
+
+/// The pause before reconnect attempt `failures + 1`: 1 s, 2 s, 4 s, then 5 s.
+fn backoff(failures: u32) -> Duration {
+    Duration::from_secs(match failures {
+        0 => 1,
+        1 => 2,
+        2 => 4,
+        _ => 5,
+    })
+}
+
+async fn connect(url: String) -> Result<WsStream, String> {
+    // Server-to-wrapper frames are tiny; a small read buffer keeps the wrapper lean.
+    let config = WebSocketConfig::default().read_buffer_size(8 * 1024);
+    match timeout(
+        CONNECT_TIMEOUT,
+        tokio_tungstenite::connect_async_with_config(url, Some(config), true),
+    )
+    .await
+    {
+        Ok(Ok((ws, _response))) => Ok(ws),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("no answer within {CONNECT_TIMEOUT:?}")),
+    }
+}
+
+fn open_conn(ws: WsStream, cfg: &LinkConfig) -> Conn {
+    let (sink, rx) = ws.split();
+    let (tx, data) = mpsc::unbounded_channel();
+    let beat = Beat {
+        cfg: cfg.clone(),
+        every: cfg.heartbeat,
+    };
+    let writer = tokio::spawn(async move {
+        let _ = writer(sink, data, beat).await;
+    });
+    Conn { tx, rx, writer }
+}
+
+/// Ends a connection after delivery: lets the writer flush and send a close frame, briefly.
+async fn close_politely(mut conn: Conn) {
+    let (tx, _) = mpsc::unbounded_channel();
+    drop(std::mem::replace(&mut conn.tx, tx));
+    let _ = timeout(Duration::from_secs(1), &mut conn.writer).await;
+}
+
+async fn next_event(conn: &mut Option<Conn>) -> ConnEvent {
+    let Some(c) = conn.as_mut() else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        frame = c.rx.next() => ConnEvent::Frame(frame),
+        _ = &mut c.writer => ConnEvent::WriterEnded,
+    }
+}
+
+async fn maybe<F: Future + Unpin>(fut: &mut Option<F>) -> F::Output {
+    match fut.as_mut() {
+        Some(f) => f.await,
+        None => std::future::pending().await,
+    }
+}
+
+/// What the heartbeats of one connection look like and how often they go out.
+#[derive(Debug)]
+pub struct Beat {
+    cfg: LinkConfig,
+    every: Duration,
+}
+
+impl Beat {
+    fn frame(&self) -> Message {
+        Message::text(
+            WrapperMessage::Heartbeat(Heartbeat {
+                envelope: self.cfg.envelope(),
+            })
+            .encode(),
+        )
+    }
+}
+
+/// Writes one connection's frames: heartbeats every `beat.every` (first one after one
+/// period), and the link's frames in order. Heartbeats win every race, so they are delayed at
+/// most by the one frame being written, whose size is bounded by the output chunk size.
+/// Returns when the link drops its sender (after closing the socket) or a write fails.
+pub async fn writer<S>(
+    mut sink: S,
+    mut frames: mpsc::UnboundedReceiver<Message>,
+    beat: Beat,
+) -> Result<(), S::Error>
+where
+    S: Sink<Message> + Unpin,
+{
+    let mut ticks = interval_at(Instant::now() + beat.every, beat.every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            biased;
+            _ = ticks.tick() => sink.send(beat.frame()).await?,
+            frame = frames.recv() => match frame {
+                Some(frame) => sink.send(frame).await?,
+                None => {
+                    sink.send(Message::Close(None)).await?;
+                    return sink.close().await;
+                }
+            },
+        }
+    }
+}
+
+fn start_message(cfg: &LinkConfig) -> WrapperMessage {
+    WrapperMessage::Start(Start {
+        envelope: Envelope {
+            timestamp: Some(cfg.started_at),
+            ..cfg.envelope()
+        },
+        pid: cfg.start_pid,
+        version: cfg.version.clone(),
+    })
+}
+
+fn send(conn: &Conn, msg: &WrapperMessage, log: &Log) {
+    if log.debug_enabled() {
+        log.debug(format!("Sending {}", describe(msg)));
+    }
+    // A closed channel means the writer ended; the link notices through `WriterEnded`.
+    let _ = conn.tx.send(Message::text(msg.encode()));
+}
+
+fn describe(msg: &WrapperMessage) -> String {
+    match msg {
+        WrapperMessage::Output(o) => format!("output seq {:?} ({} bytes)", o.seq, o.data.len()),
+        WrapperMessage::Complete(c) => {
+            format!(
+                "complete retcode {:?} cause {:?} seq {:?}",
+                c.retcode, c.cause, c.seq
+            )
+        }
+        other => other.kind().to_owned(),
+    }
+}
+
+/// Sends every output the window allows, then `complete` if it is due.
+fn pump_sends(cfg: &LinkConfig, session: &mut Session, outbox: &Outbox, conn: &Conn, log: &Log) {
+    let produced = outbox.next_seq();
+    while let Some(seq) = session.take_next(produced) {
+        let Some(chunk) = outbox.get(seq) else {
+            // Cannot happen: in-flight messages are always held in memory. Stop rather
+            // than send a gap.
+            log.info(format!("Output seq {seq} is not in memory; holding back"));
+            break;
+        };
+        let msg = WrapperMessage::Output(Output {
+            envelope: cfg.envelope(),
+            stream: chunk.stream.as_str().to_owned(),
+            data: chunk.data.clone(),
+            seq: Some(seq),
+        });
+        send(conn, &msg, log);
+    }
+    if let Some(done) = session.take_complete(produced) {
+        let msg = WrapperMessage::Complete(Complete {
+            envelope: cfg.envelope(),
+            retcode: Some(done.retcode),
+            seq: Some(produced),
+            cause: Some(done.cause),
+            signal: done.signal,
+        });
+        send(conn, &msg, log);
+    }
+}
+
+enum Frame {
+    /// Carry on; `progress` if something was acknowledged.
+    Continue { progress: bool },
+    /// The connect ack arrived: the connection is good; `start` is due if never acked.
+    Connected { send_start: bool },
+    /// The master refused the run.
+    Rejected(ErrorCode, String),
+}
+
+fn handle_frame(
+    cfg: &LinkConfig,
+    session: &mut Session,
+    outbox: &mut Outbox,
+    kill: &mpsc::Sender<()>,
+    log: &Log,
+    text: &str,
+) -> Frame {
+    let msg = match MasterMessage::decode(text) {
+        Ok(msg) => msg,
+        Err(e) => {
+            log.info(format!("Ignoring a message from the master: {e}"));
+            return Frame::Continue { progress: false };
+        }
+    };
+    if log.debug_enabled() {
+        log.debug(format!("Received {msg:?}"));
+    }
+    let produced = outbox.next_seq();
+    match msg {
+        MasterMessage::Ack(ack) => match ack.ack_type {
+            AckType::Connect => {
+                let resumed = session.connect_acked(ack.last_seq, produced);
+                if resumed.regressed {
+                    log.info(format!(
+                        "Master holds output only up to seq {:?}; what it lost after that was \
+                         already acknowledged and cannot be resent",
+                        ack.last_seq
+                    ));
+                }
+                if let Some(seq) = resumed.ack_through {
+                    outbox.ack_through(seq);
+                }
+                Frame::Connected {
+                    send_start: resumed.send_start,
+                }
+            }
+            AckType::Start => {
+                session.start_acked();
+                Frame::Continue { progress: true }
+            }
+            AckType::Output => {
+                if let Some(seq) = ack.seq.and_then(|s| session.output_acked(s, produced)) {
+                    outbox.ack_through(seq);
+                }
+                Frame::Continue { progress: true }
+            }
+            AckType::Complete => {
+                session.complete_acked();
+                Frame::Continue { progress: true }
+            }
+            AckType::Unknown => Frame::Continue { progress: false },
+        },
+        MasterMessage::Nack(nack) => {
+            log.info(format!(
+                "Master expects output seq {} (received {})",
+                nack.expected_seq, nack.received_seq
+            ));
+            if let Some(seq) = session.nacked(nack.expected_seq, produced) {
+                outbox.ack_through(seq);
+            }
+            Frame::Continue { progress: true }
+        }
+        MasterMessage::SyncResponse(sync) => {
+            // Only a positive answer is informative: -1 also means "no record" (defect D-09).
+            if let Ok(seq) = u64::try_from(sync.last_seq)
+                && let Some(seq) = session.output_acked(seq, produced)
+            {
+                outbox.ack_through(seq);
+            }
+            Frame::Continue { progress: false }
+        }
+        MasterMessage::Kill(k) => {
+            if k.job_instance == cfg.job_instance && k.machine == cfg.machine {
+                log.info("KILL message received from server");
+                // A full channel means a kill is already pending.
+                let _ = kill.try_send(());
+            } else {
+                log.info(format!(
+                    "Ignoring a kill for {}:{} (this is {}:{})",
+                    k.job_instance, k.machine, cfg.job_instance, cfg.machine
+                ));
+            }
+            Frame::Continue { progress: false }
+        }
+        MasterMessage::Error(err) => {
+            log.info(format!("Master reports {:?}: {}", err.code, err.message));
+            match err.code {
+                ErrorCode::JobNotFound | ErrorCode::Unauthorized => {
+                    Frame::Rejected(err.code, err.message)
+                }
+                ErrorCode::BadRequest | ErrorCode::Unknown => Frame::Continue { progress: false },
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn beat(every: Duration) -> Beat {
+        let cfg = LinkConfig {
+            url: String::from("ws://127.0.0.1:1"),
+            job_name: String::from("job"),
+            job_instance: String::from("job_1"),
+            machine: String::from("m1"),
+            token: None,
+            wrapper_pid: 1,
+            start_pid: 2,
+            started_at: Timestamp::now(),
+            version: String::from("test"),
+            heartbeat: every,
+        };
+        Beat { cfg, every }
+    }
+
+    /// Runs the writer against a sink that takes `write_time` per frame, with `backlog`
+    /// output frames queued up front, and returns when each heartbeat finished writing,
+    /// relative to the start.
+    async fn heartbeat_times(backlog: usize, write_time: Duration, run: Duration) -> Vec<Duration> {
+        let start = Instant::now();
+        let (seen_tx, mut seen) = mpsc::unbounded_channel::<(Duration, Message)>();
+        let sink = futures_util::sink::unfold(seen_tx, move |tx, frame: Message| async move {
+            tokio::time::sleep(write_time).await;
+            tx.send((start.elapsed(), frame)).map_err(|_| ())?;
+            Ok::<_, ()>(tx)
+        });
+        let (frames, rx) = mpsc::unbounded_channel();
+        for seq in 0..backlog {
+            let _ = frames.send(Message::text(format!(
+                "{{\"type\":\"output\",\"seq\":{seq}}}"
+            )));
+        }
+        let task = tokio::spawn(writer(Box::pin(sink), rx, beat(Duration::from_secs(5))));
+        tokio::time::sleep(run).await;
+        task.abort();
+        let mut beats = Vec::new();
+        while let Ok((at, frame)) = seen.try_recv() {
+            let Message::Text(text) = frame else {
+                panic!("unexpected frame {frame:?}")
+            };
+            if let Ok(WrapperMessage::Heartbeat(hb)) = WrapperMessage::decode(&text) {
+                assert_eq!(hb.envelope.job_instance, "job_1");
+                beats.push(at);
+            }
+        }
+        beats
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_connection_heartbeats_every_interval() {
+        let beats = heartbeat_times(0, Duration::ZERO, Duration::from_millis(21_500)).await;
+        let secs: Vec<u64> = beats.iter().map(Duration::as_secs).collect();
+        assert_eq!(secs, vec![5, 10, 15, 20]);
+        assert!(beats.iter().all(|b| b.subsec_millis() == 0), "{beats:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn heartbeats_are_not_delayed_by_a_backlog_on_a_slow_socket() {
+        // 1000 frames at 100 ms each would take 100 s; heartbeats must still go out on time,
+        // late by at most the frame being written when the tick fired.
+        let beats =
+            heartbeat_times(1000, Duration::from_millis(100), Duration::from_secs(31)).await;
+        assert_eq!(beats.len(), 6, "{beats:?}");
+        for (k, at) in beats.iter().enumerate() {
+            let due = Duration::from_secs(5 * (k as u64 + 1));
+            assert!(
+                *at >= due && *at <= due + Duration::from_millis(200),
+                "beat {k} at {at:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn backoff_rises_to_five_seconds() {
+        let steps: Vec<u64> = (0..6).map(|f| backoff(f).as_secs()).collect();
+        assert_eq!(steps, vec![1, 2, 4, 5, 5, 5]);
+    }
+}

@@ -1,0 +1,140 @@
+//! The only module with `unsafe` code: forking the daemon and preparing the job's process
+//! between `fork` and `exec`. Everything here is a thin layer over `nix`; the policy (what to
+//! run, when to signal) lives in `main.rs` and `job.rs`.
+//!
+//! Two rules keep the unsafe code sound:
+//! - The double fork happens while the process has exactly one thread, which
+//!   [`daemonize`] checks, so the children inherit no lock held by a vanished thread.
+//! - The `pre_exec` closure calls only async-signal-safe system calls (setgroups, setgid,
+//!   setuid, prctl, getppid) and allocates nothing; the user and group list are resolved
+//!   beforehand in the parent (rust-stack.md §1.10).
+
+#![allow(unsafe_code)]
+
+use std::io::{self, Write};
+use std::os::fd::AsFd;
+use std::os::unix::process::CommandExt;
+use std::process::Command;
+
+use nix::errno::Errno;
+use nix::sys::prctl;
+use nix::sys::signal::Signal;
+use nix::unistd::{ForkResult, Pid, fork, getppid, setgid, setgroups, setsid, setuid};
+
+use crate::config::RunAs;
+
+/// Which side of the double fork this process is on.
+#[derive(Debug)]
+pub enum Forked {
+    /// The process Salt started. It waits on `ready` for the daemon's verdict.
+    Invoker {
+        ready: io::PipeReader,
+        intermediate: Pid,
+    },
+    /// The long-lived daemon (the grandchild). It reports on `ready` once the job is spawned.
+    Daemon { ready: io::PipeWriter },
+}
+
+/// Detaches from the caller with the classic double fork: fork, `setsid` in the child, fork
+/// again so the daemon is not a session leader and can never reacquire a terminal, then
+/// `chdir("/")` and stdio on `/dev/null`. A pipe opened first lets the daemon tell the
+/// invoking process whether the job really started (rust-stack.md §1.10, pitfall 7).
+///
+/// Must be called before any thread exists; it refuses otherwise.
+pub fn daemonize() -> io::Result<Forked> {
+    let threads = std::fs::read_dir("/proc/self/task")
+        .map(Iterator::count)
+        .unwrap_or(1);
+    if threads != 1 {
+        return Err(io::Error::other(format!(
+            "refusing to fork with {threads} threads running"
+        )));
+    }
+    // Both ends are close-on-exec, so the job never inherits the write end and the invoking
+    // process sees EOF as soon as the daemon has spoken or died.
+    let (reader, writer) = io::pipe()?;
+    // Anything still buffered would be written twice, once by each process.
+    io::stdout().flush()?;
+    io::stderr().flush()?;
+
+    // SAFETY: the process is single-threaded (checked above), so the child starts with a
+    // consistent heap and no lock held by another thread; it only makes system calls and
+    // then either exits or carries on as the sole thread of the new process.
+    match unsafe { fork() }? {
+        ForkResult::Parent { child } => {
+            drop(writer);
+            return Ok(Forked::Invoker {
+                ready: reader,
+                intermediate: child,
+            });
+        }
+        ForkResult::Child => {}
+    }
+    drop(reader);
+    // Any failure from here on can only be reported through the pipe.
+    let detach = || -> io::Result<()> {
+        setsid()?;
+        Ok(())
+    };
+    if let Err(e) = detach() {
+        report_and_exit(writer, &e);
+    }
+    // SAFETY: still single-threaded; see the first fork.
+    match unsafe { fork() } {
+        Err(e) => report_and_exit(writer, &io::Error::from(e)),
+        // The intermediate child's only job was to make the daemon an orphan outside the
+        // caller's session; it leaves at once.
+        Ok(ForkResult::Parent { .. }) => std::process::exit(0),
+        Ok(ForkResult::Child) => {}
+    }
+    let settle = || -> io::Result<()> {
+        nix::unistd::chdir("/")?;
+        let null = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/null")?;
+        nix::unistd::dup2_stdin(null.as_fd())?;
+        nix::unistd::dup2_stdout(null.as_fd())?;
+        nix::unistd::dup2_stderr(null.as_fd())?;
+        Ok(())
+    };
+    if let Err(e) = settle() {
+        report_and_exit(writer, &e);
+    }
+    Ok(Forked::Daemon { ready: writer })
+}
+
+/// Reports a failure in a forked child through the readiness pipe and exits.
+fn report_and_exit(mut ready: io::PipeWriter, error: &io::Error) -> ! {
+    let _ = writeln!(ready, "error could not detach: {error}");
+    std::process::exit(1)
+}
+
+/// Prepares `cmd` so that, in the child between `fork` and `exec`, it drops privileges to
+/// `run_as` (supplementary groups, then gid, then uid: after `setuid` the others would fail)
+/// and asks for SIGKILL should the spawning thread die, so a wrapper killed with SIGKILL
+/// leaves no unmonitored job behind. `parent` is the wrapper's pid; if it is already gone
+/// when the death signal is armed, the child gives up instead of running unmonitored.
+pub fn prepare_child(cmd: &mut Command, run_as: Option<&RunAs>, parent: Pid) {
+    let creds = run_as.map(|r| (r.groups.clone(), r.gid, r.uid));
+    let hook = move || -> io::Result<()> {
+        if let Some((groups, gid, uid)) = &creds {
+            setgroups(groups)?;
+            setgid(*gid)?;
+            setuid(*uid)?;
+        }
+        // Armed after setuid, because a change of credentials clears the death signal.
+        prctl::set_pdeathsig(Signal::SIGKILL)?;
+        if getppid() != parent {
+            return Err(io::Error::from(Errno::ESRCH));
+        }
+        Ok(())
+    };
+    // SAFETY: the closure runs in the forked child of a multi-threaded process, where only
+    // async-signal-safe functions may be called. It calls setgroups, setgid, setuid, prctl
+    // and getppid, all plain system calls; nix's wrappers do not allocate (the group list
+    // was allocated in the parent and is only borrowed), and errors are raw errno values.
+    unsafe {
+        cmd.pre_exec(hook);
+    }
+}
