@@ -10,3 +10,11 @@
 
 pub mod config;
 pub mod schedule;
+pub mod clock;
+pub mod engine;
+pub mod joblog;
+pub mod launch;
+pub mod runs;
+pub mod api;
+pub mod endpoint;
+pub mod server;

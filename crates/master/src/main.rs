@@ -1,1 +1,156 @@
-fn main() {}
+//! `sp-master`: the command line. Serving is the default; the other subcommands help people
+//! trust their configuration before it runs.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use saltpeter_master::server::{self, Options};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "sp-master",
+    version,
+    about = "Distributed cron for SaltStack fleets"
+)]
+struct Cli {
+    /// Directory of YAML job files.
+    #[arg(
+        short = 'c',
+        long = "configdir",
+        global = true,
+        default_value = "/etc/saltpeter"
+    )]
+    config_dir: PathBuf,
+    /// Write the bound addresses as JSON to this file once ready (for scripts and tests).
+    #[arg(long, global = true)]
+    ready_file: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the master (the default).
+    Serve,
+    /// Print the next fire times of a job.
+    Next {
+        job: String,
+        /// How many times to print.
+        #[arg(short = 'n', long, default_value_t = 5)]
+        count: usize,
+    },
+    /// Validate a configuration directory without starting anything.
+    Check,
+    /// Run the embedded default configuration: a job on two simulated local machines.
+    Demo,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("sp-master: {error:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.command.unwrap_or(Command::Serve) {
+        Command::Serve => serve(cli.config_dir, cli.ready_file),
+        Command::Next { job, count } => {
+            let lines = saltpeter_master::config::next_fire_times(
+                &cli.config_dir,
+                &job,
+                count,
+                time::OffsetDateTime::now_utc(),
+            )?;
+            for line in lines {
+                println!("{line}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Check => {
+            let problems = saltpeter_master::config::check_dir(&cli.config_dir);
+            let errors = problems.iter().filter(|p| p.is_error()).count();
+            for p in &problems {
+                eprintln!("{p}");
+            }
+            if errors > 0 {
+                eprintln!("{errors} error(s) in {}", cli.config_dir.display());
+                return Ok(ExitCode::FAILURE);
+            }
+            println!("{}: OK", cli.config_dir.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Demo => {
+            let dir = std::env::temp_dir().join(format!("saltpeter-demo-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            let yaml = include_str!("../demo/demo.yaml").replace("@DIR@", &dir.to_string_lossy());
+            std::fs::write(dir.join("demo.yaml"), yaml)?;
+            println!(
+                "Demo configuration in {}; API on http://127.0.0.1:8888/",
+                dir.display()
+            );
+            serve(dir, cli.ready_file)
+        }
+    }
+}
+
+fn serve(config_dir: PathBuf, ready_file: Option<PathBuf>) -> Result<ExitCode> {
+    init_tracing();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("sp-master")
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async move {
+        let mut running = server::start(Options {
+            config_dir,
+            ..Options::default()
+        })
+        .await?;
+        if let Some(path) = ready_file {
+            let ready = serde_json::json!({
+                "machines": running.machines_addr.to_string(),
+                "api": running.api_addr.to_string(),
+                "pid": std::process::id(),
+            });
+            std::fs::write(&path, ready.to_string())
+                .with_context(|| format!("writing {}", path.display()))?;
+        }
+        shutdown_signal().await;
+        tracing::info!("Shutting down.");
+        running.shutdown.cancel();
+        while running.tasks.join_next().await.is_some() {}
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+fn init_tracing() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .init();
+}
+
+/// SIGTERM (systemd's stop) or SIGINT (Ctrl-C while developing).
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}

@@ -1,0 +1,553 @@
+//! A run's life: fire, resolve targets, launch batch after batch, conclude each machine, and
+//! evaluate the run (reference §4.9 and §4.13, with D-31, D-33 and D-34 fixed: state is per
+//! instance, a launch failure fails only its own machine, a kill reaches every machine).
+
+use std::sync::Arc;
+
+use rand::seq::SliceRandom;
+use saltpeter_proto::{Cause, EXIT_ERROR, EXIT_KILLED, EXIT_NOT_STARTED, EXIT_SUCCESS};
+
+use super::api::ApiError;
+use super::{Engine, Event, HISTORY_PER_JOB, new_token};
+use crate::config::JobSpec;
+use crate::joblog::LogEntry;
+use crate::launch::{Resolution, StartRequest};
+use crate::runs::output::FINISHED_CAP;
+use crate::runs::{MachineRun, Run};
+
+impl Engine {
+    /// Starts a run of `job` now. `Err` says why not (unknown job, maintenance, overlap).
+    pub(super) fn fire(&mut self, job_name: &str) -> Result<String, ApiError> {
+        let job = self
+            .config
+            .jobs
+            .get(job_name)
+            .cloned()
+            .ok_or_else(|| ApiError::NotFound(format!("no job named {job_name:?}")))?;
+        if self.config.maintenance.global {
+            tracing::info!(job = %job.name, "Maintenance mode active, no crons will be started.");
+            return Err(ApiError::Conflict("global maintenance is active".into()));
+        }
+        let wall = self.clock.wall();
+        let running = self
+            .jobs
+            .get(&job.name)
+            .and_then(|s| s.running.first().cloned());
+        if !job.allow_overlap
+            && let Some(other) = running
+        {
+            self.jobs.entry(job.name.clone()).or_default().overlap = true;
+            tracing::warn!(job = %job.name, running = %other, "Overlap: the previous run is still going; not starting another.");
+            self.joblog.record(
+                &self.logdir,
+                LogEntry::Overlap {
+                    job: job.name.clone(),
+                    running: other.clone(),
+                    at: wall,
+                },
+            );
+            return Err(ApiError::Conflict(format!(
+                "{other} is still running (overlap not allowed)"
+            )));
+        }
+        let instance = self.new_instance_id(&job.name, wall);
+        let state = self.jobs.entry(job.name.clone()).or_default();
+        state.overlap = false;
+        state.last_run = Some(wall);
+        state.running.push(instance.clone());
+        tracing::info!(job = %job.name, %instance, "Starting run.");
+        self.joblog.record(
+            &self.logdir,
+            LogEntry::Start {
+                job: job.name.clone(),
+                instance: instance.clone(),
+                at: wall,
+            },
+        );
+        let run = Run {
+            instance: instance.clone(),
+            job: job.clone(),
+            started: wall,
+            ended: None,
+            success: None,
+            token: new_token(),
+            machines: Default::default(),
+            maintenance: Vec::new(),
+            pending_batches: Default::default(),
+            resolving: true,
+            killed: false,
+        };
+        self.runs.insert(instance.clone(), run);
+        let resolve = self.launcher.resolve(job);
+        let tx = self.self_tx.clone();
+        let reported = instance.clone();
+        tokio::spawn(async move {
+            let resolution = resolve.await;
+            let _ = tx
+                .send(Event::Resolved {
+                    instance: reported,
+                    resolution,
+                })
+                .await;
+        });
+        Ok(instance)
+    }
+
+    /// `<job>_<unix seconds>`, bumped past any id still known so two runs in one second stay
+    /// apart (D-28) while the id keeps the original's shape.
+    fn new_instance_id(&self, job: &str, wall: time::OffsetDateTime) -> String {
+        let mut secs = wall.unix_timestamp();
+        loop {
+            let id = format!("{job}_{secs}");
+            if !self.runs.contains_key(&id) && !self.finished.contains_key(&id) {
+                return id;
+            }
+            secs += 1;
+        }
+    }
+
+    pub(super) fn on_resolved(&mut self, instance: &str, resolution: Resolution) {
+        let wall = self.clock.wall();
+        let maintenance = self.config.maintenance.machines.clone();
+        let Some(run) = self.runs.get_mut(instance) else {
+            return;
+        };
+        run.resolving = false;
+        let job = run.job.clone();
+        if let Some(state) = self.jobs.get_mut(&job.name) {
+            state.targets = resolution.up.clone();
+        }
+        if let Some(error) = &resolution.error {
+            tracing::error!(job = %job.name, %instance, %error, "Could not resolve targets.");
+        }
+        let mut selected: Vec<String> = Vec::new();
+        for name in resolution.up {
+            if maintenance.contains(&name) {
+                run.maintenance.push(name.clone());
+                self.joblog.record(
+                    &self.logdir,
+                    LogEntry::Skipped {
+                        job: job.name.clone(),
+                        instance: instance.into(),
+                        machine: name,
+                        why: "Target under maintenance".into(),
+                        at: wall,
+                    },
+                );
+            } else {
+                selected.push(name);
+            }
+        }
+        if job.number_of_targets > 0 || job.batch_size > 0 {
+            selected.shuffle(&mut rand::rng());
+        }
+        if job.number_of_targets > 0 {
+            selected.truncate(job.number_of_targets);
+        }
+        for name in &selected {
+            run.machines.insert(name.clone(), MachineRun::new());
+        }
+        let batch = if job.batch_size > 0 {
+            job.batch_size
+        } else {
+            selected.len().max(1)
+        };
+        run.pending_batches = selected.chunks(batch).map(<[String]>::to_vec).collect();
+        // Machines the launcher expected but that did not answer: 255, and the log says so.
+        let mut down = Vec::new();
+        for (name, why) in resolution.down {
+            if maintenance.contains(&name) {
+                continue;
+            }
+            let mut m = MachineRun::new();
+            m.starttime = Some(wall);
+            m.output.push(&why);
+            run.machines.insert(name.clone(), m);
+            down.push((name, why));
+        }
+        if run.machines.is_empty() && resolution.error.is_none() {
+            self.joblog.record(
+                &self.logdir,
+                LogEntry::NoMachines {
+                    job: job.name.clone(),
+                    instance: instance.into(),
+                },
+            );
+        }
+        if let Some(error) = resolution.error {
+            // Keep the reason visible on the run even though no machine can carry it.
+            tracing::warn!(%instance, %error, "Run has no machines because resolution failed.");
+        }
+        for (name, why) in down {
+            self.joblog.record(
+                &self.logdir,
+                LogEntry::Output {
+                    instance: instance.into(),
+                    machine: name.clone(),
+                    text: why,
+                },
+            );
+            self.conclude(instance, &name, EXIT_ERROR, Cause::NoResponse, None);
+        }
+        self.advance(instance);
+    }
+
+    /// Launches the next batch when the current one is done, or finishes the run.
+    pub(super) fn advance(&mut self, instance: &str) {
+        let wall = self.clock.wall();
+        let Some(run) = self.runs.get_mut(instance) else {
+            return;
+        };
+        if run.resolving {
+            return;
+        }
+        let launched_unfinished = run
+            .machines
+            .values()
+            .any(|m| !m.ended() && m.clock.launched.is_some());
+        if launched_unfinished {
+            return;
+        }
+        if run.killed {
+            let waiting: Vec<String> = run.pending_batches.drain(..).flatten().collect();
+            for name in waiting {
+                self.append_output(instance, &name, "[Job killed before execution]\n".into());
+                self.conclude_quietly(instance, &name, EXIT_KILLED, Cause::KilledBeforeStart);
+            }
+            self.finish_run(instance);
+            return;
+        }
+        let Some(batch) = run.pending_batches.pop_front() else {
+            self.finish_run(instance);
+            return;
+        };
+        let job = run.job.clone();
+        let now = self.clock.instant();
+        for name in &batch {
+            if let Some(m) = run.machines.get_mut(name) {
+                m.clock.launched = Some(now);
+                m.starttime = Some(wall);
+            }
+        }
+        let token = run.token.clone();
+        let env = self.wrapper_env(&job, instance, &token);
+        for name in &batch {
+            self.joblog.record(
+                &self.logdir,
+                LogEntry::MachineStart {
+                    job: job.name.clone(),
+                    instance: instance.into(),
+                    machine: name.clone(),
+                    at: wall,
+                },
+            );
+            self.rearm(instance, name);
+        }
+        let request = StartRequest {
+            job: job.clone(),
+            instance: instance.into(),
+            machines: batch,
+            env,
+            wrapper_path: job
+                .wrapper_path
+                .clone()
+                .unwrap_or_else(|| self.config.settings.default_wrapper_path.clone()),
+        };
+        let start = self.launcher.start(request);
+        let tx = self.self_tx.clone();
+        let reported = instance.to_owned();
+        tokio::spawn(async move {
+            let outcome = start.await;
+            let _ = tx
+                .send(Event::Started {
+                    instance: reported,
+                    outcome,
+                })
+                .await;
+        });
+    }
+
+    pub(super) fn on_started(&mut self, instance: &str, outcome: crate::launch::StartOutcome) {
+        for (machine, result) in outcome {
+            let Err(reason) = result else { continue };
+            let Some(m) = self
+                .runs
+                .get_mut(instance)
+                .and_then(|r| r.machines.get_mut(&machine))
+            else {
+                continue;
+            };
+            m.clock.launch_problem = Some(reason.clone());
+            // Only this machine fails (D-33), and only if its wrapper has not started anyway.
+            if m.clock.started.is_none() && !m.ended() {
+                let text = format!("Wrapper failed to start - {reason}\n");
+                self.append_output(instance, &machine, text);
+                self.conclude(
+                    instance,
+                    &machine,
+                    EXIT_NOT_STARTED,
+                    Cause::NotStarted,
+                    None,
+                );
+            }
+        }
+    }
+
+    /// Appends master-made text to a machine's output (and its log spool).
+    pub(super) fn append_output(&mut self, instance: &str, machine: &str, text: String) {
+        let Some(m) = self
+            .runs
+            .get_mut(instance)
+            .and_then(|r| r.machines.get_mut(machine))
+        else {
+            return;
+        };
+        m.output.push(&text);
+        self.joblog.record(
+            &self.logdir,
+            LogEntry::Output {
+                instance: instance.into(),
+                machine: machine.into(),
+                text,
+            },
+        );
+    }
+
+    /// Records a machine's final result, logs it, and moves the run along.
+    pub(super) fn conclude(
+        &mut self,
+        instance: &str,
+        machine: &str,
+        retcode: i64,
+        cause: Cause,
+        _seq: Option<i64>,
+    ) {
+        if self.conclude_quietly(instance, machine, retcode, cause) {
+            self.advance(instance);
+        }
+    }
+
+    /// [`Self::conclude`] without advancing the run; returns whether anything changed.
+    fn conclude_quietly(
+        &mut self,
+        instance: &str,
+        machine: &str,
+        retcode: i64,
+        cause: Cause,
+    ) -> bool {
+        let wall = self.clock.wall();
+        let Some(run) = self.runs.get_mut(instance) else {
+            return false;
+        };
+        let job = run.job.name.clone();
+        let Some(m) = run.machines.get_mut(machine) else {
+            return false;
+        };
+        let conn = m.conn;
+        if !m.finish(retcode, cause, wall) {
+            return false;
+        }
+        if let Some(conn) = conn
+            && let Some(c) = self.conns.get_mut(&conn)
+        {
+            c.bound = None;
+        }
+        tracing::info!(%job, %instance, %machine, retcode, cause = cause.as_str(), "Machine finished.");
+        self.joblog.record(
+            &self.logdir,
+            LogEntry::MachineResult {
+                job,
+                instance: instance.into(),
+                machine: machine.into(),
+                code: retcode,
+                at: wall,
+            },
+        );
+        true
+    }
+
+    fn finish_run(&mut self, instance: &str) {
+        let wall = self.clock.wall();
+        let Some(mut run) = self.runs.remove(instance) else {
+            return;
+        };
+        let total = run
+            .machines
+            .values()
+            .filter(|m| m.retcode.is_some())
+            .count();
+        let failed = run
+            .machines
+            .values()
+            .filter(|m| m.retcode.is_some_and(|c| c != EXIT_SUCCESS))
+            .count();
+        let success = failed == 0 && total > 0 && !run.killed;
+        run.ended = Some(wall);
+        run.success = Some(success);
+        for m in run.machines.values_mut() {
+            m.output.shrink(FINISHED_CAP, FINISHED_CAP);
+        }
+        let job = run.job.name.clone();
+        if let Some(state) = self.jobs.get_mut(&job) {
+            state.running.retain(|i| i != instance);
+            state.last_success = Some(success);
+            state.last_failed_count = failed;
+            state.last_total_count = total;
+        }
+        tracing::info!(%job, %instance, success, "Completed: {}/{} targets successful.", total - failed, total);
+        self.joblog.record(
+            &self.logdir,
+            LogEntry::End {
+                job: job.clone(),
+                instance: instance.into(),
+                at: wall,
+            },
+        );
+        let history = self.history.entry(job).or_default();
+        history.push_back(instance.to_owned());
+        while history.len() > HISTORY_PER_JOB {
+            if let Some(old) = history.pop_front() {
+                self.finished.remove(&old);
+            }
+        }
+        self.finished.insert(instance.to_owned(), run);
+    }
+
+    /// Kills every machine of a run that has not ended (D-31: all of them, connected or not).
+    pub(super) fn kill_run(&mut self, instance: &str) -> Result<(), ApiError> {
+        let run = self
+            .runs
+            .get_mut(instance)
+            .ok_or_else(|| ApiError::NotFound(format!("no running instance {instance:?}")))?;
+        run.killed = true;
+        let machines: Vec<String> = run.unfinished().map(|(name, _)| name.clone()).collect();
+        tracing::info!(%instance, machines = machines.len(), "Kill requested.");
+        for machine in machines {
+            self.kill_machine_inner(instance, &machine);
+        }
+        self.advance(instance);
+        Ok(())
+    }
+
+    /// Kills one machine of a run.
+    pub(super) fn kill_machine(&mut self, instance: &str, machine: &str) -> Result<(), ApiError> {
+        let run = self
+            .runs
+            .get(instance)
+            .ok_or_else(|| ApiError::NotFound(format!("no running instance {instance:?}")))?;
+        let m = run
+            .machines
+            .get(machine)
+            .ok_or_else(|| ApiError::NotFound(format!("{machine:?} is not part of {instance}")))?;
+        if m.ended() {
+            return Err(ApiError::Conflict(format!(
+                "{machine} has already finished"
+            )));
+        }
+        self.kill_machine_inner(instance, machine);
+        self.advance(instance);
+        Ok(())
+    }
+
+    fn kill_machine_inner(&mut self, instance: &str, machine: &str) {
+        let now = self.clock.instant();
+        let Some(m) = self
+            .runs
+            .get_mut(instance)
+            .and_then(|r| r.machines.get_mut(machine))
+        else {
+            return;
+        };
+        if m.ended() {
+            return;
+        }
+        if m.clock.launched.is_none() {
+            // Its batch never came: nothing runs, so nothing to wait for.
+            self.append_output(instance, machine, "[Job killed before execution]\n".into());
+            self.conclude_quietly(instance, machine, EXIT_KILLED, Cause::KilledBeforeStart);
+            return;
+        }
+        if m.clock.kill_requested.is_none() {
+            m.clock.kill_requested = Some(now);
+        }
+        self.send_kill(instance, machine);
+        self.rearm(instance, machine);
+    }
+
+    /// The wrapper's environment (reference §4.10). The job's `env` comes first so that it can
+    /// never override the variables saltpeter itself relies on (D-23).
+    fn wrapper_env(
+        &self,
+        job: &Arc<JobSpec>,
+        instance: &str,
+        token: &str,
+    ) -> Vec<(String, String)> {
+        let s = &self.config.settings;
+        let mut env: Vec<(String, String)> = job
+            .env
+            .iter()
+            .filter(|(k, _)| !RESERVED.contains(&k.as_str()))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let url = match &job.saltpeter_server_host {
+            Some(host) => format!("ws://{host}:{}", self.machines_port()),
+            None => self.machines_url.clone(),
+        };
+        let mut put = |k: &str, v: String| env.push((k.to_owned(), v));
+        put("SP_WEBSOCKET_URL", url);
+        put("SP_JOB_NAME", job.name.clone());
+        put("SP_JOB_INSTANCE", instance.to_owned());
+        put("SP_JOB_INSTANCE_NAME", instance.to_owned());
+        put("SP_COMMAND", job.command.clone());
+        put(
+            "SP_WRAPPER_LOGLEVEL",
+            job.wrapper_loglevel
+                .clone()
+                .unwrap_or_else(|| s.default_wrapper_loglevel.clone()),
+        );
+        put(
+            "SP_WRAPPER_LOGDIR",
+            job.wrapper_logdir
+                .clone()
+                .unwrap_or_else(|| s.default_wrapper_logdir.clone()),
+        );
+        put("SP_ALLOW_OVERLAP", job.allow_overlap.to_string());
+        put("PYTHONUNBUFFERED", "1".into());
+        put(
+            "SP_TIMEOUT",
+            job.timeout.map_or(0, |t| t.as_secs()).to_string(),
+        );
+        put("SP_RUN_TOKEN", token.to_owned());
+        if let Some(v) = &job.lockfile {
+            put("SP_LOCKFILE", v.clone());
+        }
+        if let Some(v) = &job.cwd {
+            put("SP_CWD", v.clone());
+        }
+        if let Some(v) = &job.user {
+            put("SP_USER", v.clone());
+        }
+        env
+    }
+
+    fn machines_port(&self) -> u16 {
+        self.machines_url
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.trim_end_matches('/').parse().ok())
+            .unwrap_or(self.config.settings.machines_port)
+    }
+}
+
+/// Variables a job's `env` may not override.
+const RESERVED: &[&str] = &[
+    "SP_WEBSOCKET_URL",
+    "SP_JOB_NAME",
+    "SP_JOB_INSTANCE",
+    "SP_JOB_INSTANCE_NAME",
+    "SP_COMMAND",
+    "SP_RUN_TOKEN",
+    "SP_MACHINE_ID",
+    "SP_TIMEOUT",
+    "SP_ALLOW_OVERLAP",
+];

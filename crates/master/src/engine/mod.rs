@@ -1,0 +1,340 @@
+//! The engine: the one task that owns every job's and run's state.
+//!
+//! Architecture invariant: nothing else mutates run state. Wrapper connections, the API, the
+//! launcher tasks, the config watcher and the timers all reach the engine as an [`Event`] on one
+//! channel, so every change happens in one order that can be read in one place. Readers (the
+//! API, the UI) ask for snapshots, which the engine builds on request.
+//!
+//! Per-message work is O(1) in the size of a run's history: an `output` appends to a bounded
+//! buffer and hands the text to the job-log thread; a `heartbeat` stores an instant.
+
+mod api;
+mod lifecycle;
+mod monitor;
+mod sched;
+mod wrapper;
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use saltpeter_proto::{MasterMessage, WrapperMessage};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::{Instant, Sleep};
+use tokio_util::sync::CancellationToken;
+
+pub use api::{ApiError, ApiRequest, JobSummary};
+
+use crate::clock::Clock;
+use crate::config::Config;
+use crate::joblog::JobLog;
+use crate::launch::{Launcher, Resolution, StartOutcome};
+use crate::runs::Run;
+
+use monitor::Monitor;
+use sched::Scheduler;
+
+/// Identifies one wrapper connection for the engine's lifetime.
+pub type ConnId = u64;
+
+/// A frame for a connection's writer task.
+#[derive(Debug)]
+pub enum Outbound {
+    /// Send this message.
+    Message(MasterMessage),
+    /// Send this message, then close the socket.
+    Close(MasterMessage),
+}
+
+/// Everything that can change state.
+#[derive(Debug)]
+pub enum Event {
+    /// A wrapper connected; frames for it go to `tx`.
+    Connected {
+        conn: ConnId,
+        peer: SocketAddr,
+        tx: mpsc::Sender<Outbound>,
+    },
+    /// A decoded message from a wrapper.
+    Wrapper { conn: ConnId, msg: WrapperMessage },
+    /// A wrapper's socket closed. This alone never fails a machine: it may reconnect.
+    Disconnected { conn: ConnId },
+    /// A request from the API.
+    Api(ApiRequest),
+    /// A launcher finished resolving a run's targets.
+    Resolved {
+        instance: String,
+        resolution: Resolution,
+    },
+    /// A launcher finished starting wrappers for some machines of a run.
+    Started {
+        instance: String,
+        outcome: StartOutcome,
+    },
+}
+
+/// Sends events to the engine.
+#[derive(Clone, Debug)]
+pub struct EngineHandle {
+    tx: mpsc::Sender<Event>,
+}
+
+impl EngineHandle {
+    /// Delivers an event, waiting while the engine's queue is full (back-pressure on wrappers).
+    /// Returns false once the engine has stopped.
+    pub async fn send(&self, event: Event) -> bool {
+        self.tx.send(event).await.is_ok()
+    }
+
+    /// Sends an API request and waits for its answer.
+    pub async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> ApiRequest) -> Option<T> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Event::Api(make(tx))).await.then_some(())?;
+        rx.await.ok()
+    }
+}
+
+/// What the engine needs from the outside world, injected so tests can own every edge.
+#[derive(Debug)]
+pub struct EngineParts {
+    pub config: watch::Receiver<Arc<Config>>,
+    pub launcher: Arc<dyn Launcher>,
+    pub joblog: JobLog,
+    pub clock: Clock,
+    /// The URL wrappers connect back to, when the launcher cannot derive a better one.
+    pub machines_url: String,
+    pub shutdown: CancellationToken,
+}
+
+/// How many finished runs per job stay in memory for the API.
+const HISTORY_PER_JOB: usize = 50;
+/// Capacity of the event queue.
+const EVENT_QUEUE: usize = 16 * 1024;
+
+/// The state the engine owns.
+#[derive(Debug)]
+pub struct Engine {
+    config: Arc<Config>,
+    config_rx: watch::Receiver<Arc<Config>>,
+    launcher: Arc<dyn Launcher>,
+    joblog: JobLog,
+    logdir: Arc<Path>,
+    clock: Clock,
+    machines_url: String,
+    /// For tasks the engine spawns (launchers) to report back.
+    self_tx: mpsc::Sender<Event>,
+    rx: mpsc::Receiver<Event>,
+    shutdown: CancellationToken,
+    jobs: HashMap<String, JobState>,
+    /// Runs that have not ended.
+    runs: HashMap<String, Run>,
+    /// Recently finished runs, oldest first per job.
+    finished: HashMap<String, Run>,
+    history: HashMap<String, VecDeque<String>>,
+    conns: HashMap<ConnId, Conn>,
+    monitor: Monitor,
+    scheduler: Scheduler,
+}
+
+/// What the engine remembers about a job between runs.
+#[derive(Debug, Default)]
+pub struct JobState {
+    pub last_run: Option<time::OffsetDateTime>,
+    pub last_success: Option<bool>,
+    pub last_failed_count: usize,
+    pub last_total_count: usize,
+    /// The latest attempt was refused because a run was still going.
+    pub overlap: bool,
+    /// Instances of this job that have not ended.
+    pub running: Vec<String>,
+    /// Machines of the latest resolution (before maintenance filtering).
+    pub targets: Vec<String>,
+}
+
+/// A wrapper connection.
+#[derive(Debug)]
+struct Conn {
+    tx: mpsc::Sender<Outbound>,
+    peer: SocketAddr,
+    /// The (instance, machine) this connection speaks for, once accepted.
+    bound: Option<(String, String)>,
+}
+
+impl Engine {
+    /// Creates the engine and the handle others use to reach it.
+    pub fn new(parts: EngineParts) -> (Self, EngineHandle) {
+        let (tx, rx) = mpsc::channel(EVENT_QUEUE);
+        let config = parts.config.borrow().clone();
+        let logdir: Arc<Path> = config.settings.logdir.clone().into();
+        let mut engine = Self {
+            config: config.clone(),
+            config_rx: parts.config,
+            launcher: parts.launcher,
+            joblog: parts.joblog,
+            logdir,
+            clock: parts.clock,
+            machines_url: parts.machines_url,
+            self_tx: tx.clone(),
+            rx,
+            shutdown: parts.shutdown,
+            jobs: HashMap::new(),
+            runs: HashMap::new(),
+            finished: HashMap::new(),
+            history: HashMap::new(),
+            conns: HashMap::new(),
+            monitor: Monitor::default(),
+            scheduler: Scheduler::default(),
+        };
+        engine.apply_config(config);
+        (engine, EngineHandle { tx })
+    }
+
+    /// Runs until shutdown.
+    pub async fn run(mut self) {
+        let mut monitor_sleep: Pin<Box<Sleep>> = Box::pin(tokio::time::sleep_until(far_future()));
+        let mut monitor_at = None;
+        let mut fire_sleep: Pin<Box<Sleep>> = Box::pin(tokio::time::sleep_until(far_future()));
+        let mut fire_at = None;
+        loop {
+            // Re-arm the two timers only when their targets moved; resetting a tokio timer
+            // per event would be needless work at thousands of messages per second.
+            let want = self.monitor.next_deadline();
+            if want != monitor_at {
+                monitor_at = want;
+                monitor_sleep
+                    .as_mut()
+                    .reset(want.unwrap_or_else(far_future));
+            }
+            let want = self.scheduler.next_wake(&self.clock);
+            if want != fire_at {
+                fire_at = want;
+                fire_sleep.as_mut().reset(want.unwrap_or_else(far_future));
+            }
+            tokio::select! {
+                biased;
+                () = self.shutdown.cancelled() => break,
+                event = self.rx.recv() => {
+                    let Some(event) = event else { break };
+                    self.handle(event);
+                    // Drain what is already queued before looking at timers again.
+                    for _ in 0..256 {
+                        match self.rx.try_recv() {
+                            Ok(event) => self.handle(event),
+                            Err(_) => break,
+                        }
+                    }
+                }
+                () = &mut monitor_sleep, if monitor_at.is_some() => {
+                    monitor_at = None;
+                    self.on_deadlines();
+                }
+                () = &mut fire_sleep, if fire_at.is_some() => {
+                    fire_at = None;
+                    self.on_schedule();
+                }
+                changed = self.config_rx.changed() => {
+                    if changed.is_err() {
+                        // The watcher is gone; keep running on the last config.
+                        self.config_rx.mark_unchanged();
+                        std::future::pending::<()>().await;
+                    }
+                    let config = self.config_rx.borrow_and_update().clone();
+                    self.apply_config(config);
+                }
+            }
+        }
+        tracing::info!("Engine stopped.");
+    }
+
+    fn handle(&mut self, event: Event) {
+        match event {
+            Event::Connected { conn, peer, tx } => {
+                self.conns.insert(
+                    conn,
+                    Conn {
+                        tx,
+                        peer,
+                        bound: None,
+                    },
+                );
+            }
+            Event::Disconnected { conn } => self.on_disconnect(conn),
+            Event::Wrapper { conn, msg } => self.on_wrapper(conn, msg),
+            Event::Api(request) => self.on_api(request),
+            Event::Resolved {
+                instance,
+                resolution,
+            } => self.on_resolved(&instance, resolution),
+            Event::Started { instance, outcome } => self.on_started(&instance, outcome),
+        }
+    }
+
+    fn apply_config(&mut self, config: Arc<Config>) {
+        self.logdir = config.settings.logdir.clone().into();
+        for name in config.jobs.keys() {
+            self.jobs.entry(name.clone()).or_default();
+        }
+        self.scheduler.reload(&config, self.clock.wall());
+        self.config = config;
+    }
+
+    /// Sends a frame to a connection without ever waiting: a wrapper that does not read its
+    /// socket loses the connection rather than stalling every other run.
+    fn send(&mut self, conn: ConnId, out: Outbound) {
+        let Some(c) = self.conns.get(&conn) else {
+            return;
+        };
+        if let Err(error) = c.tx.try_send(out) {
+            tracing::warn!(conn, peer = %c.peer, %error, "Dropping a wrapper connection that is not reading.");
+            self.on_disconnect(conn);
+        }
+    }
+
+    fn on_disconnect(&mut self, conn: ConnId) {
+        let Some(c) = self.conns.remove(&conn) else {
+            return;
+        };
+        if let Some((instance, machine)) = c.bound
+            && let Some(m) = self
+                .runs
+                .get_mut(&instance)
+                .and_then(|r| r.machines.get_mut(&machine))
+            && m.conn == Some(conn)
+        {
+            m.conn = None;
+            tracing::debug!(%instance, %machine, "Wrapper disconnected; it may reconnect.");
+        }
+    }
+}
+
+/// A deadline that never comes, for disarmed timers.
+fn far_future() -> Instant {
+    Instant::now() + std::time::Duration::from_secs(86_400 * 365)
+}
+
+/// A short random secret, hex-encoded.
+fn new_token() -> String {
+    use rand::RngCore;
+    let mut bytes = [0u8; 24];
+    rand::rng().fill_bytes(&mut bytes);
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Compares secrets in time independent of where they differ.
+fn same_secret(a: &str, b: &str) -> bool {
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
+}
+
+/// For API views of finished and running runs alike.
+fn find_run<'a>(engine: &'a Engine, instance: &str) -> Option<&'a Run> {
+    engine
+        .runs
+        .get(instance)
+        .or_else(|| engine.finished.get(instance))
+}

@@ -1,0 +1,342 @@
+//! The machines-endpoint protocol, engine side: what each wrapper message does to run state
+//! and what is answered (reference §2.5/2.6, with D-08, D-09 and D-21 fixed).
+//!
+//! Sequence state lives on the machine, not the socket, so a reconnect never resets it: a
+//! duplicate seq is acked again, a gap is nacked, and the `connect` ack tells a reconnecting
+//! wrapper exactly where to resume. Acks go out only after the message has been applied.
+
+use saltpeter_proto::{
+    Ack, AckType, Cause, Complete, Connect, EXIT_ERROR, EXIT_UNKNOWN, ErrorCode, ErrorReply, Kill,
+    MasterMessage, Nack, NackType, Output, SyncResponse, Timestamp, WrapperMessage,
+};
+
+use super::{ConnId, Engine, Outbound, same_secret};
+use crate::joblog::LogEntry;
+use crate::runs::MachineStatus;
+
+/// Why a message was refused.
+enum Refusal {
+    /// The instance is unknown (finished long ago, or never existed).
+    JobNotFound,
+    /// The connection is not entitled to speak for this machine.
+    Unauthorized(String),
+    /// The message names something that does not fit the run.
+    BadRequest(String),
+}
+
+impl Engine {
+    pub(super) fn on_wrapper(&mut self, conn: ConnId, msg: WrapperMessage) {
+        let env = msg.envelope();
+        let (instance, machine) = (env.job_instance.clone(), env.machine.clone());
+        let result = match msg {
+            WrapperMessage::Connect(connect) => self.on_connect(conn, connect),
+            other => match self.authorize(conn, &instance, &machine) {
+                Err(refusal) => Err(refusal),
+                Ok(()) => self.on_bound_message(conn, &instance, &machine, other),
+            },
+        };
+        if let Err(refusal) = result {
+            let (code, message, close) = match refusal {
+                Refusal::JobNotFound => {
+                    let reply = ErrorReply::job_not_found();
+                    (reply.code, reply.message, true)
+                }
+                Refusal::Unauthorized(why) => (ErrorCode::Unauthorized, why, true),
+                Refusal::BadRequest(why) => (ErrorCode::BadRequest, why, false),
+            };
+            tracing::warn!(conn, %instance, %machine, ?code, %message, "Rejected a wrapper message.");
+            let reply = MasterMessage::Error(ErrorReply {
+                code,
+                message,
+                timestamp: None,
+            });
+            self.send(
+                conn,
+                if close {
+                    Outbound::Close(reply)
+                } else {
+                    Outbound::Message(reply)
+                },
+            );
+        }
+    }
+
+    fn on_connect(&mut self, conn: ConnId, connect: Connect) -> Result<(), Refusal> {
+        let env = &connect.envelope;
+        let allow_legacy = self.config.settings.allow_legacy_wrappers;
+        let run = self
+            .runs
+            .get_mut(&env.job_instance)
+            .ok_or(Refusal::JobNotFound)?;
+        match (&connect.token, allow_legacy) {
+            (Some(token), _) if same_secret(token, &run.token) => {}
+            (Some(_), _) => return Err(Refusal::Unauthorized("wrong run token".into())),
+            (None, true) => {}
+            (None, false) => {
+                return Err(Refusal::Unauthorized(
+                    "no run token; legacy wrappers are not allowed (allow_legacy_wrappers)".into(),
+                ));
+            }
+        }
+        let killed = run.killed;
+        let Some(m) = run.machines.get_mut(&env.machine) else {
+            return Err(Refusal::BadRequest(format!(
+                "machine {:?} is not a target of {}",
+                env.machine, env.job_instance
+            )));
+        };
+        let previous = m.conn.replace(conn);
+        m.modern = connect.protocol.is_some_and(|p| p >= 2);
+        if connect.wrapper_pid.is_some() {
+            m.wrapper_pid = connect.wrapper_pid;
+        }
+        let last_seq = m.next_seq as i64 - 1;
+        let kill_pending = (killed || m.clock.kill_requested.is_some()) && !m.ended();
+        let key = (env.job_instance.clone(), env.machine.clone());
+        if let Some(old) = previous.filter(|old| *old != conn)
+            && let Some(c) = self.conns.get_mut(&old)
+        {
+            // The machine moved to a new socket; the old one no longer speaks for it.
+            c.bound = None;
+        }
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.bound = Some(key.clone());
+        }
+        tracing::debug!(conn, instance = %key.0, machine = %key.1, last_seq, "Wrapper connected.");
+        self.send(conn, ack(AckType::Connect, None, Some(last_seq)));
+        if kill_pending {
+            self.send_kill(&key.0, &key.1);
+        }
+        Ok(())
+    }
+
+    /// Checks that `conn` may speak for (instance, machine), binding legacy wrappers that
+    /// reconnect without `connect` (the original wrapper never re-sends it) when allowed.
+    fn authorize(&mut self, conn: ConnId, instance: &str, machine: &str) -> Result<(), Refusal> {
+        let Some(c) = self.conns.get(&conn) else {
+            return Err(Refusal::JobNotFound);
+        };
+        if let Some((i, m)) = &c.bound {
+            if i == instance && m == machine {
+                return Ok(());
+            }
+            return Err(Refusal::Unauthorized(format!(
+                "this connection speaks for {i}/{m}, not {instance}/{machine}"
+            )));
+        }
+        let run = self.runs.get_mut(instance);
+        let Some(run) = run else {
+            return Err(Refusal::JobNotFound);
+        };
+        if !self.config.settings.allow_legacy_wrappers {
+            return Err(Refusal::Unauthorized(
+                "send connect with the run token first".into(),
+            ));
+        }
+        let Some(m) = run.machines.get_mut(machine) else {
+            return Err(Refusal::BadRequest(format!(
+                "machine {machine:?} is not a target of {instance}"
+            )));
+        };
+        m.conn = Some(conn);
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.bound = Some((instance.to_owned(), machine.to_owned()));
+        }
+        Ok(())
+    }
+
+    fn on_bound_message(
+        &mut self,
+        conn: ConnId,
+        instance: &str,
+        machine: &str,
+        msg: WrapperMessage,
+    ) -> Result<(), Refusal> {
+        let now = self.clock.instant();
+        let wall = self.clock.wall();
+        let run = self.runs.get_mut(instance).ok_or(Refusal::JobNotFound)?;
+        let job = run.job.clone();
+        let m = run.machines.get_mut(machine).ok_or_else(|| {
+            Refusal::BadRequest(format!("machine {machine:?} is not a target of {instance}"))
+        })?;
+        match msg {
+            WrapperMessage::Connect(_) => unreachable_connect(),
+            WrapperMessage::Start(start) => {
+                if m.clock.started.is_none() && !m.ended() {
+                    m.clock.started = Some(now);
+                    m.clock.last_beat = Some(now);
+                    m.status = MachineStatus::Running;
+                    m.starttime = Some(wall);
+                }
+                m.pid = Some(start.pid);
+                m.wrapper_version = Some(start.version);
+                self.rearm(instance, machine);
+                self.send(conn, ack(AckType::Start, None, None));
+            }
+            WrapperMessage::Heartbeat(_) => {
+                // Only heartbeats reset liveness, and only on our clock. The monitor's queued
+                // deadline is now early; it re-checks and re-arms itself when it fires.
+                m.clock.last_beat = Some(now);
+                m.last_heartbeat = Some(wall);
+                tracing::debug!(%instance, %machine, "Heartbeat.");
+            }
+            WrapperMessage::Output(output) => self.on_output(conn, instance, machine, output),
+            WrapperMessage::SyncRequest(_) => {
+                let last_seq = m.next_seq as i64 - 1;
+                self.send(
+                    conn,
+                    Outbound::Message(MasterMessage::SyncResponse(SyncResponse {
+                        last_seq,
+                        timestamp: Some(Timestamp::now()),
+                    })),
+                );
+            }
+            WrapperMessage::Complete(complete) => {
+                self.on_complete(conn, instance, machine, complete)
+            }
+            WrapperMessage::Error(error) => {
+                let text = format!("Wrapper error: {}", error.error);
+                if !m.ended() {
+                    m.output.push(&text);
+                    self.joblog.record(
+                        &self.logdir,
+                        LogEntry::Output {
+                            instance: instance.into(),
+                            machine: machine.into(),
+                            text,
+                        },
+                    );
+                }
+                self.conclude(instance, machine, EXIT_ERROR, Cause::WrapperError, None);
+            }
+            WrapperMessage::Killed(_) => {
+                tracing::info!(job = %job.name, %instance, %machine, "Wrapper reports the job killed.");
+            }
+        }
+        Ok(())
+    }
+
+    fn on_output(&mut self, conn: ConnId, instance: &str, machine: &str, output: Output) {
+        let Some(m) = self
+            .runs
+            .get_mut(instance)
+            .and_then(|r| r.machines.get_mut(machine))
+        else {
+            return;
+        };
+        match output.seq {
+            Some(seq) if seq < m.next_seq => {
+                // Already held: a resend after a lost ack. Ack again, apply nothing.
+                self.send(conn, ack(AckType::Output, Some(seq), None));
+                return;
+            }
+            Some(seq) if seq > m.next_seq => {
+                let expected = m.next_seq;
+                self.send(
+                    conn,
+                    Outbound::Message(MasterMessage::Nack(Nack {
+                        nack_type: NackType::OutOfOrder,
+                        expected_seq: expected,
+                        received_seq: seq,
+                        timestamp: Some(Timestamp::now()),
+                    })),
+                );
+                return;
+            }
+            Some(seq) => m.next_seq = seq + 1,
+            None => {}
+        }
+        m.output.push(&output.data);
+        self.joblog.record(
+            &self.logdir,
+            LogEntry::Output {
+                instance: instance.into(),
+                machine: machine.into(),
+                text: output.data,
+            },
+        );
+        self.send(conn, ack(AckType::Output, output.seq, None));
+    }
+
+    fn on_complete(&mut self, conn: ConnId, instance: &str, machine: &str, complete: Complete) {
+        let Some(m) = self
+            .runs
+            .get_mut(instance)
+            .and_then(|r| r.machines.get_mut(machine))
+        else {
+            return;
+        };
+        if let Some(seq) = complete.seq
+            && m.modern
+            && seq > m.next_seq
+        {
+            // Our wrapper sends `complete` only once its output is acked, so a gap means we
+            // lack output it still holds: ask for it rather than close the machine without it.
+            let expected = m.next_seq;
+            self.send(
+                conn,
+                Outbound::Message(MasterMessage::Nack(Nack {
+                    nack_type: NackType::OutOfOrder,
+                    expected_seq: expected,
+                    received_seq: seq,
+                    timestamp: Some(Timestamp::now()),
+                })),
+            );
+            return;
+        }
+        let retcode = complete.retcode.unwrap_or(EXIT_UNKNOWN);
+        let cause = complete.cause.unwrap_or(Cause::Exit);
+        if m.ended() {
+            // The master already decided (253, 124, ...). Keep the wrapper's word beside it.
+            if m.late_retcode.is_none() {
+                m.late_retcode = Some(retcode);
+                tracing::info!(%instance, %machine, retcode, verdict = ?m.retcode, "Late completion kept beside the verdict.");
+            }
+        } else {
+            self.conclude(
+                instance,
+                machine,
+                retcode,
+                cause,
+                complete.seq.map(|s| s as i64),
+            );
+        }
+        self.send(conn, ack(AckType::Complete, complete.seq, None));
+    }
+
+    /// Sends `kill` to the machine's current connection, if it has one.
+    pub(super) fn send_kill(&mut self, instance: &str, machine: &str) {
+        let now = self.clock.instant();
+        let Some(run) = self.runs.get_mut(instance) else {
+            return;
+        };
+        let job = run.job.name.clone();
+        let Some(m) = run.machines.get_mut(machine) else {
+            return;
+        };
+        m.clock.kill_sent = Some(now);
+        if let Some(conn) = m.conn {
+            let kill = MasterMessage::Kill(Kill {
+                job_name: job,
+                job_instance: instance.to_owned(),
+                machine: machine.to_owned(),
+                timestamp: Some(Timestamp::now()),
+            });
+            self.send(conn, Outbound::Message(kill));
+        }
+    }
+}
+
+fn ack(ack_type: AckType, seq: Option<u64>, last_seq: Option<i64>) -> Outbound {
+    Outbound::Message(MasterMessage::Ack(Ack {
+        ack_type,
+        seq,
+        last_seq,
+        timestamp: Some(Timestamp::now()),
+    }))
+}
+
+/// `connect` is dispatched before binding; reaching here would be a logic slip, not input.
+fn unreachable_connect() {
+    tracing::error!("A connect message reached the bound-message path; ignored.");
+}

@@ -1,0 +1,52 @@
+//! Launchers: how the master learns which machines a job's targets name, and how it starts
+//! `sp-wrapper` on them. The engine only sees the [`Launcher`] trait; tests inject fakes.
+//!
+//! - [`local::LocalLauncher`]: every name in `targets` is a machine simulated on this host;
+//!   the master runs `sp-wrapper` itself. The embedded default, no Salt needed.
+//! - The Salt launcher drives the `salt` command line (a later module).
+
+pub mod local;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use crate::config::JobSpec;
+
+/// A boxed future, so the trait stays object-safe.
+pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+/// Which machines a job's targets name.
+#[derive(Clone, Debug, Default)]
+pub struct Resolution {
+    /// Machines that answered and can run the job.
+    pub up: Vec<String>,
+    /// Machines the launcher expected but that did not answer, with why (255).
+    pub down: Vec<(String, String)>,
+    /// The resolution itself failed (Salt unreachable, ...): the run has no machines.
+    pub error: Option<String>,
+}
+
+/// A request to start wrappers on some machines of one run.
+#[derive(Clone, Debug)]
+pub struct StartRequest {
+    pub job: Arc<JobSpec>,
+    pub instance: String,
+    pub machines: Vec<String>,
+    /// The wrapper's environment, identical for every machine (the launcher adds
+    /// `SP_MACHINE_ID` itself, since only it knows how to name each machine).
+    pub env: Vec<(String, String)>,
+    /// The program to run on the machine.
+    pub wrapper_path: String,
+}
+
+/// Per-machine result of a start request: `Err` carries the reason, shown in the 254 output.
+pub type StartOutcome = Vec<(String, Result<(), String>)>;
+
+/// Resolves targets and starts wrappers.
+pub trait Launcher: Send + Sync + std::fmt::Debug + 'static {
+    /// Which machines the job targets and which of them answer.
+    fn resolve(&self, job: Arc<JobSpec>) -> BoxFuture<Resolution>;
+    /// Starts the wrapper on each machine of the request.
+    fn start(&self, request: StartRequest) -> BoxFuture<StartOutcome>;
+}

@@ -1,0 +1,152 @@
+//! Wiring: binds the listeners, starts the config watcher, the engine, the machines endpoint
+//! and the API, and hands back their addresses. `main` and the integration tests both start
+//! the master through [`start`], so tests exercise the production wiring with their own edges
+//! (listeners on port 0, a launcher, a clock).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::clock::Clock;
+use crate::config::{Config, ConfigWatcher, Launcher as LauncherKind, WatchOptions};
+use crate::engine::{Engine, EngineHandle, EngineParts};
+use crate::joblog::JobLog;
+use crate::launch::Launcher;
+use crate::launch::local::LocalLauncher;
+
+/// What to start. `None` fields take their value from the configuration.
+#[derive(Debug, Default)]
+pub struct Options {
+    pub config_dir: PathBuf,
+    pub machines_listener: Option<TcpListener>,
+    pub api_listener: Option<TcpListener>,
+    pub launcher: Option<Arc<dyn Launcher>>,
+    pub clock: Option<Clock>,
+}
+
+/// A started master.
+#[derive(Debug)]
+pub struct Running {
+    pub machines_addr: SocketAddr,
+    pub api_addr: SocketAddr,
+    pub engine: EngineHandle,
+    pub config: watch::Receiver<Arc<Config>>,
+    pub shutdown: CancellationToken,
+    pub tasks: tokio::task::JoinSet<()>,
+    /// Keeps the configuration current; dropping it stops hot reload.
+    pub watcher: ConfigWatcher,
+}
+
+/// Why the master could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("cannot start the job log: {0}")]
+    JobLog(std::io::Error),
+    #[error("{0}")]
+    Config(String),
+    #[error("launcher {0:?} is not available in this build yet")]
+    Launcher(&'static str),
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind {
+            addr: addr.to_string(),
+            source,
+        })
+}
+
+/// Starts every part of the master.
+pub async fn start(options: Options) -> Result<Running, StartError> {
+    let shutdown = CancellationToken::new();
+    let watcher = ConfigWatcher::start(options.config_dir.clone(), WatchOptions::default())
+        .await
+        .map_err(|e| StartError::Config(e.to_string()))?;
+    let config_rx = watcher.subscribe();
+    let config = watcher.current();
+    let s = &config.settings;
+    let machines_listener = match options.machines_listener {
+        Some(l) => l,
+        None => bind(SocketAddr::new(s.machines_bind_addr, s.machines_port)).await?,
+    };
+    let api_listener = match options.api_listener {
+        Some(l) => l,
+        None => bind(SocketAddr::new(s.api_bind_addr, s.api_port)).await?,
+    };
+    let machines_addr = machines_listener
+        .local_addr()
+        .map_err(|source| StartError::Bind {
+            addr: "machines listener".into(),
+            source,
+        })?;
+    let api_addr = api_listener
+        .local_addr()
+        .map_err(|source| StartError::Bind {
+            addr: "API listener".into(),
+            source,
+        })?;
+    let launcher: Arc<dyn Launcher> = match (options.launcher, s.launcher) {
+        (Some(l), _) => l,
+        (None, LauncherKind::Local) => Arc::new(LocalLauncher::beside_current_exe()),
+        (None, LauncherKind::Salt) => return Err(StartError::Launcher("salt")),
+    };
+    // Wrappers started by the local launcher run here, so loopback always reaches us; a
+    // launcher for other hosts uses the configured host name.
+    let host = match s.launcher {
+        LauncherKind::Local => "127.0.0.1".to_owned(),
+        LauncherKind::Salt => s.default_saltpeter_server_host.clone(),
+    };
+    let machines_url = format!("ws://{host}:{}", machines_addr.port());
+    let joblog = JobLog::start(s.data_dir.join("spool")).map_err(StartError::JobLog)?;
+    let (engine, handle) = Engine::new(EngineParts {
+        config: config_rx.clone(),
+        launcher,
+        joblog,
+        clock: options.clock.unwrap_or_else(Clock::system),
+        machines_url,
+        shutdown: shutdown.clone(),
+    });
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(engine.run());
+    let endpoint =
+        crate::endpoint::router(handle.clone()).into_make_service_with_connect_info::<SocketAddr>();
+    let stop = shutdown.clone();
+    tasks.spawn(async move {
+        let served = axum::serve(machines_listener, endpoint)
+            .with_graceful_shutdown(async move { stop.cancelled().await })
+            .await;
+        if let Err(error) = served {
+            tracing::error!(%error, "Machines endpoint stopped.");
+        }
+    });
+    let api = crate::api::router(handle.clone());
+    let stop = shutdown.clone();
+    tasks.spawn(async move {
+        let served = axum::serve(api_listener, api)
+            .with_graceful_shutdown(async move { stop.cancelled().await })
+            .await;
+        if let Err(error) = served {
+            tracing::error!(%error, "API stopped.");
+        }
+    });
+    tracing::info!(%machines_addr, %api_addr, "Saltpeter master ready.");
+    Ok(Running {
+        machines_addr,
+        api_addr,
+        engine: handle,
+        config: config_rx,
+        shutdown,
+        tasks,
+        watcher,
+    })
+}
