@@ -170,7 +170,10 @@ async fn controller(cfg: Config, mut lock: LockState, mut ready: PipeWriter) -> 
             }
         }
         Ok(job) => {
-            log.info(format!("Starting job (pid {}): {}", job.pid, cfg.command));
+            log.info(format!(
+                "Starting job (pid {}, wrapper pid {wrapper_pid}): {}",
+                job.pid, cfg.command
+            ));
             let (deadline_tx, deadline_rx) = watch::channel(None);
             let pump = tokio::spawn(output::pump(
                 job.pipe,

@@ -6,8 +6,8 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Behaviour, Run, TestMaster, XorShift, hash, wait_wrapper_exit};
-use saltpeter_proto::{Cause, PROTOCOL_VERSION};
+use common::{Behaviour, Run, TestMaster, XorShift, group_members, hash, wait_wrapper_exit};
+use saltpeter_proto::{Cause, KILLED_LINE, PROTOCOL_VERSION, timeout_line};
 
 const LIMIT: Duration = Duration::from_secs(20);
 
@@ -156,4 +156,376 @@ async fn ten_megabytes_of_random_bytes_arrive_identical() {
     );
     assert_clean_stream(&master);
     wait_wrapper_exit(wrapper_pid(&master), Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_dropped_sockets_lose_and_duplicate_nothing() {
+    // The master applies outputs 3, 9 and 15, then drops the socket before acking them
+    // (with more outputs in flight behind them).
+    let mut master = TestMaster::start(Behaviour {
+        drop_after: vec![3, 9, 15],
+        ..Behaviour::default()
+    })
+    .await;
+    let cmd = "i=0; while [ $i -lt 400 ]; do echo \"line $i\"; i=$((i+1)); \
+               [ $((i % 20)) -eq 0 ] && sleep 0.05; done";
+    let mut run = Run::new("drops", &master.url(), cmd);
+    run.set("SP_OUTPUT_INTERVAL_MS", "10");
+    run.launch_ok();
+    master.wait_complete(Duration::from_secs(40)).await;
+    let expected: String = (0..400).map(|i| format!("line {i}\n")).collect();
+    assert_eq!(master.seen.text(), expected);
+    assert!(
+        master.seen.outputs.len() > 16,
+        "only {} outputs",
+        master.seen.outputs.len()
+    );
+    assert_eq!(master.seen.connects.len(), 4, "one connect per socket");
+    assert_eq!(
+        master.seen.starts.len(),
+        1,
+        "start is acked once and never resent"
+    );
+    assert_clean_stream(&master);
+    wait_wrapper_exit(wrapper_pid(&master), Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_megabytes_while_the_master_is_unreachable_arrive_after_it_returns() {
+    let mut master = TestMaster::start(Behaviour {
+        accept_later: true,
+        ..Behaviour::default()
+    })
+    .await;
+    let run = Run::new("unreachable", &master.url(), "cat data.txt; touch written");
+    // Printable text in lines of varying length.
+    let mut rng = XorShift(0x1234_5678_9abc_def1);
+    let mut data = String::with_capacity(50 * 1024 * 1024 + 200);
+    while data.len() < 50 * 1024 * 1024 {
+        let len = 20 + rng.next() % 150;
+        data.extend((0..len).map(|i| (b'!' + ((rng.next() >> (i % 8)) % 94) as u8) as char));
+        data.push('\n');
+    }
+    common::write_file(&run.path("data.txt"), data.as_bytes());
+    let launched = std::time::Instant::now();
+    run.launch_ok();
+
+    // The job must finish writing while the master is still unreachable: its pipe is
+    // drained into the spool whatever the connection state.
+    let marker = run.path("written");
+    while !marker.exists() {
+        assert!(
+            launched.elapsed() < Duration::from_secs(15),
+            "the job was held up writing"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let write_time = launched.elapsed();
+    assert!(master.seen.connects.is_empty());
+    master.idle(Duration::from_millis(100)).await;
+    assert!(
+        master.seen.connects.is_empty(),
+        "the master was not accepting yet"
+    );
+
+    // The wrapper's memory stayed bounded although 50 MB waited for the master.
+    let wrapper = daemon_pid_from_log(&run).expect("wrapper pid in its log");
+    let hwm = vm_kib(wrapper, "VmHWM").expect("wrapper still running");
+    assert!(hwm < 40 * 1024, "wrapper peak RSS {hwm} KiB");
+
+    master.start_accepting();
+    let complete = master.wait_complete(Duration::from_secs(60)).await;
+    assert_eq!(complete.retcode, Some(0));
+    let got = master.seen.text();
+    assert_eq!(got.len(), data.len());
+    assert_eq!(hash(&got), hash(&data), "output differs");
+    assert_clean_stream(&master);
+    wait_wrapper_exit(wrapper_pid(&master), Duration::from_secs(5)).await;
+    eprintln!(
+        "50 MB written in {write_time:?} while the master was unreachable; peak RSS {hwm} KiB"
+    );
+}
+
+/// The wrapper daemon's PID, from the `Starting job` line of its log.
+fn daemon_pid_from_log(run: &Run) -> Option<u32> {
+    let log = run.log_text();
+    log.split("wrapper pid ")
+        .nth(1)?
+        .split(')')
+        .next()?
+        .parse()
+        .ok()
+}
+
+fn vm_kib(pid: u32, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with(field))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_reports_143_and_leaves_no_process_of_the_group() {
+    let mut master = TestMaster::start(Behaviour::default()).await;
+    // A grandchild that ignores SIGTERM, so only the SIGKILL after the grace ends it.
+    let cmd = "sh -c 'trap \"\" TERM; echo grandchild $$; exec sleep 300' & echo ready; wait";
+    let run = Run::new("kill", &master.url(), cmd);
+    run.launch_ok();
+    master
+        .wait_for(LIMIT, "both processes running", |s| {
+            let text = s.text();
+            text.contains("ready") && text.contains("grandchild")
+        })
+        .await;
+    let pgid = master.seen.starts[0].1.pid;
+    let grandchild: u32 = master
+        .seen
+        .text()
+        .split("grandchild ")
+        .nth(1)
+        .and_then(|t| t.split('\n').next())
+        .and_then(|p| p.trim().parse().ok())
+        .expect("grandchild pid");
+    assert!(group_members(pgid).contains(&grandchild));
+    let killed_at = tokio::time::Instant::now();
+    master.kill(&run);
+    let complete = master.wait_complete(LIMIT).await;
+    let took = killed_at.elapsed();
+    assert_eq!(
+        (complete.retcode, complete.cause),
+        (Some(143), Some(Cause::Killed))
+    );
+    assert!(
+        master.seen.text().ends_with(KILLED_LINE),
+        "{:?}",
+        master.seen.text()
+    );
+    assert_eq!(master.seen.outputs.last().unwrap().1, "stderr");
+    assert!(
+        group_members(pgid).is_empty(),
+        "survivors: {:?}",
+        group_members(pgid)
+    );
+    assert!(!common::alive(grandchild));
+    // SIGTERM was ignored by the grandchild, so SIGKILL came after the grace period.
+    assert!(
+        took >= Duration::from_millis(4500),
+        "complete after {took:?}"
+    );
+    assert_clean_stream(&master);
+    wait_wrapper_exit(wrapper_pid(&master), Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timeout_reports_124() {
+    let mut master = TestMaster::start(Behaviour::default()).await;
+    let mut run = Run::new("timeout", &master.url(), "echo before; sleep 30");
+    run.set("SP_TIMEOUT", "1");
+    run.launch_ok();
+    let complete = master.wait_complete(LIMIT).await;
+    assert_eq!(
+        (complete.retcode, complete.cause),
+        (Some(124), Some(Cause::Timeout))
+    );
+    assert_eq!(master.seen.text(), format!("before\n{}", timeout_line(1)));
+    let started = master.seen.starts[0].0;
+    let took = master.seen.complete.as_ref().unwrap().0 - started;
+    assert!(took < Duration::from_secs(4), "timeout took {took:?}");
+    assert!(group_members(master.seen.starts[0].1.pid).is_empty());
+    wait_wrapper_exit(wrapper_pid(&master), Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lock_conflict_reports_254_through_the_protocol() {
+    let mut master = TestMaster::start(Behaviour::default()).await;
+    let mut run = Run::new("lock", &master.url(), "touch ran");
+    let lockfile = run.path("job.lock");
+    run.set("SP_ALLOW_OVERLAP", "false")
+        .set("SP_LOCKFILE", lockfile.to_str().unwrap());
+    // Another run holds the lock: this test process, with its PID in the file.
+    let holder = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&lockfile)
+        .unwrap();
+    holder.try_lock().unwrap();
+    std::fs::write(&lockfile, format!("{}\n", std::process::id())).unwrap();
+
+    let out = run.launch_ok();
+    let msg = format!(
+        "LOCKFILE ERROR: Job {} already running (PID {}), overlap not allowed\n",
+        run.job,
+        std::process::id()
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains(msg.trim_end()));
+    let complete = master.wait_complete(LIMIT).await;
+    assert_eq!(
+        (complete.retcode, complete.cause),
+        (Some(254), Some(Cause::Lock))
+    );
+    assert_eq!(master.seen.text(), msg);
+    assert_eq!(
+        Some(master.seen.starts[0].1.pid),
+        master.seen.connects[0].wrapper_pid
+    );
+    assert!(!run.path("ran").exists(), "the job must not run");
+    wait_wrapper_exit(wrapper_pid(&master), Duration::from_secs(5)).await;
+
+    // Once released, the next run takes the lock and records its own PID while it runs.
+    drop(holder);
+    let mut master = TestMaster::start(Behaviour::default()).await;
+    run.set("SP_WEBSOCKET_URL", &master.url())
+        .set("SP_COMMAND", "cat job.lock");
+    run.launch_ok();
+    let complete = master.wait_complete(LIMIT).await;
+    assert_eq!(complete.retcode, Some(0));
+    assert_eq!(master.seen.text(), format!("{}\n", wrapper_pid(&master)));
+    wait_wrapper_exit(wrapper_pid(&master), Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn background_process_holding_stdout_does_not_delay_complete() {
+    let mut master = TestMaster::start(Behaviour::default()).await;
+    let run = Run::new("background", &master.url(), "sleep 600 & echo $!");
+    run.launch_ok();
+    let complete = master.wait_complete(LIMIT).await;
+    let sleeper: u32 = master.seen.text().trim().parse().expect("pid of sleep");
+    let took = master.seen.complete.as_ref().unwrap().0 - master.seen.starts[0].0;
+    common::kill_started(sleeper, "sleep");
+    assert_eq!(complete.retcode, Some(0));
+    assert!(
+        took <= Duration::from_secs(3),
+        "complete came {took:?} after start"
+    );
+    wait_wrapper_exit(wrapper_pid(&master), Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_to_the_wrapper_ends_the_job_and_reports_it() {
+    let mut master = TestMaster::start(Behaviour::default()).await;
+    let run = Run::new("sigterm", &master.url(), "echo up; sleep 300");
+    run.launch_ok();
+    master
+        .wait_for(LIMIT, "output", |s| s.text().contains("up"))
+        .await;
+    let wrapper = wrapper_pid(&master);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(wrapper as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let complete = master.wait_complete(LIMIT).await;
+    assert_eq!(
+        (complete.retcode, complete.cause),
+        (Some(143), Some(Cause::WrapperTerminated))
+    );
+    assert!(group_members(master.seen.starts[0].1.pid).is_empty());
+    wait_wrapper_exit(wrapper, Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn job_not_found_ends_delivery_at_once_and_keeps_the_output_locally() {
+    let mut master = TestMaster::start(Behaviour {
+        reject_complete: true,
+        ..Behaviour::default()
+    })
+    .await;
+    let run = Run::new("rejected", &master.url(), "echo kept");
+    run.launch_ok();
+    master.wait_complete(LIMIT).await;
+    wait_wrapper_exit(wrapper_pid(&master), Duration::from_secs(5)).await;
+    let log = run.log_text();
+    assert!(
+        log.contains("Master rejected the run (JobNotFound"),
+        "{log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_as_sp_user_with_its_uid_gid_groups_and_environment() {
+    if !nix::unistd::Uid::effective().is_root() {
+        eprintln!("skipped: needs root to switch users");
+        return;
+    }
+    let nobody = nix::unistd::User::from_name("nobody")
+        .unwrap()
+        .expect("user nobody");
+    let name = std::ffi::CString::new("nobody").unwrap();
+    let groups = nix::unistd::getgrouplist(&name, nobody.gid).unwrap();
+    let mut master = TestMaster::start(Behaviour::default()).await;
+    let cmd = "id -u; id -g; id -G; echo \"$HOME $USER $LOGNAME $SHELL\"";
+    let mut run = Run::new("runas", &master.url(), cmd);
+    run.set("SP_USER", "nobody").set("SP_CWD", "/");
+    run.launch_ok();
+    let complete = master.wait_complete(LIMIT).await;
+    assert_eq!(complete.retcode, Some(0), "{}", master.seen.text());
+    let mut want_groups: Vec<u32> = groups.iter().map(|g| g.as_raw()).collect();
+    want_groups.sort_unstable();
+    let text = master.seen.text();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines[0], nobody.uid.to_string());
+    assert_eq!(lines[1], nobody.gid.to_string());
+    let mut got_groups: Vec<u32> = lines[2].split(' ').map(|g| g.parse().unwrap()).collect();
+    got_groups.sort_unstable();
+    assert_eq!(got_groups, want_groups, "supplementary groups");
+    assert_eq!(
+        lines[3],
+        format!(
+            "{} nobody nobody {}",
+            nobody.dir.display(),
+            nobody.shell.display()
+        )
+    );
+    wait_wrapper_exit(wrapper_pid(&master), Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_or_invalid_configuration_fails_before_forking() {
+    let master = TestMaster::start(Behaviour::default()).await;
+    let cases: [(&str, Option<&str>, &str); 5] = [
+        (
+            "SP_COMMAND",
+            None,
+            "Error: SP_COMMAND environment variable not set",
+        ),
+        (
+            "SP_WEBSOCKET_URL",
+            None,
+            "Error: SP_WEBSOCKET_URL environment variable not set",
+        ),
+        ("SP_TIMEOUT", Some("soon"), "SP_TIMEOUT"),
+        ("SP_CWD", Some("/nonexistent/sp-test"), "SP_CWD"),
+        ("SP_USER", Some("no-such-user-sp-test"), "SP_USER"),
+    ];
+    for (var, value, want) in cases {
+        let mut run = Run::new("config", &master.url(), "touch ran");
+        match value {
+            Some(v) => run.set(var, v),
+            None => run.unset(var),
+        };
+        let (out, took) = run.launch();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{var}: {stderr}");
+        assert!(stderr.contains(want), "{var}: {stderr}");
+        assert!(!String::from_utf8_lossy(&out.stdout).contains("started"));
+        assert!(took < Duration::from_secs(2));
+        // No daemon ever ran: it would have created the log directory and run the job.
+        assert!(!run.path("log").exists(), "{var}: a daemon started");
+        assert!(!run.path("ran").exists());
+    }
+}
+
+#[test]
+fn version_flag_prints_the_version() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sp-wrapper"))
+        .arg("--version")
+        .env_clear()
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!("sp-wrapper {}\n", env!("CARGO_PKG_VERSION"))
+    );
 }
