@@ -343,14 +343,8 @@ impl Engine {
         let Some(m) = run.machines.get_mut(machine) else {
             return false;
         };
-        let conn = m.conn;
         if !m.finish(retcode, cause, wall) {
             return false;
-        }
-        if let Some(conn) = conn
-            && let Some(c) = self.conns.get_mut(&conn)
-        {
-            c.bound = None;
         }
         tracing::info!(%job, %instance, %machine, retcode, cause = cause.as_str(), "Machine finished.");
         self.joblog.record(

@@ -331,6 +331,17 @@ fn same_secret(a: &str, b: &str) -> bool {
             == 0
 }
 
+impl Engine {
+    /// A run by instance, running or recently finished: late messages for a finished run
+    /// (a `complete` after a verdict, say) still find it.
+    fn run_mut(&mut self, instance: &str) -> Option<&mut Run> {
+        match self.runs.get_mut(instance) {
+            Some(run) => Some(run),
+            None => self.finished.get_mut(instance),
+        }
+    }
+}
+
 /// For API views of finished and running runs alike.
 fn find_run<'a>(engine: &'a Engine, instance: &str) -> Option<&'a Run> {
     engine

@@ -65,8 +65,7 @@ impl Engine {
         let env = &connect.envelope;
         let allow_legacy = self.config.settings.allow_legacy_wrappers;
         let run = self
-            .runs
-            .get_mut(&env.job_instance)
+            .run_mut(&env.job_instance)
             .ok_or(Refusal::JobNotFound)?;
         match (&connect.token, allow_legacy) {
             (Some(token), _) if same_secret(token, &run.token) => {}
@@ -124,11 +123,11 @@ impl Engine {
                 "this connection speaks for {i}/{m}, not {instance}/{machine}"
             )));
         }
-        let run = self.runs.get_mut(instance);
-        let Some(run) = run else {
+        let allow_legacy = self.config.settings.allow_legacy_wrappers;
+        let Some(run) = self.run_mut(instance) else {
             return Err(Refusal::JobNotFound);
         };
-        if !self.config.settings.allow_legacy_wrappers {
+        if !allow_legacy {
             return Err(Refusal::Unauthorized(
                 "send connect with the run token first".into(),
             ));
@@ -154,7 +153,7 @@ impl Engine {
     ) -> Result<(), Refusal> {
         let now = self.clock.instant();
         let wall = self.clock.wall();
-        let run = self.runs.get_mut(instance).ok_or(Refusal::JobNotFound)?;
+        let run = self.run_mut(instance).ok_or(Refusal::JobNotFound)?;
         let job = run.job.clone();
         let m = run.machines.get_mut(machine).ok_or_else(|| {
             Refusal::BadRequest(format!("machine {machine:?} is not a target of {instance}"))
@@ -217,9 +216,11 @@ impl Engine {
     }
 
     fn on_output(&mut self, conn: ConnId, instance: &str, machine: &str, output: Output) {
+        // A finished run still takes late output into memory, so nothing a wrapper sends is
+        // acked and then lost; its log block is already written, so the log does not get it.
+        let live = self.runs.contains_key(instance);
         let Some(m) = self
-            .runs
-            .get_mut(instance)
+            .run_mut(instance)
             .and_then(|r| r.machines.get_mut(machine))
         else {
             return;
@@ -247,21 +248,22 @@ impl Engine {
             None => {}
         }
         m.output.push(&output.data);
-        self.joblog.record(
-            &self.logdir,
-            LogEntry::Output {
-                instance: instance.into(),
-                machine: machine.into(),
-                text: output.data,
-            },
-        );
+        if live {
+            self.joblog.record(
+                &self.logdir,
+                LogEntry::Output {
+                    instance: instance.into(),
+                    machine: machine.into(),
+                    text: output.data,
+                },
+            );
+        }
         self.send(conn, ack(AckType::Output, output.seq, None));
     }
 
     fn on_complete(&mut self, conn: ConnId, instance: &str, machine: &str, complete: Complete) {
         let Some(m) = self
-            .runs
-            .get_mut(instance)
+            .run_mut(instance)
             .and_then(|r| r.machines.get_mut(machine))
         else {
             return;

@@ -1,0 +1,405 @@
+//! Test doubles for the engine: a launcher that records what it was asked, and wrappers that
+//! speak to the engine through its event channel.
+
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use saltpeter_master::clock::Clock;
+use saltpeter_master::config::{Config, JobSpec};
+use saltpeter_master::engine::{
+    ApiRequest, ConnId, Engine, EngineHandle, EngineParts, Event, Outbound,
+};
+use saltpeter_master::joblog::JobLog;
+use saltpeter_master::launch::{BoxFuture, Launcher, Resolution, StartOutcome, StartRequest};
+use saltpeter_proto::*;
+use serde_json::Value;
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+/// A job file block that never fires on its own; runs are started explicitly.
+pub fn job(name: &str, targets: &str, extra: &str) -> String {
+    format!(
+        "{name}:\n  sec: 0\n  min: 0\n  hour: 0\n  dom: 1\n  mon: 1\n  dow: '*'\n  year: 2099\n  targets: {targets}\n  target_type: list\n  command: echo hi\n{extra}"
+    )
+}
+
+pub fn legacy_settings() -> String {
+    "saltpeter_config:\n  allow_legacy_wrappers: true\n".into()
+}
+
+/// Records start requests; answers resolution with the job's target names.
+#[derive(Debug, Default)]
+pub struct FakeLauncher {
+    failures: Mutex<Vec<(String, String)>>,
+    started: Mutex<Vec<String>>,
+    envs: Mutex<Vec<Vec<(String, String)>>>,
+}
+
+impl FakeLauncher {
+    pub fn fail(&self, machine: &str, why: &str) {
+        self.failures.lock().push((machine.into(), why.into()));
+    }
+    pub fn take_started(&self) -> Vec<String> {
+        std::mem::take(&mut *self.started.lock())
+    }
+    pub fn last_env(&self) -> Vec<(String, String)> {
+        self.envs.lock().last().cloned().unwrap_or_default()
+    }
+    fn token(&self) -> Option<String> {
+        self.last_env()
+            .into_iter()
+            .find(|(k, _)| k == "SP_RUN_TOKEN")
+            .map(|(_, v)| v)
+    }
+}
+
+impl Launcher for FakeLauncher {
+    fn resolve(&self, job: Arc<JobSpec>) -> BoxFuture<Resolution> {
+        let up = job.targets.names();
+        Box::pin(async move {
+            Resolution {
+                up,
+                ..Resolution::default()
+            }
+        })
+    }
+
+    fn start(&self, request: StartRequest) -> BoxFuture<StartOutcome> {
+        let failures = self.failures.lock().clone();
+        self.started.lock().extend(request.machines.iter().cloned());
+        self.envs.lock().push(request.env.clone());
+        let outcome = request
+            .machines
+            .iter()
+            .map(|m| {
+                let failure = failures
+                    .iter()
+                    .find(|(f, _)| f == m)
+                    .map(|(_, why)| why.clone());
+                (m.clone(), failure.map_or(Ok(()), Err))
+            })
+            .collect();
+        Box::pin(async move { outcome })
+    }
+}
+
+/// An engine on the paused clock with a fake launcher.
+pub struct Harness {
+    pub engine: EngineHandle,
+    pub launcher: Arc<FakeLauncher>,
+    _dir: tempfile::TempDir,
+    _config: watch::Sender<Arc<Config>>,
+    next_conn: std::sync::atomic::AtomicU64,
+    shutdown: CancellationToken,
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+impl Harness {
+    pub async fn start(yaml: &str) -> Harness {
+        let dir = tempfile::tempdir().unwrap();
+        let conf = dir.path().join("conf");
+        std::fs::create_dir_all(&conf).unwrap();
+        let settings = format!(
+            "saltpeter_config:\n  logdir: {0}/log\n  data_dir: {0}/data\n",
+            dir.path().display()
+        );
+        std::fs::write(conf.join("00-settings.yaml"), settings).unwrap();
+        std::fs::write(conf.join("jobs.yaml"), yaml).unwrap();
+        let config = Config::load(&conf);
+        assert!(
+            !config.has_errors(),
+            "test config has errors: {:?}",
+            config.problems
+        );
+        let (config_tx, config_rx) = watch::channel(Arc::new(config));
+        let launcher = Arc::new(FakeLauncher::default());
+        let shutdown = CancellationToken::new();
+        let (engine, handle) = Engine::new(EngineParts {
+            config: config_rx,
+            launcher: launcher.clone(),
+            joblog: JobLog::start(dir.path().join("spool")).unwrap(),
+            clock: Clock::paused(time::macros::datetime!(2026-06-01 12:00 UTC)),
+            machines_url: "ws://127.0.0.1:1".into(),
+            shutdown: shutdown.clone(),
+        });
+        tokio::spawn(engine.run());
+        Harness {
+            engine: handle,
+            launcher,
+            _dir: dir,
+            _config: config_tx,
+            next_conn: 1.into(),
+            shutdown,
+        }
+    }
+
+    pub async fn try_run(&self, job: &str) -> Result<String, String> {
+        let job = job.to_owned();
+        let r = self
+            .engine
+            .ask(|reply| ApiRequest::RunNow { job, reply })
+            .await
+            .unwrap();
+        // Let the resolution and launch tasks report back.
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        r.map_err(|e| e.to_string())
+    }
+
+    pub async fn run(&self, job: &str) -> String {
+        self.try_run(job).await.unwrap()
+    }
+
+    pub async fn kill(&self, instance: &str) {
+        let instance = instance.to_owned();
+        self.engine
+            .ask(|reply| ApiRequest::KillRun { instance, reply })
+            .await
+            .unwrap()
+            .unwrap();
+    }
+
+    pub async fn run_view(&self, instance: &str) -> Value {
+        let instance = instance.to_owned();
+        let view = self
+            .engine
+            .ask(|reply| ApiRequest::GetRun { instance, reply })
+            .await
+            .unwrap();
+        serde_json::to_value(view.expect("no such run")).unwrap()
+    }
+
+    pub async fn machine(&self, instance: &str, machine: &str) -> Value {
+        self.run_view(instance).await["machines"][machine].clone()
+    }
+
+    pub async fn job_summary(&self, job: &str) -> Value {
+        let jobs = self.engine.ask(ApiRequest::ListJobs).await.unwrap();
+        let jobs = serde_json::to_value(jobs).unwrap();
+        jobs.as_array()
+            .unwrap()
+            .iter()
+            .find(|j| j["name"] == job)
+            .cloned()
+            .unwrap()
+    }
+
+    /// A new wrapper connection for (instance, machine), carrying the run's token.
+    pub async fn wrapper(&self, instance: &str, machine: &str) -> FakeWrapper {
+        let conn = self
+            .next_conn
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (tx, rx) = mpsc::channel(1024);
+        let peer: SocketAddr = "127.0.0.1:40000".parse().unwrap();
+        assert!(self.engine.send(Event::Connected { conn, peer, tx }).await);
+        FakeWrapper {
+            engine: self.engine.clone(),
+            conn,
+            rx,
+            instance: instance.into(),
+            machine: machine.into(),
+            token: self.launcher.token(),
+            skew: 0,
+            kills: 0,
+        }
+    }
+}
+
+/// What the engine answered to an output.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Reply {
+    Ack(u64),
+    Nack { expected: u64, received: u64 },
+    Other(String),
+}
+
+/// A wrapper speaking through the engine's event channel.
+pub struct FakeWrapper {
+    engine: EngineHandle,
+    conn: ConnId,
+    rx: mpsc::Receiver<Outbound>,
+    pub instance: String,
+    pub machine: String,
+    pub token: Option<String>,
+    /// Seconds added to every timestamp this wrapper sends (its clock is off).
+    pub skew: i64,
+    kills: usize,
+}
+
+impl FakeWrapper {
+    fn envelope(&self) -> Envelope {
+        let at = time::OffsetDateTime::now_utc() + time::Duration::seconds(self.skew);
+        Envelope {
+            job_name: self
+                .instance
+                .rsplit_once('_')
+                .map_or("j", |(j, _)| j)
+                .to_owned(),
+            job_instance: self.instance.clone(),
+            machine: self.machine.clone(),
+            timestamp: Some(Timestamp::new(at)),
+        }
+    }
+
+    async fn send(&self, msg: WrapperMessage) {
+        assert!(
+            self.engine
+                .send(Event::Wrapper {
+                    conn: self.conn,
+                    msg
+                })
+                .await
+        );
+    }
+
+    /// The next frame the engine sends, counting and skipping kills.
+    async fn next(&mut self) -> Option<MasterMessage> {
+        loop {
+            let out = tokio::time::timeout(Duration::from_millis(50), self.rx.recv())
+                .await
+                .ok()??;
+            let msg = match out {
+                Outbound::Message(m) | Outbound::Close(m) => m,
+            };
+            if matches!(msg, MasterMessage::Kill(_)) {
+                self.kills += 1;
+                continue;
+            }
+            return Some(msg);
+        }
+    }
+
+    /// Drains pending frames, counting kills.
+    fn drain(&mut self) {
+        while let Ok(out) = self.rx.try_recv() {
+            if let Outbound::Message(MasterMessage::Kill(_))
+            | Outbound::Close(MasterMessage::Kill(_)) = out
+            {
+                self.kills += 1;
+            }
+        }
+    }
+
+    pub fn kills(&mut self) -> usize {
+        self.drain();
+        self.kills
+    }
+
+    pub fn saw_kill(&mut self) -> bool {
+        self.kills() > 0
+    }
+
+    pub async fn send_connect(&self) {
+        self.send(WrapperMessage::Connect(Connect {
+            envelope: self.envelope(),
+            protocol: self.token.as_ref().map(|_| PROTOCOL_VERSION),
+            token: self.token.clone(),
+            wrapper_pid: Some(4242),
+        }))
+        .await;
+    }
+
+    /// Connects; returns the `last_seq` of the ack.
+    pub async fn connect(&mut self) -> Option<i64> {
+        self.send_connect().await;
+        match self.next().await {
+            Some(MasterMessage::Ack(a)) if a.ack_type == AckType::Connect => a.last_seq,
+            other => panic!("expected a connect ack, got {other:?}"),
+        }
+    }
+
+    pub async fn start(&mut self) {
+        self.send(WrapperMessage::Start(Start {
+            envelope: self.envelope(),
+            pid: 4243,
+            version: "test".into(),
+        }))
+        .await;
+        match self.next().await {
+            Some(MasterMessage::Ack(a)) if a.ack_type == AckType::Start => {}
+            other => panic!("expected a start ack, got {other:?}"),
+        }
+    }
+
+    pub async fn connect_and_start(&mut self) {
+        self.connect().await;
+        self.start().await;
+    }
+
+    pub async fn send_heartbeat(&self) {
+        self.send(WrapperMessage::Heartbeat(Heartbeat {
+            envelope: self.envelope(),
+        }))
+        .await;
+    }
+
+    pub async fn heartbeat(&mut self) {
+        self.send_heartbeat().await;
+        // Heartbeats are not answered; make sure the engine has taken it.
+        tokio::task::yield_now().await;
+    }
+
+    pub async fn output(&mut self, seq: u64, data: &str) -> Reply {
+        self.send(WrapperMessage::Output(Output {
+            envelope: self.envelope(),
+            stream: "stdout".into(),
+            data: data.into(),
+            seq: Some(seq),
+        }))
+        .await;
+        match self.next().await {
+            Some(MasterMessage::Ack(a)) if a.ack_type == AckType::Output => {
+                Reply::Ack(a.seq.unwrap())
+            }
+            Some(MasterMessage::Nack(n)) => Reply::Nack {
+                expected: n.expected_seq,
+                received: n.received_seq,
+            },
+            other => Reply::Other(format!("{other:?}")),
+        }
+    }
+
+    pub async fn complete_with(&mut self, retcode: i64, cause: &str) {
+        let cause: Cause = serde_json::from_value(Value::String(cause.into())).unwrap();
+        self.send(WrapperMessage::Complete(Complete {
+            envelope: self.envelope(),
+            retcode: Some(retcode),
+            seq: None,
+            cause: Some(cause),
+            signal: None,
+        }))
+        .await;
+        match self.next().await {
+            Some(MasterMessage::Ack(a)) if a.ack_type == AckType::Complete => {}
+            other => panic!("expected a complete ack, got {other:?}"),
+        }
+    }
+
+    pub async fn complete(&mut self, retcode: i64) {
+        self.complete_with(retcode, "exit").await;
+    }
+
+    pub async fn disconnect(&self) {
+        assert!(
+            self.engine
+                .send(Event::Disconnected { conn: self.conn })
+                .await
+        );
+    }
+
+    /// The code of the next `error` frame, if one comes.
+    pub async fn error_code(&mut self) -> Option<ErrorCode> {
+        match self.next().await {
+            Some(MasterMessage::Error(e)) => Some(e.code),
+            _ => None,
+        }
+    }
+}
