@@ -3,9 +3,11 @@
 //! - `ci`: everything CI runs (format, lints, unit and integration tests, e2e).
 //! - `e2e`: end-to-end scenarios with the real binaries.
 //! - `bench wrapper|master`: benchmarks that print figures.
+//! - `demo`: run the master on its embedded default configuration.
 
 mod bench;
 mod ci;
+mod demo;
 mod e2e;
 
 use anyhow::{Result, bail};
@@ -16,6 +18,7 @@ fn main() -> Result<()> {
         Some("bench") => bench::run(&args[1..]),
         Some("ci") => ci::run(&args[1..]),
         Some("e2e") => e2e::run(&args[1..]),
+        Some("demo") => demo::run(&args[1..]),
         Some(other) => bail!("unknown xtask command {other:?}; try ci, e2e or bench"),
         None => bail!("usage: cargo xtask <ci|e2e|bench>"),
     }

@@ -6,6 +6,8 @@ mod http;
 mod master;
 mod scenarios;
 
+pub use master::binary;
+
 use std::time::Instant;
 
 use anyhow::{Result, bail};
