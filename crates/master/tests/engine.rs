@@ -405,3 +405,13 @@ async fn the_wrapper_gets_the_environment_salt_would_pass() {
     let _ = AckType::Connect;
     let _: Option<MasterMessage> = None;
 }
+
+#[tokio::test(start_paused = true)]
+async fn every_slot_fires_exactly_once() {
+    let every_second = "every:\n  sec: '*'\n  min: '*'\n  hour: '*'\n  dom: '*'\n  mon: '*'\n  dow: '*'\n  targets: [m1]\n  target_type: list\n  command: echo hi\n  allow_overlap: i know what i am doing!\n";
+    let h = Harness::start(every_second).await;
+    // The paused wall clock starts at 12:00:00.000; slots at 12:00:01 .. 12:00:10 fall due.
+    sleep(Duration::from_millis(10_500)).await;
+    let fired = h.launcher.take_started().len();
+    assert_eq!(fired, 10, "ten one-second slots must fire ten times");
+}
