@@ -17,6 +17,7 @@ use crate::engine::{Engine, EngineHandle, EngineParts};
 use crate::joblog::JobLog;
 use crate::launch::Launcher;
 use crate::launch::local::LocalLauncher;
+use crate::launch::salt::SaltLauncher;
 
 /// What to start. `None` fields take their value from the configuration.
 #[derive(Debug, Default)]
@@ -98,7 +99,7 @@ pub async fn start(options: Options) -> Result<Running, StartError> {
     let launcher: Arc<dyn Launcher> = match (options.launcher, s.launcher) {
         (Some(l), _) => l,
         (None, LauncherKind::Local) => Arc::new(LocalLauncher::beside_current_exe()),
-        (None, LauncherKind::Salt) => return Err(StartError::Launcher("salt")),
+        (None, LauncherKind::Salt) => Arc::new(SaltLauncher::from_settings(s)),
     };
     // Wrappers started by the local launcher run here, so loopback always reaches us; a
     // launcher for other hosts uses the configured host name.

@@ -3,9 +3,10 @@
 //!
 //! - [`local::LocalLauncher`]: every name in `targets` is a machine simulated on this host;
 //!   the master runs `sp-wrapper` itself. The embedded default, no Salt needed.
-//! - The Salt launcher drives the `salt` command line (a later module).
+//! - [`salt::SaltLauncher`]: drives the `salt` command line on the Salt master host.
 
 pub mod local;
+pub mod salt;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -43,10 +44,38 @@ pub struct StartRequest {
 /// Per-machine result of a start request: `Err` carries the reason, shown in the 254 output.
 pub type StartOutcome = Vec<(String, Result<(), String>)>;
 
+/// The result of running a job's command without a wrapper (legacy mode, `use_wrapper:
+/// false`, reference 4.15): the command's exit code and its output, known only at the end.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DirectResult {
+    pub retcode: i64,
+    pub output: String,
+}
+
+/// Per-machine result of a direct run: `Err` says why the machine gave no result (255).
+pub type DirectOutcome = Vec<(String, Result<DirectResult, String>)>;
+
 /// Resolves targets and starts wrappers.
 pub trait Launcher: Send + Sync + std::fmt::Debug + 'static {
     /// Which machines the job targets and which of them answer.
     fn resolve(&self, job: Arc<JobSpec>) -> BoxFuture<Resolution>;
     /// Starts the wrapper on each machine of the request.
     fn start(&self, request: StartRequest) -> BoxFuture<StartOutcome>;
+    /// Runs the job's command itself on each machine and waits for its end (legacy mode:
+    /// no wrapper, no heartbeat, no streaming). `request.env` is the wrapper's environment;
+    /// a launcher passes on only what the command should see. Launchers without such a mode
+    /// keep this default, which fails every machine with the reason.
+    fn run_direct(&self, request: StartRequest) -> BoxFuture<DirectOutcome> {
+        let outcome = request
+            .machines
+            .into_iter()
+            .map(|m| {
+                (
+                    m,
+                    Err("this launcher cannot run jobs with use_wrapper: false".to_owned()),
+                )
+            })
+            .collect();
+        Box::pin(async move { outcome })
+    }
 }
