@@ -18,3 +18,6 @@ pub mod runs;
 pub mod api;
 pub mod endpoint;
 pub mod server;
+pub mod metrics;
+pub mod ui;
+pub mod cli;

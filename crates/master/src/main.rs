@@ -26,6 +26,15 @@ struct Cli {
     /// Write the bound addresses as JSON to this file once ready (for scripts and tests).
     #[arg(long, global = true)]
     ready_file: Option<PathBuf>,
+    /// The API of the running master, for status, run, kill and logs.
+    #[arg(long, global = true, default_value = "http://127.0.0.1:8888")]
+    api: String,
+    /// Bearer token for the API (its `api_token`).
+    #[arg(long, global = true, env = "SP_API_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Print JSON for scripts instead of text for people.
+    #[arg(long, global = true)]
+    json: bool,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -45,6 +54,28 @@ enum Command {
     Check,
     /// Run the embedded default configuration: a job on two simulated local machines.
     Demo,
+    /// Show every job of a running master: schedule, next and last run, result, running.
+    Status,
+    /// Start a run of a job now.
+    Run {
+        job: String,
+        /// Stream the output until the run ends; exit with a code reflecting the result.
+        #[arg(short, long)]
+        follow: bool,
+    },
+    /// Kill a run (or every running instance of a job), or one machine of it.
+    Kill {
+        /// A job name or a run instance.
+        target: String,
+        #[arg(short, long)]
+        machine: Option<String>,
+    },
+    /// Print the output the master holds for a run.
+    Logs {
+        instance: String,
+        #[arg(short, long)]
+        machine: Option<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -59,7 +90,25 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {
+    let api = || saltpeter_master::cli::Client::new(&cli.api, cli.token.clone());
+    let code = |c: u8| Ok(ExitCode::from(c));
     match cli.command.unwrap_or(Command::Serve) {
+        Command::Status => code(saltpeter_master::cli::status(&api()?, cli.json)?),
+        Command::Run { job, follow } => {
+            code(saltpeter_master::cli::run(&api()?, &job, follow, cli.json)?)
+        }
+        Command::Kill { target, machine } => code(saltpeter_master::cli::kill(
+            &api()?,
+            &target,
+            machine.as_deref(),
+            cli.json,
+        )?),
+        Command::Logs { instance, machine } => code(saltpeter_master::cli::logs(
+            &api()?,
+            &instance,
+            machine.as_deref(),
+            cli.json,
+        )?),
         Command::Serve => serve(cli.config_dir, cli.ready_file),
         Command::Next { job, count } => {
             let lines = saltpeter_master::config::next_fire_times(

@@ -130,7 +130,8 @@ pub async fn start(options: Options) -> Result<Running, StartError> {
             tracing::error!(%error, "Machines endpoint stopped.");
         }
     });
-    let api = crate::api::router(handle.clone());
+    let ui = crate::ui::router(handle.clone(), config_rx.clone());
+    let api = crate::ui::protect(crate::api::router(handle.clone()).merge(ui), config_rx.clone());
     let stop = shutdown.clone();
     tasks.spawn(async move {
         let served = axum::serve(api_listener, api)

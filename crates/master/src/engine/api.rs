@@ -38,6 +38,8 @@ pub enum ApiRequest {
         machine: String,
         reply: oneshot::Sender<Result<(), ApiError>>,
     },
+    /// Queries of the UI, the dashboard, the CLI and `/metrics` (see `engine/ui.rs`).
+    Ui(super::UiRequest),
 }
 
 /// A job as `GET /api/v1/jobs` shows it.
@@ -77,6 +79,7 @@ impl Engine {
             } => {
                 let _ = reply.send(self.kill_machine(&instance, &machine));
             }
+            ApiRequest::Ui(request) => self.on_ui(request),
         }
     }
 

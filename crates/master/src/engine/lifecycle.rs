@@ -12,6 +12,7 @@ use super::{Engine, Event, HISTORY_PER_JOB, new_token};
 use crate::config::JobSpec;
 use crate::joblog::LogEntry;
 use crate::launch::{Resolution, StartRequest};
+use crate::metrics::RunResult;
 use crate::runs::output::FINISHED_CAP;
 use crate::runs::{MachineRun, Run};
 
@@ -78,6 +79,7 @@ impl Engine {
             killed: false,
         };
         self.runs.insert(instance.clone(), run);
+        self.metrics.run_started(&job.name);
         let resolve = self.launcher.resolve(job);
         let tx = self.self_tx.clone();
         let reported = instance.clone();
@@ -270,6 +272,7 @@ impl Engine {
     pub(super) fn on_started(&mut self, instance: &str, outcome: crate::launch::StartOutcome) {
         for (machine, result) in outcome {
             let Err(reason) = result else { continue };
+            self.metrics.launch_failure();
             let Some(m) = self
                 .runs
                 .get_mut(instance)
@@ -346,6 +349,7 @@ impl Engine {
         if !m.finish(retcode, cause, wall) {
             return false;
         }
+        self.metrics.machine_result(&job, retcode);
         tracing::info!(%job, %instance, %machine, retcode, cause = cause.as_str(), "Machine finished.");
         self.joblog.record(
             &self.logdir,
@@ -376,6 +380,7 @@ impl Engine {
             .filter(|m| m.retcode.is_some_and(|c| c != EXIT_SUCCESS))
             .count();
         let success = failed == 0 && total > 0 && !run.killed;
+        self.metrics.run_finished(&run.job.name, RunResult::of(success, run.killed));
         run.ended = Some(wall);
         run.success = Some(success);
         for m in run.machines.values_mut() {

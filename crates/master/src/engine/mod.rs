@@ -12,6 +12,7 @@ mod api;
 mod lifecycle;
 mod monitor;
 mod sched;
+mod ui;
 mod wrapper;
 
 use std::collections::{HashMap, VecDeque};
@@ -26,11 +27,13 @@ use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
 
 pub use api::{ApiError, ApiRequest, JobSummary};
+pub use ui::*;
 
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::joblog::JobLog;
 use crate::launch::{Launcher, Resolution, StartOutcome};
+use crate::metrics::Metrics;
 use crate::runs::Run;
 
 use monitor::Monitor;
@@ -79,9 +82,15 @@ pub enum Event {
 #[derive(Clone, Debug)]
 pub struct EngineHandle {
     tx: mpsc::Sender<Event>,
+    metrics: Arc<Metrics>,
 }
 
 impl EngineHandle {
+    /// The counters the engine keeps, for `GET /metrics`.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
     /// Delivers an event, waiting while the engine's queue is full (back-pressure on wrappers).
     /// Returns false once the engine has stopped.
     pub async fn send(&self, event: Event) -> bool {
@@ -136,6 +145,8 @@ pub struct Engine {
     conns: HashMap<ConnId, Conn>,
     monitor: Monitor,
     scheduler: Scheduler,
+    /// Counters for `GET /metrics`; the engine is their only writer.
+    metrics: Arc<Metrics>,
 }
 
 /// What the engine remembers about a job between runs.
@@ -186,9 +197,11 @@ impl Engine {
             conns: HashMap::new(),
             monitor: Monitor::default(),
             scheduler: Scheduler::default(),
+            metrics: Arc::default(),
         };
         engine.apply_config(config);
-        (engine, EngineHandle { tx })
+        let metrics = engine.metrics.clone();
+        (engine, EngineHandle { tx, metrics })
     }
 
     /// Runs until shutdown.
@@ -231,6 +244,10 @@ impl Engine {
                     self.on_deadlines();
                 }
                 () = &mut fire_sleep, if fire_at.is_some() => {
+                    if let Some(at) = fire_at {
+                        let late = self.clock.instant().saturating_duration_since(at);
+                        self.metrics.scheduler_lag.observe(late);
+                    }
                     fire_at = None;
                     self.on_schedule();
                 }

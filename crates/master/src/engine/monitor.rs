@@ -212,6 +212,9 @@ impl Engine {
                     line,
                 } => {
                     tracing::warn!(%instance, %machine, retcode, cause = cause.as_str(), "Master verdict.");
+                    if cause == Cause::HeartbeatLost {
+                        self.metrics.heartbeat_timeout();
+                    }
                     let connected = m.conn.is_some();
                     self.append_output(&instance, &machine, line);
                     if cause == Cause::MasterTimeout && connected {

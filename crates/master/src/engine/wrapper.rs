@@ -155,6 +155,7 @@ impl Engine {
         let wall = self.clock.wall();
         let run = self.run_mut(instance).ok_or(Refusal::JobNotFound)?;
         let job = run.job.clone();
+        let fired = run.started;
         let m = run.machines.get_mut(machine).ok_or_else(|| {
             Refusal::BadRequest(format!("machine {machine:?} is not a target of {instance}"))
         })?;
@@ -169,7 +170,11 @@ impl Engine {
                 }
                 m.pid = Some(start.pid);
                 m.wrapper_version = Some(start.version);
+                let since_fire = (m.clock.started == Some(now)).then(|| wall - fired);
                 self.rearm(instance, machine);
+                if let Some(d) = since_fire {
+                    self.metrics.fire_to_start.observe_wall(d);
+                }
                 self.send(conn, ack(AckType::Start, None, None));
             }
             WrapperMessage::Heartbeat(_) => {
@@ -248,6 +253,7 @@ impl Engine {
             None => {}
         }
         m.output.push(&output.data);
+        self.metrics.output(output.data.len());
         if live {
             self.joblog.record(
                 &self.logdir,

@@ -1,0 +1,348 @@
+//! Prometheus metrics of the master, rendered as the text exposition format for `GET /metrics`.
+//!
+//! Hand-rolled on purpose: a few atomics, two small label maps and two fixed-bucket histograms
+//! cover everything issue 5 asks for, with no extra crate to build on CI's two cores.
+//!
+//! Ownership: the engine task is the only writer (one-line increments at the call sites in
+//! `engine/`); the API reads at scrape time. Counters only ever grow. Gauges that are cheap for
+//! the engine to count on demand (runs and machines running, wrappers connected) are not kept
+//! here: the `/metrics` handler asks the engine for a [`Gauges`] snapshot and passes it to
+//! [`Metrics::render`].
+//!
+//! Labels stay bounded: `job` takes values from the job files (plus jobs since removed, which
+//! only grow with the number of distinct names ever configured) and `code` is an exit code in
+//! 0..=255 or `other`. No instance id or machine name is ever a label.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use parking_lot::Mutex;
+
+/// How a run ended, for `saltpeter_runs_finished_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum RunResult {
+    Success,
+    Failure,
+    Killed,
+}
+
+impl RunResult {
+    /// A run's result from its verdict; a kill takes precedence.
+    pub fn of(success: bool, killed: bool) -> Self {
+        match (success, killed) {
+            (_, true) => RunResult::Killed,
+            (true, false) => RunResult::Success,
+            (false, false) => RunResult::Failure,
+        }
+    }
+
+    fn as_str(self) -> &'static str {
+        match self {
+            RunResult::Success => "success",
+            RunResult::Failure => "failure",
+            RunResult::Killed => "killed",
+        }
+    }
+}
+
+/// Upper bounds (seconds) of the latency histograms' buckets.
+const BUCKETS: [f64; 12] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+/// A histogram with fixed buckets; observing is a few relaxed atomic adds.
+#[derive(Debug, Default)]
+pub struct Histogram {
+    /// Non-cumulative counts per bucket; the last slot is `+Inf`.
+    buckets: [AtomicU64; BUCKETS.len() + 1],
+    count: AtomicU64,
+    /// Sum in microseconds, so it can be an integer atomic.
+    sum_micros: AtomicU64,
+}
+
+impl Histogram {
+    /// Records one observation.
+    pub fn observe(&self, value: Duration) {
+        let secs = value.as_secs_f64();
+        let slot = BUCKETS
+            .iter()
+            .position(|le| secs <= *le)
+            .unwrap_or(BUCKETS.len());
+        self.buckets[slot].fetch_add(1, Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Relaxed);
+        let micros = u64::try_from(value.as_micros()).unwrap_or(u64::MAX);
+        self.sum_micros.fetch_add(micros, Ordering::Relaxed);
+    }
+
+    /// Records a wall-clock difference; a negative one (the clock stepped back) counts as 0.
+    pub fn observe_wall(&self, value: time::Duration) {
+        self.observe(Duration::try_from(value).unwrap_or_default());
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} histogram");
+        let mut cumulative = 0;
+        for (i, le) in BUCKETS.iter().enumerate() {
+            cumulative += self.buckets[i].load(Ordering::Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{le=\"{le}\"}} {cumulative}");
+        }
+        cumulative += self.buckets[BUCKETS.len()].load(Ordering::Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {cumulative}");
+        let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
+        let _ = writeln!(out, "{name}_sum {sum}");
+        let _ = writeln!(out, "{name}_count {cumulative}");
+    }
+}
+
+/// Every counter and histogram of the master.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    runs_started: Mutex<BTreeMap<String, u64>>,
+    runs_finished: Mutex<BTreeMap<(String, RunResult), u64>>,
+    machine_results: Mutex<BTreeMap<(String, String), u64>>,
+    heartbeat_timeouts: AtomicU64,
+    launch_failures: AtomicU64,
+    output_bytes: AtomicU64,
+    /// From a run's fire to each machine's `start`.
+    pub fire_to_start: Histogram,
+    /// How late the engine acted on its scheduler timer.
+    pub scheduler_lag: Histogram,
+}
+
+/// Gauges the engine counts when scraped.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Gauges {
+    pub runs_running: u64,
+    pub machines_running: u64,
+    pub wrappers_connected: u64,
+}
+
+impl Metrics {
+    /// A run was fired.
+    pub fn run_started(&self, job: &str) {
+        *self.runs_started.lock().entry(job.to_owned()).or_default() += 1;
+    }
+
+    /// A run ended.
+    pub fn run_finished(&self, job: &str, result: RunResult) {
+        *self
+            .runs_finished
+            .lock()
+            .entry((job.to_owned(), result))
+            .or_default() += 1;
+    }
+
+    /// A machine got its final exit code.
+    pub fn machine_result(&self, job: &str, code: i64) {
+        let code = if (0..=255).contains(&code) {
+            code.to_string()
+        } else {
+            "other".to_owned()
+        };
+        *self
+            .machine_results
+            .lock()
+            .entry((job.to_owned(), code))
+            .or_default() += 1;
+    }
+
+    /// The monitor marked a machine 253.
+    pub fn heartbeat_timeout(&self) {
+        self.heartbeat_timeouts.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A launcher reported that a wrapper could not be started.
+    pub fn launch_failure(&self) {
+        self.launch_failures.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Output text received from wrappers.
+    pub fn output(&self, bytes: usize) {
+        self.output_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+
+    /// The whole exposition text.
+    pub fn render(&self, gauges: Gauges) -> String {
+        let mut out = String::with_capacity(4096);
+        counter_map(
+            &mut out,
+            "saltpeter_runs_started_total",
+            "Runs fired, by job.",
+            self.runs_started
+                .lock()
+                .iter()
+                .map(|(job, n)| (vec![("job", job.as_str())], *n)),
+        );
+        counter_map(
+            &mut out,
+            "saltpeter_runs_finished_total",
+            "Runs ended, by job and result (success, failure, killed).",
+            self.runs_finished
+                .lock()
+                .iter()
+                .map(|((job, r), n)| (vec![("job", job.as_str()), ("result", r.as_str())], *n)),
+        );
+        counter_map(
+            &mut out,
+            "saltpeter_machine_results_total",
+            "Machines that got a final exit code, by job and code.",
+            self.machine_results
+                .lock()
+                .iter()
+                .map(|((job, code), n)| (vec![("job", job.as_str()), ("code", code.as_str())], *n)),
+        );
+        scalar(
+            &mut out,
+            "saltpeter_heartbeat_timeouts_total",
+            "counter",
+            "Machines marked 253 for want of a heartbeat.",
+            self.heartbeat_timeouts.load(Ordering::Relaxed),
+        );
+        scalar(
+            &mut out,
+            "saltpeter_launch_failures_total",
+            "counter",
+            "Wrappers the launcher could not start.",
+            self.launch_failures.load(Ordering::Relaxed),
+        );
+        scalar(
+            &mut out,
+            "saltpeter_output_bytes_total",
+            "counter",
+            "Bytes of job output received from wrappers.",
+            self.output_bytes.load(Ordering::Relaxed),
+        );
+        scalar(
+            &mut out,
+            "saltpeter_runs_running",
+            "gauge",
+            "Runs that have not ended.",
+            gauges.runs_running,
+        );
+        scalar(
+            &mut out,
+            "saltpeter_machines_running",
+            "gauge",
+            "Machines whose wrapper reported start and that have not ended.",
+            gauges.machines_running,
+        );
+        scalar(
+            &mut out,
+            "saltpeter_wrappers_connected",
+            "gauge",
+            "Open wrapper connections on the machines endpoint.",
+            gauges.wrappers_connected,
+        );
+        self.fire_to_start.render(
+            &mut out,
+            "saltpeter_fire_to_start_seconds",
+            "Time from a run's fire to each machine's start message.",
+        );
+        self.scheduler_lag.render(
+            &mut out,
+            "saltpeter_scheduler_lag_seconds",
+            "How late the engine woke for a scheduler deadline.",
+        );
+        out
+    }
+}
+
+fn scalar(out: &mut String, name: &str, kind: &str, help: &str, value: u64) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+    let _ = writeln!(out, "{name} {value}");
+}
+
+fn counter_map<'a>(
+    out: &mut String,
+    name: &str,
+    help: &str,
+    rows: impl Iterator<Item = (Vec<(&'a str, &'a str)>, u64)>,
+) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} counter");
+    for (labels, value) in rows {
+        let labels: Vec<String> = labels
+            .iter()
+            .map(|(k, v)| format!("{k}=\"{}\"", escape_label(v)))
+            .collect();
+        let _ = writeln!(out, "{name}{{{}}} {value}", labels.join(","));
+    }
+}
+
+/// Escapes a label value as the exposition format requires.
+fn escape_label(v: &str) -> String {
+    let mut s = String::with_capacity(v.len());
+    for c in v.chars() {
+        match c {
+            '\\' => s.push_str("\\\\"),
+            '"' => s.push_str("\\\""),
+            '\n' => s.push_str("\\n"),
+            c => s.push(c),
+        }
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_counters_gauges_and_histograms() {
+        let m = Metrics::default();
+        m.run_started("backup");
+        m.run_started("backup");
+        m.run_finished("backup", RunResult::Killed);
+        m.machine_result("backup", 143);
+        m.machine_result("backup", -9);
+        m.heartbeat_timeout();
+        m.launch_failure();
+        m.output(10);
+        m.output(5);
+        m.fire_to_start.observe(Duration::from_millis(30));
+        m.fire_to_start.observe(Duration::from_secs(100));
+        let text = m.render(Gauges {
+            runs_running: 1,
+            machines_running: 2,
+            wrappers_connected: 3,
+        });
+        for line in [
+            "saltpeter_runs_started_total{job=\"backup\"} 2",
+            "saltpeter_runs_finished_total{job=\"backup\",result=\"killed\"} 1",
+            "saltpeter_machine_results_total{job=\"backup\",code=\"143\"} 1",
+            "saltpeter_machine_results_total{job=\"backup\",code=\"other\"} 1",
+            "saltpeter_heartbeat_timeouts_total 1",
+            "saltpeter_launch_failures_total 1",
+            "saltpeter_output_bytes_total 15",
+            "saltpeter_machines_running 2",
+            "saltpeter_wrappers_connected 3",
+            "saltpeter_fire_to_start_seconds_bucket{le=\"0.025\"} 0",
+            "saltpeter_fire_to_start_seconds_bucket{le=\"0.05\"} 1",
+            "saltpeter_fire_to_start_seconds_bucket{le=\"30\"} 1",
+            "saltpeter_fire_to_start_seconds_bucket{le=\"+Inf\"} 2",
+            "saltpeter_fire_to_start_seconds_count 2",
+            "saltpeter_fire_to_start_seconds_sum 100.03",
+            "saltpeter_scheduler_lag_seconds_count 0",
+            "# TYPE saltpeter_runs_running gauge",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in\n{text}"
+            );
+        }
+        // Every sample line is `name{labels} value` or `name value`.
+        for l in text.lines().filter(|l| !l.starts_with('#')) {
+            let value = l.rsplit(' ').next().unwrap_or_default();
+            assert!(value.parse::<f64>().is_ok(), "bad sample {l:?}");
+        }
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(escape_label("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+    }
+}

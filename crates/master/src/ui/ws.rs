@@ -1,0 +1,374 @@
+//! `GET /ws`: one task per browser connection, speaking the saltpeter-ui protocol.
+//!
+//! The task keeps the connection's subscriptions and, per subscribed job and machine, an
+//! [`OutputCursor`] (run instance and UTF-16 position). Every [`TICK`] (and right after a
+//! `subscribe`, `run` or kill) it asks the engine for one [`UiSnapshot`] and sends, in order:
+//! `config` when the config serial changed, `status`, then per subscribed job its new
+//! `output_chunk`s followed by `details` (reference 6.2, 6.3 and 6.6). Waiting on the socket
+//! happens here, never in the engine.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::{Message, WebSocket};
+use serde_json::Value;
+use tokio::sync::watch;
+
+use super::messages::{
+    self, Chunk, Command, chunk_message, config_message, details_message, error_message,
+    status_message,
+};
+use crate::config::Config;
+use crate::engine::{
+    ApiRequest, EngineHandle, JobCursors, OutputCursor, StatusSnapshot, TimelineQuery, UiRequest,
+    UiSnapshot,
+};
+use crate::runs::output::utf16_len;
+
+/// How often a connection is refreshed, as the original.
+pub const TICK: Duration = Duration::from_secs(2);
+/// Most rows a `getTimeline` answer carries.
+const TIMELINE_LIMIT: usize = 5000;
+
+/// What a connection needs.
+#[derive(Clone, Debug)]
+pub struct UiContext {
+    pub engine: EngineHandle,
+    pub config: watch::Receiver<Arc<Config>>,
+}
+
+/// The socket went away.
+#[derive(Debug)]
+struct Gone;
+
+/// One browser connection.
+#[derive(Debug)]
+struct Connection {
+    socket: WebSocket,
+    ctx: UiContext,
+    /// Subscribed jobs and their cursors by machine.
+    subs: BTreeMap<String, BTreeMap<String, OutputCursor>>,
+    last_serial: Option<u64>,
+    /// Instances per job in the last `status` sent.
+    shown_running: BTreeMap<String, BTreeSet<String>>,
+}
+
+/// Serves one upgraded connection until it closes.
+pub async fn serve(socket: WebSocket, ctx: UiContext) {
+    let mut conn = Connection {
+        socket,
+        ctx,
+        subs: BTreeMap::new(),
+        last_serial: None,
+        shown_running: BTreeMap::new(),
+    };
+    let _ = conn.run().await;
+}
+
+impl Connection {
+    async fn run(&mut self) -> Result<(), Gone> {
+        // `config` must be the first message (reference 6.5), then a `status`.
+        self.refresh(true).await?;
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                frame = self.socket.recv() => {
+                    match frame {
+                        None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return Ok(()),
+                        Some(Ok(Message::Text(text))) => self.on_text(text.as_str()).await?,
+                        Some(Ok(Message::Binary(_))) => {
+                            self.send(&error_message(None, "binary frames are not commands")).await?;
+                        }
+                        Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                    }
+                }
+                _ = tick.tick() => self.refresh(true).await?,
+            }
+        }
+    }
+
+    async fn send(&mut self, value: &Value) -> Result<(), Gone> {
+        self.socket
+            .send(Message::Text(value.to_string().into()))
+            .await
+            .map_err(|_| Gone)
+    }
+
+    async fn on_text(&mut self, text: &str) -> Result<(), Gone> {
+        let command = match messages::parse_command(text) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::debug!(error = %e, "Malformed UI command.");
+                return self.send(&error_message(e.command, &e.message)).await;
+            }
+        };
+        let name = command.name();
+        match self.execute(command).await {
+            Ok(refresh) => {
+                if refresh {
+                    self.refresh(false).await?;
+                }
+                Ok(())
+            }
+            Err(Failure::Gone) => Err(Gone),
+            Err(Failure::Refused(message)) => self.send(&error_message(Some(name), &message)).await,
+        }
+    }
+
+    /// Carries out a command; `Ok(true)` asks for an immediate refresh.
+    async fn execute(&mut self, command: Command) -> Result<bool, Failure> {
+        let engine = self.ctx.engine.clone();
+        match command {
+            Command::Subscribe(jobs) => {
+                for job in jobs {
+                    self.subs.entry(job).or_default();
+                }
+                Ok(true)
+            }
+            Command::Unsubscribe(jobs) => {
+                for job in jobs {
+                    self.subs.remove(&job);
+                }
+                Ok(false)
+            }
+            Command::Ack {
+                cron,
+                machine,
+                position,
+            } => {
+                tracing::trace!(%cron, %machine, position, "UI ack.");
+                Ok(false)
+            }
+            Command::Run(job) => {
+                let instance = engine
+                    .ask(|reply| ApiRequest::RunNow { job, reply })
+                    .await
+                    .ok_or(Failure::Gone)?
+                    .map_err(|e| Failure::Refused(e.to_string()))?;
+                tracing::info!(%instance, "Run requested from the UI.");
+                Ok(true)
+            }
+            Command::KillCron(job) => {
+                let status = status(&engine).await?;
+                let instances: Vec<String> = status
+                    .running
+                    .iter()
+                    .filter(|(_, r)| r.name == job)
+                    .map(|(i, _)| i.clone())
+                    .collect();
+                if instances.is_empty() {
+                    return Err(Failure::Refused(format!("{job} is not running")));
+                }
+                for instance in instances {
+                    engine
+                        .ask(|reply| ApiRequest::KillRun { instance, reply })
+                        .await
+                        .ok_or(Failure::Gone)?
+                        .map_err(|e| Failure::Refused(e.to_string()))?;
+                }
+                Ok(true)
+            }
+            Command::KillMachine {
+                cron,
+                machine,
+                job_instance,
+            } => {
+                let instance = match job_instance {
+                    Some(i) => i,
+                    None => status(&engine)
+                        .await?
+                        .running
+                        .into_iter()
+                        .find(|(_, r)| r.name == cron && r.machines.contains(&machine))
+                        .map(|(i, _)| i)
+                        .ok_or_else(|| {
+                            Failure::Refused(format!("{machine} is not running {cron}"))
+                        })?,
+                };
+                engine
+                    .ask(|reply| ApiRequest::KillMachine {
+                        instance,
+                        machine,
+                        reply,
+                    })
+                    .await
+                    .ok_or(Failure::Gone)?
+                    .map_err(|e| Failure::Refused(e.to_string()))?;
+                Ok(true)
+            }
+            Command::GetTimeline {
+                start_date,
+                end_date,
+                id,
+            } => {
+                let now = time::OffsetDateTime::now_utc();
+                let start = messages::parse_when(&start_date, now).map_err(Failure::Refused)?;
+                let end = messages::parse_when(&end_date, now).map_err(Failure::Refused)?;
+                let query = TimelineQuery {
+                    start,
+                    end,
+                    job: None,
+                    limit: TIMELINE_LIMIT,
+                };
+                let content = engine
+                    .ask(|reply| ApiRequest::Ui(UiRequest::Timeline { query, reply }))
+                    .await
+                    .ok_or(Failure::Gone)?;
+                let serial = now.unix_timestamp_nanos() as f64 / 1e9;
+                self.send(&messages::timeline_message(&id, &content, serial))
+                    .await
+                    .map_err(|_| Failure::Gone)?;
+                Ok(false)
+            }
+        }
+    }
+}
+
+/// The current `status`, for the kill commands.
+async fn status(engine: &EngineHandle) -> Result<StatusSnapshot, Failure> {
+    engine
+        .ask(|reply| {
+            ApiRequest::Ui(UiRequest::Snapshot {
+                jobs: Vec::new(),
+                reply,
+            })
+        })
+        .await
+        .map(|s| s.status)
+        .ok_or(Failure::Gone)
+}
+
+impl Connection {
+    /// Sends what changed: maybe `config`, then `status`, then per job chunks and `details`.
+    async fn refresh(&mut self, with_config: bool) -> Result<(), Gone> {
+        if with_config {
+            let config = self.ctx.config.borrow().clone();
+            if self.last_serial != Some(config.serial) {
+                self.last_serial = Some(config.serial);
+                self.send(&config_message(&config)).await?;
+            }
+        }
+        let jobs: Vec<JobCursors> = self
+            .subs
+            .iter()
+            .map(|(job, cursors)| JobCursors {
+                job: job.clone(),
+                cursors: cursors.clone(),
+            })
+            .collect();
+        let Some(snapshot) = self
+            .ctx
+            .engine
+            .ask(|reply| ApiRequest::Ui(UiRequest::Snapshot { jobs, reply }))
+            .await
+        else {
+            return Err(Gone);
+        };
+        for message in plan(&mut self.subs, &mut self.shown_running, &snapshot) {
+            self.send(&message).await?;
+        }
+        Ok(())
+    }
+}
+
+/// Why a command failed.
+#[derive(Debug)]
+enum Failure {
+    Gone,
+    Refused(String),
+}
+
+/// The messages one refresh sends after `config`, updating the cursors and what the browser
+/// was shown. Kept free of I/O so the ordering rules can be tested directly.
+///
+/// - A job whose newest run replaced one the browser saw running in the previous `status` gets
+///   an interim `status` without the new run first: the React UI clears a machine's output
+///   only when it sees the machine go from not running to running (reference 6.6 item 1).
+/// - `status` comes before any `output_chunk`, and a job's chunks before its `details`.
+/// - A cursor for another run instance starts at 0 (D-41); positions are UTF-16 units (D-42).
+/// - A reader that fell into the dropped middle of a long output gets a marker, then the tail.
+pub fn plan(
+    subs: &mut BTreeMap<String, BTreeMap<String, OutputCursor>>,
+    shown_running: &mut BTreeMap<String, BTreeSet<String>>,
+    snapshot: &UiSnapshot,
+) -> Vec<Value> {
+    let mut out = Vec::new();
+    let status = &snapshot.status;
+    let mut now_running: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for (instance, run) in &status.running {
+        now_running
+            .entry(run.name.clone())
+            .or_default()
+            .insert(instance.clone());
+    }
+    let replaced: BTreeSet<&String> = now_running
+        .iter()
+        .flat_map(|(job, instances)| {
+            let before = shown_running.get(job);
+            instances
+                .iter()
+                .filter(move |i| before.is_some_and(|b| !b.is_empty() && !b.contains(*i)))
+        })
+        .collect();
+    if !replaced.is_empty() {
+        let mut interim = status.clone();
+        interim.running.retain(|i, _| !replaced.contains(i));
+        out.push(status_message(&interim));
+    }
+    out.push(status_message(status));
+    *shown_running = now_running;
+    for job in &snapshot.jobs {
+        let Some(cursors) = subs.get_mut(&job.job) else {
+            continue;
+        };
+        for o in &job.outputs {
+            let held = cursors
+                .get(&o.machine)
+                .filter(|c| c.instance == o.instance)
+                .map_or(0, |c| c.position);
+            let read = &o.read;
+            let is_complete = o.complete && read.next == read.total;
+            if read.skipped > 0 {
+                let marker = format!(
+                    "\n[... {} characters omitted here; the full output is in the job log ...]\n",
+                    read.skipped
+                );
+                // The marker must end before the tail starts, or the UI would drop the tail.
+                if utf16_len(&marker) < read.skipped {
+                    out.push(chunk_message(&Chunk {
+                        cron: &job.job,
+                        machine: &o.machine,
+                        chunk: &marker,
+                        position: held,
+                        total_length: read.total,
+                        is_complete: false,
+                    }));
+                }
+            }
+            if !read.text.is_empty() {
+                out.push(chunk_message(&Chunk {
+                    cron: &job.job,
+                    machine: &o.machine,
+                    chunk: &read.text,
+                    position: read.position,
+                    total_length: read.total,
+                    is_complete,
+                }));
+            }
+            cursors.insert(
+                o.machine.clone(),
+                OutputCursor {
+                    instance: o.instance.clone(),
+                    position: read.next,
+                },
+            );
+        }
+        if let Some(details) = &job.details {
+            out.push(details_message(&job.job, details));
+        }
+    }
+    out
+}
