@@ -11,7 +11,7 @@ use super::api::ApiError;
 use super::{Engine, Event, HISTORY_PER_JOB, new_token};
 use crate::config::JobSpec;
 use crate::joblog::LogEntry;
-use crate::launch::{Resolution, StartRequest};
+use crate::launch::{DirectOutcome, Resolution, StartRequest};
 use crate::metrics::RunResult;
 use crate::runs::output::FINISHED_CAP;
 use crate::runs::{MachineRun, Run};
@@ -229,6 +229,11 @@ impl Engine {
             if let Some(m) = run.machines.get_mut(name) {
                 m.clock.launched = Some(now);
                 m.starttime = Some(wall);
+                // Legacy mode: no wrapper will say `start`; the command runs from launch on.
+                if !job.use_wrapper {
+                    m.clock.direct = true;
+                    m.status = crate::runs::MachineStatus::Running;
+                }
             }
         }
         let token = run.token.clone();
@@ -255,9 +260,24 @@ impl Engine {
                 .clone()
                 .unwrap_or_else(|| self.config.settings.default_wrapper_path.clone()),
         };
-        let start = self.launcher.start(request);
         let tx = self.self_tx.clone();
         let reported = instance.to_owned();
+        if !job.use_wrapper {
+            // Legacy mode (reference 4.15): the launcher runs the command itself and reports
+            // its result at the end; see `on_direct`.
+            let run = self.launcher.run_direct(request);
+            tokio::spawn(async move {
+                let outcome = run.await;
+                let _ = tx
+                    .send(Event::Finished {
+                        instance: reported,
+                        outcome,
+                    })
+                    .await;
+            });
+            return;
+        }
+        let start = self.launcher.start(request);
         tokio::spawn(async move {
             let outcome = start.await;
             let _ = tx
@@ -267,6 +287,36 @@ impl Engine {
                 })
                 .await;
         });
+    }
+
+    /// Results of a legacy-mode run (`use_wrapper: false`): the command's exit code and output,
+    /// reported by the launcher once the command ended. A machine with no result gets 255
+    /// "Target did not return anything" (the original's words) with the launcher's reason. A
+    /// machine the master already decided (killed, timed out) keeps its verdict.
+    pub(super) fn on_direct(&mut self, instance: &str, outcome: DirectOutcome) {
+        for (machine, result) in outcome {
+            let open = self
+                .runs
+                .get(instance)
+                .and_then(|r| r.machines.get(&machine))
+                .is_some_and(|m| !m.ended());
+            if !open {
+                continue;
+            }
+            match result {
+                Ok(done) => {
+                    if !done.output.is_empty() {
+                        self.append_output(instance, &machine, done.output);
+                    }
+                    self.conclude(instance, &machine, done.retcode, Cause::Exit, None);
+                }
+                Err(reason) => {
+                    let text = format!("Target did not return anything - {reason}\n");
+                    self.append_output(instance, &machine, text);
+                    self.conclude(instance, &machine, EXIT_ERROR, Cause::NoResponse, None);
+                }
+            }
+        }
     }
 
     pub(super) fn on_started(&mut self, instance: &str, outcome: crate::launch::StartOutcome) {

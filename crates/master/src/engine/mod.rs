@@ -32,7 +32,7 @@ pub use ui::*;
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::joblog::JobLog;
-use crate::launch::{Launcher, Resolution, StartOutcome};
+use crate::launch::{DirectOutcome, Launcher, Resolution, StartOutcome};
 use crate::metrics::Metrics;
 use crate::runs::Run;
 
@@ -75,6 +75,12 @@ pub enum Event {
     Started {
         instance: String,
         outcome: StartOutcome,
+    },
+    /// A launcher ran a job's command itself (legacy mode, `use_wrapper: false`) and reports
+    /// each machine's exit code and output.
+    Finished {
+        instance: String,
+        outcome: DirectOutcome,
     },
 }
 
@@ -285,6 +291,7 @@ impl Engine {
                 resolution,
             } => self.on_resolved(&instance, resolution),
             Event::Started { instance, outcome } => self.on_started(&instance, outcome),
+            Event::Finished { instance, outcome } => self.on_direct(&instance, outcome),
         }
     }
 

@@ -113,6 +113,11 @@ fn evaluate(
         }
         consider(limit);
     }
+    if c.direct {
+        // Legacy mode: no wrapper, so no `start` or heartbeat to wait for; the launcher
+        // reports the command's end.
+        return (Due::Nothing, next);
+    }
     match (c.started, c.last_beat) {
         (Some(_), Some(beat)) => {
             let lost = beat + hb_timeout;

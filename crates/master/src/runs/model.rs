@@ -71,6 +71,9 @@ pub struct MachineClock {
     pub kill_sent: Option<Instant>,
     /// The deadline this machine currently has queued in the monitor, if any.
     pub armed: Option<Instant>,
+    /// Legacy mode (`use_wrapper: false`): the launcher runs the command itself, so the
+    /// start-up and heartbeat rules do not apply; timeouts and kills still do.
+    pub direct: bool,
 }
 
 impl MachineRun {
