@@ -1,0 +1,329 @@
+//! The `saltpeter_config` block: master-wide settings with the original's defaults (reference
+//! 4.4) and this version's additions.
+//!
+//! Each file's block is validated on its own into a [`PartialSettings`]; the blocks are then
+//! merged key by key in sorted file order, so a later file wins per key, deterministically. A bad
+//! value is reported and dropped, so the key keeps the value of an earlier file or the default.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::problem::{ConfigProblem, Section, Severity};
+use super::raw::{Node, Value};
+
+/// How the master starts wrappers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Launcher {
+    /// Every target name is a machine simulated on this host; no Salt needed.
+    #[default]
+    Local,
+    /// Through the `salt` command line.
+    Salt,
+}
+
+/// Master-wide settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    /// `logdir`: per-job log files; default `/var/log/saltpeter`.
+    pub logdir: PathBuf,
+    /// `debug`: verbose logging; default false.
+    pub debug: bool,
+    /// `api_ws`: kept for compatibility (the original started its UI endpoint only when true);
+    /// default false.
+    pub api_ws: bool,
+    /// `api_ws_bind_addr`: the API's address; default 127.0.0.1 (the original used 0.0.0.0, but
+    /// the API has no authentication unless `api_token` is set).
+    pub api_bind_addr: IpAddr,
+    /// `api_ws_port`: the API's port; default 8888.
+    pub api_port: u16,
+    /// `api_token`: bearer token the API demands when set.
+    pub api_token: Option<String>,
+    /// `ws_allowed_origins`: Origins allowed on the UI WebSocket (a list or one text).
+    pub ws_allowed_origins: Vec<String>,
+    /// `machines_ws_bind_addr`: the machines endpoint's address; default 0.0.0.0.
+    pub machines_bind_addr: IpAddr,
+    /// `machines_ws_port`: the machines endpoint's port; default 8889.
+    pub machines_port: u16,
+    /// `default_saltpeter_server_host`: host part of the wrappers' WebSocket URL; default this
+    /// host's name.
+    pub default_saltpeter_server_host: String,
+    /// `default_wrapper_path`: default `/usr/local/bin/sp_wrapper.py`.
+    pub default_wrapper_path: String,
+    /// `default_wrapper_loglevel`: default `normal`.
+    pub default_wrapper_loglevel: String,
+    /// `default_wrapper_logdir`: default `/var/log/sp_wrapper`.
+    pub default_wrapper_logdir: String,
+    /// `elasticsearch`: URL, empty = disabled.
+    pub elasticsearch: String,
+    /// `opensearch`: URL, empty = disabled.
+    pub opensearch: String,
+    /// `elasticsearch_index`: default `saltpeter`.
+    pub elasticsearch_index: String,
+    /// `opensearch_index`: default `saltpeter`.
+    pub opensearch_index: String,
+    /// `launcher`: `local` (default) or `salt`.
+    pub launcher: Launcher,
+    /// `heartbeat_timeout`: seconds without a heartbeat before a machine is lost; default 15.
+    pub heartbeat_timeout: Duration,
+    /// `data_dir`: where the master keeps its state; default `/var/lib/saltpeter`.
+    pub data_dir: PathBuf,
+    /// `allow_legacy_wrappers`: accept wrappers without a run token (the Python wrapper);
+    /// default false.
+    pub allow_legacy_wrappers: bool,
+    /// `salt_bin`: the `salt` command; default `salt`.
+    pub salt_bin: String,
+    /// `salt_config_dir`: passed to salt as `-c`; default none.
+    pub salt_config_dir: Option<PathBuf>,
+    /// `ping_timeout`: seconds to wait for `test.ping`; default 20.
+    pub ping_timeout: Duration,
+    /// Keys this version does not know, as JSON (the original accepted anything).
+    pub extra: serde_json::Map<String, serde_json::Value>,
+}
+
+/// This host's name, as the original's `os.uname().nodename`.
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "localhost".to_owned())
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            logdir: PathBuf::from("/var/log/saltpeter"),
+            debug: false,
+            api_ws: false,
+            api_bind_addr: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            api_port: 8888,
+            api_token: None,
+            ws_allowed_origins: Vec::new(),
+            machines_bind_addr: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            machines_port: 8889,
+            default_saltpeter_server_host: host_name(),
+            default_wrapper_path: "/usr/local/bin/sp_wrapper.py".to_owned(),
+            default_wrapper_loglevel: "normal".to_owned(),
+            default_wrapper_logdir: "/var/log/sp_wrapper".to_owned(),
+            elasticsearch: String::new(),
+            opensearch: String::new(),
+            elasticsearch_index: "saltpeter".to_owned(),
+            opensearch_index: "saltpeter".to_owned(),
+            launcher: Launcher::Local,
+            heartbeat_timeout: saltpeter_proto::HEARTBEAT_TIMEOUT,
+            data_dir: PathBuf::from("/var/lib/saltpeter"),
+            allow_legacy_wrappers: false,
+            salt_bin: "salt".to_owned(),
+            salt_config_dir: None,
+            ping_timeout: Duration::from_secs(20),
+            extra: serde_json::Map::new(),
+        }
+    }
+}
+
+/// The settings one file gives, each key validated; `None` where the file says nothing (or
+/// something invalid).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub(crate) struct PartialSettings {
+    logdir: Option<PathBuf>,
+    debug: Option<bool>,
+    api_ws: Option<bool>,
+    api_bind_addr: Option<IpAddr>,
+    api_port: Option<u16>,
+    api_token: Option<Option<String>>,
+    ws_allowed_origins: Option<Vec<String>>,
+    machines_bind_addr: Option<IpAddr>,
+    machines_port: Option<u16>,
+    default_saltpeter_server_host: Option<String>,
+    default_wrapper_path: Option<String>,
+    default_wrapper_loglevel: Option<String>,
+    default_wrapper_logdir: Option<String>,
+    elasticsearch: Option<String>,
+    opensearch: Option<String>,
+    elasticsearch_index: Option<String>,
+    opensearch_index: Option<String>,
+    launcher: Option<Launcher>,
+    heartbeat_timeout: Option<Duration>,
+    data_dir: Option<PathBuf>,
+    allow_legacy_wrappers: Option<bool>,
+    salt_bin: Option<String>,
+    salt_config_dir: Option<Option<PathBuf>>,
+    ping_timeout: Option<Duration>,
+    extra: serde_json::Map<String, serde_json::Value>,
+}
+
+fn text(node: &Node) -> Result<String, String> {
+    node.as_text()
+}
+
+fn non_empty(node: &Node) -> Result<String, String> {
+    let t = node.as_text()?;
+    if t.trim().is_empty() {
+        Err("must not be empty".to_owned())
+    } else {
+        Ok(t)
+    }
+}
+
+fn port(node: &Node) -> Result<u16, String> {
+    let n = node.as_count("a port number")?;
+    u16::try_from(n)
+        .ok()
+        .filter(|p| *p > 0)
+        .ok_or_else(|| format!("expected a port number 1-65535, got {n}"))
+}
+
+fn address(node: &Node) -> Result<IpAddr, String> {
+    let t = node.as_text()?;
+    match t.as_str() {
+        "localhost" => Ok(IpAddr::V4(Ipv4Addr::LOCALHOST)),
+        _ => t
+            .parse()
+            .map_err(|_| format!("expected an IP address such as 127.0.0.1, got {t:?}")),
+    }
+}
+
+fn seconds(node: &Node) -> Result<Duration, String> {
+    match node.as_count("a whole number of seconds")? {
+        0 => Err("must be at least 1 second".to_owned()),
+        s => Ok(Duration::from_secs(s)),
+    }
+}
+
+fn optional<T>(node: &Node, f: impl Fn(&Node) -> Result<T, String>) -> Result<Option<T>, String> {
+    if matches!(node.value, Value::Null) {
+        Ok(None)
+    } else {
+        f(node).map(Some)
+    }
+}
+
+fn origins(node: &Node) -> Result<Vec<String>, String> {
+    match &node.value {
+        Value::Null => Ok(Vec::new()),
+        Value::Seq(items) => items.iter().map(Node::as_text).collect(),
+        _ => Ok(vec![node.as_text()?]),
+    }
+}
+
+fn launcher(node: &Node) -> Result<Launcher, String> {
+    let t = node.as_text()?;
+    match t.to_ascii_lowercase().as_str() {
+        "local" => Ok(Launcher::Local),
+        "salt" => Ok(Launcher::Salt),
+        _ => Err(format!("expected \"local\" or \"salt\", got {t:?}")),
+    }
+}
+
+/// Validates one file's `saltpeter_config` mapping. Problems are returned; the caller decides
+/// which of them are new.
+pub(crate) fn parse_settings(
+    file: &Path,
+    entries: &[(Node, Node)],
+) -> (PartialSettings, Vec<ConfigProblem>) {
+    let mut out = PartialSettings::default();
+    let mut problems = Vec::new();
+    for (k, v) in entries {
+        let key = k.key_text();
+        let mut put_error = |message: String| {
+            problems.push(ConfigProblem::at(
+                Severity::Error,
+                file,
+                v.pos.line,
+                Section::Settings,
+                Some(&key),
+                format!("{message}; this value is ignored"),
+            ));
+        };
+        macro_rules! set {
+            ($field:ident, $parse:expr) => {
+                match $parse(v) {
+                    Ok(value) => out.$field = Some(value),
+                    Err(e) => put_error(e),
+                }
+            };
+        }
+        match key.as_str() {
+            "logdir" => set!(logdir, |n: &Node| non_empty(n).map(PathBuf::from)),
+            "debug" => set!(debug, Node::as_bool),
+            "api_ws" => set!(api_ws, Node::as_bool),
+            "api_ws_bind_addr" => set!(api_bind_addr, address),
+            "api_ws_port" => set!(api_port, port),
+            "api_token" => set!(api_token, |n: &Node| optional(n, non_empty)),
+            "ws_allowed_origins" => set!(ws_allowed_origins, origins),
+            "machines_ws_bind_addr" => set!(machines_bind_addr, address),
+            "machines_ws_port" => set!(machines_port, port),
+            "default_saltpeter_server_host" => set!(default_saltpeter_server_host, non_empty),
+            "default_wrapper_path" => set!(default_wrapper_path, non_empty),
+            "default_wrapper_loglevel" => set!(default_wrapper_loglevel, non_empty),
+            "default_wrapper_logdir" => set!(default_wrapper_logdir, non_empty),
+            "elasticsearch" => set!(elasticsearch, |n: &Node| optional(n, text)
+                .map(Option::unwrap_or_default)),
+            "opensearch" => set!(opensearch, |n: &Node| optional(n, text)
+                .map(Option::unwrap_or_default)),
+            "elasticsearch_index" => set!(elasticsearch_index, non_empty),
+            "opensearch_index" => set!(opensearch_index, non_empty),
+            "launcher" => set!(launcher, launcher),
+            "heartbeat_timeout" => set!(heartbeat_timeout, seconds),
+            "data_dir" => set!(data_dir, |n: &Node| non_empty(n).map(PathBuf::from)),
+            "allow_legacy_wrappers" => set!(allow_legacy_wrappers, Node::as_bool),
+            "salt_bin" => set!(salt_bin, non_empty),
+            "salt_config_dir" => set!(salt_config_dir, |n: &Node| optional(n, non_empty)
+                .map(|o| o.map(PathBuf::from))),
+            "ping_timeout" => set!(ping_timeout, seconds),
+            _ => {
+                problems.push(ConfigProblem::at(
+                    Severity::Warning,
+                    file,
+                    k.pos.line,
+                    Section::Settings,
+                    Some(&key),
+                    "unknown setting (kept, otherwise ignored)",
+                ));
+                out.extra.insert(key.clone(), v.to_json());
+            }
+        }
+    }
+    (out, problems)
+}
+
+impl Settings {
+    /// Applies one file's block on top of these settings: every key the block sets wins.
+    pub(crate) fn apply(&mut self, p: &PartialSettings) {
+        macro_rules! take {
+            ($($field:ident),*) => {
+                $(if let Some(v) = &p.$field { self.$field = v.clone(); })*
+            };
+        }
+        take!(
+            logdir,
+            debug,
+            api_ws,
+            api_bind_addr,
+            api_port,
+            api_token,
+            ws_allowed_origins,
+            machines_bind_addr,
+            machines_port,
+            default_saltpeter_server_host,
+            default_wrapper_path,
+            default_wrapper_loglevel,
+            default_wrapper_logdir,
+            elasticsearch,
+            opensearch,
+            elasticsearch_index,
+            opensearch_index,
+            launcher,
+            heartbeat_timeout,
+            data_dir,
+            allow_legacy_wrappers,
+            salt_bin,
+            salt_config_dir,
+            ping_timeout
+        );
+        for (k, v) in &p.extra {
+            self.extra.insert(k.clone(), v.clone());
+        }
+    }
+}
