@@ -758,7 +758,9 @@ impl Schedule {
     }
 
     /// Whether `t` (its whole second, on the wall clock of the schedule's zone) matches every
-    /// field. This evaluates our own value sets, independently of the cron engine.
+    /// field. This evaluates our own value sets, independently of the cron engine. A fixed-time
+    /// job whose time falls into a spring-forward gap fires at the first instant after the gap,
+    /// which this wall-clock test does not match.
     pub fn matches(&self, t: OffsetDateTime) -> bool {
         let Some(z) = self.zoned(t) else {
             return false;

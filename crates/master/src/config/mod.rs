@@ -1,8 +1,9 @@
 //! Job files and master settings: raw YAML in, validated specs out; hot reload.
 //!
 //! The config directory (`sp-master -c DIR`, default `/etc/saltpeter`) holds `*.yaml` and
-//! `*.yml` files (not recursive; editor temp files such as `.#x.yaml`, `x.yaml~` and
-//! `.x.yaml.swp` are skipped). Each file is a mapping whose keys are job names, plus the
+//! `*.yml` files (not recursive). Names starting with `.` or `#` are skipped, which covers
+//! editor temp files such as `.#x.yaml` and `.x.yaml.swp` (the original also read hidden
+//! `*.yaml` files); `x.yaml~` does not end in `.yaml` anyway. Each file is a mapping whose keys are job names, plus the
 //! optional `saltpeter_config` and `saltpeter_maintenance` blocks (reference 4.2-4.6).
 //!
 //! Layout, lowest level first:

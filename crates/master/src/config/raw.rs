@@ -15,7 +15,7 @@
 //! | `0o17`                   | text                  | 15                                             |
 //! | `1_000`                  | 1000                  | 1000                                           |
 //! | `2026-01-01`             | a date                | text                                           |
-//! | duplicate mapping keys   | last wins, silently   | last wins, with a warning                      |
+//! | duplicate mapping keys   | last wins, silently   | last wins; warned for top-level and job keys   |
 //!
 //! Strings given to `env` are kept as written; other scalars are converted the way Python's
 //! `str()` does, so `True`, `False`, `None` and `1.0` reach the job as they did before.

@@ -15,6 +15,10 @@
 //! when the list of problems changed (so the API can show a broken file); receivers that only
 //! care about the effective config compare [`Config::serial`]. New problems are logged once with
 //! `tracing::warn!`.
+//!
+//! The watch is on the directory, so files appearing, disappearing or being renamed over are
+//! all seen. If the directory itself is deleted and recreated, the kernel watch is gone and
+//! changes are picked up by the safety rescan only (within 30 s) until the master restarts.
 
 use std::path::PathBuf;
 use std::sync::Arc;
