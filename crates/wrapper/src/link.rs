@@ -15,8 +15,8 @@ use std::time::Duration;
 
 use futures_util::{Sink, SinkExt, StreamExt};
 use saltpeter_proto::{
-    AckType, Complete, Connect, Envelope, ErrorCode, Heartbeat, MasterMessage, Output,
-    PROTOCOL_VERSION, Start, Timestamp, WrapperMessage,
+    AckType, Complete, Connect, Envelope, ErrorCode, Heartbeat, MasterMessage, PROTOCOL_VERSION,
+    Start, Timestamp, WrapperMessage,
 };
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
@@ -26,6 +26,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
+use crate::encode;
 use crate::log::Log;
 use crate::outbox::{Chunk, Outbox};
 use crate::session::{Completion, Session};
@@ -38,6 +39,13 @@ const HANDSHAKE_ACK_TIMEOUT: Duration = Duration::from_secs(10);
 const OUTPUT_ACK_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the master may take to confirm `complete` (the original polls up to 30 s).
 const COMPLETE_ACK_TIMEOUT: Duration = Duration::from_secs(40);
+
+/// While connected and the master is acknowledging, output beyond the memory cap is paced
+/// (the link stops taking it, so the reader waits) rather than spilled: writing it to disk
+/// and reading it back would cost more than the master's own pace. Once acks stall this
+/// long, the link takes output again and spills it, so the job is never held up for long by
+/// a master that does not keep up.
+const PACE_STALL: Duration = Duration::from_millis(500);
 
 /// What the rest of the wrapper feeds the link, in order.
 #[derive(Debug)]
@@ -136,6 +144,8 @@ pub async fn run(
     let mut give_up_at: Option<Instant> = None;
     let mut input_open = true;
     let mut abort_open = true;
+    // When an ack last advanced the session (for pacing).
+    let mut last_progress = Instant::now();
 
     let end = loop {
         // Send whatever the session allows, then re-arm the ack timeout.
@@ -159,6 +169,11 @@ pub async fn run(
         } else {
             ack_deadline = None;
         }
+        let pacing = !outbox.has_room()
+            && session.phase() == crate::session::Phase::Streaming
+            && session.in_flight() > 0;
+        let pace_until = last_progress + PACE_STALL;
+        let accepting = input_open && (!pacing || Instant::now() >= pace_until);
 
         tokio::select! {
             biased;
@@ -168,27 +183,7 @@ pub async fn run(
                 }
                 abort_open = false;
             }
-            item = input.recv(), if input_open => match item {
-                Some(LinkInput::Output(chunk)) => {
-                    let seq = outbox.push(chunk);
-                    if log.debug_enabled() {
-                        log.debug(format!("Queued output seq {seq}"));
-                    }
-                }
-                Some(LinkInput::Complete(completion, within)) => {
-                    log.debug(format!("Run ended: {completion:?}"));
-                    session.set_completion(completion);
-                    give_up_at = Some(Instant::now() + within);
-                }
-                None => {
-                    input_open = false;
-                    if session.completion().is_none() {
-                        // The controller went away without an outcome; nothing will ever
-                        // complete, so only keep delivering output for a bounded time.
-                        give_up_at.get_or_insert(Instant::now() + Duration::from_secs(60));
-                    }
-                }
-            },
+            () = sleep_until(pace_until), if input_open && !accepting => {}
             event = next_event(&mut conn) => {
                 let lost = match event {
                     ConnEvent::WriterEnded => Some(String::from("send failed")),
@@ -200,12 +195,14 @@ pub async fn run(
                             Frame::Continue { progress } => {
                                 if progress {
                                     ack_deadline = None;
+                                    last_progress = Instant::now();
                                 }
                                 None
                             }
                             Frame::Connected { send_start } => {
                                 failures = 0;
                                 ack_deadline = None;
+                                last_progress = Instant::now();
                                 if let (true, Some(c)) = (send_start, conn.as_ref()) {
                                     send(c, &start_message(&cfg), &log);
                                 }
@@ -227,6 +224,27 @@ pub async fn run(
                     failures += 1;
                 }
             }
+            item = input.recv(), if accepting => match item {
+                Some(LinkInput::Output(chunk)) => {
+                    let seq = outbox.push(chunk);
+                    if log.debug_enabled() {
+                        log.debug(format!("Queued output seq {seq}"));
+                    }
+                }
+                Some(LinkInput::Complete(completion, within)) => {
+                    log.debug(format!("Run ended: {completion:?}"));
+                    session.set_completion(completion);
+                    give_up_at = Some(Instant::now() + within);
+                }
+                None => {
+                    input_open = false;
+                    if session.completion().is_none() {
+                        // The controller went away without an outcome; nothing will ever
+                        // complete, so only keep delivering output for a bounded time.
+                        give_up_at.get_or_insert(Instant::now() + Duration::from_secs(60));
+                    }
+                }
+            },
             res = maybe(&mut connecting) => {
                 connecting = None;
                 match res {
@@ -429,13 +447,14 @@ fn pump_sends(cfg: &LinkConfig, session: &mut Session, outbox: &Outbox, conn: &C
             log.info(format!("Output seq {seq} is not in memory; holding back"));
             break;
         };
-        let msg = WrapperMessage::Output(Output {
-            envelope: cfg.envelope(),
-            stream: chunk.stream.as_str().to_owned(),
-            data: chunk.data.clone(),
-            seq: Some(seq),
-        });
-        send(conn, &msg, log);
+        if log.debug_enabled() {
+            log.debug(format!(
+                "Sending output seq {seq} ({} bytes)",
+                chunk.data.len()
+            ));
+        }
+        let frame = encode::output_frame(cfg.envelope(), chunk.stream.as_str(), &chunk.data, seq);
+        let _ = conn.tx.send(Message::text(frame));
     }
     if let Some(done) = session.take_complete(produced) {
         let msg = WrapperMessage::Complete(Complete {

@@ -7,6 +7,7 @@
 //! [`run`]). No thread exists before the fork; the async runtime is built afterwards.
 
 mod config;
+mod encode;
 mod job;
 mod link;
 mod lock;

@@ -104,6 +104,11 @@ impl Outbox {
         self.mem_bytes
     }
 
+    /// Whether one more full-size message fits in memory without spilling.
+    pub fn has_room(&self) -> bool {
+        self.spooled() == 0 && self.mem_bytes + saltpeter_proto::OUTPUT_CHUNK_BYTES <= self.cap
+    }
+
     /// Messages held in the spool file.
     pub fn spooled(&self) -> u64 {
         self.spool.as_ref().map_or(0, |s| s.count)
