@@ -21,3 +21,4 @@ pub mod server;
 pub mod metrics;
 pub mod ui;
 pub mod cli;
+pub mod store;

@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::clock::Clock;
 use crate::config::{Config, ConfigWatcher, Launcher as LauncherKind, WatchOptions};
-use crate::engine::{Engine, EngineHandle, EngineParts};
+use crate::engine::{Engine, EngineHandle, EngineParts, StoreParts};
 use crate::joblog::JobLog;
 use crate::launch::Launcher;
 use crate::launch::local::LocalLauncher;
@@ -54,6 +54,8 @@ pub enum StartError {
     JobLog(std::io::Error),
     #[error("{0}")]
     Config(String),
+    #[error("cannot open the store: {0}")]
+    Store(crate::store::StoreError),
     #[error("launcher {0:?} is not available in this build yet")]
     Launcher(&'static str),
 }
@@ -109,6 +111,9 @@ pub async fn start(options: Options) -> Result<Running, StartError> {
     };
     let machines_url = format!("ws://{host}:{}", machines_addr.port());
     let joblog = JobLog::start(s.data_dir.join("spool")).map_err(StartError::JobLog)?;
+    let retention = crate::store::Retention::default();
+    let (db, restored) =
+        crate::store::Store::open(&s.data_dir, retention).map_err(StartError::Store)?;
     let (engine, handle) = Engine::new(EngineParts {
         config: config_rx.clone(),
         launcher,
@@ -116,7 +121,9 @@ pub async fn start(options: Options) -> Result<Running, StartError> {
         clock: options.clock.unwrap_or_else(Clock::system),
         machines_url,
         shutdown: shutdown.clone(),
-    });
+        store: StoreParts::Open(db, restored),
+    })
+    .map_err(StartError::Store)?;
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(engine.run());
     let endpoint =
@@ -131,7 +138,10 @@ pub async fn start(options: Options) -> Result<Running, StartError> {
         }
     });
     let ui = crate::ui::router(handle.clone(), config_rx.clone());
-    let api = crate::ui::protect(crate::api::router(handle.clone()).merge(ui), config_rx.clone());
+    let api = crate::ui::protect(
+        crate::api::router(handle.clone()).merge(ui),
+        config_rx.clone(),
+    );
     let stop = shutdown.clone();
     tasks.spawn(async move {
         let served = axum::serve(api_listener, api)

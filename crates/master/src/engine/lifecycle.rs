@@ -15,6 +15,7 @@ use crate::launch::{DirectOutcome, Resolution, StartRequest};
 use crate::metrics::RunResult;
 use crate::runs::output::FINISHED_CAP;
 use crate::runs::{MachineRun, Run};
+use crate::store::StoreOp;
 
 impl Engine {
     /// Starts a run of `job` now. `Err` says why not (unknown job, maintenance, overlap).
@@ -80,18 +81,9 @@ impl Engine {
         };
         self.runs.insert(instance.clone(), run);
         self.metrics.run_started(&job.name);
-        let resolve = self.launcher.resolve(job);
-        let tx = self.self_tx.clone();
-        let reported = instance.clone();
-        tokio::spawn(async move {
-            let resolution = resolve.await;
-            let _ = tx
-                .send(Event::Resolved {
-                    instance: reported,
-                    resolution,
-                })
-                .await;
-        });
+        self.save_run(&instance);
+        self.save_job(&job.name);
+        self.spawn_resolve(instance.clone(), job);
         Ok(instance)
     }
 
@@ -180,7 +172,15 @@ impl Engine {
             // Keep the reason visible on the run even though no machine can carry it.
             tracing::warn!(%instance, %error, "Run has no machines because resolution failed.");
         }
+        self.save_run(instance);
+        self.save_machines(instance);
         for (name, why) in down {
+            self.store.push(StoreOp::Output {
+                instance: instance.into(),
+                machine: name.clone(),
+                seq: None,
+                data: why.clone(),
+            });
             self.joblog.record(
                 &self.logdir,
                 LogEntry::Output {
@@ -249,7 +249,9 @@ impl Engine {
                 },
             );
             self.rearm(instance, name);
+            self.save_machine(instance, name);
         }
+        self.save_run(instance);
         let request = StartRequest {
             job: job.clone(),
             instance: instance.into(),
@@ -356,6 +358,12 @@ impl Engine {
             return;
         };
         m.output.push(&text);
+        self.store.push(StoreOp::Output {
+            instance: instance.into(),
+            machine: machine.into(),
+            seq: None,
+            data: text.clone(),
+        });
         self.joblog.record(
             &self.logdir,
             LogEntry::Output {
@@ -411,6 +419,7 @@ impl Engine {
                 at: wall,
             },
         );
+        self.save_machine(instance, machine);
         true
     }
 
@@ -430,7 +439,8 @@ impl Engine {
             .filter(|m| m.retcode.is_some_and(|c| c != EXIT_SUCCESS))
             .count();
         let success = failed == 0 && total > 0 && !run.killed;
-        self.metrics.run_finished(&run.job.name, RunResult::of(success, run.killed));
+        self.metrics
+            .run_finished(&run.job.name, RunResult::of(success, run.killed));
         run.ended = Some(wall);
         run.success = Some(success);
         for m in run.machines.values_mut() {
@@ -460,6 +470,10 @@ impl Engine {
             }
         }
         self.finished.insert(instance.to_owned(), run);
+        self.save_run(instance);
+        if let Some(job) = self.finished.get(instance).map(|r| r.job.name.clone()) {
+            self.save_job(&job);
+        }
     }
 
     /// Kills every machine of a run that has not ended (D-31: all of them, connected or not).
@@ -471,6 +485,7 @@ impl Engine {
         run.killed = true;
         let machines: Vec<String> = run.unfinished().map(|(name, _)| name.clone()).collect();
         tracing::info!(%instance, machines = machines.len(), "Kill requested.");
+        self.save_run(instance);
         for machine in machines {
             self.kill_machine_inner(instance, &machine);
         }
@@ -521,6 +536,7 @@ impl Engine {
         }
         self.send_kill(instance, machine);
         self.rearm(instance, machine);
+        self.save_machine(instance, machine);
     }
 
     /// The wrapper's environment (reference §4.10). The job's `env` comes first so that it can

@@ -11,6 +11,7 @@
 mod api;
 mod lifecycle;
 mod monitor;
+mod persist;
 mod sched;
 mod ui;
 mod wrapper;
@@ -35,6 +36,7 @@ use crate::joblog::JobLog;
 use crate::launch::{DirectOutcome, Launcher, Resolution, StartOutcome};
 use crate::metrics::Metrics;
 use crate::runs::Run;
+use crate::store::{Notice, Restored, Store};
 
 use monitor::Monitor;
 use sched::Scheduler;
@@ -82,6 +84,8 @@ pub enum Event {
         instance: String,
         outcome: DirectOutcome,
     },
+    /// The store committed everything queued before these notices.
+    Persisted(Vec<Notice>),
 }
 
 /// Sends events to the engine.
@@ -121,6 +125,18 @@ pub struct EngineParts {
     /// The URL wrappers connect back to, when the launcher cannot derive a better one.
     pub machines_url: String,
     pub shutdown: CancellationToken,
+    /// Where durable state goes; see [`Engine::new`] for how it is started.
+    pub store: StoreParts,
+}
+
+/// The store, either still to be started on the engine's channel (production: a thread) or
+/// ready (tests: inline), plus what it restored.
+#[derive(Debug)]
+pub enum StoreParts {
+    /// An opened database; the engine starts its thread so notices reach the engine.
+    Open(crate::store::Db, Restored),
+    /// A store that needs no thread.
+    Ready(Store, Restored),
 }
 
 /// How many finished runs per job stay in memory for the API.
@@ -151,6 +167,7 @@ pub struct Engine {
     conns: HashMap<ConnId, Conn>,
     monitor: Monitor,
     scheduler: Scheduler,
+    store: Store,
     /// Counters for `GET /metrics`; the engine is their only writer.
     metrics: Arc<Metrics>,
 }
@@ -168,6 +185,8 @@ pub struct JobState {
     pub running: Vec<String>,
     /// Machines of the latest resolution (before maintenance filtering).
     pub targets: Vec<String>,
+    /// The latest cron slot fired, kept across restarts so no slot fires twice.
+    pub last_fired: Option<time::OffsetDateTime>,
 }
 
 /// A wrapper connection.
@@ -180,9 +199,14 @@ struct Conn {
 }
 
 impl Engine {
-    /// Creates the engine and the handle others use to reach it.
-    pub fn new(parts: EngineParts) -> (Self, EngineHandle) {
+    /// Creates the engine and the handle others use to reach it, restoring what the store
+    /// held. Must be called inside a tokio runtime.
+    pub fn new(parts: EngineParts) -> Result<(Self, EngineHandle), crate::store::StoreError> {
         let (tx, rx) = mpsc::channel(EVENT_QUEUE);
+        let (store, restored) = match parts.store {
+            StoreParts::Open(db, restored) => (Store::start(db, tx.clone())?, restored),
+            StoreParts::Ready(store, restored) => (store, restored),
+        };
         let config = parts.config.borrow().clone();
         let logdir: Arc<Path> = config.settings.logdir.clone().into();
         let mut engine = Self {
@@ -203,11 +227,16 @@ impl Engine {
             conns: HashMap::new(),
             monitor: Monitor::default(),
             scheduler: Scheduler::default(),
+            store,
             metrics: Arc::default(),
         };
+        for name in config.jobs.keys() {
+            engine.jobs.entry(name.clone()).or_default();
+        }
+        engine.restore(restored);
         engine.apply_config(config);
         let metrics = engine.metrics.clone();
-        (engine, EngineHandle { tx, metrics })
+        Ok((engine, EngineHandle { tx, metrics }))
     }
 
     /// Runs until shutdown.
@@ -292,7 +321,9 @@ impl Engine {
             } => self.on_resolved(&instance, resolution),
             Event::Started { instance, outcome } => self.on_started(&instance, outcome),
             Event::Finished { instance, outcome } => self.on_direct(&instance, outcome),
+            Event::Persisted(notices) => self.on_persisted(notices),
         }
+        self.drain_inline_notices();
     }
 
     fn apply_config(&mut self, config: Arc<Config>) {
@@ -300,7 +331,12 @@ impl Engine {
         for name in config.jobs.keys() {
             self.jobs.entry(name.clone()).or_default();
         }
-        self.scheduler.reload(&config, self.clock.wall());
+        let floors = self
+            .jobs
+            .iter()
+            .filter_map(|(k, s)| Some((k.clone(), s.last_fired?)))
+            .collect();
+        self.scheduler.reload(&config, self.clock.wall(), &floors);
         self.config = config;
     }
 

@@ -30,7 +30,14 @@ pub struct Scheduler {
 impl Scheduler {
     /// Recomputes slots after a config change. Jobs whose schedule is unchanged keep their
     /// queued slot, so a reload never makes a slot fire twice or be skipped.
-    pub fn reload(&mut self, config: &Config, now: OffsetDateTime) {
+    /// `floors` holds each job's last fired slot (restored after a restart): the next slot is
+    /// computed after it too, so it can never fire again.
+    pub fn reload(
+        &mut self,
+        config: &Config,
+        now: OffsetDateTime,
+        floors: &HashMap<String, OffsetDateTime>,
+    ) {
         let mut next = HashMap::new();
         for (name, job) in &config.jobs {
             let keep = self
@@ -38,7 +45,8 @@ impl Scheduler {
                 .get(name)
                 .copied()
                 .filter(|_| self.schedules_equal(name, job));
-            let slot = keep.or_else(|| job.schedule.next_after(now));
+            let after = floors.get(name).map_or(now, |floor| now.max(*floor));
+            let slot = keep.or_else(|| job.schedule.next_after(after));
             if let Some(slot) = slot {
                 next.insert(name.clone(), slot);
             }
@@ -72,7 +80,11 @@ impl Scheduler {
 
     /// Removes and returns the jobs whose slot is at or before `now`, re-queuing each at its
     /// next slot strictly after `now`.
-    pub fn take_due(&mut self, config: &Config, now: OffsetDateTime) -> Vec<String> {
+    pub fn take_due(
+        &mut self,
+        config: &Config,
+        now: OffsetDateTime,
+    ) -> Vec<(String, OffsetDateTime)> {
         let mut due = Vec::new();
         while let Some((slot, name)) = self.queue.first().cloned() {
             if slot > now {
@@ -87,7 +99,7 @@ impl Scheduler {
                 self.next.insert(name.clone(), following);
                 self.queue.insert((following, name.clone()));
             }
-            due.push(name);
+            due.push((name, slot));
         }
         due
     }
@@ -102,7 +114,11 @@ impl Engine {
     pub(super) fn on_schedule(&mut self) {
         let now = self.clock.wall();
         let config = self.config.clone();
-        for job in self.scheduler.take_due(&config, now) {
+        for (job, slot) in self.scheduler.take_due(&config, now) {
+            if let Some(state) = self.jobs.get_mut(&job) {
+                state.last_fired = Some(slot);
+            }
+            self.save_job(&job);
             if let Err(error) = self.fire(&job) {
                 tracing::debug!(%job, %error, "Scheduled run not started.");
             }

@@ -13,6 +13,7 @@ use saltpeter_proto::{
 use super::{ConnId, Engine, Outbound, same_secret};
 use crate::joblog::LogEntry;
 use crate::runs::MachineStatus;
+use crate::store::{Notice, StoreOp};
 
 /// Why a message was refused.
 enum Refusal {
@@ -89,7 +90,8 @@ impl Engine {
         if connect.wrapper_pid.is_some() {
             m.wrapper_pid = connect.wrapper_pid;
         }
-        let last_seq = m.next_seq as i64 - 1;
+        // Only what is durable counts as held: a wrapper drops what this says we hold.
+        let last_seq = m.durable_next_seq as i64 - 1;
         let kill_pending = (killed || m.clock.kill_requested.is_some()) && !m.ended();
         let key = (env.job_instance.clone(), env.machine.clone());
         if let Some(old) = previous.filter(|old| *old != conn)
@@ -102,6 +104,7 @@ impl Engine {
             c.bound = Some(key.clone());
         }
         tracing::debug!(conn, instance = %key.0, machine = %key.1, last_seq, "Wrapper connected.");
+        self.save_machine(&key.0, &key.1);
         self.send(conn, ack(AckType::Connect, None, Some(last_seq)));
         if kill_pending {
             self.send_kill(&key.0, &key.1);
@@ -175,6 +178,7 @@ impl Engine {
                 if let Some(d) = since_fire {
                     self.metrics.fire_to_start.observe_wall(d);
                 }
+                self.save_machine(instance, machine);
                 self.send(conn, ack(AckType::Start, None, None));
             }
             WrapperMessage::Heartbeat(_) => {
@@ -186,7 +190,8 @@ impl Engine {
             }
             WrapperMessage::Output(output) => self.on_output(conn, instance, machine, output),
             WrapperMessage::SyncRequest(_) => {
-                let last_seq = m.next_seq as i64 - 1;
+                // Only what is durable counts as held: a wrapper drops what this says we hold.
+                let last_seq = m.durable_next_seq as i64 - 1;
                 self.send(
                     conn,
                     Outbound::Message(MasterMessage::SyncResponse(SyncResponse {
@@ -232,8 +237,18 @@ impl Engine {
         };
         match output.seq {
             Some(seq) if seq < m.next_seq => {
-                // Already held: a resend after a lost ack. Ack again, apply nothing.
-                self.send(conn, ack(AckType::Output, Some(seq), None));
+                // Already held: a resend after a lost ack. Ack again, apply nothing; if it is
+                // not durable yet, the ack waits for the store like the original's did.
+                if seq < m.durable_next_seq {
+                    self.send(conn, ack(AckType::Output, Some(seq), None));
+                } else {
+                    self.store.push(StoreOp::Notify(Notice::Output {
+                        instance: instance.into(),
+                        machine: machine.into(),
+                        seq: Some(seq),
+                        conn,
+                    }));
+                }
                 return;
             }
             Some(seq) if seq > m.next_seq => {
@@ -254,6 +269,12 @@ impl Engine {
         }
         m.output.push(&output.data);
         self.metrics.output(output.data.len());
+        self.store.push(StoreOp::Output {
+            instance: instance.into(),
+            machine: machine.into(),
+            seq: output.seq,
+            data: output.data.clone(),
+        });
         if live {
             self.joblog.record(
                 &self.logdir,
@@ -264,7 +285,13 @@ impl Engine {
                 },
             );
         }
-        self.send(conn, ack(AckType::Output, output.seq, None));
+        // Acked once durable (see `on_persisted`).
+        self.store.push(StoreOp::Notify(Notice::Output {
+            instance: instance.into(),
+            machine: machine.into(),
+            seq: output.seq,
+            conn,
+        }));
     }
 
     fn on_complete(&mut self, conn: ConnId, instance: &str, machine: &str, complete: Complete) {
@@ -309,7 +336,14 @@ impl Engine {
                 complete.seq.map(|s| s as i64),
             );
         }
-        self.send(conn, ack(AckType::Complete, complete.seq, None));
+        self.save_machine(instance, machine);
+        // Acked once the result is durable (see `on_persisted`).
+        self.store.push(StoreOp::Notify(Notice::Complete {
+            instance: instance.into(),
+            machine: machine.into(),
+            seq: complete.seq,
+            conn,
+        }));
     }
 
     /// Sends `kill` to the machine's current connection, if it has one.

@@ -45,6 +45,8 @@ pub struct MachineRun {
     pub output: OutputBuffer,
     /// The next output seq this machine's wrapper should send; state that survives reconnects.
     pub next_seq: u64,
+    /// Output below this seq is durable in the store (and may be acked).
+    pub durable_next_seq: u64,
     /// The connection currently speaking for this machine.
     pub conn: Option<u64>,
     /// Whether that connection's wrapper announced our protocol (2) rather than the original.
@@ -91,6 +93,7 @@ impl MachineRun {
             wrapper_pid: None,
             output: OutputBuffer::default(),
             next_seq: 0,
+            durable_next_seq: 0,
             conn: None,
             modern: false,
             clock: MachineClock::default(),

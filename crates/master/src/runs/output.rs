@@ -20,6 +20,8 @@ pub struct OutputBuffer {
     tail_u16: u64,
     /// UTF-16 code units ever appended (skipped bytes count one unit each).
     total_u16: u64,
+    /// Set once bytes were skipped: later text belongs after the gap, never in the head.
+    head_closed: bool,
 }
 
 /// Default in-memory caps for a running machine: 1 MiB of head and 1 MiB of tail.
@@ -45,6 +47,7 @@ impl OutputBuffer {
             head_u16: 0,
             tail_u16: 0,
             total_u16: 0,
+            head_closed: false,
         }
     }
 
@@ -53,7 +56,7 @@ impl OutputBuffer {
         self.total_bytes += text.len() as u64;
         self.total_u16 += utf16_len(text);
         let mut rest = text;
-        if self.tail.is_empty() && self.head.len() < self.head_cap {
+        if !self.head_closed && self.tail.is_empty() && self.head.len() < self.head_cap {
             let room = self.head_cap - self.head.len();
             let cut = floor_char_boundary(rest, room.min(rest.len()));
             self.head.push_str(&rest[..cut]);
@@ -80,6 +83,17 @@ impl OutputBuffer {
         let drop = floor_char_boundary(&self.tail, self.tail.len() - self.tail_cap);
         self.tail_u16 -= utf16_len(&self.tail[..drop]);
         self.tail.drain(..drop);
+    }
+
+    /// Counts `bytes` of output that is not held (dropped by the store's retention before a
+    /// restart); what follows is kept as tail.
+    pub fn skip(&mut self, bytes: u64) {
+        if bytes > 0 {
+            self.total_bytes += bytes;
+            // Their UTF-16 length is unknown; one unit per byte keeps later positions unique.
+            self.total_u16 += bytes;
+            self.head_closed = true;
+        }
     }
 
     /// Total bytes ever appended.
@@ -396,5 +410,18 @@ mod tests {
         let text = b.text();
         assert!(text.starts_with("ab\n"), "{text}");
         assert!(text.ends_with("xyz"), "{text}");
+    }
+
+    #[test]
+    fn skipped_bytes_count_as_omitted_and_close_the_head() {
+        let mut b = OutputBuffer::with_caps(8, 8);
+        b.push("head");
+        b.skip(100);
+        b.push("tail");
+        assert_eq!(b.total_bytes(), 108);
+        assert_eq!(b.omitted_bytes(), 100);
+        let text = b.text();
+        assert!(text.starts_with("head\n[... 100 bytes omitted"), "{text}");
+        assert!(text.ends_with("tail"), "{text}");
     }
 }

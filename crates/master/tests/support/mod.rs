@@ -11,10 +11,11 @@ use parking_lot::Mutex;
 use saltpeter_master::clock::Clock;
 use saltpeter_master::config::{Config, JobSpec};
 use saltpeter_master::engine::{
-    ApiRequest, ConnId, Engine, EngineHandle, EngineParts, Event, Outbound,
+    ApiRequest, ConnId, Engine, EngineHandle, EngineParts, Event, Outbound, StoreParts,
 };
 use saltpeter_master::joblog::JobLog;
 use saltpeter_master::launch::{BoxFuture, Launcher, Resolution, StartOutcome, StartRequest};
+use saltpeter_master::store::Store;
 use saltpeter_proto::*;
 use serde_json::Value;
 use tokio::sync::{mpsc, watch};
@@ -123,6 +124,7 @@ impl Harness {
         let (config_tx, config_rx) = watch::channel(Arc::new(config));
         let launcher = Arc::new(FakeLauncher::default());
         let shutdown = CancellationToken::new();
+        let (store, restored) = Store::inline_memory().unwrap();
         let (engine, handle) = Engine::new(EngineParts {
             config: config_rx,
             launcher: launcher.clone(),
@@ -130,7 +132,9 @@ impl Harness {
             clock: Clock::paused(time::macros::datetime!(2026-06-01 12:00 UTC)),
             machines_url: "ws://127.0.0.1:1".into(),
             shutdown: shutdown.clone(),
-        });
+            store: StoreParts::Ready(store, restored),
+        })
+        .unwrap();
         tokio::spawn(engine.run());
         Harness {
             engine: handle,

@@ -1,0 +1,264 @@
+//! Durable state: runs, per-machine results, output chunks, job state and events in an embedded
+//! SQLite database under `data_dir`, so a master restart loses nothing (D-01).
+//!
+//! One owner of the connection: the store thread. The engine never waits on disk; it pushes
+//! [`StoreOp`]s down an unbounded channel (bounded in practice by the wrappers' ack windows) and
+//! learns that they are durable from [`Notice`]s, which the thread sends back as one
+//! `Event::Persisted` per committed batch. Ops are applied in order, many per transaction
+//! (group commit), so a notice queued after an op is only delivered once that op is on disk.
+//! Acks to wrappers wait for these notices: a wrapper never drops output the master could
+//! still lose.
+//!
+//! Queries (history, output ranges) travel the same channel, so they see every earlier write.
+//! Tests use [`Store::inline_memory`], which applies ops on the caller's thread against an
+//! in-memory database: deterministic under tokio's paused clock.
+
+mod sqlite;
+
+use std::path::Path;
+use std::sync::mpsc as std_mpsc;
+
+use saltpeter_proto::Cause;
+use time::OffsetDateTime;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::engine::{ConnId, Event};
+use crate::runs::{MachineStatus, OutputBuffer, RunView};
+
+pub use sqlite::{Db, Retention, StoreError, apply_record};
+
+/// A run's durable fields (everything but its machines).
+#[derive(Clone, Debug)]
+pub struct RunRecord {
+    pub instance: String,
+    pub job: String,
+    pub group: String,
+    pub started: OffsetDateTime,
+    pub ended: Option<OffsetDateTime>,
+    pub success: Option<bool>,
+    pub killed: bool,
+    pub token: String,
+    pub resolving: bool,
+    pub maintenance: Vec<String>,
+    pub pending_batches: Vec<Vec<String>>,
+}
+
+/// A machine's durable fields (its output is stored as chunks).
+#[derive(Clone, Debug)]
+pub struct MachineRecord {
+    pub instance: String,
+    pub machine: String,
+    pub status: MachineStatus,
+    pub retcode: Option<i64>,
+    pub cause: Option<Cause>,
+    pub late_retcode: Option<i64>,
+    pub starttime: Option<OffsetDateTime>,
+    pub endtime: Option<OffsetDateTime>,
+    pub last_heartbeat: Option<OffsetDateTime>,
+    pub wrapper_version: Option<String>,
+    pub pid: Option<u32>,
+    pub wrapper_pid: Option<u32>,
+    pub launched: bool,
+    pub started: bool,
+    pub kill_requested: bool,
+    pub launch_problem: Option<String>,
+    pub modern: bool,
+}
+
+/// What the engine remembers about a job between runs.
+#[derive(Clone, Debug, Default)]
+pub struct JobRecord {
+    pub name: String,
+    pub last_run: Option<OffsetDateTime>,
+    pub last_success: Option<bool>,
+    pub last_failed: usize,
+    pub last_total: usize,
+    /// The latest cron slot that fired, so a restart never fires it again.
+    pub last_fired: Option<OffsetDateTime>,
+}
+
+/// Tells the engine that everything queued before it is durable.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Notice {
+    /// Output up to `seq` (or the unnumbered output) of a machine is durable: ack it.
+    Output {
+        instance: String,
+        machine: String,
+        seq: Option<u64>,
+        conn: ConnId,
+    },
+    /// A machine's `complete` is recorded: ack it.
+    Complete {
+        instance: String,
+        machine: String,
+        seq: Option<u64>,
+        conn: ConnId,
+    },
+}
+
+/// A restored machine: its record, output held in memory, and where its sequence stands.
+#[derive(Debug)]
+pub struct RestoredMachine {
+    pub record: MachineRecord,
+    pub output: OutputBuffer,
+    pub next_seq: u64,
+}
+
+/// Everything the engine needs after a restart.
+#[derive(Debug, Default)]
+pub struct Restored {
+    /// Runs that had not ended, with their machines.
+    pub runs: Vec<(RunRecord, Vec<RestoredMachine>)>,
+    pub jobs: Vec<JobRecord>,
+}
+
+/// A page of a job's history.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct RunSummary {
+    pub instance: String,
+    pub job: String,
+    pub started: String,
+    pub ended: Option<String>,
+    pub success: Option<bool>,
+    pub killed: bool,
+    /// machine -> retcode (null while running).
+    pub machines: std::collections::BTreeMap<String, Option<i64>>,
+}
+
+/// A byte range of a machine's stored output.
+#[derive(Clone, Debug)]
+pub struct OutputRange {
+    pub text: String,
+    pub total_bytes: u64,
+    pub dropped_bytes: u64,
+}
+
+/// A question for the store thread.
+#[derive(Debug)]
+pub enum Query {
+    Runs {
+        job: String,
+        before: Option<String>,
+        limit: usize,
+        reply: oneshot::Sender<Result<Vec<RunSummary>, StoreError>>,
+    },
+    Run {
+        instance: String,
+        reply: oneshot::Sender<Result<Option<RunView>, StoreError>>,
+    },
+    Output {
+        instance: String,
+        machine: String,
+        offset: u64,
+        length: Option<u64>,
+        reply: oneshot::Sender<Result<Option<OutputRange>, StoreError>>,
+    },
+}
+
+/// One unit of work for the store, applied in order.
+#[derive(Debug)]
+pub enum StoreOp {
+    Run(RunRecord),
+    Machine(MachineRecord),
+    /// Appends text to a machine's output; `seq` also advances its stored sequence.
+    Output {
+        instance: String,
+        machine: String,
+        seq: Option<u64>,
+        data: String,
+    },
+    Job(JobRecord),
+    Notify(Notice),
+    Query(Query),
+    /// Applies the retention policy now.
+    Prune,
+}
+
+/// Handle to the store.
+#[derive(Debug)]
+pub struct Store {
+    mode: Mode,
+}
+
+#[derive(Debug)]
+enum Mode {
+    Thread(std_mpsc::Sender<StoreOp>),
+    Inline {
+        db: Box<sqlite::Db>,
+        notices: Vec<Notice>,
+    },
+}
+
+impl Store {
+    /// Opens (creating and migrating) `<data_dir>/saltpeter.db` and loads what was in flight.
+    /// The store thread starts later, with [`Store::start`], once the engine's channel exists.
+    pub fn open(data_dir: &Path, retention: Retention) -> Result<(Db, Restored), StoreError> {
+        std::fs::create_dir_all(data_dir)
+            .map_err(|e| StoreError::Io(data_dir.display().to_string(), e))?;
+        let mut db = sqlite::Db::open(&data_dir.join("saltpeter.db"), retention)?;
+        let restored = db.restore()?;
+        Ok((db, restored))
+    }
+
+    /// Starts the store thread; its notices reach the engine as `Event::Persisted`.
+    pub fn start(mut db: Db, engine: mpsc::Sender<Event>) -> Result<Store, StoreError> {
+        let (tx, rx) = std_mpsc::channel::<StoreOp>();
+        std::thread::Builder::new()
+            .name("store".into())
+            .spawn(move || {
+                while let Ok(first) = rx.recv() {
+                    let mut batch = vec![first];
+                    // Group commit: everything already queued goes into this transaction.
+                    while batch.len() < 50_000 {
+                        match rx.try_recv() {
+                            Ok(op) => batch.push(op),
+                            Err(_) => break,
+                        }
+                    }
+                    let notices = db.apply(batch);
+                    if !notices.is_empty()
+                        && engine.blocking_send(Event::Persisted(notices)).is_err()
+                    {
+                        break;
+                    }
+                }
+            })
+            .map_err(|e| StoreError::Io("store thread".into(), e))?;
+        Ok(Store {
+            mode: Mode::Thread(tx),
+        })
+    }
+
+    /// An in-memory store applied on the caller's thread (tests).
+    pub fn inline_memory() -> Result<(Store, Restored), StoreError> {
+        let db = sqlite::Db::open(Path::new(":memory:"), Retention::default())?;
+        Ok((
+            Store {
+                mode: Mode::Inline {
+                    db: Box::new(db),
+                    notices: Vec::new(),
+                },
+            },
+            Restored::default(),
+        ))
+    }
+
+    /// Queues an op.
+    pub fn push(&mut self, op: StoreOp) {
+        match &mut self.mode {
+            Mode::Thread(tx) => {
+                // The thread only ends when the engine is gone.
+                let _ = tx.send(op);
+            }
+            Mode::Inline { db, notices } => notices.extend(db.apply(vec![op])),
+        }
+    }
+
+    /// Notices that inline mode produced since the last call (always empty for the thread).
+    pub fn take_inline_notices(&mut self) -> Vec<Notice> {
+        match &mut self.mode {
+            Mode::Thread(_) => Vec::new(),
+            Mode::Inline { notices, .. } => std::mem::take(notices),
+        }
+    }
+}

@@ -1,0 +1,766 @@
+//! The SQLite side of the store: schema and migrations, applying ops in one transaction per
+//! batch, output retention, restore after a restart, and history queries.
+//!
+//! Durability: WAL with `synchronous=NORMAL`. A committed batch survives the master being
+//! killed at any instant (what the restart guarantees need); an operating-system crash may
+//! roll back the last batches, which wrappers then resend because they were never acked.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::path::Path;
+
+use rusqlite::{Connection, OptionalExtension, Transaction, params};
+use saltpeter_proto::{Cause, Timestamp};
+use time::OffsetDateTime;
+
+use super::{
+    JobRecord, MachineRecord, Notice, OutputRange, Query, Restored, RestoredMachine, RunRecord,
+    RunSummary, StoreOp,
+};
+use crate::runs::{MachineRun, MachineStatus, OutputBuffer, RunView};
+
+/// Why the store failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Sql(#[from] rusqlite::Error),
+    #[error("{0}: {1}")]
+    Io(String, std::io::Error),
+    #[error("the database was written by a newer saltpeter (schema {0})")]
+    TooNew(i64),
+}
+
+/// How much history to keep.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Retention {
+    /// Finished runs kept per job, newest first.
+    pub runs_per_job: usize,
+    /// Finished runs older than this are deleted.
+    pub max_age_days: u32,
+    /// Output bytes kept from the start of each machine's output.
+    pub head_bytes: u64,
+    /// Output bytes kept from the end of each machine's output.
+    pub tail_bytes: u64,
+}
+
+impl Default for Retention {
+    /// 100 runs per job for 30 days, 64 KiB of head and 448 KiB of tail per machine: a fleet
+    /// of 200 jobs on 20 machines each stays under 200 GB even if every run fills its cap, and
+    /// at typical cron output sizes (a few KB) under a few GB.
+    fn default() -> Self {
+        Self {
+            runs_per_job: 100,
+            max_age_days: 30,
+            head_bytes: 64 * 1024,
+            tail_bytes: 448 * 1024,
+        }
+    }
+}
+
+const SCHEMA_VERSION: i64 = 1;
+
+const MIGRATION_1: &str = "
+CREATE TABLE runs (
+    instance TEXT PRIMARY KEY,
+    job TEXT NOT NULL,
+    grp TEXT NOT NULL,
+    started TEXT NOT NULL,
+    ended TEXT,
+    success INTEGER,
+    killed INTEGER NOT NULL,
+    token TEXT NOT NULL,
+    resolving INTEGER NOT NULL,
+    maintenance TEXT NOT NULL,
+    pending_batches TEXT NOT NULL
+);
+CREATE INDEX runs_by_job ON runs(job, started);
+CREATE INDEX runs_active ON runs(ended) WHERE ended IS NULL;
+CREATE TABLE machines (
+    instance TEXT NOT NULL,
+    machine TEXT NOT NULL,
+    status TEXT NOT NULL,
+    retcode INTEGER,
+    cause TEXT,
+    late_retcode INTEGER,
+    starttime TEXT,
+    endtime TEXT,
+    last_heartbeat TEXT,
+    wrapper_version TEXT,
+    pid INTEGER,
+    wrapper_pid INTEGER,
+    launched INTEGER NOT NULL,
+    started INTEGER NOT NULL,
+    kill_requested INTEGER NOT NULL,
+    launch_problem TEXT,
+    modern INTEGER NOT NULL,
+    next_seq INTEGER NOT NULL DEFAULT 0,
+    output_bytes INTEGER NOT NULL DEFAULT 0,
+    output_dropped INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (instance, machine)
+) WITHOUT ROWID;
+CREATE TABLE output (
+    instance TEXT NOT NULL,
+    machine TEXT NOT NULL,
+    idx INTEGER NOT NULL,
+    byte_offset INTEGER NOT NULL,
+    head INTEGER NOT NULL,
+    data TEXT NOT NULL,
+    PRIMARY KEY (instance, machine, idx)
+) WITHOUT ROWID;
+CREATE TABLE jobs (
+    name TEXT PRIMARY KEY,
+    last_run TEXT,
+    last_success INTEGER,
+    last_failed INTEGER NOT NULL,
+    last_total INTEGER NOT NULL,
+    last_fired TEXT
+);
+";
+
+/// Retention bookkeeping of one machine's stored output, kept while its run is active.
+#[derive(Debug, Default)]
+struct OutputState {
+    next_idx: i64,
+    total: u64,
+    head: u64,
+    tail: VecDeque<(i64, u64)>,
+    tail_bytes: u64,
+    dropped: u64,
+}
+
+/// The open database.
+#[derive(Debug)]
+pub struct Db {
+    conn: Connection,
+    retention: Retention,
+    outputs: HashMap<(String, String), OutputState>,
+    last_prune: Option<std::time::Instant>,
+}
+
+fn ts(at: OffsetDateTime) -> String {
+    Timestamp::new(at).to_string()
+}
+
+fn parse_ts(text: Option<String>) -> Option<OffsetDateTime> {
+    text.and_then(|t| Timestamp::parse(&t).ok())
+        .map(Timestamp::get)
+}
+
+fn status_str(s: MachineStatus) -> &'static str {
+    match s {
+        MachineStatus::Pending => "pending",
+        MachineStatus::Running => "running",
+        MachineStatus::Success => "success",
+        MachineStatus::Failed => "failed",
+    }
+}
+
+fn parse_status(s: &str) -> MachineStatus {
+    match s {
+        "running" => MachineStatus::Running,
+        "success" => MachineStatus::Success,
+        "failed" => MachineStatus::Failed,
+        _ => MachineStatus::Pending,
+    }
+}
+
+fn parse_cause(s: Option<String>) -> Option<Cause> {
+    s.and_then(|c| serde_json::from_value(serde_json::Value::String(c)).ok())
+}
+
+/// How often the store applies the retention policy on its own.
+const PRUNE_EVERY: std::time::Duration = std::time::Duration::from_secs(3600);
+
+impl Db {
+    pub fn open(path: &Path, retention: Retention) -> Result<Self, StoreError> {
+        let conn = Connection::open(path)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.pragma_update(None, "foreign_keys", "OFF")?;
+        let mut db = Self {
+            conn,
+            retention,
+            outputs: HashMap::new(),
+            last_prune: None,
+        };
+        db.migrate()?;
+        Ok(db)
+    }
+
+    fn migrate(&mut self) -> Result<(), StoreError> {
+        let version: i64 = self
+            .conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))?;
+        if version > SCHEMA_VERSION {
+            return Err(StoreError::TooNew(version));
+        }
+        if version < 1 {
+            let tx = self.conn.transaction()?;
+            tx.execute_batch(MIGRATION_1)?;
+            tx.pragma_update(None, "user_version", 1)?;
+            tx.commit()?;
+        }
+        Ok(())
+    }
+
+    /// Applies a batch in one transaction and returns the notices it carried. A failing op is
+    /// logged and skipped; a failing commit drops the notices, so nothing is acked that is not
+    /// on disk (wrappers resend).
+    pub fn apply(&mut self, batch: Vec<StoreOp>) -> Vec<Notice> {
+        let mut notices = Vec::new();
+        let mut queries = Vec::new();
+        let result = (|| -> Result<(), StoreError> {
+            let tx = self.conn.transaction()?;
+            for op in batch {
+                match op {
+                    StoreOp::Notify(n) => notices.push(n),
+                    StoreOp::Query(q) => queries.push(q),
+                    StoreOp::Prune => prune(&tx, self.retention)?,
+                    op => {
+                        if let Err(error) = apply_one(&tx, &mut self.outputs, self.retention, op) {
+                            tracing::error!(%error, "Could not store an update.");
+                        }
+                    }
+                }
+            }
+            tx.commit()?;
+            Ok(())
+        })();
+        if let Err(error) = result {
+            tracing::error!(%error, "Could not commit to the store; nothing of this batch is acked.");
+            notices.clear();
+        }
+        // Queries run after the batch's writes, so they see them.
+        for q in queries {
+            self.answer(q);
+        }
+        let due = self.last_prune.is_none_or(|t| t.elapsed() >= PRUNE_EVERY);
+        if due {
+            self.last_prune = Some(std::time::Instant::now());
+            let pruned = self
+                .conn
+                .transaction()
+                .map_err(StoreError::from)
+                .and_then(|tx| {
+                    prune(&tx, self.retention)?;
+                    tx.commit().map_err(StoreError::from)
+                });
+            if let Err(error) = pruned {
+                tracing::warn!(%error, "Could not apply the retention policy.");
+            }
+        }
+        notices
+    }
+
+    /// Loads the runs that had not ended and every job's state.
+    pub fn restore(&mut self) -> Result<Restored, StoreError> {
+        let mut restored = Restored::default();
+        let runs: Vec<RunRecord> = {
+            let mut stmt = self.conn.prepare(
+                "SELECT instance, job, grp, started, ended, success, killed, token, resolving,
+                        maintenance, pending_batches FROM runs WHERE ended IS NULL",
+            )?;
+            stmt.query_map([], run_from_row)?
+                .collect::<Result<_, _>>()?
+        };
+        for run in runs {
+            let machines = self.machines_of(&run.instance)?;
+            let mut restored_machines = Vec::new();
+            for (record, next_seq, dropped) in machines {
+                let output = self.output_buffer(&record.instance, &record.machine, dropped)?;
+                restored_machines.push(RestoredMachine {
+                    record,
+                    output,
+                    next_seq,
+                });
+            }
+            restored.runs.push((run, restored_machines));
+        }
+        let mut stmt = self.conn.prepare(
+            "SELECT name, last_run, last_success, last_failed, last_total, last_fired FROM jobs",
+        )?;
+        restored.jobs = stmt
+            .query_map([], |r| {
+                Ok(JobRecord {
+                    name: r.get(0)?,
+                    last_run: parse_ts(r.get(1)?),
+                    last_success: r.get(2)?,
+                    last_failed: r.get::<_, i64>(3)? as usize,
+                    last_total: r.get::<_, i64>(4)? as usize,
+                    last_fired: parse_ts(r.get(5)?),
+                })
+            })?
+            .collect::<Result<_, _>>()?;
+        Ok(restored)
+    }
+
+    fn machines_of(&self, instance: &str) -> Result<Vec<(MachineRecord, u64, u64)>, StoreError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT instance, machine, status, retcode, cause, late_retcode, starttime, endtime,
+                    last_heartbeat, wrapper_version, pid, wrapper_pid, launched, started,
+                    kill_requested, launch_problem, modern, next_seq, output_dropped
+             FROM machines WHERE instance = ?1 ORDER BY machine",
+        )?;
+        let rows = stmt.query_map([instance], |r| {
+            Ok((
+                MachineRecord {
+                    instance: r.get(0)?,
+                    machine: r.get(1)?,
+                    status: parse_status(&r.get::<_, String>(2)?),
+                    retcode: r.get(3)?,
+                    cause: parse_cause(r.get(4)?),
+                    late_retcode: r.get(5)?,
+                    starttime: parse_ts(r.get(6)?),
+                    endtime: parse_ts(r.get(7)?),
+                    last_heartbeat: parse_ts(r.get(8)?),
+                    wrapper_version: r.get(9)?,
+                    pid: r.get(10)?,
+                    wrapper_pid: r.get(11)?,
+                    launched: r.get(12)?,
+                    started: r.get(13)?,
+                    kill_requested: r.get(14)?,
+                    launch_problem: r.get(15)?,
+                    modern: r.get(16)?,
+                },
+                r.get::<_, i64>(17)? as u64,
+                r.get::<_, i64>(18)? as u64,
+            ))
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// A machine's stored output as the engine holds it in memory: head, gap, tail.
+    fn output_buffer(
+        &self,
+        instance: &str,
+        machine: &str,
+        dropped: u64,
+    ) -> Result<OutputBuffer, StoreError> {
+        let mut buffer = OutputBuffer::default();
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT head, data FROM output WHERE instance = ?1 AND machine = ?2 ORDER BY idx",
+        )?;
+        let mut rows = stmt.query(params![instance, machine])?;
+        let mut in_head = true;
+        while let Some(row) = rows.next()? {
+            let head: bool = row.get(0)?;
+            let data: String = row.get(1)?;
+            if in_head && !head {
+                in_head = false;
+                buffer.skip(dropped);
+            }
+            buffer.push(&data);
+        }
+        Ok(buffer)
+    }
+
+    fn answer(&mut self, query: Query) {
+        // A dropped receiver means the asker went away; nothing to do.
+        match query {
+            Query::Runs {
+                job,
+                before,
+                limit,
+                reply,
+            } => {
+                let _ = reply.send(self.runs_page(&job, before.as_deref(), limit));
+            }
+            Query::Run { instance, reply } => {
+                let _ = reply.send(self.run_view(&instance));
+            }
+            Query::Output {
+                instance,
+                machine,
+                offset,
+                length,
+                reply,
+            } => {
+                let _ = reply.send(self.output_range(&instance, &machine, offset, length));
+            }
+        }
+    }
+
+    fn runs_page(
+        &self,
+        job: &str,
+        before: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<RunSummary>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT instance, job, started, ended, success, killed FROM runs
+             WHERE job = ?1 AND (?2 IS NULL OR started < ?2)
+             ORDER BY started DESC LIMIT ?3",
+        )?;
+        let rows: Vec<RunSummary> = stmt
+            .query_map(params![job, before, limit as i64], |r| {
+                Ok(RunSummary {
+                    instance: r.get(0)?,
+                    job: r.get(1)?,
+                    started: r.get(2)?,
+                    ended: r.get(3)?,
+                    success: r.get(4)?,
+                    killed: r.get(5)?,
+                    machines: BTreeMap::new(),
+                })
+            })?
+            .collect::<Result<_, _>>()?;
+        let mut out = Vec::with_capacity(rows.len());
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT machine, retcode FROM machines WHERE instance = ?1")?;
+        for mut run in rows {
+            run.machines = stmt
+                .query_map([&run.instance], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<Result<_, _>>()?;
+            out.push(run);
+        }
+        Ok(out)
+    }
+
+    fn run_view(&self, instance: &str) -> Result<Option<RunView>, StoreError> {
+        let run = self
+            .conn
+            .query_row(
+                "SELECT instance, job, grp, started, ended, success, killed, token, resolving,
+                        maintenance, pending_batches FROM runs WHERE instance = ?1",
+                [instance],
+                run_from_row,
+            )
+            .optional()?;
+        let Some(run) = run else { return Ok(None) };
+        let mut machines = BTreeMap::new();
+        for (record, next_seq, dropped) in self.machines_of(instance)? {
+            let mut m = MachineRun::new();
+            apply_record(&mut m, &record);
+            m.next_seq = next_seq;
+            m.output = self.output_buffer(instance, &record.machine, dropped)?;
+            machines.insert(record.machine.clone(), m.view());
+        }
+        Ok(Some(RunView {
+            instance: run.instance,
+            job: run.job,
+            group: run.group,
+            started: ts(run.started),
+            ended: run.ended.map(ts),
+            success: run.success,
+            killed: run.killed,
+            maintenance: run.maintenance,
+            machines,
+        }))
+    }
+
+    fn output_range(
+        &self,
+        instance: &str,
+        machine: &str,
+        offset: u64,
+        length: Option<u64>,
+    ) -> Result<Option<OutputRange>, StoreError> {
+        let totals: Option<(i64, i64)> = self
+            .conn
+            .query_row(
+                "SELECT output_bytes, output_dropped FROM machines WHERE instance = ?1 AND machine = ?2",
+                params![instance, machine],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        let Some((total, dropped)) = totals else {
+            return Ok(None);
+        };
+        let end = length.map_or(i64::MAX, |l| {
+            offset.saturating_add(l).min(i64::MAX as u64) as i64
+        });
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT byte_offset, data FROM output
+             WHERE instance = ?1 AND machine = ?2 AND byte_offset < ?4
+               AND byte_offset + length(CAST(data AS BLOB)) > ?3
+             ORDER BY idx",
+        )?;
+        let mut rows = stmt.query(params![instance, machine, offset as i64, end])?;
+        let mut text = String::new();
+        let mut cursor = offset as i64;
+        while let Some(row) = rows.next()? {
+            let at: i64 = row.get(0)?;
+            let data: String = row.get(1)?;
+            if at > cursor {
+                text.push_str(&format!(
+                    "\n[... {} bytes dropped by retention ...]\n",
+                    at - cursor
+                ));
+            }
+            let from = (cursor.max(at) - at) as usize;
+            let to = ((end - at).max(0) as usize).min(data.len());
+            let from = ceil_boundary(&data, from);
+            let to = ceil_boundary(&data, to);
+            if from < to {
+                text.push_str(&data[from..to]);
+            }
+            cursor = at + data.len() as i64;
+        }
+        Ok(Some(OutputRange {
+            text,
+            total_bytes: total as u64,
+            dropped_bytes: dropped as u64,
+        }))
+    }
+}
+
+fn ceil_boundary(s: &str, mut at: usize) -> usize {
+    at = at.min(s.len());
+    while !s.is_char_boundary(at) {
+        at += 1;
+    }
+    at
+}
+
+/// Copies a record's fields onto an in-memory machine.
+pub fn apply_record(m: &mut MachineRun, r: &MachineRecord) {
+    m.status = r.status;
+    m.retcode = r.retcode;
+    m.cause = r.cause;
+    m.late_retcode = r.late_retcode;
+    m.starttime = r.starttime;
+    m.endtime = r.endtime;
+    m.last_heartbeat = r.last_heartbeat;
+    m.wrapper_version = r.wrapper_version.clone();
+    m.pid = r.pid;
+    m.wrapper_pid = r.wrapper_pid;
+    m.modern = r.modern;
+    m.clock.launch_problem = r.launch_problem.clone();
+}
+
+fn run_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RunRecord> {
+    let maintenance: String = r.get(9)?;
+    let batches: String = r.get(10)?;
+    Ok(RunRecord {
+        instance: r.get(0)?,
+        job: r.get(1)?,
+        group: r.get(2)?,
+        started: parse_ts(r.get(3)?).unwrap_or(OffsetDateTime::UNIX_EPOCH),
+        ended: parse_ts(r.get(4)?),
+        success: r.get(5)?,
+        killed: r.get(6)?,
+        token: r.get(7)?,
+        resolving: r.get(8)?,
+        maintenance: serde_json::from_str(&maintenance).unwrap_or_default(),
+        pending_batches: serde_json::from_str(&batches).unwrap_or_default(),
+    })
+}
+
+fn apply_one(
+    tx: &Transaction<'_>,
+    outputs: &mut HashMap<(String, String), OutputState>,
+    retention: Retention,
+    op: StoreOp,
+) -> Result<(), StoreError> {
+    match op {
+        StoreOp::Run(r) => {
+            tx.prepare_cached(
+                "INSERT INTO runs (instance, job, grp, started, ended, success, killed, token,
+                                   resolving, maintenance, pending_batches)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
+                 ON CONFLICT(instance) DO UPDATE SET ended = ?5, success = ?6, killed = ?7,
+                    resolving = ?9, maintenance = ?10, pending_batches = ?11",
+            )?
+            .execute(params![
+                r.instance,
+                r.job,
+                r.group,
+                ts(r.started),
+                r.ended.map(ts),
+                r.success,
+                r.killed,
+                r.token,
+                r.resolving,
+                serde_json::to_string(&r.maintenance).unwrap_or_default(),
+                serde_json::to_string(&r.pending_batches).unwrap_or_default(),
+            ])?;
+            if r.ended.is_some() {
+                // The run is over: its machines' retention bookkeeping is no longer needed.
+                outputs.retain(|(i, _), _| *i != r.instance);
+            }
+        }
+        StoreOp::Machine(m) => {
+            tx.prepare_cached(
+                "INSERT INTO machines (instance, machine, status, retcode, cause, late_retcode,
+                    starttime, endtime, last_heartbeat, wrapper_version, pid, wrapper_pid,
+                    launched, started, kill_requested, launch_problem, modern)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)
+                 ON CONFLICT(instance, machine) DO UPDATE SET status = ?3, retcode = ?4,
+                    cause = ?5, late_retcode = ?6, starttime = ?7, endtime = ?8,
+                    last_heartbeat = ?9, wrapper_version = ?10, pid = ?11, wrapper_pid = ?12,
+                    launched = ?13, started = ?14, kill_requested = ?15, launch_problem = ?16,
+                    modern = ?17",
+            )?
+            .execute(params![
+                m.instance,
+                m.machine,
+                status_str(m.status),
+                m.retcode,
+                m.cause.map(Cause::as_str),
+                m.late_retcode,
+                m.starttime.map(ts),
+                m.endtime.map(ts),
+                m.last_heartbeat.map(ts),
+                m.wrapper_version,
+                m.pid,
+                m.wrapper_pid,
+                m.launched,
+                m.started,
+                m.kill_requested,
+                m.launch_problem,
+                m.modern,
+            ])?;
+        }
+        StoreOp::Output {
+            instance,
+            machine,
+            seq,
+            data,
+        } => {
+            let key = (instance, machine);
+            if !outputs.contains_key(&key) {
+                let state = load_output_state(tx, &key.0, &key.1)?;
+                outputs.insert(key.clone(), state);
+            }
+            let Some(state) = outputs.get_mut(&key) else {
+                return Ok(());
+            };
+            let len = data.len() as u64;
+            let head =
+                state.tail.is_empty() && state.dropped == 0 && state.head < retention.head_bytes;
+            tx.prepare_cached(
+                "INSERT INTO output (instance, machine, idx, byte_offset, head, data)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?
+            .execute(params![
+                key.0,
+                key.1,
+                state.next_idx,
+                state.total as i64,
+                head,
+                data
+            ])?;
+            if head {
+                state.head += len;
+            } else {
+                state.tail.push_back((state.next_idx, len));
+                state.tail_bytes += len;
+                // Drop the oldest tail chunks beyond the cap, always keeping the newest one.
+                while state.tail_bytes > retention.tail_bytes && state.tail.len() > 1 {
+                    let Some((idx, n)) = state.tail.pop_front() else {
+                        break;
+                    };
+                    tx.prepare_cached(
+                        "DELETE FROM output WHERE instance = ?1 AND machine = ?2 AND idx = ?3",
+                    )?
+                    .execute(params![key.0, key.1, idx])?;
+                    state.tail_bytes -= n;
+                    state.dropped += n;
+                }
+            }
+            state.next_idx += 1;
+            state.total += len;
+            tx.prepare_cached(
+                "UPDATE machines SET output_bytes = ?3, output_dropped = ?4,
+                    next_seq = CASE WHEN ?5 IS NULL THEN next_seq ELSE MAX(next_seq, ?5) END
+                 WHERE instance = ?1 AND machine = ?2",
+            )?
+            .execute(params![
+                key.0,
+                key.1,
+                state.total as i64,
+                state.dropped as i64,
+                seq.map(|s| s as i64 + 1)
+            ])?;
+        }
+        StoreOp::Job(j) => {
+            tx.prepare_cached(
+                "INSERT INTO jobs (name, last_run, last_success, last_failed, last_total, last_fired)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT(name) DO UPDATE SET last_run = ?2, last_success = ?3,
+                    last_failed = ?4, last_total = ?5, last_fired = ?6",
+            )?
+            .execute(params![
+                j.name,
+                j.last_run.map(ts),
+                j.last_success,
+                j.last_failed as i64,
+                j.last_total as i64,
+                j.last_fired.map(ts),
+            ])?;
+        }
+        StoreOp::Notify(_) | StoreOp::Query(_) | StoreOp::Prune => {}
+    }
+    Ok(())
+}
+
+fn load_output_state(
+    tx: &Transaction<'_>,
+    instance: &str,
+    machine: &str,
+) -> Result<OutputState, StoreError> {
+    let mut state = OutputState::default();
+    let mut stmt = tx.prepare_cached(
+        "SELECT idx, head, length(CAST(data AS BLOB)) FROM output
+         WHERE instance = ?1 AND machine = ?2 ORDER BY idx",
+    )?;
+    let mut rows = stmt.query(params![instance, machine])?;
+    while let Some(row) = rows.next()? {
+        let idx: i64 = row.get(0)?;
+        let head: bool = row.get(1)?;
+        let len = row.get::<_, i64>(2)? as u64;
+        if head {
+            state.head += len;
+        } else {
+            state.tail.push_back((idx, len));
+            state.tail_bytes += len;
+        }
+        state.next_idx = idx + 1;
+    }
+    let (total, dropped): (i64, i64) = tx
+        .query_row(
+            "SELECT output_bytes, output_dropped FROM machines WHERE instance = ?1 AND machine = ?2",
+            params![instance, machine],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()?
+        .unwrap_or((0, 0));
+    state.total = total as u64;
+    state.dropped = dropped as u64;
+    Ok(state)
+}
+
+/// Deletes finished runs beyond the per-job count or older than the age limit.
+fn prune(tx: &Transaction<'_>, retention: Retention) -> Result<(), StoreError> {
+    let cutoff =
+        ts(OffsetDateTime::now_utc() - time::Duration::days(retention.max_age_days.into()));
+    tx.execute_batch(
+        "CREATE TEMP TABLE IF NOT EXISTS doomed (instance TEXT PRIMARY KEY); DELETE FROM doomed;",
+    )?;
+    tx.execute(
+        "INSERT OR IGNORE INTO doomed SELECT instance FROM runs WHERE ended IS NOT NULL AND started < ?1",
+        [cutoff],
+    )?;
+    tx.execute(
+        "INSERT OR IGNORE INTO doomed SELECT instance FROM (
+            SELECT instance, ROW_NUMBER() OVER (PARTITION BY job ORDER BY started DESC) AS n
+            FROM runs WHERE ended IS NOT NULL) WHERE n > ?1",
+        [retention.runs_per_job as i64],
+    )?;
+    let n = tx.execute(
+        "DELETE FROM output WHERE instance IN (SELECT instance FROM doomed)",
+        [],
+    )?;
+    tx.execute(
+        "DELETE FROM machines WHERE instance IN (SELECT instance FROM doomed)",
+        [],
+    )?;
+    let runs = tx.execute(
+        "DELETE FROM runs WHERE instance IN (SELECT instance FROM doomed)",
+        [],
+    )?;
+    if runs > 0 {
+        tracing::info!(runs, chunks = n, "Retention removed old runs.");
+    }
+    Ok(())
+}
