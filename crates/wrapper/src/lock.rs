@@ -96,6 +96,12 @@ impl Held {
         self.file.take();
     }
 
+    /// The lock file's descriptor, which the daemon must keep open.
+    pub fn raw_fd(&self) -> Option<std::os::fd::RawFd> {
+        use std::os::fd::AsRawFd;
+        self.file.as_ref().map(AsRawFd::as_raw_fd)
+    }
+
     /// The lock file's path, for log messages.
     pub fn path(&self) -> &Path {
         &self.path

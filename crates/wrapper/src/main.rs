@@ -19,6 +19,7 @@ mod session;
 mod sys;
 
 use std::io::{BufRead, BufReader, PipeReader};
+use std::os::fd::AsRawFd;
 use std::process::ExitCode;
 
 use nix::sys::wait::waitpid;
@@ -61,7 +62,14 @@ fn main() -> ExitCode {
             eprintln!("Error: cannot start the wrapper daemon: {e}");
             ExitCode::FAILURE
         }
-        Ok(Forked::Daemon { ready }) => run::daemon(cfg, lock, ready),
+        Ok(Forked::Daemon { ready }) => {
+            let mut keep = vec![ready.as_raw_fd()];
+            if let LockState::Held(held) = &lock {
+                keep.extend(held.raw_fd());
+            }
+            sys::close_inherited_fds(&keep);
+            run::daemon(cfg, lock, ready)
+        }
         Ok(Forked::Invoker {
             ready,
             intermediate,

@@ -12,7 +12,7 @@
 #![allow(unsafe_code)]
 
 use std::io::{self, Write};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::process::Command;
 
@@ -102,6 +102,26 @@ pub fn daemonize() -> io::Result<Forked> {
         report_and_exit(writer, &e);
     }
     Ok(Forked::Daemon { ready: writer })
+}
+
+/// Closes every descriptor above stderr that the daemon inherited, except `keep`. Salt (or a
+/// test harness) may hand the wrapper extra descriptors without close-on-exec, such as its
+/// own output pipes or a jobserver; a daemon holding them could keep the caller waiting for
+/// EOF, and the job would inherit them. Called in the daemon before any thread exists, so no
+/// descriptor is in use by anyone else.
+pub fn close_inherited_fds(keep: &[RawFd]) {
+    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
+        return;
+    };
+    let fds: Vec<RawFd> = dir
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    for fd in fds {
+        if fd > 2 && !keep.contains(&fd) {
+            // EBADF for the directory's own descriptor, already closed, is expected.
+            let _ = nix::unistd::close(fd);
+        }
+    }
 }
 
 /// Reports a failure in a forked child through the readiness pipe and exits.

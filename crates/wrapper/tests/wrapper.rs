@@ -529,3 +529,40 @@ fn version_flag_prints_the_version() {
         format!("sp-wrapper {}\n", env!("CARGO_PKG_VERSION"))
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn job_inherits_only_its_standard_descriptors() {
+    let mut master = TestMaster::start(Behaviour::default()).await;
+    // `ls` itself opens the directory as descriptor 3; anything beyond would be a leak of
+    // the wrapper's lock, log, socket or readiness pipe.
+    let run = Run::new("fds", &master.url(), "ls /proc/self/fd");
+    run.launch_ok();
+    master.wait_complete(LIMIT).await;
+    assert_eq!(master.seen.text(), "0\n1\n2\n3\n");
+    wait_wrapper_exit(wrapper_pid(&master), Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrapper_killed_with_sigkill_takes_its_job_along() {
+    let mut master = TestMaster::start(Behaviour::default()).await;
+    let run = Run::new("pdeathsig", &master.url(), "echo up; exec sleep 300");
+    run.launch_ok();
+    master
+        .wait_for(LIMIT, "output", |s| s.text().contains("up"))
+        .await;
+    let job = master.seen.starts[0].1.pid;
+    let wrapper = wrapper_pid(&master);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(wrapper as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    while common::alive(job) {
+        if std::time::Instant::now() > deadline {
+            common::kill_started(job, "sleep");
+            panic!("the job outlived its wrapper");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
