@@ -10,6 +10,7 @@ use axum::{Json, Router};
 use serde_json::json;
 
 use crate::engine::{ApiError, ApiRequest, EngineHandle};
+use crate::store::Query;
 
 /// The API's router.
 pub fn router(engine: EngineHandle) -> Router {
@@ -17,7 +18,12 @@ pub fn router(engine: EngineHandle) -> Router {
         .route("/version", get(version))
         .route("/api/v1/jobs", get(list_jobs))
         .route("/api/v1/jobs/{job}/run", post(run_now))
+        .route("/api/v1/jobs/{job}/runs", get(job_runs))
         .route("/api/v1/runs/{instance}", get(get_run))
+        .route(
+            "/api/v1/runs/{instance}/machines/{machine}/output",
+            get(machine_output),
+        )
         .route("/api/v1/runs/{instance}/kill", post(kill_run))
         .route(
             "/api/v1/runs/{instance}/machines/{machine}/kill",
@@ -80,12 +86,115 @@ async fn get_run(
     Path(instance): Path<String>,
 ) -> Result<Response, Failure> {
     let wanted = instance.clone();
-    let run = engine
+    let in_memory = engine
         .ask(|reply| ApiRequest::GetRun { instance, reply })
         .await
+        .ok_or_else(engine_gone)?;
+    if let Some(run) = in_memory {
+        return Ok(Json(run).into_response());
+    }
+    // Older runs live only in the store.
+    let instance = wanted.clone();
+    let stored = engine
+        .ask(|reply| ApiRequest::Store(Query::Run { instance, reply }))
+        .await
         .ok_or_else(engine_gone)?
+        .map_err(store_failed)?
         .ok_or_else(|| Failure(StatusCode::NOT_FOUND, format!("no run {wanted:?}")))?;
-    Ok(Json(run).into_response())
+    Ok(Json(stored).into_response())
+}
+
+fn store_failed(error: crate::store::StoreError) -> Failure {
+    tracing::error!(%error, "History query failed.");
+    Failure(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "the run history is unavailable".into(),
+    )
+}
+
+/// Paging of `GET /api/v1/jobs/{job}/runs`.
+#[derive(Debug, serde::Deserialize)]
+struct Page {
+    /// Only runs that started before this RFC 3339 time (the last `started` of a page).
+    before: Option<String>,
+    /// At most this many runs (default 20, at most 500).
+    limit: Option<usize>,
+}
+
+/// A job's runs, newest first, from the store.
+async fn job_runs(
+    State(engine): State<EngineHandle>,
+    Path(job): Path<String>,
+    axum::extract::Query(page): axum::extract::Query<Page>,
+) -> Result<Response, Failure> {
+    let limit = page.limit.unwrap_or(20).clamp(1, 500);
+    let runs = engine
+        .ask(|reply| {
+            ApiRequest::Store(Query::Runs {
+                job,
+                before: page.before,
+                limit,
+                reply,
+            })
+        })
+        .await
+        .ok_or_else(engine_gone)?
+        .map_err(store_failed)?;
+    let next = (runs.len() == limit)
+        .then(|| runs.last().map(|r| r.started.clone()))
+        .flatten();
+    Ok(Json(json!({ "runs": runs, "next_before": next })).into_response())
+}
+
+/// A byte range of a machine's output.
+#[derive(Debug, serde::Deserialize)]
+struct Range {
+    /// First byte (default 0).
+    offset: Option<u64>,
+    /// How many bytes (default: to the end).
+    length: Option<u64>,
+}
+
+/// A machine's full stored output (or a byte range of it) as plain text. The total length and
+/// how much retention dropped are in `X-Output-Total-Bytes` and `X-Output-Dropped-Bytes`.
+async fn machine_output(
+    State(engine): State<EngineHandle>,
+    Path((instance, machine)): Path<(String, String)>,
+    axum::extract::Query(range): axum::extract::Query<Range>,
+) -> Result<Response, Failure> {
+    let what = format!("no output for {machine:?} in {instance:?}");
+    let output = engine
+        .ask(|reply| {
+            ApiRequest::Store(Query::Output {
+                instance,
+                machine,
+                offset: range.offset.unwrap_or(0),
+                length: range.length,
+                reply,
+            })
+        })
+        .await
+        .ok_or_else(engine_gone)?
+        .map_err(store_failed)?
+        .ok_or_else(|| Failure(StatusCode::NOT_FOUND, what))?;
+    Ok((
+        [
+            (
+                axum::http::header::CONTENT_TYPE,
+                "text/plain; charset=utf-8".to_owned(),
+            ),
+            (
+                axum::http::HeaderName::from_static("x-output-total-bytes"),
+                output.total_bytes.to_string(),
+            ),
+            (
+                axum::http::HeaderName::from_static("x-output-dropped-bytes"),
+                output.dropped_bytes.to_string(),
+            ),
+        ],
+        output.text,
+    )
+        .into_response())
 }
 
 async fn kill_run(

@@ -40,6 +40,8 @@ pub enum ApiRequest {
     },
     /// Queries of the UI, the dashboard, the CLI and `/metrics` (see `engine/ui.rs`).
     Ui(super::UiRequest),
+    /// A history query, forwarded to the store behind every write queued before it.
+    Store(crate::store::Query),
 }
 
 /// A job as `GET /api/v1/jobs` shows it.
@@ -80,6 +82,7 @@ impl Engine {
                 let _ = reply.send(self.kill_machine(&instance, &machine));
             }
             ApiRequest::Ui(request) => self.on_ui(request),
+            ApiRequest::Store(query) => self.store.push(crate::store::StoreOp::Query(query)),
         }
     }
 

@@ -1,0 +1,239 @@
+//! The store on a real SQLite file: what goes in comes back after a reopen, output retention
+//! keeps head and tail and counts the rest, notices only follow committed writes, and old runs
+//! are pruned.
+
+#![allow(clippy::unwrap_used)] // Tests fail loudly by design.
+
+use saltpeter_master::runs::MachineStatus;
+use saltpeter_master::store::{
+    Db, JobRecord, MachineRecord, Notice, Query, Retention, RunRecord, Store, StoreOp,
+};
+use time::macros::datetime;
+use tokio::sync::oneshot;
+
+fn run(instance: &str, ended: bool) -> RunRecord {
+    RunRecord {
+        instance: instance.into(),
+        job: "j".into(),
+        group: "g".into(),
+        started: recent(),
+        ended: ended.then_some(recent() + time::Duration::minutes(1)),
+        success: ended.then_some(true),
+        killed: false,
+        token: "secret".into(),
+        resolving: false,
+        maintenance: vec!["m9".into()],
+        pending_batches: vec![vec!["m3".into()]],
+    }
+}
+
+/// A day ago: inside the default 30-day retention, which the store applies on its own.
+fn recent() -> time::OffsetDateTime {
+    let now = time::OffsetDateTime::now_utc() - time::Duration::days(1);
+    now.replace_nanosecond(0).unwrap()
+}
+
+fn machine(instance: &str, name: &str) -> MachineRecord {
+    MachineRecord {
+        instance: instance.into(),
+        machine: name.into(),
+        status: MachineStatus::Running,
+        retcode: None,
+        cause: None,
+        late_retcode: None,
+        starttime: Some(datetime!(2026-01-01 00:00:01 UTC)),
+        endtime: None,
+        last_heartbeat: None,
+        wrapper_version: Some("1.0".into()),
+        pid: Some(42),
+        wrapper_pid: Some(41),
+        launched: true,
+        started: true,
+        kill_requested: true,
+        launch_problem: None,
+        modern: true,
+    }
+}
+
+fn output(instance: &str, name: &str, seq: u64, data: &str) -> StoreOp {
+    StoreOp::Output {
+        instance: instance.into(),
+        machine: name.into(),
+        seq: Some(seq),
+        data: data.into(),
+    }
+}
+
+fn open(dir: &std::path::Path, retention: Retention) -> (Db, saltpeter_master::store::Restored) {
+    Store::open(dir, retention).unwrap()
+}
+
+#[test]
+fn an_unfinished_run_comes_back_after_a_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (mut db, restored) = open(dir.path(), Retention::default());
+        assert!(restored.runs.is_empty());
+        let notices = db.apply(vec![
+            StoreOp::Run(run("j_1", false)),
+            StoreOp::Run(run("j_0", true)),
+            StoreOp::Machine(machine("j_1", "m1")),
+            output("j_1", "m1", 0, "one\n"),
+            output("j_1", "m1", 1, "two é\n"),
+            StoreOp::Job(JobRecord {
+                name: "j".into(),
+                last_fired: Some(datetime!(2026-01-01 00:00 UTC)),
+                ..JobRecord::default()
+            }),
+            StoreOp::Notify(Notice::Output {
+                instance: "j_1".into(),
+                machine: "m1".into(),
+                seq: Some(1),
+                conn: 7,
+            }),
+        ]);
+        assert_eq!(
+            notices.len(),
+            1,
+            "the notice comes back once its batch is committed"
+        );
+    }
+    let (_db, restored) = open(dir.path(), Retention::default());
+    assert_eq!(restored.runs.len(), 1, "finished runs are not restored");
+    let (r, machines) = &restored.runs[0];
+    assert_eq!(r.instance, "j_1");
+    assert_eq!(r.token, "secret");
+    assert_eq!(r.maintenance, ["m9"]);
+    assert_eq!(r.pending_batches, [vec!["m3".to_owned()]]);
+    assert_eq!(machines.len(), 1);
+    let m = &machines[0];
+    assert_eq!(m.next_seq, 2);
+    assert_eq!(m.output.text(), "one\ntwo é\n");
+    assert!(m.record.kill_requested && m.record.started && m.record.modern);
+    assert_eq!(m.record.pid, Some(42));
+    assert_eq!(
+        restored.jobs[0].last_fired,
+        Some(datetime!(2026-01-01 00:00 UTC))
+    );
+}
+
+#[test]
+fn retention_keeps_head_and_tail_and_counts_what_it_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let retention = Retention {
+        head_bytes: 6,
+        tail_bytes: 8,
+        ..Retention::default()
+    };
+    let (mut db, _) = open(dir.path(), retention);
+    let mut ops = vec![
+        StoreOp::Run(run("j_1", false)),
+        StoreOp::Machine(machine("j_1", "m1")),
+    ];
+    for (i, chunk) in ["head1\n", "aaaa", "bbbb", "cccc", "dddd"]
+        .iter()
+        .enumerate()
+    {
+        ops.push(output("j_1", "m1", i as u64, chunk));
+    }
+    db.apply(ops);
+    let (tx, mut rx) = oneshot::channel();
+    db.apply(vec![StoreOp::Query(Query::Output {
+        instance: "j_1".into(),
+        machine: "m1".into(),
+        offset: 0,
+        length: None,
+        reply: tx,
+    })]);
+    let range = rx.try_recv().unwrap().unwrap().unwrap();
+    assert_eq!(range.total_bytes, 22);
+    assert_eq!(range.dropped_bytes, 8);
+    assert_eq!(
+        range.text,
+        "head1\n\n[... 8 bytes dropped by retention ...]\nccccdddd"
+    );
+    // A range inside the kept tail.
+    let (tx, mut rx) = oneshot::channel();
+    db.apply(vec![StoreOp::Query(Query::Output {
+        instance: "j_1".into(),
+        machine: "m1".into(),
+        offset: 15,
+        length: Some(4),
+        reply: tx,
+    })]);
+    assert_eq!(rx.try_recv().unwrap().unwrap().unwrap().text, "cccd");
+    drop(db);
+    let (_, restored) = open(dir.path(), retention);
+    let m = &restored.runs[0].1[0];
+    assert_eq!(m.output.total_bytes(), 22);
+    assert_eq!(m.output.omitted_bytes(), 8);
+    assert!(m.output.text().starts_with("head1\n"));
+    assert!(m.output.text().ends_with("ccccdddd"));
+}
+
+#[test]
+fn old_runs_are_pruned_per_job() {
+    let dir = tempfile::tempdir().unwrap();
+    let retention = Retention {
+        runs_per_job: 2,
+        ..Retention::default()
+    };
+    let (mut db, _) = open(dir.path(), retention);
+    let mut ops = Vec::new();
+    for i in 0..5 {
+        let mut r = run(&format!("j_{i}"), true);
+        r.started = recent() + time::Duration::minutes(i);
+        ops.push(StoreOp::Run(r));
+        ops.push(StoreOp::Machine(machine(&format!("j_{i}"), "m1")));
+        ops.push(output(&format!("j_{i}"), "m1", 0, "x"));
+    }
+    ops.push(StoreOp::Prune);
+    db.apply(ops);
+    let (tx, mut rx) = oneshot::channel();
+    db.apply(vec![StoreOp::Query(Query::Runs {
+        job: "j".into(),
+        before: None,
+        limit: 10,
+        reply: tx,
+    })]);
+    let runs = rx.try_recv().unwrap().unwrap();
+    let names: Vec<&str> = runs.iter().map(|r| r.instance.as_str()).collect();
+    assert_eq!(names, ["j_4", "j_3"], "newest two kept, newest first");
+    let (tx, mut rx) = oneshot::channel();
+    db.apply(vec![StoreOp::Query(Query::Run {
+        instance: "j_0".into(),
+        reply: tx,
+    })]);
+    assert!(rx.try_recv().unwrap().unwrap().is_none());
+}
+
+#[test]
+fn history_pages_follow_each_other() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut db, _) = open(dir.path(), Retention::default());
+    let mut ops = Vec::new();
+    for i in 0..5 {
+        let mut r = run(&format!("j_{i}"), true);
+        r.started = recent() + time::Duration::minutes(i);
+        ops.push(StoreOp::Run(r));
+    }
+    db.apply(ops);
+    let page = |db: &mut Db, before: Option<String>| {
+        let (tx, mut rx) = oneshot::channel();
+        db.apply(vec![StoreOp::Query(Query::Runs {
+            job: "j".into(),
+            before,
+            limit: 2,
+            reply: tx,
+        })]);
+        rx.try_recv().unwrap().unwrap()
+    };
+    let first = page(&mut db, None);
+    let second = page(&mut db, Some(first[1].started.clone()));
+    let all: Vec<String> = first
+        .iter()
+        .chain(&second)
+        .map(|r| r.instance.clone())
+        .collect();
+    assert_eq!(all, ["j_4", "j_3", "j_2", "j_1"]);
+}
