@@ -146,6 +146,8 @@ pub async fn run(
     let mut abort_open = true;
     // When an ack last advanced the session (for pacing).
     let mut last_progress = Instant::now();
+    // Set once the master refused the run.
+    let mut rejected: Option<(ErrorCode, String)> = None;
 
     let end = loop {
         // Send whatever the session allows, then re-arm the ack timeout.
@@ -154,6 +156,9 @@ pub async fn run(
         }
         if session.is_done() {
             break Delivery::Delivered;
+        }
+        if let Some((code, message)) = rejected.as_ref().filter(|_| !input_open) {
+            break Delivery::Rejected(*code, message.clone());
         }
         if session.awaiting_ack() {
             if ack_deadline.is_none() {
@@ -209,7 +214,15 @@ pub async fn run(
                                 None
                             }
                             Frame::Rejected(code, message) => {
-                                break Delivery::Rejected(code, message);
+                                // Terminal: no more connections. Output still arriving is
+                                // kept (spooled) until the run ends, so the local log gets
+                                // all of it, in order.
+                                rejected = Some((code, message));
+                                conn = None;
+                                connecting = None;
+                                retry_at = None;
+                                session.disconnected();
+                                None
                             }
                         }
                     }
@@ -270,7 +283,8 @@ pub async fn run(
                 }
             }
             () = sleep_until(retry_at.unwrap_or_else(Instant::now)),
-                if retry_at.is_some() && conn.is_none() && connecting.is_none() => {
+                if retry_at.is_some() && conn.is_none() && connecting.is_none()
+                    && rejected.is_none() => {
                 retry_at = None;
                 connecting = Some(Box::pin(connect(cfg.url.clone())));
             }

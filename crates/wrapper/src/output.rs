@@ -168,7 +168,7 @@ pub enum PumpEnd {
     Deadline,
     /// Reading failed (logged by the caller).
     ReadError,
-    /// The link stopped accepting output.
+    /// The link stopped accepting output (its task failed); the rest was read and dropped.
     LinkGone,
 }
 
@@ -186,6 +186,9 @@ pub async fn pump(
     let mut flush_at: Option<Instant> = None;
     let mut stop_at: Option<Instant> = None;
     let mut watching = true;
+    // Once the link is gone (it never should be before the run ends), output is still read
+    // and dropped, so the job can never block on a full pipe.
+    let mut link_gone = false;
     let end = loop {
         tokio::select! {
             biased;
@@ -194,9 +197,7 @@ pub async fn pump(
                 Ok(n) => {
                     decoder.commit(n, batch.text());
                     while let Some(text) = batch.take_full() {
-                        if send(&tx, text).await.is_err() {
-                            return PumpEnd::LinkGone;
-                        }
+                        link_gone = link_gone || send(&tx, text).await.is_err();
                     }
                     if !batch.is_empty() && flush_at.is_none() {
                         flush_at = Some(Instant::now() + interval);
@@ -208,9 +209,7 @@ pub async fn pump(
             () = sleep_until(flush_at.unwrap_or_else(Instant::now)), if flush_at.is_some() => {
                 flush_at = None;
                 while let Some(text) = batch.take_any() {
-                    if send(&tx, text).await.is_err() {
-                        return PumpEnd::LinkGone;
-                    }
+                    link_gone = link_gone || send(&tx, text).await.is_err();
                 }
             }
             () = sleep_until(stop_at.unwrap_or_else(Instant::now)), if stop_at.is_some() => {
@@ -227,11 +226,9 @@ pub async fn pump(
     };
     decoder.finish(batch.text());
     while let Some(text) = batch.take_any() {
-        if send(&tx, text).await.is_err() {
-            return PumpEnd::LinkGone;
-        }
+        link_gone = link_gone || send(&tx, text).await.is_err();
     }
-    end
+    if link_gone { PumpEnd::LinkGone } else { end }
 }
 
 async fn send(tx: &mpsc::Sender<LinkInput>, data: String) -> Result<(), ()> {

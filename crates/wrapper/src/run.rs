@@ -196,7 +196,10 @@ async fn controller(cfg: Config, mut lock: LockState, mut ready: PipeWriter) -> 
                     log.info("Background processes still hold the job's output; stopped reading it")
                 }
                 Ok(PumpEnd::ReadError) => log.info("Reading the job's output failed"),
-                Ok(PumpEnd::Eof | PumpEnd::LinkGone) | Err(_) => {}
+                Ok(PumpEnd::LinkGone) => {
+                    log.info("The link to the master failed; later output was dropped");
+                }
+                Ok(PumpEnd::Eof) | Err(_) => {}
             }
             let notice = match ended.stop {
                 Some(Stop::Timeout(t)) => Some(timeout_line(t.as_secs())),

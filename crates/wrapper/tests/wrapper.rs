@@ -443,6 +443,30 @@ async fn job_not_found_ends_delivery_at_once_and_keeps_the_output_locally() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_during_the_run_keeps_all_output_locally_and_never_reconnects() {
+    let mut master = TestMaster::start(Behaviour {
+        reject_start: true,
+        ..Behaviour::default()
+    })
+    .await;
+    let run = Run::new("refused", &master.url(), "echo one; sleep 0.3; echo two");
+    run.launch_ok();
+    master
+        .wait_for(LIMIT, "start", |s| !s.starts.is_empty())
+        .await;
+    wait_wrapper_exit(wrapper_pid(&master), Duration::from_secs(5)).await;
+    master.idle(Duration::from_millis(50)).await;
+    assert_eq!(master.seen.accepted, 1, "a refused run must not reconnect");
+    assert!(master.seen.outputs.is_empty());
+    let log = run.log_text();
+    assert!(
+        log.contains("--- UNDELIVERED OUTPUT START ---\none\ntwo\n\n"),
+        "{log}"
+    );
+    assert!(log.contains("Job completed: SUCCESS"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runs_as_sp_user_with_its_uid_gid_groups_and_environment() {
     if !nix::unistd::Uid::effective().is_root() {
         eprintln!("skipped: needs root to switch users");

@@ -32,6 +32,8 @@ pub struct Behaviour {
     pub accept_later: bool,
     /// Answer `complete` with `JOB_NOT_FOUND`.
     pub reject_complete: bool,
+    /// Answer `start` with `JOB_NOT_FOUND`.
+    pub reject_start: bool,
 }
 
 enum Cmd {
@@ -276,6 +278,9 @@ fn handle(
     let reply = match &msg {
         WrapperMessage::Connect(_) => {
             Reply::Send(ack(AckType::Connect, None, Some(state.next_seq as i64 - 1)))
+        }
+        WrapperMessage::Start(_) if state.behaviour.reject_start => {
+            Reply::Send(MasterMessage::Error(ErrorReply::job_not_found()))
         }
         WrapperMessage::Start(_) => Reply::Send(ack(AckType::Start, None, None)),
         WrapperMessage::Heartbeat(_) => Reply::None,
