@@ -335,7 +335,8 @@ async function drawTimeline(svg, hours) {
     svg.append(node("line", { class: "grid", x1: x(t), x2: x(t), y1: top - 4, y2: height }));
     const d = new Date(t);
     const label = hours > 48 ? d.toLocaleDateString([], { month: "short", day: "numeric" }) + " " + d.toTimeString().slice(0, 5) : d.toTimeString().slice(0, 5);
-    svg.append(node("text", { x: x(t), y: 12, "text-anchor": "middle" }, label));
+    const anchor = i === 0 ? "start" : i === 6 ? "end" : "middle";
+    svg.append(node("text", { x: x(t), y: 12, "text-anchor": anchor }, label));
   }
   if (!jobs.length) {
     svg.append(node("text", { x: labelW, y: top + 14 }, "No runs in this window."));

@@ -2,6 +2,7 @@
 //! launcher starting real `sp-wrapper` processes, over real sockets, with real signals. The
 //! scenarios run concurrently against one master and print what they measured.
 
+mod browser;
 mod http;
 mod master;
 mod scenarios;
@@ -21,7 +22,8 @@ pub fn run(_args: &[String]) -> Result<()> {
     let mut cargo = std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     step("build binaries for e2e", cargo.args(["build", "--workspace", "--bins"]))?;
     let started = Instant::now();
-    let outcomes: Vec<Outcome> = scenarios::local()?;
+    let mut outcomes: Vec<Outcome> = scenarios::local()?;
+    outcomes.extend(browser::scenarios());
     let failed = outcomes.iter().filter(|(_, r)| r.is_err()).count();
     println!("\ne2e results ({:.1} s):", started.elapsed().as_secs_f64());
     for (name, result) in &outcomes {
