@@ -55,7 +55,10 @@ pub fn spawn(cfg: &Config) -> io::Result<Job> {
         .stdout(writer)
         .stderr(writer_too)
         .current_dir(&cfg.cwd)
-        .process_group(0);
+        .process_group(0)
+        // The run token authenticates this wrapper to the master; the job has no use for it
+        // and should not be able to speak for the run.
+        .env_remove("SP_RUN_TOKEN");
     if let Some(user) = &cfg.run_as {
         cmd.env("HOME", &user.home)
             .env("USER", &user.name)

@@ -555,14 +555,18 @@ fn version_flag_prints_the_version() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn job_inherits_only_its_standard_descriptors() {
+async fn job_inherits_only_its_standard_descriptors_and_not_the_run_token() {
     let mut master = TestMaster::start(Behaviour::default()).await;
     // `ls` itself opens the directory as descriptor 3; anything beyond would be a leak of
     // the wrapper's lock, log, socket or readiness pipe.
-    let run = Run::new("fds", &master.url(), "ls /proc/self/fd");
+    let cmd = "ls /proc/self/fd; echo \"token=${SP_RUN_TOKEN:-unset} job=$SP_JOB_NAME\"";
+    let run = Run::new("fds", &master.url(), cmd);
     run.launch_ok();
     master.wait_complete(LIMIT).await;
-    assert_eq!(master.seen.text(), "0\n1\n2\n3\n");
+    assert_eq!(
+        master.seen.text(),
+        format!("0\n1\n2\n3\ntoken=unset job={}\n", run.job)
+    );
     wait_wrapper_exit(wrapper_pid(&master), Duration::from_secs(5)).await;
 }
 
