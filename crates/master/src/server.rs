@@ -100,7 +100,9 @@ pub async fn start(options: Options) -> Result<Running, StartError> {
         })?;
     let launcher: Arc<dyn Launcher> = match (options.launcher, s.launcher) {
         (Some(l), _) => l,
-        (None, LauncherKind::Local) => Arc::new(LocalLauncher::beside_current_exe()),
+        (None, LauncherKind::Local) => {
+            Arc::new(LocalLauncher::beside_current_exe().with_lock_dir(s.data_dir.join("locks")))
+        }
         (None, LauncherKind::Salt) => Arc::new(SaltLauncher::from_settings(s)),
     };
     // Wrappers started by the local launcher run here, so loopback always reaches us; a

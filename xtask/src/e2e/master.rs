@@ -30,7 +30,10 @@ pub fn target_dir() -> PathBuf {
 }
 
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
 }
 
 pub fn binary(name: &str) -> PathBuf {
@@ -43,34 +46,38 @@ impl Master {
         let conf = dir.join("conf");
         fs::create_dir_all(&conf)?;
         for (name, text) in files {
-            fs::write(conf.join(name), text.replace("@DIR@", &dir.to_string_lossy()))?;
+            fs::write(
+                conf.join(name),
+                text.replace("@DIR@", &dir.to_string_lossy()),
+            )?;
         }
-        let ready = dir.join("ready.json");
-        let log = fs::File::create(dir.join("master.log"))?;
-        let child = Command::new(binary("sp-master"))
-            .arg("-c")
-            .arg(&conf)
-            .arg("--ready-file")
-            .arg(&ready)
-            .env("RUST_LOG", "info,saltpeter_master=debug")
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("starting sp-master")?;
-        let mut master = Self { child, api: "127.0.0.1:1".parse()?, dir: dir.to_owned(), conf };
+        let child = spawn(dir, &conf)?;
+        let mut master = Self {
+            child,
+            api: "127.0.0.1:1".parse()?,
+            dir: dir.to_owned(),
+            conf,
+        };
+        master.wait_ready()?;
+        Ok(master)
+    }
+
+    fn wait_ready(&mut self) -> Result<()> {
+        let ready = self.dir.join("ready.json");
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Ok(text) = fs::read_to_string(&ready)
                 && let Ok(v) = serde_json::from_str::<Value>(&text)
                 && let Some(api) = v["api"].as_str()
             {
-                master.api = api.parse()?;
-                return Ok(master);
+                self.api = api.parse()?;
+                return Ok(());
             }
-            if let Some(status) = master.child.try_wait()? {
-                bail!("sp-master exited early ({status}); see {}", dir.join("master.log").display());
+            if let Some(status) = self.child.try_wait()? {
+                bail!(
+                    "sp-master exited early ({status}); see {}",
+                    self.dir.join("master.log").display()
+                );
             }
             if Instant::now() > deadline {
                 bail!("sp-master not ready within 30 s");
@@ -79,13 +86,33 @@ impl Master {
         }
     }
 
+    /// `kill -9` of the master process: no chance to save anything.
+    pub fn kill9(&mut self) -> Result<()> {
+        let status = Command::new("kill")
+            .args(["-KILL", &self.child.id().to_string()])
+            .status()?;
+        anyhow::ensure!(status.success(), "kill -9 of sp-master failed");
+        self.child.wait()?;
+        Ok(())
+    }
+
+    /// Starts the master again on the same directories (after [`Master::kill9`]).
+    pub fn relaunch(&mut self) -> Result<()> {
+        let _ = fs::remove_file(self.dir.join("ready.json"));
+        self.child = spawn(&self.dir, &self.conf)?;
+        self.wait_ready()
+    }
+
     /// Starts a run now and returns its instance id.
     pub fn run_job(&self, job: &str) -> Result<String> {
         let r = http::post(self.api, &format!("/api/v1/jobs/{job}/run"))?;
         if r.status != 202 {
             bail!("run {job}: HTTP {} {}", r.status, r.body);
         }
-        Ok(r.body["instance"].as_str().context("no instance in reply")?.to_owned())
+        Ok(r.body["instance"]
+            .as_str()
+            .context("no instance in reply")?
+            .to_owned())
     }
 
     pub fn run(&self, instance: &str) -> Result<Value> {
@@ -97,7 +124,12 @@ impl Master {
     }
 
     /// Polls a run until `done` holds, for at most `limit`.
-    pub fn wait_run(&self, instance: &str, limit: Duration, done: impl Fn(&Value) -> bool) -> Result<Value> {
+    pub fn wait_run(
+        &self,
+        instance: &str,
+        limit: Duration,
+        done: impl Fn(&Value) -> bool,
+    ) -> Result<Value> {
         let deadline = Instant::now() + limit;
         loop {
             let run = self.run(instance)?;
@@ -135,6 +167,26 @@ impl Drop for Master {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Starts `sp-master` on `conf`, appending its output to `<dir>/master.log`.
+fn spawn(dir: &Path, conf: &Path) -> Result<Child> {
+    let log = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("master.log"))?;
+    Command::new(binary("sp-master"))
+        .arg("-c")
+        .arg(conf)
+        .arg("--ready-file")
+        .arg(dir.join("ready.json"))
+        .env("RUST_LOG", "info,saltpeter_master=debug")
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .context("starting sp-master")
 }
 
 /// A run's machine as JSON.

@@ -5,6 +5,9 @@
 mod browser;
 mod http;
 mod master;
+mod restart;
+mod salt_env;
+mod salt_scenarios;
 mod scenarios;
 
 pub use master::binary;
@@ -18,12 +21,56 @@ use crate::ci::step;
 /// A scenario: its name and what it measured, or why it failed.
 type Outcome = (String, Result<String>);
 
-pub fn run(_args: &[String]) -> Result<()> {
-    let mut cargo = std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    step("build binaries for e2e", cargo.args(["build", "--workspace", "--bins"]))?;
+pub fn run(args: &[String]) -> Result<()> {
+    let mut cargo =
+        std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    step(
+        "build binaries for e2e",
+        cargo.args(["build", "--workspace", "--bins"]),
+    )?;
     let started = Instant::now();
-    let mut outcomes: Vec<Outcome> = scenarios::local()?;
-    outcomes.extend(browser::scenarios());
+    // The Salt group (real salt-master and minions, its own sp-masters) runs beside the local
+    // group; `--no-salt` leaves it out on a machine without PyPI.
+    let with_salt = !args.iter().any(|a| a == "--no-salt");
+    // `--only GROUP` (local, salt, restart, browser) runs one group, for quick iteration.
+    let only = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1))
+        .cloned();
+    let wanted = |group: &str| only.as_deref().is_none_or(|o| o == group);
+    let with_salt = with_salt && wanted("salt");
+    let (local, salt, restart) = std::thread::scope(|s| {
+        let salt = with_salt.then(|| s.spawn(salt_scenarios::salt));
+        let restart = wanted("restart").then(|| s.spawn(restart::scenarios));
+        let local = if wanted("local") {
+            scenarios::local()
+        } else {
+            Ok(Vec::new())
+        };
+        (local, salt.map(|h| h.join()), restart.map(|h| h.join()))
+    });
+    let mut outcomes: Vec<Outcome> = local?;
+    match restart {
+        None => {}
+        Some(Ok(restart)) => outcomes.extend(restart),
+        Some(Err(_)) => outcomes.push((
+            "restart".into(),
+            Err(anyhow::anyhow!("the restart group panicked")),
+        )),
+    }
+    match salt {
+        None => {}
+        Some(Ok(Ok(salt))) => outcomes.extend(salt),
+        Some(Ok(Err(error))) => outcomes.push(("salt: set-up".into(), Err(error))),
+        Some(Err(_)) => outcomes.push((
+            "salt".into(),
+            Err(anyhow::anyhow!("the Salt group panicked")),
+        )),
+    }
+    if wanted("browser") {
+        outcomes.extend(browser::scenarios());
+    }
     let failed = outcomes.iter().filter(|(_, r)| r.is_err()).count();
     println!("\ne2e results ({:.1} s):", started.elapsed().as_secs_f64());
     for (name, result) in &outcomes {

@@ -166,12 +166,11 @@ fn non_empty(node: &Node) -> Result<String, String> {
     }
 }
 
+/// A TCP port. 0 asks the kernel for a free one (the bound address is logged and written to
+/// `--ready-file`), which tests and side-by-side instances use.
 fn port(node: &Node) -> Result<u16, String> {
     let n = node.as_count("a port number")?;
-    u16::try_from(n)
-        .ok()
-        .filter(|p| *p > 0)
-        .ok_or_else(|| format!("expected a port number 1-65535, got {n}"))
+    u16::try_from(n).map_err(|_| format!("expected a port number 0-65535, got {n}"))
 }
 
 fn address(node: &Node) -> Result<IpAddr, String> {

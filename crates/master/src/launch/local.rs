@@ -21,6 +21,8 @@ const START_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct LocalLauncher {
     /// Used when a job names no `wrapper_path`: by default `sp-wrapper` beside `sp-master`.
     pub default_wrapper: Option<PathBuf>,
+    /// Where the simulated machines keep their per-job locks (the temp dir when unset).
+    pub lock_dir: Option<PathBuf>,
 }
 
 impl LocalLauncher {
@@ -33,7 +35,14 @@ impl LocalLauncher {
             .filter(|p| p.exists());
         Self {
             default_wrapper: sibling,
+            lock_dir: None,
         }
+    }
+
+    /// Keeps the simulated machines' locks in `dir`.
+    pub fn with_lock_dir(mut self, dir: PathBuf) -> Self {
+        self.lock_dir = Some(dir);
+        self
     }
 }
 
@@ -63,6 +72,7 @@ impl Launcher for LocalLauncher {
             (None, Some(default)) => default.clone(),
             (None, None) => PathBuf::from(&request.wrapper_path),
         };
+        let lock_dir = self.lock_dir.clone();
         Box::pin(async move {
             let starts = request.machines.iter().map(|machine| {
                 let mut cmd = Command::new(&program);
@@ -71,8 +81,10 @@ impl Launcher for LocalLauncher {
                 // Simulated machines share this host's /tmp, where each would otherwise take the
                 // same per-job lock; give each its own unless the job names one.
                 if request.job.lockfile.is_none() {
-                    let lock = std::env::temp_dir()
-                        .join(format!("sp_wrapper_{}@{machine}.lock", request.job.name));
+                    // Under the master's own data dir, so two masters simulating machines of
+                    // the same name on one host do not take each other's locks.
+                    let dir = lock_dir.clone().unwrap_or_else(std::env::temp_dir);
+                    let lock = dir.join(format!("sp_wrapper_{}@{machine}.lock", request.job.name));
                     cmd.env("SP_LOCKFILE", lock);
                 }
                 cmd.stdin(Stdio::null())

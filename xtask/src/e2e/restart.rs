@@ -1,0 +1,137 @@
+//! Restart scenarios: `kill -9` of `sp-master` while three machines stream output, then a
+//! restart after 5 s and, on a second master, after 25 s (longer than the heartbeat timeout).
+//! Every machine must end with its real exit code and byte-exact output, nobody may be marked
+//! 253, and a run killed through the API just before the crash must still end as 143.
+
+use std::net::TcpListener;
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, ensure};
+
+use super::Outcome;
+use super::master::{Master, all_ended, machine, target_dir};
+
+const MACHINES: [(&str, i64); 3] = [("r1", 0), ("r2", 3), ("r3", 7)];
+/// Lines each machine prints, one every 0.25 s: about 20 s of output.
+const LINES: usize = 80;
+
+/// A port that was free a moment ago, for a machines endpoint that must keep its address
+/// across a restart (wrappers reconnect to the URL they were given).
+fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn config(port: u16) -> Vec<(&'static str, String)> {
+    let settings = format!(
+        "saltpeter_config:\n  launcher: local\n  logdir: '@DIR@/log'\n  data_dir: '@DIR@/data'\n  \
+         default_wrapper_logdir: '@DIR@/wlog'\n  api_ws_bind_addr: 127.0.0.1\n  api_ws_port: 0\n  \
+         machines_ws_bind_addr: 127.0.0.1\n  machines_ws_port: {port}\n"
+    );
+    let schedule = "  sec: 0\n  min: 0\n  hour: 0\n  dom: 1\n  mon: 1\n  dow: '*'\n  year: 2099\n  target_type: list\n";
+    let stream = format!(
+        "stream:\n{schedule}  targets: [r1, r2, r3]\n  command: 'for i in $(seq 1 {LINES}); do echo \"$SP_MACHINE_ID line $i é\"; sleep 0.25; done; case $SP_MACHINE_ID in r1) exit 0;; r2) exit 3;; *) exit 7;; esac'\n"
+    );
+    let sleepy = format!("sleepy:\n{schedule}  targets: [k1]\n  command: sleep 300\n");
+    vec![
+        ("settings.yaml", settings),
+        ("jobs.yaml", format!("{stream}{sleepy}")),
+    ]
+}
+
+fn expected_output(machine: &str) -> String {
+    (1..=LINES)
+        .map(|i| format!("{machine} line {i} é\n"))
+        .collect()
+}
+
+pub fn scenarios() -> Vec<Outcome> {
+    std::thread::scope(|s| {
+        let short = s.spawn(|| crash_and_restart(Duration::from_secs(5), true));
+        let long = s.spawn(|| crash_and_restart(Duration::from_secs(25), false));
+        let join = |h: std::thread::ScopedJoinHandle<'_, Result<String>>| {
+            h.join()
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("scenario panicked")))
+        };
+        vec![
+            ("restart: kill -9 of sp-master, back after 5 s, nothing lost; a killed run stays 143".to_owned(), join(short)),
+            ("restart: kill -9 of sp-master, back after 25 s, no false 253".to_owned(), join(long)),
+        ]
+    })
+}
+
+fn crash_and_restart(down: Duration, with_kill: bool) -> Result<String> {
+    let dir =
+        target_dir()
+            .join("e2e")
+            .join(format!("restart-{}-{}", down.as_secs(), std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let port = free_port()?;
+    let mut master = Master::start(&dir, &config(port))?;
+    let instance = master.run_job("stream")?;
+    master.wait_run(&instance, Duration::from_secs(20), |r| {
+        MACHINES.iter().all(|(m, _)| {
+            machine(r, m)["output"]
+                .as_str()
+                .is_some_and(|o| o.contains("line 5 "))
+        })
+    })?;
+    let killed = if with_kill {
+        let sleepy = master.run_job("sleepy")?;
+        master.wait_run(&sleepy, Duration::from_secs(20), |r| {
+            machine(r, "k1")["status"] == "running"
+        })?;
+        let r = super::http::post(master.api, &format!("/api/v1/runs/{sleepy}/kill"))?;
+        ensure!(r.status == 202, "kill: HTTP {}", r.status);
+        Some(sleepy)
+    } else {
+        None
+    };
+    master.kill9()?;
+    let crashed = Instant::now();
+    sleep(down);
+    master.relaunch().context("restarting sp-master")?;
+    let back = crashed.elapsed();
+    let run = master.wait_run(&instance, Duration::from_secs(90), all_ended)?;
+    for (name, code) in MACHINES {
+        let m = machine(&run, name);
+        ensure!(
+            m["retcode"] == code,
+            "{name}: expected {code}, got {} (cause {})",
+            m["retcode"],
+            m["cause"]
+        );
+        let got = m["output"].as_str().unwrap_or_default();
+        ensure!(
+            got == expected_output(name),
+            "{name}: output differs after the restart:\n{got}"
+        );
+        // The store holds the same bytes.
+        let stored = super::http::get_text(
+            master.api,
+            &format!("/api/v1/runs/{instance}/machines/{name}/output"),
+        )?;
+        ensure!(
+            stored == expected_output(name),
+            "{name}: stored output differs"
+        );
+    }
+    let mut said = format!(
+        "down {:.1} s; all 3 machines ended with 0/3/7 and {} exact lines each",
+        back.as_secs_f64(),
+        LINES
+    );
+    if let Some(sleepy) = killed {
+        let run = master.wait_run(&sleepy, Duration::from_secs(60), all_ended)?;
+        let m = machine(&run, "k1");
+        ensure!(
+            m["retcode"] == 143,
+            "killed run ended {} ({}) after the restart",
+            m["retcode"],
+            m["cause"]
+        );
+        said.push_str("; the run killed before the crash ended 143");
+    }
+    Ok(said)
+}
