@@ -1,0 +1,774 @@
+//! The Salt scenarios (issue 4 §2): `sp-master` with `launcher: salt` driving a real
+//! salt-master and three real salt-minions ([`super::salt_env`]), each scenario printing what
+//! it measured. Three masters share the one Salt installation:
+//!
+//! - `main`: targeting (glob, list, compound), `number_of_targets`, `batch_size`, secrets kept
+//!   out of every argv, `kill -9` of one wrapper, an API kill, legacy mode (`use_wrapper:
+//!   false`), and last, on its own, a stopped minion;
+//! - `maint`: `minion-b` under maintenance, and `allow_legacy_wrappers: true` for a job run by
+//!   the original Python wrapper (`saltpeter` 0.9.32 from PyPI) through Salt;
+//! - `nosalt`: a Salt config whose salt-master is not running, so every failure path reports
+//!   Salt's own words.
+//!
+//! The scenarios of one phase run concurrently; the stopped-minion scenario runs after them,
+//! since stopping `minion-c` would change every other scenario's targets.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::process::Command;
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, ensure};
+use serde_json::Value;
+
+use super::Outcome;
+use super::master::{Master, machine, target_dir};
+use super::salt_env::{MINIONS, SaltEnv, ensure_venv};
+
+/// A job that never fires by itself; scenarios start runs through the API.
+fn job(name: &str, body: &str) -> String {
+    format!(
+        "{name}:\n  sec: 0\n  min: 0\n  hour: 0\n  dom: 1\n  mon: 1\n  dow: '*'\n  year: 2099\n{body}\n"
+    )
+}
+
+/// Settings for a master that launches through this Salt.
+fn settings(salt: &SaltEnv, extra: &str) -> Result<String> {
+    Ok(format!(
+        "saltpeter_config:\n  launcher: salt\n  salt_bin: '{}'\n  salt_config_dir: '{}'\n  \
+         ping_timeout: 10\n  default_saltpeter_server_host: 127.0.0.1\n  default_wrapper_path: '{}'\n  \
+         logdir: '@DIR@/log'\n  data_dir: '@DIR@/data'\n  default_wrapper_logdir: '@DIR@/wlog'\n  \
+         default_wrapper_loglevel: debug\n  api_ws_bind_addr: 127.0.0.1\n  api_ws_port: {}\n  \
+         machines_ws_bind_addr: 127.0.0.1\n  machines_ws_port: {}\n{extra}",
+        salt.salt_bin.display(),
+        salt.master_conf.display(),
+        salt.sp_wrapper_shim()?.display(),
+        // Port 0 is not a valid setting; free ports keep these masters off 8888/8889.
+        free_port()?,
+        free_port()?,
+    ))
+}
+
+/// Everything the "tricky" environment value holds: quotes, a YAML comment sign, non-ASCII, a
+/// backslash, Jinja and shell syntax. Salt must hand it to the command unchanged.
+const TRICKY: &str = r#"a "q" 'x' # é 😀 \ {{ grains['id'] }} $HOME"#;
+
+fn all_minions() -> BTreeSet<String> {
+    MINIONS.iter().map(|(id, _)| (*id).to_owned()).collect()
+}
+
+pub fn salt() -> Result<Vec<Outcome>> {
+    let venv = ensure_venv()?;
+    let setup = format!(
+        "Salt venv {} in {:.1} s",
+        if venv.installed {
+            "installed"
+        } else {
+            "reused"
+        },
+        venv.took.as_secs_f64()
+    );
+    let dir = target_dir()
+        .join("e2e")
+        .join(format!("salt-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let mut salt = SaltEnv::start(&venv, &dir.join("salt"))?;
+    let setup = format!(
+        "{setup}; salt-master + 3 minions answering test.ping after {:.1} s",
+        salt.ready_after.as_secs_f64()
+    );
+    let secret = format!(
+        "{:x}{}",
+        std::process::id(),
+        Instant::now().elapsed().subsec_nanos()
+    );
+    let tricky = TRICKY.replace('\'', "''");
+    let jobs = [
+        job(
+            "glob",
+            &format!(
+                "  targets: 'minion-*'\n  command: printf '%s|%s|%s\\n' \"$SP_MACHINE_ID\" \"$TRICKY\" \"$(cat /proc/sys/kernel/hostname)\"\n  env:\n    TRICKY: '{tricky}'"
+            ),
+        ),
+        job("list", "  targets: [minion-a, minion-c]\n  target_type: list\n  command: echo list on $SP_MACHINE_ID"),
+        job(
+            "compound",
+            "  targets: 'G@sp_role:web and not L@minion-b'\n  target_type: compound\n  command: echo compound on $SP_MACHINE_ID",
+        ),
+        job("subset", "  targets: 'minion-*'\n  number_of_targets: 2\n  command: echo picked $SP_MACHINE_ID"),
+        job("batched", "  targets: 'minion-*'\n  batch_size: 1\n  command: sleep 2; echo batch $SP_MACHINE_ID"),
+        job(
+            "secrets",
+            &format!(
+                "  targets: 'minion-*'\n  command: ': cmd-secret-{secret}; sleep 6; echo done'\n  env:\n    E2E_SECRET: env-secret-{secret}"
+            ),
+        ),
+        job("lost", "  targets: 'minion-*'\n  command: sleep 22\n  timeout: 0"),
+        job("killed", "  targets: 'minion-*'\n  command: sleep 120"),
+        job(
+            "legacy",
+            "  targets: 'minion-*'\n  use_wrapper: false\n  command: echo \"legacy $SP_JOB_NAME [$SP_MACHINE_ID$(test -n \"$SP_RUN_TOKEN\" && echo token)]\"; echo oops >&2; exit 3",
+        ),
+        job("stopped", "  targets: 'minion-*'\n  command: echo alive on $SP_MACHINE_ID"),
+    ]
+    .concat();
+    let main = Master::start(
+        &dir.join("main"),
+        &[("settings.yaml", settings(&salt, "")?), ("jobs.yaml", jobs)],
+    )?;
+    let site = venv.site_packages()?;
+    let original = salt.wrapper_shim(
+        "original-wrapper-shim",
+        &format!(
+            "{} {}",
+            venv.bin("python").display(),
+            site.join("saltpeter/wrapper.py").display()
+        ),
+    )?;
+    let maint_jobs = [
+        job("maint", "  targets: 'minion-*'\n  command: echo maint on $SP_MACHINE_ID"),
+        job(
+            "original",
+            &format!(
+                "  targets: [minion-a]\n  target_type: list\n  wrapper_path: '{}'\n  command: printf 'line1\\nline2 é\\n'; exit 7",
+                original.display()
+            ),
+        ),
+    ]
+    .concat();
+    let maint = Master::start(
+        &dir.join("maint"),
+        &[
+            (
+                "settings.yaml",
+                settings(
+                    &salt,
+                    "  allow_legacy_wrappers: true\nsaltpeter_maintenance:\n  machines: [minion-b]\n",
+                )?,
+            ),
+            ("jobs.yaml", maint_jobs),
+        ],
+    )?;
+    // A Salt config whose master is not running: what an unreachable Salt looks like.
+    let nowhere = dir.join("nosalt-conf");
+    std::fs::create_dir_all(&nowhere)?;
+    std::fs::write(
+        nowhere.join("master"),
+        format!(
+            "root_dir: {}/root\nret_port: {}\npublish_port: {}\n",
+            nowhere.display(),
+            free_port()?,
+            free_port()?
+        ),
+    )?;
+    let nosalt_settings = settings(&salt, "")?.replace(
+        &format!("salt_config_dir: '{}'", salt.master_conf.display()),
+        &format!("salt_config_dir: '{}'", nowhere.display()),
+    );
+    let nosalt_jobs = [
+        job(
+            "unreachable_list",
+            "  targets: [minion-a, minion-b]\n  target_type: list\n  command: echo never",
+        ),
+        job(
+            "unreachable_glob",
+            "  targets: 'minion-*'\n  command: echo never",
+        ),
+    ]
+    .concat();
+    let nosalt = Master::start(
+        &dir.join("nosalt"),
+        &[
+            ("settings.yaml", nosalt_settings),
+            ("jobs.yaml", nosalt_jobs),
+        ],
+    )?;
+
+    let (m, mt, ns) = (&main, &maint, &nosalt);
+    let secret_ref = secret.as_str();
+    let phase1: Vec<Scenario<'_>> = vec![
+        (
+            "salt: glob targeting; ids not the host name; env passes Salt unchanged",
+            Box::new(move || glob(m)),
+        ),
+        ("salt: list targeting", Box::new(move || list(m))),
+        (
+            "salt: compound targeting (grain and not list)",
+            Box::new(move || compound(m)),
+        ),
+        (
+            "salt: number_of_targets: 2 hits exactly 2",
+            Box::new(move || subset(m)),
+        ),
+        (
+            "salt: batch_size: 1 runs machines one after another",
+            Box::new(move || batched(m)),
+        ),
+        (
+            "salt: command and env never in any /proc/*/cmdline",
+            Box::new(move || secrets(m, secret_ref)),
+        ),
+        (
+            "salt: kill -9 of one wrapper gives 253 there, 0 elsewhere",
+            Box::new(move || lost(m)),
+        ),
+        (
+            "salt: API kill gives 143 on every machine",
+            Box::new(move || killed(m)),
+        ),
+        (
+            "salt: use_wrapper: false runs the command through cmd.run_all",
+            Box::new(move || legacy(m)),
+        ),
+        (
+            "salt: a maintenance machine is skipped",
+            Box::new(move || maintenance(mt)),
+        ),
+        (
+            "salt: the original Python wrapper 0.9.32 through Salt",
+            Box::new(move || original_wrapper(mt)),
+        ),
+        (
+            "salt: an unreachable salt-master is reported in Salt's words",
+            Box::new(move || unreachable(ns)),
+        ),
+    ];
+    let mut outcomes: Vec<Outcome> = vec![("salt: set-up".to_owned(), Ok(setup))];
+    outcomes.extend(run_all(phase1));
+    let stopped = stopped_minion(&main, &mut salt);
+    outcomes.push(("salt: a stopped minion gets 255".to_owned(), stopped));
+    Ok(outcomes)
+}
+
+/// A named scenario, borrowing the masters it drives.
+type Scenario<'a> = (
+    &'static str,
+    Box<dyn FnOnce() -> Result<String> + Send + 'a>,
+);
+
+fn run_all(scenarios: Vec<Scenario<'_>>) -> Vec<Outcome> {
+    std::thread::scope(|s| {
+        let handles: Vec<_> = scenarios
+            .into_iter()
+            .map(|(name, f)| (name, s.spawn(f)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|(name, h)| {
+                let result = h
+                    .join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("scenario panicked")));
+                (name.to_owned(), result)
+            })
+            .collect()
+    })
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// A run watched from fire to end.
+struct Watched {
+    run: Value,
+    /// When each machine was first seen started (running or ended), from the fire.
+    seen: BTreeMap<String, Duration>,
+    took: Duration,
+}
+
+/// Fires `job` and polls its run until it ends.
+fn fire_and_watch(m: &Master, job: &str, limit: Duration) -> Result<Watched> {
+    let fired = Instant::now();
+    let instance = m.run_job(job)?;
+    watch(m, &instance, fired, limit)
+}
+
+fn watch(m: &Master, instance: &str, fired: Instant, limit: Duration) -> Result<Watched> {
+    let mut seen = BTreeMap::new();
+    loop {
+        let run = m.run(instance)?;
+        if let Some(machines) = run["machines"].as_object() {
+            for (name, mach) in machines {
+                if mach["status"] != "pending" && !seen.contains_key(name) {
+                    seen.insert(name.clone(), fired.elapsed());
+                }
+            }
+        }
+        if run["ended"].is_string() {
+            return Ok(Watched {
+                run,
+                seen,
+                took: fired.elapsed(),
+            });
+        }
+        ensure!(
+            fired.elapsed() < limit,
+            "{instance} did not end within {limit:?}: {run}"
+        );
+        sleep(Duration::from_millis(100));
+    }
+}
+
+/// Seconds since the epoch of an RFC 3339 time as the API writes it
+/// (`2026-11-28T03:39:13.219581+00:00`).
+fn epoch(t: &str) -> Option<f64> {
+    let (date, rest) = t.split_once('T')?;
+    let mut d = date.split('-').map(str::parse::<i64>);
+    let (y, mo, da) = (d.next()?.ok()?, d.next()?.ok()?, d.next()?.ok()?);
+    let offset_at = rest.find(['+', '-', 'Z']).unwrap_or(rest.len());
+    let (clock, zone) = rest.split_at(offset_at);
+    let mut c = clock.split(':');
+    let (h, mi) = (
+        c.next()?.parse::<f64>().ok()?,
+        c.next()?.parse::<f64>().ok()?,
+    );
+    let s = c.next()?.parse::<f64>().ok()?;
+    let zone_secs = match zone.get(..1) {
+        Some(sign @ ("+" | "-")) => {
+            let mut z = zone[1..].split(':');
+            let v = z.next()?.parse::<f64>().ok()? * 3600.0 + z.next()?.parse::<f64>().ok()? * 60.0;
+            if sign == "+" { v } else { -v }
+        }
+        _ => 0.0,
+    };
+    // Days from the civil date (Howard Hinnant's algorithm).
+    let y = if mo <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (mo + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + da - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some(days as f64 * 86_400.0 + h * 3600.0 + mi * 60.0 + s - zone_secs)
+}
+
+fn machines(run: &Value) -> BTreeSet<String> {
+    run["machines"]
+        .as_object()
+        .map(|o| o.keys().cloned().collect())
+        .unwrap_or_default()
+}
+
+fn short(id: &str) -> &str {
+    id.strip_prefix("minion-").unwrap_or(id)
+}
+
+/// "fire→start a 6.9 s, b 7.0 s (launched +3.2 s); run 8.1 s": the harness's observation of
+/// each wrapper's `start`, the API's per-machine launch time against the run's start, and the
+/// whole run.
+fn figures(w: &Watched) -> String {
+    let started = w.run["started"].as_str().and_then(epoch);
+    let starts: Vec<String> = w
+        .seen
+        .iter()
+        .map(|(k, d)| format!("{} {:.1} s", short(k), d.as_secs_f64()))
+        .collect();
+    let launches: Vec<f64> = w.run["machines"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter_map(|(_, mach)| Some(mach["starttime"].as_str().and_then(epoch)? - started?))
+        .collect();
+    let launch = match (
+        launches.iter().copied().reduce(f64::min),
+        launches.iter().copied().reduce(f64::max),
+    ) {
+        (Some(lo), Some(hi)) if hi - lo > 0.05 => format!("API starttime +{lo:.1}..+{hi:.1} s"),
+        (Some(lo), _) => format!("API starttime +{lo:.1} s"),
+        _ => "no API starttime".into(),
+    };
+    format!(
+        "fire→start {} ({launch}); run {:.1} s",
+        starts.join(", "),
+        w.took.as_secs_f64()
+    )
+}
+
+fn expect_codes(run: &Value, want: &[(&str, i64)]) -> Result<()> {
+    let names: BTreeSet<String> = want.iter().map(|(n, _)| (*n).to_owned()).collect();
+    ensure!(
+        machines(run) == names,
+        "machines {:?}, expected {names:?}: {run}",
+        machines(run)
+    );
+    for (name, code) in want {
+        let mach = machine(run, name);
+        ensure!(
+            mach["retcode"] == *code,
+            "{name}: expected {code}, got {} ({})",
+            mach["retcode"],
+            mach["output"]
+        );
+    }
+    Ok(())
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .unwrap_or_default()
+        .trim()
+        .to_owned()
+}
+
+fn glob(m: &Master) -> Result<String> {
+    let w = fire_and_watch(m, "glob", Duration::from_secs(90))?;
+    expect_codes(&w.run, &[("minion-a", 0), ("minion-b", 0), ("minion-c", 0)])?;
+    let host = host_name();
+    for (id, _) in MINIONS {
+        ensure!(
+            id != host,
+            "minion id {id} equals the host name; the test would prove nothing"
+        );
+        let output = machine(&w.run, id)["output"].as_str().unwrap_or_default();
+        let want = format!("{id}|{TRICKY}|{host}\n");
+        ensure!(output == want, "{id}: output {output:?}, expected {want:?}");
+    }
+    Ok(figures(&w))
+}
+
+fn list(m: &Master) -> Result<String> {
+    let w = fire_and_watch(m, "list", Duration::from_secs(90))?;
+    expect_codes(&w.run, &[("minion-a", 0), ("minion-c", 0)])?;
+    ensure!(
+        machine(&w.run, "minion-c")["output"] == "list on minion-c\n",
+        "{}",
+        w.run
+    );
+    Ok(figures(&w))
+}
+
+fn compound(m: &Master) -> Result<String> {
+    let w = fire_and_watch(m, "compound", Duration::from_secs(90))?;
+    expect_codes(&w.run, &[("minion-a", 0)])?;
+    Ok(figures(&w))
+}
+
+fn subset(m: &Master) -> Result<String> {
+    let w = fire_and_watch(m, "subset", Duration::from_secs(90))?;
+    let picked = machines(&w.run);
+    ensure!(
+        picked.len() == 2 && picked.is_subset(&all_minions()),
+        "picked {picked:?}"
+    );
+    for name in &picked {
+        ensure!(machine(&w.run, name)["retcode"] == 0, "{name}: {}", w.run);
+    }
+    let names: Vec<&str> = picked.iter().map(|s| short(s)).collect();
+    Ok(format!("picked {}; {}", names.join("+"), figures(&w)))
+}
+
+fn batched(m: &Master) -> Result<String> {
+    let w = fire_and_watch(m, "batched", Duration::from_secs(150))?;
+    expect_codes(&w.run, &[("minion-a", 0), ("minion-b", 0), ("minion-c", 0)])?;
+    let mut spans: Vec<(f64, f64, String)> = Vec::new();
+    for name in machines(&w.run) {
+        let mach = machine(&w.run, &name);
+        let start = mach["starttime"]
+            .as_str()
+            .and_then(epoch)
+            .context("starttime")?;
+        let end = mach["endtime"]
+            .as_str()
+            .and_then(epoch)
+            .context("endtime")?;
+        spans.push((start, end, name));
+    }
+    spans.sort_by(|a, b| a.0.total_cmp(&b.0));
+    for pair in spans.windows(2) {
+        ensure!(
+            pair[0].1 <= pair[1].0,
+            "{} ran {:.2}..{:.2} and {} began at {:.2}: batches overlap",
+            pair[0].2,
+            pair[0].0,
+            pair[0].1,
+            pair[1].2,
+            pair[1].0
+        );
+    }
+    let base = spans.first().map_or(0.0, |s| s.0);
+    let shown: Vec<String> = spans
+        .iter()
+        .map(|(s, e, n)| format!("{} {:.1}-{:.1}", short(n), s - base, e - base))
+        .collect();
+    Ok(format!(
+        "intervals (s) {}; run {:.1} s",
+        shown.join(", "),
+        w.took.as_secs_f64()
+    ))
+}
+
+/// Every process's command line, as (pid, text with NULs as spaces).
+fn cmdlines() -> Vec<(u32, String)> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| {
+            let e = e.ok()?;
+            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+            let raw = std::fs::read(e.path().join("cmdline")).ok()?;
+            Some((pid, String::from_utf8_lossy(&raw).replace('\0', " ")))
+        })
+        .collect()
+}
+
+fn secrets(m: &Master, secret: &str) -> Result<String> {
+    let cmd_secret = format!("cmd-secret-{secret}");
+    let env_secret = format!("env-secret-{secret}");
+    let fired = Instant::now();
+    let instance = m.run_job("secrets")?;
+    // Scan every process's argv until the run ends, in parallel with the launch and the job.
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let (hits, scans) = std::thread::scope(|s| {
+        let scanner = s.spawn(|| {
+            let mut hits: Vec<(u32, &'static str, String)> = Vec::new();
+            let mut scans = 0u32;
+            while !done.load(std::sync::atomic::Ordering::Relaxed)
+                && fired.elapsed() < Duration::from_secs(120)
+            {
+                for (pid, line) in cmdlines() {
+                    for (what, needle) in [
+                        ("command", cmd_secret.as_str()),
+                        ("env", env_secret.as_str()),
+                        ("token", "SP_RUN_TOKEN"),
+                        ("env", "SP_COMMAND"),
+                    ] {
+                        if line.contains(needle)
+                            && !hits.iter().any(|(p, w, _)| *p == pid && *w == what)
+                        {
+                            hits.push((pid, what, line.clone()));
+                        }
+                    }
+                }
+                scans += 1;
+                sleep(Duration::from_millis(20));
+            }
+            (hits, scans)
+        });
+        let watched = watch(m, &instance, fired, Duration::from_secs(90));
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        let found = scanner.join().unwrap_or_default();
+        (watched.map(|w| (w, found.0)), found.1)
+    });
+    let (w, hits) = hits?;
+    expect_codes(&w.run, &[("minion-a", 0), ("minion-b", 0), ("minion-c", 0)])?;
+    // The job's own `/bin/sh -c <command>` necessarily holds the command; nothing else may.
+    let job_shells: BTreeSet<u64> = MINIONS
+        .iter()
+        .filter_map(|(id, _)| machine(&w.run, id)["pid"].as_u64())
+        .collect();
+    let mut in_shell = 0;
+    for (pid, what, line) in &hits {
+        if *what == "command" && job_shells.contains(&u64::from(*pid)) {
+            in_shell += 1;
+            continue;
+        }
+        anyhow::bail!("the {what} secret is in the argv of pid {pid}: {line:?}");
+    }
+    ensure!(scans >= 20, "only {scans} scans of /proc during the run");
+    Ok(format!(
+        "{scans} scans of /proc over {:.1} s: env and token in no argv; command only in the job's own shell ({in_shell} of 3 seen)",
+        w.took.as_secs_f64()
+    ))
+}
+
+fn lost(m: &Master) -> Result<String> {
+    let fired = Instant::now();
+    let instance = m.run_job("lost")?;
+    let run = m.wait_run(&instance, Duration::from_secs(60), |r| {
+        MINIONS.iter().all(|(id, _)| {
+            machine(r, id)["status"] == "running" && machine(r, id)["wrapper_pid"].is_u64()
+        })
+    })?;
+    let pid = machine(&run, "minion-b")["wrapper_pid"]
+        .as_u64()
+        .context("wrapper pid")?;
+    let status = Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()?;
+    ensure!(status.success(), "kill -9 {pid} failed");
+    let killed = Instant::now();
+    let run = m.wait_run(&instance, Duration::from_secs(25), |r| {
+        machine(r, "minion-b")["retcode"].is_i64()
+    })?;
+    let verdict = killed.elapsed();
+    ensure!(
+        machine(&run, "minion-b")["retcode"] == 253,
+        "minion-b: {}",
+        machine(&run, "minion-b")
+    );
+    ensure!(
+        verdict <= Duration::from_secs(16),
+        "253 came {verdict:?} after the kill (limit 16 s)"
+    );
+    let w = watch(m, &instance, fired, Duration::from_secs(90))?;
+    expect_codes(
+        &w.run,
+        &[("minion-a", 0), ("minion-b", 253), ("minion-c", 0)],
+    )?;
+    Ok(format!(
+        "253 on b {:.1} s after kill -9; a and c 0; run {:.1} s",
+        verdict.as_secs_f64(),
+        w.took.as_secs_f64()
+    ))
+}
+
+fn killed(m: &Master) -> Result<String> {
+    let fired = Instant::now();
+    let instance = m.run_job("killed")?;
+    let run = m.wait_run(&instance, Duration::from_secs(60), |r| {
+        MINIONS
+            .iter()
+            .all(|(id, _)| machine(r, id)["status"] == "running")
+    })?;
+    let pids: Vec<u64> = MINIONS
+        .iter()
+        .filter_map(|(id, _)| machine(&run, id)["pid"].as_u64())
+        .collect();
+    let asked = Instant::now();
+    let r = super::http::post(m.api, &format!("/api/v1/runs/{instance}/kill"))?;
+    ensure!(r.status == 202, "kill: HTTP {} {}", r.status, r.body);
+    let w = watch(m, &instance, fired, Duration::from_secs(60))?;
+    expect_codes(
+        &w.run,
+        &[("minion-a", 143), ("minion-b", 143), ("minion-c", 143)],
+    )?;
+    ensure!(
+        w.run["success"] == false,
+        "a killed run must not count as a success"
+    );
+    for pid in pids {
+        ensure!(
+            !Path::new(&format!("/proc/{pid}/cmdline")).exists() || zombie(pid),
+            "job process {pid} survived"
+        );
+    }
+    Ok(format!(
+        "143 on a, b, c {:.2} s after the request",
+        asked.elapsed().as_secs_f64()
+    ))
+}
+
+fn zombie(pid: u64) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        s.rsplit(')')
+            .next()
+            .is_some_and(|r| r.trim_start().starts_with('Z'))
+    })
+}
+
+fn legacy(m: &Master) -> Result<String> {
+    let w = fire_and_watch(m, "legacy", Duration::from_secs(90))?;
+    expect_codes(&w.run, &[("minion-a", 3), ("minion-b", 3), ("minion-c", 3)])?;
+    for (id, _) in MINIONS {
+        let mach = machine(&w.run, id);
+        // No SP_MACHINE_ID and no run token reach a command run without the wrapper.
+        ensure!(
+            mach["output"] == "legacy legacy []\noops\n",
+            "{id}: output {}",
+            mach["output"]
+        );
+        ensure!(mach["cause"] == "exit", "{id}: cause {}", mach["cause"]);
+        ensure!(
+            mach["last_heartbeat"].is_null() && mach["wrapper_version"].is_null(),
+            "{id}: {mach}"
+        );
+    }
+    Ok(format!(
+        "retcode 3 and stdout+stderr on a, b, c, no heartbeat; run {:.1} s",
+        w.took.as_secs_f64()
+    ))
+}
+
+fn maintenance(m: &Master) -> Result<String> {
+    let w = fire_and_watch(m, "maint", Duration::from_secs(90))?;
+    expect_codes(&w.run, &[("minion-a", 0), ("minion-c", 0)])?;
+    ensure!(
+        w.run["maintenance"] == serde_json::json!(["minion-b"]),
+        "maintenance list: {}",
+        w.run["maintenance"]
+    );
+    ensure!(w.run["success"] == true, "run should succeed: {}", w.run);
+    Ok(format!("minion-b skipped; {}", figures(&w)))
+}
+
+fn original_wrapper(m: &Master) -> Result<String> {
+    let w = fire_and_watch(m, "original", Duration::from_secs(90))?;
+    expect_codes(&w.run, &[("minion-a", 7)])?;
+    let mach = machine(&w.run, "minion-a");
+    ensure!(
+        mach["output"] == "line1\nline2 é\n",
+        "output {}",
+        mach["output"]
+    );
+    ensure!(
+        mach["wrapper_version"] == "0.9.32",
+        "wrapper_version {}",
+        mach["wrapper_version"]
+    );
+    Ok(format!(
+        "exit 7 and exact output from wrapper 0.9.32; {}",
+        figures(&w)
+    ))
+}
+
+fn unreachable(m: &Master) -> Result<String> {
+    let w = fire_and_watch(m, "unreachable_list", Duration::from_secs(90))?;
+    expect_codes(&w.run, &[("minion-a", 255), ("minion-b", 255)])?;
+    let output = machine(&w.run, "minion-a")["output"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    ensure!(
+        output.starts_with("Target did not respond - Salt: The salt master could not be contacted"),
+        "output {output:?}"
+    );
+    let g = fire_and_watch(m, "unreachable_glob", Duration::from_secs(90))?;
+    ensure!(
+        machines(&g.run).is_empty() && g.run["success"] == false,
+        "{}",
+        g.run
+    );
+    let logged = m.log().lines().any(|l| {
+        l.contains("test.ping through Salt failed") && l.contains("could not be contacted")
+    });
+    ensure!(logged, "the master log does not carry Salt's message");
+    Ok(format!(
+        "list: 255 \"{}\"; glob: no machines, logged",
+        output.lines().next().unwrap_or("")
+    ))
+}
+
+fn stopped_minion(m: &Master, salt: &mut SaltEnv) -> Result<String> {
+    salt.stop_minion("minion-c")?;
+    let w = fire_and_watch(m, "stopped", Duration::from_secs(120))?;
+    expect_codes(
+        &w.run,
+        &[("minion-a", 0), ("minion-b", 0), ("minion-c", 255)],
+    )?;
+    let output = machine(&w.run, "minion-c")["output"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    ensure!(
+        output.starts_with("Target did not respond"),
+        "minion-c output {output:?}"
+    );
+    let logged = m
+        .log()
+        .lines()
+        .any(|l| l.contains("Target did not respond") && l.contains("minion-c"));
+    ensure!(
+        logged,
+        "the master log does not name minion-c as not responding"
+    );
+    Ok(format!(
+        "minion-c: {:?}; {}",
+        output.trim_end(),
+        figures(&w)
+    ))
+}
