@@ -176,7 +176,7 @@ async fn machine_output(
         .await
         .ok_or_else(engine_gone)?
         .map_err(store_failed)?
-        .ok_or_else(|| Failure(StatusCode::NOT_FOUND, what))?;
+        .ok_or(Failure(StatusCode::NOT_FOUND, what))?;
     Ok((
         [
             (

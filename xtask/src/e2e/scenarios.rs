@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 
-use super::master::{Master, all_ended, binary, machine, target_dir};
 use super::Outcome;
+use super::master::{Master, all_ended, binary, machine, target_dir};
 
 /// A job block with a schedule that does not fire during a test run; runs are started through
 /// the API.
@@ -28,8 +28,13 @@ fn settings() -> String {
         .to_owned()
 }
 
+/// One scenario against the shared master.
+type Scenario = fn(&Master) -> Result<String>;
+
 pub fn local() -> Result<Vec<Outcome>> {
-    let dir = target_dir().join("e2e").join(format!("local-{}", std::process::id()));
+    let dir = target_dir()
+        .join("e2e")
+        .join(format!("local-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
     let jobs = [
@@ -47,17 +52,29 @@ pub fn local() -> Result<Vec<Outcome>> {
     let files = [
         ("settings.yaml", settings()),
         ("jobs.yaml", jobs),
-        ("fragile.yaml", job("fragile", "  targets: [e2e-f]\n  command: echo still here")),
+        (
+            "fragile.yaml",
+            job("fragile", "  targets: [e2e-f]\n  command: echo still here"),
+        ),
     ];
     let master = Master::start(&dir, &files)?;
-    let scenarios: Vec<(&str, fn(&Master) -> Result<String>)> = vec![
-        ("seed (a): kill -9 of the wrapper gives 253 within 16 s", heartbeat_lost),
-        ("seed (b): a 40 s job ends 0 with a heartbeat every 5 s", long_job),
+    let scenarios: Vec<(&str, Scenario)> = vec![
+        (
+            "seed (a): kill -9 of the wrapper gives 253 within 16 s",
+            heartbeat_lost,
+        ),
+        (
+            "seed (b): a 40 s job ends 0 with a heartbeat every 5 s",
+            long_job,
+        ),
         ("timeout gives 124", timeout),
         ("kill through the API gives 143 on every machine", kill),
         ("overlap is refused", overlap),
         ("a maintenance machine is skipped", maintenance),
-        ("a broken job file keeps the last good job running", broken_file),
+        (
+            "a broken job file keeps the last good job running",
+            broken_file,
+        ),
     ];
     let master = &master;
     let outcomes = std::thread::scope(|s| {
@@ -68,7 +85,9 @@ pub fn local() -> Result<Vec<Outcome>> {
         handles
             .into_iter()
             .map(|(name, h)| {
-                let result = h.join().unwrap_or_else(|_| Err(anyhow::anyhow!("scenario panicked")));
+                let result = h
+                    .join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("scenario panicked")));
                 (name.to_owned(), result)
             })
             .collect()
@@ -78,8 +97,11 @@ pub fn local() -> Result<Vec<Outcome>> {
 
 fn alive(pid: u64) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
-        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .is_ok_and(|s| s.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('Z')))
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+            s.rsplit(')')
+                .next()
+                .is_some_and(|r| r.trim_start().starts_with('Z'))
+        })
 }
 
 fn heartbeat_lost(m: &Master) -> Result<String> {
@@ -87,33 +109,53 @@ fn heartbeat_lost(m: &Master) -> Result<String> {
     let run = m.wait_run(&instance, Duration::from_secs(20), |r| {
         machine(r, "e2e-a")["status"] == "running" && machine(r, "e2e-a")["wrapper_pid"].is_u64()
     })?;
-    let wrapper_pid = machine(&run, "e2e-a")["wrapper_pid"].as_u64().context("wrapper pid")?;
+    let wrapper_pid = machine(&run, "e2e-a")["wrapper_pid"]
+        .as_u64()
+        .context("wrapper pid")?;
     let job_pid = machine(&run, "e2e-a")["pid"].as_u64().context("job pid")?;
-    let status = Command::new("kill").args(["-KILL", &wrapper_pid.to_string()]).status()?;
+    let status = Command::new("kill")
+        .args(["-KILL", &wrapper_pid.to_string()])
+        .status()?;
     ensure!(status.success(), "kill -9 {wrapper_pid} failed");
     let killed = Instant::now();
-    let run = m.wait_run(&instance, Duration::from_secs(25), |r| machine(r, "e2e-a")["retcode"].is_i64())?;
+    let run = m.wait_run(&instance, Duration::from_secs(25), |r| {
+        machine(r, "e2e-a")["retcode"].is_i64()
+    })?;
     let verdict = killed.elapsed();
     let mach = machine(&run, "e2e-a");
-    ensure!(mach["retcode"] == 253, "expected 253, got {}", mach["retcode"]);
-    ensure!(verdict <= Duration::from_secs(16), "253 came {verdict:?} after the kill (limit 16 s)");
-    ensure!(verdict >= Duration::from_secs(9), "253 came too early: {verdict:?} (heartbeats every 5 s, timeout 15 s)");
+    ensure!(
+        mach["retcode"] == 253,
+        "expected 253, got {}",
+        mach["retcode"]
+    );
+    ensure!(
+        verdict <= Duration::from_secs(16),
+        "253 came {verdict:?} after the kill (limit 16 s)"
+    );
+    ensure!(
+        verdict >= Duration::from_secs(9),
+        "253 came too early: {verdict:?} (heartbeats every 5 s, timeout 15 s)"
+    );
     let output = mach["output"].as_str().unwrap_or_default();
     ensure!(
         output.contains("[SALTPETER ERROR: Job lost connection - no heartbeat for 15 seconds]"),
         "lost-connection line missing from {output:?}"
     );
     let jobs = m.jobs()?;
-    let still = jobs["jobs"].as_array().into_iter().flatten().any(|j| {
-        j["name"] == "hb_lost" && j["running"].as_array().is_some_and(|r| !r.is_empty())
-    });
+    let still =
+        jobs["jobs"].as_array().into_iter().flatten().any(|j| {
+            j["name"] == "hb_lost" && j["running"].as_array().is_some_and(|r| !r.is_empty())
+        });
     ensure!(!still, "hb_lost still listed as running");
     // The job lost its wrapper; the parent-death signal must have ended it.
     let deadline = Instant::now() + Duration::from_secs(5);
     while alive(job_pid) && Instant::now() < deadline {
         sleep(Duration::from_millis(100));
     }
-    ensure!(!alive(job_pid), "job process {job_pid} outlived its SIGKILLed wrapper");
+    ensure!(
+        !alive(job_pid),
+        "job process {job_pid} outlived its SIGKILLed wrapper"
+    );
     Ok(format!("253 {:.2} s after kill -9", verdict.as_secs_f64()))
 }
 
@@ -123,22 +165,42 @@ fn long_job(m: &Master) -> Result<String> {
     let run = m.wait_run(&instance, Duration::from_secs(80), all_ended)?;
     let took = started.elapsed();
     let mach = machine(&run, "e2e-b");
-    ensure!(mach["retcode"] == 0, "expected 0, got {} ({})", mach["retcode"], mach["output"]);
+    ensure!(
+        mach["retcode"] == 0,
+        "expected 0, got {} ({})",
+        mach["retcode"],
+        mach["output"]
+    );
     let output = mach["output"].as_str().unwrap_or_default();
     for i in 1..=8 {
-        ensure!(output.contains(&format!("tick {i}\n")), "tick {i} missing from {output:?}");
+        ensure!(
+            output.contains(&format!("tick {i}\n")),
+            "tick {i} missing from {output:?}"
+        );
     }
     // Heartbeats as the master logged them: debug lines with the master's timestamps.
     let beats: Vec<f64> = m
         .log()
         .lines()
         .filter(|l| l.contains("Heartbeat.") && l.contains(&instance))
-        .filter_map(|l| seconds_of_day(l))
+        .filter_map(seconds_of_day)
         .collect();
-    ensure!(beats.len() >= 7, "only {} heartbeats logged for a 40 s job", beats.len());
-    let gaps: Vec<f64> = beats.windows(2).map(|w| (w[1] - w[0]).rem_euclid(86_400.0)).collect();
-    let (min, max) = gaps.iter().fold((f64::MAX, 0f64), |(a, b), g| (a.min(*g), b.max(*g)));
-    ensure!(min >= 4.0 && max <= 6.0, "heartbeat gaps outside 4-6 s: {gaps:?}");
+    ensure!(
+        beats.len() >= 7,
+        "only {} heartbeats logged for a 40 s job",
+        beats.len()
+    );
+    let gaps: Vec<f64> = beats
+        .windows(2)
+        .map(|w| (w[1] - w[0]).rem_euclid(86_400.0))
+        .collect();
+    let (min, max) = gaps
+        .iter()
+        .fold((f64::MAX, 0f64), |(a, b), g| (a.min(*g), b.max(*g)));
+    ensure!(
+        min >= 4.0 && max <= 6.0,
+        "heartbeat gaps outside 4-6 s: {gaps:?}"
+    );
     Ok(format!(
         "0 after {:.1} s; {} heartbeats, gaps {min:.2}-{max:.2} s",
         took.as_secs_f64(),
@@ -160,20 +222,39 @@ fn timeout(m: &Master) -> Result<String> {
     let instance = m.run_job("timeout_124")?;
     let run = m.wait_run(&instance, Duration::from_secs(30), all_ended)?;
     let mach = machine(&run, "e2e-c");
-    ensure!(mach["retcode"] == 124, "expected 124, got {} ({})", mach["retcode"], mach["output"]);
-    ensure!(mach["cause"] == "timeout", "expected cause timeout, got {}", mach["cause"]);
+    ensure!(
+        mach["retcode"] == 124,
+        "expected 124, got {} ({})",
+        mach["retcode"],
+        mach["output"]
+    );
+    ensure!(
+        mach["cause"] == "timeout",
+        "expected cause timeout, got {}",
+        mach["cause"]
+    );
     let output = mach["output"].as_str().unwrap_or_default();
-    ensure!(output.contains("[Job exceeded timeout of 2 seconds]"), "timeout line missing: {output:?}");
-    Ok(format!("124 after {:.2} s (timeout 2 s)", started.elapsed().as_secs_f64()))
+    ensure!(
+        output.contains("[Job exceeded timeout of 2 seconds]"),
+        "timeout line missing: {output:?}"
+    );
+    Ok(format!(
+        "124 after {:.2} s (timeout 2 s)",
+        started.elapsed().as_secs_f64()
+    ))
 }
 
 fn kill(m: &Master) -> Result<String> {
     let instance = m.run_job("kill_143")?;
     let run = m.wait_run(&instance, Duration::from_secs(20), |r| {
-        ["e2e-k1", "e2e-k2"].iter().all(|n| machine(r, n)["status"] == "running")
+        ["e2e-k1", "e2e-k2"]
+            .iter()
+            .all(|n| machine(r, n)["status"] == "running")
     })?;
-    let pids: Vec<u64> =
-        ["e2e-k1", "e2e-k2"].iter().filter_map(|n| machine(&run, n)["pid"].as_u64()).collect();
+    let pids: Vec<u64> = ["e2e-k1", "e2e-k2"]
+        .iter()
+        .filter_map(|n| machine(&run, n)["pid"].as_u64())
+        .collect();
     let asked = Instant::now();
     let r = super::http::post(m.api, &format!("/api/v1/runs/{instance}/kill"))?;
     ensure!(r.status == 202, "kill: HTTP {} {}", r.status, r.body);
@@ -181,23 +262,44 @@ fn kill(m: &Master) -> Result<String> {
     let took = asked.elapsed();
     for n in ["e2e-k1", "e2e-k2"] {
         let mach = machine(&run, n);
-        ensure!(mach["retcode"] == 143, "{n}: expected 143, got {}", mach["retcode"]);
+        ensure!(
+            mach["retcode"] == 143,
+            "{n}: expected 143, got {}",
+            mach["retcode"]
+        );
         let output = mach["output"].as_str().unwrap_or_default();
-        ensure!(output.contains("[Job terminated by user request]"), "{n}: kill line missing");
+        ensure!(
+            output.contains("[Job terminated by user request]"),
+            "{n}: kill line missing"
+        );
     }
-    ensure!(run["success"] == false, "a killed run must not count as a success");
+    ensure!(
+        run["success"] == false,
+        "a killed run must not count as a success"
+    );
     for pid in pids {
         ensure!(!alive(pid), "job process {pid} survived the kill");
     }
-    Ok(format!("143 on both machines {:.2} s after the request", took.as_secs_f64()))
+    Ok(format!(
+        "143 on both machines {:.2} s after the request",
+        took.as_secs_f64()
+    ))
 }
 
 fn overlap(m: &Master) -> Result<String> {
     let first = m.run_job("overlap")?;
     let r = super::http::post(m.api, "/api/v1/jobs/overlap/run")?;
-    ensure!(r.status == 409, "second run: expected 409, got {} {}", r.status, r.body);
+    ensure!(
+        r.status == 409,
+        "second run: expected 409, got {} {}",
+        r.status,
+        r.body
+    );
     let log = std::fs::read_to_string(m.dir.join("log/overlap.log")).unwrap_or_default();
-    ensure!(log.contains(&format!("Overlap detected on {first}")), "overlap not logged: {log:?}");
+    ensure!(
+        log.contains(&format!("Overlap detected on {first}")),
+        "overlap not logged: {log:?}"
+    );
     let _ = super::http::post(m.api, &format!("/api/v1/runs/{first}/kill"))?;
     m.wait_run(&first, Duration::from_secs(40), all_ended)?;
     Ok(format!("second run refused with 409 ({})", r.body["error"]))
@@ -206,9 +308,19 @@ fn overlap(m: &Master) -> Result<String> {
 fn maintenance(m: &Master) -> Result<String> {
     let instance = m.run_job("maint")?;
     let run = m.wait_run(&instance, Duration::from_secs(20), all_ended)?;
-    ensure!(machine(&run, "e2e-m1")["retcode"] == 0, "e2e-m1 did not succeed: {run}");
-    ensure!(machine(&run, "e2e-m2").is_null(), "e2e-m2 ran despite maintenance");
-    ensure!(run["maintenance"] == serde_json::json!(["e2e-m2"]), "maintenance list: {}", run["maintenance"]);
+    ensure!(
+        machine(&run, "e2e-m1")["retcode"] == 0,
+        "e2e-m1 did not succeed: {run}"
+    );
+    ensure!(
+        machine(&run, "e2e-m2").is_null(),
+        "e2e-m2 ran despite maintenance"
+    );
+    ensure!(
+        run["maintenance"] == serde_json::json!(["e2e-m2"]),
+        "maintenance list: {}",
+        run["maintenance"]
+    );
     ensure!(run["success"] == true, "run should succeed");
     Ok("e2e-m2 skipped, e2e-m1 ran".into())
 }
@@ -218,21 +330,42 @@ fn broken_file(m: &Master) -> Result<String> {
     std::fs::write(&path, "fragile:\n  sec: 0\n  min: [unclosed\n")?;
     // Hot reload reacts within about a second; give it two.
     sleep(Duration::from_secs(2));
-    let listed = m.jobs()?["jobs"].as_array().into_iter().flatten().any(|j| j["name"] == "fragile");
+    let listed = m.jobs()?["jobs"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|j| j["name"] == "fragile");
     ensure!(listed, "the broken file's job disappeared");
     let instance = m.run_job("fragile")?;
     let run = m.wait_run(&instance, Duration::from_secs(20), all_ended)?;
-    ensure!(machine(&run, "e2e-f")["retcode"] == 0, "fragile did not run: {run}");
+    ensure!(
+        machine(&run, "e2e-f")["retcode"] == 0,
+        "fragile did not run: {run}"
+    );
     let log = m.log();
-    let named = log.lines().any(|l| l.contains("fragile.yaml:") && l.to_lowercase().contains("error"));
+    let named = log
+        .lines()
+        .any(|l| l.contains("fragile.yaml:") && l.to_lowercase().contains("error"));
     ensure!(named, "the master log does not name fragile.yaml:<line>");
-    let check = Command::new(binary("sp-master")).arg("check").arg("-c").arg(&m.conf).output()?;
+    let check = Command::new(binary("sp-master"))
+        .arg("check")
+        .arg("-c")
+        .arg(&m.conf)
+        .output()?;
     let said = String::from_utf8_lossy(&check.stderr);
     ensure!(!check.status.success(), "check passed a broken directory");
-    ensure!(said.contains("fragile.yaml:"), "check did not name the file: {said}");
-    if !said.lines().any(|l| l.contains("fragile.yaml:3") || l.contains("fragile.yaml:2")) {
+    ensure!(
+        said.contains("fragile.yaml:"),
+        "check did not name the file: {said}"
+    );
+    if !said
+        .lines()
+        .any(|l| l.contains("fragile.yaml:3") || l.contains("fragile.yaml:2"))
+    {
         bail!("check did not name the line: {said}");
     }
-    Ok(format!("last good job kept; check says: {}", said.lines().next().unwrap_or("").trim()))
+    Ok(format!(
+        "last good job kept; check says: {}",
+        said.lines().next().unwrap_or("").trim()
+    ))
 }
-
