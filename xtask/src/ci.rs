@@ -8,7 +8,9 @@ use anyhow::{Context, Result, bail};
 /// Runs a command, streaming its output, and fails with its name if it fails.
 pub fn step(name: &str, cmd: &mut Command) -> Result<()> {
     eprintln!("==> {name}");
-    let status = cmd.status().with_context(|| format!("could not run {name}"))?;
+    let status = cmd
+        .status()
+        .with_context(|| format!("could not run {name}"))?;
     if !status.success() {
         bail!("{name} failed ({status})");
     }
@@ -29,20 +31,38 @@ fn has_nextest() -> bool {
 }
 
 pub fn run(_args: &[String]) -> Result<()> {
-    step("cargo fmt --check", cargo().args(["fmt", "--all", "--", "--check"]))?;
+    step(
+        "cargo fmt --check",
+        cargo().args(["fmt", "--all", "--", "--check"]),
+    )?;
     step(
         "cargo clippy",
-        cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]),
+        cargo().args([
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]),
     )?;
     // Build the binaries once so integration tests and e2e share them.
-    step("cargo build", cargo().args(["build", "--workspace", "--bins"]))?;
+    step(
+        "cargo build",
+        cargo().args(["build", "--workspace", "--bins"]),
+    )?;
     if has_nextest() {
         step(
             "cargo nextest run",
-            cargo().args(["nextest", "run", "--workspace", "--no-fail-fast"]).env("CI", "true"),
+            cargo()
+                .args(["nextest", "run", "--workspace", "--no-fail-fast"])
+                .env("CI", "true"),
         )?;
     } else {
-        step("cargo test", cargo().args(["test", "--workspace", "--no-fail-fast"]))?;
+        step(
+            "cargo test",
+            cargo().args(["test", "--workspace", "--no-fail-fast"]),
+        )?;
     }
     crate::e2e::run(&[])
 }

@@ -9,6 +9,12 @@ use crate::ci::step;
 
 pub fn run(_args: &[String]) -> Result<()> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    step("build binaries", Command::new(&cargo).args(["build", "--workspace", "--bins"]))?;
-    step("sp-master demo", Command::new(crate::e2e::binary("sp-master")).arg("demo"))
+    step(
+        "build binaries",
+        Command::new(&cargo).args(["build", "--workspace", "--bins"]),
+    )?;
+    step(
+        "sp-master demo",
+        Command::new(crate::e2e::binary("sp-master")).arg("demo"),
+    )
 }

@@ -8,17 +8,17 @@
 //!
 //! See `docs/ARCHITECTURE.md` for how the pieces talk to each other.
 
-pub mod config;
-pub mod schedule;
+pub mod api;
+pub mod cli;
 pub mod clock;
+pub mod config;
+pub mod endpoint;
 pub mod engine;
 pub mod joblog;
 pub mod launch;
-pub mod runs;
-pub mod api;
-pub mod endpoint;
-pub mod server;
 pub mod metrics;
-pub mod ui;
-pub mod cli;
+pub mod runs;
+pub mod schedule;
+pub mod server;
 pub mod store;
+pub mod ui;

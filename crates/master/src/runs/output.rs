@@ -333,7 +333,10 @@ mod tests {
         assert_eq!((r.position, r.text.as_str()), (1, "🚀é\n"));
         b.push("z");
         let r = b.read_from(5, 100);
-        assert_eq!((r.position, r.text.as_str(), r.next, r.total), (5, "z", 6, 6));
+        assert_eq!(
+            (r.position, r.text.as_str(), r.next, r.total),
+            (5, "z", 6, 6)
+        );
         assert_eq!(b.read_from(6, 100).text, "");
         assert_eq!(b.read_from(60, 100).position, 6);
     }
@@ -399,7 +402,11 @@ mod tests {
         b.push("XY");
         let r = b.read_from(2, 100);
         assert_eq!((r.position, r.text.as_str(), r.skipped), (10, "XY", 8));
-        assert!(b.text().ends_with("XY") && b.text().starts_with("ab\n"), "{}", b.text());
+        assert!(
+            b.text().ends_with("XY") && b.text().starts_with("ab\n"),
+            "{}",
+            b.text()
+        );
     }
 
     #[test]
