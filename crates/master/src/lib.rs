@@ -5,6 +5,15 @@
 //! # Layout
 //! - [`config`]: job files and settings, from raw YAML to validated specs; hot reload.
 //! - [`schedule`]: cron expressions (seconds and year fields) and their next fire times.
+//! - [`engine`]: the one task that owns all job and run state, and the monitor's rules.
+//! - [`runs`]: run and machine records, bounded output buffers.
+//! - [`store`]: durable state in SQLite, owned by one thread; restart recovery.
+//! - [`launch`]: how wrappers are started (local, Salt).
+//! - [`endpoint`]: the WebSocket server wrappers talk to.
+//! - [`api`], [`ui`], [`metrics`]: the operator's HTTP API, UI protocol, dashboard, metrics.
+//! - [`joblog`]: per-job log files in the original format.
+//! - [`cli`]: subcommands that talk to a running master.
+//! - [`server`]: wiring shared by `main` and the integration tests; [`clock`]: time sources.
 //!
 //! See `docs/ARCHITECTURE.md` for how the pieces talk to each other.
 
