@@ -16,6 +16,7 @@ use crate::config::{Config, ConfigWatcher, Launcher as LauncherKind, WatchOption
 use crate::engine::{Engine, EngineHandle, EngineParts, StoreParts};
 use crate::joblog::JobLog;
 use crate::launch::Launcher;
+use crate::launch::bench::BenchLauncher;
 use crate::launch::local::LocalLauncher;
 use crate::launch::salt::SaltLauncher;
 
@@ -104,16 +105,22 @@ pub async fn start(options: Options) -> Result<Running, StartError> {
             Arc::new(LocalLauncher::beside_current_exe().with_lock_dir(s.data_dir.join("locks")))
         }
         (None, LauncherKind::Salt) => Arc::new(SaltLauncher::from_settings(s)),
+        (None, LauncherKind::Bench) => Arc::new(BenchLauncher::new(&s.data_dir)),
     };
     // Wrappers started by the local launcher run here, so loopback always reaches us; a
     // launcher for other hosts uses the configured host name.
     let host = match s.launcher {
-        LauncherKind::Local => "127.0.0.1".to_owned(),
+        LauncherKind::Local | LauncherKind::Bench => "127.0.0.1".to_owned(),
         LauncherKind::Salt => s.default_saltpeter_server_host.clone(),
     };
     let machines_url = format!("ws://{host}:{}", machines_addr.port());
     let joblog = JobLog::start(s.data_dir.join("spool")).map_err(StartError::JobLog)?;
-    let retention = crate::store::Retention::default();
+    let retention = crate::store::Retention {
+        runs_per_job: usize::try_from(s.retention_runs_per_job).unwrap_or(usize::MAX),
+        max_age_days: u32::try_from(s.retention_days).unwrap_or(u32::MAX),
+        head_bytes: s.retention_output_head_bytes,
+        tail_bytes: s.retention_output_tail_bytes,
+    };
     let (db, restored) =
         crate::store::Store::open(&s.data_dir, retention).map_err(StartError::Store)?;
     let (engine, handle) = Engine::new(EngineParts {

@@ -877,3 +877,36 @@ async fn idle_watcher_with_300_jobs_does_not_poll() {
     assert_eq!(watcher.scans(), 0);
     assert_eq!(watcher.current().serial, serial);
 }
+
+#[test]
+fn retention_settings_have_defaults_and_reject_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "a.yaml",
+        "saltpeter_config:\n  retention_runs_per_job: 7\n  retention_days: 2\n  retention_output_head_bytes: 0\n  retention_output_tail_bytes: 1000\n",
+    );
+    let config = load(dir.path());
+    assert!(errors(&config).is_empty(), "{:?}", errors(&config));
+    let s = &config.settings;
+    assert_eq!((s.retention_runs_per_job, s.retention_days), (7, 2));
+    assert_eq!(
+        (s.retention_output_head_bytes, s.retention_output_tail_bytes),
+        (0, 1000)
+    );
+    write(
+        dir.path(),
+        "a.yaml",
+        "saltpeter_config:\n  retention_days: 0\n",
+    );
+    let config = load(dir.path());
+    assert_eq!(
+        config.settings.retention_days, 30,
+        "an invalid value keeps the default"
+    );
+    assert!(
+        errors(&config).iter().any(|e| e.contains("retention_days")),
+        "{:?}",
+        errors(&config)
+    );
+}

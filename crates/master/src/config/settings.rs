@@ -20,6 +20,8 @@ pub enum Launcher {
     Local,
     /// Through the `salt` command line.
     Salt,
+    /// Start requests go to a file for `cargo xtask bench master`'s simulated wrappers.
+    Bench,
 }
 
 /// Master-wide settings.
@@ -62,7 +64,7 @@ pub struct Settings {
     pub elasticsearch_index: String,
     /// `opensearch_index`: default `saltpeter`.
     pub opensearch_index: String,
-    /// `launcher`: `local` (default) or `salt`.
+    /// `launcher`: `local` (default), `salt`, or `bench` (benchmarks only).
     pub launcher: Launcher,
     /// `heartbeat_timeout`: seconds without a heartbeat before a machine is lost; default 15.
     pub heartbeat_timeout: Duration,
@@ -77,6 +79,16 @@ pub struct Settings {
     pub salt_config_dir: Option<PathBuf>,
     /// `ping_timeout`: seconds to wait for `test.ping`; default 20.
     pub ping_timeout: Duration,
+    /// `retention_runs_per_job`: finished runs kept in the store per job; default 100.
+    pub retention_runs_per_job: u64,
+    /// `retention_days`: finished runs older than this are deleted; default 30.
+    pub retention_days: u64,
+    /// `retention_output_head_bytes`: output kept from the start of each machine's output;
+    /// default 64 KiB.
+    pub retention_output_head_bytes: u64,
+    /// `retention_output_tail_bytes`: output kept from the end of each machine's output;
+    /// default 448 KiB.
+    pub retention_output_tail_bytes: u64,
     /// Keys this version does not know, as JSON (the original accepted anything).
     pub extra: serde_json::Map<String, serde_json::Value>,
 }
@@ -117,6 +129,10 @@ impl Default for Settings {
             salt_bin: "salt".to_owned(),
             salt_config_dir: None,
             ping_timeout: Duration::from_secs(20),
+            retention_runs_per_job: 100,
+            retention_days: 30,
+            retention_output_head_bytes: 64 * 1024,
+            retention_output_tail_bytes: 448 * 1024,
             extra: serde_json::Map::new(),
         }
     }
@@ -150,6 +166,10 @@ pub(crate) struct PartialSettings {
     salt_bin: Option<String>,
     salt_config_dir: Option<Option<PathBuf>>,
     ping_timeout: Option<Duration>,
+    retention_runs_per_job: Option<u64>,
+    retention_days: Option<u64>,
+    retention_output_head_bytes: Option<u64>,
+    retention_output_tail_bytes: Option<u64>,
     extra: serde_json::Map<String, serde_json::Value>,
 }
 
@@ -190,6 +210,13 @@ fn seconds(node: &Node) -> Result<Duration, String> {
     }
 }
 
+fn at_least_one(node: &Node) -> Result<u64, String> {
+    match node.as_count("a whole number")? {
+        0 => Err("must be at least 1".to_owned()),
+        n => Ok(n),
+    }
+}
+
 fn optional<T>(node: &Node, f: impl Fn(&Node) -> Result<T, String>) -> Result<Option<T>, String> {
     if matches!(node.value, Value::Null) {
         Ok(None)
@@ -211,6 +238,7 @@ fn launcher(node: &Node) -> Result<Launcher, String> {
     match t.to_ascii_lowercase().as_str() {
         "local" => Ok(Launcher::Local),
         "salt" => Ok(Launcher::Salt),
+        "bench" => Ok(Launcher::Bench),
         _ => Err(format!("expected \"local\" or \"salt\", got {t:?}")),
     }
 }
@@ -271,6 +299,13 @@ pub(crate) fn parse_settings(
             "salt_config_dir" => set!(salt_config_dir, |n: &Node| optional(n, non_empty)
                 .map(|o| o.map(PathBuf::from))),
             "ping_timeout" => set!(ping_timeout, seconds),
+            "retention_runs_per_job" => set!(retention_runs_per_job, at_least_one),
+            "retention_days" => set!(retention_days, at_least_one),
+            "retention_output_head_bytes" => {
+                set!(retention_output_head_bytes, |n: &Node| n
+                    .as_count("a number of bytes"))
+            }
+            "retention_output_tail_bytes" => set!(retention_output_tail_bytes, at_least_one),
             _ => {
                 problems.push(ConfigProblem::at(
                     Severity::Warning,
@@ -319,7 +354,11 @@ impl Settings {
             allow_legacy_wrappers,
             salt_bin,
             salt_config_dir,
-            ping_timeout
+            ping_timeout,
+            retention_runs_per_job,
+            retention_days,
+            retention_output_head_bytes,
+            retention_output_tail_bytes
         );
         for (k, v) in &p.extra {
             self.extra.insert(k.clone(), v.clone());
