@@ -150,7 +150,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
 }
 
 fn serve(config_dir: PathBuf, ready_file: Option<PathBuf>) -> Result<ExitCode> {
-    init_tracing();
+    let log_level = init_tracing();
+    raise_fd_limit();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("sp-master")
@@ -162,6 +163,22 @@ fn serve(config_dir: PathBuf, ready_file: Option<PathBuf>) -> Result<ExitCode> {
             ..Options::default()
         })
         .await?;
+        if let Some(switch) = log_level {
+            let mut config = running.config.clone();
+            tokio::spawn(async move {
+                let mut debug = None;
+                loop {
+                    let now = config.borrow_and_update().settings.debug;
+                    if debug != Some(now) {
+                        switch(now);
+                        debug = Some(now);
+                    }
+                    if config.changed().await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
         if let Some(path) = ready_file {
             let ready = serde_json::json!({
                 "machines": running.machines_addr.to_string(),
@@ -179,13 +196,51 @@ fn serve(config_dir: PathBuf, ready_file: Option<PathBuf>) -> Result<ExitCode> {
     })
 }
 
-fn init_tracing() {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(false)
+/// Every wrapper holds a socket open for its whole run, so a fleet needs far more descriptors
+/// than the usual soft limit of 1024: raise the soft limit to the hard limit (never above it,
+/// so no privilege is needed). Failing only costs capacity, so it is logged, not fatal.
+fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => {
+            if let Err(error) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                tracing::warn!(%error, soft, hard, "Could not raise the open-file limit.");
+            }
+        }
+        Ok(_) => {}
+        Err(error) => tracing::warn!(%error, "Could not read the open-file limit."),
+    }
+}
+
+/// Switches between `info` and `debug` logging; `None` when `RUST_LOG` fixes the level.
+type LogLevelSwitch = Option<Box<dyn Fn(bool) + Send + Sync>>;
+
+/// Logs to stderr. Without `RUST_LOG`, the level follows the config's `debug` key (reloaded
+/// with the config, as the original's debug flag was).
+fn init_tracing() -> LogLevelSwitch {
+    use tracing_subscriber::prelude::*;
+    use tracing_subscriber::{EnvFilter, fmt, reload};
+    if let Ok(filter) = EnvFilter::try_from_default_env() {
+        tracing_subscriber::registry()
+            .with(filter)
+            .with(fmt::layer().with_target(false))
+            .init();
+        return None;
+    }
+    let (filter, handle) = reload::Layer::new(EnvFilter::new("info"));
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(fmt::layer().with_target(false))
         .init();
+    Some(Box::new(move |debug| {
+        let level = if debug {
+            "info,saltpeter_master=debug"
+        } else {
+            "info"
+        };
+        // Only fails if the subscriber is gone, at which point nothing logs anyway.
+        let _ = handle.modify(|f| *f = EnvFilter::new(level));
+    }))
 }
 
 /// SIGTERM (systemd's stop) or SIGINT (Ctrl-C while developing).
