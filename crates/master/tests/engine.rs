@@ -415,3 +415,56 @@ async fn every_slot_fires_exactly_once() {
     let fired = h.launcher.take_started().len();
     assert_eq!(fired, 10, "ten one-second slots must fire ten times");
 }
+
+#[tokio::test(start_paused = true)]
+async fn after_a_restart_machines_get_fresh_deadlines_and_kills_survive() {
+    let data = tempfile::tempdir().unwrap();
+    let yaml = job("j", "[m1, m2]", "");
+    let (instance, token) = {
+        let h = Harness::restart(&yaml, data.path()).await;
+        let instance = h.run("j").await;
+        let mut w1 = h.wrapper(&instance, "m1").await;
+        let mut w2 = h.wrapper(&instance, "m2").await;
+        w1.connect_and_start().await;
+        w2.connect_and_start().await;
+        assert_eq!(w1.output(0, "before ").await, Reply::Ack(0));
+        h.kill_machine(&instance, "m2").await;
+        let token = w1.token.clone();
+        (instance, token)
+        // The engine is dropped here: the "crash".
+    };
+    // Down far longer than the heartbeat timeout.
+    sleep(60 * SEC).await;
+    let h = Harness::restart(&yaml, data.path()).await;
+    sleep(14 * SEC).await;
+    assert_eq!(
+        h.machine(&instance, "m1").await["status"],
+        "running",
+        "no 253 for downtime"
+    );
+    let mut w1 = h.wrapper(&instance, "m1").await;
+    w1.token = token.clone();
+    assert_eq!(
+        w1.connect().await,
+        Some(0),
+        "resumes after the durable output"
+    );
+    assert_eq!(w1.output(1, "after").await, Reply::Ack(1));
+    let mut w2 = h.wrapper(&instance, "m2").await;
+    w2.token = token;
+    w2.connect().await;
+    assert!(
+        w2.saw_kill(),
+        "the kill requested before the crash is sent again"
+    );
+    w2.complete_with(143, "killed").await;
+    w1.complete(0).await;
+    let run = h.run_view(&instance).await;
+    assert_eq!(run["machines"]["m1"]["output"], "before after");
+    assert_eq!(run["machines"]["m1"]["retcode"], 0);
+    assert_eq!(run["machines"]["m2"]["retcode"], 143);
+    assert!(
+        h.try_run("j").await.is_ok(),
+        "the run ended, so the job may run again"
+    );
+}

@@ -229,6 +229,16 @@ impl Store {
         })
     }
 
+    /// A store applied on the caller's thread (tests that need a file, e.g. restarts).
+    pub fn inline(db: Db) -> Store {
+        Store {
+            mode: Mode::Inline {
+                db: Box::new(db),
+                notices: Vec::new(),
+            },
+        }
+    }
+
     /// An in-memory store applied on the caller's thread (tests).
     pub fn inline_memory() -> Result<(Store, Restored), StoreError> {
         let db = sqlite::Db::open(Path::new(":memory:"), Retention::default())?;

@@ -106,6 +106,15 @@ impl Drop for Harness {
 
 impl Harness {
     pub async fn start(yaml: &str) -> Harness {
+        Self::start_with(yaml, None).await
+    }
+
+    /// Starts an engine on the store in `data_dir` (a restart when it holds runs).
+    pub async fn restart(yaml: &str, data_dir: &std::path::Path) -> Harness {
+        Self::start_with(yaml, Some(data_dir)).await
+    }
+
+    async fn start_with(yaml: &str, data_dir: Option<&std::path::Path>) -> Harness {
         let dir = tempfile::tempdir().unwrap();
         let conf = dir.path().join("conf");
         std::fs::create_dir_all(&conf).unwrap();
@@ -124,7 +133,13 @@ impl Harness {
         let (config_tx, config_rx) = watch::channel(Arc::new(config));
         let launcher = Arc::new(FakeLauncher::default());
         let shutdown = CancellationToken::new();
-        let (store, restored) = Store::inline_memory().unwrap();
+        let (store, restored) = match data_dir {
+            None => Store::inline_memory().unwrap(),
+            Some(dir) => {
+                let (db, restored) = Store::open(dir, Default::default()).unwrap();
+                (Store::inline(db), restored)
+            }
+        };
         let (engine, handle) = Engine::new(EngineParts {
             config: config_rx,
             launcher: launcher.clone(),
@@ -160,6 +175,19 @@ impl Harness {
 
     pub async fn run(&self, job: &str) -> String {
         self.try_run(job).await.unwrap()
+    }
+
+    pub async fn kill_machine(&self, instance: &str, machine: &str) {
+        let (instance, machine) = (instance.to_owned(), machine.to_owned());
+        self.engine
+            .ask(|reply| ApiRequest::KillMachine {
+                instance,
+                machine,
+                reply,
+            })
+            .await
+            .unwrap()
+            .unwrap();
     }
 
     pub async fn kill(&self, instance: &str) {
