@@ -468,3 +468,33 @@ async fn after_a_restart_machines_get_fresh_deadlines_and_kills_survive() {
         "the run ended, so the job may run again"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_slot_fired_before_a_restart_never_fires_again() {
+    let data = tempfile::tempdir().unwrap();
+    let every_second = "every:\n  sec: '*'\n  min: '*'\n  hour: '*'\n  dom: '*'\n  mon: '*'\n  dow: '*'\n  targets: [m1]\n  target_type: list\n  command: echo hi\n  allow_overlap: i know what i am doing!\n";
+    {
+        let h = Harness::restart(every_second, data.path()).await;
+        sleep(Duration::from_millis(5_500)).await;
+        assert_eq!(
+            h.launcher.take_started().len(),
+            5,
+            "12:00:01 .. 12:00:05 fired"
+        );
+    }
+    // The restarted master's wall clock starts at 12:00:00 again (as after a clock step
+    // back): the slots up to 12:00:05 already fired and must not fire a second time.
+    let h = Harness::restart(every_second, data.path()).await;
+    sleep(Duration::from_millis(5_500)).await;
+    assert_eq!(
+        h.launcher.take_started().len(),
+        0,
+        "no slot fires twice across a restart"
+    );
+    sleep(SEC).await;
+    assert_eq!(
+        h.launcher.take_started().len(),
+        1,
+        "12:00:06 is new and fires"
+    );
+}
