@@ -5,6 +5,10 @@
 //! result is known the thread writes the result block with the *full* output, cleaned of
 //! carriage-return redraws (§5.2), and removes the spool. Memory stays bounded however much a
 //! job prints, and the log still holds every byte.
+//!
+//! When shipping is configured the same thread hands every entry to [`crate::ship`], which
+//! queues a search document on disk (never waiting on the network), whether or not the log
+//! file could be written (the original skipped shipping then, reference D-35).
 
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
@@ -78,9 +82,17 @@ pub struct JobLog {
 impl JobLog {
     /// Starts the log thread. `spool_dir` holds in-flight output; it is created on demand.
     pub fn start(spool_dir: PathBuf) -> io::Result<Self> {
+        Self::start_shipping(spool_dir, None)
+    }
+
+    /// [`JobLog::start`], also shipping every entry through `ship` when given.
+    pub fn start_shipping(
+        spool_dir: PathBuf,
+        ship: Option<crate::ship::LogShipper>,
+    ) -> io::Result<Self> {
         let (tx, rx) = mpsc::channel::<(Arc<Path>, LogEntry)>();
         std::thread::Builder::new().name("joblog".into()).spawn(move || {
-            let mut writer = Writer { spool_dir, spools: HashMap::new() };
+            let mut writer = Writer { spool_dir, spools: HashMap::new(), ship };
             while let Ok((dir, entry)) = rx.recv() {
                 if let Err(error) = writer.write(&dir, entry) {
                     tracing::warn!(%error, dir = %dir.display(), "Could not write the job log.");
@@ -100,10 +112,26 @@ impl JobLog {
 struct Writer {
     spool_dir: PathBuf,
     spools: HashMap<(String, String), File>,
+    ship: Option<crate::ship::LogShipper>,
 }
 
 impl Writer {
     fn write(&mut self, dir: &Path, entry: LogEntry) -> io::Result<()> {
+        if self.ship.is_some() && !matches!(entry, LogEntry::Output { .. }) {
+            let spool = match &entry {
+                LogEntry::MachineResult {
+                    instance, machine, ..
+                } => {
+                    // Close our handle so the shipper reads everything written.
+                    self.spools.remove(&(instance.clone(), machine.clone()));
+                    Some(self.spool_path(instance, machine))
+                }
+                _ => None,
+            };
+            if let Some(ship) = &mut self.ship {
+                ship.record(&entry, spool.as_deref());
+            }
+        }
         match entry {
             LogEntry::Output {
                 instance,

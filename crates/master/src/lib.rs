@@ -11,7 +11,8 @@
 //! - [`launch`]: how wrappers are started (local, Salt).
 //! - [`endpoint`]: the WebSocket server wrappers talk to.
 //! - [`api`], [`ui`], [`metrics`]: the operator's HTTP API, UI protocol, dashboard, metrics.
-//! - [`joblog`]: per-job log files in the original format.
+//! - [`joblog`]: per-job log files in the original format; [`ship`]: the same events to
+//!   Elasticsearch/OpenSearch.
 //! - [`cli`]: subcommands that talk to a running master.
 //! - [`server`]: wiring shared by `main` and the integration tests; [`clock`]: time sources.
 //!
@@ -29,5 +30,6 @@ pub mod metrics;
 pub mod runs;
 pub mod schedule;
 pub mod server;
+pub mod ship;
 pub mod store;
 pub mod ui;

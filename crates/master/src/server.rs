@@ -114,7 +114,10 @@ pub async fn start(options: Options) -> Result<Running, StartError> {
         LauncherKind::Salt => s.default_saltpeter_server_host.clone(),
     };
     let machines_url = format!("ws://{host}:{}", machines_addr.port());
-    let joblog = JobLog::start(s.data_dir.join("spool")).map_err(StartError::JobLog)?;
+    // Shipping to Elasticsearch/OpenSearch only when a URL is configured.
+    let ship = crate::ship::start_for(s, config_rx.clone());
+    let joblog =
+        JobLog::start_shipping(s.data_dir.join("spool"), ship).map_err(StartError::JobLog)?;
     let retention = crate::store::Retention {
         runs_per_job: usize::try_from(s.retention_runs_per_job).unwrap_or(usize::MAX),
         max_age_days: u32::try_from(s.retention_days).unwrap_or(u32::MAX),

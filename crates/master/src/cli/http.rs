@@ -1,12 +1,13 @@
-//! A tiny blocking HTTP/1.1 client for the CLI: one request per connection
-//! (`Connection: close`), `Content-Length` or chunked bodies, plain `http://` only.
+//! A tiny blocking HTTP/1.1 client for the CLI and the log shipper (`ship`): one request per
+//! connection (`Connection: close`), `Content-Length` or chunked bodies, plain `http://` only,
+//! optional Basic auth from the URL's `user:pass@`.
 //!
 //! Hand-written rather than reqwest: the CLI makes a handful of loopback requests to the
 //! master's own API, and reqwest with its TLS and HTTP/2 stack would add minutes to CI's cold
 //! build on two cores for no gain here.
 
 use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::net::{TcpStream, ToSocketAddrs};
 use std::time::Duration;
 
 /// Why a request failed.
@@ -36,6 +37,8 @@ pub struct Client {
     /// Path prefix of the API (usually empty).
     prefix: String,
     token: Option<String>,
+    /// `Authorization: Basic` credentials (base64) from the URL's userinfo.
+    basic: Option<String>,
     timeout: Duration,
 }
 
@@ -71,6 +74,11 @@ impl Client {
             Some((a, p)) => (a, format!("/{}", p.trim_end_matches('/'))),
             None => (rest, String::new()),
         };
+        // `user:pass@host`: the last `@` ends the userinfo (a password may hold a raw `@`).
+        let (basic, addr) = match addr.rsplit_once('@') {
+            Some((userinfo, host)) => (Some(base64(percent_decode(userinfo).as_bytes())), host),
+            None => (None, addr),
+        };
         if addr.is_empty() {
             return Err(HttpError::Url(url.to_owned()));
         }
@@ -84,8 +92,20 @@ impl Client {
             addr,
             prefix,
             token: token.filter(|t| !t.is_empty()),
+            basic,
             timeout: Duration::from_secs(30),
         })
+    }
+
+    /// Sets the connect, read and write timeout (default 30 s).
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// `host:port` this client talks to.
+    pub fn addr(&self) -> &str {
+        &self.addr
     }
 
     pub fn get(&self, path: &str) -> Result<Response, HttpError> {
@@ -98,30 +118,109 @@ impl Client {
 
     /// Sends one request and reads the whole response.
     pub fn request(&self, method: &str, path: &str) -> Result<Response, HttpError> {
+        self.send(method, path, None, &[])
+    }
+
+    /// Sends one request with a body of `content_type` (when given) and reads the whole response.
+    pub fn send(
+        &self,
+        method: &str,
+        path: &str,
+        content_type: Option<&str>,
+        body: &[u8],
+    ) -> Result<Response, HttpError> {
         let io = |source| HttpError::Io {
             addr: self.addr.clone(),
             source,
         };
-        let mut stream = TcpStream::connect(&self.addr).map_err(|source| HttpError::Connect {
-            addr: self.addr.clone(),
-            source,
-        })?;
+        let mut stream = self.connect()?;
         stream.set_read_timeout(Some(self.timeout)).map_err(io)?;
         stream.set_write_timeout(Some(self.timeout)).map_err(io)?;
-        let auth = self
-            .token
-            .as_ref()
-            .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        let auth = match (&self.token, &self.basic) {
+            (Some(t), _) => format!("Authorization: Bearer {t}\r\n"),
+            (None, Some(b)) => format!("Authorization: Basic {b}\r\n"),
+            (None, None) => String::new(),
+        };
+        let content_type = content_type
+            .map(|t| format!("Content-Type: {t}\r\n"))
             .unwrap_or_default();
         let head = format!(
-            "{method} {}{path} HTTP/1.1\r\nHost: {}\r\nUser-Agent: sp-master-cli\r\nAccept: application/json\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n",
-            self.prefix, self.addr
+            "{method} {}{path} HTTP/1.1\r\nHost: {}\r\nUser-Agent: sp-master-cli\r\nAccept: application/json\r\n{auth}{content_type}Content-Length: {}\r\nConnection: close\r\n\r\n",
+            self.prefix,
+            self.addr,
+            body.len()
         );
         stream.write_all(head.as_bytes()).map_err(io)?;
+        stream.write_all(body).map_err(io)?;
         let mut raw = Vec::new();
         stream.read_to_end(&mut raw).map_err(io)?;
         parse_response(&raw).ok_or_else(|| HttpError::Malformed(self.addr.clone()))
     }
+
+    /// Connects with the timeout: a plain `connect` to an unreachable host can hang for minutes,
+    /// which would stall the log shipper's shutdown.
+    fn connect(&self) -> Result<TcpStream, HttpError> {
+        let error = |source| HttpError::Connect {
+            addr: self.addr.clone(),
+            source,
+        };
+        let mut last = None;
+        for addr in self.addr.to_socket_addrs().map_err(error)? {
+            match TcpStream::connect_timeout(&addr, self.timeout) {
+                Ok(stream) => return Ok(stream),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(error(last.unwrap_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::NotFound, "no address")
+        })))
+    }
+}
+
+/// `%XX` escapes in URL userinfo (RFC 3986); anything malformed is kept as written.
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(b)) => {
+                out.push(b);
+                i += 3;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Standard base64 with padding, for `Authorization: Basic` (not worth a dependency).
+fn base64(input: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(input.len().div_ceil(3) * 4);
+    for chunk in input.chunks(3) {
+        let b = [
+            chunk[0],
+            chunk.get(1).copied().unwrap_or(0),
+            chunk.get(2).copied().unwrap_or(0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for (i, shift) in [18, 12, 6, 0].into_iter().enumerate() {
+            if i <= chunk.len() {
+                out.push(char::from(ALPHABET[((n >> shift) & 63) as usize]));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
 }
 
 /// Splits a full HTTP/1.1 response into status and body.
@@ -189,5 +288,19 @@ mod tests {
         );
         assert!(c.token.is_none());
         assert!(Client::new("https://x", None).is_err());
+    }
+
+    #[test]
+    fn userinfo_becomes_basic_auth() {
+        let c = Client::new("http://elastic:p%40ss@es.example:9200", None)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.addr, "es.example:9200");
+        // base64("elastic:p@ss")
+        assert_eq!(c.basic.as_deref(), Some("ZWxhc3RpYzpwQHNz"));
+        assert_eq!(base64(b""), "");
+        assert_eq!(base64(b"f"), "Zg==");
+        assert_eq!(base64(b"fo"), "Zm8=");
+        assert_eq!(base64(b"foo"), "Zm9v");
+        assert_eq!(percent_decode("a%2"), "a%2");
     }
 }
