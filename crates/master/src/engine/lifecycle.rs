@@ -189,7 +189,9 @@ impl Engine {
                     text: why,
                 },
             );
-            self.conclude(instance, &name, EXIT_ERROR, Cause::NoResponse, None);
+            // Quietly, then one `advance` below: advancing after the first down machine would
+            // finish a run with no up machine before the others got their 255.
+            self.conclude_quietly(instance, &name, EXIT_ERROR, Cause::NoResponse);
         }
         self.advance(instance);
     }

@@ -184,6 +184,7 @@ impl SaltLauncher {
     /// Runs `salt --args-stdin` with `args` on stdin; stops it after `limit`.
     async fn call(&self, args: Vec<String>, limit: Duration) -> Result<SaltOutput, SaltError> {
         let bin = self.salt_bin.clone();
+        let began = std::time::Instant::now();
         let mut child = Command::new(&bin)
             .arg("--args-stdin")
             .stdin(Stdio::piped())
@@ -213,6 +214,7 @@ impl SaltLauncher {
                 limit,
             })?
             .map_err(io)?;
+        tracing::debug!(took = ?began.elapsed(), status = %output.status, "salt answered.");
         Ok(SaltOutput {
             code: output.status.code(),
             stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
