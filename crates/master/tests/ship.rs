@@ -4,6 +4,8 @@
 
 #![allow(clippy::unwrap_used)] // Tests fail loudly by design.
 
+mod support;
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -670,4 +672,57 @@ fn queue_bytes(dir: &Path) -> u64 {
         .filter(|e| e.file_name().to_string_lossy().ends_with(".ndjson"))
         .map(|e| e.metadata().unwrap().len())
         .sum()
+}
+
+/// The production wiring: `server::start` ships when a URL is configured, with the job file's
+/// name as the group.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_master_ships_when_a_url_is_configured() {
+    use saltpeter_master::server::{self, Options};
+    let es = Endpoint::start(0).await;
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("conf");
+    std::fs::create_dir_all(&conf).unwrap();
+    let settings = format!(
+        "saltpeter_config:\n  logdir: {0}/log\n  data_dir: {0}/data\n  elasticsearch: {1}\n  elasticsearch_index: sp\n",
+        dir.path().display(),
+        es.url()
+    );
+    std::fs::write(conf.join("00-settings.yaml"), settings).unwrap();
+    std::fs::write(conf.join("nightly.yaml"), support::job("j", "[m1]", "")).unwrap();
+    let running = server::start(Options {
+        config_dir: conf,
+        machines_listener: Some(TcpListener::bind("127.0.0.1:0").await.unwrap()),
+        api_listener: Some(TcpListener::bind("127.0.0.1:0").await.unwrap()),
+        launcher: Some(Arc::new(support::FakeLauncher::default())),
+        clock: None,
+    })
+    .await
+    .unwrap();
+    let api =
+        saltpeter_master::cli::Client::new(&format!("http://{}", running.api_addr), None).unwrap();
+    let response = tokio::task::spawn_blocking(move || api.post("/api/v1/jobs/j/run"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(response.status < 300, "{response:?}");
+    wait_for(10, "start and machine_start", || {
+        let docs = accepted(&es.requests(), |_| true);
+        ["start", "machine_start"]
+            .iter()
+            .all(|t| docs.iter().any(|d| d["msg_type"] == *t))
+    })
+    .await;
+    for (action, doc) in es.requests().iter().flat_map(|r| r.items.iter()) {
+        assert_eq!(doc["group"], "nightly");
+        assert_eq!(doc["job_name"], "j");
+        assert!(
+            action["index"]["_index"]
+                .as_str()
+                .unwrap()
+                .starts_with("sp-")
+        );
+    }
+    assert!(dir.path().join("data/ship/elasticsearch").is_dir());
+    running.shutdown.cancel();
 }
