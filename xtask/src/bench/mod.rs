@@ -1,5 +1,6 @@
 //! `cargo xtask bench <what>`: benchmarks that print their figures.
 
+mod master;
 mod wrapper;
 
 use anyhow::{Result, bail};
@@ -7,7 +8,8 @@ use anyhow::{Result, bail};
 pub fn run(args: &[String]) -> Result<()> {
     match args.first().map(String::as_str) {
         Some("wrapper") => wrapper::run(&args[1..]),
-        Some(other) => bail!("unknown benchmark {other:?}; try wrapper"),
-        None => bail!("usage: cargo xtask bench <wrapper>"),
+        Some("master") => master::run(&args[1..]),
+        Some(other) => bail!("unknown benchmark {other:?}; try wrapper or master"),
+        None => bail!("usage: cargo xtask bench <wrapper|master>"),
     }
 }

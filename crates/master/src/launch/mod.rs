@@ -4,7 +4,10 @@
 //! - [`local::LocalLauncher`]: every name in `targets` is a machine simulated on this host;
 //!   the master runs `sp-wrapper` itself. The embedded default, no Salt needed.
 //! - [`salt::SaltLauncher`]: drives the `salt` command line on the Salt master host.
+//! - [`bench::BenchLauncher`]: hands start requests to `cargo xtask bench master`'s simulated
+//!   wrappers instead of starting anything.
 
+pub mod bench;
 pub mod local;
 pub mod salt;
 

@@ -223,6 +223,7 @@ pub fn config_body(config: &Config) -> Value {
             "launcher": match s.launcher {
                 crate::config::Launcher::Local => "local",
                 crate::config::Launcher::Salt => "salt",
+                crate::config::Launcher::Bench => "bench",
             },
             "heartbeat_timeout": s.heartbeat_timeout.as_secs(),
             "allow_legacy_wrappers": s.allow_legacy_wrappers,

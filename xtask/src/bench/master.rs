@@ -1,0 +1,807 @@
+//! `cargo xtask bench master [--wrappers N,...] [--seconds S] [--no-append]`: one release
+//! `sp-master` against up to ten thousand simulated wrappers on this machine (issue 7).
+//!
+//! It owns the scenarios, the measurements and the report. The master runs with `launcher:
+//! bench` (see `crates/master/src/launch/bench.rs`): its start requests go to a file that
+//! [`fleet`] tails, and the simulated wrappers speak the real protocol over loopback, so the
+//! machines endpoint, engine, monitor, store, API and metrics are the production code.
+//!
+//! Per fleet size N (a fresh master each): fire one job on N machines and time the fan-out
+//! (fire to the last `start` ack); after a 5 s warm-up, measure S seconds of steady state
+//! (master CPU from /proc/<pid>/stat, messages, ack latency); stop 1% of the wrappers abruptly
+//! and check each is marked 253 between 15.0 and 16.0 s after its last heartbeat while no live
+//! one is; complete the rest; read the master's VmHWM. Then, on a master with 1,000 jobs and
+//! nothing running, idle CPU over S seconds and one wrapper streaming as fast as acks allow.
+//!
+//! xtask normally runs unoptimised; a debug load generator would take CPU from the master it
+//! measures, so the benchmark re-runs itself from a release build of xtask.
+
+mod fleet;
+// The e2e scenarios' small HTTP client, shared by path: e2e keeps it private.
+#[allow(dead_code, clippy::duplicate_mod)]
+#[path = "../e2e/http.rs"]
+mod http;
+
+use std::fmt::Write as _;
+use std::fs;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::Ordering;
+use std::thread::sleep;
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{Context, Result, bail, ensure};
+use serde_json::Value;
+
+use fleet::{Fleet, Kind, Phase, StartFile};
+
+/// Targets from issue 7 §3.
+const TARGET_P99: Duration = Duration::from_millis(100);
+const TARGET_RSS_KIB: u64 = 1024 * 1024;
+const TARGET_IDLE_CPU: f64 = 1.0;
+/// Jobs configured on the idle master.
+const IDLE_JOBS: usize = 1000;
+/// Warm-up before the steady-state window: every wrapper has sent a heartbeat or so.
+const WARM_UP: Duration = Duration::from_secs(5);
+/// The master's heartbeat timeout and the window the verdict must fall in.
+const VERDICT_WINDOW: (f64, f64) = (15.0, 16.0);
+/// How long the streaming wrapper streams, at most.
+const STREAM_SECONDS: u64 = 20;
+
+struct Args {
+    sizes: Vec<usize>,
+    seconds: u64,
+    append: bool,
+}
+
+fn parse_args(args: &[String]) -> Result<Args> {
+    let mut out = Args {
+        sizes: vec![1000, 5000, 10_000],
+        seconds: 60,
+        append: true,
+    };
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        match arg.as_str() {
+            "--wrappers" => {
+                let list = it.next().context("--wrappers needs N[,N...]")?;
+                out.sizes = list
+                    .split(',')
+                    .map(|n| n.trim().parse::<usize>().context("--wrappers: a number"))
+                    .collect::<Result<_>>()?;
+                ensure!(
+                    out.sizes.iter().all(|n| (100..=10_000).contains(n)),
+                    "--wrappers: each N must be 100..=10000 (1% of N is stopped)"
+                );
+            }
+            "--seconds" => {
+                out.seconds = it.next().context("--seconds needs S")?.parse()?;
+                ensure!((5..=600).contains(&out.seconds), "--seconds: 5..=600");
+            }
+            "--no-append" => out.append = false,
+            other => bail!(
+                "unexpected argument {other:?}; usage: cargo xtask bench master [--wrappers N,...] [--seconds S] [--no-append]"
+            ),
+        }
+    }
+    Ok(out)
+}
+
+pub fn run(args: &[String]) -> Result<()> {
+    let parsed = parse_args(args)?;
+    let root = workspace_root();
+    if cfg!(debug_assertions) {
+        return rerun_optimised(&root, args);
+    }
+    raise_fd_limit();
+    eprintln!("Building sp-master (release)...");
+    cargo(&root, &["build", "--release", "-p", "saltpeter-master"])?;
+    let bin = target_dir(&root).join("release/sp-master");
+    let scratch = target_dir(&root).join("bench-master");
+    let mut rows = Vec::new();
+    for &n in &parsed.sizes {
+        eprintln!("\n== {n} wrappers, {} s steady state ==", parsed.seconds);
+        let row = fleet_scenario(&bin, &scratch.join(format!("fleet-{n}")), n, parsed.seconds)?;
+        eprintln!("{}", row.line());
+        rows.push(row);
+    }
+    eprintln!(
+        "\n== idle: {IDLE_JOBS} jobs, {} s; then one streaming wrapper ==",
+        parsed.seconds
+    );
+    let idle = idle_and_stream(&bin, &scratch.join("idle"), parsed.seconds)?;
+    let report = report(&root, &parsed, &rows, &idle)?;
+    println!("\n{report}");
+    if parsed.append {
+        let doc = root.join("docs/PERFORMANCE.md");
+        let mut text = fs::read_to_string(&doc).unwrap_or_else(|_| PERFORMANCE_HEADER.to_owned());
+        text.push('\n');
+        text.push_str(&report);
+        fs::write(&doc, text).with_context(|| format!("writing {}", doc.display()))?;
+        eprintln!("Appended to {}", doc.display());
+    }
+    Ok(())
+}
+
+const PERFORMANCE_HEADER: &str = "# Performance\n\nFigures from `cargo xtask bench master` \
+(issue 7), newest last. Each entry says when, on which CPU and at which commit it was measured; \
+see `xtask/src/bench/master.rs` for how each figure is taken.\n";
+
+/// Builds xtask in release and runs this benchmark from it, passing the arguments on.
+fn rerun_optimised(root: &Path, args: &[String]) -> Result<()> {
+    eprintln!("Building xtask (release) so the load generator does not starve the master...");
+    cargo(root, &["build", "--release", "-p", "xtask"])?;
+    let exe = target_dir(root).join("release/xtask");
+    let status = Command::new(exe)
+        .args(["bench", "master"])
+        .args(args)
+        .current_dir(root)
+        .status()
+        .context("running the release xtask")?;
+    ensure!(status.success(), "the benchmark failed ({status})");
+    Ok(())
+}
+
+fn cargo(root: &Path, args: &[&str]) -> Result<()> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let status = Command::new(cargo)
+        .args(args)
+        .current_dir(root)
+        .status()
+        .context("running cargo")?;
+    ensure!(status.success(), "cargo {} failed", args.join(" "));
+    Ok(())
+}
+
+/// 10,000 sockets need more than the usual 1024 descriptors: soft limit up to the hard one.
+fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
+        && soft < hard
+        && let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard)
+    {
+        eprintln!("warning: could not raise the open-file limit: {e}");
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+}
+
+fn target_dir(root: &Path) -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from)
+}
+
+/// One fleet size's figures.
+struct Row {
+    n: usize,
+    cpu_pct: f64,
+    loadgen_cpu_pct: f64,
+    hwm_kib: u64,
+    msgs_in: f64,
+    msgs_out: f64,
+    p50: Duration,
+    p99: Duration,
+    max: Duration,
+    samples: usize,
+    fanout: Duration,
+    launcher: Duration,
+    stopped: usize,
+    verdicts_ok: usize,
+    verdict_delay: (f64, f64),
+    false_verdicts: usize,
+    failed: u64,
+}
+
+impl Row {
+    fn line(&self) -> String {
+        format!(
+            "| {} | {:.1} | {} | {:.0} | {:.0} | {:.1} / {:.1} / {:.1} | {:.2} (+{:.3}) | {}/{} in [{:.2}, {:.2}] s | {} | {:.1} |",
+            self.n,
+            self.cpu_pct,
+            self.hwm_kib / 1024,
+            self.msgs_in,
+            self.msgs_out,
+            ms(self.p50),
+            ms(self.p99),
+            ms(self.max),
+            self.fanout.as_secs_f64(),
+            self.launcher.as_secs_f64(),
+            self.verdicts_ok,
+            self.stopped,
+            self.verdict_delay.0,
+            self.verdict_delay.1,
+            self.false_verdicts,
+            self.loadgen_cpu_pct,
+        )
+    }
+}
+
+struct Idle {
+    cpu_pct: f64,
+    seconds: f64,
+    stream_mb_s: f64,
+    stream_cpu_pct: f64,
+    stream_p99: Duration,
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// The settings every benchmark master gets: loopback, kernel-chosen ports, its own dirs.
+fn settings(dir: &Path) -> String {
+    format!(
+        "saltpeter_config:\n  launcher: bench\n  logdir: '{d}/log'\n  data_dir: '{d}/data'\n  \
+         api_ws_bind_addr: 127.0.0.1\n  api_ws_port: 0\n  \
+         machines_ws_bind_addr: 127.0.0.1\n  machines_ws_port: 0\n",
+        d = dir.display()
+    )
+}
+
+/// A job that never fires by itself (it is started through the API).
+fn manual_job(name: &str, targets: &[String]) -> String {
+    let mut s = format!(
+        "{name}:\n  sec: 0\n  min: 0\n  hour: 0\n  dom: 1\n  mon: 1\n  dow: '*'\n  year: 2099\n  \
+         target_type: list\n  command: 'true'\n  targets:\n"
+    );
+    for t in targets {
+        let _ = writeln!(s, "    - {t}");
+    }
+    s
+}
+
+fn fleet_scenario(bin: &Path, dir: &Path, n: usize, seconds: u64) -> Result<Row> {
+    let names: Vec<String> = (0..n).map(|i| format!("m{i:05}")).collect();
+    let master = MasterProc::start(bin, dir, &[("jobs.yaml", manual_job("fleet", &names))])?;
+    let mut starts = StartFile::new(master.data.join("bench-starts.jsonl"));
+    let mut fleet = Fleet::new()?;
+    let stats = fleet.stats.clone();
+
+    // Fan-out: fire, then every wrapper connects, is accepted and has `start` acked.
+    let fired = SystemTime::now();
+    let instance = master.run_job("fleet")?;
+    let request = starts.next(Duration::from_secs(60))?;
+    ensure!(
+        request.instance == instance,
+        "start request for {}",
+        request.instance
+    );
+    ensure!(
+        request.machines.len() == n,
+        "{} machines in the request",
+        request.machines.len()
+    );
+    // Every 100th wrapper (offset by 50, so not the first to connect) will be stopped.
+    fleet.launch(&request, |i| {
+        if i % 100 == 50 {
+            Kind::Stoppable
+        } else {
+            Kind::Steady
+        }
+    })?;
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while (stats.started.load(Ordering::Relaxed) as usize) < n {
+        ensure!(
+            stats.failed.load(Ordering::Relaxed) == 0,
+            "wrappers failed: {:?}",
+            stats.errors.lock().clone()
+        );
+        ensure!(
+            Instant::now() < deadline,
+            "only {} of {n} started within 180 s",
+            stats.started.load(Ordering::Relaxed)
+        );
+        sleep(Duration::from_millis(5));
+    }
+    let last_ack = (*stats.last_start_ack.lock()).context("no start ack")?;
+    let launcher = request.written.duration_since(fired).unwrap_or_default();
+    let fanout = last_ack.duration_since(request.written).unwrap_or_default();
+    eprintln!(
+        "  fan-out: {n} started {:.2} s after the start request (launcher {:.3} s)",
+        fanout.as_secs_f64(),
+        launcher.as_secs_f64()
+    );
+
+    // Steady state.
+    sleep(WARM_UP);
+    let (cpu0, self0) = (master.cpu()?, own_cpu()?);
+    let (sent0, recv0) = (
+        stats.sent.load(Ordering::Relaxed),
+        stats.received.load(Ordering::Relaxed),
+    );
+    stats.measuring.store(true, Ordering::Relaxed);
+    let t0 = Instant::now();
+    sleep(Duration::from_secs(seconds));
+    stats.measuring.store(false, Ordering::Relaxed);
+    let wall = t0.elapsed().as_secs_f64();
+    let (cpu1, self1) = (master.cpu()?, own_cpu()?);
+    let (sent1, recv1) = (
+        stats.sent.load(Ordering::Relaxed),
+        stats.received.load(Ordering::Relaxed),
+    );
+    let mut lat = stats.latencies.take();
+    lat.sort_unstable();
+    ensure!(!lat.is_empty(), "no ack latency samples");
+    let pct = |p: f64| {
+        Duration::from_micros(u64::from(
+            lat[((lat.len() - 1) as f64 * p).round() as usize],
+        ))
+    };
+    let cpu_pct = (cpu1 - cpu0).as_secs_f64() / wall * 100.0;
+    let loadgen_cpu_pct = (self1 - self0).as_secs_f64() / wall * 100.0;
+    eprintln!(
+        "  steady: master CPU {cpu_pct:.1}%, in {:.0}/s, out {:.0}/s, p99 {:.1} ms",
+        (sent1 - sent0) as f64 / wall,
+        (recv1 - recv0) as f64 / wall,
+        ms(pct(0.99))
+    );
+
+    // Heartbeat verdicts: 1% go silent; wait past the timeout; nobody else may be judged.
+    fleet.set_phase(Phase::StopSome);
+    let stop_deadline = Instant::now() + Duration::from_secs(10);
+    let expected_stops = (0..n).filter(|i| i % 100 == 50).count();
+    while stats.stopped.lock().len() < expected_stops {
+        ensure!(
+            Instant::now() < stop_deadline,
+            "the stoppable wrappers did not stop"
+        );
+        sleep(Duration::from_millis(10));
+    }
+    let stopped: Vec<(String, SystemTime)> = stats.stopped.lock().clone();
+    // The last stopped wrapper's heartbeat is at most 5 s old; 16 s after it plus a margin.
+    sleep(Duration::from_secs(VERDICT_WINDOW.1 as u64 + 3));
+    let view = master.run_status(&instance)?;
+    let mut delays = Vec::new();
+    let mut verdicts_ok = 0;
+    for (name, beat) in &stopped {
+        let m = &view["machines"][name];
+        let end = m["endtime"].as_str().and_then(unix_seconds);
+        let beat = beat.duration_since(SystemTime::UNIX_EPOCH)?.as_secs_f64();
+        if m["retcode"].as_i64() == Some(253)
+            && let Some(end) = end
+        {
+            let d = end - beat;
+            delays.push(d);
+            if (VERDICT_WINDOW.0..=VERDICT_WINDOW.1).contains(&d) {
+                verdicts_ok += 1;
+            } else {
+                eprintln!("  {name}: 253 after {d:.3} s");
+            }
+        } else {
+            eprintln!("  {name}: not 253 in time: {m}");
+        }
+    }
+    let stopped_names: std::collections::HashSet<&str> =
+        stopped.iter().map(|(n, _)| n.as_str()).collect();
+    let judged_live = |view: &Value| {
+        names
+            .iter()
+            .filter(|n| !stopped_names.contains(n.as_str()))
+            .filter(|n| view["machines"][n.as_str()]["retcode"].as_i64() == Some(253))
+            .count()
+    };
+    let mut false_verdicts = judged_live(&view) + (stopped.len() - verdicts_ok);
+
+    // The rest complete; the run must end with every live machine at 0.
+    fleet.set_phase(Phase::Complete);
+    let live = n - stopped.len();
+    let done_by = Instant::now() + Duration::from_secs(120);
+    while (stats.completed.load(Ordering::Relaxed) as usize) < live && Instant::now() < done_by {
+        sleep(Duration::from_millis(20));
+    }
+    ensure!(
+        stats.completed.load(Ordering::Relaxed) as usize == live,
+        "only {} of {live} completions acked; errors {:?}",
+        stats.completed.load(Ordering::Relaxed),
+        stats.errors.lock().clone()
+    );
+    let ended = master.wait_ended(&instance, Duration::from_secs(60))?;
+    let after = judged_live(&ended);
+    false_verdicts = false_verdicts.max(after + (stopped.len() - verdicts_ok));
+    let not_zero = names
+        .iter()
+        .filter(|n| !stopped_names.contains(n.as_str()))
+        .filter(|n| ended["machines"][n.as_str()]["retcode"].as_i64() != Some(0))
+        .count();
+    ensure!(
+        not_zero == after,
+        "{not_zero} live machines ended other than 0 (253: {after})"
+    );
+    let hwm_kib = master.vm_kib("VmHWM")?;
+    fleet.wait_all(Duration::from_secs(10));
+    let failed = stats.failed.load(Ordering::Relaxed);
+    delays.sort_by(f64::total_cmp);
+    Ok(Row {
+        n,
+        cpu_pct,
+        loadgen_cpu_pct,
+        hwm_kib,
+        msgs_in: (sent1 - sent0) as f64 / wall,
+        msgs_out: (recv1 - recv0) as f64 / wall,
+        p50: pct(0.50),
+        p99: pct(0.99),
+        max: pct(1.0),
+        samples: lat.len(),
+        fanout,
+        launcher,
+        stopped: stopped.len(),
+        verdicts_ok,
+        verdict_delay: (
+            delays.first().copied().unwrap_or(f64::NAN),
+            delays.last().copied().unwrap_or(f64::NAN),
+        ),
+        false_verdicts,
+        failed,
+    })
+}
+
+fn idle_and_stream(bin: &Path, dir: &Path, seconds: u64) -> Result<Idle> {
+    // 1,000 daily jobs, due half a day from now so none fires during the measurement.
+    let hour = (SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)?
+        .as_secs()
+        / 3600
+        + 12)
+        % 24;
+    let mut jobs = String::new();
+    for i in 0..IDLE_JOBS {
+        let _ = write!(
+            jobs,
+            "idle{i:04}:\n  sec: {}\n  min: {}\n  hour: {hour}\n  dom: '*'\n  mon: '*'\n  dow: '*'\n  \
+             target_type: list\n  targets: [i{i:04}]\n  command: 'true'\n",
+            i % 60,
+            (i / 60) % 60
+        );
+    }
+    jobs.push_str(&manual_job("stream", &["s0".to_owned()]));
+    let master = MasterProc::start(bin, dir, &[("jobs.yaml", jobs)])?;
+    let listed = http::get(master.api, "/api/v1/jobs")?;
+    let count = listed.body["jobs"].as_array().map_or(0, Vec::len);
+    ensure!(count == IDLE_JOBS + 1, "the master lists {count} jobs");
+    sleep(WARM_UP);
+    let cpu0 = master.cpu()?;
+    let t0 = Instant::now();
+    sleep(Duration::from_secs(seconds));
+    let idle_wall = t0.elapsed().as_secs_f64();
+    let cpu_pct = (master.cpu()? - cpu0).as_secs_f64() / idle_wall * 100.0;
+    eprintln!("  idle: {cpu_pct:.2}% of a core");
+
+    let mut starts = StartFile::new(master.data.join("bench-starts.jsonl"));
+    let mut fleet = Fleet::new()?;
+    let stats = fleet.stats.clone();
+    let instance = master.run_job("stream")?;
+    let request = starts.next(Duration::from_secs(30))?;
+    fleet.launch(&request, |_| Kind::Stream)?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while stats.started.load(Ordering::Relaxed) < 1 {
+        ensure!(
+            Instant::now() < deadline,
+            "the streaming wrapper did not start"
+        );
+        sleep(Duration::from_millis(5));
+    }
+    sleep(Duration::from_secs(1));
+    let stream_for = Duration::from_secs(seconds.min(STREAM_SECONDS));
+    let (b0, c0) = (stats.bytes_acked.load(Ordering::Relaxed), master.cpu()?);
+    stats.measuring.store(true, Ordering::Relaxed);
+    let t0 = Instant::now();
+    sleep(stream_for);
+    stats.measuring.store(false, Ordering::Relaxed);
+    let wall = t0.elapsed().as_secs_f64();
+    let (b1, c1) = (stats.bytes_acked.load(Ordering::Relaxed), master.cpu()?);
+    let mut lat = stats.latencies.take();
+    lat.sort_unstable();
+    let p99 = lat
+        .get(((lat.len().max(1) - 1) as f64 * 0.99) as usize)
+        .map_or(Duration::ZERO, |us| Duration::from_micros(u64::from(*us)));
+    fleet.set_phase(Phase::Complete);
+    master.wait_ended(&instance, Duration::from_secs(120))?;
+    let stream_mb_s = (b1 - b0) as f64 / 1e6 / wall;
+    eprintln!("  stream: {stream_mb_s:.1} MB/s made durable");
+    Ok(Idle {
+        cpu_pct,
+        seconds: idle_wall,
+        stream_mb_s,
+        stream_cpu_pct: (c1 - c0).as_secs_f64() / wall * 100.0,
+        stream_p99: p99,
+    })
+}
+
+fn report(root: &Path, args: &Args, rows: &[Row], idle: &Idle) -> Result<String> {
+    let verdict = |ok: bool| if ok { "ok" } else { "MISSED" };
+    let date = command_text(Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"]))
+        .unwrap_or_else(|_| "unknown date".into());
+    let commit = command_text(
+        Command::new("git")
+            .args(["rev-parse", "--short", "HEAD"])
+            .current_dir(root),
+    )
+    .unwrap_or_else(|_| "unknown".into());
+    let dirty = command_text(
+        Command::new("git")
+            .args(["status", "--porcelain", "--", "crates", "xtask"])
+            .current_dir(root),
+    )
+    .map(|s| !s.is_empty())
+    .unwrap_or(false);
+    let cpu = fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "## {date}, commit {commit}{}, {cpu} ({cores} cores)\n",
+        if dirty {
+            " (with uncommitted changes)"
+        } else {
+            ""
+        }
+    );
+    let _ = writeln!(
+        s,
+        "`cargo xtask bench master --wrappers {} --seconds {}`: release `sp-master` with `launcher: bench`; \
+         each wrapper heartbeats every 5 s and sends 200 bytes of output every second; {} s steady state after a 5 s warm-up.\n",
+        args.sizes
+            .iter()
+            .map(usize::to_string)
+            .collect::<Vec<_>>()
+            .join(","),
+        args.seconds,
+        args.seconds
+    );
+    let _ = writeln!(
+        s,
+        "| wrappers | master CPU % of a core | peak RSS MiB | msgs/s in | msgs/s out | ack ms p50 / p99 / max | fan-out s (+launcher) | 253 verdicts in window | false verdicts | load generator CPU % |"
+    );
+    let _ = writeln!(s, "|---:|---:|---:|---:|---:|---|---|---|---:|---:|");
+    for row in rows {
+        let _ = writeln!(s, "{}", row.line());
+    }
+    let _ = writeln!(s);
+    for row in rows {
+        let _ = writeln!(
+            s,
+            "- {} wrappers: p99 {:.1} ms (target < {} ms: {}), RSS {} MiB (target < 1 GiB: {}), false verdicts {} (target 0: {}); {} latency samples; {} wrapper errors.",
+            row.n,
+            ms(row.p99),
+            TARGET_P99.as_millis(),
+            verdict(row.p99 < TARGET_P99),
+            row.hwm_kib / 1024,
+            verdict(row.hwm_kib < TARGET_RSS_KIB),
+            row.false_verdicts,
+            verdict(row.false_verdicts == 0),
+            row.samples,
+            row.failed,
+        );
+    }
+    let _ = writeln!(
+        s,
+        "- Idle, {IDLE_JOBS} jobs configured, nothing running: {:.2}% of a core over {:.0} s (target < {TARGET_IDLE_CPU}%: {}).",
+        idle.cpu_pct,
+        idle.seconds,
+        verdict(idle.cpu_pct < TARGET_IDLE_CPU)
+    );
+    let _ = writeln!(
+        s,
+        "- One wrapper streaming as fast as acks allow (256 KiB messages, 8 in flight): {:.1} MB/s made durable (acked), master CPU {:.0}%, ack p99 {:.1} ms.",
+        idle.stream_mb_s,
+        idle.stream_cpu_pct,
+        ms(idle.stream_p99)
+    );
+    let _ = writeln!(
+        s,
+        "\nHow measured: CPU is utime+stime from /proc/<pid>/stat over the window (100% = one core); peak RSS is the master's VmHWM at the end of the scenario; \
+         msgs/s count WebSocket frames wrapper→master (in) and master→wrapper (out) in the window; ack latency runs from sending an `output` to receiving the (cumulative) ack that covers it, \
+         in the load generator (one tokio worker on the same two cores, so it includes the generator's own scheduling delay); fan-out is from the launcher writing the start request to the last \
+         `start` ack (connect, handshake, `connect`, `start`; at most {} handshakes in flight), the launcher's own time after the POST in parentheses; verdicts: every 100th wrapper closes its \
+         socket abruptly and must be 253 with `endtime` 15.0-16.0 s after the last heartbeat it sent (read from `GET /api/v1/runs/{{instance}}/output?max_bytes=1`, the per-machine status \
+         without the output), and no other wrapper may ever be 253.",
+        512
+    );
+    Ok(s)
+}
+
+fn command_text(cmd: &mut Command) -> Result<String> {
+    let out = cmd.output()?;
+    ensure!(out.status.success(), "command failed");
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+/// `YYYY-MM-DDTHH:MM:SS[.frac](+00:00|Z)` (the master always writes UTC) to Unix seconds.
+fn unix_seconds(t: &str) -> Option<f64> {
+    let body = t.strip_suffix("+00:00").or_else(|| t.strip_suffix('Z'))?;
+    let (date, time) = body.split_once('T')?;
+    let mut d = date.splitn(3, '-').map(|x| x.parse::<i64>().ok());
+    let (y, m, day) = (d.next()??, d.next()??, d.next()??);
+    let mut tp = time.splitn(3, ':');
+    let (h, min) = (
+        tp.next()?.parse::<i64>().ok()?,
+        tp.next()?.parse::<i64>().ok()?,
+    );
+    let sec: f64 = tp.next()?.parse().ok()?;
+    // Days from the civil date (Howard Hinnant's algorithm).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some((days * 86_400 + h * 3600 + min * 60) as f64 + sec)
+}
+
+/// CPU time (user + system) of this process.
+fn own_cpu() -> Result<Duration> {
+    cpu_of(std::process::id())
+}
+
+fn cpu_of(pid: u32) -> Result<Duration> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let after = stat.rfind(')').context("odd /proc stat")? + 2;
+    let fields: Vec<&str> = stat[after..].split(' ').collect();
+    let ticks: u64 = fields.get(11).context("utime")?.parse::<u64>()?
+        + fields.get(12).context("stime")?.parse::<u64>()?;
+    // USER_HZ is 100 on every Linux architecture.
+    Ok(Duration::from_millis(ticks * 10))
+}
+
+/// A release `sp-master` on its own directory, ended by PID when dropped.
+struct MasterProc {
+    child: Child,
+    api: SocketAddr,
+    data: PathBuf,
+    dir: PathBuf,
+}
+
+impl MasterProc {
+    fn start(bin: &Path, dir: &Path, files: &[(&str, String)]) -> Result<Self> {
+        if dir.exists() {
+            fs::remove_dir_all(dir).with_context(|| format!("clearing {}", dir.display()))?;
+        }
+        let conf = dir.join("conf");
+        fs::create_dir_all(&conf)?;
+        fs::create_dir_all(dir.join("log"))?;
+        fs::create_dir_all(dir.join("data"))?;
+        fs::write(conf.join("settings.yaml"), settings(dir))?;
+        for (name, text) in files {
+            fs::write(conf.join(name), text)?;
+        }
+        let log = fs::File::create(dir.join("master.log"))?;
+        let ready = dir.join("ready.json");
+        let child = Command::new(bin)
+            .arg("-c")
+            .arg(&conf)
+            .arg("--ready-file")
+            .arg(&ready)
+            .env("NO_COLOR", "1")
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting sp-master")?;
+        let mut master = Self {
+            child,
+            api: "127.0.0.1:1".parse()?,
+            data: dir.join("data"),
+            dir: dir.to_owned(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(text) = fs::read_to_string(&ready)
+                && let Ok(v) = serde_json::from_str::<Value>(&text)
+                && let Some(api) = v["api"].as_str()
+            {
+                master.api = api.parse()?;
+                return Ok(master);
+            }
+            if let Some(status) = master.child.try_wait()? {
+                bail!(
+                    "sp-master exited ({status}); see {}/master.log",
+                    master.dir.display()
+                );
+            }
+            ensure!(Instant::now() < deadline, "sp-master not ready within 60 s");
+            sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn cpu(&self) -> Result<Duration> {
+        cpu_of(self.pid())
+    }
+
+    fn vm_kib(&self, field: &str) -> Result<u64> {
+        let status = fs::read_to_string(format!("/proc/{}/status", self.pid()))?;
+        status
+            .lines()
+            .find(|l| l.starts_with(field))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .with_context(|| format!("no {field}"))
+    }
+
+    fn run_job(&self, job: &str) -> Result<String> {
+        let r = http::post(self.api, &format!("/api/v1/jobs/{job}/run"))?;
+        ensure!(r.status == 202, "run {job}: HTTP {} {}", r.status, r.body);
+        Ok(r.body["instance"]
+            .as_str()
+            .context("no instance")?
+            .to_owned())
+    }
+
+    /// Every machine's status, end time and last heartbeat, without the output (the plain
+    /// `GET /api/v1/runs/{instance}` embeds every machine's output: ~100 MB at 10,000).
+    fn run_status(&self, instance: &str) -> Result<Value> {
+        let r = http::get(
+            self.api,
+            &format!("/api/v1/runs/{instance}/output?max_bytes=1"),
+        )?;
+        ensure!(
+            r.status == 200,
+            "run {instance}: HTTP {} {}",
+            r.status,
+            r.body
+        );
+        Ok(r.body)
+    }
+
+    fn wait_ended(&self, instance: &str, limit: Duration) -> Result<Value> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let view = self.run_status(instance)?;
+            if view["ended"].is_string() {
+                return Ok(view);
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "{instance} did not end within {limit:?}"
+            );
+            sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+impl Drop for MasterProc {
+    fn drop(&mut self) {
+        // Only the process we started, by PID: SIGTERM, a grace, then SIGKILL.
+        let pid = self.child.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_to_unix_seconds() {
+        assert_eq!(unix_seconds("1970-01-01T00:00:00+00:00"), Some(0.0));
+        let t = unix_seconds("2024-02-29T12:34:56.250000+00:00").unwrap_or_default();
+        assert!((t - 1_709_210_096.25).abs() < 1e-6, "{t}");
+        assert_eq!(unix_seconds("2024-02-29T12:34:56+02:00"), None);
+    }
+}

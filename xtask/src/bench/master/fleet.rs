@@ -1,0 +1,486 @@
+//! The simulated fleet of `cargo xtask bench master`: N wrappers in one process, each a tokio
+//! task holding one WebSocket to the master's machines endpoint and speaking the real
+//! protocol (`connect` with the run token, `start`, a heartbeat every 5 s, an output every
+//! second, `complete` once asked, each answered as the master answers a real wrapper).
+//!
+//! It owns: its runtime (one worker thread, so it takes at most one of the two cores from the
+//! master it measures), the per-wrapper state machines, and the counters and latency samples
+//! the report is made of. Sockets are non-blocking and bound to 127.0.0.2..=9 so 10,000 of
+//! them never run short of ephemeral ports; nothing ever leaves loopback.
+
+use std::collections::VecDeque;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{Context, Result, bail};
+use futures_util::{SinkExt, StreamExt};
+use parking_lot::Mutex;
+use saltpeter_proto::{
+    AckType, Cause, Complete, Connect, Envelope, Heartbeat, MasterMessage, Output, Start,
+    Timestamp, WrapperMessage,
+};
+use tokio::net::TcpSocket;
+use tokio::sync::{Semaphore, watch};
+use tokio_tungstenite::tungstenite::Message;
+
+/// Source addresses the wrappers' sockets are spread over (127.0.0.2 and up).
+const LOOPBACK_SOURCES: usize = 8;
+/// Handshakes in flight at once: more would overflow the master's accept backlog and turn
+/// dropped SYNs into 1 s retransmits, which measures the kernel rather than the master.
+const CONNECTS_IN_FLIGHT: usize = 512;
+/// Limit for any single wait on the master (an ack, the handshake).
+const REPLY_LIMIT: Duration = Duration::from_secs(60);
+/// The real wrapper's cadence.
+const HEARTBEAT_EVERY: Duration = Duration::from_secs(5);
+const OUTPUT_EVERY: Duration = Duration::from_secs(1);
+/// Size of the steady output: 200 bytes of text per message.
+const OUTPUT_BYTES: usize = 200;
+/// The streaming wrapper's message size and window, as `sp-wrapper` at full speed (it reads
+/// 256 KiB at a time and keeps at most 8 outputs unacknowledged).
+pub const STREAM_CHUNK: usize = 256 * 1024;
+const STREAM_WINDOW: usize = 8;
+
+/// One start request, as the master's bench launcher wrote it.
+#[derive(Clone, Debug)]
+pub struct StartRequest {
+    pub instance: String,
+    pub job: String,
+    pub machines: Vec<String>,
+    pub token: String,
+    pub url: String,
+    /// When the launcher wrote the request (wall clock of this host).
+    pub written: SystemTime,
+}
+
+/// How a simulated wrapper behaves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// Heartbeat every 5 s, 200 bytes of output every second.
+    Steady,
+    /// Steady until told to stop, then closes its socket without a word.
+    Stoppable,
+    /// Outputs as fast as acks allow (window of 8 messages of 256 KiB).
+    Stream,
+}
+
+/// What the fleet is asked to do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    Run,
+    /// Stop the stoppable wrappers abruptly.
+    StopSome,
+    /// Every remaining wrapper sends `complete` once its output is acked, then leaves.
+    Complete,
+}
+
+/// Counters shared by every simulated wrapper.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Frames sent to the master / received from it.
+    pub sent: AtomicU64,
+    pub received: AtomicU64,
+    pub started: AtomicU64,
+    pub completed: AtomicU64,
+    pub failed: AtomicU64,
+    /// Output bytes the master acknowledged (acks come only once durable).
+    pub bytes_acked: AtomicU64,
+    /// Whether ack latencies are being sampled.
+    pub measuring: AtomicBool,
+    /// Output-sent-to-ack-received, in microseconds, while measuring.
+    pub latencies: Samples,
+    /// The latest `start` ack received.
+    pub last_start_ack: Mutex<Option<SystemTime>>,
+    /// The first few errors, for the report.
+    pub errors: Mutex<Vec<String>>,
+    /// Stopped wrappers and when each sent its last heartbeat (or `start`, which counts as one).
+    pub stopped: Mutex<Vec<(String, SystemTime)>>,
+}
+
+/// Latency samples in microseconds. A mutex taken once per ack is cheap next to a WebSocket
+/// frame, and the fleet runs on one worker, so it is never contended.
+#[derive(Debug, Default)]
+pub struct Samples(Mutex<Vec<u32>>);
+
+impl Samples {
+    pub fn push(&self, micros: u32) {
+        self.0.lock().push(micros);
+    }
+
+    pub fn take(&self) -> Vec<u32> {
+        std::mem::take(&mut *self.0.lock())
+    }
+}
+
+impl Stats {
+    fn error(&self, what: String) {
+        self.failed.fetch_add(1, Ordering::Relaxed);
+        let mut e = self.errors.lock();
+        if e.len() < 5 {
+            e.push(what);
+        }
+    }
+}
+
+/// The fleet's runtime and controls.
+#[derive(Debug)]
+pub struct Fleet {
+    runtime: Option<tokio::runtime::Runtime>,
+    phase: watch::Sender<Phase>,
+    pub stats: Arc<Stats>,
+    gate: Arc<Semaphore>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Fleet {
+    pub fn new() -> Result<Self> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("bench-fleet")
+            .enable_all()
+            .build()
+            .context("starting the fleet's runtime")?;
+        Ok(Self {
+            runtime: Some(runtime),
+            phase: watch::channel(Phase::Run).0,
+            stats: Arc::default(),
+            gate: Arc::new(Semaphore::new(CONNECTS_IN_FLIGHT)),
+            tasks: Vec::new(),
+        })
+    }
+
+    /// Starts one simulated wrapper per machine of the request; `kind` picks each one's part.
+    pub fn launch(&mut self, request: &StartRequest, kind: impl Fn(usize) -> Kind) -> Result<()> {
+        let addr = master_addr(&request.url)?;
+        let runtime = self.runtime.as_ref().context("fleet stopped")?;
+        for (index, machine) in request.machines.iter().enumerate() {
+            let sim = Sim {
+                index,
+                kind: kind(index),
+                addr,
+                url: request.url.clone(),
+                envelope: Envelope {
+                    job_name: request.job.clone(),
+                    job_instance: request.instance.clone(),
+                    machine: machine.clone(),
+                    timestamp: None,
+                },
+                token: request.token.clone(),
+            };
+            let stats = self.stats.clone();
+            let phase = self.phase.subscribe();
+            let gate = self.gate.clone();
+            self.tasks.push(runtime.spawn(async move {
+                let name = sim.envelope.machine.clone();
+                if let Err(error) = sim.run(&stats, phase, gate).await {
+                    stats.error(format!("{name}: {error:#}"));
+                }
+            }));
+        }
+        Ok(())
+    }
+
+    pub fn set_phase(&self, phase: Phase) {
+        self.phase.send_replace(phase);
+    }
+
+    /// Waits until every wrapper task has ended, for at most `limit`; returns how many did.
+    pub fn wait_all(&mut self, limit: Duration) -> usize {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline && self.tasks.iter().any(|t| !t.is_finished()) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.tasks.iter().filter(|t| t.is_finished()).count()
+    }
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_timeout(Duration::from_secs(5));
+        }
+    }
+}
+
+/// `ws://127.0.0.1:PORT` to a socket address; anything but loopback is refused.
+fn master_addr(url: &str) -> Result<SocketAddr> {
+    let hostport = url
+        .strip_prefix("ws://")
+        .context("the machines URL is not ws://")?
+        .trim_end_matches('/');
+    let addr: SocketAddr = hostport
+        .parse()
+        .with_context(|| format!("machines URL {url:?}"))?;
+    if !addr.ip().is_loopback() {
+        bail!("the machines endpoint {addr} is not on loopback");
+    }
+    Ok(addr)
+}
+
+/// One simulated wrapper.
+struct Sim {
+    index: usize,
+    kind: Kind,
+    addr: SocketAddr,
+    url: String,
+    envelope: Envelope,
+    token: String,
+}
+
+type Ws = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
+
+impl Sim {
+    fn envelope(&self) -> Envelope {
+        Envelope {
+            timestamp: Some(Timestamp::now()),
+            ..self.envelope.clone()
+        }
+    }
+
+    async fn connect(&self) -> Result<Ws> {
+        let octet = 2 + (self.index % LOOPBACK_SOURCES) as u8;
+        let local = SocketAddrV4::new(Ipv4Addr::new(127, 0, 0, octet), 0);
+        let socket = TcpSocket::new_v4()?;
+        socket.bind(local.into())?;
+        let tcp = tokio::time::timeout(REPLY_LIMIT, socket.connect(self.addr))
+            .await
+            .context("TCP connect timed out")??;
+        tcp.set_nodelay(true)?;
+        let (ws, _) = tokio::time::timeout(
+            REPLY_LIMIT,
+            tokio_tungstenite::client_async(self.url.as_str(), tcp),
+        )
+        .await
+        .context("WebSocket handshake timed out")??;
+        Ok(ws)
+    }
+
+    async fn run(
+        self,
+        stats: &Stats,
+        mut phase: watch::Receiver<Phase>,
+        gate: Arc<Semaphore>,
+    ) -> Result<()> {
+        let permit = gate.acquire_owned().await?;
+        let ws = self.connect().await?;
+        let (mut tx, mut rx) = ws.split();
+        let send = |msg: WrapperMessage| {
+            stats.sent.fetch_add(1, Ordering::Relaxed);
+            Message::text(msg.encode())
+        };
+        tx.send(send(WrapperMessage::Connect(Connect {
+            envelope: self.envelope(),
+            protocol: Some(2),
+            token: Some(self.token.clone()),
+            wrapper_pid: Some(std::process::id()),
+        })))
+        .await?;
+        expect_ack(&mut rx, stats, AckType::Connect).await?;
+        tx.send(send(WrapperMessage::Start(Start {
+            envelope: self.envelope(),
+            pid: std::process::id(),
+            version: "bench".into(),
+        })))
+        .await?;
+        expect_ack(&mut rx, stats, AckType::Start).await?;
+        let mut last_beat = SystemTime::now();
+        stats.started.fetch_add(1, Ordering::Relaxed);
+        {
+            let mut at = stats.last_start_ack.lock();
+            *at = Some(at.map_or(last_beat, |t| t.max(last_beat)));
+        }
+        drop(permit);
+
+        // Spread the fleet's timers evenly over their periods, as independent machines are.
+        let now = tokio::time::Instant::now();
+        let spread = |period: Duration, salt: usize| {
+            let ms = period.as_millis() as usize;
+            now + Duration::from_millis(((self.index.wrapping_mul(salt)) % ms) as u64)
+        };
+        let mut beat = tokio::time::interval_at(spread(HEARTBEAT_EVERY, 7919), HEARTBEAT_EVERY);
+        let mut tick = tokio::time::interval_at(spread(OUTPUT_EVERY, 104_729), OUTPUT_EVERY);
+        beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let payload: Arc<str> = match self.kind {
+            Kind::Stream => "s".repeat(STREAM_CHUNK - 1).into(),
+            _ => "o".repeat(OUTPUT_BYTES - 1).into(),
+        };
+        let mut next_seq = 0u64;
+        // Unacked outputs: (seq, bytes, when sent).
+        let mut pending: VecDeque<(u64, usize, Instant)> = VecDeque::new();
+        let mut completing = false;
+        let mut complete_sent = false;
+        // Bounded: a wrapper lives at most as long as the longest scenario allows.
+        let give_up = tokio::time::Instant::now() + Duration::from_secs(3600);
+        loop {
+            if self.kind == Kind::Stream && !completing {
+                while pending.len() < STREAM_WINDOW {
+                    let data = format!("{payload}\n");
+                    pending.push_back((next_seq, data.len(), Instant::now()));
+                    tx.feed(send(self.output(next_seq, data))).await?;
+                    next_seq += 1;
+                }
+                tx.flush().await?;
+            }
+            if completing && !complete_sent && pending.is_empty() {
+                tx.send(send(WrapperMessage::Complete(Complete {
+                    envelope: self.envelope(),
+                    retcode: Some(0),
+                    seq: Some(next_seq),
+                    cause: Some(Cause::Exit),
+                    signal: None,
+                })))
+                .await?;
+                complete_sent = true;
+            }
+            tokio::select! {
+                () = tokio::time::sleep_until(give_up) => bail!("still running after an hour"),
+                _ = beat.tick() => {
+                    tx.send(send(WrapperMessage::Heartbeat(Heartbeat { envelope: self.envelope() }))).await?;
+                    last_beat = SystemTime::now();
+                }
+                _ = tick.tick(), if self.kind != Kind::Stream && !completing => {
+                    let data = format!("{payload}\n");
+                    pending.push_back((next_seq, data.len(), Instant::now()));
+                    tx.send(send(self.output(next_seq, data))).await?;
+                    next_seq += 1;
+                }
+                changed = phase.changed() => {
+                    let now = if changed.is_ok() { *phase.borrow_and_update() } else { Phase::Complete };
+                    match now {
+                        Phase::Run => {}
+                        Phase::StopSome if self.kind == Kind::Stoppable => {
+                            // Abruptly: no close frame, no complete, just the socket gone.
+                            stats.stopped.lock().push((self.envelope.machine.clone(), last_beat));
+                            return Ok(());
+                        }
+                        Phase::StopSome => {}
+                        Phase::Complete => completing = true,
+                    }
+                }
+                frame = rx.next() => {
+                    let Some(frame) = frame else { bail!("the master closed the connection") };
+                    let Message::Text(text) = frame? else { continue };
+                    stats.received.fetch_add(1, Ordering::Relaxed);
+                    match MasterMessage::decode(text.as_str())? {
+                        MasterMessage::Ack(ack) if ack.ack_type == AckType::Output => {
+                            let seq = ack.seq.context("output ack without seq")?;
+                            let measuring = stats.measuring.load(Ordering::Relaxed);
+                            while pending.front().is_some_and(|(s, _, _)| *s <= seq) {
+                                if let Some((_, bytes, sent)) = pending.pop_front() {
+                                    stats.bytes_acked.fetch_add(bytes as u64, Ordering::Relaxed);
+                                    if measuring {
+                                        let us = sent.elapsed().as_micros();
+                                        stats.latencies.push(u32::try_from(us).unwrap_or(u32::MAX));
+                                    }
+                                }
+                            }
+                        }
+                        MasterMessage::Ack(ack) if ack.ack_type == AckType::Complete => {
+                            stats.completed.fetch_add(1, Ordering::Relaxed);
+                            let _ = tx.send(Message::Close(None)).await;
+                            return Ok(());
+                        }
+                        other => bail!("unexpected reply {other:?}"),
+                    }
+                }
+            }
+        }
+    }
+
+    fn output(&self, seq: u64, data: String) -> WrapperMessage {
+        WrapperMessage::Output(Output {
+            envelope: self.envelope(),
+            stream: "stdout".into(),
+            data,
+            seq: Some(seq),
+        })
+    }
+}
+
+/// Waits for the ack of `kind`, failing on anything else.
+async fn expect_ack(
+    rx: &mut futures_util::stream::SplitStream<Ws>,
+    stats: &Stats,
+    kind: AckType,
+) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + REPLY_LIMIT;
+    loop {
+        let frame = tokio::time::timeout_at(deadline, rx.next())
+            .await
+            .with_context(|| format!("no {kind:?} ack within {REPLY_LIMIT:?}"))?
+            .context("the master closed the connection")??;
+        let Message::Text(text) = frame else { continue };
+        stats.received.fetch_add(1, Ordering::Relaxed);
+        match MasterMessage::decode(text.as_str())? {
+            MasterMessage::Ack(ack) if ack.ack_type == kind => return Ok(()),
+            other => bail!("expected a {kind:?} ack, got {other:?}"),
+        }
+    }
+}
+
+/// Reads start requests the bench launcher appends to its file.
+#[derive(Debug)]
+pub struct StartFile {
+    path: std::path::PathBuf,
+    seen: usize,
+}
+
+impl StartFile {
+    pub fn new(path: std::path::PathBuf) -> Self {
+        Self { path, seen: 0 }
+    }
+
+    /// Waits for the next request (polling every 2 ms), for at most `limit`.
+    pub fn next(&mut self, limit: Duration) -> Result<StartRequest> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Ok(text) = std::fs::read_to_string(&self.path) {
+                // Only whole lines: the launcher writes each with its newline in one call.
+                let lines: Vec<&str> = text
+                    .split_inclusive('\n')
+                    .filter(|l| l.ends_with('\n'))
+                    .collect();
+                if let Some(line) = lines.get(self.seen) {
+                    self.seen += 1;
+                    return parse_request(line);
+                }
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "no start request in {} within {limit:?}",
+                    self.path.display()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+}
+
+fn parse_request(line: &str) -> Result<StartRequest> {
+    let v: serde_json::Value = serde_json::from_str(line).context("start request")?;
+    let text = |k: &str| -> Result<String> {
+        Ok(v[k]
+            .as_str()
+            .with_context(|| format!("start request without {k}"))?
+            .to_owned())
+    };
+    let nanos: u64 = text("written_unix_ns")?.parse()?;
+    Ok(StartRequest {
+        instance: text("instance")?,
+        job: text("job")?,
+        machines: v["machines"]
+            .as_array()
+            .context("start request without machines")?
+            .iter()
+            .filter_map(|m| m.as_str().map(str::to_owned))
+            .collect(),
+        token: text("token")?,
+        url: text("url")?,
+        written: SystemTime::UNIX_EPOCH + Duration::from_nanos(nanos),
+    })
+}
