@@ -65,11 +65,15 @@ pub enum LogEntry {
         code: i64,
         at: OffsetDateTime,
     },
-    /// A run ended.
+    /// A run ended, with its verdict (reference §4.13): machines with a result, how many of
+    /// them failed, and whether the run counts as a success (a killed run never does).
     End {
         job: String,
         instance: String,
         at: OffsetDateTime,
+        total: usize,
+        failed: usize,
+        success: bool,
     },
 }
 
@@ -193,7 +197,9 @@ impl Writer {
                 why,
                 at,
             } => append(dir, &job, &result_block(&machine, &instance, 0, &why, at)),
-            LogEntry::End { job, instance, at } => append(
+            LogEntry::End {
+                job, instance, at, ..
+            } => append(
                 dir,
                 &job,
                 &format!(
@@ -432,6 +438,9 @@ mod tests {
                 job: "j".into(),
                 instance: "j_1".into(),
                 at,
+                total: 1,
+                failed: 0,
+                success: true,
             },
         );
         let path = logdir.join("j.log");

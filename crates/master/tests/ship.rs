@@ -306,6 +306,9 @@ async fn every_log_event_becomes_a_document_of_the_original_shape_in_both_backen
             job: job.clone(),
             instance: inst.clone(),
             at,
+            total: 2,
+            failed: 1,
+            success: false,
         },
         LogEntry::Overlap {
             job: job.clone(),

@@ -462,6 +462,9 @@ impl Engine {
                 job: job.clone(),
                 instance: instance.into(),
                 at: wall,
+                total,
+                failed,
+                success,
             },
         );
         let history = self.history.entry(job).or_default();

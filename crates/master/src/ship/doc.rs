@@ -1,7 +1,6 @@
 //! The search document of reference §5.3, built from job-log entries, and the daily index name
 //! it goes to.
 
-use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, BufReader, Write};
 use std::path::Path;
@@ -76,27 +75,20 @@ pub fn rfc3339(at: OffsetDateTime) -> String {
 
 /// Turns log entries into documents. Lives on the job-log thread.
 ///
-/// `end` carries the run's verdict (0 success, 1 failure) and the `Completed: x/y` text in the
-/// original, but the job log's `End` entry has neither; both are counted here from the
-/// `machine_result` entries of the instance, with the original's rule (§4.13).
+/// `end` carries the run's verdict (0 success, 1 failure) and the `Completed: x/y` text, as in
+/// the original; the engine puts both on the job log's `End` entry.
 pub struct DocBuilder {
     group_of: Box<dyn Fn(&str) -> String + Send>,
     output_limit: usize,
-    /// instance → (machines with a result, of which failed).
-    tally: HashMap<String, (u64, u64)>,
 }
 
 impl std::fmt::Debug for DocBuilder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DocBuilder")
             .field("output_limit", &self.output_limit)
-            .field("runs", &self.tally.len())
             .finish_non_exhaustive()
     }
 }
-
-/// Runs whose `end` never came (a master restart in between) must not pile up.
-const MAX_TALLIED_RUNS: usize = 10_000;
 
 impl DocBuilder {
     /// `group_of` maps a job name to its group (`""` when unknown); `output_limit` bounds the
@@ -105,7 +97,6 @@ impl DocBuilder {
         Self {
             group_of,
             output_limit,
-            tally: HashMap::new(),
         }
     }
 
@@ -115,10 +106,7 @@ impl DocBuilder {
         let now = OffsetDateTime::now_utc();
         let doc = match entry {
             LogEntry::Output { .. } => return None,
-            LogEntry::Start { job, instance, at } => {
-                self.tally_for(instance);
-                self.doc("start", job, instance, *at)
-            }
+            LogEntry::Start { job, instance, at } => self.doc("start", job, instance, *at),
             LogEntry::MachineStart {
                 job,
                 instance,
@@ -151,11 +139,6 @@ impl DocBuilder {
                 code,
                 at,
             } => {
-                let tally = self.tally_for(instance);
-                tally.0 += 1;
-                if *code != 0 {
-                    tally.1 += 1;
-                }
                 let mut d = self.doc("machine_result", job, instance, *at);
                 d.machine = machine.clone();
                 d.return_code = *code;
@@ -177,10 +160,16 @@ impl DocBuilder {
                 out.finish(&mut d);
                 d
             }
-            LogEntry::End { job, instance, at } => {
-                let (total, failed) = self.tally.remove(instance).unwrap_or((0, 0));
+            LogEntry::End {
+                job,
+                instance,
+                at,
+                total,
+                failed,
+                success,
+            } => {
                 let mut d = self.doc("end", job, instance, *at);
-                d.return_code = i64::from(!(failed == 0 && total > 0));
+                d.return_code = i64::from(!*success);
                 d.output = format!("Completed: {}/{total} targets successful", total - failed);
                 d
             }
@@ -190,16 +179,6 @@ impl DocBuilder {
 
     fn doc(&self, msg_type: &str, job: &str, instance: &str, at: OffsetDateTime) -> Document {
         Document::new(msg_type, job, &(self.group_of)(job), instance, at)
-    }
-
-    fn tally_for(&mut self, instance: &str) -> &mut (u64, u64) {
-        if self.tally.len() >= MAX_TALLIED_RUNS && !self.tally.contains_key(instance) {
-            // Any victim will do: it is a run whose end we will most likely never see.
-            if let Some(k) = self.tally.keys().next().cloned() {
-                self.tally.remove(&k);
-            }
-        }
-        self.tally.entry(instance.to_owned()).or_default()
     }
 }
 
