@@ -5,7 +5,7 @@
 //! - The venv lives in `target/salt-venv` and is reused while its marker file matches
 //!   `xtask/salt-e2e-requirements.txt` and `salt --version` still runs; otherwise it is rebuilt
 //!   with `python3 -m venv` and pip (PyPI is the only network it needs). The original Python
-//!   wrapper (`saltpeter==0.9.32`) goes into the same venv with `--no-deps`.
+//!   wrapper ([`ORIGINAL_WRAPPER`]) goes into the same venv with `--no-deps`.
 //! - The master listens on two free loopback ports (never Salt's default 4505/4506, so a Salt
 //!   already on the host is not disturbed), runs as root, and accepts the minions' keys with
 //!   `salt-key -A -y` once they are pending.
@@ -36,9 +36,12 @@ use super::master::{binary, target_dir, workspace_root};
 pub const MINIONS: [(&str, &str); 3] =
     [("minion-a", "web"), ("minion-b", "web"), ("minion-c", "db")];
 
-/// The original wrapper release the compatibility scenario runs (0.9.31 is not on PyPI; 0.9.32
-/// speaks the same protocol).
-pub const ORIGINAL_WRAPPER: &str = "saltpeter==0.9.32";
+/// The original wrapper release the compatibility scenario runs. 0.9.31 (the reference) is not
+/// on PyPI. 0.9.32 speaks the same protocol but cannot finish a job: its main loop reads
+/// `retcode` before anything assigns it (only its kill path does), so every normal run dies with
+/// "cannot access local variable 'retcode'" right after `start` (seen here: 253 after 15 s).
+/// 0.9.30 has the same messages and the assignment, so it is the newest usable release.
+pub const ORIGINAL_WRAPPER: &str = "saltpeter==0.9.30";
 
 /// The cached virtualenv with Salt.
 #[derive(Debug)]
@@ -279,8 +282,8 @@ impl SaltEnv {
         for (id, role) in MINIONS {
             let conf = dir.join(id).join("conf");
             fs::create_dir_all(&conf)?;
-            // Fast re-authentication once the key is accepted, and no grains that look up
-            // DNS or GPUs (slow or absent on CI machines).
+            // Fast re-authentication once the key is accepted, and no grains that look up DNS
+            // or GPUs (slow or absent on CI machines).
             fs::write(
                 conf.join("minion"),
                 format!(
