@@ -95,9 +95,15 @@ pub fn run(args: &[String]) -> Result<()> {
         return rerun_optimised(&root, args);
     }
     raise_fd_limit();
-    eprintln!("Building sp-master (release)...");
-    cargo(&root, &["build", "--release", "-p", "saltpeter-master"])?;
-    let bin = target_dir(&root).join("release/sp-master");
+    // SP_BENCH_MASTER_BIN measures a given build (a before/after comparison) as it is.
+    let bin = match std::env::var_os("SP_BENCH_MASTER_BIN") {
+        Some(bin) => PathBuf::from(bin),
+        None => {
+            eprintln!("Building sp-master (release)...");
+            cargo(&root, &["build", "--release", "-p", "saltpeter-master"])?;
+            target_dir(&root).join("release/sp-master")
+        }
+    };
     let scratch = target_dir(&root).join("bench-master");
     let mut rows = Vec::new();
     for &n in &parsed.sizes {
