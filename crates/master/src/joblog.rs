@@ -113,6 +113,9 @@ impl JobLog {
     }
 }
 
+/// Spool files kept open at once (see the eviction in [`Writer::write`]).
+const MAX_OPEN_SPOOLS: usize = 1024;
+
 struct Writer {
     spool_dir: PathBuf,
     spools: HashMap<(String, String), File>,
@@ -149,6 +152,16 @@ impl Writer {
                         fs::create_dir_all(parent)?;
                     }
                     let file = OpenOptions::new().create(true).append(true).open(path)?;
+                    // One handle per running machine would need as many descriptors as the
+                    // fleet has sockets (10,000 wrappers: 20,000 in all, past common limits).
+                    // Keep a bounded set; an evicted spool is simply reopened in append mode.
+                    // Evict an arbitrary one, not the least recently used: machines write in
+                    // turn, a pattern in which LRU would always evict the next writer.
+                    if self.spools.len() >= MAX_OPEN_SPOOLS
+                        && let Some(evict) = self.spools.keys().next().cloned()
+                    {
+                        self.spools.remove(&evict);
+                    }
                     self.spools.insert(key.clone(), file);
                 }
                 if let Some(file) = self.spools.get_mut(&key) {
