@@ -502,8 +502,8 @@ fn batched(m: &Master) -> Result<String> {
     ))
 }
 
-/// Every process's command line, as (pid, text with NULs as spaces).
-fn cmdlines() -> Vec<(u32, String)> {
+/// Every process's command line, as (pid, parent pid, text with NULs as spaces).
+fn cmdlines() -> Vec<(u32, u32, String)> {
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
@@ -512,7 +512,15 @@ fn cmdlines() -> Vec<(u32, String)> {
             let e = e.ok()?;
             let pid: u32 = e.file_name().to_str()?.parse().ok()?;
             let raw = std::fs::read(e.path().join("cmdline")).ok()?;
-            Some((pid, String::from_utf8_lossy(&raw).replace('\0', " ")))
+            // Field 4 of stat, after the parenthesised command name.
+            let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+            let ppid = stat
+                .rsplit(')')
+                .next()
+                .and_then(|rest| rest.split_whitespace().nth(1))
+                .and_then(|p| p.parse().ok())
+                .unwrap_or(0);
+            Some((pid, ppid, String::from_utf8_lossy(&raw).replace('\0', " ")))
         })
         .collect()
 }
@@ -526,12 +534,12 @@ fn secrets(m: &Master, secret: &str) -> Result<String> {
     let done = std::sync::atomic::AtomicBool::new(false);
     let (hits, scans) = std::thread::scope(|s| {
         let scanner = s.spawn(|| {
-            let mut hits: Vec<(u32, &'static str, String)> = Vec::new();
+            let mut hits: Vec<(u32, u32, &'static str, String)> = Vec::new();
             let mut scans = 0u32;
             while !done.load(std::sync::atomic::Ordering::Relaxed)
                 && fired.elapsed() < Duration::from_secs(120)
             {
-                for (pid, line) in cmdlines() {
+                for (pid, ppid, line) in cmdlines() {
                     for (what, needle) in [
                         ("command", cmd_secret.as_str()),
                         ("env", env_secret.as_str()),
@@ -539,9 +547,9 @@ fn secrets(m: &Master, secret: &str) -> Result<String> {
                         ("env", "SP_COMMAND"),
                     ] {
                         if line.contains(needle)
-                            && !hits.iter().any(|(p, w, _)| *p == pid && *w == what)
+                            && !hits.iter().any(|(p, _, w, _)| *p == pid && *w == what)
                         {
-                            hits.push((pid, what, line.clone()));
+                            hits.push((pid, ppid, what, line.clone()));
                         }
                     }
                 }
@@ -557,22 +565,27 @@ fn secrets(m: &Master, secret: &str) -> Result<String> {
     });
     let (w, hits) = hits?;
     expect_codes(&w.run, &[("minion-a", 0), ("minion-b", 0), ("minion-c", 0)])?;
-    // The job's own `/bin/sh -c <command>` necessarily holds the command; nothing else may.
+    // The job's own `/bin/sh -c <command>` necessarily holds the command, and so does a child it
+    // has forked for an external command until that child execs; nothing else may.
     let job_shells: BTreeSet<u64> = MINIONS
         .iter()
         .filter_map(|(id, _)| machine(&w.run, id)["pid"].as_u64())
         .collect();
-    let mut in_shell = 0;
-    for (pid, what, line) in &hits {
+    let (mut in_shell, mut in_child) = (0, 0);
+    for (pid, ppid, what, line) in &hits {
         if *what == "command" && job_shells.contains(&u64::from(*pid)) {
             in_shell += 1;
+            continue;
+        }
+        if *what == "command" && job_shells.contains(&u64::from(*ppid)) {
+            in_child += 1;
             continue;
         }
         anyhow::bail!("the {what} secret is in the argv of pid {pid}: {line:?}");
     }
     ensure!(scans >= 20, "only {scans} scans of /proc during the run");
     Ok(format!(
-        "{scans} scans of /proc over {:.1} s: env and token in no argv; command only in the job's own shell ({in_shell} of 3 seen)",
+        "{scans} scans of /proc over {:.1} s: env and token in no argv; command only in the job's own shell ({in_shell} of 3 seen, {in_child} forked children before exec)",
         w.took.as_secs_f64()
     ))
 }
