@@ -1,4 +1,4 @@
-//! The job's process: spawning `/bin/sh -c "$SP_COMMAND"` in its own process group with its
+//! The job's process: spawning `/bin/sh -c 'eval "$SP_COMMAND"'` in its own process group with its
 //! output on one pipe, reaping (the wrapper is a child subreaper, so orphans of the job end
 //! up here), and the termination sequence: SIGTERM to the whole group, a grace period,
 //! SIGKILL to the group (defects D-06, D-07).
@@ -49,8 +49,12 @@ pub fn spawn(cfg: &Config) -> io::Result<Job> {
     let (reader, writer) = io::pipe()?;
     let writer_too = writer.try_clone()?;
     let mut cmd = Command::new("/bin/sh");
+    // The shell reads the command from its environment rather than its argv: argv is world
+    // readable in /proc, and a job's command line can carry secrets. `eval` runs the text
+    // exactly as `sh -c "$SP_COMMAND"` would.
     cmd.arg("-c")
-        .arg(&cfg.command)
+        .arg("eval \"$SP_COMMAND\"")
+        .env("SP_COMMAND", &cfg.command)
         .stdin(Stdio::null())
         .stdout(writer)
         .stderr(writer_too)
