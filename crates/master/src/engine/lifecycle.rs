@@ -264,33 +264,16 @@ impl Engine {
                 .clone()
                 .unwrap_or_else(|| self.config.settings.default_wrapper_path.clone()),
         };
-        let tx = self.self_tx.clone();
-        let reported = instance.to_owned();
+        let instance = instance.to_owned();
         if !job.use_wrapper {
             // Legacy mode (reference 4.15): the launcher runs the command itself and reports
             // its result at the end; see `on_direct`.
             let run = self.launcher.run_direct(request);
-            tokio::spawn(async move {
-                let outcome = run.await;
-                let _ = tx
-                    .send(Event::Finished {
-                        instance: reported,
-                        outcome,
-                    })
-                    .await;
-            });
+            self.report(run, move |outcome| Event::Finished { instance, outcome });
             return;
         }
         let start = self.launcher.start(request);
-        tokio::spawn(async move {
-            let outcome = start.await;
-            let _ = tx
-                .send(Event::Started {
-                    instance: reported,
-                    outcome,
-                })
-                .await;
-        });
+        self.report(start, move |outcome| Event::Started { instance, outcome });
     }
 
     /// Results of a legacy-mode run (`use_wrapper: false`): the command's exit code and output,

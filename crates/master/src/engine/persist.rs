@@ -236,15 +236,24 @@ impl Engine {
     /// Asks the launcher which machines a run targets, in the background.
     pub(super) fn spawn_resolve(&self, instance: String, job: Arc<crate::config::JobSpec>) {
         let resolve = self.launcher.resolve(job);
+        self.report(resolve, move |resolution| Event::Resolved {
+            instance,
+            resolution,
+        });
+    }
+
+    /// Runs launcher work in the background and feeds its result back as an event, so the
+    /// engine never waits on a launcher.
+    pub(super) fn report<T: Send + 'static>(
+        &self,
+        work: crate::launch::BoxFuture<T>,
+        event: impl FnOnce(T) -> Event + Send + 'static,
+    ) {
         let tx = self.self_tx.clone();
         tokio::spawn(async move {
-            let resolution = resolve.await;
-            let _ = tx
-                .send(Event::Resolved {
-                    instance,
-                    resolution,
-                })
-                .await;
+            let result = work.await;
+            // The engine drops its receiver only when it stops; then nobody needs the result.
+            let _ = tx.send(event(result)).await;
         });
     }
 }

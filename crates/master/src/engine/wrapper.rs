@@ -253,15 +253,7 @@ impl Engine {
             }
             Some(seq) if seq > m.next_seq => {
                 let expected = m.next_seq;
-                self.send(
-                    conn,
-                    Outbound::Message(MasterMessage::Nack(Nack {
-                        nack_type: NackType::OutOfOrder,
-                        expected_seq: expected,
-                        received_seq: seq,
-                        timestamp: Some(Timestamp::now()),
-                    })),
-                );
+                self.send(conn, nack(expected, seq));
                 return;
             }
             Some(seq) => m.next_seq = seq + 1,
@@ -308,15 +300,7 @@ impl Engine {
             // Our wrapper sends `complete` only once its output is acked, so a gap means we
             // lack output it still holds: ask for it rather than close the machine without it.
             let expected = m.next_seq;
-            self.send(
-                conn,
-                Outbound::Message(MasterMessage::Nack(Nack {
-                    nack_type: NackType::OutOfOrder,
-                    expected_seq: expected,
-                    received_seq: seq,
-                    timestamp: Some(Timestamp::now()),
-                })),
-            );
+            self.send(conn, nack(expected, seq));
             return;
         }
         let retcode = complete.retcode.unwrap_or(EXIT_UNKNOWN);
@@ -367,6 +351,16 @@ impl Engine {
             self.send(conn, Outbound::Message(kill));
         }
     }
+}
+
+/// "Send from `expected` on": the answer to a gap in the sequence.
+fn nack(expected: u64, received: u64) -> Outbound {
+    Outbound::Message(MasterMessage::Nack(Nack {
+        nack_type: NackType::OutOfOrder,
+        expected_seq: expected,
+        received_seq: received,
+        timestamp: Some(Timestamp::now()),
+    }))
 }
 
 fn ack(ack_type: AckType, seq: Option<u64>, last_seq: Option<i64>) -> Outbound {
