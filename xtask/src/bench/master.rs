@@ -186,6 +186,9 @@ struct Row {
     n: usize,
     cpu_pct: f64,
     loadgen_cpu_pct: f64,
+    /// CPU the rest of the machine used in the window (other processes, steal): on a shared
+    /// two-core machine this says how much of it the master really had.
+    other_cpu_pct: f64,
     hwm_kib: u64,
     msgs_in: f64,
     msgs_out: f64,
@@ -205,7 +208,7 @@ struct Row {
 impl Row {
     fn line(&self) -> String {
         format!(
-            "| {} | {:.1} | {} | {:.0} | {:.0} | {:.1} / {:.1} / {:.1} | {:.2} (+{:.3}) | {}/{} in [{:.2}, {:.2}] s | {} | {:.1} |",
+            "| {} | {:.1} | {} | {:.0} | {:.0} | {:.1} / {:.1} / {:.1} | {:.2} (+{:.3}) | {}/{} in [{:.2}, {:.2}] s | {} | {:.1} | {:.0} |",
             self.n,
             self.cpu_pct,
             self.hwm_kib / 1024,
@@ -222,6 +225,7 @@ impl Row {
             self.verdict_delay.1,
             self.false_verdicts,
             self.loadgen_cpu_pct,
+            self.other_cpu_pct,
         )
     }
 }
@@ -314,7 +318,7 @@ fn fleet_scenario(bin: &Path, dir: &Path, n: usize, seconds: u64) -> Result<Row>
 
     // Steady state.
     sleep(WARM_UP);
-    let (cpu0, self0) = (master.cpu()?, own_cpu()?);
+    let (cpu0, self0, busy0) = (master.cpu()?, own_cpu()?, machine_busy()?);
     let (sent0, recv0) = (
         stats.sent.load(Ordering::Relaxed),
         stats.received.load(Ordering::Relaxed),
@@ -324,7 +328,7 @@ fn fleet_scenario(bin: &Path, dir: &Path, n: usize, seconds: u64) -> Result<Row>
     sleep(Duration::from_secs(seconds));
     stats.measuring.store(false, Ordering::Relaxed);
     let wall = t0.elapsed().as_secs_f64();
-    let (cpu1, self1) = (master.cpu()?, own_cpu()?);
+    let (cpu1, self1, busy1) = (master.cpu()?, own_cpu()?, machine_busy()?);
     let (sent1, recv1) = (
         stats.sent.load(Ordering::Relaxed),
         stats.received.load(Ordering::Relaxed),
@@ -339,6 +343,8 @@ fn fleet_scenario(bin: &Path, dir: &Path, n: usize, seconds: u64) -> Result<Row>
     };
     let cpu_pct = (cpu1 - cpu0).as_secs_f64() / wall * 100.0;
     let loadgen_cpu_pct = (self1 - self0).as_secs_f64() / wall * 100.0;
+    let other_cpu_pct =
+        ((busy1 - busy0).as_secs_f64() / wall * 100.0 - cpu_pct - loadgen_cpu_pct).max(0.0);
     eprintln!(
         "  steady: master CPU {cpu_pct:.1}%, in {:.0}/s, out {:.0}/s, p99 {:.1} ms",
         (sent1 - sent0) as f64 / wall,
@@ -425,6 +431,7 @@ fn fleet_scenario(bin: &Path, dir: &Path, n: usize, seconds: u64) -> Result<Row>
         n,
         cpu_pct,
         loadgen_cpu_pct,
+        other_cpu_pct,
         hwm_kib,
         msgs_in: (sent1 - sent0) as f64 / wall,
         msgs_out: (recv1 - recv0) as f64 / wall,
@@ -568,9 +575,9 @@ fn report(root: &Path, args: &Args, rows: &[Row], idle: &Idle) -> Result<String>
     );
     let _ = writeln!(
         s,
-        "| wrappers | master CPU % of a core | peak RSS MiB | msgs/s in | msgs/s out | ack ms p50 / p99 / max | fan-out s (+launcher) | 253 verdicts in window | false verdicts | load generator CPU % |"
+        "| wrappers | master CPU % of a core | peak RSS MiB | msgs/s in | msgs/s out | ack ms p50 / p99 / max | fan-out s (+launcher) | 253 verdicts in window | false verdicts | load generator CPU % | rest of machine CPU % |"
     );
-    let _ = writeln!(s, "|---:|---:|---:|---:|---:|---|---|---|---:|---:|");
+    let _ = writeln!(s, "|---:|---:|---:|---:|---:|---|---|---|---:|---:|---:|");
     for row in rows {
         let _ = writeln!(s, "{}", row.line());
     }
@@ -609,7 +616,8 @@ fn report(root: &Path, args: &Args, rows: &[Row], idle: &Idle) -> Result<String>
         s,
         "\nHow measured: CPU is utime+stime from /proc/<pid>/stat over the window (100% = one core); peak RSS is the master's VmHWM at the end of the scenario; \
          msgs/s count WebSocket frames wrapper→master (in) and master→wrapper (out) in the window; ack latency runs from sending an `output` to receiving the (cumulative) ack that covers it, \
-         in the load generator (one tokio worker on the same two cores, so it includes the generator's own scheduling delay); fan-out is from the launcher writing the start request to the last \
+         in the load generator (one tokio worker on the same two cores, so it includes the generator's own scheduling delay); \
+         'rest of machine' is every other process plus steal time in the window (from /proc/stat), since other work on a shared machine takes cores from the master; fan-out is from the launcher writing the start request to the last \
          `start` ack (connect, handshake, `connect`, `start`; at most {} handshakes in flight), the launcher's own time after the POST in parentheses; verdicts: every 100th wrapper closes its \
          socket abruptly and must be 253 with `endtime` 15.0-16.0 s after the last heartbeat it sent (read from `GET /api/v1/runs/{{instance}}/output?max_bytes=1`, the per-machine status \
          without the output), and no other wrapper may ever be 253.",
@@ -645,6 +653,26 @@ fn unix_seconds(t: &str) -> Option<f64> {
     let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
     let days = era * 146_097 + doe - 719_468;
     Some((days * 86_400 + h * 3600 + min * 60) as f64 + sec)
+}
+
+/// CPU time every core spent busy (all but idle and iowait, steal included), from /proc/stat.
+fn machine_busy() -> Result<Duration> {
+    let stat = fs::read_to_string("/proc/stat")?;
+    let line = stat.lines().next().context("empty /proc/stat")?;
+    let ticks: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|v| v.parse().unwrap_or(0))
+        .collect();
+    // user nice system idle iowait irq softirq steal (guest time is inside user).
+    let busy: u64 = ticks
+        .iter()
+        .take(8)
+        .enumerate()
+        .filter(|(i, _)| *i != 3 && *i != 4)
+        .map(|(_, v)| v)
+        .sum();
+    Ok(Duration::from_millis(busy * 10))
 }
 
 /// CPU time (user + system) of this process.
