@@ -231,6 +231,16 @@ pub struct SaltEnv {
     minions: Vec<Daemon>,
     /// Time from the first daemon start to every minion answering `test.ping`.
     pub ready_after: Duration,
+    /// Short directory for the daemons' Unix sockets (see [`socket_dir`]).
+    sockets: PathBuf,
+}
+
+/// Salt's Unix sockets live in `sock_dir`, by default under `root_dir`; a deep checkout (CI
+/// clones anywhere) pushes those paths past the kernel's 108-byte limit for `AF_UNIX`
+/// addresses ("AF_UNIX path too long"), and the minions then never return a job. A short
+/// directory in /tmp, unique to this run, keeps them well inside it.
+fn socket_dir() -> PathBuf {
+    PathBuf::from(format!("/tmp/sps-{}", std::process::id()))
 }
 
 fn free_port() -> Result<u16> {
@@ -251,6 +261,10 @@ impl SaltEnv {
         let master_conf = dir.join("master/conf");
         fs::create_dir_all(&master_conf)?;
         let d = dir.display();
+        let sockets = socket_dir();
+        let _ = fs::remove_dir_all(&sockets);
+        fs::create_dir_all(&sockets)?;
+        let socks = sockets.display();
         // gather_job_timeout: how long Salt asks a silent minion whether it still runs the
         // job before calling it absent; 3 s keeps the stopped-minion scenario short.
         fs::write(
@@ -259,7 +273,7 @@ impl SaltEnv {
                 "root_dir: {d}/master/root\nconf_file: {d}/master/conf/master\ninterface: 127.0.0.1\n\
                  publish_port: {publish}\nret_port: {ret}\nuser: root\nauto_accept: false\n\
                  worker_threads: 3\ngather_job_timeout: 3\nlog_file: {d}/master/master.log\n\
-                 log_level_logfile: info\n"
+                 log_level_logfile: info\nsock_dir: {socks}/master\n"
             ),
         )?;
         let master = Daemon::spawn(
@@ -278,6 +292,7 @@ impl SaltEnv {
             master,
             minions: Vec::new(),
             ready_after: Duration::ZERO,
+            sockets: sockets.clone(),
         };
         for (id, role) in MINIONS {
             let conf = dir.join(id).join("conf");
@@ -289,7 +304,8 @@ impl SaltEnv {
                 format!(
                     "id: {id}\nmaster: 127.0.0.1\nmaster_port: {ret}\npublish_port: {publish}\n\
                      root_dir: {d}/{id}/root\nuser: root\nlog_file: {d}/{id}/minion.log\n\
-                     log_level_logfile: info\nacceptance_wait_time: 1\nrandom_reauth_delay: 0\n\
+                     log_level_logfile: info\nsock_dir: {socks}/{id}\n\
+                     acceptance_wait_time: 1\nrandom_reauth_delay: 0\n\
                      enable_fqdns_grains: false\nenable_gpu_grains: false\n\
                      grains:\n  sp_role: {role}\n"
                 ),
@@ -444,5 +460,6 @@ impl Drop for SaltEnv {
             m.stop();
         }
         self.master.stop();
+        let _ = fs::remove_dir_all(&self.sockets);
     }
 }
