@@ -235,11 +235,12 @@ pub struct SaltEnv {
     sockets: PathBuf,
 }
 
-/// Salt's Unix sockets live in `sock_dir`, by default under `root_dir`; a deep checkout (CI
-/// clones anywhere) pushes those paths past the kernel's 108-byte limit for `AF_UNIX`
-/// addresses ("AF_UNIX path too long"), and the minions then never return a job. A short
-/// directory in /tmp, unique to this run, keeps them well inside it.
-fn socket_dir() -> PathBuf {
+/// Salt puts its Unix sockets under `root_dir` (it prefixes even an absolute `sock_dir` with
+/// it); a deep checkout (CI clones anywhere) pushes those paths past the kernel's 108-byte
+/// limit for `AF_UNIX` addresses ("AF_UNIX path too long"), and the minions then never return
+/// a job. So each daemon's `root_dir` (keys, cache, sockets, logs) is a short directory in
+/// /tmp, unique to this run; the config files stay under `target/`.
+pub fn socket_dir() -> PathBuf {
     PathBuf::from(format!("/tmp/sps-{}", std::process::id()))
 }
 
@@ -270,10 +271,10 @@ impl SaltEnv {
         fs::write(
             master_conf.join("master"),
             format!(
-                "root_dir: {d}/master/root\nconf_file: {d}/master/conf/master\ninterface: 127.0.0.1\n\
+                "root_dir: {socks}/master\nconf_file: {d}/master/conf/master\ninterface: 127.0.0.1\n\
                  publish_port: {publish}\nret_port: {ret}\nuser: root\nauto_accept: false\n\
                  worker_threads: 3\ngather_job_timeout: 3\nlog_file: {d}/master/master.log\n\
-                 log_level_logfile: info\nsock_dir: {socks}/master\n"
+                 log_level_logfile: info\n"
             ),
         )?;
         let master = Daemon::spawn(
@@ -303,8 +304,8 @@ impl SaltEnv {
                 conf.join("minion"),
                 format!(
                     "id: {id}\nmaster: 127.0.0.1\nmaster_port: {ret}\npublish_port: {publish}\n\
-                     root_dir: {d}/{id}/root\nuser: root\nlog_file: {d}/{id}/minion.log\n\
-                     log_level_logfile: info\nsock_dir: {socks}/{id}\n\
+                     root_dir: {socks}/{id}\nuser: root\nlog_file: {d}/{id}/minion.log\n\
+                     log_level_logfile: info\n\
                      acceptance_wait_time: 1\nrandom_reauth_delay: 0\n\
                      enable_fqdns_grains: false\nenable_gpu_grains: false\n\
                      grains:\n  sp_role: {role}\n"
@@ -460,6 +461,6 @@ impl Drop for SaltEnv {
             m.stop();
         }
         self.master.stop();
-        let _ = fs::remove_dir_all(&self.sockets);
+        // The daemons' logs stay in `sockets` for a look after a failure; it is small.
     }
 }

@@ -161,8 +161,8 @@ pub fn salt() -> Result<Vec<Outcome>> {
     std::fs::write(
         nowhere.join("master"),
         format!(
-            "root_dir: {}/root\nret_port: {}\npublish_port: {}\n",
-            nowhere.display(),
+            "root_dir: {}/nowhere\nret_port: {}\npublish_port: {}\n",
+            super::salt_env::socket_dir().display(),
             free_port()?,
             free_port()?
         ),
