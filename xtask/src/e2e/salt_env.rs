@@ -231,8 +231,8 @@ pub struct SaltEnv {
     minions: Vec<Daemon>,
     /// Time from the first daemon start to every minion answering `test.ping`.
     pub ready_after: Duration,
-    /// Short directory for the daemons' Unix sockets (see [`socket_dir`]).
-    sockets: PathBuf,
+    /// The daemons' short `root_dir` parent (see [`socket_dir`]), where their logs are.
+    pub roots: PathBuf,
 }
 
 /// Salt puts its Unix sockets under `root_dir` (it prefixes even an absolute `sock_dir` with
@@ -293,7 +293,7 @@ impl SaltEnv {
             master,
             minions: Vec::new(),
             ready_after: Duration::ZERO,
-            sockets: sockets.clone(),
+            roots: sockets.clone(),
         };
         for (id, role) in MINIONS {
             let conf = dir.join(id).join("conf");
@@ -461,6 +461,6 @@ impl Drop for SaltEnv {
             m.stop();
         }
         self.master.stop();
-        // The daemons' logs stay in `sockets` for a look after a failure; it is small.
+        // The daemons' logs stay in `roots` for a look after a failure; it is small.
     }
 }

@@ -80,8 +80,9 @@ pub fn salt() -> Result<Vec<Outcome>> {
     std::fs::create_dir_all(&dir)?;
     let mut salt = SaltEnv::start(&venv, &dir.join("salt"))?;
     let setup = format!(
-        "{setup}; salt-master + 3 minions answering test.ping after {:.1} s",
-        salt.ready_after.as_secs_f64()
+        "{setup}; salt-master + 3 minions answering test.ping after {:.1} s (logs under {})",
+        salt.ready_after.as_secs_f64(),
+        salt.roots.display()
     );
     let secret = format!(
         "{:x}{}",
@@ -544,7 +545,9 @@ fn secrets(m: &Master, secret: &str) -> Result<String> {
                         ("command", cmd_secret.as_str()),
                         ("env", env_secret.as_str()),
                         ("token", "SP_RUN_TOKEN"),
-                        ("env", "SP_COMMAND"),
+                        // The variable's value, not its name: the job's shell runs
+                        // `eval "$SP_COMMAND"`.
+                        ("env", "SP_COMMAND="),
                     ] {
                         if line.contains(needle)
                             && !hits.iter().any(|(p, _, w, _)| *p == pid && *w == what)
