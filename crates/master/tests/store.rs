@@ -237,3 +237,26 @@ fn history_pages_follow_each_other() {
         .collect();
     assert_eq!(all, ["j_4", "j_3", "j_2", "j_1"]);
 }
+
+#[test]
+fn totals_are_kept_when_the_last_output_and_the_end_share_a_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut db, _) = open(dir.path(), Retention::default());
+    db.apply(vec![
+        StoreOp::Run(run("j_1", false)),
+        StoreOp::Machine(machine("j_1", "m1")),
+        output("j_1", "m1", 0, "one\n"),
+        output("j_1", "m1", 1, "two\n"),
+        StoreOp::Run(run("j_1", true)),
+    ]);
+    let (tx, mut rx) = oneshot::channel();
+    db.apply(vec![StoreOp::Query(Query::Output {
+        instance: "j_1".into(),
+        machine: "m1".into(),
+        offset: 0,
+        length: None,
+        reply: tx,
+    })]);
+    let range = rx.try_recv().unwrap().unwrap().unwrap();
+    assert_eq!((range.total_bytes, range.text.as_str()), (8, "one\ntwo\n"));
+}

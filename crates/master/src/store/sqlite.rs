@@ -125,6 +125,10 @@ struct OutputState {
     tail: VecDeque<(i64, u64)>,
     tail_bytes: u64,
     dropped: u64,
+    /// Totals changed in this batch and are not written yet.
+    dirty: bool,
+    /// The highest `seq + 1` seen in this batch.
+    next_seq: Option<u64>,
 }
 
 /// The open database.
@@ -175,6 +179,9 @@ impl Db {
         let conn = Connection::open(path)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
+        // A 64 MiB page cache: with thousands of machines appending at once, the default
+        // (2 MiB) spills pages and re-reads B-tree nodes on every batch.
+        conn.pragma_update(None, "cache_size", -65_536)?;
         conn.pragma_update(None, "foreign_keys", "OFF")?;
         let mut db = Self {
             conn,
@@ -222,6 +229,7 @@ impl Db {
                     }
                 }
             }
+            flush_output_totals(&tx, &mut self.outputs)?;
             tx.commit()?;
             Ok(())
         })();
@@ -576,6 +584,8 @@ fn apply_one(
             ])?;
             if r.ended.is_some() {
                 // The run is over: its machines' retention bookkeeping is no longer needed.
+                // Its totals are written first, or the batch's last outputs would lose them.
+                flush_output_totals(tx, outputs)?;
                 outputs.retain(|(i, _), _| *i != r.instance);
             }
         }
@@ -660,18 +670,12 @@ fn apply_one(
             }
             state.next_idx += 1;
             state.total += len;
-            tx.prepare_cached(
-                "UPDATE machines SET output_bytes = ?3, output_dropped = ?4,
-                    next_seq = CASE WHEN ?5 IS NULL THEN next_seq ELSE MAX(next_seq, ?5) END
-                 WHERE instance = ?1 AND machine = ?2",
-            )?
-            .execute(params![
-                key.0,
-                key.1,
-                state.total as i64,
-                state.dropped as i64,
-                seq.map(|s| s as i64 + 1)
-            ])?;
+            // The machine's totals are written once per batch (see `flush_output_totals`), not
+            // once per message: a busy machine sends many outputs per batch.
+            state.dirty = true;
+            if let Some(seq) = seq {
+                state.next_seq = Some(state.next_seq.map_or(seq + 1, |n| n.max(seq + 1)));
+            }
         }
         StoreOp::Job(j) => {
             tx.prepare_cached(
@@ -728,6 +732,29 @@ fn load_output_state(
     state.total = total as u64;
     state.dropped = dropped as u64;
     Ok(state)
+}
+
+/// Writes each machine's output totals and sequence once per batch.
+fn flush_output_totals(
+    tx: &Transaction<'_>,
+    outputs: &mut HashMap<(String, String), OutputState>,
+) -> Result<(), StoreError> {
+    let mut stmt = tx.prepare_cached(
+        "UPDATE machines SET output_bytes = ?3, output_dropped = ?4,
+            next_seq = CASE WHEN ?5 IS NULL THEN next_seq ELSE MAX(next_seq, ?5) END
+         WHERE instance = ?1 AND machine = ?2",
+    )?;
+    for ((instance, machine), state) in outputs.iter_mut().filter(|(_, s)| s.dirty) {
+        stmt.execute(params![
+            instance,
+            machine,
+            state.total as i64,
+            state.dropped as i64,
+            state.next_seq.take().map(|s| s as i64)
+        ])?;
+        state.dirty = false;
+    }
+    Ok(())
 }
 
 /// Deletes finished runs beyond the per-job count or older than the age limit.
