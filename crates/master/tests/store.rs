@@ -260,3 +260,36 @@ fn totals_are_kept_when_the_last_output_and_the_end_share_a_batch() {
     let range = rx.try_recv().unwrap().unwrap().unwrap();
     assert_eq!((range.total_bytes, range.text.as_str()), (8, "one\ntwo\n"));
 }
+
+#[test]
+fn the_timeline_comes_from_the_store_oldest_first_within_the_window() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut db, _) = open(dir.path(), Retention::default());
+    let mut ops = Vec::new();
+    for i in 0..4 {
+        let mut r = run(&format!("j_{i}"), true);
+        r.started = recent() + time::Duration::minutes(i * 10);
+        r.ended = Some(r.started + time::Duration::minutes(1));
+        r.success = Some(i != 2);
+        ops.push(StoreOp::Run(r));
+        let mut m = machine(&format!("j_{i}"), "m1");
+        m.retcode = Some(if i == 2 { 7 } else { 0 });
+        ops.push(StoreOp::Machine(m));
+    }
+    db.apply(ops);
+    let (tx, mut rx) = oneshot::channel();
+    let query = saltpeter_master::engine::TimelineQuery {
+        start: recent() + time::Duration::minutes(5),
+        end: recent() + time::Duration::minutes(25),
+        job: None,
+        limit: 10,
+    };
+    db.apply(vec![StoreOp::Query(Query::Timeline { query, reply: tx })]);
+    let rows = rx.try_recv().unwrap().unwrap();
+    let got: Vec<(&str, Option<i64>)> = rows
+        .iter()
+        .map(|r| (r.job_instance.as_str(), r.ret_code))
+        .collect();
+    assert_eq!(got, [("j_1", Some(0)), ("j_2", Some(7))]);
+    assert_eq!((rows[1].machines, rows[1].failed), (1, 1));
+}

@@ -282,7 +282,24 @@ impl Engine {
                 let _ = reply.send(self.run_output(&query));
             }
             UiRequest::Timeline { query, reply } => {
-                let _ = reply.send(self.timeline(&query));
+                // Answered from the store, so the timeline reaches past what memory holds; the
+                // in-memory view stands in if the store cannot answer.
+                let fallback = self.timeline(&query);
+                let (tx, rx) = oneshot::channel();
+                self.store.push(crate::store::StoreOp::Query(
+                    crate::store::Query::Timeline { query, reply: tx },
+                ));
+                tokio::spawn(async move {
+                    let rows = match rx.await {
+                        Ok(Ok(rows)) => rows,
+                        Ok(Err(error)) => {
+                            tracing::warn!(%error, "Timeline from the store failed; using memory.");
+                            fallback
+                        }
+                        Err(_) => fallback,
+                    };
+                    let _ = reply.send(rows);
+                });
             }
             UiRequest::Gauges(reply) => {
                 let _ = reply.send(self.gauges());

@@ -153,6 +153,11 @@ pub enum Query {
         length: Option<u64>,
         reply: oneshot::Sender<Result<Option<OutputRange>, StoreError>>,
     },
+    /// Runs overlapping a time window, oldest first, for the UI timeline.
+    Timeline {
+        query: crate::engine::TimelineQuery,
+        reply: oneshot::Sender<Result<Vec<crate::engine::TimelineEntry>, StoreError>>,
+    },
 }
 
 /// One unit of work for the store, applied in order.

@@ -375,6 +375,9 @@ impl Db {
             Query::Run { instance, reply } => {
                 let _ = reply.send(self.run_view(&instance));
             }
+            Query::Timeline { query, reply } => {
+                let _ = reply.send(self.timeline(&query));
+            }
             Query::Output {
                 instance,
                 machine,
@@ -420,6 +423,72 @@ impl Db {
                 .query_map([&run.instance], |r| Ok((r.get(0)?, r.get(1)?)))?
                 .collect::<Result<_, _>>()?;
             out.push(run);
+        }
+        Ok(out)
+    }
+
+    /// The runs overlapping `[start, end]`, newest `limit` of them, returned oldest first.
+    fn timeline(
+        &self,
+        query: &crate::engine::TimelineQuery,
+    ) -> Result<Vec<crate::engine::TimelineEntry>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT instance, job, grp, started, ended, success FROM runs
+             WHERE (?1 IS NULL OR job = ?1) AND started <= ?2 AND (ended IS NULL OR ended >= ?3)
+             ORDER BY started DESC, instance DESC LIMIT ?4",
+        )?;
+        type Row = (String, String, String, String, Option<String>, Option<bool>);
+        let rows: Vec<Row> = stmt
+            .query_map(
+                params![
+                    query.job,
+                    ts(query.end),
+                    ts(query.start),
+                    query.limit.max(1) as i64
+                ],
+                |r| {
+                    Ok((
+                        r.get(0)?,
+                        r.get(1)?,
+                        r.get(2)?,
+                        r.get(3)?,
+                        r.get(4)?,
+                        r.get(5)?,
+                    ))
+                },
+            )?
+            .collect::<Result<_, _>>()?;
+        let mut codes = self
+            .conn
+            .prepare_cached("SELECT retcode FROM machines WHERE instance = ?1 ORDER BY machine")?;
+        let mut out = Vec::with_capacity(rows.len());
+        for (instance, job, group, started, ended, success) in rows.into_iter().rev() {
+            let machine_codes: Vec<Option<i64>> = codes
+                .query_map([&instance], |r| r.get(0))?
+                .collect::<Result<_, _>>()?;
+            let known: Vec<i64> = machine_codes.iter().flatten().copied().collect();
+            let failed = known.iter().filter(|c| **c != 0).count();
+            // As the engine's own view: the first failing machine's code, else 0 (or 1 for a
+            // run that failed without any machine code, e.g. killed before start).
+            let ret_code = ended.as_ref().map(|_| {
+                known
+                    .iter()
+                    .copied()
+                    .find(|c| *c != 0)
+                    .unwrap_or(i64::from(success == Some(false)))
+            });
+            out.push(crate::engine::TimelineEntry {
+                cron: job,
+                group,
+                job_instance: instance,
+                msg_type: "run",
+                timestamp: started,
+                end: ended,
+                ret_code,
+                success,
+                machines: machine_codes.len(),
+                failed,
+            });
         }
         Ok(out)
     }
