@@ -295,7 +295,18 @@ fn overlap(m: &Master) -> Result<String> {
         r.status,
         r.body
     );
-    let log = std::fs::read_to_string(m.dir.join("log/overlap.log")).unwrap_or_default();
+    // The job log is written by its own thread, so the line may land a moment after the 409.
+    let wanted = format!("Overlap detected on {first}");
+    let path = m.dir.join("log/overlap.log");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut log = String::new();
+    while Instant::now() < deadline {
+        log = std::fs::read_to_string(&path).unwrap_or_default();
+        if log.contains(&wanted) {
+            break;
+        }
+        sleep(Duration::from_millis(50));
+    }
     ensure!(
         log.contains(&format!("Overlap detected on {first}")),
         "overlap not logged: {log:?}"
