@@ -10,37 +10,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use saltpeter_master::server::{self, Options, Running};
+use saltpeter_master::server::Running;
 use saltpeter_proto::*;
 use serde_json::Value;
 use support::{FakeLauncher, job};
-use tokio::net::TcpListener;
 use tokio_tungstenite::tungstenite::Message;
 
 type Ws =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 async fn start(yaml: &str) -> (Running, Arc<FakeLauncher>, tempfile::TempDir) {
-    let dir = tempfile::tempdir().unwrap();
-    let conf = dir.path().join("conf");
-    std::fs::create_dir_all(&conf).unwrap();
-    let settings = format!(
-        "saltpeter_config:\n  logdir: {0}/log\n  data_dir: {0}/data\n",
-        dir.path().display()
-    );
-    std::fs::write(conf.join("00-settings.yaml"), settings).unwrap();
-    std::fs::write(conf.join("jobs.yaml"), yaml).unwrap();
-    let launcher = Arc::new(FakeLauncher::default());
-    let running = server::start(Options {
-        config_dir: conf,
-        machines_listener: Some(TcpListener::bind("127.0.0.1:0").await.unwrap()),
-        api_listener: Some(TcpListener::bind("127.0.0.1:0").await.unwrap()),
-        launcher: Some(launcher.clone()),
-        clock: None,
-    })
-    .await
-    .unwrap();
-    (running, launcher, dir)
+    support::start_server("", yaml).await
 }
 
 async fn ws(r: &Running) -> Ws {

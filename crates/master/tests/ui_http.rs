@@ -12,11 +12,10 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use saltpeter_master::cli;
-use saltpeter_master::server::{self, Options, Running};
+use saltpeter_master::server::Running;
 use serde_json::{Value, json};
 use support::{FakeLauncher, job};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::{self, Message};
 
@@ -24,27 +23,8 @@ type Ws =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 async fn start(extra_settings: &str) -> (Running, Arc<FakeLauncher>, tempfile::TempDir) {
-    let dir = tempfile::tempdir().unwrap();
-    let conf = dir.path().join("conf");
-    std::fs::create_dir_all(&conf).unwrap();
-    let settings = format!(
-        "saltpeter_config:\n  logdir: {0}/log\n  data_dir: {0}/data\n{extra_settings}",
-        dir.path().display()
-    );
-    std::fs::write(conf.join("00-settings.yaml"), settings).unwrap();
     let jobs = job("j", "[m1]", "  env:\n    SECRET: hunter2\n") + &job("idle", "[m1]", "");
-    std::fs::write(conf.join("jobs.yaml"), jobs).unwrap();
-    let launcher = Arc::new(FakeLauncher::default());
-    let running = server::start(Options {
-        config_dir: conf,
-        machines_listener: Some(TcpListener::bind("127.0.0.1:0").await.unwrap()),
-        api_listener: Some(TcpListener::bind("127.0.0.1:0").await.unwrap()),
-        launcher: Some(launcher.clone()),
-        clock: None,
-    })
-    .await
-    .unwrap();
-    (running, launcher, dir)
+    support::start_server(extra_settings, &jobs).await
 }
 
 /// One raw HTTP/1.1 request with extra header lines; returns status and body.

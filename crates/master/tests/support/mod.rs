@@ -435,3 +435,37 @@ impl FakeWrapper {
         }
     }
 }
+
+/// A whole master through `server::start` on loopback port 0 with a fake launcher: the same
+/// wiring as `sp-master`, for socket tests. `settings` is appended to `saltpeter_config`.
+pub async fn start_server(
+    settings: &str,
+    jobs: &str,
+) -> (
+    saltpeter_master::server::Running,
+    Arc<FakeLauncher>,
+    tempfile::TempDir,
+) {
+    use saltpeter_master::server::{self, Options};
+    use tokio::net::TcpListener;
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("conf");
+    std::fs::create_dir_all(&conf).unwrap();
+    let block = format!(
+        "saltpeter_config:\n  logdir: {0}/log\n  data_dir: {0}/data\n{settings}",
+        dir.path().display()
+    );
+    std::fs::write(conf.join("00-settings.yaml"), block).unwrap();
+    std::fs::write(conf.join("jobs.yaml"), jobs).unwrap();
+    let launcher = Arc::new(FakeLauncher::default());
+    let running = server::start(Options {
+        config_dir: conf,
+        machines_listener: Some(TcpListener::bind("127.0.0.1:0").await.unwrap()),
+        api_listener: Some(TcpListener::bind("127.0.0.1:0").await.unwrap()),
+        launcher: Some(launcher.clone()),
+        clock: None,
+    })
+    .await
+    .unwrap();
+    (running, launcher, dir)
+}
