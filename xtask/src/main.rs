@@ -9,6 +9,7 @@ mod bench;
 mod ci;
 mod demo;
 mod e2e;
+mod process;
 
 use anyhow::{Result, bail};
 

@@ -154,18 +154,8 @@ impl Master {
 
 impl Drop for Master {
     fn drop(&mut self) {
-        // Only the process we started, by PID: SIGTERM, a grace, then SIGKILL.
-        let pid = self.child.id().to_string();
-        let _ = Command::new("kill").args(["-TERM", &pid]).status();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if matches!(self.child.try_wait(), Ok(Some(_))) {
-                return;
-            }
-            sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        // Only the process we started, by PID.
+        crate::process::terminate(&mut self.child, Duration::from_secs(5));
     }
 }
 
