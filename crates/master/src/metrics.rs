@@ -4,7 +4,8 @@
 //! cover everything issue 5 asks for, with no extra crate to build on CI's two cores.
 //!
 //! Ownership: the engine task is the only writer (one-line increments at the call sites in
-//! `engine/`); the API reads at scrape time. Counters only ever grow. Gauges that are cheap for
+//! `engine/`), except for the store's two series, which the store thread writes; the API reads
+//! at scrape time. Counters only ever grow. Gauges that are cheap for
 //! the engine to count on demand (runs and machines running, wrappers connected) are not kept
 //! here: the `/metrics` handler asks the engine for a [`Gauges`] snapshot and passes it to
 //! [`Metrics::render`].
@@ -110,6 +111,10 @@ pub struct Metrics {
     pub fire_to_start: Histogram,
     /// How late the engine acted on its scheduler timer.
     pub scheduler_lag: Histogram,
+    /// How long the store took to apply and commit each batch (written by the store thread).
+    pub store_commit: Histogram,
+    /// Writes the store has applied (written by the store thread).
+    store_ops: AtomicU64,
 }
 
 /// Gauges the engine counts when scraped.
@@ -162,6 +167,11 @@ impl Metrics {
     /// Output text received from wrappers.
     pub fn output(&self, bytes: usize) {
         self.output_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+
+    /// The store applied a batch of `ops` writes.
+    pub fn store_ops(&self, ops: usize) {
+        self.store_ops.fetch_add(ops as u64, Ordering::Relaxed);
     }
 
     /// The whole exposition text.
@@ -217,6 +227,13 @@ impl Metrics {
         );
         scalar(
             &mut out,
+            "saltpeter_store_ops_total",
+            "counter",
+            "Writes applied to the store (outputs, run and machine updates).",
+            self.store_ops.load(Ordering::Relaxed),
+        );
+        scalar(
+            &mut out,
             "saltpeter_runs_running",
             "gauge",
             "Runs that have not ended.",
@@ -245,6 +262,11 @@ impl Metrics {
             &mut out,
             "saltpeter_scheduler_lag_seconds",
             "How late the engine woke for a scheduler deadline.",
+        );
+        self.store_commit.render(
+            &mut out,
+            "saltpeter_store_commit_seconds",
+            "Time the store took to apply and commit one batch (group commit).",
         );
         out
     }
@@ -305,6 +327,8 @@ mod tests {
         m.output(5);
         m.fire_to_start.observe(Duration::from_millis(30));
         m.fire_to_start.observe(Duration::from_secs(100));
+        m.store_ops(7);
+        m.store_commit.observe(Duration::from_millis(3));
         let text = m.render(Gauges {
             runs_running: 1,
             machines_running: 2,
@@ -327,6 +351,8 @@ mod tests {
             "saltpeter_fire_to_start_seconds_count 2",
             "saltpeter_fire_to_start_seconds_sum 100.03",
             "saltpeter_scheduler_lag_seconds_count 0",
+            "saltpeter_store_ops_total 7",
+            "saltpeter_store_commit_seconds_bucket{le=\"0.005\"} 1",
             "# TYPE saltpeter_runs_running gauge",
         ] {
             assert!(

@@ -293,3 +293,148 @@ fn the_timeline_comes_from_the_store_oldest_first_within_the_window() {
     assert_eq!(got, [("j_1", Some(0)), ("j_2", Some(7))]);
     assert_eq!((rows[1].machines, rows[1].failed), (1, 1));
 }
+
+/// Rows in one table of the store's database file, read beside the store.
+fn rows(dir: &std::path::Path, table: &str) -> i64 {
+    let conn = rusqlite::Connection::open(dir.join("saltpeter.db")).unwrap();
+    conn.query_row(&format!("SELECT COUNT(*) FROM {table}"), [], |r| r.get(0))
+        .unwrap()
+}
+
+fn output_of(db: &mut Db, instance: &str, machine: &str) -> String {
+    let (tx, mut rx) = oneshot::channel();
+    db.apply(vec![StoreOp::Query(Query::Output {
+        instance: instance.into(),
+        machine: machine.into(),
+        offset: 0,
+        length: None,
+        reply: tx,
+    })]);
+    rx.try_recv().unwrap().unwrap().unwrap().text
+}
+
+#[test]
+fn output_folded_before_a_restart_is_neither_lost_nor_doubled_after_it() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (mut db, _) = open(dir.path(), Retention::default());
+        db.apply(vec![
+            StoreOp::Run(run("j_1", false)),
+            StoreOp::Machine(machine("j_1", "m1")),
+            StoreOp::Machine(machine("j_1", "m2")),
+            output("j_1", "m1", 0, "a\n"),
+            output("j_1", "m2", 0, "x\n"),
+        ]);
+        // The query folds m1's journal into its chunks; m2's stays in the journal.
+        assert_eq!(output_of(&mut db, "j_1", "m1"), "a\n");
+        db.apply(vec![
+            output("j_1", "m1", 1, "b\n"),
+            output("j_1", "m2", 1, "y\n"),
+        ]);
+        assert!(rows(dir.path(), "output_journal") > 0, "not folded yet");
+    }
+    // Killed here, in effect: reopening folds what the journal holds, once.
+    let (mut db, restored) = open(dir.path(), Retention::default());
+    let texts: Vec<String> = restored.runs[0].1.iter().map(|m| m.output.text()).collect();
+    assert_eq!(texts, ["a\nb\n", "x\ny\n"]);
+    assert_eq!(restored.runs[0].1[0].next_seq, 2);
+    assert_eq!(rows(dir.path(), "output_journal"), 0);
+    // Journal ids go on growing after the journal was emptied, so output written after the
+    // restart is not mistaken for output folded before it.
+    db.apply(vec![output("j_1", "m1", 2, "c\n")]);
+    drop(db);
+    let (mut db, restored) = open(dir.path(), Retention::default());
+    assert_eq!(restored.runs[0].1[0].output.text(), "a\nb\nc\n");
+    assert_eq!(output_of(&mut db, "j_1", "m1"), "a\nb\nc\n");
+    assert_eq!(output_of(&mut db, "j_1", "m2"), "x\ny\n");
+}
+
+#[test]
+fn many_small_messages_become_few_chunks_and_leave_no_journal() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut db, _) = open(dir.path(), Retention::default());
+    db.apply(vec![
+        StoreOp::Run(run("j_1", false)),
+        StoreOp::Machine(machine("j_1", "m1")),
+    ]);
+    let mut expected = String::new();
+    for seq in 0..2000u64 {
+        let line = format!("line {seq}\n");
+        expected.push_str(&line);
+        // One message per batch, as a machine printing once a second sees it.
+        db.apply(vec![output("j_1", "m1", seq, &line)]);
+    }
+    assert_eq!(
+        rows(dir.path(), "output"),
+        0,
+        "small output waits in the journal"
+    );
+    assert_eq!(rows(dir.path(), "output_journal"), 2000);
+    // A large message skips the journal and still comes after what was pending.
+    let big = "z".repeat(100 * 1024);
+    expected.push_str(&big);
+    db.apply(vec![
+        output("j_1", "m1", 2000, &big),
+        output("j_1", "m1", 2001, "end\n"),
+    ]);
+    expected.push_str("end\n");
+    assert_eq!(
+        rows(dir.path(), "output_journal"),
+        1,
+        "only \"end\" is pending"
+    );
+    db.apply(vec![StoreOp::Run(run("j_1", true))]);
+    assert_eq!(rows(dir.path(), "output_journal"), 0);
+    // The head chunk, the pending lines up to the big one, the big one, and "end\n".
+    let chunks = rows(dir.path(), "output");
+    assert!(chunks <= 4, "{chunks} chunks for 2,002 messages");
+    assert_eq!(output_of(&mut db, "j_1", "m1"), expected);
+}
+
+#[test]
+fn retention_over_folded_chunks_keeps_head_and_newest_tail() {
+    let dir = tempfile::tempdir().unwrap();
+    let retention = Retention {
+        head_bytes: 4,
+        tail_bytes: 6,
+        ..Retention::default()
+    };
+    let (mut db, _) = open(dir.path(), retention);
+    db.apply(vec![
+        StoreOp::Run(run("j_1", false)),
+        StoreOp::Machine(machine("j_1", "m1")),
+        output("j_1", "m1", 0, "hhhh"),
+        output("j_1", "m1", 1, "111"),
+        output("j_1", "m1", 2, "222"),
+    ]);
+    // Folded: head "hhhh", tail "111222" (exactly the cap).
+    assert_eq!(output_of(&mut db, "j_1", "m1"), "hhhh111222");
+    db.apply(vec![
+        output("j_1", "m1", 3, "333"),
+        output("j_1", "m1", 4, "444"),
+        output("j_1", "m1", 5, "555"),
+    ]);
+    // The stored tail chunk goes first, then pending "333"; "444555" is kept.
+    let (tx, mut rx) = oneshot::channel();
+    db.apply(vec![StoreOp::Query(Query::Output {
+        instance: "j_1".into(),
+        machine: "m1".into(),
+        offset: 0,
+        length: None,
+        reply: tx,
+    })]);
+    let range = rx.try_recv().unwrap().unwrap().unwrap();
+    assert_eq!(
+        (range.total_bytes, range.dropped_bytes, range.text.as_str()),
+        (
+            19,
+            9,
+            "hhhh\n[... 9 bytes dropped by retention ...]\n444555"
+        )
+    );
+    drop(db);
+    let (_, restored) = open(dir.path(), retention);
+    let m = &restored.runs[0].1[0];
+    assert_eq!((m.output.total_bytes(), m.output.omitted_bytes()), (19, 9));
+    assert!(m.output.text().ends_with("444555"));
+}

@@ -192,6 +192,9 @@ struct Row {
     hwm_kib: u64,
     msgs_in: f64,
     msgs_out: f64,
+    /// Store group commits per second in the window, and their mean duration.
+    commits_per_s: f64,
+    commit_ms: f64,
     p50: Duration,
     p99: Duration,
     max: Duration,
@@ -208,7 +211,7 @@ struct Row {
 impl Row {
     fn line(&self) -> String {
         format!(
-            "| {} | {:.1} | {} | {:.0} | {:.0} | {:.1} / {:.1} / {:.1} | {:.2} (+{:.3}) | {}/{} in [{:.2}, {:.2}] s | {} | {:.1} | {:.0} |",
+            "| {} | {:.1} | {} | {:.0} | {:.0} | {:.1} / {:.1} / {:.1} | {:.1} / {:.1} | {:.2} (+{:.3}) | {}/{} in [{:.2}, {:.2}] s | {} | {:.1} | {:.0} |",
             self.n,
             self.cpu_pct,
             self.hwm_kib / 1024,
@@ -217,6 +220,8 @@ impl Row {
             ms(self.p50),
             ms(self.p99),
             ms(self.max),
+            self.commits_per_s,
+            self.commit_ms,
             self.fanout.as_secs_f64(),
             self.launcher.as_secs_f64(),
             self.verdicts_ok,
@@ -319,6 +324,7 @@ fn fleet_scenario(bin: &Path, dir: &Path, n: usize, seconds: u64) -> Result<Row>
     // Steady state.
     sleep(WARM_UP);
     let (cpu0, self0, busy0) = (master.cpu()?, own_cpu()?, machine_busy()?);
+    let commits0 = master.store_commits()?;
     let (sent0, recv0) = (
         stats.sent.load(Ordering::Relaxed),
         stats.received.load(Ordering::Relaxed),
@@ -329,6 +335,13 @@ fn fleet_scenario(bin: &Path, dir: &Path, n: usize, seconds: u64) -> Result<Row>
     stats.measuring.store(false, Ordering::Relaxed);
     let wall = t0.elapsed().as_secs_f64();
     let (cpu1, self1, busy1) = (master.cpu()?, own_cpu()?, machine_busy()?);
+    let commits1 = master.store_commits()?;
+    let commits = commits1.0 - commits0.0;
+    let commit_ms = if commits > 0.0 {
+        (commits1.1 - commits0.1) / commits * 1000.0
+    } else {
+        f64::NAN
+    };
     let (sent1, recv1) = (
         stats.sent.load(Ordering::Relaxed),
         stats.received.load(Ordering::Relaxed),
@@ -346,10 +359,12 @@ fn fleet_scenario(bin: &Path, dir: &Path, n: usize, seconds: u64) -> Result<Row>
     let other_cpu_pct =
         ((busy1 - busy0).as_secs_f64() / wall * 100.0 - cpu_pct - loadgen_cpu_pct).max(0.0);
     eprintln!(
-        "  steady: master CPU {cpu_pct:.1}%, in {:.0}/s, out {:.0}/s, p99 {:.1} ms",
+        "  steady: master CPU {cpu_pct:.1}%, in {:.0}/s, out {:.0}/s, p99 {:.1} ms, \
+         store {:.1} commits/s of {commit_ms:.1} ms",
         (sent1 - sent0) as f64 / wall,
         (recv1 - recv0) as f64 / wall,
-        ms(pct(0.99))
+        ms(pct(0.99)),
+        commits / wall,
     );
 
     // Heartbeat verdicts: 1% go silent; wait past the timeout; nobody else may be judged.
@@ -435,6 +450,8 @@ fn fleet_scenario(bin: &Path, dir: &Path, n: usize, seconds: u64) -> Result<Row>
         hwm_kib,
         msgs_in: (sent1 - sent0) as f64 / wall,
         msgs_out: (recv1 - recv0) as f64 / wall,
+        commits_per_s: commits / wall,
+        commit_ms,
         p50: pct(0.50),
         p99: pct(0.99),
         max: pct(1.0),
@@ -575,9 +592,12 @@ fn report(root: &Path, args: &Args, rows: &[Row], idle: &Idle) -> Result<String>
     );
     let _ = writeln!(
         s,
-        "| wrappers | master CPU % of a core | peak RSS MiB | msgs/s in | msgs/s out | ack ms p50 / p99 / max | fan-out s (+launcher) | 253 verdicts in window | false verdicts | load generator CPU % | rest of machine CPU % |"
+        "| wrappers | master CPU % of a core | peak RSS MiB | msgs/s in | msgs/s out | ack ms p50 / p99 / max | store commits/s / mean ms | fan-out s (+launcher) | 253 verdicts in window | false verdicts | load generator CPU % | rest of machine CPU % |"
     );
-    let _ = writeln!(s, "|---:|---:|---:|---:|---:|---|---|---|---:|---:|---:|");
+    let _ = writeln!(
+        s,
+        "|---:|---:|---:|---:|---:|---|---|---|---|---:|---:|---:|"
+    );
     for row in rows {
         let _ = writeln!(s, "{}", row.line());
     }
@@ -617,6 +637,7 @@ fn report(root: &Path, args: &Args, rows: &[Row], idle: &Idle) -> Result<String>
         "\nHow measured: CPU is utime+stime from /proc/<pid>/stat over the window (100% = one core); peak RSS is the master's VmHWM at the end of the scenario; \
          msgs/s count WebSocket frames wrapper→master (in) and master→wrapper (out) in the window; ack latency runs from sending an `output` to receiving the (cumulative) ack that covers it, \
          in the load generator (one tokio worker on the same two cores, so it includes the generator's own scheduling delay); \
+         store commits are the master's group commits in the window and their mean apply-and-commit time (from `/metrics`), since an ack waits for the commit that holds its output; \
          'rest of machine' is every other process plus steal time in the window (from /proc/stat), since other work on a shared machine takes cores from the master; fan-out is from the launcher writing the start request to the last \
          `start` ack (connect, handshake, `connect`, `start`; at most {} handshakes in flight), the launcher's own time after the POST in parentheses; verdicts: every 100th wrapper closes its \
          socket abruptly and must be 253 with `endtime` 15.0-16.0 s after the last heartbeat it sent (read from `GET /api/v1/runs/{{instance}}/output?max_bytes=1`, the per-machine status \
@@ -767,6 +788,20 @@ impl MasterProc {
             .and_then(|l| l.split_whitespace().nth(1))
             .and_then(|v| v.parse().ok())
             .with_context(|| format!("no {field}"))
+    }
+
+    /// The store's commits and the seconds they took so far, from `GET /metrics`.
+    fn store_commits(&self) -> Result<(f64, f64)> {
+        let text = http::get_text(self.api, "/metrics")?;
+        let value = |name: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<f64>().ok())
+                .with_context(|| format!("no {name} in /metrics"))
+        };
+        Ok((
+            value("saltpeter_store_commit_seconds_count")?,
+            value("saltpeter_store_commit_seconds_sum")?,
+        ))
     }
 
     fn run_job(&self, job: &str) -> Result<String> {

@@ -203,8 +203,11 @@ impl Engine {
     /// held. Must be called inside a tokio runtime.
     pub fn new(parts: EngineParts) -> Result<(Self, EngineHandle), crate::store::StoreError> {
         let (tx, rx) = mpsc::channel(EVENT_QUEUE);
+        let metrics = Arc::<Metrics>::default();
         let (store, restored) = match parts.store {
-            StoreParts::Open(db, restored) => (Store::start(db, tx.clone())?, restored),
+            StoreParts::Open(db, restored) => {
+                (Store::start(db, tx.clone(), metrics.clone())?, restored)
+            }
             StoreParts::Ready(store, restored) => (store, restored),
         };
         let config = parts.config.borrow().clone();
@@ -228,7 +231,7 @@ impl Engine {
             monitor: Monitor::default(),
             scheduler: Scheduler::default(),
             store,
-            metrics: Arc::default(),
+            metrics,
         };
         for name in config.jobs.keys() {
             engine.jobs.entry(name.clone()).or_default();

@@ -13,9 +13,11 @@
 //! Tests use [`Store::inline_memory`], which applies ops on the caller's thread against an
 //! in-memory database: deterministic under tokio's paused clock.
 
+mod outputs;
 mod sqlite;
 
 use std::path::Path;
+use std::sync::Arc;
 use std::sync::mpsc as std_mpsc;
 
 use saltpeter_proto::Cause;
@@ -23,6 +25,7 @@ use time::OffsetDateTime;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::engine::{ConnId, Event};
+use crate::metrics::Metrics;
 use crate::runs::{MachineStatus, OutputBuffer, RunView};
 
 pub use sqlite::{Db, Retention, StoreError, apply_record};
@@ -206,7 +209,11 @@ impl Store {
     }
 
     /// Starts the store thread; its notices reach the engine as `Event::Persisted`.
-    pub fn start(mut db: Db, engine: mpsc::Sender<Event>) -> Result<Store, StoreError> {
+    pub fn start(
+        mut db: Db,
+        engine: mpsc::Sender<Event>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Store, StoreError> {
         let (tx, rx) = std_mpsc::channel::<StoreOp>();
         std::thread::Builder::new()
             .name("store".into())
@@ -220,7 +227,11 @@ impl Store {
                             Err(_) => break,
                         }
                     }
+                    let began = std::time::Instant::now();
+                    let ops = batch.len();
                     let notices = db.apply(batch);
+                    metrics.store_commit.observe(began.elapsed());
+                    metrics.store_ops(ops);
                     if !notices.is_empty()
                         && engine.blocking_send(Event::Persisted(notices)).is_err()
                     {

@@ -5,13 +5,14 @@
 //! killed at any instant (what the restart guarantees need); an operating-system crash may
 //! roll back the last batches, which wrappers then resend because they were never acked.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 use saltpeter_proto::{Cause, Timestamp};
 use time::OffsetDateTime;
 
+use super::outputs::Outputs;
 use super::{
     JobRecord, MachineRecord, Notice, OutputRange, Query, Restored, RestoredMachine, RunRecord,
     RunSummary, StoreOp,
@@ -56,7 +57,7 @@ impl Default for Retention {
     }
 }
 
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 
 const MIGRATION_1: &str = "
 CREATE TABLE runs (
@@ -116,27 +117,24 @@ CREATE TABLE jobs (
 );
 ";
 
-/// Retention bookkeeping of one machine's stored output, kept while its run is active.
-#[derive(Debug, Default)]
-struct OutputState {
-    next_idx: i64,
-    total: u64,
-    head: u64,
-    tail: VecDeque<(i64, u64)>,
-    tail_bytes: u64,
-    dropped: u64,
-    /// Totals changed in this batch and are not written yet.
-    dirty: bool,
-    /// The highest `seq + 1` seen in this batch.
-    next_seq: Option<u64>,
-}
+/// The output journal (see `outputs.rs`) and how far each machine's journal is folded.
+const MIGRATION_2: &str = "
+CREATE TABLE output_journal (
+    id INTEGER PRIMARY KEY,
+    instance TEXT NOT NULL,
+    machine TEXT NOT NULL,
+    data TEXT NOT NULL
+);
+ALTER TABLE machines ADD COLUMN journal_folded INTEGER NOT NULL DEFAULT 0;
+";
 
 /// The open database.
 #[derive(Debug)]
 pub struct Db {
     conn: Connection,
     retention: Retention,
-    outputs: HashMap<(String, String), OutputState>,
+    /// Boxed: the engine moves a `Db` around by value before its thread starts.
+    outputs: Box<Outputs>,
     last_prune: Option<std::time::Instant>,
 }
 
@@ -186,10 +184,13 @@ impl Db {
         let mut db = Self {
             conn,
             retention,
-            outputs: HashMap::new(),
+            outputs: Box::default(),
             last_prune: None,
         };
         db.migrate()?;
+        let tx = db.conn.transaction()?;
+        db.outputs = Box::new(Outputs::recover(&tx, retention)?);
+        tx.commit()?;
         Ok(db)
     }
 
@@ -204,6 +205,12 @@ impl Db {
             let tx = self.conn.transaction()?;
             tx.execute_batch(MIGRATION_1)?;
             tx.pragma_update(None, "user_version", 1)?;
+            tx.commit()?;
+        }
+        if version < 2 {
+            let tx = self.conn.transaction()?;
+            tx.execute_batch(MIGRATION_2)?;
+            tx.pragma_update(None, "user_version", 2)?;
             tx.commit()?;
         }
         Ok(())
@@ -229,7 +236,21 @@ impl Db {
                     }
                 }
             }
-            flush_output_totals(&tx, &mut self.outputs)?;
+            // Queries read the `output` table: what they ask for is folded into it first.
+            for q in &queries {
+                let target = match q {
+                    Query::Run { instance, .. } => Some((instance, None)),
+                    Query::Output {
+                        instance, machine, ..
+                    } => Some((instance, Some(machine.as_str()))),
+                    Query::Runs { .. } | Query::Timeline { .. } => None,
+                };
+                if let Some((instance, machine)) = target {
+                    self.outputs
+                        .fold_run(&tx, instance, machine, self.retention)?;
+                }
+            }
+            self.outputs.finish_batch(&tx, self.retention)?;
             tx.commit()?;
             Ok(())
         })();
@@ -625,7 +646,7 @@ fn run_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RunRecord> {
 
 fn apply_one(
     tx: &Transaction<'_>,
-    outputs: &mut HashMap<(String, String), OutputState>,
+    outputs: &mut Outputs,
     retention: Retention,
     op: StoreOp,
 ) -> Result<(), StoreError> {
@@ -652,10 +673,9 @@ fn apply_one(
                 serde_json::to_string(&r.pending_batches).unwrap_or_default(),
             ])?;
             if r.ended.is_some() {
-                // The run is over: its machines' retention bookkeeping is no longer needed.
-                // Its totals are written first, or the batch's last outputs would lose them.
-                flush_output_totals(tx, outputs)?;
-                outputs.retain(|(i, _), _| *i != r.instance);
+                // The run is over: its output goes to its chunks and its machines' retention
+                // bookkeeping is no longer needed.
+                outputs.forget_run(tx, &r.instance, retention)?;
             }
         }
         StoreOp::Machine(m) => {
@@ -695,57 +715,7 @@ fn apply_one(
             machine,
             seq,
             data,
-        } => {
-            let key = (instance, machine);
-            if !outputs.contains_key(&key) {
-                let state = load_output_state(tx, &key.0, &key.1)?;
-                outputs.insert(key.clone(), state);
-            }
-            let Some(state) = outputs.get_mut(&key) else {
-                return Ok(());
-            };
-            let len = data.len() as u64;
-            let head =
-                state.tail.is_empty() && state.dropped == 0 && state.head < retention.head_bytes;
-            tx.prepare_cached(
-                "INSERT INTO output (instance, machine, idx, byte_offset, head, data)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            )?
-            .execute(params![
-                key.0,
-                key.1,
-                state.next_idx,
-                state.total as i64,
-                head,
-                data
-            ])?;
-            if head {
-                state.head += len;
-            } else {
-                state.tail.push_back((state.next_idx, len));
-                state.tail_bytes += len;
-                // Drop the oldest tail chunks beyond the cap, always keeping the newest one.
-                while state.tail_bytes > retention.tail_bytes && state.tail.len() > 1 {
-                    let Some((idx, n)) = state.tail.pop_front() else {
-                        break;
-                    };
-                    tx.prepare_cached(
-                        "DELETE FROM output WHERE instance = ?1 AND machine = ?2 AND idx = ?3",
-                    )?
-                    .execute(params![key.0, key.1, idx])?;
-                    state.tail_bytes -= n;
-                    state.dropped += n;
-                }
-            }
-            state.next_idx += 1;
-            state.total += len;
-            // The machine's totals are written once per batch (see `flush_output_totals`), not
-            // once per message: a busy machine sends many outputs per batch.
-            state.dirty = true;
-            if let Some(seq) = seq {
-                state.next_seq = Some(state.next_seq.map_or(seq + 1, |n| n.max(seq + 1)));
-            }
-        }
+        } => outputs.append(tx, (instance, machine), seq, data, retention)?,
         StoreOp::Job(j) => {
             tx.prepare_cached(
                 "INSERT INTO jobs (name, last_run, last_success, last_failed, last_total, last_fired)
@@ -763,65 +733,6 @@ fn apply_one(
             ])?;
         }
         StoreOp::Notify(_) | StoreOp::Query(_) | StoreOp::Prune => {}
-    }
-    Ok(())
-}
-
-fn load_output_state(
-    tx: &Transaction<'_>,
-    instance: &str,
-    machine: &str,
-) -> Result<OutputState, StoreError> {
-    let mut state = OutputState::default();
-    let mut stmt = tx.prepare_cached(
-        "SELECT idx, head, length(CAST(data AS BLOB)) FROM output
-         WHERE instance = ?1 AND machine = ?2 ORDER BY idx",
-    )?;
-    let mut rows = stmt.query(params![instance, machine])?;
-    while let Some(row) = rows.next()? {
-        let idx: i64 = row.get(0)?;
-        let head: bool = row.get(1)?;
-        let len = row.get::<_, i64>(2)? as u64;
-        if head {
-            state.head += len;
-        } else {
-            state.tail.push_back((idx, len));
-            state.tail_bytes += len;
-        }
-        state.next_idx = idx + 1;
-    }
-    let (total, dropped): (i64, i64) = tx
-        .query_row(
-            "SELECT output_bytes, output_dropped FROM machines WHERE instance = ?1 AND machine = ?2",
-            params![instance, machine],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )
-        .optional()?
-        .unwrap_or((0, 0));
-    state.total = total as u64;
-    state.dropped = dropped as u64;
-    Ok(state)
-}
-
-/// Writes each machine's output totals and sequence once per batch.
-fn flush_output_totals(
-    tx: &Transaction<'_>,
-    outputs: &mut HashMap<(String, String), OutputState>,
-) -> Result<(), StoreError> {
-    let mut stmt = tx.prepare_cached(
-        "UPDATE machines SET output_bytes = ?3, output_dropped = ?4,
-            next_seq = CASE WHEN ?5 IS NULL THEN next_seq ELSE MAX(next_seq, ?5) END
-         WHERE instance = ?1 AND machine = ?2",
-    )?;
-    for ((instance, machine), state) in outputs.iter_mut().filter(|(_, s)| s.dirty) {
-        stmt.execute(params![
-            instance,
-            machine,
-            state.total as i64,
-            state.dropped as i64,
-            state.next_seq.take().map(|s| s as i64)
-        ])?;
-        state.dirty = false;
     }
     Ok(())
 }

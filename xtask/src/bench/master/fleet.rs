@@ -24,6 +24,7 @@ use saltpeter_proto::{
 use tokio::net::TcpSocket;
 use tokio::sync::{Semaphore, watch};
 use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 /// Source addresses the wrappers' sockets are spread over (127.0.0.2 and up).
 const LOOPBACK_SOURCES: usize = 8;
@@ -250,9 +251,12 @@ impl Sim {
             .await
             .context("TCP connect timed out")??;
         tcp.set_nodelay(true)?;
+        // The real wrapper reads with an 8 KiB buffer too; tungstenite's 128 KiB default is
+        // zero-filled on every read and would cost the load generator a gigabyte at 10,000.
+        let config = WebSocketConfig::default().read_buffer_size(8 * 1024);
         let (ws, _) = tokio::time::timeout(
             REPLY_LIMIT,
-            tokio_tungstenite::client_async(self.url.as_str(), tcp),
+            tokio_tungstenite::client_async_with_config(self.url.as_str(), tcp, Some(config)),
         )
         .await
         .context("WebSocket handshake timed out")??;
