@@ -1,8 +1,9 @@
 //! Per-job log files in the original saltpeter format (reference §5.1), written by one
 //! dedicated thread so the engine never waits on disk.
 //!
-//! Output is streamed to a spool file per (instance, machine) as it arrives; when the machine's
-//! result is known the thread writes the result block with the *full* output, cleaned of
+//! Output is buffered per (instance, machine) and appended to a spool file in 64 KiB pieces
+//! (and whenever the thread is idle for a second, at least every 30 s, and at shutdown); when
+//! the machine's result is known the thread writes the result block with the *full* output, cleaned of
 //! carriage-return redraws (§5.2), and removes the spool. Memory stays bounded however much a
 //! job prints, and the log still holds every byte.
 //!
@@ -12,10 +13,11 @@
 
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufRead, BufReader, BufWriter, Write};
+use std::io::{self, BufRead, BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
 use time::OffsetDateTime;
 
@@ -96,10 +98,20 @@ impl JobLog {
     ) -> io::Result<Self> {
         let (tx, rx) = mpsc::channel::<(Arc<Path>, LogEntry)>();
         std::thread::Builder::new().name("joblog".into()).spawn(move || {
-            let mut writer = Writer { spool_dir, spools: HashMap::new(), ship };
-            while let Ok((dir, entry)) = rx.recv() {
-                if let Err(error) = writer.write(&dir, entry) {
-                    tracing::warn!(%error, dir = %dir.display(), "Could not write the job log.");
+            let mut writer = Writer::new(spool_dir, ship);
+            loop {
+                match rx.recv_timeout(IDLE_FLUSH) {
+                    Ok((dir, entry)) => {
+                        if let Err(error) = writer.write(&dir, entry) {
+                            tracing::warn!(%error, dir = %dir.display(), "Could not write the job log.");
+                        }
+                        writer.flush_old();
+                    }
+                    Err(mpsc::RecvTimeoutError::Timeout) => writer.flush_all(),
+                    Err(mpsc::RecvTimeoutError::Disconnected) => {
+                        writer.flush_all();
+                        break;
+                    }
                 }
             }
         })?;
@@ -113,26 +125,69 @@ impl JobLog {
     }
 }
 
-/// Spool files kept open at once (see the eviction in [`Writer::write`]).
+/// Spool files kept open at once (see the eviction in [`Writer::spool_file`]).
 const MAX_OPEN_SPOOLS: usize = 1024;
+/// A machine's output is written to its spool once this much is buffered.
+const SPOOL_BUFFER: usize = 64 * 1024;
+/// Buffered output of all machines beyond which the largest buffers are written, down to half.
+const BUFFER_BUDGET: usize = 64 * 1024 * 1024;
+/// Every buffer is written when no entry came for this long...
+const IDLE_FLUSH: Duration = Duration::from_secs(1);
+/// ...and each once it is this old, so a crash of the master loses little of the job logs
+/// (the store holds the output either way).
+const MAX_BUFFER_AGE: Duration = Duration::from_secs(30);
 
+type Key = (String, String);
+
+/// Output is buffered per machine before it reaches the spool: written as it came, 10,000
+/// machines printing once a second cost an open, write and close each time (only 1,024
+/// spools stay open), most of the log thread's time (issue 7). A machine whose output stays
+/// small and short-lived never gets a spool file: its result block comes from the buffer.
 struct Writer {
     spool_dir: PathBuf,
-    spools: HashMap<(String, String), File>,
+    spools: HashMap<Key, File>,
+    buffers: HashMap<Key, Buffer>,
+    buffered: usize,
+    last_age_check: Instant,
     ship: Option<crate::ship::LogShipper>,
 }
 
+/// A machine's output not yet in its spool, and when the oldest of it arrived.
+struct Buffer {
+    data: Vec<u8>,
+    since: Instant,
+}
+
 impl Writer {
+    fn new(spool_dir: PathBuf, ship: Option<crate::ship::LogShipper>) -> Self {
+        Self {
+            spool_dir,
+            spools: HashMap::new(),
+            buffers: HashMap::new(),
+            buffered: 0,
+            last_age_check: Instant::now(),
+            ship,
+        }
+    }
+
     fn write(&mut self, dir: &Path, entry: LogEntry) -> io::Result<()> {
+        if let LogEntry::MachineResult {
+            instance, machine, ..
+        } = &entry
+        {
+            let key = (instance.clone(), machine.clone());
+            if self.ship.is_some() {
+                // The shipper reads the spool file: it must be complete.
+                self.flush_spool(&key)?;
+            }
+            // Closed before the spool is read back.
+            self.spools.remove(&key);
+        }
         if self.ship.is_some() && !matches!(entry, LogEntry::Output { .. }) {
             let spool = match &entry {
                 LogEntry::MachineResult {
                     instance, machine, ..
-                } => {
-                    // Close our handle so the shipper reads everything written.
-                    self.spools.remove(&(instance.clone(), machine.clone()));
-                    Some(self.spool_path(instance, machine))
-                }
+                } => Some(self.spool_path(instance, machine)),
                 _ => None,
             };
             if let Some(ship) = &mut self.ship {
@@ -146,26 +201,28 @@ impl Writer {
                 text,
             } => {
                 let key = (instance, machine);
-                if !self.spools.contains_key(&key) {
-                    let path = self.spool_path(&key.0, &key.1);
-                    if let Some(parent) = path.parent() {
-                        fs::create_dir_all(parent)?;
+                let len = text.len();
+                let held = match self.buffers.get_mut(&key) {
+                    Some(buffer) => {
+                        buffer.data.extend_from_slice(text.as_bytes());
+                        buffer.data.len()
                     }
-                    let file = OpenOptions::new().create(true).append(true).open(path)?;
-                    // One handle per running machine would need as many descriptors as the
-                    // fleet has sockets (10,000 wrappers: 20,000 in all, past common limits).
-                    // Keep a bounded set; an evicted spool is simply reopened in append mode.
-                    // Evict an arbitrary one, not the least recently used: machines write in
-                    // turn, a pattern in which LRU would always evict the next writer.
-                    if self.spools.len() >= MAX_OPEN_SPOOLS
-                        && let Some(evict) = self.spools.keys().next().cloned()
-                    {
-                        self.spools.remove(&evict);
+                    None => {
+                        let held = text.len();
+                        let buffer = Buffer {
+                            data: text.into_bytes(),
+                            since: Instant::now(),
+                        };
+                        self.buffers.insert(key.clone(), buffer);
+                        held
                     }
-                    self.spools.insert(key.clone(), file);
+                };
+                self.buffered += len;
+                if held >= SPOOL_BUFFER {
+                    self.flush_spool(&key)?;
                 }
-                if let Some(file) = self.spools.get_mut(&key) {
-                    file.write_all(text.as_bytes())?;
+                if self.buffered > BUFFER_BUDGET {
+                    self.flush_largest();
                 }
                 Ok(())
             }
@@ -228,10 +285,14 @@ impl Writer {
                 at,
             } => {
                 let key = (instance, machine);
-                // Close our handle before reading the spool back.
-                self.spools.remove(&key);
                 let spool = self.spool_path(&key.0, &key.1);
-                let result = self.write_result(dir, &job, &key.0, &key.1, code, at, &spool);
+                let held = self
+                    .buffers
+                    .remove(&key)
+                    .map(|b| b.data)
+                    .unwrap_or_default();
+                self.buffered -= held.len();
+                let result = self.write_result(dir, &job, &key, code, at, &spool, &held);
                 let _ = fs::remove_file(&spool);
                 if let Some(parent) = spool.parent() {
                     // Succeeds only once the instance's last machine is done.
@@ -242,16 +303,101 @@ impl Writer {
         }
     }
 
+    /// Writes a machine's buffered output to its spool.
+    fn flush_spool(&mut self, key: &Key) -> io::Result<()> {
+        let Some(buffer) = self.buffers.remove(key) else {
+            return Ok(());
+        };
+        self.buffered -= buffer.data.len();
+        self.spool_file(key)?.write_all(&buffer.data)
+    }
+
+    /// Writes the given buffers; a failure is logged and loses only that machine's buffer.
+    fn flush_each(&mut self, keys: Vec<Key>) {
+        for key in keys {
+            if let Err(error) = self.flush_spool(&key) {
+                tracing::warn!(%error, instance = %key.0, machine = %key.1, "Could not write a job log spool.");
+            }
+        }
+    }
+
+    fn flush_all(&mut self) {
+        let keys = self.buffers.keys().cloned().collect();
+        self.flush_each(keys);
+    }
+
+    /// Writes the buffers that have waited `MAX_BUFFER_AGE`, looking at most once a second.
+    fn flush_old(&mut self) {
+        if self.last_age_check.elapsed() < Duration::from_secs(1) {
+            return;
+        }
+        self.last_age_check = Instant::now();
+        let keys = self
+            .buffers
+            .iter()
+            .filter(|(_, b)| b.since.elapsed() >= MAX_BUFFER_AGE)
+            .map(|(k, _)| k.clone())
+            .collect();
+        self.flush_each(keys);
+    }
+
+    /// Over the budget: writes the largest buffers until half of it is left.
+    fn flush_largest(&mut self) {
+        let mut sizes: Vec<(usize, Key)> = self
+            .buffers
+            .iter()
+            .map(|(k, b)| (b.data.len(), k.clone()))
+            .collect();
+        sizes.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+        let mut left = self.buffered;
+        let keys = sizes
+            .into_iter()
+            .take_while(|(n, _)| {
+                let go = left > BUFFER_BUDGET / 2;
+                left -= n;
+                go
+            })
+            .map(|(_, k)| k)
+            .collect();
+        self.flush_each(keys);
+    }
+
+    /// The open spool of a machine, opening it (and closing another) when needed.
+    fn spool_file(&mut self, key: &Key) -> io::Result<&mut File> {
+        if !self.spools.contains_key(key) {
+            let path = self.spool_path(&key.0, &key.1);
+            if let Some(parent) = path.parent() {
+                fs::create_dir_all(parent)?;
+            }
+            let file = OpenOptions::new().create(true).append(true).open(path)?;
+            // One handle per running machine would need as many descriptors as the fleet has
+            // sockets (10,000 wrappers: 20,000 in all, past common limits). Keep a bounded
+            // set; an evicted spool is simply reopened in append mode. Evict an arbitrary one,
+            // not the least recently used: machines write in turn, a pattern in which LRU
+            // would always evict the next writer.
+            if self.spools.len() >= MAX_OPEN_SPOOLS
+                && let Some(evict) = self.spools.keys().next().cloned()
+            {
+                self.spools.remove(&evict);
+            }
+            self.spools.insert(key.clone(), file);
+        }
+        self.spools
+            .get_mut(key)
+            .ok_or_else(|| io::Error::other("the spool was closed while in use"))
+    }
+
+    /// Writes a machine's result block: its spooled output, then what is still buffered.
     #[allow(clippy::too_many_arguments)]
     fn write_result(
         &self,
         dir: &Path,
         job: &str,
-        instance: &str,
-        machine: &str,
+        (instance, machine): &Key,
         code: i64,
         at: OffsetDateTime,
         spool: &Path,
+        held: &[u8],
     ) -> io::Result<()> {
         fs::create_dir_all(dir)?;
         let file = OpenOptions::new()
@@ -263,11 +409,13 @@ impl Writer {
             out,
             "########## {machine} from {instance} ################\n**** Exit Code {code} ******\n"
         )?;
-        match File::open(spool) {
-            Ok(f) => strip_carriage_returns(BufReader::new(f), &mut out)?,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        let spooled: Box<dyn Read> = match File::open(spool) {
+            Ok(f) => Box::new(f),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Box::new(io::empty()),
             Err(e) => return Err(e),
-        }
+        };
+        // One stream, so a carriage-return redraw that spans the two parts still collapses.
+        strip_carriage_returns(BufReader::new(spooled.chain(held)), &mut out)?;
         write!(
             out,
             "\n####### END {machine} from {instance} at {} #########\n",
@@ -409,6 +557,59 @@ mod tests {
     fn unsafe_names_stay_inside_the_directory() {
         assert_eq!(safe_name("../../etc/passwd"), "_.._etc_passwd");
         assert_eq!(safe_name("web-01.example.com"), "web-01.example.com");
+    }
+
+    #[test]
+    fn output_is_buffered_per_machine_until_a_piece_is_full_or_a_flush() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = Writer::new(dir.path().to_owned(), None);
+        let output = |machine: &str, text: String| LogEntry::Output {
+            instance: "j_1".into(),
+            machine: machine.into(),
+            text,
+        };
+        let spool = |machine: &str| {
+            fs::read_to_string(dir.path().join(format!("j_1/{machine}.out"))).unwrap_or_default()
+        };
+        let logdir = dir.path().join("logs");
+        w.write(&logdir, output("quiet", "one line\n".into()))
+            .unwrap();
+        let big = "x".repeat(SPOOL_BUFFER / 2);
+        w.write(&logdir, output("busy", big.clone())).unwrap();
+        assert_eq!(
+            (spool("quiet"), spool("busy")),
+            (String::new(), String::new())
+        );
+        assert_eq!(w.buffered, 9 + big.len());
+        // The second half fills busy's piece: written at once, in order.
+        w.write(&logdir, output("busy", big.clone())).unwrap();
+        assert_eq!(spool("busy"), big.repeat(2));
+        assert_eq!(spool("quiet"), "");
+        w.flush_all();
+        assert_eq!(spool("quiet"), "one line\n");
+        assert_eq!(w.buffered, 0);
+        assert!(w.buffers.is_empty(), "no empty buffers are kept");
+        // A result reads the spool, then the buffer, as one stream.
+        w.write(&logdir, output("quiet", "two\rthree\n".into()))
+            .unwrap();
+        let at = time::macros::datetime!(2025-12-23 09:31:46 UTC);
+        w.write(
+            &logdir,
+            LogEntry::MachineResult {
+                job: "j".into(),
+                instance: "j_1".into(),
+                machine: "quiet".into(),
+                code: 3,
+                at,
+            },
+        )
+        .unwrap();
+        let log = fs::read_to_string(logdir.join("j.log")).unwrap();
+        assert!(
+            log.contains("**** Exit Code 3 ******\none line\nthree\n\n####### END"),
+            "{log}"
+        );
+        assert_eq!((w.buffered, spool("quiet")), (0, String::new()));
     }
 
     #[test]

@@ -75,6 +75,9 @@ pub(super) struct Outputs {
     next_journal_id: i64,
     /// Journal ids below this are deleted.
     journal_floor: i64,
+    /// Machines whose totals changed in this batch (each once), so the end of a batch does
+    /// not walk every active machine.
+    dirty: Vec<Key>,
 }
 
 impl Outputs {
@@ -136,9 +139,12 @@ impl Outputs {
         let len = data.len();
         let state = self.state(tx, &key)?;
         state.total += len as u64;
-        state.dirty = true;
+        let newly_dirty = !std::mem::replace(&mut state.dirty, true);
         if let Some(seq) = seq {
             state.next_seq = Some(state.next_seq.map_or(seq + 1, |n| n.max(seq + 1)));
+        }
+        if newly_dirty {
+            self.dirty.push(key.clone());
         }
         if len >= CHUNK_BYTES {
             // Keep the order: what is pending goes first.
@@ -272,7 +278,9 @@ impl Outputs {
         self.by_age.remove(&first);
         self.pending_bytes -= state.pending_bytes;
         state.folded_through = state.last_journal_id;
-        state.dirty = true;
+        if !std::mem::replace(&mut state.dirty, true) {
+            self.dirty.push(key.clone());
+        }
         write_pending(tx, key, state, retention)
     }
 
@@ -285,16 +293,20 @@ impl Outputs {
                 journal_folded = ?6
              WHERE instance = ?1 AND machine = ?2",
         )?;
-        for ((instance, machine), state) in self.machines.iter_mut().filter(|(_, s)| s.dirty) {
+        for key in std::mem::take(&mut self.dirty) {
+            let Some(state) = self.machines.get_mut(&key) else {
+                continue;
+            };
+            // Cleared first: after a failed write the next change queues the machine again.
+            state.dirty = false;
             stmt.execute(params![
-                instance,
-                machine,
+                key.0,
+                key.1,
                 state.total as i64,
                 state.dropped as i64,
                 state.next_seq.take().map(|s| s as i64),
                 state.folded_through,
             ])?;
-            state.dirty = false;
         }
         Ok(())
     }
