@@ -348,7 +348,7 @@ impl Writer {
             .iter()
             .map(|(k, b)| (b.data.len(), k.clone()))
             .collect();
-        sizes.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+        sizes.sort_unstable_by_key(|(n, _)| std::cmp::Reverse(*n));
         let mut left = self.buffered;
         let keys = sizes
             .into_iter()
