@@ -136,6 +136,8 @@ const IDLE_FLUSH: Duration = Duration::from_secs(1);
 /// ...and each once it is this old, so a crash of the master loses little of the job logs
 /// (the store holds the output either way).
 const MAX_BUFFER_AGE: Duration = Duration::from_secs(30);
+/// Old buffers written per check (see [`Writer::flush_old`]).
+const OLD_FLUSHES_PER_CHECK: usize = 1000;
 
 type Key = (String, String);
 
@@ -326,7 +328,9 @@ impl Writer {
         self.flush_each(keys);
     }
 
-    /// Writes the buffers that have waited `MAX_BUFFER_AGE`, looking at most once a second.
+    /// Writes the buffers that have waited `MAX_BUFFER_AGE`, looking at most once a second and
+    /// writing at most `OLD_FLUSHES_PER_CHECK` at a time: the first write of a machine creates
+    /// its spool, and 10,000 machines that started together would otherwise all do it at once.
     fn flush_old(&mut self) {
         if self.last_age_check.elapsed() < Duration::from_secs(1) {
             return;
@@ -337,6 +341,7 @@ impl Writer {
             .iter()
             .filter(|(_, b)| b.since.elapsed() >= MAX_BUFFER_AGE)
             .map(|(k, _)| k.clone())
+            .take(OLD_FLUSHES_PER_CHECK)
             .collect();
         self.flush_each(keys);
     }
