@@ -337,8 +337,19 @@ fn output_folded_before_a_restart_is_neither_lost_nor_doubled_after_it() {
     let (mut db, restored) = open(dir.path(), Retention::default());
     let texts: Vec<String> = restored.runs[0].1.iter().map(|m| m.output.text()).collect();
     assert_eq!(texts, ["a\nb\n", "x\ny\n"]);
-    assert_eq!(restored.runs[0].1[0].next_seq, 2);
+    let next_seqs: Vec<u64> = restored.runs[0].1.iter().map(|m| m.next_seq).collect();
+    assert_eq!(next_seqs, [2, 2], "sequences counted from the journal");
     assert_eq!(rows(dir.path(), "output_journal"), 0);
+    let (tx, mut rx) = oneshot::channel();
+    db.apply(vec![StoreOp::Query(Query::Output {
+        instance: "j_1".into(),
+        machine: "m2".into(),
+        offset: 0,
+        length: None,
+        reply: tx,
+    })]);
+    let range = rx.try_recv().unwrap().unwrap().unwrap();
+    assert_eq!((range.total_bytes, range.text.as_str()), (4, "x\ny\n"));
     // Journal ids go on growing after the journal was emptied, so output written after the
     // restart is not mistaken for output folded before it.
     db.apply(vec![output("j_1", "m1", 2, "c\n")]);

@@ -195,6 +195,8 @@ struct Row {
     /// Store group commits per second in the window, and their mean duration.
     commits_per_s: f64,
     commit_ms: f64,
+    /// Commits in the window that took over 50 ms.
+    slow_commits: f64,
     p50: Duration,
     p99: Duration,
     max: Duration,
@@ -211,7 +213,7 @@ struct Row {
 impl Row {
     fn line(&self) -> String {
         format!(
-            "| {} | {:.1} | {} | {:.0} | {:.0} | {:.1} / {:.1} / {:.1} | {:.1} / {:.1} | {:.2} (+{:.3}) | {}/{} in [{:.2}, {:.2}] s | {} | {:.1} | {:.0} |",
+            "| {} | {:.1} | {} | {:.0} | {:.0} | {:.1} / {:.1} / {:.1} | {:.1} / {:.1} / {} | {:.2} (+{:.3}) | {}/{} in [{:.2}, {:.2}] s | {} | {:.1} | {:.0} |",
             self.n,
             self.cpu_pct,
             self.hwm_kib / 1024,
@@ -222,6 +224,7 @@ impl Row {
             ms(self.max),
             self.commits_per_s,
             self.commit_ms,
+            self.slow_commits,
             self.fanout.as_secs_f64(),
             self.launcher.as_secs_f64(),
             self.verdicts_ok,
@@ -337,6 +340,7 @@ fn fleet_scenario(bin: &Path, dir: &Path, n: usize, seconds: u64) -> Result<Row>
     let (cpu1, self1, busy1) = (master.cpu()?, own_cpu()?, machine_busy()?);
     let commits1 = master.store_commits()?;
     let commits = commits1.0 - commits0.0;
+    let slow_commits = commits1.2 - commits0.2;
     let commit_ms = if commits > 0.0 {
         (commits1.1 - commits0.1) / commits * 1000.0
     } else {
@@ -360,7 +364,7 @@ fn fleet_scenario(bin: &Path, dir: &Path, n: usize, seconds: u64) -> Result<Row>
         ((busy1 - busy0).as_secs_f64() / wall * 100.0 - cpu_pct - loadgen_cpu_pct).max(0.0);
     eprintln!(
         "  steady: master CPU {cpu_pct:.1}%, in {:.0}/s, out {:.0}/s, p99 {:.1} ms, \
-         store {:.1} commits/s of {commit_ms:.1} ms",
+         store {:.1} commits/s of {commit_ms:.1} ms ({slow_commits} over 50 ms)",
         (sent1 - sent0) as f64 / wall,
         (recv1 - recv0) as f64 / wall,
         ms(pct(0.99)),
@@ -452,6 +456,7 @@ fn fleet_scenario(bin: &Path, dir: &Path, n: usize, seconds: u64) -> Result<Row>
         msgs_out: (recv1 - recv0) as f64 / wall,
         commits_per_s: commits / wall,
         commit_ms,
+        slow_commits,
         p50: pct(0.50),
         p99: pct(0.99),
         max: pct(1.0),
@@ -592,7 +597,7 @@ fn report(root: &Path, args: &Args, rows: &[Row], idle: &Idle) -> Result<String>
     );
     let _ = writeln!(
         s,
-        "| wrappers | master CPU % of a core | peak RSS MiB | msgs/s in | msgs/s out | ack ms p50 / p99 / max | store commits/s / mean ms | fan-out s (+launcher) | 253 verdicts in window | false verdicts | load generator CPU % | rest of machine CPU % |"
+        "| wrappers | master CPU % of a core | peak RSS MiB | msgs/s in | msgs/s out | ack ms p50 / p99 / max | store commits/s / mean ms / over 50 ms | fan-out s (+launcher) | 253 verdicts in window | false verdicts | load generator CPU % | rest of machine CPU % |"
     );
     let _ = writeln!(
         s,
@@ -637,7 +642,7 @@ fn report(root: &Path, args: &Args, rows: &[Row], idle: &Idle) -> Result<String>
         "\nHow measured: CPU is utime+stime from /proc/<pid>/stat over the window (100% = one core); peak RSS is the master's VmHWM at the end of the scenario; \
          msgs/s count WebSocket frames wrapper→master (in) and master→wrapper (out) in the window; ack latency runs from sending an `output` to receiving the (cumulative) ack that covers it, \
          in the load generator (one tokio worker on the same two cores, so it includes the generator's own scheduling delay); \
-         store commits are the master's group commits in the window and their mean apply-and-commit time (from `/metrics`), since an ack waits for the commit that holds its output; \
+         store commits are the master's group commits in the window and their mean apply-and-commit time and how many took over 50 ms (from `/metrics`), since an ack waits for the commit that holds its output; \
          'rest of machine' is every other process plus steal time in the window (from /proc/stat), since other work on a shared machine takes cores from the master; fan-out is from the launcher writing the start request to the last \
          `start` ack (connect, handshake, `connect`, `start`; at most {} handshakes in flight), the launcher's own time after the POST in parentheses; verdicts: every 100th wrapper closes its \
          socket abruptly and must be 253 with `endtime` 15.0-16.0 s after the last heartbeat it sent (read from `GET /api/v1/runs/{{instance}}/output?max_bytes=1`, the per-machine status \
@@ -790,17 +795,20 @@ impl MasterProc {
             .with_context(|| format!("no {field}"))
     }
 
-    /// The store's commits and the seconds they took so far, from `GET /metrics`.
-    fn store_commits(&self) -> Result<(f64, f64)> {
+    /// The store's commits, the seconds they took and how many took over 50 ms, so far, from
+    /// `GET /metrics`.
+    fn store_commits(&self) -> Result<(f64, f64, f64)> {
         let text = http::get_text(self.api, "/metrics")?;
         let value = |name: &str| {
             text.lines()
                 .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<f64>().ok())
                 .with_context(|| format!("no {name} in /metrics"))
         };
+        let count = value("saltpeter_store_commit_seconds_count")?;
         Ok((
-            value("saltpeter_store_commit_seconds_count")?,
+            count,
             value("saltpeter_store_commit_seconds_sum")?,
+            count - value("saltpeter_store_commit_seconds_bucket{le=\"0.05\"}")?,
         ))
     }
 

@@ -12,8 +12,11 @@
 //! wants its output. The journal's prefix that every machine has folded is deleted in one range.
 //!
 //! Crash safety: `machines.journal_folded` records, in the fold's transaction, the last
-//! journal id folded into the chunks; on open, [`Outputs::recover`] folds every later journal
-//! row, so a message is neither lost nor stored twice. Journal ids only grow, across restarts.
+//! journal id folded into the chunks, with the machine's totals (bytes, dropped, next seq) as
+//! of that fold; on open, [`Outputs::recover`] counts and folds every later journal row, so a
+//! message is neither lost nor stored twice. Writing the totals only when a machine folds keeps
+//! a batch from rewriting one `machines` page per message. Journal ids only grow, across
+//! restarts.
 //!
 //! Retention (head and tail per machine) is decided per message at fold time, as if every
 //! message had been stored on its own; afterwards the tail is trimmed a chunk at a time.
@@ -34,8 +37,10 @@ const MAX_PENDING_AGE: Duration = Duration::from_secs(60);
 /// Pending output of all machines, in memory, beyond which the oldest are folded.
 const PENDING_BUDGET: usize = 32 * 1024 * 1024;
 /// Folds for age or budget per batch, so a thousand machines that started together do not
-/// fold in one long commit a minute later. Folds for queries and run ends are not capped.
-const BACKGROUND_FOLDS_PER_BATCH: usize = 500;
+/// fold in one long commit a minute later (each fold rewrites a page of the `output` table).
+/// Batches come hundreds of times a second under load, so this still folds thousands of
+/// machines a second. Folds for queries and run ends are not capped.
+const BACKGROUND_FOLDS_PER_BATCH: usize = 32;
 
 type Key = (String, String);
 
@@ -59,10 +64,20 @@ struct OutputState {
     /// The journal id of the newest message folded (or pending, once folded).
     folded_through: i64,
     last_journal_id: i64,
-    /// Totals changed in this batch and are not written yet.
+    /// Queued in `Outputs::dirty` to have its totals written.
     dirty: bool,
-    /// The highest `seq + 1` seen in this batch.
+    /// The highest `seq + 1` seen since the totals were last written.
     next_seq: Option<u64>,
+}
+
+impl OutputState {
+    /// Counts a message that arrived: its bytes and its sequence number.
+    fn count(&mut self, len: usize, seq: Option<u64>) {
+        self.total += len as u64;
+        if let Some(seq) = seq {
+            self.next_seq = Some(self.next_seq.map_or(seq + 1, |n| n.max(seq + 1)));
+        }
+    }
 }
 
 /// Every active machine's output state and the journal's bookkeeping.
@@ -97,18 +112,22 @@ impl Outputs {
             next_journal_id: journal_max.max(folded_max) + 1,
             ..Self::default()
         };
-        let rows: Vec<(i64, String, String, String)> = tx
-            .prepare("SELECT id, instance, machine, data FROM output_journal ORDER BY id")?
-            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
+        type Row = (i64, String, String, Option<i64>, String);
+        let rows: Vec<Row> = tx
+            .prepare("SELECT id, instance, machine, seq, data FROM output_journal ORDER BY id")?
+            .query_map([], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+            })?
             .collect::<Result<_, _>>()?;
         let recovered = rows.len();
-        for (id, instance, machine, data) in rows {
+        for (id, instance, machine, seq, data) in rows {
             let key = (instance, machine);
             let state = outputs.state(tx, &key)?;
             if id <= state.folded_through {
                 continue;
             }
-            // Already counted in `total` (written with the journal row); only pending again.
+            // The machine's totals were last written when it folded; the journal has the rest.
+            state.count(data.len(), seq.map(|s| s as u64));
             outputs.hold(&key, id, data);
         }
         let keys: Vec<Key> = outputs.by_age.values().cloned().collect();
@@ -137,29 +156,26 @@ impl Outputs {
         retention: Retention,
     ) -> Result<(), StoreError> {
         let len = data.len();
-        let state = self.state(tx, &key)?;
-        state.total += len as u64;
-        let newly_dirty = !std::mem::replace(&mut state.dirty, true);
-        if let Some(seq) = seq {
-            state.next_seq = Some(state.next_seq.map_or(seq + 1, |n| n.max(seq + 1)));
-        }
-        if newly_dirty {
-            self.dirty.push(key.clone());
-        }
+        self.state(tx, &key)?.count(len, seq);
         if len >= CHUNK_BYTES {
             // Keep the order: what is pending goes first.
             self.fold(tx, &key, retention)?;
             let state = self.state(tx, &key)?;
             state.pending.push(data);
             state.pending_bytes = len;
-            return write_pending(tx, &key, state, retention);
+            write_pending(tx, &key, state, retention)?;
+            self.mark_dirty(&key);
+            return Ok(());
         }
         let id = self.next_journal_id;
         self.next_journal_id += 1;
+        // The machine's totals are not written here: that would rewrite a page of the
+        // `machines` table per message. The journal row carries what they need (bytes, seq).
         tx.prepare_cached(
-            "INSERT INTO output_journal (id, instance, machine, data) VALUES (?1, ?2, ?3, ?4)",
+            "INSERT INTO output_journal (id, instance, machine, seq, data)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
         )?
-        .execute(params![id, key.0, key.1, data])?;
+        .execute(params![id, key.0, key.1, seq.map(|s| s as i64), data])?;
         let full = self.hold(&key, id, data) >= CHUNK_BYTES;
         if full {
             self.fold(tx, &key, retention)?;
@@ -278,14 +294,22 @@ impl Outputs {
         self.by_age.remove(&first);
         self.pending_bytes -= state.pending_bytes;
         state.folded_through = state.last_journal_id;
-        if !std::mem::replace(&mut state.dirty, true) {
-            self.dirty.push(key.clone());
-        }
-        write_pending(tx, key, state, retention)
+        write_pending(tx, key, state, retention)?;
+        self.mark_dirty(key);
+        Ok(())
     }
 
-    /// Writes each changed machine's output totals, sequence and journal position, once per
-    /// batch rather than once per message.
+    /// Queues a machine's totals to be written at the end of the batch.
+    fn mark_dirty(&mut self, key: &Key) {
+        if let Some(state) = self.machines.get_mut(key)
+            && !std::mem::replace(&mut state.dirty, true)
+        {
+            self.dirty.push(key.clone());
+        }
+    }
+
+    /// Writes the output totals, sequence and journal position of each machine that folded
+    /// (or took a large message) in this batch.
     fn flush_totals(&mut self, tx: &Transaction<'_>) -> Result<(), StoreError> {
         let mut stmt = tx.prepare_cached(
             "UPDATE machines SET output_bytes = ?3, output_dropped = ?4,

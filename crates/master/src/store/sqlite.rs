@@ -123,6 +123,7 @@ CREATE TABLE output_journal (
     id INTEGER PRIMARY KEY,
     instance TEXT NOT NULL,
     machine TEXT NOT NULL,
+    seq INTEGER,
     data TEXT NOT NULL
 );
 ALTER TABLE machines ADD COLUMN journal_folded INTEGER NOT NULL DEFAULT 0;
@@ -136,6 +137,41 @@ pub struct Db {
     /// Boxed: the engine moves a `Db` around by value before its thread starts.
     outputs: Box<Outputs>,
     last_prune: Option<std::time::Instant>,
+    /// Dropped with the `Db`, which stops the checkpoint thread.
+    _checkpointer: Option<std::sync::mpsc::Sender<()>>,
+}
+
+/// How often the checkpoint thread copies the WAL back into the database file.
+const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Starts a thread that checkpoints the WAL with its own connection, so the committing thread
+/// never copies pages back or waits for the fsync that comes with it (issue 7: those stalls
+/// were the slowest commits). PASSIVE checkpoints never block the writer; the writer restarts
+/// the WAL from its beginning once a checkpoint has caught up.
+fn start_checkpointer(path: &Path) -> Result<std::sync::mpsc::Sender<()>, StoreError> {
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    std::thread::Builder::new()
+        .name("checkpoint".into())
+        .spawn(move || {
+            while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                rx.recv_timeout(CHECKPOINT_EVERY)
+            {
+                let done = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        r.get::<_, i64>(1)?,
+                        r.get::<_, i64>(2)?,
+                    ))
+                });
+                if let Err(error) = done {
+                    tracing::warn!(%error, "Could not checkpoint the store's WAL.");
+                }
+            }
+        })
+        .map_err(|e| StoreError::Io("checkpoint thread".into(), e))?;
+    Ok(tx)
 }
 
 fn ts(at: OffsetDateTime) -> String {
@@ -181,11 +217,26 @@ impl Db {
         // (2 MiB) spills pages and re-reads B-tree nodes on every batch.
         conn.pragma_update(None, "cache_size", -65_536)?;
         conn.pragma_update(None, "foreign_keys", "OFF")?;
+        let checkpointer = if path == Path::new(":memory:") {
+            None
+        } else {
+            match start_checkpointer(path) {
+                Ok(tx) => {
+                    conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+                    Some(tx)
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "No checkpoint thread; the store checkpoints as it commits.");
+                    None
+                }
+            }
+        };
         let mut db = Self {
             conn,
             retention,
             outputs: Box::default(),
             last_prune: None,
+            _checkpointer: checkpointer,
         };
         db.migrate()?;
         let tx = db.conn.transaction()?;
