@@ -97,7 +97,13 @@ async fn serve(socket: WebSocket, peer: SocketAddr, shared: Shared) {
         match frame {
             Ok(Message::Text(text)) => match WrapperMessage::decode(text.as_str()) {
                 Ok(msg) => {
-                    if !shared.engine.send(Event::Wrapper { conn, msg }).await {
+                    let received = tokio::time::Instant::now();
+                    let event = Event::Wrapper {
+                        conn,
+                        msg,
+                        received,
+                    };
+                    if !shared.engine.send(event).await {
                         break;
                     }
                 }

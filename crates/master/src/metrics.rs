@@ -111,6 +111,8 @@ pub struct Metrics {
     pub fire_to_start: Histogram,
     /// How late the engine acted on its scheduler timer.
     pub scheduler_lag: Histogram,
+    /// From reading an `output` off the socket to queueing its ack (after the store commit).
+    pub output_ack: Histogram,
     /// How long the store took to apply and commit each batch (written by the store thread).
     pub store_commit: Histogram,
     /// Writes the store has applied (written by the store thread).
@@ -262,6 +264,11 @@ impl Metrics {
             &mut out,
             "saltpeter_scheduler_lag_seconds",
             "How late the engine woke for a scheduler deadline.",
+        );
+        self.output_ack.render(
+            &mut out,
+            "saltpeter_output_ack_seconds",
+            "Time from reading an output message to queueing its ack, which waits for the store.",
         );
         self.store_commit.render(
             &mut out,

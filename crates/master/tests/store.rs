@@ -90,6 +90,7 @@ fn an_unfinished_run_comes_back_after_a_reopen() {
                 machine: "m1".into(),
                 seq: Some(1),
                 conn: 7,
+                received: None,
             }),
         ]);
         assert_eq!(

@@ -311,6 +311,9 @@ async fn the_engine_counts_runs_results_output_and_timeouts() {
         "saltpeter_launch_failures_total 1",
         "saltpeter_output_bytes_total 5",
         "saltpeter_fire_to_start_seconds_count 1",
+        // The inline store commits at once and the clock is paused: acked in no time.
+        "saltpeter_output_ack_seconds_bucket{le=\"0.005\"} 1",
+        "saltpeter_output_ack_seconds_count 1",
         "saltpeter_runs_running 0",
         "saltpeter_wrappers_connected 1",
     ] {

@@ -62,8 +62,13 @@ pub enum Event {
         peer: SocketAddr,
         tx: mpsc::Sender<Outbound>,
     },
-    /// A decoded message from a wrapper.
-    Wrapper { conn: ConnId, msg: WrapperMessage },
+    /// A decoded message from a wrapper, and when it was read off the socket (for the
+    /// output ack latency metric).
+    Wrapper {
+        conn: ConnId,
+        msg: WrapperMessage,
+        received: Instant,
+    },
     /// A wrapper's socket closed. This alone never fails a machine: it may reconnect.
     Disconnected { conn: ConnId },
     /// A request from the API.
@@ -316,7 +321,11 @@ impl Engine {
                 );
             }
             Event::Disconnected { conn } => self.on_disconnect(conn),
-            Event::Wrapper { conn, msg } => self.on_wrapper(conn, msg),
+            Event::Wrapper {
+                conn,
+                msg,
+                received,
+            } => self.on_wrapper(conn, msg, received),
             Event::Api(request) => self.on_api(request),
             Event::Resolved {
                 instance,

@@ -103,6 +103,7 @@ impl Engine {
 
     /// Sends the acks whose data is now durable.
     pub(super) fn on_persisted(&mut self, notices: Vec<Notice>) {
+        let now = self.clock.instant();
         for notice in notices {
             let (instance, machine, seq, conn, ack_type) = match notice {
                 Notice::Output {
@@ -110,7 +111,15 @@ impl Engine {
                     machine,
                     seq,
                     conn,
-                } => (instance, machine, seq, conn, AckType::Output),
+                    received,
+                } => {
+                    if let Some(received) = received {
+                        self.metrics
+                            .output_ack
+                            .observe(now.saturating_duration_since(received));
+                    }
+                    (instance, machine, seq, conn, AckType::Output)
+                }
                 Notice::Complete {
                     instance,
                     machine,

@@ -10,6 +10,8 @@ use saltpeter_proto::{
     MasterMessage, Nack, NackType, Output, SyncResponse, Timestamp, WrapperMessage,
 };
 
+use tokio::time::Instant;
+
 use super::{ConnId, Engine, Outbound, same_secret};
 use crate::joblog::LogEntry;
 use crate::runs::MachineStatus;
@@ -26,14 +28,14 @@ enum Refusal {
 }
 
 impl Engine {
-    pub(super) fn on_wrapper(&mut self, conn: ConnId, msg: WrapperMessage) {
+    pub(super) fn on_wrapper(&mut self, conn: ConnId, msg: WrapperMessage, received: Instant) {
         let env = msg.envelope();
         let (instance, machine) = (env.job_instance.clone(), env.machine.clone());
         let result = match msg {
             WrapperMessage::Connect(connect) => self.on_connect(conn, connect),
             other => match self.authorize(conn, &instance, &machine) {
                 Err(refusal) => Err(refusal),
-                Ok(()) => self.on_bound_message(conn, &instance, &machine, other),
+                Ok(()) => self.on_bound_message(conn, &instance, &machine, other, received),
             },
         };
         if let Err(refusal) = result {
@@ -153,6 +155,7 @@ impl Engine {
         instance: &str,
         machine: &str,
         msg: WrapperMessage,
+        received: Instant,
     ) -> Result<(), Refusal> {
         let now = self.clock.instant();
         let wall = self.clock.wall();
@@ -188,7 +191,9 @@ impl Engine {
                 m.last_heartbeat = Some(wall);
                 tracing::debug!(%instance, %machine, "Heartbeat.");
             }
-            WrapperMessage::Output(output) => self.on_output(conn, instance, machine, output),
+            WrapperMessage::Output(output) => {
+                self.on_output(conn, instance, machine, output, received)
+            }
             WrapperMessage::SyncRequest(_) => {
                 // Only what is durable counts as held: a wrapper drops what this says we hold.
                 let last_seq = m.durable_next_seq as i64 - 1;
@@ -225,7 +230,14 @@ impl Engine {
         Ok(())
     }
 
-    fn on_output(&mut self, conn: ConnId, instance: &str, machine: &str, output: Output) {
+    fn on_output(
+        &mut self,
+        conn: ConnId,
+        instance: &str,
+        machine: &str,
+        output: Output,
+        received: Instant,
+    ) {
         // A finished run still takes late output into memory, so nothing a wrapper sends is
         // acked and then lost; its log block is already written, so the log does not get it.
         let live = self.runs.contains_key(instance);
@@ -247,6 +259,7 @@ impl Engine {
                         machine: machine.into(),
                         seq: Some(seq),
                         conn,
+                        received: None,
                     }));
                 }
                 return;
@@ -283,6 +296,7 @@ impl Engine {
             machine: machine.into(),
             seq: output.seq,
             conn,
+            received: Some(received),
         }));
     }
 

@@ -89,6 +89,8 @@ pub enum Notice {
         machine: String,
         seq: Option<u64>,
         conn: ConnId,
+        /// When the output was read off the socket; `None` for a resend acked again.
+        received: Option<tokio::time::Instant>,
     },
     /// A machine's `complete` is recorded: ack it.
     Complete {

@@ -286,7 +286,8 @@ impl FakeWrapper {
             self.engine
                 .send(Event::Wrapper {
                     conn: self.conn,
-                    msg
+                    msg,
+                    received: tokio::time::Instant::now(),
                 })
                 .await
         );
