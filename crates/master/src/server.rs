@@ -59,6 +59,8 @@ pub enum StartError {
     Store(crate::store::StoreError),
     #[error("launcher {0:?} is not available in this build yet")]
     Launcher(&'static str),
+    #[error("cannot start the engine thread: {0}")]
+    Engine(std::io::Error),
 }
 
 async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
@@ -137,7 +139,12 @@ pub async fn start(options: Options) -> Result<Running, StartError> {
     })
     .map_err(StartError::Store)?;
     let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(engine.run());
+    let engine_stopped = engine.run_on_own_thread().map_err(StartError::Engine)?;
+    // The task ends when the engine does, like the others in the set. It waits without a
+    // thread of its own, so dropping the runtime never waits for the engine.
+    tasks.spawn(async move {
+        let _ = engine_stopped.await;
+    });
     let endpoint =
         crate::endpoint::router(handle.clone()).into_make_service_with_connect_info::<SocketAddr>();
     let stop = shutdown.clone();

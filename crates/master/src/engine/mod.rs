@@ -175,6 +175,9 @@ pub struct Engine {
     store: Store,
     /// Counters for `GET /metrics`; the engine is their only writer.
     metrics: Arc<Metrics>,
+    /// Where launcher work and other waiting goes: the runtime that created the engine, which
+    /// need not be the one that runs it (see [`Engine::run_on_own_thread`]).
+    spawner: tokio::runtime::Handle,
 }
 
 /// What the engine remembers about a job between runs.
@@ -237,6 +240,7 @@ impl Engine {
             scheduler: Scheduler::default(),
             store,
             metrics,
+            spawner: tokio::runtime::Handle::current(),
         };
         for name in config.jobs.keys() {
             engine.jobs.entry(name.clone()).or_default();
@@ -245,6 +249,26 @@ impl Engine {
         engine.apply_config(config);
         let metrics = engine.metrics.clone();
         Ok((engine, EngineHandle { tx, metrics }))
+    }
+
+    /// Runs the engine on a thread of its own with a single-threaded runtime, until shutdown.
+    ///
+    /// Why: on the shared runtime the engine task waits in the same run queue as ten thousand
+    /// connection tasks, and every ack waits for the engine twice (the output, then the store's
+    /// notice). Its own thread lets the OS schedule it as soon as an event arrives.
+    /// The receiver resolves when the engine has stopped.
+    pub fn run_on_own_thread(self) -> std::io::Result<oneshot::Receiver<()>> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let (stopped, on_stop) = oneshot::channel();
+        std::thread::Builder::new()
+            .name("engine".into())
+            .spawn(move || {
+                runtime.block_on(self.run());
+                let _ = stopped.send(());
+            })?;
+        Ok(on_stop)
     }
 
     /// Runs until shutdown.

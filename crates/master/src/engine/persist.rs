@@ -259,7 +259,7 @@ impl Engine {
         event: impl FnOnce(T) -> Event + Send + 'static,
     ) {
         let tx = self.self_tx.clone();
-        tokio::spawn(async move {
+        self.spawner.spawn(async move {
             let result = work.await;
             // The engine drops its receiver only when it stops; then nobody needs the result.
             let _ = tx.send(event(result)).await;

@@ -289,7 +289,7 @@ impl Engine {
                 self.store.push(crate::store::StoreOp::Query(
                     crate::store::Query::Timeline { query, reply: tx },
                 ));
-                tokio::spawn(async move {
+                self.spawner.spawn(async move {
                     let rows = match rx.await {
                         Ok(Ok(rows)) => rows,
                         Ok(Err(error)) => {
