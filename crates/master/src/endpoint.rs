@@ -1,12 +1,13 @@
 //! The machines endpoint: the WebSocket server wrappers connect to (default port 8889).
 //!
-//! Each connection gets a reader (this task) and a writer task. The reader decodes frames and
-//! forwards them to the engine; malformed, binary or oversized frames are answered with a
-//! `BAD_REQUEST` error and logged here, without the engine ever seeing them. The writer drains
-//! a bounded queue the engine fills without waiting. The request path is ignored, as in the
+//! Each connection is one task that reads and writes. It decodes frames and forwards them to
+//! the engine; malformed, binary or oversized frames are answered with a `BAD_REQUEST` error
+//! and logged here, without the engine ever seeing them. Between frames it drains a bounded
+//! queue the engine fills without waiting. The request path is ignored, as in the
 //! original.
 
 use std::net::SocketAddr;
+use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -14,7 +15,6 @@ use axum::Router;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{ConnectInfo, State};
 use axum::response::Response;
-use futures_util::{SinkExt, StreamExt};
 use saltpeter_proto::{ErrorCode, ErrorReply, MAX_FRAME_BYTES, MasterMessage, WrapperMessage};
 use tokio::sync::mpsc;
 
@@ -54,75 +54,97 @@ async fn upgrade(
         .on_upgrade(move |socket| serve(socket, peer, shared))
 }
 
-async fn serve(socket: WebSocket, peer: SocketAddr, shared: Shared) {
+async fn serve(mut socket: WebSocket, peer: SocketAddr, shared: Shared) {
     let conn = shared.next_id.fetch_add(1, Ordering::Relaxed);
-    let (mut sink, mut stream) = socket.split();
     let (tx, mut rx) = mpsc::channel::<Outbound>(OUTBOUND_QUEUE);
     if !shared
         .engine
-        .send(Event::Connected {
-            conn,
-            peer,
-            tx: tx.clone(),
-        })
+        .send(Event::Connected { conn, peer, tx })
         .await
     {
         return;
     }
-    let writer = tokio::spawn(async move {
-        while let Some(out) = rx.recv().await {
-            let (msg, close) = match out {
-                Outbound::Message(m) => (m, false),
-                Outbound::Close(m) => (m, true),
-            };
-            if sink.send(Message::Text(msg.encode().into())).await.is_err() {
-                break;
-            }
-            if close {
-                let _ = sink.close().await;
-                break;
-            }
-        }
-    });
-    let reject = |tx: &mpsc::Sender<Outbound>, why: String| {
-        tracing::warn!(conn, %peer, reason = %why, "Rejected a frame from a wrapper.");
-        let reply = MasterMessage::Error(ErrorReply {
-            code: ErrorCode::BadRequest,
-            message: why,
-            timestamp: None,
-        });
-        let _ = tx.try_send(Outbound::Message(reply));
-    };
-    while let Some(frame) = stream.next().await {
-        match frame {
-            Ok(Message::Text(text)) => match WrapperMessage::decode(text.as_str()) {
-                Ok(msg) => {
-                    let received = tokio::time::Instant::now();
-                    let event = Event::Wrapper {
-                        conn,
-                        msg,
-                        received,
-                    };
-                    if !shared.engine.send(event).await {
-                        break;
-                    }
+    // One task reads and writes: a second task per connection (and the lock a split socket
+    // shares) cost a wake-up and a run-queue wait per ack with ten thousand wrappers (issue 7).
+    // Reading the next frame is cancel-safe, so writing an ack in between loses nothing.
+    loop {
+        tokio::select! {
+            out = rx.recv() => {
+                // `None`: the engine let go of this connection.
+                let Some(out) = out else { break };
+                if write(&mut socket, out).await.is_break() {
+                    break;
                 }
-                Err(error) => reject(&tx, error.to_string()),
+            }
+            frame = socket.recv() => match frame {
+                None | Some(Ok(Message::Close(_))) => break,
+                Some(Ok(Message::Text(text))) => match WrapperMessage::decode(text.as_str()) {
+                    Ok(msg) => {
+                        let received = tokio::time::Instant::now();
+                        let event = Event::Wrapper {
+                            conn,
+                            msg,
+                            received,
+                        };
+                        if !shared.engine.send(event).await {
+                            break;
+                        }
+                    }
+                    Err(error) => reject(&mut socket, conn, peer, error.to_string()).await,
+                },
+                Some(Ok(Message::Binary(_))) => {
+                    let why = "binary frames are not part of the protocol".to_owned();
+                    reject(&mut socket, conn, peer, why).await;
+                }
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                Some(Err(error)) => {
+                    // Oversized frames end here too: the socket cannot be read past them.
+                    reject(&mut socket, conn, peer, format!("unreadable frame: {error}")).await;
+                    break;
+                }
             },
-            Ok(Message::Binary(_)) => {
-                reject(&tx, "binary frames are not part of the protocol".into())
-            }
-            Ok(Message::Close(_)) => break,
-            Ok(Message::Ping(_) | Message::Pong(_)) => {}
-            Err(error) => {
-                // Oversized frames end here too: the socket cannot be read past them.
-                reject(&tx, format!("unreadable frame: {error}"));
-                break;
-            }
         }
     }
-    drop(tx);
     let _ = shared.engine.send(Event::Disconnected { conn }).await;
-    // Let the writer flush what the engine queued (an error reply, say), but not forever.
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), writer).await;
+    // Flush what the engine queued before it heard of the disconnect, but not forever; the
+    // channel ends once the engine drops its sender.
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), async {
+        while let Some(out) = rx.recv().await {
+            if write(&mut socket, out).await.is_break() {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
+/// Sends one frame the engine queued; breaks when the socket is done.
+async fn write(socket: &mut WebSocket, out: Outbound) -> ControlFlow<()> {
+    let (msg, close) = match out {
+        Outbound::Message(m) => (m, false),
+        Outbound::Close(m) => (m, true),
+    };
+    if socket
+        .send(Message::Text(msg.encode().into()))
+        .await
+        .is_err()
+    {
+        return ControlFlow::Break(());
+    }
+    if close {
+        let _ = socket.send(Message::Close(None)).await;
+        return ControlFlow::Break(());
+    }
+    ControlFlow::Continue(())
+}
+
+/// Answers a frame the engine never sees with `BAD_REQUEST`, and logs it.
+async fn reject(socket: &mut WebSocket, conn: u64, peer: SocketAddr, why: String) {
+    tracing::warn!(conn, %peer, reason = %why, "Rejected a frame from a wrapper.");
+    let reply = MasterMessage::Error(ErrorReply {
+        code: ErrorCode::BadRequest,
+        message: why,
+        timestamp: None,
+    });
+    let _ = socket.send(Message::Text(reply.encode().into())).await;
 }
