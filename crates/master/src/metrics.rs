@@ -3,7 +3,7 @@
 //! Hand-rolled on purpose: a few atomics, two small label maps and two fixed-bucket histograms
 //! cover everything issue 5 asks for, with no extra crate to build on CI's two cores.
 //!
-//! Ownership: the engine task is the only writer (one-line increments at the call sites in
+//! Ownership: the engine is the only writer (one-line increments at the call sites in
 //! `engine/`), except for the store's two series, which the store thread writes; the API reads
 //! at scrape time. Counters only ever grow. Gauges that are cheap for
 //! the engine to count on demand (runs and machines running, wrappers connected) are not kept
