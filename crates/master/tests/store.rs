@@ -6,7 +6,7 @@
 
 use saltpeter_master::runs::MachineStatus;
 use saltpeter_master::store::{
-    Db, JobRecord, MachineRecord, Notice, Query, Retention, RunRecord, Store, StoreOp,
+    Db, JobRecord, MachineRecord, Notice, OutputRange, Query, Retention, RunRecord, Store, StoreOp,
 };
 use time::macros::datetime;
 use tokio::sync::oneshot;
@@ -62,6 +62,25 @@ fn output(instance: &str, name: &str, seq: u64, data: &str) -> StoreOp {
         seq: Some(seq),
         data: data.into(),
     }
+}
+
+/// Asks the store for a range of a machine's output, as the API does.
+fn range_of(
+    db: &mut Db,
+    instance: &str,
+    machine: &str,
+    offset: u64,
+    length: Option<u64>,
+) -> OutputRange {
+    let (tx, mut rx) = oneshot::channel();
+    db.apply(vec![StoreOp::Query(Query::Output {
+        instance: instance.into(),
+        machine: machine.into(),
+        offset,
+        length,
+        reply: tx,
+    })]);
+    rx.try_recv().unwrap().unwrap().unwrap()
 }
 
 fn open(dir: &std::path::Path, retention: Retention) -> (Db, saltpeter_master::store::Restored) {
@@ -138,15 +157,7 @@ fn retention_keeps_head_and_tail_and_counts_what_it_dropped() {
         ops.push(output("j_1", "m1", i as u64, chunk));
     }
     db.apply(ops);
-    let (tx, mut rx) = oneshot::channel();
-    db.apply(vec![StoreOp::Query(Query::Output {
-        instance: "j_1".into(),
-        machine: "m1".into(),
-        offset: 0,
-        length: None,
-        reply: tx,
-    })]);
-    let range = rx.try_recv().unwrap().unwrap().unwrap();
+    let range = range_of(&mut db, "j_1", "m1", 0, None);
     assert_eq!(range.total_bytes, 22);
     assert_eq!(range.dropped_bytes, 8);
     assert_eq!(
@@ -154,15 +165,8 @@ fn retention_keeps_head_and_tail_and_counts_what_it_dropped() {
         "head1\n\n[... 8 bytes dropped by retention ...]\nccccdddd"
     );
     // A range inside the kept tail.
-    let (tx, mut rx) = oneshot::channel();
-    db.apply(vec![StoreOp::Query(Query::Output {
-        instance: "j_1".into(),
-        machine: "m1".into(),
-        offset: 15,
-        length: Some(4),
-        reply: tx,
-    })]);
-    assert_eq!(rx.try_recv().unwrap().unwrap().unwrap().text, "cccd");
+    let range = range_of(&mut db, "j_1", "m1", 15, Some(4));
+    assert_eq!(range.text, "cccd");
     drop(db);
     let (_, restored) = open(dir.path(), retention);
     let m = &restored.runs[0].1[0];
@@ -250,15 +254,7 @@ fn totals_are_kept_when_the_last_output_and_the_end_share_a_batch() {
         output("j_1", "m1", 1, "two\n"),
         StoreOp::Run(run("j_1", true)),
     ]);
-    let (tx, mut rx) = oneshot::channel();
-    db.apply(vec![StoreOp::Query(Query::Output {
-        instance: "j_1".into(),
-        machine: "m1".into(),
-        offset: 0,
-        length: None,
-        reply: tx,
-    })]);
-    let range = rx.try_recv().unwrap().unwrap().unwrap();
+    let range = range_of(&mut db, "j_1", "m1", 0, None);
     assert_eq!((range.total_bytes, range.text.as_str()), (8, "one\ntwo\n"));
 }
 
@@ -303,15 +299,7 @@ fn rows(dir: &std::path::Path, table: &str) -> i64 {
 }
 
 fn output_of(db: &mut Db, instance: &str, machine: &str) -> String {
-    let (tx, mut rx) = oneshot::channel();
-    db.apply(vec![StoreOp::Query(Query::Output {
-        instance: instance.into(),
-        machine: machine.into(),
-        offset: 0,
-        length: None,
-        reply: tx,
-    })]);
-    rx.try_recv().unwrap().unwrap().unwrap().text
+    range_of(db, instance, machine, 0, None).text
 }
 
 #[test]
@@ -341,15 +329,7 @@ fn output_folded_before_a_restart_is_neither_lost_nor_doubled_after_it() {
     let next_seqs: Vec<u64> = restored.runs[0].1.iter().map(|m| m.next_seq).collect();
     assert_eq!(next_seqs, [2, 2], "sequences counted from the journal");
     assert_eq!(rows(dir.path(), "output_journal"), 0);
-    let (tx, mut rx) = oneshot::channel();
-    db.apply(vec![StoreOp::Query(Query::Output {
-        instance: "j_1".into(),
-        machine: "m2".into(),
-        offset: 0,
-        length: None,
-        reply: tx,
-    })]);
-    let range = rx.try_recv().unwrap().unwrap().unwrap();
+    let range = range_of(&mut db, "j_1", "m2", 0, None);
     assert_eq!((range.total_bytes, range.text.as_str()), (4, "x\ny\n"));
     // Journal ids go on growing after the journal was emptied, so output written after the
     // restart is not mistaken for output folded before it.
@@ -427,15 +407,7 @@ fn retention_over_folded_chunks_keeps_head_and_newest_tail() {
         output("j_1", "m1", 5, "555"),
     ]);
     // The stored tail chunk goes first, then pending "333"; "444555" is kept.
-    let (tx, mut rx) = oneshot::channel();
-    db.apply(vec![StoreOp::Query(Query::Output {
-        instance: "j_1".into(),
-        machine: "m1".into(),
-        offset: 0,
-        length: None,
-        reply: tx,
-    })]);
-    let range = rx.try_recv().unwrap().unwrap().unwrap();
+    let range = range_of(&mut db, "j_1", "m1", 0, None);
     assert_eq!(
         (range.total_bytes, range.dropped_bytes, range.text.as_str()),
         (
