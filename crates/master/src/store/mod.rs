@@ -30,6 +30,9 @@ use crate::runs::{MachineStatus, OutputBuffer, RunView};
 
 pub use sqlite::{Db, Retention, StoreError, apply_record};
 
+/// A commit at least this slow is logged.
+const SLOW_COMMIT: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// A run's durable fields (everything but its machines).
 #[derive(Clone, Debug)]
 pub struct RunRecord {
@@ -232,7 +235,12 @@ impl Store {
                     let began = std::time::Instant::now();
                     let ops = batch.len();
                     let notices = db.apply(batch);
-                    metrics.store_commit.observe(began.elapsed());
+                    let took = began.elapsed();
+                    metrics.store_commit.observe(took);
+                    if took >= SLOW_COMMIT {
+                        // Every ack of the batch waited this long; say so where operators look.
+                        tracing::warn!(ms = took.as_millis() as u64, ops, "Slow store commit.");
+                    }
                     metrics.store_ops(ops);
                     if !notices.is_empty()
                         && engine.blocking_send(Event::Persisted(notices)).is_err()

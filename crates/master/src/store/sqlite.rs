@@ -141,13 +141,16 @@ pub struct Db {
     _checkpointer: Option<std::sync::mpsc::Sender<()>>,
 }
 
+/// WAL frames (pages, 128 MiB) past which the committing thread checkpoints itself (see
+/// `Db::open`): rare, since each such checkpoint holds a commit up for its fsync.
+const WRITER_CHECKPOINT_FRAMES: i64 = 32_768;
+
 /// How often the checkpoint thread copies the WAL back into the database file.
 const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Starts a thread that checkpoints the WAL with its own connection, so the committing thread
 /// never copies pages back or waits for the fsync that comes with it (issue 7: those stalls
-/// were the slowest commits). PASSIVE checkpoints never block the writer; the writer restarts
-/// the WAL from its beginning once a checkpoint has caught up.
+/// were the slowest commits). PASSIVE checkpoints never block the writer.
 fn start_checkpointer(path: &Path) -> Result<std::sync::mpsc::Sender<()>, StoreError> {
     let conn = Connection::open(path)?;
     conn.busy_timeout(std::time::Duration::from_secs(5))?;
@@ -158,15 +161,19 @@ fn start_checkpointer(path: &Path) -> Result<std::sync::mpsc::Sender<()>, StoreE
             while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
                 rx.recv_timeout(CHECKPOINT_EVERY)
             {
+                let began = std::time::Instant::now();
                 let done = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
-                    Ok((
-                        r.get::<_, i64>(0)?,
-                        r.get::<_, i64>(1)?,
-                        r.get::<_, i64>(2)?,
-                    ))
+                    Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
                 });
-                if let Err(error) = done {
-                    tracing::warn!(%error, "Could not checkpoint the store's WAL.");
+                let ms = began.elapsed().as_millis() as u64;
+                match done {
+                    Ok((wal_frames, copied)) if ms >= 100 => {
+                        tracing::info!(ms, wal_frames, copied, "Slow WAL checkpoint.");
+                    }
+                    Ok((wal_frames, copied)) => {
+                        tracing::debug!(ms, wal_frames, copied, "WAL checkpoint.");
+                    }
+                    Err(error) => tracing::warn!(%error, "Could not checkpoint the store's WAL."),
                 }
             }
         })
@@ -222,7 +229,12 @@ impl Db {
         } else {
             match start_checkpointer(path) {
                 Ok(tx) => {
-                    conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+                    // The thread's checkpoints alone never let the WAL restart while commits
+                    // keep coming (one always lands during the copy), so it grew past a GB at
+                    // 10,000 wrappers. Past this many frames the writer checkpoints between
+                    // its own commits, copying only the little the thread has not, and the
+                    // next commit starts the WAL over.
+                    conn.pragma_update(None, "wal_autocheckpoint", WRITER_CHECKPOINT_FRAMES)?;
                     Some(tx)
                 }
                 Err(error) => {
