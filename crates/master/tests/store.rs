@@ -422,3 +422,27 @@ fn retention_over_folded_chunks_keeps_head_and_newest_tail() {
     assert_eq!((m.output.total_bytes(), m.output.omitted_bytes()), (19, 9));
     assert!(m.output.text().ends_with("444555"));
 }
+
+#[test]
+fn output_after_a_fold_in_the_same_batch_is_counted_once_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let big_piece = "p".repeat(40 * 1024);
+    {
+        let (mut db, _) = open(dir.path(), Retention::default());
+        // The second piece fills 64 KiB and folds; "tail\n" is journalled after it in the
+        // same batch, whose totals are then written.
+        db.apply(vec![
+            StoreOp::Run(run("j_1", false)),
+            StoreOp::Machine(machine("j_1", "m1")),
+            output("j_1", "m1", 0, &big_piece),
+            output("j_1", "m1", 1, &big_piece),
+            output("j_1", "m1", 2, "tail\n"),
+        ]);
+    }
+    let (mut db, restored) = open(dir.path(), Retention::default());
+    let total = 2 * big_piece.len() as u64 + 5;
+    assert_eq!(restored.runs[0].1[0].next_seq, 3);
+    let range = range_of(&mut db, "j_1", "m1", 0, Some(0));
+    assert_eq!(range.total_bytes, total, "pending bytes counted once");
+    assert_eq!(output_of(&mut db, "j_1", "m1").len() as u64, total);
+}

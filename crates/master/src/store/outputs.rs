@@ -326,7 +326,9 @@ impl Outputs {
             stmt.execute(params![
                 key.0,
                 key.1,
-                state.total as i64,
+                // Bytes still pending are in the journal after `journal_folded`, and recovery
+                // counts them from there: written here too, they would count twice.
+                (state.total - state.pending_bytes as u64) as i64,
                 state.dropped as i64,
                 state.next_seq.take().map(|s| s as i64),
                 state.folded_through,
