@@ -13,6 +13,7 @@
 //! Tests use [`Store::inline_memory`], which applies ops on the caller's thread against an
 //! in-memory database: deterministic under tokio's paused clock.
 
+mod checkpoint;
 mod outputs;
 mod sqlite;
 
@@ -28,6 +29,7 @@ use crate::engine::{ConnId, Event};
 use crate::metrics::Metrics;
 use crate::runs::{MachineStatus, OutputBuffer, RunView};
 
+pub use checkpoint::WalTuning;
 pub use sqlite::{Db, Retention, StoreError, apply_record};
 
 /// A commit at least this slow is logged.

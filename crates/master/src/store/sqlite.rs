@@ -12,6 +12,7 @@ use rusqlite::{Connection, OptionalExtension, Transaction, params};
 use saltpeter_proto::{Cause, Timestamp};
 use time::OffsetDateTime;
 
+use super::checkpoint::{Checkpointer, WalTuning, WriteGate};
 use super::outputs::Outputs;
 use super::{
     JobRecord, MachineRecord, Notice, OutputRange, Query, Restored, RestoredMachine, RunRecord,
@@ -137,48 +138,10 @@ pub struct Db {
     /// Boxed: the engine moves a `Db` around by value before its thread starts.
     outputs: Box<Outputs>,
     last_prune: Option<std::time::Instant>,
+    /// Held for each batch; the checkpoint thread takes it to start the WAL over.
+    gate: WriteGate,
     /// Dropped with the `Db`, which stops the checkpoint thread.
-    _checkpointer: Option<std::sync::mpsc::Sender<()>>,
-}
-
-/// WAL frames (pages, 128 MiB) past which the committing thread checkpoints itself (see
-/// `Db::open`): rare, since each such checkpoint holds a commit up for its fsync.
-const WRITER_CHECKPOINT_FRAMES: i64 = 32_768;
-
-/// How often the checkpoint thread copies the WAL back into the database file.
-const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
-
-/// Starts a thread that checkpoints the WAL with its own connection, so the committing thread
-/// never copies pages back or waits for the fsync that comes with it (issue 7: those stalls
-/// were the slowest commits). PASSIVE checkpoints never block the writer.
-fn start_checkpointer(path: &Path) -> Result<std::sync::mpsc::Sender<()>, StoreError> {
-    let conn = Connection::open(path)?;
-    conn.busy_timeout(std::time::Duration::from_secs(5))?;
-    let (tx, rx) = std::sync::mpsc::channel::<()>();
-    std::thread::Builder::new()
-        .name("checkpoint".into())
-        .spawn(move || {
-            while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
-                rx.recv_timeout(CHECKPOINT_EVERY)
-            {
-                let began = std::time::Instant::now();
-                let done = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
-                    Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
-                });
-                let ms = began.elapsed().as_millis() as u64;
-                match done {
-                    Ok((wal_frames, copied)) if ms >= 100 => {
-                        tracing::info!(ms, wal_frames, copied, "Slow WAL checkpoint.");
-                    }
-                    Ok((wal_frames, copied)) => {
-                        tracing::debug!(ms, wal_frames, copied, "WAL checkpoint.");
-                    }
-                    Err(error) => tracing::warn!(%error, "Could not checkpoint the store's WAL."),
-                }
-            }
-        })
-        .map_err(|e| StoreError::Io("checkpoint thread".into(), e))?;
-    Ok(tx)
+    _checkpointer: Option<Checkpointer>,
 }
 
 fn ts(at: OffsetDateTime) -> String {
@@ -217,6 +180,15 @@ const PRUNE_EVERY: std::time::Duration = std::time::Duration::from_secs(3600);
 
 impl Db {
     pub fn open(path: &Path, retention: Retention) -> Result<Self, StoreError> {
+        Self::open_tuned(path, retention, WalTuning::default())
+    }
+
+    /// Opens with the given WAL checkpoint settings (tests shrink them).
+    pub fn open_tuned(
+        path: &Path,
+        retention: Retention,
+        tuning: WalTuning,
+    ) -> Result<Self, StoreError> {
         let conn = Connection::open(path)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
@@ -224,18 +196,16 @@ impl Db {
         // (2 MiB) spills pages and re-reads B-tree nodes on every batch.
         conn.pragma_update(None, "cache_size", -65_536)?;
         conn.pragma_update(None, "foreign_keys", "OFF")?;
+        let gate = WriteGate::default();
         let checkpointer = if path == Path::new(":memory:") {
             None
         } else {
-            match start_checkpointer(path) {
-                Ok(tx) => {
-                    // The thread's checkpoints alone never let the WAL restart while commits
-                    // keep coming (one always lands during the copy), so it grew past a GB at
-                    // 10,000 wrappers. Past this many frames the writer checkpoints between
-                    // its own commits, copying only the little the thread has not, and the
-                    // next commit starts the WAL over.
-                    conn.pragma_update(None, "wal_autocheckpoint", WRITER_CHECKPOINT_FRAMES)?;
-                    Some(tx)
+            match Checkpointer::start(path, tuning, gate.clone()) {
+                Ok(checkpointer) => {
+                    // The thread checkpoints and restarts the WAL; the writer only does so
+                    // itself if the WAL grows far past where the thread should have acted.
+                    conn.pragma_update(None, "wal_autocheckpoint", tuning.writer_frames)?;
+                    Some(checkpointer)
                 }
                 Err(error) => {
                     tracing::warn!(%error, "No checkpoint thread; the store checkpoints as it commits.");
@@ -248,6 +218,7 @@ impl Db {
             retention,
             outputs: Box::default(),
             last_prune: None,
+            gate,
             _checkpointer: checkpointer,
         };
         db.migrate()?;
@@ -283,6 +254,15 @@ impl Db {
     /// logged and skipped; a failing commit drops the notices, so nothing is acked that is not
     /// on disk (wrappers resend).
     pub fn apply(&mut self, batch: Vec<StoreOp>) -> Vec<Notice> {
+        let gate = self.gate.clone();
+        let held = gate.lock();
+        let notices = self.apply_held(batch);
+        // Fair: a checkpoint thread waiting to restart the WAL goes before the next batch.
+        parking_lot::MutexGuard::unlock_fair(held);
+        notices
+    }
+
+    fn apply_held(&mut self, batch: Vec<StoreOp>) -> Vec<Notice> {
         let mut notices = Vec::new();
         let mut queries = Vec::new();
         let result = (|| -> Result<(), StoreError> {
@@ -291,7 +271,10 @@ impl Db {
                 match op {
                     StoreOp::Notify(n) => notices.push(n),
                     StoreOp::Query(q) => queries.push(q),
-                    StoreOp::Prune => prune(&tx, self.retention)?,
+                    StoreOp::Prune => {
+                        self.outputs.fold_finished(&tx, self.retention)?;
+                        prune(&tx, self.retention)?;
+                    }
                     op => {
                         if let Err(error) = apply_one(&tx, &mut self.outputs, self.retention, op) {
                             tracing::error!(%error, "Could not store an update.");
@@ -333,6 +316,7 @@ impl Db {
                 .transaction()
                 .map_err(StoreError::from)
                 .and_then(|tx| {
+                    self.outputs.fold_finished(&tx, self.retention)?;
                     prune(&tx, self.retention)?;
                     tx.commit().map_err(StoreError::from)
                 });
@@ -736,9 +720,9 @@ fn apply_one(
                 serde_json::to_string(&r.pending_batches).unwrap_or_default(),
             ])?;
             if r.ended.is_some() {
-                // The run is over: its output goes to its chunks and its machines' retention
-                // bookkeeping is no longer needed.
-                outputs.forget_run(tx, &r.instance, retention)?;
+                // The run is over: its output goes to its chunks over the next batches, and
+                // then its machines' retention bookkeeping is no longer needed.
+                outputs.forget_run(&r.instance);
             }
         }
         StoreOp::Machine(m) => {

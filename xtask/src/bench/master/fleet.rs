@@ -344,8 +344,11 @@ impl Sim {
             tokio::select! {
                 () = tokio::time::sleep_until(give_up) => bail!("still running after an hour"),
                 _ = beat.tick() => {
+                    // Stamped before the write: the master cannot have it earlier, while a
+                    // stamp after it would include however long this task waited for a core.
+                    let sent = SystemTime::now();
                     tx.send(send(WrapperMessage::Heartbeat(Heartbeat { envelope: self.envelope() }))).await?;
-                    last_beat = SystemTime::now();
+                    last_beat = sent;
                 }
                 _ = tick.tick(), if self.kind != Kind::Stream && !completing => {
                     let data = format!("{payload}\n");
