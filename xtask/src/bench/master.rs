@@ -202,6 +202,8 @@ struct Row {
     p99: Duration,
     max: Duration,
     samples: usize,
+    /// The load generator's own timer lateness, p99.
+    lateness_p99: Duration,
     fanout: Duration,
     launcher: Duration,
     stopped: usize,
@@ -400,6 +402,14 @@ fn fleet_scenario(bin: &Path, dir: &Path, n: usize, seconds: u64) -> Result<Row>
             lat[((lat.len() - 1) as f64 * p).round() as usize],
         ))
     };
+    let mut lateness = stats.lateness.take();
+    lateness.sort_unstable();
+    let lateness_p99 = Duration::from_micros(u64::from(
+        lateness
+            .get(((lateness.len().max(1) - 1) as f64 * 0.99).round() as usize)
+            .copied()
+            .unwrap_or(0),
+    ));
     let cpu_pct = (cpu1 - cpu0).as_secs_f64() / wall * 100.0;
     let loadgen_cpu_pct = (self1 - self0).as_secs_f64() / wall * 100.0;
     let other_cpu_pct =
@@ -407,13 +417,14 @@ fn fleet_scenario(bin: &Path, dir: &Path, n: usize, seconds: u64) -> Result<Row>
     eprintln!(
         "  steady: master CPU {cpu_pct:.1}%, in {:.0}/s, out {:.0}/s, p99 {:.1} ms, \
          store {:.1} commits/s of {commit_ms:.1} ms ({slow_commits} over 50 ms), \
-         master-side acks: p99 <= {} ms, {:.2}% over 100 ms",
+         master-side acks: p99 <= {} ms, {:.2}% over 100 ms, generator timers late p99 {:.1} ms",
         (sent1 - sent0) as f64 / wall,
         (recv1 - recv0) as f64 / wall,
         ms(pct(0.99)),
         commits / wall,
         master_acks.p99_bound_ms,
         master_acks.over_100ms_pct,
+        ms(lateness_p99),
     );
 
     // Heartbeat verdicts: 1% go silent; wait past the timeout; nobody else may be judged.
@@ -507,6 +518,7 @@ fn fleet_scenario(bin: &Path, dir: &Path, n: usize, seconds: u64) -> Result<Row>
         p99: pct(0.99),
         max: pct(1.0),
         samples: lat.len(),
+        lateness_p99,
         fanout,
         launcher,
         stopped: stopped.len(),
@@ -656,7 +668,7 @@ fn report(root: &Path, args: &Args, rows: &[Row], idle: &Idle) -> Result<String>
     for row in rows {
         let _ = writeln!(
             s,
-            "- {} wrappers: p99 {:.1} ms (target < {} ms: {}), RSS {} MiB (target < 1 GiB: {}), false verdicts {} (target 0: {}); {} latency samples; {} wrapper errors.",
+            "- {} wrappers: p99 {:.1} ms (target < {} ms: {}), RSS {} MiB (target < 1 GiB: {}), false verdicts {} (target 0: {}); {} latency samples; {} wrapper errors; the load generator's own timers fired up to {:.1} ms late (p99).",
             row.n,
             ms(row.p99),
             TARGET_P99.as_millis(),
@@ -667,6 +679,7 @@ fn report(root: &Path, args: &Args, rows: &[Row], idle: &Idle) -> Result<String>
             verdict(row.false_verdicts == 0),
             row.samples,
             row.failed,
+            ms(row.lateness_p99),
         );
     }
     let _ = writeln!(
@@ -687,7 +700,7 @@ fn report(root: &Path, args: &Args, rows: &[Row], idle: &Idle) -> Result<String>
         s,
         "\nHow measured: CPU is utime+stime from /proc/<pid>/stat over the window (100% = one core); peak RSS is the master's VmHWM at the end of the scenario; \
          msgs/s count WebSocket frames wrapper→master (in) and master→wrapper (out) in the window; ack latency runs from sending an `output` to receiving the (cumulative) ack that covers it, \
-         in the load generator (one tokio worker on the same two cores, so it includes the generator's own scheduling delay); \
+         in the load generator (one tokio worker on the same two cores, so it includes the generator's own scheduling delay, shown as how late its 1 s output timers fired); \
          store commits are the master's group commits in the window and their mean apply-and-commit time and how many took over 50 ms (from `/metrics`), since an ack waits for the commit that holds its output; \
          master-side acks are the master's own `saltpeter_output_ack_seconds` histogram over the window (socket read to ack queued, after the commit; the p99 is the histogram bucket it falls in), \
          which leaves out the load generator's delays; \

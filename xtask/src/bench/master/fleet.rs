@@ -91,6 +91,9 @@ pub struct Stats {
     pub measuring: AtomicBool,
     /// Output-sent-to-ack-received, in microseconds, while measuring.
     pub latencies: Samples,
+    /// How late each output timer fired, in microseconds, while measuring: the generator's
+    /// own delay, which every ack latency it measures also carries.
+    pub lateness: Samples,
     /// The latest `start` ack received.
     pub last_start_ack: Mutex<Option<SystemTime>>,
     /// The first few errors, for the report.
@@ -350,7 +353,11 @@ impl Sim {
                     tx.send(send(WrapperMessage::Heartbeat(Heartbeat { envelope: self.envelope() }))).await?;
                     last_beat = sent;
                 }
-                _ = tick.tick(), if self.kind != Kind::Stream && !completing => {
+                due = tick.tick(), if self.kind != Kind::Stream && !completing => {
+                    if stats.measuring.load(Ordering::Relaxed) {
+                        let late = tokio::time::Instant::now().saturating_duration_since(due);
+                        stats.lateness.push(u32::try_from(late.as_micros()).unwrap_or(u32::MAX));
+                    }
                     let data = format!("{payload}\n");
                     pending.push_back((next_seq, data.len(), Instant::now()));
                     tx.send(send(self.output(next_seq, data))).await?;
