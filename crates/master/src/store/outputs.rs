@@ -37,10 +37,10 @@ const CHUNK_BYTES: usize = 64 * 1024;
 const MAX_PENDING_AGE: Duration = Duration::from_secs(60);
 /// Pending output of all machines, in memory, beyond which the oldest are folded.
 const PENDING_BUDGET: usize = 32 * 1024 * 1024;
-/// Folds for age or budget per batch, so a thousand machines that started together do not
-/// fold in one long commit a minute later (each fold rewrites a page of the `output` table).
-/// Batches come hundreds of times a second under load, so this still folds thousands of
-/// machines a second. Folds for queries and run ends are not capped.
+/// Folds for ended runs, age or budget per batch (ended runs first), so a thousand machines
+/// that started or ended together do not fold in one long commit (each fold rewrites a page of
+/// the `output` table). Batches come hundreds of times a second under load, so this still
+/// folds thousands of machines a second. Folds for queries and for retention are not capped.
 const BACKGROUND_FOLDS_PER_BATCH: usize = 32;
 
 /// The folded prefix of the journal is deleted once it is this long (or when nothing is left
