@@ -11,8 +11,9 @@
 //! 10,000 wrappers). So once the WAL is past [`WalTuning::restart_frames`], the thread copies
 //! what it can beside the writer, then takes the [`WriteGate`] (which the store holds for each
 //! batch) and runs a RESTART checkpoint that only has the last few frames to copy. The writer
-//! waits for that short step alone, and at a moment the thread chose, not at an arbitrary
-//! commit with a second's worth of frames behind it.
+//! waits for that step alone, at a moment the thread chose, not at an arbitrary commit with a
+//! second's worth of frames behind it. The step's copy is small, but its fsyncs take whatever
+//! the disk's tail is (see [`WalTuning::default`]), which is why restarts are kept rare.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -42,11 +43,11 @@ pub struct WalTuning {
 
 impl Default for WalTuning {
     /// Checkpoints every second and starts the WAL over past 1 GiB. A restart holds the
-    /// writer for its last fsyncs, and on a busy disk an fsync can take 100-400 ms whatever it
-    /// writes (measured at 10,000 wrappers: a 4 KiB fsync of an unrelated file had a p99 of
-    /// 70 ms and a maximum of 120 ms, and restarts held the writer 150-400 ms while copying
-    /// fewer than 100 frames). So restarts are made rare: at 10,000 wrappers (~3,500 frames
-    /// a second) one every ~75 s. The file keeps its largest size and is reused; at light
+    /// writer for its last fsyncs, and on a busy disk an fsync can take hundreds of
+    /// milliseconds whatever it writes (measured at 10,000 wrappers: a 4 KiB fsync of an
+    /// unrelated file had a p99 of 70 ms and a maximum of 120 ms, and restarts held the writer
+    /// 150-560 ms while copying fewer than 100 frames). So restarts are made rare: at 10,000
+    /// wrappers (~3,500 frames a second) one every ~85 s. The file keeps its largest size and is reused; at light
     /// load the WAL starts over by itself whenever a checkpoint finds no commit behind it.
     fn default() -> Self {
         Self {
@@ -129,9 +130,8 @@ fn passive(conn: &Connection) -> Option<(i64, i64)> {
 
 /// Starts the WAL over: PASSIVE passes until one is short (each copies what was committed
 /// during the one before, so they shrink quickly), then a RESTART with the writer held, which
-/// copies only the frames of the last few batches. The pages land at scattered places in the
-/// database file, so what the RESTART copies, and waits to fsync, is what the writer waits for:
-/// with a single catch-up pass it held the writer 100-250 ms at 10,000 wrappers.
+/// copies only the frames of the last few batches (under 100 at 10,000 wrappers). Its fsyncs
+/// still take what the disk's tail takes; the passes keep the copy itself from adding to it.
 fn restart(conn: &Connection, gate: &WriteGate) {
     let mut passes = 0;
     let mut copied_before = 0;
