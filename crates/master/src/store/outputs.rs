@@ -1,7 +1,7 @@
 //! How output reaches the disk: an append-only journal that makes each message durable (and
 //! ackable) in the batch it arrives in, folded later into per-machine chunks with retention.
 //!
-//! Why two steps: output is read per machine, so the `output` table is clustered by (instance,
+//! Why two steps: output is read per machine, so the `output` table is indexed by (instance,
 //! machine, idx). Inserting every message there puts each one on a different B-tree page when
 //! thousands of machines print at once, and every such page is rewritten into the WAL at
 //! commit: 10,000 machines printing once a second made each group commit take ~0.5 s (issue 7).
