@@ -45,7 +45,7 @@ const BACKGROUND_FOLDS_PER_BATCH: usize = 32;
 
 /// The folded prefix of the journal is deleted once it is this long (or when nothing is left
 /// pending): deleting it in every batch also rewrote the freelist and the database header in
-/// every commit, a good part of the WAL's volume at 1,000 commits a second.
+/// every commit.
 const JOURNAL_DELETE_ROWS: i64 = 1024;
 
 type Key = (String, String);
@@ -232,16 +232,38 @@ impl Outputs {
         tx: &Transaction<'_>,
         retention: Retention,
     ) -> Result<(), StoreError> {
-        let keys: Vec<Key> = self.finished.drain(..).collect();
-        for key in &keys {
-            self.fold(tx, key, retention)?;
-        }
-        // Their last totals are written before their state goes.
+        let (_, forget) = self.fold_some_finished(tx, retention, usize::MAX)?;
         self.flush_totals(tx)?;
+        self.forget(forget);
+        Ok(())
+    }
+
+    /// Folds queued machines of finished runs until `max_folds` of them had something to
+    /// write; returns how many did and the machines to forget once their totals are written.
+    fn fold_some_finished(
+        &mut self,
+        tx: &Transaction<'_>,
+        retention: Retention,
+        max_folds: usize,
+    ) -> Result<(usize, Vec<Key>), StoreError> {
+        let mut folds = 0;
+        let mut forget = Vec::new();
+        while folds < max_folds
+            && let Some(key) = self.finished.pop_front()
+        {
+            if self.fold(tx, &key, retention)? {
+                folds += 1;
+            }
+            forget.push(key);
+        }
+        Ok((folds, forget))
+    }
+
+    /// Drops the state of machines whose last totals were just written.
+    fn forget(&mut self, keys: Vec<Key>) {
         for key in keys {
             self.machines.remove(&key);
         }
-        Ok(())
     }
 
     /// End-of-batch work: folds for age and budget, deletes the folded journal prefix, writes
@@ -252,17 +274,8 @@ impl Outputs {
         retention: Retention,
     ) -> Result<(), StoreError> {
         let now = Instant::now();
-        let mut folds = 0;
-        let mut forget = Vec::new();
         // Finished runs first: their machines will not print again.
-        while folds < BACKGROUND_FOLDS_PER_BATCH
-            && let Some(key) = self.finished.pop_front()
-        {
-            if self.fold(tx, &key, retention)? {
-                folds += 1;
-            }
-            forget.push(key);
-        }
+        let (folds, forget) = self.fold_some_finished(tx, retention, BACKGROUND_FOLDS_PER_BATCH)?;
         for _ in folds..BACKGROUND_FOLDS_PER_BATCH {
             let Some((_, key)) = self.by_age.first_key_value() else {
                 break;
@@ -288,10 +301,9 @@ impl Outputs {
                 .execute([floor])?;
             self.journal_floor = floor;
         }
+        // Totals first: the machines to forget carry their last ones.
         self.flush_totals(tx)?;
-        for key in forget {
-            self.machines.remove(&key);
-        }
+        self.forget(forget);
         Ok(())
     }
 
