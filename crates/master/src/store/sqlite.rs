@@ -218,7 +218,8 @@ impl Db {
         // B-tree interior pages that folds walk (the default 2 MiB spilled them). Not more:
         // when a B-tree balance swaps two pages, SQLite parks one under the lock-byte page's
         // number (262,145), and the commit that follows walks the whole cache to drop it. With
-        // 64 MiB that walk was 7% of the master's CPU at 10,000 wrappers.
+        // 64 MiB that walk was 7% of the master's CPU at 10,000 wrappers. Batches of thousands
+        // of ops (a fleet starting or ending) may spill pages to the WAL before they commit.
         conn.pragma_update(None, "cache_size", -8_192)?;
         conn.pragma_update(None, "foreign_keys", "OFF")?;
         let gate = WriteGate::default();
