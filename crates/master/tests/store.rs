@@ -465,10 +465,11 @@ fn the_wal_starts_over_while_commits_keep_coming() {
         StoreOp::Run(run("r1", false)),
         StoreOp::Machine(machine("r1", "m1")),
     ]);
-    // 64 MiB in 64 KiB messages: each is its own chunk, and retention deletes the old ones,
-    // so the database stays small while the WAL sees every page.
+    // 128 MiB in 64 KiB messages: each is its own chunk, and retention deletes the old ones,
+    // so the database stays small while the WAL sees every page (without restarts it ends
+    // larger than what was written).
     let chunk = "x".repeat(64 * 1024);
-    let written = 64 * 1024 * 1024;
+    let written = 128 * 1024 * 1024;
     for seq in 0..(written / chunk.len()) as u64 {
         db.apply(vec![output("r1", "m1", seq, &chunk)]);
         // A little slack, so the bound below holds on a busy machine too.
@@ -477,9 +478,10 @@ fn the_wal_starts_over_while_commits_keep_coming() {
     let wal = std::fs::metadata(dir.path().join("saltpeter.db-wal"))
         .unwrap()
         .len();
-    // Restarting at 1 MiB, the WAL may overshoot while the thread catches up, but not by much.
+    // Restarting at 1 MiB, the WAL may overshoot while the thread catches up (22 MB seen
+    // with the whole suite running beside it), but stays far below what was written.
     assert!(
-        wal < 16 * 1024 * 1024,
+        wal < 32 * 1024 * 1024,
         "the WAL grew to {wal} bytes for {written} written"
     );
     let range = range_of(&mut db, "r1", "m1", 0, Some(10));
