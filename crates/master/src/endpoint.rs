@@ -72,7 +72,7 @@ async fn serve(mut socket: WebSocket, peer: SocketAddr, shared: Shared) {
             out = rx.recv() => {
                 // `None`: the engine let go of this connection.
                 let Some(out) = out else { break };
-                if write(&mut socket, out).await.is_break() {
+                if write(&mut socket, out, &shared).await.is_break() {
                     break;
                 }
             }
@@ -110,7 +110,7 @@ async fn serve(mut socket: WebSocket, peer: SocketAddr, shared: Shared) {
     // channel ends once the engine drops its sender.
     let _ = tokio::time::timeout(std::time::Duration::from_secs(2), async {
         while let Some(out) = rx.recv().await {
-            if write(&mut socket, out).await.is_break() {
+            if write(&mut socket, out, &shared).await.is_break() {
                 break;
             }
         }
@@ -119,10 +119,11 @@ async fn serve(mut socket: WebSocket, peer: SocketAddr, shared: Shared) {
 }
 
 /// Sends one frame the engine queued; breaks when the socket is done.
-async fn write(socket: &mut WebSocket, out: Outbound) -> ControlFlow<()> {
-    let (msg, close) = match out {
-        Outbound::Message(m) => (m, false),
-        Outbound::Close(m) => (m, true),
+async fn write(socket: &mut WebSocket, out: Outbound, shared: &Shared) -> ControlFlow<()> {
+    let (msg, close, received) = match out {
+        Outbound::Message(m) => (m, false, None),
+        Outbound::Close(m) => (m, true, None),
+        Outbound::OutputAck { ack, received } => (ack, false, received),
     };
     if socket
         .send(Message::Text(msg.encode().into()))
@@ -130,6 +131,10 @@ async fn write(socket: &mut WebSocket, out: Outbound) -> ControlFlow<()> {
         .is_err()
     {
         return ControlFlow::Break(());
+    }
+    if let Some(received) = received {
+        let took = tokio::time::Instant::now().saturating_duration_since(received);
+        shared.engine.metrics().output_ack_written.observe(took);
     }
     if close {
         let _ = socket.send(Message::Close(None)).await;

@@ -113,6 +113,9 @@ pub struct Metrics {
     pub scheduler_lag: Histogram,
     /// From reading an `output` off the socket to queueing its ack (after the store commit).
     pub output_ack: Histogram,
+    /// From reading an `output` off the socket to writing its ack to the socket: the above
+    /// plus the wait for the connection's task (written by connection tasks).
+    pub output_ack_written: Histogram,
     /// How long the store took to apply and commit each batch (written by the store thread).
     pub store_commit: Histogram,
     /// Writes the store has applied (written by the store thread).
@@ -269,6 +272,11 @@ impl Metrics {
             &mut out,
             "saltpeter_output_ack_seconds",
             "Time from reading an output message to queueing its ack, which waits for the store.",
+        );
+        self.output_ack_written.render(
+            &mut out,
+            "saltpeter_output_ack_written_seconds",
+            "Time from reading an output message to writing its ack to the wrapper's socket.",
         );
         self.store_commit.render(
             &mut out,

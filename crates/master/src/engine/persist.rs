@@ -105,7 +105,7 @@ impl Engine {
     pub(super) fn on_persisted(&mut self, notices: Vec<Notice>) {
         let now = self.clock.instant();
         for notice in notices {
-            let (instance, machine, seq, conn, ack_type) = match notice {
+            let (instance, machine, seq, conn, ack_type, received) = match notice {
                 Notice::Output {
                     instance,
                     machine,
@@ -118,14 +118,14 @@ impl Engine {
                             .output_ack
                             .observe(now.saturating_duration_since(received));
                     }
-                    (instance, machine, seq, conn, AckType::Output)
+                    (instance, machine, seq, conn, AckType::Output, received)
                 }
                 Notice::Complete {
                     instance,
                     machine,
                     seq,
                     conn,
-                } => (instance, machine, seq, conn, AckType::Complete),
+                } => (instance, machine, seq, conn, AckType::Complete, None),
             };
             let conn_alive = self.conns.contains_key(&conn);
             let Some(m) = self
@@ -148,7 +148,11 @@ impl Engine {
                     last_seq: None,
                     timestamp: Some(Timestamp::now()),
                 });
-                self.send(target, Outbound::Message(ack));
+                let out = match ack_type {
+                    AckType::Output => Outbound::OutputAck { ack, received },
+                    _ => Outbound::Message(ack),
+                };
+                self.send(target, out);
             }
         }
     }

@@ -301,6 +301,7 @@ impl FakeWrapper {
                 .ok()??;
             let msg = match out {
                 Outbound::Message(m) | Outbound::Close(m) => m,
+                Outbound::OutputAck { ack, .. } => ack,
             };
             if matches!(msg, MasterMessage::Kill(_)) {
                 self.kills += 1;
