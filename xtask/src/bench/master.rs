@@ -17,6 +17,7 @@
 //! measures, so the benchmark re-runs itself from a release build of xtask.
 
 mod fleet;
+mod stamped;
 // The e2e scenarios' small HTTP client, shared by path: e2e keeps it private.
 #[allow(dead_code, clippy::duplicate_mod)]
 #[path = "../e2e/http.rs"]
@@ -198,10 +199,14 @@ struct Row {
     /// Commits in the window that took over 50 ms.
     slow_commits: f64,
     master_acks: MasterAcks,
+    /// The same, to the ack's write to the socket.
+    master_written: MasterAcks,
     p50: Duration,
     p99: Duration,
     max: Duration,
     samples: usize,
+    /// Ack latency p99 to when the generator's task handled the ack (not the socket).
+    task_p99: Duration,
     /// The load generator's own timer lateness, p99.
     lateness_p99: Duration,
     fanout: Duration,
@@ -216,7 +221,7 @@ struct Row {
 impl Row {
     fn line(&self) -> String {
         format!(
-            "| {} | {:.1} | {} | {:.0} | {:.0} | {:.1} / {:.1} / {:.1} | {:.1} / {:.1} / {} | {} / {:.2} | {:.2} (+{:.3}) | {}/{} in [{:.2}, {:.2}] s | {} | {:.1} | {:.0} |",
+            "| {} | {:.1} | {} | {:.0} | {:.0} | {:.1} / {:.1} / {:.1} | {:.1} / {:.1} / {} | {} / {:.2}; {} / {:.2} | {:.2} (+{:.3}) | {}/{} in [{:.2}, {:.2}] s | {} | {:.1} | {:.0} |",
             self.n,
             self.cpu_pct,
             self.hwm_kib / 1024,
@@ -230,6 +235,8 @@ impl Row {
             self.slow_commits,
             self.master_acks.p99_bound_ms,
             self.master_acks.over_100ms_pct,
+            self.master_written.p99_bound_ms,
+            self.master_written.over_100ms_pct,
             self.fanout.as_secs_f64(),
             self.launcher.as_secs_f64(),
             self.verdicts_ok,
@@ -285,6 +292,12 @@ struct Idle {
     stream_mb_s: f64,
     stream_cpu_pct: f64,
     stream_p99: Duration,
+}
+
+/// The `p` quantile (0..=1) of sorted microsecond samples, zero when there are none.
+fn percentile(sorted: &[u32], p: f64) -> Duration {
+    let at = ((sorted.len().max(1) - 1) as f64 * p).round() as usize;
+    Duration::from_micros(u64::from(sorted.get(at).copied().unwrap_or(0)))
 }
 
 fn ms(d: Duration) -> f64 {
@@ -370,6 +383,7 @@ fn fleet_scenario(bin: &Path, dir: &Path, n: usize, seconds: u64) -> Result<Row>
     let (cpu0, self0, busy0) = (master.cpu()?, own_cpu()?, machine_busy()?);
     let commits0 = master.store_commits()?;
     let acks0 = master.histogram("saltpeter_output_ack_seconds")?;
+    let written0 = master.histogram("saltpeter_output_ack_written_seconds")?;
     let (sent0, recv0) = (
         stats.sent.load(Ordering::Relaxed),
         stats.received.load(Ordering::Relaxed),
@@ -382,7 +396,9 @@ fn fleet_scenario(bin: &Path, dir: &Path, n: usize, seconds: u64) -> Result<Row>
     let (cpu1, self1, busy1) = (master.cpu()?, own_cpu()?, machine_busy()?);
     let commits1 = master.store_commits()?;
     let acks1 = master.histogram("saltpeter_output_ack_seconds")?;
+    let written1 = master.histogram("saltpeter_output_ack_written_seconds")?;
     let master_acks = MasterAcks::between(&acks0, &acks1);
+    let master_written = MasterAcks::between(&written0, &written1);
     let commits = commits1.0 - commits0.0;
     let slow_commits = commits1.2 - commits0.2;
     let commit_ms = if commits > 0.0 {
@@ -397,19 +413,13 @@ fn fleet_scenario(bin: &Path, dir: &Path, n: usize, seconds: u64) -> Result<Row>
     let mut lat = stats.latencies.take();
     lat.sort_unstable();
     ensure!(!lat.is_empty(), "no ack latency samples");
-    let pct = |p: f64| {
-        Duration::from_micros(u64::from(
-            lat[((lat.len() - 1) as f64 * p).round() as usize],
-        ))
-    };
+    let pct = |p: f64| percentile(&lat, p);
+    let mut task_lat = stats.task_latencies.take();
+    task_lat.sort_unstable();
+    let task_p99 = percentile(&task_lat, 0.99);
     let mut lateness = stats.lateness.take();
     lateness.sort_unstable();
-    let lateness_p99 = Duration::from_micros(u64::from(
-        lateness
-            .get(((lateness.len().max(1) - 1) as f64 * 0.99).round() as usize)
-            .copied()
-            .unwrap_or(0),
-    ));
+    let lateness_p99 = percentile(&lateness, 0.99);
     let cpu_pct = (cpu1 - cpu0).as_secs_f64() / wall * 100.0;
     let loadgen_cpu_pct = (self1 - self0).as_secs_f64() / wall * 100.0;
     let other_cpu_pct =
@@ -417,13 +427,18 @@ fn fleet_scenario(bin: &Path, dir: &Path, n: usize, seconds: u64) -> Result<Row>
     eprintln!(
         "  steady: master CPU {cpu_pct:.1}%, in {:.0}/s, out {:.0}/s, p99 {:.1} ms, \
          store {:.1} commits/s of {commit_ms:.1} ms ({slow_commits} over 50 ms), \
-         master-side acks: p99 <= {} ms, {:.2}% over 100 ms, generator timers late p99 {:.1} ms",
+         master-side acks: queued p99 <= {} ms, {:.2}% over 100 ms, written p99 <= {} ms, {:.2}% over 100 ms; \
+         as the generator's tasks saw acks: \
+         p99 {:.1} ms, its timers late p99 {:.1} ms",
         (sent1 - sent0) as f64 / wall,
         (recv1 - recv0) as f64 / wall,
         ms(pct(0.99)),
         commits / wall,
         master_acks.p99_bound_ms,
         master_acks.over_100ms_pct,
+        master_written.p99_bound_ms,
+        master_written.over_100ms_pct,
+        ms(task_p99),
         ms(lateness_p99),
     );
 
@@ -514,10 +529,12 @@ fn fleet_scenario(bin: &Path, dir: &Path, n: usize, seconds: u64) -> Result<Row>
         commit_ms,
         slow_commits,
         master_acks,
+        master_written,
         p50: pct(0.50),
         p99: pct(0.99),
         max: pct(1.0),
         samples: lat.len(),
+        task_p99,
         lateness_p99,
         fanout,
         launcher,
@@ -588,9 +605,7 @@ fn idle_and_stream(bin: &Path, dir: &Path, seconds: u64) -> Result<Idle> {
     let (b1, c1) = (stats.bytes_acked.load(Ordering::Relaxed), master.cpu()?);
     let mut lat = stats.latencies.take();
     lat.sort_unstable();
-    let p99 = lat
-        .get(((lat.len().max(1) - 1) as f64 * 0.99) as usize)
-        .map_or(Duration::ZERO, |us| Duration::from_micros(u64::from(*us)));
+    let p99 = percentile(&lat, 0.99);
     fleet.set_phase(Phase::Complete);
     master.wait_ended(&instance, Duration::from_secs(120))?;
     let stream_mb_s = (b1 - b0) as f64 / 1e6 / wall;
@@ -655,7 +670,7 @@ fn report(root: &Path, args: &Args, rows: &[Row], idle: &Idle) -> Result<String>
     );
     let _ = writeln!(
         s,
-        "| wrappers | master CPU % of a core | peak RSS MiB | msgs/s in | msgs/s out | ack ms p50 / p99 / max | store commits/s / mean ms / over 50 ms | master-side ack p99 ≤ ms / % over 100 ms | fan-out s (+launcher) | 253 verdicts in window | false verdicts | load generator CPU % | rest of machine CPU % |"
+        "| wrappers | master CPU % of a core | peak RSS MiB | msgs/s in | msgs/s out | ack ms p50 / p99 / max | store commits/s / mean ms / over 50 ms | master-side ack p99 ≤ ms / % over 100 ms, queued; written | fan-out s (+launcher) | 253 verdicts in window | false verdicts | load generator CPU % | rest of machine CPU % |"
     );
     let _ = writeln!(
         s,
@@ -668,7 +683,7 @@ fn report(root: &Path, args: &Args, rows: &[Row], idle: &Idle) -> Result<String>
     for row in rows {
         let _ = writeln!(
             s,
-            "- {} wrappers: p99 {:.1} ms (target < {} ms: {}), RSS {} MiB (target < 1 GiB: {}), false verdicts {} (target 0: {}); {} latency samples; {} wrapper errors; the load generator's own timers fired up to {:.1} ms late (p99).",
+            "- {} wrappers: p99 {:.1} ms (target < {} ms: {}), RSS {} MiB (target < 1 GiB: {}), false verdicts {} (target 0: {}); {} latency samples; {} wrapper errors; as the load generator's tasks saw the acks, p99 {:.1} ms, with its own timers firing up to {:.1} ms late (p99).",
             row.n,
             ms(row.p99),
             TARGET_P99.as_millis(),
@@ -679,6 +694,7 @@ fn report(root: &Path, args: &Args, rows: &[Row], idle: &Idle) -> Result<String>
             verdict(row.false_verdicts == 0),
             row.samples,
             row.failed,
+            ms(row.task_p99),
             ms(row.lateness_p99),
         );
     }
@@ -699,10 +715,12 @@ fn report(root: &Path, args: &Args, rows: &[Row], idle: &Idle) -> Result<String>
     let _ = writeln!(
         s,
         "\nHow measured: CPU is utime+stime from /proc/<pid>/stat over the window (100% = one core); peak RSS is the master's VmHWM at the end of the scenario; \
-         msgs/s count WebSocket frames wrapper→master (in) and master→wrapper (out) in the window; ack latency runs from sending an `output` to receiving the (cumulative) ack that covers it, \
-         in the load generator (one tokio worker on the same two cores, so it includes the generator's own scheduling delay, shown as how late its 1 s output timers fired); \
+         msgs/s count WebSocket frames wrapper→master (in) and master→wrapper (out) in the window; ack latency runs from just before the load generator writes an `output` to the time the kernel received the (cumulative) ack that covers it on the wrapper's socket \
+         (`SO_TIMESTAMPNS`, wall clock), which leaves out how long the generator's one tokio worker, on the same two cores, took to get to it; the same latency to when the wrapper's task handled the ack \
+         is given too, with how late the generator's 1 s output timers fired; \
          store commits are the master's group commits in the window and their mean apply-and-commit time and how many took over 50 ms (from `/metrics`), since an ack waits for the commit that holds its output; \
-         master-side acks are the master's own `saltpeter_output_ack_seconds` histogram over the window (socket read to ack queued, after the commit; the p99 is the histogram bucket it falls in), \
+         master-side acks are the master's own `saltpeter_output_ack_seconds` histogram over the window (socket read to ack queued, after the commit; the p99 is the histogram bucket it falls in) \
+         and its `saltpeter_output_ack_written_seconds` (socket read to the ack written to the socket, which adds the wait for the connection's task), \
          which leaves out the load generator's delays; \
          'rest of machine' is every other process plus steal time in the window (from /proc/stat), since other work on a shared machine takes cores from the master; fan-out is from the launcher writing the start request to the last \
          `start` ack (connect, handshake, `connect`, `start`; at most {} handshakes in flight), the launcher's own time after the POST in parentheses; verdicts: every 100th wrapper closes its \

@@ -26,6 +26,8 @@ use tokio::sync::{Semaphore, watch};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
+use super::stamped::{Arrival, StampedStream};
+
 /// Source addresses the wrappers' sockets are spread over (127.0.0.2 and up).
 const LOOPBACK_SOURCES: usize = 8;
 /// Handshakes in flight at once: more would overflow the master's accept backlog and turn
@@ -89,8 +91,12 @@ pub struct Stats {
     pub bytes_acked: AtomicU64,
     /// Whether ack latencies are being sampled.
     pub measuring: AtomicBool,
-    /// Output-sent-to-ack-received, in microseconds, while measuring.
+    /// From just before an output is written to when the kernel received the ack that
+    /// covers it (see [`stamped`](super::stamped)), in microseconds, while measuring.
     pub latencies: Samples,
+    /// The same, but to when the wrapper's task handled the ack: includes the generator's
+    /// own scheduling delay.
+    pub task_latencies: Samples,
     /// How late each output timer fired, in microseconds, while measuring: the generator's
     /// own delay, which every ack latency it measures also carries.
     pub lateness: Samples,
@@ -110,6 +116,12 @@ pub struct Samples(Mutex<Vec<u32>>);
 impl Samples {
     pub fn push(&self, micros: u32) {
         self.0.lock().push(micros);
+    }
+
+    /// Records the time from `from` to `to` (zero if the wall clock stepped back).
+    pub fn push_between(&self, from: SystemTime, to: SystemTime) {
+        let micros = to.duration_since(from).unwrap_or_default().as_micros();
+        self.push(u32::try_from(micros).unwrap_or(u32::MAX));
     }
 
     pub fn take(&self) -> Vec<u32> {
@@ -235,7 +247,7 @@ struct Sim {
     token: String,
 }
 
-type Ws = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
+type Ws = tokio_tungstenite::WebSocketStream<StampedStream>;
 
 impl Sim {
     fn envelope(&self) -> Envelope {
@@ -245,7 +257,7 @@ impl Sim {
         }
     }
 
-    async fn connect(&self) -> Result<Ws> {
+    async fn connect(&self) -> Result<(Ws, Arrival)> {
         let octet = 2 + (self.index % LOOPBACK_SOURCES) as u8;
         let local = SocketAddrV4::new(Ipv4Addr::new(127, 0, 0, octet), 0);
         let socket = TcpSocket::new_v4()?;
@@ -254,6 +266,7 @@ impl Sim {
             .await
             .context("TCP connect timed out")??;
         tcp.set_nodelay(true)?;
+        let (tcp, arrival) = StampedStream::new(tcp)?;
         // The real wrapper reads with an 8 KiB buffer too; tungstenite's 128 KiB default is
         // zero-filled on every read and would cost the load generator a gigabyte at 10,000.
         let config = WebSocketConfig::default().read_buffer_size(8 * 1024);
@@ -263,7 +276,7 @@ impl Sim {
         )
         .await
         .context("WebSocket handshake timed out")??;
-        Ok(ws)
+        Ok((ws, arrival))
     }
 
     async fn run(
@@ -273,7 +286,7 @@ impl Sim {
         gate: Arc<Semaphore>,
     ) -> Result<()> {
         let permit = gate.acquire_owned().await?;
-        let ws = self.connect().await?;
+        let (ws, arrival) = self.connect().await?;
         let (mut tx, mut rx) = ws.split();
         let send = |msg: WrapperMessage| {
             stats.sent.fetch_add(1, Ordering::Relaxed);
@@ -318,16 +331,19 @@ impl Sim {
         };
         let mut next_seq = 0u64;
         // Unacked outputs: (seq, bytes, when sent).
-        let mut pending: VecDeque<(u64, usize, Instant)> = VecDeque::new();
+        let mut pending: VecDeque<(u64, usize, SystemTime)> = VecDeque::new();
         let mut completing = false;
         let mut complete_sent = false;
         // Bounded: a wrapper lives at most as long as the longest scenario allows.
-        let give_up = tokio::time::Instant::now() + Duration::from_secs(3600);
+        // One timer for the whole life: a fresh `sleep_until` per turn of the loop cost the
+        // generator a timer-wheel insert and removal per message.
+        let give_up = tokio::time::sleep(Duration::from_secs(3600));
+        tokio::pin!(give_up);
         loop {
             if self.kind == Kind::Stream && !completing {
                 while pending.len() < STREAM_WINDOW {
                     let data = format!("{payload}\n");
-                    pending.push_back((next_seq, data.len(), Instant::now()));
+                    pending.push_back((next_seq, data.len(), SystemTime::now()));
                     tx.feed(send(self.output(next_seq, data))).await?;
                     next_seq += 1;
                 }
@@ -345,7 +361,7 @@ impl Sim {
                 complete_sent = true;
             }
             tokio::select! {
-                () = tokio::time::sleep_until(give_up) => bail!("still running after an hour"),
+                () = &mut give_up => bail!("still running after an hour"),
                 _ = beat.tick() => {
                     // Stamped before the write: the master cannot have it earlier, while a
                     // stamp after it would include however long this task waited for a core.
@@ -359,7 +375,7 @@ impl Sim {
                         stats.lateness.push(u32::try_from(late.as_micros()).unwrap_or(u32::MAX));
                     }
                     let data = format!("{payload}\n");
-                    pending.push_back((next_seq, data.len(), Instant::now()));
+                    pending.push_back((next_seq, data.len(), SystemTime::now()));
                     tx.send(send(self.output(next_seq, data))).await?;
                     next_seq += 1;
                 }
@@ -384,12 +400,14 @@ impl Sim {
                         MasterMessage::Ack(ack) if ack.ack_type == AckType::Output => {
                             let seq = ack.seq.context("output ack without seq")?;
                             let measuring = stats.measuring.load(Ordering::Relaxed);
+                            let seen = SystemTime::now();
+                            let arrived = arrival.last().unwrap_or(seen);
                             while pending.front().is_some_and(|(s, _, _)| *s <= seq) {
                                 if let Some((_, bytes, sent)) = pending.pop_front() {
                                     stats.bytes_acked.fetch_add(bytes as u64, Ordering::Relaxed);
                                     if measuring {
-                                        let us = sent.elapsed().as_micros();
-                                        stats.latencies.push(u32::try_from(us).unwrap_or(u32::MAX));
+                                        stats.latencies.push_between(sent, arrived);
+                                        stats.task_latencies.push_between(sent, seen);
                                     }
                                 }
                             }
