@@ -478,10 +478,11 @@ fn the_wal_starts_over_while_commits_keep_coming() {
     let wal = std::fs::metadata(dir.path().join("saltpeter.db-wal"))
         .unwrap()
         .len();
-    // Restarting at 1 MiB, the WAL may overshoot while the thread catches up (22 MB seen
-    // with the whole suite running beside it), but stays far below what was written.
+    // Without restarts the WAL ends larger than everything written. Restarting at 1 MiB it
+    // may overshoot while the thread catches up on a busy machine (22 and 50 MB seen with the
+    // whole suite running beside it), but restarts must have kept it well below.
     assert!(
-        wal < 32 * 1024 * 1024,
+        wal < written as u64 / 2,
         "the WAL grew to {wal} bytes for {written} written"
     );
     let range = range_of(&mut db, "r1", "m1", 0, Some(10));

@@ -70,8 +70,9 @@ const SLOW_CHECKPOINT: Duration = Duration::from_millis(100);
 /// Bytes of a WAL frame: a 24-byte header and one 4 KiB page. The file starts with 32 bytes.
 const WAL_FRAME_BYTES: i64 = 24 + 4096;
 const WAL_HEADER_BYTES: i64 = 32;
-/// How far past the writer's position the WAL is read ahead: ~18 s of frames at 10,000
-/// wrappers, many checkpoint periods.
+/// How far past the writer's position the WAL is read ahead, at most: ~18 s of frames at
+/// 10,000 wrappers, many checkpoint periods. Never more than a quarter of the WAL's restart
+/// size, so a small WAL that starts over often is not read ahead at every cycle.
 const READ_AHEAD_BYTES: i64 = 64 << 20;
 
 /// Asks the kernel to read back the part of a reused WAL file the writer is about to overwrite.
@@ -87,16 +88,19 @@ struct WalReadAhead {
     file: Option<std::fs::File>,
     /// The end of the last range asked for, so each byte is asked for once per cycle.
     asked_to: i64,
+    /// How far ahead of the writer to read.
+    window: i64,
 }
 
 impl WalReadAhead {
-    fn new(db: &Path) -> Self {
+    fn new(db: &Path, restart_frames: i64) -> Self {
         let mut path = db.as_os_str().to_owned();
         path.push("-wal");
         Self {
             path: path.into(),
             file: None,
             asked_to: 0,
+            window: READ_AHEAD_BYTES.min(restart_frames.saturating_mul(WAL_FRAME_BYTES) / 4),
         }
     }
 
@@ -104,13 +108,13 @@ impl WalReadAhead {
     /// worth a call; notes it as asked.
     fn next_range(&mut self, frames: i64) -> Option<(i64, i64)> {
         let at = WAL_HEADER_BYTES + frames * WAL_FRAME_BYTES;
-        if at < self.asked_to.saturating_sub(READ_AHEAD_BYTES) {
+        if at < self.asked_to.saturating_sub(self.window) {
             // The WAL started over (by itself, at light load): start asking from its start.
             self.asked_to = 0;
         }
         let from = self.asked_to.max(at);
-        let to = at + READ_AHEAD_BYTES;
-        if to - from < READ_AHEAD_BYTES / 4 {
+        let to = at + self.window;
+        if self.window == 0 || to - from < self.window / 4 {
             return None;
         }
         self.asked_to = to;
@@ -157,7 +161,7 @@ impl Checkpointer {
     ) -> Result<Self, StoreError> {
         let conn = Connection::open(path)?;
         conn.busy_timeout(Duration::from_secs(5))?;
-        let mut wal = WalReadAhead::new(path);
+        let mut wal = WalReadAhead::new(path, tuning.restart_frames);
         let (stop, stopped) = mpsc::channel::<()>();
         std::thread::Builder::new()
             .name("checkpoint".into())
@@ -171,7 +175,6 @@ impl Checkpointer {
                     if frames >= tuning.restart_frames {
                         restart(&conn, &gate);
                         wal.restarted();
-                        wal.ahead_of(0);
                     } else {
                         wal.ahead_of(frames);
                     }
@@ -258,7 +261,10 @@ mod tests {
 
     #[test]
     fn the_wal_is_read_ahead_of_the_writer_once_per_cycle() {
-        let mut ahead = WalReadAhead::new(Path::new("/nonexistent/saltpeter.db"));
+        let mut ahead = WalReadAhead::new(
+            Path::new("/nonexistent/saltpeter.db"),
+            WalTuning::default().restart_frames,
+        );
         let at = |frames: i64| WAL_HEADER_BYTES + frames * WAL_FRAME_BYTES;
         // From the start, one read-ahead window.
         assert_eq!(ahead.next_range(0), Some((at(0), at(0) + READ_AHEAD_BYTES)));
@@ -279,5 +285,11 @@ mod tests {
         // A restart the thread did not see (the WAL started over by itself) is noticed too.
         ahead.next_range(100_000);
         assert_eq!(ahead.next_range(0), Some((at(0), at(0) + READ_AHEAD_BYTES)));
+        // A WAL that starts over at 1 MiB is read ahead a quarter of that.
+        let mut small = WalReadAhead::new(Path::new("/nonexistent/saltpeter.db"), 256);
+        assert_eq!(
+            small.next_range(0),
+            Some((at(0), at(0) + 256 * WAL_FRAME_BYTES / 4))
+        );
     }
 }

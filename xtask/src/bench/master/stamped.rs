@@ -98,7 +98,11 @@ impl AsyncRead for StampedStream {
                     buf.advance(read);
                     return Poll::Ready(Ok(()));
                 }
-                Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
+                Err(error)
+                    if matches!(
+                        error.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                    ) => {}
                 Err(error) => return Poll::Ready(Err(error)),
             }
         }
@@ -139,12 +143,23 @@ mod tests {
         let (mut server, _) = listener.accept().await.unwrap();
         let (mut stamped, arrival) = StampedStream::new(client).unwrap();
         assert_eq!(arrival.last(), None, "nothing read yet");
+        // The kernel turns receive timestamps on for the whole system a moment after the first
+        // socket asks (deferred work), so bytes may arrive unstamped at first: warm up.
+        let mut buf = [0u8; 16];
+        for _ in 0..200 {
+            server.write_all(b"w").await.unwrap();
+            let read = stamped.read(&mut buf).await.unwrap();
+            assert_eq!(&buf[..read], b"w");
+            if arrival.last().is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
 
         let before = SystemTime::now();
         server.write_all(b"ack").await.unwrap();
         // Read late on purpose: the stamp must say when the bytes came, not when they were read.
         tokio::time::sleep(Duration::from_millis(50)).await;
-        let mut buf = [0u8; 16];
         let read = stamped.read(&mut buf).await.unwrap();
         let read_at = SystemTime::now();
 
