@@ -92,9 +92,9 @@ impl AsyncRead for StampedStream {
                 .try_io(Interest::READABLE, || receive(fd, unfilled, control));
             match result {
                 Ok((read, stamp)) => {
-                    if let Some(nanos) = stamp {
-                        this.arrival.0.store(nanos, Ordering::Relaxed);
-                    }
+                    // A read without a stamp clears the last one rather than leave an older
+                    // time to be taken for these bytes'.
+                    this.arrival.0.store(stamp.unwrap_or(0), Ordering::Relaxed);
                     buf.advance(read);
                     return Poll::Ready(Ok(()));
                 }
