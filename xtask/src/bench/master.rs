@@ -8,7 +8,8 @@
 //!
 //! Per fleet size N (a fresh master each): fire one job on N machines and time the fan-out
 //! (fire to the last `start` ack); after a 5 s warm-up, measure S seconds of steady state
-//! (master CPU from /proc/<pid>/stat, messages, ack latency); stop 1% of the wrappers abruptly
+//! (master CPU from `/proc/<pid>/stat`, messages, ack latency to the kernel's receive time of
+//! the ack, see [`stamped`]); stop 1% of the wrappers abruptly
 //! and check each is marked 253 between 15.0 and 16.0 s after its last heartbeat while no live
 //! one is; complete the rest; read the master's VmHWM. Then, on a master with 1,000 jobs and
 //! nothing running, idle CPU over S seconds and one wrapper streaming as fast as acks allow.
