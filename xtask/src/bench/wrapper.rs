@@ -206,7 +206,7 @@ fn vm_kib(pid: u32, field: &str) -> Option<u64> {
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
-/// User plus system CPU time of a process, from /proc/<pid>/stat (in clock ticks of 10 ms,
+/// User plus system CPU time of a process, from `/proc/<pid>/stat` (in clock ticks of 10 ms,
 /// the USER_HZ Linux exports on every architecture).
 fn cpu_time(pid: u32) -> Option<Duration> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
