@@ -145,7 +145,7 @@ const MAX_OPEN_SPOOLS: usize = 1024;
 const SPOOL_BUFFER: usize = 64 * 1024;
 /// Buffered output of all machines beyond which the largest buffers are written, down to half.
 const BUFFER_BUDGET: usize = 64 * 1024 * 1024;
-/// Entries written between two looks at the clock and the channel.
+/// Entries handled per batch at most, so old buffers are still checked during a flood.
 const MAX_BATCH: usize = 4096;
 /// How long the thread lets entries gather after a batch of more than one: a busy fleet is
 /// then handled in up to 100 batches a second instead of a wake-up per entry.

@@ -411,16 +411,11 @@ fn fleet_scenario(bin: &Path, dir: &Path, n: usize, seconds: u64) -> Result<Row>
         stats.sent.load(Ordering::Relaxed),
         stats.received.load(Ordering::Relaxed),
     );
-    let mut lat = stats.latencies.take();
-    lat.sort_unstable();
+    let lat = stats.latencies.take_sorted();
     ensure!(!lat.is_empty(), "no ack latency samples");
     let pct = |p: f64| percentile(&lat, p);
-    let mut task_lat = stats.task_latencies.take();
-    task_lat.sort_unstable();
-    let task_p99 = percentile(&task_lat, 0.99);
-    let mut lateness = stats.lateness.take();
-    lateness.sort_unstable();
-    let lateness_p99 = percentile(&lateness, 0.99);
+    let task_p99 = percentile(&stats.task_latencies.take_sorted(), 0.99);
+    let lateness_p99 = percentile(&stats.lateness.take_sorted(), 0.99);
     let cpu_pct = (cpu1 - cpu0).as_secs_f64() / wall * 100.0;
     let loadgen_cpu_pct = (self1 - self0).as_secs_f64() / wall * 100.0;
     let other_cpu_pct =
@@ -604,9 +599,7 @@ fn idle_and_stream(bin: &Path, dir: &Path, seconds: u64) -> Result<Idle> {
     stats.measuring.store(false, Ordering::Relaxed);
     let wall = t0.elapsed().as_secs_f64();
     let (b1, c1) = (stats.bytes_acked.load(Ordering::Relaxed), master.cpu()?);
-    let mut lat = stats.latencies.take();
-    lat.sort_unstable();
-    let p99 = percentile(&lat, 0.99);
+    let p99 = percentile(&stats.latencies.take_sorted(), 0.99);
     fleet.set_phase(Phase::Complete);
     master.wait_ended(&instance, Duration::from_secs(120))?;
     let stream_mb_s = (b1 - b0) as f64 / 1e6 / wall;

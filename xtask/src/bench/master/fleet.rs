@@ -124,8 +124,11 @@ impl Samples {
         self.push(u32::try_from(micros).unwrap_or(u32::MAX));
     }
 
-    pub fn take(&self) -> Vec<u32> {
-        std::mem::take(&mut *self.0.lock())
+    /// The samples so far, sorted, leaving none.
+    pub fn take_sorted(&self) -> Vec<u32> {
+        let mut samples = std::mem::take(&mut *self.0.lock());
+        samples.sort_unstable();
+        samples
     }
 }
 
