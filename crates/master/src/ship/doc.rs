@@ -1,9 +1,7 @@
 //! The search document of reference §5.3, built from job-log entries, and the daily index name
 //! it goes to.
 
-use std::fs::File;
-use std::io::{self, BufReader, Write};
-use std::path::Path;
+use std::io::{self, BufReader, Read, Write};
 
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
@@ -101,8 +99,12 @@ impl DocBuilder {
     }
 
     /// The document for `entry`, or `None` for entries that are not log events (output
-    /// chunks). `spool` is the machine's spooled output for a `machine_result`.
-    pub fn document(&mut self, entry: &LogEntry, spool: Option<&Path>) -> Option<Document> {
+    /// chunks). `output` reads the machine's whole output for a `machine_result`.
+    pub fn document(
+        &mut self,
+        entry: &LogEntry,
+        output: Option<&mut dyn Read>,
+    ) -> Option<Document> {
         let now = OffsetDateTime::now_utc();
         let doc = match entry {
             LogEntry::Output { .. } => return None,
@@ -143,19 +145,10 @@ impl DocBuilder {
                 d.machine = machine.clone();
                 d.return_code = *code;
                 let mut out = HeadTail::new(self.output_limit);
-                if let Some(spool) = spool {
-                    match File::open(spool) {
-                        Ok(f) => {
-                            if let Err(error) = strip_carriage_returns(BufReader::new(f), &mut out)
-                            {
-                                tracing::warn!(%error, "Could not read the spooled output for shipping.");
-                            }
-                        }
-                        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                        Err(error) => {
-                            tracing::warn!(%error, "Could not read the spooled output for shipping.");
-                        }
-                    }
+                if let Some(output) = output
+                    && let Err(error) = strip_carriage_returns(BufReader::new(output), &mut out)
+                {
+                    tracing::warn!(%error, "Could not read the spooled output for shipping.");
                 }
                 out.finish(&mut d);
                 d

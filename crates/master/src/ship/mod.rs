@@ -18,7 +18,8 @@ mod bulk;
 mod doc;
 mod queue;
 
-use std::path::{Path, PathBuf};
+use std::io::Read;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -289,9 +290,9 @@ impl LogShipper {
         }
     }
 
-    /// Ships `entry` if it is a log event; `spool` holds a finished machine's output.
-    pub fn record(&mut self, entry: &LogEntry, spool: Option<&Path>) {
-        if let Some(doc) = self.docs.document(entry, spool) {
+    /// Ships `entry` if it is a log event; `output` reads a finished machine's output.
+    pub fn record(&mut self, entry: &LogEntry, output: Option<&mut dyn Read>) {
+        if let Some(doc) = self.docs.document(entry, output) {
             self.shipper.ship(&doc);
         }
     }

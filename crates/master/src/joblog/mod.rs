@@ -1,18 +1,20 @@
 //! Per-job log files in the original saltpeter format (reference §5.1), written by one
 //! dedicated thread so the engine never waits on disk.
 //!
-//! Output is buffered per (instance, machine) and appended to a spool file in 64 KiB pieces
-//! (and whenever the thread is idle for a second, at least every 30 s, and at shutdown); when
-//! the machine's result is known the thread writes the result block with the *full* output, cleaned of
-//! carriage-return redraws (§5.2), and removes the spool. Memory stays bounded however much a
-//! job prints, and the log still holds every byte.
+//! Output is buffered per (instance, machine) and appended to its run's spool ([`spool`]) in
+//! 64 KiB pieces (and whenever the thread is idle for a second, at least every 30 s, and at
+//! shutdown); when the machine's result is known the thread writes the result block with the
+//! *full* output, cleaned of carriage-return redraws (§5.2), and the spool lets go of it.
+//! Memory stays bounded however much a job prints, and the log still holds every byte.
 //!
 //! When shipping is configured the same thread hands every entry to [`crate::ship`], which
 //! queues a search document on disk (never waiting on the network), whether or not the log
 //! file could be written (the original skipped shipping then, reference D-35).
 
+mod spool;
+
 use std::collections::HashMap;
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, OpenOptions};
 use std::io::{self, BufRead, BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -139,8 +141,6 @@ impl JobLog {
     }
 }
 
-/// Spool files kept open at once (see the eviction in [`Writer::spool_file`]).
-const MAX_OPEN_SPOOLS: usize = 1024;
 /// A machine's output is written to its spool once this much is buffered.
 const SPOOL_BUFFER: usize = 64 * 1024;
 /// Buffered output of all machines beyond which the largest buffers are written, down to half.
@@ -155,18 +155,15 @@ const IDLE_FLUSH: Duration = Duration::from_secs(1);
 /// ...and each once it is this old, so a crash of the master loses little of the job logs
 /// (the store holds the output either way).
 const MAX_BUFFER_AGE: Duration = Duration::from_secs(30);
-/// Old buffers written per check (see [`Writer::flush_old`]).
-const OLD_FLUSHES_PER_CHECK: usize = 1000;
 
 type Key = (String, String);
 
 /// Output is buffered per machine before it reaches the spool: written as it came, 10,000
-/// machines printing once a second cost an open, write and close each time (only 1,024
-/// spools stay open), most of the log thread's time (issue 7). A machine whose output stays
-/// small and short-lived never gets a spool file: its result block comes from the buffer.
+/// machines printing once a second cost a write each, most of the log thread's time
+/// (issue 7). A machine whose output stays small and short-lived never reaches the spool:
+/// its result block comes from the buffer.
 struct Writer {
-    spool_dir: PathBuf,
-    spools: HashMap<Key, File>,
+    spools: spool::RunSpools,
     buffers: HashMap<Key, Buffer>,
     buffered: usize,
     last_age_check: Instant,
@@ -182,8 +179,7 @@ struct Buffer {
 impl Writer {
     fn new(spool_dir: PathBuf, ship: Option<crate::ship::LogShipper>) -> Self {
         Self {
-            spool_dir,
-            spools: HashMap::new(),
+            spools: spool::RunSpools::new(spool_dir),
             buffers: HashMap::new(),
             buffered: 0,
             last_age_check: Instant::now(),
@@ -192,28 +188,15 @@ impl Writer {
     }
 
     fn write(&mut self, dir: &Path, entry: LogEntry) -> io::Result<()> {
-        if let LogEntry::MachineResult {
-            instance, machine, ..
-        } = &entry
+        // Shipped before the file is written, whether or not that works (reference D-35);
+        // a machine's result is shipped with its output, below.
+        if let Some(ship) = &mut self.ship
+            && !matches!(
+                entry,
+                LogEntry::Output { .. } | LogEntry::MachineResult { .. }
+            )
         {
-            let key = (instance.clone(), machine.clone());
-            if self.ship.is_some() {
-                // The shipper reads the spool file: it must be complete.
-                self.flush_spool(&key)?;
-            }
-            // Closed before the spool is read back.
-            self.spools.remove(&key);
-        }
-        if self.ship.is_some() && !matches!(entry, LogEntry::Output { .. }) {
-            let spool = match &entry {
-                LogEntry::MachineResult {
-                    instance, machine, ..
-                } => Some(self.spool_path(instance, machine)),
-                _ => None,
-            };
-            if let Some(ship) = &mut self.ship {
-                ship.record(&entry, spool.as_deref());
-            }
+            ship.record(&entry, None);
         }
         match entry {
             LogEntry::Output {
@@ -298,30 +281,45 @@ impl Writer {
                     py_time(at)
                 ),
             ),
-            LogEntry::MachineResult {
-                job,
-                instance,
-                machine,
-                code,
-                at,
-            } => {
-                let key = (instance, machine);
-                let spool = self.spool_path(&key.0, &key.1);
-                let held = self
-                    .buffers
-                    .remove(&key)
-                    .map(|b| b.data)
-                    .unwrap_or_default();
-                self.buffered -= held.len();
-                let result = self.write_result(dir, &job, &key, code, at, &spool, &held);
-                let _ = fs::remove_file(&spool);
-                if let Some(parent) = spool.parent() {
-                    // Succeeds only once the instance's last machine is done.
-                    let _ = fs::remove_dir(parent);
+            LogEntry::MachineResult { .. } => self.machine_result(dir, &entry),
+        }
+    }
+
+    /// Writes (and ships) a machine's result block with its whole output: what its run's
+    /// spool holds, then what is still buffered.
+    fn machine_result(&mut self, dir: &Path, entry: &LogEntry) -> io::Result<()> {
+        let LogEntry::MachineResult {
+            job,
+            instance,
+            machine,
+            code,
+            at,
+        } = entry
+        else {
+            return Ok(());
+        };
+        let key = (instance.clone(), machine.clone());
+        let held = self
+            .buffers
+            .remove(&key)
+            .map(|b| b.data)
+            .unwrap_or_default();
+        self.buffered -= held.len();
+        if let Some(ship) = &mut self.ship {
+            match self.spools.output(instance, machine) {
+                Ok(spooled) => ship.record(entry, Some(&mut spooled.chain(&held[..]))),
+                Err(error) => {
+                    tracing::warn!(%error, "Could not read the spooled output for shipping.");
+                    ship.record(entry, Some(&mut &held[..]));
                 }
-                result
             }
         }
+        let result = self
+            .spools
+            .output(instance, machine)
+            .and_then(|spooled| write_result(dir, job, &key, *code, *at, spooled, &held));
+        self.spools.release(instance, machine);
+        result
     }
 
     /// Writes a machine's buffered output to its spool.
@@ -330,7 +328,7 @@ impl Writer {
             return Ok(());
         };
         self.buffered -= buffer.data.len();
-        self.spool_file(key)?.write_all(&buffer.data)
+        self.spools.append(&key.0, &key.1, &buffer.data)
     }
 
     /// Writes the given buffers; a failure is logged and loses only that machine's buffer.
@@ -347,9 +345,7 @@ impl Writer {
         self.flush_each(keys);
     }
 
-    /// Writes the buffers that have waited `MAX_BUFFER_AGE`, looking at most once a second and
-    /// writing at most `OLD_FLUSHES_PER_CHECK` at a time: the first write of a machine creates
-    /// its spool, and 10,000 machines that started together would otherwise all do it at once.
+    /// Writes the buffers that have waited `MAX_BUFFER_AGE`, looking at most once a second.
     fn flush_old(&mut self) {
         if self.last_age_check.elapsed() < Duration::from_secs(1) {
             return;
@@ -360,7 +356,6 @@ impl Writer {
             .iter()
             .filter(|(_, b)| b.since.elapsed() >= MAX_BUFFER_AGE)
             .map(|(k, _)| k.clone())
-            .take(OLD_FLUSHES_PER_CHECK)
             .collect();
         self.flush_each(keys);
     }
@@ -385,74 +380,36 @@ impl Writer {
             .collect();
         self.flush_each(keys);
     }
+}
 
-    /// The open spool of a machine, opening it (and closing another) when needed.
-    fn spool_file(&mut self, key: &Key) -> io::Result<&mut File> {
-        if !self.spools.contains_key(key) {
-            let path = self.spool_path(&key.0, &key.1);
-            if let Some(parent) = path.parent() {
-                fs::create_dir_all(parent)?;
-            }
-            let file = OpenOptions::new().create(true).append(true).open(path)?;
-            // One handle per running machine would need as many descriptors as the fleet has
-            // sockets (10,000 wrappers: 20,000 in all, past common limits). Keep a bounded
-            // set; an evicted spool is simply reopened in append mode. Evict an arbitrary one,
-            // not the least recently used: machines write in turn, a pattern in which LRU
-            // would always evict the next writer.
-            if self.spools.len() >= MAX_OPEN_SPOOLS
-                && let Some(evict) = self.spools.keys().next().cloned()
-            {
-                self.spools.remove(&evict);
-            }
-            self.spools.insert(key.clone(), file);
-        }
-        self.spools
-            .get_mut(key)
-            .ok_or_else(|| io::Error::other("the spool was closed while in use"))
-    }
-
-    /// Writes a machine's result block: its spooled output, then what is still buffered.
-    #[allow(clippy::too_many_arguments)]
-    fn write_result(
-        &self,
-        dir: &Path,
-        job: &str,
-        (instance, machine): &Key,
-        code: i64,
-        at: OffsetDateTime,
-        spool: &Path,
-        held: &[u8],
-    ) -> io::Result<()> {
-        fs::create_dir_all(dir)?;
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log_path(dir, job))?;
-        let mut out = BufWriter::new(file);
-        write!(
-            out,
-            "########## {machine} from {instance} ################\n**** Exit Code {code} ******\n"
-        )?;
-        let spooled: Box<dyn Read> = match File::open(spool) {
-            Ok(f) => Box::new(f),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Box::new(io::empty()),
-            Err(e) => return Err(e),
-        };
-        // One stream, so a carriage-return redraw that spans the two parts still collapses.
-        strip_carriage_returns(BufReader::new(spooled.chain(held)), &mut out)?;
-        write!(
-            out,
-            "\n####### END {machine} from {instance} at {} #########\n",
-            py_time(at)
-        )?;
-        out.flush()
-    }
-
-    fn spool_path(&self, instance: &str, machine: &str) -> PathBuf {
-        self.spool_dir
-            .join(safe_name(instance))
-            .join(format!("{}.out", safe_name(machine)))
-    }
+/// Writes a machine's result block: its spooled output, then what is still buffered.
+fn write_result(
+    dir: &Path,
+    job: &str,
+    (instance, machine): &Key,
+    code: i64,
+    at: OffsetDateTime,
+    spooled: impl Read,
+    held: &[u8],
+) -> io::Result<()> {
+    fs::create_dir_all(dir)?;
+    let file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log_path(dir, job))?;
+    let mut out = BufWriter::new(file);
+    write!(
+        out,
+        "########## {machine} from {instance} ################\n**** Exit Code {code} ******\n"
+    )?;
+    // One stream, so a carriage-return redraw that spans the two parts still collapses.
+    strip_carriage_returns(BufReader::new(spooled.chain(held)), &mut out)?;
+    write!(
+        out,
+        "\n####### END {machine} from {instance} at {} #########\n",
+        py_time(at)
+    )?;
+    out.flush()
 }
 
 fn log_path(dir: &Path, job: &str) -> PathBuf {
@@ -592,8 +549,14 @@ mod tests {
             machine: machine.into(),
             text,
         };
-        let spool = |machine: &str| {
-            fs::read_to_string(dir.path().join(format!("j_1/{machine}.out"))).unwrap_or_default()
+        let spool = |w: &mut Writer, machine: &str| {
+            let mut text = String::new();
+            w.spools
+                .output("j_1", machine)
+                .unwrap()
+                .read_to_string(&mut text)
+                .unwrap();
+            text
         };
         let logdir = dir.path().join("logs");
         w.write(&logdir, output("quiet", "one line\n".into()))
@@ -601,16 +564,16 @@ mod tests {
         let big = "x".repeat(SPOOL_BUFFER / 2);
         w.write(&logdir, output("busy", big.clone())).unwrap();
         assert_eq!(
-            (spool("quiet"), spool("busy")),
+            (spool(&mut w, "quiet"), spool(&mut w, "busy")),
             (String::new(), String::new())
         );
         assert_eq!(w.buffered, 9 + big.len());
         // The second half fills busy's piece: written at once, in order.
         w.write(&logdir, output("busy", big.clone())).unwrap();
-        assert_eq!(spool("busy"), big.repeat(2));
-        assert_eq!(spool("quiet"), "");
+        assert_eq!(spool(&mut w, "busy"), big.repeat(2));
+        assert_eq!(spool(&mut w, "quiet"), "");
         w.flush_all();
-        assert_eq!(spool("quiet"), "one line\n");
+        assert_eq!(spool(&mut w, "quiet"), "one line\n");
         assert_eq!(w.buffered, 0);
         assert!(w.buffers.is_empty(), "no empty buffers are kept");
         // A result reads the spool, then the buffer, as one stream.
@@ -633,7 +596,24 @@ mod tests {
             log.contains("**** Exit Code 3 ******\none line\nthree\n\n####### END"),
             "{log}"
         );
-        assert_eq!((w.buffered, spool("quiet")), (0, String::new()));
+        assert_eq!((w.buffered, spool(&mut w, "quiet")), (0, String::new()));
+        // The busy machine still has pieces, so the run's spool stays until it is done too.
+        assert_eq!(spool(&mut w, "busy"), big.repeat(2));
+        assert!(dir.path().join("j_1.spool").exists());
+        w.write(
+            &logdir,
+            LogEntry::MachineResult {
+                job: "j".into(),
+                instance: "j_1".into(),
+                machine: "busy".into(),
+                code: 0,
+                at,
+            },
+        )
+        .unwrap();
+        let log = fs::read_to_string(logdir.join("j.log")).unwrap();
+        assert!(log.contains(&format!("**** Exit Code 0 ******\n{}\n", big.repeat(2))));
+        assert!(!dir.path().join("j_1.spool").exists());
     }
 
     #[test]
@@ -697,7 +677,7 @@ mod tests {
         }
         assert_eq!(fs::read_to_string(&path).unwrap(), want);
         assert!(
-            !dir.path().join("spool/j_1").exists(),
+            !dir.path().join("spool/j_1.spool").exists(),
             "spool must be cleaned up"
         );
     }
