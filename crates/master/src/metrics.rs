@@ -128,6 +128,10 @@ pub struct Gauges {
     pub runs_running: u64,
     pub machines_running: u64,
     pub wrappers_connected: u64,
+    /// Tasks waiting in the main runtime's shared (injection) queue: woken from outside its
+    /// workers, or spilled from a worker's full run queue. A standing backlog here means
+    /// connection tasks wait their turn far longer than the work they do (issue 7).
+    pub runtime_injection_queue: u64,
 }
 
 impl Metrics {
@@ -258,6 +262,13 @@ impl Metrics {
             "Open wrapper connections on the machines endpoint.",
             gauges.wrappers_connected,
         );
+        scalar(
+            &mut out,
+            "saltpeter_runtime_injection_queue_depth",
+            "gauge",
+            "Tasks waiting in the runtime's shared queue when scraped.",
+            gauges.runtime_injection_queue,
+        );
         self.fire_to_start.render(
             &mut out,
             "saltpeter_fire_to_start_seconds",
@@ -348,6 +359,7 @@ mod tests {
             runs_running: 1,
             machines_running: 2,
             wrappers_connected: 3,
+            runtime_injection_queue: 4,
         });
         for line in [
             "saltpeter_runs_started_total{job=\"backup\"} 2",
@@ -359,6 +371,7 @@ mod tests {
             "saltpeter_output_bytes_total 15",
             "saltpeter_machines_running 2",
             "saltpeter_wrappers_connected 3",
+            "saltpeter_runtime_injection_queue_depth 4",
             "saltpeter_fire_to_start_seconds_bucket{le=\"0.025\"} 0",
             "saltpeter_fire_to_start_seconds_bucket{le=\"0.05\"} 1",
             "saltpeter_fire_to_start_seconds_bucket{le=\"30\"} 1",

@@ -44,6 +44,8 @@ const TARGET_RSS_KIB: u64 = 1024 * 1024;
 const TARGET_IDLE_CPU: f64 = 1.0;
 /// Jobs configured on the idle master.
 const IDLE_JOBS: usize = 1000;
+/// How often the steady-state window samples the master's injection-queue gauge.
+const QUEUE_SAMPLE: Duration = Duration::from_millis(250);
 /// Warm-up before the steady-state window: every wrapper has sent a heartbeat or so.
 const WARM_UP: Duration = Duration::from_secs(5);
 /// The master's heartbeat timeout and the window the verdict must fall in.
@@ -202,6 +204,8 @@ struct Row {
     master_acks: MasterAcks,
     /// The same, to the ack's write to the socket.
     master_written: MasterAcks,
+    /// The master runtime's injection queue, sampled through the window.
+    injection_queue: QueueDepth,
     p50: Duration,
     p99: Duration,
     max: Duration,
@@ -222,7 +226,7 @@ struct Row {
 impl Row {
     fn line(&self) -> String {
         format!(
-            "| {} | {:.1} | {} | {:.0} | {:.0} | {:.1} / {:.1} / {:.1} | {:.1} / {:.1} / {} | {} / {:.2}; {} / {:.2} | {:.2} (+{:.3}) | {}/{} in [{:.2}, {:.2}] s | {} | {:.1} | {:.0} |",
+            "| {} | {:.1} | {} | {:.0} | {:.0} | {:.1} / {:.1} / {:.1} | {:.1} / {:.1} / {} | {} / {:.2}; {} / {:.2} | {:.0} / {:.0} | {:.2} (+{:.3}) | {}/{} in [{:.2}, {:.2}] s | {} | {:.1} | {:.0} |",
             self.n,
             self.cpu_pct,
             self.hwm_kib / 1024,
@@ -238,6 +242,8 @@ impl Row {
             self.master_acks.over_100ms_pct,
             self.master_written.p99_bound_ms,
             self.master_written.over_100ms_pct,
+            self.injection_queue.mean,
+            self.injection_queue.max,
             self.fanout.as_secs_f64(),
             self.launcher.as_secs_f64(),
             self.verdicts_ok,
@@ -248,6 +254,22 @@ impl Row {
             self.loadgen_cpu_pct,
             self.other_cpu_pct,
         )
+    }
+}
+
+/// Tasks in the master runtime's injection queue, from samples of its gauge.
+#[derive(Clone, Copy, Debug)]
+struct QueueDepth {
+    mean: f64,
+    max: f64,
+}
+
+impl QueueDepth {
+    fn of(samples: &[f64]) -> Self {
+        Self {
+            mean: samples.iter().sum::<f64>() / samples.len().max(1) as f64,
+            max: samples.iter().copied().fold(0.0, f64::max),
+        }
     }
 }
 
@@ -391,8 +413,14 @@ fn fleet_scenario(bin: &Path, dir: &Path, n: usize, seconds: u64) -> Result<Row>
     );
     stats.measuring.store(true, Ordering::Relaxed);
     let t0 = Instant::now();
-    sleep(Duration::from_secs(seconds));
+    let window = Duration::from_secs(seconds);
+    let mut queue_depths = Vec::new();
+    while let Some(left) = window.checked_sub(t0.elapsed()).filter(|d| !d.is_zero()) {
+        sleep(QUEUE_SAMPLE.min(left));
+        queue_depths.push(master.gauge("saltpeter_runtime_injection_queue_depth")?);
+    }
     stats.measuring.store(false, Ordering::Relaxed);
+    let injection_queue = QueueDepth::of(&queue_depths);
     let wall = t0.elapsed().as_secs_f64();
     let (cpu1, self1, busy1) = (master.cpu()?, own_cpu()?, machine_busy()?);
     let commits1 = master.store_commits()?;
@@ -425,7 +453,7 @@ fn fleet_scenario(bin: &Path, dir: &Path, n: usize, seconds: u64) -> Result<Row>
          store {:.1} commits/s of {commit_ms:.1} ms ({slow_commits} over 50 ms), \
          master-side acks: queued p99 <= {} ms, {:.2}% over 100 ms, written p99 <= {} ms, {:.2}% over 100 ms; \
          as the generator's tasks saw acks: \
-         p99 {:.1} ms, its timers late p99 {:.1} ms",
+         p99 {:.1} ms, its timers late p99 {:.1} ms; runtime injection queue mean {:.0}, max {:.0}",
         (sent1 - sent0) as f64 / wall,
         (recv1 - recv0) as f64 / wall,
         ms(pct(0.99)),
@@ -436,6 +464,8 @@ fn fleet_scenario(bin: &Path, dir: &Path, n: usize, seconds: u64) -> Result<Row>
         master_written.over_100ms_pct,
         ms(task_p99),
         ms(lateness_p99),
+        injection_queue.mean,
+        injection_queue.max,
     );
 
     // Heartbeat verdicts: 1% go silent; wait past the timeout; nobody else may be judged.
@@ -526,6 +556,7 @@ fn fleet_scenario(bin: &Path, dir: &Path, n: usize, seconds: u64) -> Result<Row>
         slow_commits,
         master_acks,
         master_written,
+        injection_queue,
         p50: pct(0.50),
         p99: pct(0.99),
         max: pct(1.0),
@@ -664,11 +695,11 @@ fn report(root: &Path, args: &Args, rows: &[Row], idle: &Idle) -> Result<String>
     );
     let _ = writeln!(
         s,
-        "| wrappers | master CPU % of a core | peak RSS MiB | msgs/s in | msgs/s out | ack ms p50 / p99 / max | store commits/s / mean ms / over 50 ms | master-side ack p99 ≤ ms / % over 100 ms, queued; written | fan-out s (+launcher) | 253 verdicts in window | false verdicts | load generator CPU % | rest of machine CPU % |"
+        "| wrappers | master CPU % of a core | peak RSS MiB | msgs/s in | msgs/s out | ack ms p50 / p99 / max | store commits/s / mean ms / over 50 ms | master-side ack p99 ≤ ms / % over 100 ms, queued; written | runtime injection queue mean / max | fan-out s (+launcher) | 253 verdicts in window | false verdicts | load generator CPU % | rest of machine CPU % |"
     );
     let _ = writeln!(
         s,
-        "|---:|---:|---:|---:|---:|---|---|---|---|---|---:|---:|---:|"
+        "|---:|---:|---:|---:|---:|---|---|---|---|---|---|---:|---:|---:|"
     );
     for row in rows {
         let _ = writeln!(s, "{}", row.line());
@@ -715,14 +746,23 @@ fn report(root: &Path, args: &Args, rows: &[Row], idle: &Idle) -> Result<String>
          store commits are the master's group commits in the window and their mean apply-and-commit time and how many took over 50 ms (from `/metrics`), since an ack waits for the commit that holds its output; \
          master-side acks are the master's own `saltpeter_output_ack_seconds` histogram over the window (socket read to ack queued, after the commit; the p99 is the histogram bucket it falls in) \
          and its `saltpeter_output_ack_written_seconds` (socket read to the ack written to the socket, which adds the wait for the connection's task), \
-         which leaves out the load generator's delays; \
+         which leaves out the load generator's delays; the runtime injection queue is the master's `saltpeter_runtime_injection_queue_depth` gauge \
+         (tasks waiting in tokio's shared queue rather than a worker's own) sampled every {} ms through the window; \
          'rest of machine' is every other process plus steal time in the window (from /proc/stat), since other work on a shared machine takes cores from the master; fan-out is from the launcher writing the start request to the last \
          `start` ack (connect, handshake, `connect`, `start`; at most {} handshakes in flight), the launcher's own time after the POST in parentheses; verdicts: every 100th wrapper closes its \
          socket abruptly and must be 253 with `endtime` 15.0-16.0 s after the last heartbeat it sent (read from `GET /api/v1/runs/{{instance}}/output?max_bytes=1`, the per-machine status \
          without the output), and no other wrapper may ever be 253.",
+        QUEUE_SAMPLE.as_millis(),
         512
     );
     Ok(s)
+}
+
+/// The value of the unlabelled sample `name` in a Prometheus text exposition.
+fn sample(text: &str, name: &str) -> Result<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<f64>().ok())
+        .with_context(|| format!("no {name} in /metrics"))
 }
 
 fn command_text(cmd: &mut Command) -> Result<String> {
@@ -893,17 +933,18 @@ impl MasterProc {
     /// `GET /metrics`.
     fn store_commits(&self) -> Result<(f64, f64, f64)> {
         let text = http::get_text(self.api, "/metrics")?;
-        let value = |name: &str| {
-            text.lines()
-                .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<f64>().ok())
-                .with_context(|| format!("no {name} in /metrics"))
-        };
+        let value = |name: &str| sample(&text, name);
         let count = value("saltpeter_store_commit_seconds_count")?;
         Ok((
             count,
             value("saltpeter_store_commit_seconds_sum")?,
             count - value("saltpeter_store_commit_seconds_bucket{le=\"0.05\"}")?,
         ))
+    }
+
+    /// One unlabelled sample (a gauge or counter) from `GET /metrics`.
+    fn gauge(&self, name: &str) -> Result<f64> {
+        sample(&http::get_text(self.api, "/metrics")?, name)
     }
 
     fn run_job(&self, job: &str) -> Result<String> {

@@ -11,6 +11,7 @@
 mod api;
 mod lifecycle;
 mod monitor;
+mod outbox;
 mod persist;
 mod sched;
 mod ui;
@@ -40,6 +41,7 @@ use crate::runs::Run;
 use crate::store::{Notice, Restored, Store};
 
 use monitor::Monitor;
+use outbox::Outbox;
 use sched::Scheduler;
 
 /// Identifies one wrapper connection for the engine's lifetime.
@@ -181,6 +183,8 @@ pub struct Engine {
     finished: HashMap<String, Run>,
     history: HashMap<String, VecDeque<String>>,
     conns: HashMap<ConnId, Conn>,
+    /// Frames for connections, handed to the runtime once per batch of events.
+    outbox: Outbox,
     monitor: Monitor,
     scheduler: Scheduler,
     store: Store,
@@ -247,6 +251,7 @@ impl Engine {
             finished: HashMap::new(),
             history: HashMap::new(),
             conns: HashMap::new(),
+            outbox: Outbox::start(&tokio::runtime::Handle::current()),
             monitor: Monitor::default(),
             scheduler: Scheduler::default(),
             store,
@@ -295,6 +300,8 @@ impl Engine {
         let mut fire_sleep: Pin<Box<Sleep>> = Box::pin(tokio::time::sleep_until(far_future()));
         let mut fire_at = None;
         loop {
+            // Whatever the last turn sent goes out before this thread waits again.
+            self.outbox.flush();
             // Re-arm the two timers only when their targets moved; resetting a tokio timer
             // per event would be needless work at thousands of messages per second.
             let want = self.monitor.next_deadline();
@@ -325,6 +332,7 @@ impl Engine {
                         batch += 1;
                     }
                     if batch > 1 && !gather.is_zero() {
+                        self.outbox.flush();
                         // While this thread sleeps no waker is registered, so senders queue
                         // events without a wake-up each; see `GATHER`.
                         std::thread::sleep(gather);
@@ -353,6 +361,7 @@ impl Engine {
                 }
             }
         }
+        self.outbox.flush();
         tracing::info!("Engine stopped.");
     }
 
@@ -406,7 +415,7 @@ impl Engine {
         let Some(c) = self.conns.get(&conn) else {
             return;
         };
-        if let Err(error) = c.tx.try_send(out) {
+        if let Err(error) = self.outbox.reserve(&c.tx, out) {
             tracing::warn!(conn, peer = %c.peer, %error, "Dropping a wrapper connection that is not reading.");
             self.on_disconnect(conn);
         }

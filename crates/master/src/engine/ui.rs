@@ -556,6 +556,7 @@ impl Engine {
             runs_running: self.runs.len() as u64,
             machines_running: machines_running as u64,
             wrappers_connected: self.conns.len() as u64,
+            runtime_injection_queue: self.spawner.metrics().global_queue_depth() as u64,
         }
     }
 }
