@@ -385,6 +385,44 @@ fn many_small_messages_become_few_chunks_and_leave_no_journal() {
 }
 
 #[test]
+fn a_long_folded_journal_prefix_is_deleted_a_step_per_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut db, _) = open(dir.path(), Retention::default());
+    db.apply(vec![
+        StoreOp::Run(run("j_1", false)),
+        StoreOp::Machine(machine("j_1", "m1")),
+    ]);
+    let mut expected = String::new();
+    for seq in 0..5000u64 {
+        let line = format!("{seq}\n");
+        expected.push_str(&line);
+        db.apply(vec![output("j_1", "m1", seq, &line)]);
+    }
+    assert_eq!(rows(dir.path(), "output_journal"), 5000);
+    // A large message folds everything pending, so the whole journal is behind the floor at
+    // once; one batch deletes only part of it (one DELETE of it all held a commit up).
+    let big = "z".repeat(100 * 1024);
+    let mut seq = 5000;
+    db.apply(vec![output("j_1", "m1", seq, &big)]);
+    expected.push_str(&big);
+    let left = rows(dir.path(), "output_journal");
+    assert!(
+        0 < left && left < 5000,
+        "{left} journal rows after the fold"
+    );
+    // Later batches (large messages, which skip the journal) delete the rest, step by step.
+    let mut batches = 0;
+    while rows(dir.path(), "output_journal") > 0 {
+        batches += 1;
+        assert!(batches <= 5, "the journal is still not empty");
+        seq += 1;
+        db.apply(vec![output("j_1", "m1", seq, &big)]);
+        expected.push_str(&big);
+    }
+    assert_eq!(output_of(&mut db, "j_1", "m1"), expected);
+}
+
+#[test]
 fn retention_over_folded_chunks_keeps_head_and_newest_tail() {
     let dir = tempfile::tempdir().unwrap();
     let retention = Retention {
