@@ -342,21 +342,27 @@ fn output_folded_before_a_restart_is_neither_lost_nor_doubled_after_it() {
     assert_eq!(output_of(&mut db, "j_1", "m2"), "x\ny\n");
 }
 
-#[test]
-fn many_small_messages_become_few_chunks_and_leave_no_journal() {
-    let dir = tempfile::tempdir().unwrap();
-    let (mut db, _) = open(dir.path(), Retention::default());
+/// Starts run `j_1` on `m1` and stores `count` one-line messages, one per batch (as a machine
+/// printing once a second is seen); returns the text.
+fn one_line_batches(db: &mut Db, count: u64) -> String {
     db.apply(vec![
         StoreOp::Run(run("j_1", false)),
         StoreOp::Machine(machine("j_1", "m1")),
     ]);
     let mut expected = String::new();
-    for seq in 0..2000u64 {
+    for seq in 0..count {
         let line = format!("line {seq}\n");
         expected.push_str(&line);
-        // One message per batch, as a machine printing once a second sees it.
         db.apply(vec![output("j_1", "m1", seq, &line)]);
     }
+    expected
+}
+
+#[test]
+fn many_small_messages_become_few_chunks_and_leave_no_journal() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut db, _) = open(dir.path(), Retention::default());
+    let mut expected = one_line_batches(&mut db, 2000);
     assert_eq!(
         rows(dir.path(), "output"),
         0,
@@ -388,16 +394,7 @@ fn many_small_messages_become_few_chunks_and_leave_no_journal() {
 fn a_long_folded_journal_prefix_is_deleted_a_step_per_batch() {
     let dir = tempfile::tempdir().unwrap();
     let (mut db, _) = open(dir.path(), Retention::default());
-    db.apply(vec![
-        StoreOp::Run(run("j_1", false)),
-        StoreOp::Machine(machine("j_1", "m1")),
-    ]);
-    let mut expected = String::new();
-    for seq in 0..5000u64 {
-        let line = format!("{seq}\n");
-        expected.push_str(&line);
-        db.apply(vec![output("j_1", "m1", seq, &line)]);
-    }
+    let mut expected = one_line_batches(&mut db, 5000);
     assert_eq!(rows(dir.path(), "output_journal"), 5000);
     // A large message folds everything pending, so the whole journal is behind the floor at
     // once; one batch deletes only part of it (one DELETE of it all held a commit up).
