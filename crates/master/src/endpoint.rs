@@ -3,8 +3,8 @@
 //! Each connection is one task that reads and writes. It decodes frames and forwards them to
 //! the engine; malformed, binary or oversized frames are answered with a `BAD_REQUEST` error
 //! and logged here, without the engine ever seeing them. Between frames it drains a bounded
-//! queue the engine fills without waiting. The request path is ignored, as in the
-//! original.
+//! queue in which the engine reserves slots without waiting and the engine's delivery task
+//! fills them (see `engine/outbox.rs`). The request path is ignored, as in the original.
 
 use std::net::SocketAddr;
 use std::ops::ControlFlow;

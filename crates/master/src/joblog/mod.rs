@@ -1,7 +1,7 @@
 //! Per-job log files in the original saltpeter format (reference §5.1), written by one
 //! dedicated thread so the engine never waits on disk.
 //!
-//! Output is buffered per (instance, machine) and appended to its run's spool ([`spool`]) in
+//! Output is buffered per (instance, machine) and appended to its run's spool (`spool.rs`) in
 //! 64 KiB pieces (and whenever the thread is idle for a second, at least every 30 s, and at
 //! shutdown); when the machine's result is known the thread writes the result block with the
 //! *full* output, cleaned of carriage-return redraws (§5.2), and the spool lets go of it.

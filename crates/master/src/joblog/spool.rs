@@ -42,7 +42,7 @@ struct RunSpool {
 }
 
 /// Where one record's data is in a run's spool.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug)]
 struct Piece {
     at: u64,
     len: u32,
