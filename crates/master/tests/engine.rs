@@ -47,6 +47,21 @@ async fn a_silent_wrapper_is_marked_253_exactly_15_s_after_its_last_heartbeat() 
 }
 
 #[tokio::test(start_paused = true)]
+async fn the_engine_keeps_serving_after_the_config_watcher_stops() {
+    let mut h = Harness::start(&job("j", "[m1]", "")).await;
+    h.close_config();
+    // Give the engine a turn to see the closed channel.
+    sleep(SEC).await;
+    let instance = tokio::time::timeout(10 * SEC, h.run("j"))
+        .await
+        .expect("the engine answers after its config channel closed");
+    let mut w = h.wrapper(&instance, "m1").await;
+    w.connect_and_start().await;
+    w.complete(0).await;
+    assert_eq!(h.machine(&instance, "m1").await["retcode"], 0);
+}
+
+#[tokio::test(start_paused = true)]
 async fn heartbeats_keep_a_long_job_alive_without_any_timeout() {
     let h = Harness::start(&job("j", "[m1]", "  timeout: 0\n")).await;
     let instance = h.run("j").await;

@@ -299,6 +299,8 @@ impl Engine {
         let mut monitor_at = None;
         let mut fire_sleep: Pin<Box<Sleep>> = Box::pin(tokio::time::sleep_until(far_future()));
         let mut fire_at = None;
+        // Once the watcher is gone the engine keeps serving on the last config it had.
+        let mut config_open = true;
         loop {
             // Whatever the last turn sent goes out before this thread waits again.
             self.outbox.flush();
@@ -350,11 +352,11 @@ impl Engine {
                     fire_at = None;
                     self.on_schedule();
                 }
-                changed = self.config_rx.changed() => {
+                changed = self.config_rx.changed(), if config_open => {
                     if changed.is_err() {
-                        // The watcher is gone; keep running on the last config.
-                        self.config_rx.mark_unchanged();
-                        std::future::pending::<()>().await;
+                        tracing::warn!("The config watcher stopped; running on the last config.");
+                        config_open = false;
+                        continue;
                     }
                     let config = self.config_rx.borrow_and_update().clone();
                     self.apply_config(config);

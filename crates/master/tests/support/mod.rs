@@ -93,7 +93,7 @@ pub struct Harness {
     pub engine: EngineHandle,
     pub launcher: Arc<FakeLauncher>,
     _dir: tempfile::TempDir,
-    _config: watch::Sender<Arc<Config>>,
+    config: Option<watch::Sender<Arc<Config>>>,
     next_conn: std::sync::atomic::AtomicU64,
     shutdown: CancellationToken,
 }
@@ -155,10 +155,15 @@ impl Harness {
             engine: handle,
             launcher,
             _dir: dir,
-            _config: config_tx,
+            config: Some(config_tx),
             next_conn: 1.into(),
             shutdown,
         }
+    }
+
+    /// Drops the config channel's sender, as when the watcher stops.
+    pub fn close_config(&mut self) {
+        self.config = None;
     }
 
     pub async fn try_run(&self, job: &str) -> Result<String, String> {
