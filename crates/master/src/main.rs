@@ -175,7 +175,7 @@ fn serve(config_dir: PathBuf, ready_file: Option<PathBuf>) -> Result<ExitCode> {
         .build()
         .context("starting the async runtime")?;
     runtime.block_on(async move {
-        let mut running = server::start(Options {
+        let running = server::start(Options {
             config_dir,
             ..Options::default()
         })
@@ -205,10 +205,10 @@ fn serve(config_dir: PathBuf, ready_file: Option<PathBuf>) -> Result<ExitCode> {
             std::fs::write(&path, ready.to_string())
                 .with_context(|| format!("writing {}", path.display()))?;
         }
-        shutdown_signal().await;
-        tracing::info!("Shutting down.");
-        running.shutdown.cancel();
-        while running.tasks.join_next().await.is_some() {}
+        serve_signals(&running.watcher).await;
+        tracing::info!("Shutting down: no new connections; finishing what the engine holds.");
+        running.stop().await;
+        tracing::info!("Stopped.");
         Ok(ExitCode::SUCCESS)
     })
 }
@@ -260,18 +260,34 @@ fn init_tracing() -> LogLevelSwitch {
     }))
 }
 
-/// SIGTERM (systemd's stop) or SIGINT (Ctrl-C while developing).
-async fn shutdown_signal() {
+/// Waits for SIGTERM (systemd's stop) or SIGINT (Ctrl-C); SIGHUP rereads the config at once
+/// and goes on waiting. Without a handler SIGHUP would end the process with no log line, which
+/// systemd does not count as a failure.
+async fn serve_signals(watcher: &saltpeter_master::config::ConfigWatcher) {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
     ) else {
+        tracing::error!("Cannot install signal handlers; stop the master with SIGKILL.");
         std::future::pending::<()>().await;
         return;
     };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+    loop {
+        tokio::select! {
+            _ = term.recv() => {
+                tracing::info!("SIGTERM received.");
+                return;
+            }
+            _ = int.recv() => {
+                tracing::info!("SIGINT received.");
+                return;
+            }
+            _ = hup.recv() => {
+                tracing::info!("SIGHUP received: rereading the config directory.");
+                watcher.reload_now();
+            }
+        }
     }
 }

@@ -20,6 +20,9 @@ use crate::launch::bench::BenchLauncher;
 use crate::launch::local::LocalLauncher;
 use crate::launch::salt::SaltLauncher;
 
+/// How long [`Running::stop`] waits for open HTTP requests once the engine has stopped.
+const LISTENER_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// What to start. `None` fields take their value from the configuration.
 #[derive(Debug, Default)]
 pub struct Options {
@@ -39,8 +42,35 @@ pub struct Running {
     pub config: watch::Receiver<Arc<Config>>,
     pub shutdown: CancellationToken,
     pub tasks: tokio::task::JoinSet<()>,
+    /// Resolves when the engine has stopped (after the store's final commit and the job log's
+    /// last write).
+    pub engine_stopped: tokio::sync::oneshot::Receiver<()>,
     /// Keeps the configuration current; dropping it stops hot reload.
     pub watcher: ConfigWatcher,
+}
+
+impl Running {
+    /// The shutdown protocol: the listeners stop accepting, the engine handles what it
+    /// already holds, the store makes its final commit and the job log writes its buffers (and
+    /// stops its shippers, whose queues stay on disk); returns when every part has ended.
+    /// Running wrappers are left alone: they reconnect to the next master.
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        if self.engine_stopped.await.is_err() {
+            tracing::error!("The engine thread ended without reporting; it may have panicked.");
+        }
+        // The listeners end once their open HTTP requests are answered; a client that holds
+        // one open is not worth waiting for past this.
+        let listeners = async { while self.tasks.join_next().await.is_some() {} };
+        if tokio::time::timeout(LISTENER_GRACE, listeners)
+            .await
+            .is_err()
+        {
+            tracing::warn!("Listeners still busy after {LISTENER_GRACE:?}; closing them.");
+            self.tasks.abort_all();
+        }
+        drop(self.watcher);
+    }
 }
 
 /// Why the master could not start.
@@ -140,11 +170,6 @@ pub async fn start(options: Options) -> Result<Running, StartError> {
     .map_err(StartError::Store)?;
     let mut tasks = tokio::task::JoinSet::new();
     let engine_stopped = engine.run_on_own_thread().map_err(StartError::Engine)?;
-    // The task ends when the engine does, like the others in the set. It waits without a
-    // thread of its own, so dropping the runtime never waits for the engine.
-    tasks.spawn(async move {
-        let _ = engine_stopped.await;
-    });
     let endpoint =
         crate::endpoint::router(handle.clone()).into_make_service_with_connect_info::<SocketAddr>();
     let stop = shutdown.clone();
@@ -178,6 +203,7 @@ pub async fn start(options: Options) -> Result<Running, StartError> {
         config: config_rx,
         shutdown,
         tasks,
+        engine_stopped,
         watcher,
     })
 }

@@ -589,3 +589,42 @@ fn a_run_ended_but_not_yet_folded_loses_and_doubles_nothing_across_a_restart() {
     assert_eq!(rows(dir.path(), "output_journal"), 0);
     assert_each_machine_printed_once(&mut db, "j_1", 200);
 }
+
+#[test]
+fn close_commits_everything_queued_even_when_the_engine_stopped_listening() {
+    let dir = tempfile::tempdir().unwrap();
+    let (db, _) = open(dir.path(), Retention::default());
+    // A queue of one that nobody reads: the store thread soon waits to hand over a notice.
+    let (tx, mut rx) = tokio::sync::mpsc::channel(1);
+    let mut store = Store::start(db, tx, Default::default()).unwrap();
+    let notify = |i: u64| {
+        StoreOp::Notify(Notice::Output {
+            instance: format!("j_{i}"),
+            machine: "m1".into(),
+            seq: Some(0),
+            conn: i,
+            received: None,
+        })
+    };
+    for i in 0..3 {
+        store.push(StoreOp::Run(run(&format!("j_{i}"), false)));
+        store.push(notify(i));
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    // The engine stops listening, as at shutdown; what is queued after that still counts.
+    rx.close();
+    for i in 3..10 {
+        store.push(StoreOp::Run(run(&format!("j_{i}"), false)));
+        store.push(notify(i));
+    }
+    store.close();
+    let (_db, restored) = open(dir.path(), Retention::default());
+    let mut instances: Vec<String> = restored
+        .runs
+        .iter()
+        .map(|(r, _)| r.instance.clone())
+        .collect();
+    instances.sort();
+    let want: Vec<String> = (0..10).map(|i| format!("j_{i}")).collect();
+    assert_eq!(instances, want);
+}

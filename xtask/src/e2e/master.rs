@@ -96,6 +96,34 @@ impl Master {
         Ok(())
     }
 
+    /// Sends `signal` (a name `kill` knows, such as `HUP`) to the master process.
+    pub fn signal(&self, signal: &str) -> Result<()> {
+        let status = Command::new("kill")
+            .args([&format!("-{signal}"), &self.child.id().to_string()])
+            .status()?;
+        anyhow::ensure!(status.success(), "kill -{signal} of sp-master failed");
+        Ok(())
+    }
+
+    /// Waits up to `limit` for the master to exit on its own.
+    pub fn wait_exit(&mut self, limit: Duration) -> Result<std::process::ExitStatus> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                bail!("sp-master still running {limit:?} after it was told to stop");
+            }
+            sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Whether the master process is still running.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
     /// Starts the master again on the same directories (after [`Master::kill9`]).
     pub fn relaunch(&mut self) -> Result<()> {
         let _ = fs::remove_file(self.dir.join("ready.json"));

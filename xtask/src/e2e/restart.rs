@@ -49,6 +49,7 @@ pub fn scenarios() -> Vec<Outcome> {
     std::thread::scope(|s| {
         let short = s.spawn(|| crash_and_restart(Duration::from_secs(5), true));
         let long = s.spawn(|| crash_and_restart(Duration::from_secs(25), false));
+        let clean = s.spawn(signals_and_clean_stop);
         let join = |h: std::thread::ScopedJoinHandle<'_, Result<String>>| {
             h.join()
                 .unwrap_or_else(|_| Err(anyhow::anyhow!("scenario panicked")))
@@ -56,6 +57,7 @@ pub fn scenarios() -> Vec<Outcome> {
         vec![
             ("restart: kill -9 of sp-master, back after 5 s, nothing lost; a killed run stays 143".to_owned(), join(short)),
             ("restart: kill -9 of sp-master, back after 25 s, no false 253".to_owned(), join(long)),
+            ("restart: SIGHUP rereads the config; SIGTERM stops cleanly with the job log written".to_owned(), join(clean)),
         ]
     })
 }
@@ -134,4 +136,76 @@ fn crash_and_restart(down: Duration, with_kill: bool) -> Result<String> {
         said.push_str("; the run killed before the crash ended 143");
     }
     Ok(said)
+}
+
+/// SIGHUP while a machine streams output: the master stays up and rereads its config. Then
+/// SIGTERM: it exits 0 after its final commit and job-log write, the wrapper goes on, and once
+/// a new master has seen the run end, the job log's result block holds every line, those
+/// buffered in the log at the moment of the SIGTERM included.
+fn signals_and_clean_stop() -> Result<String> {
+    let dir = target_dir()
+        .join("e2e")
+        .join(format!("signals-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let port = free_port()?;
+    let mut master = Master::start(&dir, &config(port))?;
+    let instance = master.run_job("stream")?;
+    master.wait_run(&instance, Duration::from_secs(20), |r| {
+        machine(r, "r1")["output"]
+            .as_str()
+            .is_some_and(|o| o.contains("line 5 "))
+    })?;
+    master.signal("HUP")?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !master.log().contains("Config reread on request.") {
+        ensure!(master.alive(), "sp-master died of SIGHUP");
+        ensure!(
+            Instant::now() < deadline,
+            "no reload logged within 10 s of SIGHUP"
+        );
+        sleep(Duration::from_millis(50));
+    }
+    ensure!(master.alive(), "sp-master died of SIGHUP");
+    master.run(&instance).context("the API after SIGHUP")?;
+    master.signal("TERM")?;
+    let asked = Instant::now();
+    let status = master.wait_exit(Duration::from_secs(20))?;
+    let took = asked.elapsed();
+    ensure!(
+        status.success(),
+        "sp-master exited with {status} on SIGTERM"
+    );
+    ensure!(
+        master
+            .log()
+            .contains("Engine stopped; store committed, job log written."),
+        "no clean-stop line in the master's log"
+    );
+    master.relaunch().context("starting sp-master again")?;
+    let run = master.wait_run(&instance, Duration::from_secs(90), all_ended)?;
+    for (name, code) in MACHINES {
+        let m = machine(&run, name);
+        ensure!(
+            m["retcode"] == code,
+            "{name}: expected {code}, got {} ({})",
+            m["retcode"],
+            m["cause"]
+        );
+    }
+    let log = std::fs::read_to_string(dir.join("log").join("stream.log"))
+        .context("reading the job log")?;
+    for (name, _) in MACHINES {
+        for line in expected_output(name).lines() {
+            ensure!(
+                log.contains(line),
+                "the job log lacks {line:?} after the SIGTERM and restart"
+            );
+        }
+    }
+    Ok(format!(
+        "SIGHUP reread the config; SIGTERM exit 0 after {:.2} s; {} lines of 3 machines all in the job log",
+        took.as_secs_f64(),
+        LINES
+    ))
 }

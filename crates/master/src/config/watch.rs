@@ -74,7 +74,8 @@ pub enum WatchError {
 #[derive(Debug)]
 pub struct ConfigWatcher {
     rx: watch::Receiver<Arc<Config>>,
-    trigger: Arc<Notify>,
+    /// Asks for a full rescan at once (a reload on request).
+    reload: Arc<Notify>,
     scans: Arc<AtomicU64>,
     task: tokio::task::JoinHandle<()>,
     /// Kept alive for as long as we watch; `None` when events are unavailable.
@@ -116,6 +117,7 @@ impl ConfigWatcher {
         let (tx, rx) = watch::channel(Arc::clone(&first.config));
 
         let trigger = Arc::new(Notify::new());
+        let reload = Arc::new(Notify::new());
         let events = {
             let trigger = Arc::clone(&trigger);
             notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
@@ -142,14 +144,17 @@ impl ConfigWatcher {
         let task = tokio::spawn(run(
             loader,
             tx,
-            Arc::clone(&trigger),
+            Triggers {
+                events: trigger,
+                reload: Arc::clone(&reload),
+            },
             Arc::clone(&scans),
             options,
             poll,
         ));
         Ok(ConfigWatcher {
             rx,
-            trigger,
+            reload,
             scans,
             task,
             _events: events,
@@ -168,9 +173,10 @@ impl ConfigWatcher {
         Arc::clone(&self.rx.borrow())
     }
 
-    /// Asks for a rescan now (for example on SIGHUP); it happens after the debounce period.
-    pub fn rescan_now(&self) {
-        self.trigger.notify_one();
+    /// Rereads every file now, without waiting for a debounce period (SIGHUP). What the
+    /// reload found is logged like any other rescan.
+    pub fn reload_now(&self) {
+        self.reload.notify_one();
     }
 
     /// How many rescans ran since start-up (events, safety rescans and polls).
@@ -206,10 +212,18 @@ fn log_outcome(outcome: &LoadOutcome) {
     }
 }
 
+/// What wakes the watcher besides its timers.
+struct Triggers {
+    /// File events (debounced, then a quick rescan).
+    events: Arc<Notify>,
+    /// Reloads on request (a full rescan at once).
+    reload: Arc<Notify>,
+}
+
 async fn run(
     loader: Arc<Mutex<DirLoader>>,
     tx: watch::Sender<Arc<Config>>,
-    trigger: Arc<Notify>,
+    triggers: Triggers,
     scans: Arc<AtomicU64>,
     options: WatchOptions,
     poll: Option<Duration>,
@@ -222,9 +236,14 @@ async fn run(
                 None => std::future::pending().await,
             }
         };
+        let mut requested = false;
         let mode = tokio::select! {
-            () = trigger.notified() => {
-                debounce(&trigger, options).await;
+            () = triggers.reload.notified() => {
+                requested = true;
+                ScanMode::Full
+            }
+            () = triggers.events.notified() => {
+                debounce(&triggers.events, options).await;
                 ScanMode::Quick
             }
             () = poll_sleep => ScanMode::Quick,
@@ -239,6 +258,20 @@ async fn run(
             continue;
         };
         log_outcome(&outcome);
+        if requested {
+            tracing::info!(
+                serial = outcome.config.serial,
+                jobs = outcome.config.jobs.len(),
+                changed = outcome.changed,
+                errors = outcome
+                    .config
+                    .problems
+                    .iter()
+                    .filter(|p| p.is_error())
+                    .count(),
+                "Config reread on request."
+            );
+        }
         if outcome.changed || outcome.problems_changed {
             tx.send_replace(outcome.config);
         }

@@ -363,8 +363,25 @@ impl Engine {
                 }
             }
         }
+        self.stop();
+    }
+
+    /// The end of the shutdown protocol: no more events are taken in, those already queued
+    /// are handled, then the store makes its final commit and the job log writes its buffers,
+    /// each thread joined before the engine reports that it stopped.
+    fn stop(mut self) {
+        self.rx.close();
+        let mut handled = 0usize;
+        while let Ok(event) = self.rx.try_recv() {
+            self.handle(event);
+            handled += 1;
+        }
         self.outbox.flush();
-        tracing::info!("Engine stopped.");
+        // The store thread may be waiting to hand this engine a notice; with the receiver
+        // closed that send fails at once and the thread goes on committing.
+        self.store.close();
+        self.joblog.close();
+        tracing::info!(handled, "Engine stopped; store committed, job log written.");
     }
 
     fn handle(&mut self, event: Event) {

@@ -81,10 +81,21 @@ pub enum LogEntry {
     },
 }
 
+/// What reaches the log thread.
+#[derive(Debug)]
+enum Message {
+    /// Record an entry in the log of `<dir>/<job>.log`.
+    Entry(Arc<Path>, LogEntry),
+    /// Write every buffer, stop shipping (which keeps its queue on disk) and end the thread.
+    Close,
+}
+
 /// Handle to the log thread. Cheap to clone; sending never blocks.
 #[derive(Clone, Debug)]
 pub struct JobLog {
-    tx: mpsc::Sender<(Arc<Path>, LogEntry)>,
+    tx: mpsc::Sender<Message>,
+    /// The thread, taken by the first [`JobLog::close`].
+    thread: Arc<parking_lot::Mutex<Option<std::thread::JoinHandle<()>>>>,
 }
 
 impl JobLog {
@@ -98,18 +109,26 @@ impl JobLog {
         spool_dir: PathBuf,
         ship: Option<crate::ship::LogShipper>,
     ) -> io::Result<Self> {
-        let (tx, rx) = mpsc::channel::<(Arc<Path>, LogEntry)>();
-        std::thread::Builder::new().name("joblog".into()).spawn(move || {
+        let (tx, rx) = mpsc::channel::<Message>();
+        let thread = std::thread::Builder::new().name("joblog".into()).spawn(move || {
             let mut writer = Writer::new(spool_dir, ship);
             loop {
                 match rx.recv_timeout(IDLE_FLUSH) {
                     Ok(first) => {
                         // Take what has queued up since, then let the next batch gather: woken
-                        // per entry, this thread switched in 4,000 times a second at 10,000
-                        // wrappers and each entry paid the engine a futex wake (issue 7).
-                        // Nothing here is urgent; job-log lines wait seconds in buffers anyway.
+                        // per entry, this thread would switch in thousands of times a second
+                        // with a large fleet, and each entry would cost the engine a futex
+                        // wake. Nothing here is urgent; job-log lines wait seconds in buffers.
                         let mut entries = 0;
-                        for (dir, entry) in std::iter::once(first).chain(rx.try_iter()) {
+                        let mut close = false;
+                        for message in std::iter::once(first).chain(rx.try_iter()) {
+                            let (dir, entry) = match message {
+                                Message::Entry(dir, entry) => (dir, entry),
+                                Message::Close => {
+                                    close = true;
+                                    break;
+                                }
+                            };
                             if let Err(error) = writer.write(&dir, entry) {
                                 tracing::warn!(%error, dir = %dir.display(), "Could not write the job log.");
                             }
@@ -118,6 +137,10 @@ impl JobLog {
                                 break;
                             }
                         }
+                        if close {
+                            writer.close();
+                            break;
+                        }
                         writer.flush_old();
                         if entries > 1 {
                             std::thread::sleep(BATCH_GATHER);
@@ -125,19 +148,35 @@ impl JobLog {
                     }
                     Err(mpsc::RecvTimeoutError::Timeout) => writer.flush_all(),
                     Err(mpsc::RecvTimeoutError::Disconnected) => {
-                        writer.flush_all();
+                        writer.close();
                         break;
                     }
                 }
             }
         })?;
-        Ok(Self { tx })
+        Ok(Self {
+            tx,
+            thread: Arc::new(parking_lot::Mutex::new(Some(thread))),
+        })
     }
 
     /// Records `entry` in `<logdir>/<job>.log`.
     pub fn record(&self, logdir: &Arc<Path>, entry: LogEntry) {
-        // The thread only stops when every handle is gone, so a failed send means shutdown.
-        let _ = self.tx.send((logdir.clone(), entry));
+        // The thread only stops when closed or when every handle is gone, so a failed send
+        // means shutdown.
+        let _ = self.tx.send(Message::Entry(logdir.clone(), entry));
+    }
+
+    /// Writes everything recorded so far, stops shipping and waits for the thread to end.
+    /// Entries recorded after this are dropped.
+    pub fn close(&self) {
+        let _ = self.tx.send(Message::Close);
+        let thread = self.thread.lock().take();
+        if let Some(thread) = thread
+            && thread.join().is_err()
+        {
+            tracing::error!("The job-log thread panicked.");
+        }
     }
 }
 
@@ -343,6 +382,13 @@ impl Writer {
     fn flush_all(&mut self) {
         let keys = self.buffers.keys().cloned().collect();
         self.flush_each(keys);
+    }
+
+    /// At shutdown: every buffer to its spool, then the shipper stops (its sender threads
+    /// are joined; what they did not send stays in their queues on disk).
+    fn close(&mut self) {
+        self.flush_all();
+        self.ship = None;
     }
 
     /// Writes the buffers that have waited `MAX_BUFFER_AGE`, looking at most once a second.
@@ -680,5 +726,40 @@ mod tests {
             !dir.path().join("spool/j_1.spool").exists(),
             "spool must be cleaned up"
         );
+    }
+
+    #[test]
+    fn close_writes_buffered_output_before_it_returns() {
+        let dir = tempfile::tempdir().unwrap();
+        let logdir: Arc<Path> = dir.path().join("logs").into();
+        let log = JobLog::start(dir.path().join("spool")).unwrap();
+        // Another handle stays alive, so only `close` can make the thread write now.
+        let other = log.clone();
+        for text in ["before the stop\n", "second line\n"] {
+            log.record(
+                &logdir,
+                LogEntry::Output {
+                    instance: "j_1".into(),
+                    machine: "m1".into(),
+                    text: text.into(),
+                },
+            );
+        }
+        log.close();
+        let spooled = fs::read(dir.path().join("spool/j_1.spool")).unwrap_or_default();
+        let spooled = String::from_utf8_lossy(&spooled);
+        assert!(
+            spooled.contains("before the stop\nsecond line\n"),
+            "buffered output must be in the spool once close returns: {spooled:?}"
+        );
+        // Entries after the close are dropped without a panic.
+        other.record(
+            &logdir,
+            LogEntry::NoMachines {
+                job: "j".into(),
+                instance: "j_2".into(),
+            },
+        );
+        other.close();
     }
 }

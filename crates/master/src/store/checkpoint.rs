@@ -146,10 +146,23 @@ impl WalReadAhead {
     }
 }
 
-/// The running checkpoint thread; dropping it stops the thread.
+/// The running checkpoint thread; dropping it stops the thread and waits for it.
 #[derive(Debug)]
 pub(super) struct Checkpointer {
-    _stop: mpsc::Sender<()>,
+    stop: Option<mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Checkpointer {
+    fn drop(&mut self) {
+        // Closing the channel wakes the thread at once; it finishes the checkpoint it is in.
+        self.stop = None;
+        if let Some(thread) = self.thread.take()
+            && thread.join().is_err()
+        {
+            tracing::error!("The checkpoint thread panicked.");
+        }
+    }
 }
 
 impl Checkpointer {
@@ -163,7 +176,7 @@ impl Checkpointer {
         conn.busy_timeout(Duration::from_secs(5))?;
         let mut wal = WalReadAhead::new(path, tuning.restart_frames);
         let (stop, stopped) = mpsc::channel::<()>();
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("checkpoint".into())
             .spawn(move || {
                 while let Err(RecvTimeoutError::Timeout) =
@@ -181,7 +194,10 @@ impl Checkpointer {
                 }
             })
             .map_err(|e| StoreError::Io("checkpoint thread".into(), e))?;
-        Ok(Self { _stop: stop })
+        Ok(Self {
+            stop: Some(stop),
+            thread: Some(thread),
+        })
     }
 }
 

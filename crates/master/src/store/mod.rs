@@ -205,7 +205,10 @@ pub struct Store {
 
 #[derive(Debug)]
 enum Mode {
-    Thread(std_mpsc::Sender<StoreOp>),
+    Thread {
+        tx: std_mpsc::Sender<StoreOp>,
+        thread: std::thread::JoinHandle<()>,
+    },
     Inline {
         db: Box<sqlite::Db>,
         notices: Vec<Notice>,
@@ -230,9 +233,12 @@ impl Store {
         metrics: Arc<Metrics>,
     ) -> Result<Store, StoreError> {
         let (tx, rx) = std_mpsc::channel::<StoreOp>();
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("store".into())
             .spawn(move || {
+                // Once the engine stops listening its notices are dropped, but every op queued
+                // before the handle closed is still committed: that is the final commit.
+                let mut engine = Some(engine);
                 let mut last_began: Option<std::time::Instant> = None;
                 while let Ok(first) = rx.recv() {
                     if let Some(wait) = last_began
@@ -264,16 +270,31 @@ impl Store {
                     }
                     metrics.store_ops(ops);
                     if !notices.is_empty()
-                        && engine.blocking_send(Event::Persisted(notices)).is_err()
+                        && let Some(to) = &engine
+                        && to.blocking_send(Event::Persisted(notices)).is_err()
                     {
-                        break;
+                        engine = None;
                     }
                 }
             })
             .map_err(|e| StoreError::Io("store thread".into(), e))?;
         Ok(Store {
-            mode: Mode::Thread(tx),
+            mode: Mode::Thread { tx, thread },
         })
+    }
+
+    /// Commits everything queued and stops the store thread, waiting for it. The engine's
+    /// receiver must be closed first, so the thread never waits to hand it a notice.
+    pub fn close(self) {
+        match self.mode {
+            Mode::Thread { tx, thread } => {
+                drop(tx);
+                if thread.join().is_err() {
+                    tracing::error!("The store thread panicked.");
+                }
+            }
+            Mode::Inline { .. } => {}
+        }
     }
 
     /// A store applied on the caller's thread (tests that need a file, e.g. restarts).
@@ -303,8 +324,8 @@ impl Store {
     /// Queues an op.
     pub fn push(&mut self, op: StoreOp) {
         match &mut self.mode {
-            Mode::Thread(tx) => {
-                // The thread only ends when the engine is gone.
+            Mode::Thread { tx, .. } => {
+                // The thread only ends when this handle is closed.
                 let _ = tx.send(op);
             }
             Mode::Inline { db, notices } => notices.extend(db.apply(vec![op])),
@@ -314,7 +335,7 @@ impl Store {
     /// Notices that inline mode produced since the last call (always empty for the thread).
     pub fn take_inline_notices(&mut self) -> Vec<Notice> {
         match &mut self.mode {
-            Mode::Thread(_) => Vec::new(),
+            Mode::Thread { .. } => Vec::new(),
             Mode::Inline { notices, .. } => std::mem::take(notices),
         }
     }
