@@ -14,6 +14,7 @@
 //! - [`joblog`]: per-job log files in the original format; [`ship`]: the same events to
 //!   Elasticsearch/OpenSearch.
 //! - [`cli`]: subcommands that talk to a running master.
+//! - [`private`]: files and directories only the master's user can read.
 //! - [`server`]: wiring shared by `main` and the integration tests; [`clock`]: time sources.
 //!
 //! See `docs/ARCHITECTURE.md` for how the pieces talk to each other.
@@ -27,6 +28,7 @@ pub mod engine;
 pub mod joblog;
 pub mod launch;
 pub mod metrics;
+pub mod private;
 pub mod runs;
 pub mod schedule;
 pub mod server;

@@ -628,3 +628,27 @@ fn close_commits_everything_queued_even_when_the_engine_stopped_listening() {
     let want: Vec<String> = (0..10).map(|i| format!("j_{i}")).collect();
     assert_eq!(instances, want);
 }
+
+#[test]
+fn the_data_directory_and_the_database_are_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    {
+        let (mut db, _) = open(&data, Retention::default());
+        db.apply(vec![StoreOp::Run(run("j_1", false))]);
+        assert_eq!(mode(&data), 0o700);
+        for file in ["saltpeter.db", "saltpeter.db-wal", "saltpeter.db-shm"] {
+            assert_eq!(mode(&data.join(file)), 0o600, "{file}");
+        }
+    }
+    // A database left readable by an earlier build is made private at the next open.
+    std::fs::set_permissions(
+        data.join("saltpeter.db"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
+    let _ = open(&data, Retention::default());
+    assert_eq!(mode(&data.join("saltpeter.db")), 0o600);
+}

@@ -14,7 +14,6 @@
 mod spool;
 
 use std::collections::HashMap;
-use std::fs::{self, OpenOptions};
 use std::io::{self, BufRead, BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -438,11 +437,8 @@ fn write_result(
     spooled: impl Read,
     held: &[u8],
 ) -> io::Result<()> {
-    fs::create_dir_all(dir)?;
-    let file = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log_path(dir, job))?;
+    crate::private::create_dir(dir)?;
+    let file = crate::private::open_append(&log_path(dir, job))?;
     let mut out = BufWriter::new(file);
     write!(
         out,
@@ -463,11 +459,8 @@ fn log_path(dir: &Path, job: &str) -> PathBuf {
 }
 
 fn append(dir: &Path, job: &str, text: &str) -> io::Result<()> {
-    fs::create_dir_all(dir)?;
-    let mut f = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log_path(dir, job))?;
+    crate::private::create_dir(dir)?;
+    let mut f = crate::private::open_append(&log_path(dir, job))?;
     f.write_all(text.as_bytes())
 }
 
@@ -553,6 +546,7 @@ pub fn strip_carriage_returns_str(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
 
     #[test]
     fn carriage_return_redraws_collapse_like_the_original() {
@@ -722,6 +716,9 @@ mod tests {
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
         assert_eq!(fs::read_to_string(&path).unwrap(), want);
+        use std::os::unix::fs::PermissionsExt;
+        let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "job logs hold job output");
         assert!(
             !dir.path().join("spool/j_1.spool").exists(),
             "spool must be cleaned up"
@@ -746,12 +743,17 @@ mod tests {
             );
         }
         log.close();
-        let spooled = fs::read(dir.path().join("spool/j_1.spool")).unwrap_or_default();
+        let spool_path = dir.path().join("spool/j_1.spool");
+        let spooled = fs::read(&spool_path).unwrap_or_default();
         let spooled = String::from_utf8_lossy(&spooled);
         assert!(
             spooled.contains("before the stop\nsecond line\n"),
             "buffered output must be in the spool once close returns: {spooled:?}"
         );
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&spool_path), 0o600, "spools hold job output");
+        assert_eq!(mode(&dir.path().join("spool")), 0o700);
         // Entries after the close are dropped without a panic.
         other.record(
             &logdir,

@@ -13,7 +13,7 @@
 //! cut off the file. Memory per run is one offset and length per piece written.
 
 use std::collections::HashMap;
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::{self, BufReader, Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
@@ -136,7 +136,7 @@ impl RunSpools {
     fn run(&mut self, instance: &str) -> io::Result<&mut RunSpool> {
         match self.runs.get(instance) {
             None => {
-                fs::create_dir_all(&self.dir)?;
+                crate::private::create_dir(&self.dir)?;
                 self.make_room(instance);
                 let run = RunSpool::recover(self.path(instance))?;
                 self.open_files += 1;
@@ -228,11 +228,7 @@ impl RunSpool {
 }
 
 fn open(path: &std::path::Path) -> io::Result<File> {
-    OpenOptions::new()
-        .create(true)
-        .read(true)
-        .append(true)
-        .open(path)
+    crate::private::open_read_append(path)
 }
 
 /// A machine's spooled output, read piece by piece.
@@ -336,7 +332,7 @@ mod tests {
         }
         // A crash in the middle of the next record: its header and half its name.
         let path = dir.path().join("j_1.spool");
-        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        let mut f = fs::OpenOptions::new().append(true).open(&path).unwrap();
         f.write_all(&[1, 0, 9, 0, 0]).unwrap();
         drop(f);
         let torn_len = fs::metadata(&path).unwrap().len();

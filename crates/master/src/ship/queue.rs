@@ -10,7 +10,7 @@
 //! never has to stay behind items that were already accepted.
 
 use std::collections::VecDeque;
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
@@ -75,7 +75,7 @@ impl Queue {
             dir: dir.clone(),
             source,
         };
-        fs::create_dir_all(&dir).map_err(err)?;
+        crate::private::create_dir(&dir).map_err(err)?;
         let mut segments = Vec::new();
         for entry in fs::read_dir(&dir).map_err(err)? {
             let entry = entry.map_err(err)?;
@@ -280,10 +280,7 @@ impl Queue {
     }
 
     fn start_segment(&mut self, seq: u64) -> io::Result<()> {
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.path(seq))?;
+        let file = crate::private::open_append(&self.path(seq))?;
         let len = file.metadata()?.len();
         self.writer = Some(file);
         if self.segments.back().is_none_or(|s| s.0 != seq) {
@@ -328,7 +325,10 @@ fn read_cursor(dir: &Path) -> Option<Cursor> {
 
 fn write_cursor(dir: &Path, cursor: Cursor) -> io::Result<()> {
     let tmp = dir.join("cursor.tmp");
-    fs::write(&tmp, format!("{} {}\n", cursor.segment, cursor.offset))?;
+    crate::private::write(
+        &tmp,
+        format!("{} {}\n", cursor.segment, cursor.offset).as_bytes(),
+    )?;
     fs::rename(tmp, dir.join("cursor"))
 }
 
@@ -413,7 +413,7 @@ mod tests {
         q.push(&item(0)).unwrap();
         drop(q);
         let seg = path.join(format!("{:020}{SUFFIX}", 0));
-        let mut f = OpenOptions::new().append(true).open(&seg).unwrap();
+        let mut f = fs::OpenOptions::new().append(true).open(&seg).unwrap();
         f.write_all(b"{\"_index\":\"tor").unwrap();
         let mut q = Queue::open(path, 1 << 20, 1 << 20).unwrap();
         q.push(&item(1)).unwrap();

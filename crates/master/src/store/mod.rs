@@ -219,9 +219,28 @@ impl Store {
     /// Opens (creating and migrating) `<data_dir>/saltpeter.db` and loads what was in flight.
     /// The store thread starts later, with [`Store::start`], once the engine's channel exists.
     pub fn open(data_dir: &Path, retention: Retention) -> Result<(Db, Restored), StoreError> {
-        std::fs::create_dir_all(data_dir)
-            .map_err(|e| StoreError::Io(data_dir.display().to_string(), e))?;
-        let mut db = sqlite::Db::open(&data_dir.join("saltpeter.db"), retention)?;
+        let io = |path: &Path| {
+            let path = path.display().to_string();
+            move |e| StoreError::Io(path, e)
+        };
+        crate::private::create_dir(data_dir).map_err(io(data_dir))?;
+        if crate::private::is_open_to_others(data_dir) {
+            tracing::warn!(data_dir = %data_dir.display(), "The data directory can be read by other users; it holds job output and run tokens.");
+        }
+        // SQLite gives its WAL and shared-memory files the database file's mode, so creating
+        // the file private first covers all three.
+        let path = data_dir.join("saltpeter.db");
+        crate::private::open_append(&path).map_err(io(&path))?;
+        if crate::private::restrict_file(&path).map_err(io(&path))? {
+            tracing::warn!(path = %path.display(), "The store was readable by other users; it is private now.");
+        }
+        for side in ["saltpeter.db-wal", "saltpeter.db-shm"] {
+            let side = data_dir.join(side);
+            if side.exists() {
+                crate::private::restrict_file(&side).map_err(io(&side))?;
+            }
+        }
+        let mut db = sqlite::Db::open(&path, retention)?;
         let restored = db.restore()?;
         Ok((db, restored))
     }
