@@ -111,6 +111,17 @@ pub async fn start(options: Options) -> Result<Running, StartError> {
     let config_rx = watcher.subscribe();
     let config = watcher.current();
     let s = &config.settings;
+    if let Some(why) = s.exposure_problem() {
+        return Err(StartError::Config(why));
+    }
+    if s.allow_legacy_wrappers {
+        tracing::warn!(
+            "allow_legacy_wrappers is on: wrappers that present no run token (the original \
+             Python wrapper) are accepted, and anyone who can reach the machines port can \
+             report for a machine that has no authenticated wrapper. Turn it off once every \
+             minion runs sp-wrapper."
+        );
+    }
     let machines_listener = match options.machines_listener {
         Some(l) => l,
         None => bind(SocketAddr::new(s.machines_bind_addr, s.machines_port)).await?,

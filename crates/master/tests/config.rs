@@ -21,8 +21,24 @@ fn write(dir: &Path, name: &str, text: &str) {
     fs::write(dir.join(name), text).unwrap();
 }
 
+/// A directory as these tests see it. A directory that sets no wrapper is warned that jobs
+/// would start the original Python wrapper; that warning has its own test and is left out
+/// here, so each test sees only the problems it is about.
 fn load(dir: &Path) -> Config {
-    Config::load(dir)
+    let mut config = Config::load(dir);
+    config
+        .problems
+        .retain(|p| !(p.file == dir && p.key.as_deref() == Some("default_wrapper_path")));
+    config
+}
+
+/// A settings file that points jobs at sp-wrapper, as a migrated fleet's config does.
+fn with_sp_wrapper(dir: &Path) {
+    write(
+        dir,
+        "00-wrapper.yaml",
+        "saltpeter_config:\n  default_wrapper_path: /usr/local/bin/sp-wrapper\n",
+    );
 }
 
 fn errors(config: &Config) -> Vec<String> {
@@ -326,6 +342,7 @@ fn unknown_timezone_is_an_error_on_the_timezone_key() {
 #[test]
 fn a_broken_file_keeps_its_last_good_version() {
     let dir = tempfile::tempdir().unwrap();
+    with_sp_wrapper(dir.path());
     write(dir.path(), "jobs.yaml", &format!("kept:\n{MINIMAL}"));
     write(dir.path(), "other.yaml", &format!("other:\n{MINIMAL}"));
     let mut loader = DirLoader::new(dir.path());
@@ -384,6 +401,7 @@ fn a_broken_file_keeps_its_last_good_version() {
 #[test]
 fn a_file_broken_from_the_start_has_no_jobs_and_an_error() {
     let dir = tempfile::tempdir().unwrap();
+    with_sp_wrapper(dir.path());
     write(dir.path(), "jobs.yaml", "a: b: c\n");
     let problems = check_dir(dir.path());
     assert_eq!(problems.len(), 1);
@@ -411,6 +429,7 @@ fn deleting_a_file_removes_its_jobs() {
 #[test]
 fn unknown_keys_are_warned_once() {
     let dir = tempfile::tempdir().unwrap();
+    with_sp_wrapper(dir.path());
     write(
         dir.path(),
         "jobs.yaml",
@@ -486,10 +505,11 @@ fn settings_defaults_merge_and_errors() {
     assert_eq!(s.api_port, 8888);
     assert_eq!(s.machines_bind_addr.to_string(), "0.0.0.0");
     assert_eq!(s.machines_port, 8889);
-    assert_eq!(s.launcher, Launcher::Local);
+    assert_eq!(s.launcher, Launcher::Salt);
+    assert!(!s.allow_unauthenticated_api);
     assert_eq!(s.heartbeat_timeout, Duration::from_secs(15));
     assert_eq!(s.data_dir, Path::new("/var/lib/saltpeter"));
-    assert_eq!(s.default_wrapper_path, "/usr/local/bin/sp_wrapper.py");
+    assert_eq!(s.default_wrapper_path, None);
     assert_eq!(s.default_wrapper_loglevel, "normal");
     assert_eq!(s.default_wrapper_logdir, "/var/log/sp_wrapper");
     assert!(!s.default_saltpeter_server_host.is_empty());
@@ -671,6 +691,7 @@ fn check_and_next_entry_points() {
 #[test]
 fn three_hundred_jobs_load() {
     let dir = tempfile::tempdir().unwrap();
+    with_sp_wrapper(dir.path());
     write_many_jobs(dir.path(), 300);
     let mut loader = DirLoader::new(dir.path());
     let started = Instant::now();
@@ -908,5 +929,116 @@ fn retention_settings_have_defaults_and_reject_zero() {
         errors(&config).iter().any(|e| e.contains("retention_days")),
         "{:?}",
         errors(&config)
+    );
+}
+
+#[test]
+fn wrappers_that_look_like_the_python_one_are_warned_about_unless_legacy_is_allowed() {
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "jobs.yaml",
+        &format!("j:\n{MINIMAL}  wrapper_path: /opt/sp_wrapper.py\nk:\n{MINIMAL}"),
+    );
+    // Nothing set: Salt starts the original's default path on the minions.
+    let config = Config::load(dir.path());
+    let keys: Vec<_> = config
+        .problems
+        .iter()
+        .map(|p| (p.severity, p.job().map(str::to_owned), p.key.clone()))
+        .collect();
+    assert_eq!(
+        keys,
+        [
+            (Severity::Warning, None, Some("default_wrapper_path".into())),
+            (
+                Severity::Warning,
+                Some("j".into()),
+                Some("wrapper_path".into())
+            ),
+        ],
+        "{:?}",
+        config.problems
+    );
+    // A settings file naming a Python default is named in the warning.
+    write(
+        dir.path(),
+        "00-settings.yaml",
+        "saltpeter_config:\n  default_wrapper_path: python3 /usr/local/bin/wrapper\n",
+    );
+    let config = Config::load(dir.path());
+    assert!(
+        config
+            .problems
+            .iter()
+            .any(|p| p.to_string().starts_with(&format!(
+                "{}: warning: saltpeter_config: key \"default_wrapper_path\"",
+                dir.path().join("00-settings.yaml").display()
+            ))),
+        "{:?}",
+        config.problems
+    );
+    // Allowed: no warnings at all.
+    write(
+        dir.path(),
+        "00-settings.yaml",
+        "saltpeter_config:\n  allow_legacy_wrappers: true\n",
+    );
+    assert!(Config::load(dir.path()).problems.is_empty());
+}
+
+#[test]
+fn an_empty_user_is_an_error_and_check_names_unknown_local_users_and_an_open_api() {
+    let dir = tempfile::tempdir().unwrap();
+    with_sp_wrapper(dir.path());
+    write(
+        dir.path(),
+        "jobs.yaml",
+        &format!(
+            "empty:\n{MINIMAL}  user: ''\nspaced:\n{MINIMAL}  user: 'a b'\nghost:\n{MINIMAL}  user: no-such-user-here\n"
+        ),
+    );
+    let config = load(dir.path());
+    assert!(config.job("empty").is_none() && config.job("spaced").is_none());
+    assert!(
+        errors(&config)
+            .iter()
+            .any(|e| e.contains("job \"empty\": key \"user\": the user is empty")),
+        "{:?}",
+        errors(&config)
+    );
+    // With Salt the minion judges the user; on this host nothing is said.
+    let problems = check_dir(dir.path());
+    assert!(!problems.iter().any(|p| p.job() == Some("ghost")));
+    // The local launcher runs jobs here, so an unknown user fails check.
+    write(
+        dir.path(),
+        "01-local.yaml",
+        "saltpeter_config:\n  launcher: local\n  api_ws_bind_addr: 0.0.0.0\n",
+    );
+    let problems: Vec<String> = check_dir(dir.path())
+        .iter()
+        .filter(|p| p.is_error())
+        .map(ToString::to_string)
+        .collect();
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.contains("job \"ghost\": key \"user\": no user \"no-such-user-here\"")),
+        "{problems:?}"
+    );
+    assert!(
+        problems.iter().any(|p| p.contains("without api_token")),
+        "{problems:?}"
+    );
+    write(
+        dir.path(),
+        "02-allow.yaml",
+        "saltpeter_config:\n  allow_unauthenticated_api: true\n",
+    );
+    assert!(
+        !check_dir(dir.path())
+            .iter()
+            .any(|p| p.to_string().contains("without api_token"))
     );
 }

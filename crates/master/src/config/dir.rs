@@ -261,9 +261,11 @@ impl DirLoader {
         let mut maintenance = Maintenance::default();
         let mut jobs: BTreeMap<String, Arc<JobSpec>> = BTreeMap::new();
         let mut problems: Vec<ConfigProblem> = self.dir_problem.iter().cloned().collect();
+        // The file whose block set the default wrapper last, for the warning below.
+        let mut wrapper_file: Option<PathBuf> = None;
 
         // Sorted file order makes "the last file wins" deterministic.
-        for entry in self.files.values() {
+        for (name, entry) in &self.files {
             problems.extend(entry.error.iter().cloned());
             let Some(good) = &entry.good else {
                 continue;
@@ -271,6 +273,9 @@ impl DirLoader {
             problems.extend(good.problems.iter().cloned());
             if let Some(s) = &good.settings {
                 settings.apply(s);
+                if s.sets_default_wrapper_path() {
+                    wrapper_file = Some(self.dir.join(name));
+                }
             }
             if let Some(m) = &good.maintenance {
                 maintenance.apply(m);
@@ -294,6 +299,12 @@ impl DirLoader {
             }
         }
 
+        problems.extend(super::deploy::legacy_wrapper_warnings(
+            &self.dir,
+            &settings,
+            wrapper_file.as_deref(),
+            jobs.values().map(AsRef::as_ref),
+        ));
         let old = &self.current;
         let changed =
             old.jobs != jobs || old.settings != settings || old.maintenance != maintenance;

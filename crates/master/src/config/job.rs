@@ -470,6 +470,12 @@ pub(crate) fn parse_job(
     };
 
     let user = optional_text(&mut ctx, &keys, "user");
+    // An empty name would reach the wrapper as "no user" and run the command as root.
+    if let Some(name) = &user
+        && let Err(why) = check_user_name(name)
+    {
+        ctx.error(keys.get("user").copied(), "user", why);
+    }
     let cwd = optional_text(&mut ctx, &keys, "cwd");
     let wrapper_path = optional_text(&mut ctx, &keys, "wrapper_path");
     let wrapper_loglevel = optional_text(&mut ctx, &keys, "wrapper_loglevel");
@@ -630,6 +636,21 @@ pub(crate) fn parse_job(
 }
 
 /// An optional text key: absent or `null` is `None`; numbers become their text.
+/// A user name the wrapper can look up: not empty, no white space or control characters, no
+/// `:` (the separator of the passwd database).
+fn check_user_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("the user is empty; leave the key out to run as the wrapper's own user".into());
+    }
+    if name
+        .chars()
+        .any(|c| c.is_whitespace() || c.is_control() || c == ':')
+    {
+        return Err(format!("{name:?} is not a user name"));
+    }
+    Ok(())
+}
+
 fn optional_text(ctx: &mut Ctx<'_>, keys: &BTreeMap<String, &Node>, key: &str) -> Option<String> {
     let node = keys.get(key)?;
     if matches!(node.value, Value::Null) {

@@ -10,6 +10,7 @@
 //! - [`raw`]: YAML text to a tree of values with line and column, and the YAML 1.1 notes;
 //! - [`job`], [`settings`], [`maintenance`]: each section validated into typed values;
 //! - [`dir`]: a directory, file by file, keeping every file's last good version;
+//! - [`deploy`]: checks of the whole configuration (legacy wrappers, an open API, users);
 //! - [`watch`]: hot reload (file events as a trigger, a debounced rescan, a slow safety rescan);
 //! - [`problem`]: errors and warnings with file, line, section and key.
 //!
@@ -22,6 +23,7 @@ use std::sync::Arc;
 
 use time::OffsetDateTime;
 
+pub mod deploy;
 pub mod dir;
 pub mod job;
 pub mod maintenance;
@@ -87,7 +89,10 @@ impl Config {
 /// `sp-master check -c DIR`: every problem in the directory, errors and warnings. The command
 /// should exit non-zero when any of them [`is_error`](ConfigProblem::is_error).
 pub fn check_dir(dir: &Path) -> Vec<ConfigProblem> {
-    Config::load(dir).problems
+    let config = Config::load(dir);
+    let mut problems = config.problems.clone();
+    problems.extend(deploy::start_up_problems(&config));
+    problems
 }
 
 /// Why `sp-master next` could not answer.

@@ -15,10 +15,12 @@ use super::raw::{Node, Value};
 /// How the master starts wrappers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum Launcher {
-    /// Every target name is a machine simulated on this host; no Salt needed.
-    #[default]
+    /// Every target name is a machine simulated on this host; no Salt needed. Only for
+    /// `sp-master demo` and configs that ask for it: pointed at a fleet's job files it would
+    /// run every job here.
     Local,
-    /// Through the `salt` command line.
+    /// Through the `salt` command line, as the original did (the default).
+    #[default]
     Salt,
     /// Start requests go to a file for `cargo xtask bench master`'s simulated wrappers.
     Bench,
@@ -50,8 +52,10 @@ pub struct Settings {
     /// `default_saltpeter_server_host`: host part of the wrappers' WebSocket URL; default this
     /// host's name.
     pub default_saltpeter_server_host: String,
-    /// `default_wrapper_path`: default `/usr/local/bin/sp_wrapper.py`.
-    pub default_wrapper_path: String,
+    /// `default_wrapper_path`: the wrapper for jobs that name none; when unset, the
+    /// original's [`ORIGINAL_WRAPPER_PATH`] on minions and `sp-wrapper` beside `sp-master`
+    /// for the local launcher.
+    pub default_wrapper_path: Option<String>,
     /// `default_wrapper_loglevel`: default `normal`.
     pub default_wrapper_loglevel: String,
     /// `default_wrapper_logdir`: default `/var/log/sp_wrapper`.
@@ -64,7 +68,7 @@ pub struct Settings {
     pub elasticsearch_index: String,
     /// `opensearch_index`: default `saltpeter`.
     pub opensearch_index: String,
-    /// `launcher`: `local` (default), `salt`, or `bench` (benchmarks only).
+    /// `launcher`: `salt` (default), `local`, or `bench` (benchmarks only).
     pub launcher: Launcher,
     /// `heartbeat_timeout`: seconds without a heartbeat before a machine is lost; default 15.
     pub heartbeat_timeout: Duration,
@@ -73,6 +77,9 @@ pub struct Settings {
     /// `allow_legacy_wrappers`: accept wrappers without a run token (the Python wrapper);
     /// default false.
     pub allow_legacy_wrappers: bool,
+    /// `allow_unauthenticated_api`: let the API listen beyond loopback without `api_token`;
+    /// default false (the master refuses to start so).
+    pub allow_unauthenticated_api: bool,
     /// `salt_bin`: the `salt` command; default `salt`.
     pub salt_bin: String,
     /// `salt_config_dir`: passed to salt as `-c`; default none.
@@ -115,17 +122,18 @@ impl Default for Settings {
             machines_bind_addr: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
             machines_port: 8889,
             default_saltpeter_server_host: host_name(),
-            default_wrapper_path: "/usr/local/bin/sp_wrapper.py".to_owned(),
+            default_wrapper_path: None,
             default_wrapper_loglevel: "normal".to_owned(),
             default_wrapper_logdir: "/var/log/sp_wrapper".to_owned(),
             elasticsearch: String::new(),
             opensearch: String::new(),
             elasticsearch_index: "saltpeter".to_owned(),
             opensearch_index: "saltpeter".to_owned(),
-            launcher: Launcher::Local,
+            launcher: Launcher::Salt,
             heartbeat_timeout: saltpeter_proto::HEARTBEAT_TIMEOUT,
             data_dir: PathBuf::from("/var/lib/saltpeter"),
             allow_legacy_wrappers: false,
+            allow_unauthenticated_api: false,
             salt_bin: "salt".to_owned(),
             salt_config_dir: None,
             ping_timeout: Duration::from_secs(20),
@@ -152,7 +160,7 @@ pub(crate) struct PartialSettings {
     machines_bind_addr: Option<IpAddr>,
     machines_port: Option<u16>,
     default_saltpeter_server_host: Option<String>,
-    default_wrapper_path: Option<String>,
+    default_wrapper_path: Option<Option<String>>,
     default_wrapper_loglevel: Option<String>,
     default_wrapper_logdir: Option<String>,
     elasticsearch: Option<String>,
@@ -163,6 +171,7 @@ pub(crate) struct PartialSettings {
     heartbeat_timeout: Option<Duration>,
     data_dir: Option<PathBuf>,
     allow_legacy_wrappers: Option<bool>,
+    allow_unauthenticated_api: Option<bool>,
     salt_bin: Option<String>,
     salt_config_dir: Option<Option<PathBuf>>,
     ping_timeout: Option<Duration>,
@@ -239,7 +248,7 @@ fn launcher(node: &Node) -> Result<Launcher, String> {
         "local" => Ok(Launcher::Local),
         "salt" => Ok(Launcher::Salt),
         "bench" => Ok(Launcher::Bench),
-        _ => Err(format!("expected \"local\" or \"salt\", got {t:?}")),
+        _ => Err(format!("expected \"salt\" or \"local\", got {t:?}")),
     }
 }
 
@@ -282,7 +291,9 @@ pub(crate) fn parse_settings(
             "machines_ws_bind_addr" => set!(machines_bind_addr, address),
             "machines_ws_port" => set!(machines_port, port),
             "default_saltpeter_server_host" => set!(default_saltpeter_server_host, non_empty),
-            "default_wrapper_path" => set!(default_wrapper_path, non_empty),
+            "default_wrapper_path" => {
+                set!(default_wrapper_path, |n: &Node| non_empty(n).map(Some))
+            }
             "default_wrapper_loglevel" => set!(default_wrapper_loglevel, non_empty),
             "default_wrapper_logdir" => set!(default_wrapper_logdir, non_empty),
             "elasticsearch" => set!(elasticsearch, |n: &Node| optional(n, text)
@@ -295,6 +306,7 @@ pub(crate) fn parse_settings(
             "heartbeat_timeout" => set!(heartbeat_timeout, seconds),
             "data_dir" => set!(data_dir, |n: &Node| non_empty(n).map(PathBuf::from)),
             "allow_legacy_wrappers" => set!(allow_legacy_wrappers, Node::as_bool),
+            "allow_unauthenticated_api" => set!(allow_unauthenticated_api, Node::as_bool),
             "salt_bin" => set!(salt_bin, non_empty),
             "salt_config_dir" => set!(salt_config_dir, |n: &Node| optional(n, non_empty)
                 .map(|o| o.map(PathBuf::from))),
@@ -322,7 +334,33 @@ pub(crate) fn parse_settings(
     (out, problems)
 }
 
+/// The original's wrapper path, used on minions when `default_wrapper_path` is unset.
+pub const ORIGINAL_WRAPPER_PATH: &str = "/usr/local/bin/sp_wrapper.py";
+
+impl PartialSettings {
+    /// Whether this block sets `default_wrapper_path`.
+    pub(crate) fn sets_default_wrapper_path(&self) -> bool {
+        self.default_wrapper_path.is_some()
+    }
+}
+
 impl Settings {
+    /// Why the master must not start with these settings: an API anyone on the network can
+    /// reach and nobody has to authenticate to, unless the operator said so.
+    pub fn exposure_problem(&self) -> Option<String> {
+        let open = !self.api_bind_addr.is_loopback()
+            && self.api_token.is_none()
+            && !self.allow_unauthenticated_api;
+        open.then(|| {
+            format!(
+                "the API listens on {} without api_token: anyone who can reach it can start and \
+                 kill jobs; set api_token, bind it to 127.0.0.1, or set \
+                 allow_unauthenticated_api: true",
+                self.api_bind_addr
+            )
+        })
+    }
+
     /// Applies one file's block on top of these settings: every key the block sets wins.
     pub(crate) fn apply(&mut self, p: &PartialSettings) {
         macro_rules! take {
@@ -352,6 +390,7 @@ impl Settings {
             heartbeat_timeout,
             data_dir,
             allow_legacy_wrappers,
+            allow_unauthenticated_api,
             salt_bin,
             salt_config_dir,
             ping_timeout,

@@ -262,7 +262,7 @@ impl Engine {
             wrapper_path: job
                 .wrapper_path
                 .clone()
-                .unwrap_or_else(|| self.config.settings.default_wrapper_path.clone()),
+                .or_else(|| self.config.settings.default_wrapper_path.clone()),
         };
         let instance = instance.to_owned();
         if !job.use_wrapper {

@@ -19,7 +19,8 @@ const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// Runs wrappers on this host.
 #[derive(Debug, Default)]
 pub struct LocalLauncher {
-    /// Used when a job names no `wrapper_path`: by default `sp-wrapper` beside `sp-master`.
+    /// Used when neither the job nor the settings name a wrapper: by default `sp-wrapper`
+    /// beside `sp-master`.
     pub default_wrapper: Option<PathBuf>,
     /// Where the simulated machines keep their per-job locks (the temp dir when unset).
     pub lock_dir: Option<PathBuf>,
@@ -67,10 +68,10 @@ impl Launcher for LocalLauncher {
     }
 
     fn start(&self, request: StartRequest) -> BoxFuture<StartOutcome> {
-        let program = match (&request.job.wrapper_path, &self.default_wrapper) {
+        let program = match (&request.wrapper_path, &self.default_wrapper) {
             (Some(path), _) => PathBuf::from(path),
             (None, Some(default)) => default.clone(),
-            (None, None) => PathBuf::from(&request.wrapper_path),
+            (None, None) => PathBuf::from("sp-wrapper"),
         };
         let lock_dir = self.lock_dir.clone();
         Box::pin(async move {

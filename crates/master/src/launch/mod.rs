@@ -40,8 +40,9 @@ pub struct StartRequest {
     /// The wrapper's environment, identical for every machine (the launcher adds
     /// `SP_MACHINE_ID` itself, since only it knows how to name each machine).
     pub env: Vec<(String, String)>,
-    /// The program to run on the machine.
-    pub wrapper_path: String,
+    /// The program to run on the machine: the job's `wrapper_path`, else the settings'
+    /// `default_wrapper_path`; `None` when neither is set and the launcher picks its own.
+    pub wrapper_path: Option<String>,
 }
 
 /// Per-machine result of a start request: `Err` carries the reason, shown in the 254 output.

@@ -113,14 +113,13 @@ impl SaltLauncher {
     /// The stdin lines that start the wrapper on the request's machines with `cmd.run_all`.
     pub fn start_args(&self, request: &StartRequest) -> Result<Vec<String>, SaltError> {
         let program = request
-            .job
             .wrapper_path
-            .clone()
-            .unwrap_or_else(|| request.wrapper_path.clone());
+            .as_deref()
+            .unwrap_or(crate::config::settings::ORIGINAL_WRAPPER_PATH);
         // Rendered on each minion: its own id becomes SP_MACHINE_ID (D-14).
         let cmd = format!(
             "/usr/bin/env SP_MACHINE_ID={{{{ grains['id'] | quote }}}} {}",
-            shell_word(&program)
+            shell_word(program)
         );
         let kwargs = [
             ("cmd", Kw::Str(&cmd)),
@@ -639,6 +638,11 @@ mod tests {
     }
 
     fn request(job: Arc<JobSpec>, env: &[(&str, &str)]) -> StartRequest {
+        // As the engine builds it: the job's wrapper, else the configured default.
+        let wrapper_path = job
+            .wrapper_path
+            .clone()
+            .or_else(|| Some("/usr/local/bin/sp-wrapper".into()));
         StartRequest {
             job,
             instance: "j_1700000000".into(),
@@ -647,7 +651,7 @@ mod tests {
                 .iter()
                 .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
                 .collect(),
-            wrapper_path: "/usr/local/bin/sp-wrapper".into(),
+            wrapper_path,
         }
     }
 
