@@ -1042,3 +1042,54 @@ fn an_empty_user_is_an_error_and_check_names_unknown_local_users_and_an_open_api
             .any(|p| p.to_string().contains("without api_token"))
     );
 }
+
+#[test]
+fn a_linked_file_from_outside_is_read_but_never_quoted() {
+    let outside = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    with_sp_wrapper(dir.path());
+    let secret = format!("j:\n{MINIMAL}  timeout: TOPSECRET-VALUE\nok:\n{MINIMAL}");
+    write(outside.path(), "secret.yaml", &secret);
+    std::os::unix::fs::symlink(
+        outside.path().join("secret.yaml"),
+        dir.path().join("linked.yaml"),
+    )
+    .unwrap();
+    let config = load(dir.path());
+    assert!(config.job("ok").is_some(), "a linked file is still read");
+    let text: Vec<String> = check_dir(dir.path())
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert!(!text.is_empty());
+    assert!(
+        text.iter()
+            .all(|t| !t.contains("TOPSECRET") && !t.contains("timeout")),
+        "{text:?}"
+    );
+    assert!(
+        text.iter()
+            .any(|t| t.contains("linked.yaml:") && t.contains("details are not shown")),
+        "{text:?}"
+    );
+    // A broken linked file is withheld too.
+    write(outside.path(), "secret.yaml", "password: [TOPSECRET\n");
+    let text: Vec<String> = check_dir(dir.path())
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert!(text.iter().all(|t| !t.contains("TOPSECRET")), "{text:?}");
+    // A link inside the directory (a ConfigMap's `..data`) is the operator's own file.
+    fs::remove_file(dir.path().join("linked.yaml")).unwrap();
+    fs::create_dir(dir.path().join("..data")).unwrap();
+    write(&dir.path().join("..data"), "inner.yaml", &secret);
+    std::os::unix::fs::symlink("..data/inner.yaml", dir.path().join("inner.yaml")).unwrap();
+    let text: Vec<String> = check_dir(dir.path())
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert!(
+        text.iter().any(|t| t.contains("TOPSECRET-VALUE")),
+        "{text:?}"
+    );
+}

@@ -247,12 +247,17 @@ impl DirLoader {
             return;
         }
         entry.hash = Some(hash);
+        let shown = shows_content(&self.dir, &path);
         match parse_file(&path, group_of(name), &bytes, now) {
-            Ok(parsed) => {
+            Ok(mut parsed) => {
+                if !shown {
+                    parsed.problems = parsed.problems.into_iter().map(withhold).collect();
+                }
                 entry.good = Some(Arc::new(parsed));
                 entry.error = None;
             }
-            Err(problem) => entry.error = Some(*problem),
+            Err(problem) if shown => entry.error = Some(*problem),
+            Err(problem) => entry.error = Some(withhold(*problem)),
         }
     }
 
@@ -333,6 +338,42 @@ impl DirLoader {
             problems_changed,
             new_problems,
         }
+    }
+}
+
+/// Whether problems in `path` may quote what the file says: yes for a file in the config
+/// directory and for a link that stays inside it (Kubernetes mounts a ConfigMap as links into
+/// a `..data` directory beside the files); no for a link that leads elsewhere, whose content
+/// is not the operator's job file and may be a secret that would otherwise reach logs and
+/// the API.
+fn shows_content(dir: &Path, path: &Path) -> bool {
+    let Ok(meta) = fs::symlink_metadata(path) else {
+        return false;
+    };
+    if !meta.file_type().is_symlink() {
+        return true;
+    }
+    match (fs::canonicalize(dir), fs::canonicalize(path)) {
+        (Ok(dir), Ok(target)) => target.starts_with(dir),
+        _ => false,
+    }
+}
+
+/// A problem without anything the file said: where it is and how bad, not what.
+fn withhold(problem: ConfigProblem) -> ConfigProblem {
+    let kind = if problem.is_error() {
+        "an error"
+    } else {
+        "a warning"
+    };
+    ConfigProblem {
+        section: Section::File,
+        key: None,
+        message: format!(
+            "{kind} here; details are not shown because the file is a link that leads outside \
+             the config directory"
+        ),
+        ..problem
     }
 }
 
