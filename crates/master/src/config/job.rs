@@ -18,6 +18,11 @@ use crate::schedule::{Field, Schedule, ScheduleError, ScheduleFields};
 /// The timeout the loader applies when a job has no `timeout` key (reference 4.3).
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(3600);
 
+/// The longest `timeout` a job may have: 365 days. The engine adds the timeout to the instant
+/// a machine was launched, and an instant that far out cannot overflow the monotonic clock;
+/// anything longer is in practice "no limit", which `0` or `null` already say.
+pub const MAX_TIMEOUT_SECS: u64 = 365 * 86_400;
+
 /// Salt's targeting expression for a job.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Targets {
@@ -516,6 +521,17 @@ pub(crate) fn parse_job(
         Some(node) if matches!(node.value, Value::Null) => None,
         Some(node) => match node.as_count("a whole number of seconds") {
             Ok(0) => None,
+            Ok(s) if s > MAX_TIMEOUT_SECS => {
+                ctx.error(
+                    Some(node),
+                    "timeout",
+                    format!(
+                        "expected at most {MAX_TIMEOUT_SECS} seconds (365 days), got {s}; \
+                         use 0 or null for no limit"
+                    ),
+                );
+                None
+            }
             Ok(s) => Some(Duration::from_secs(s)),
             Err(e) => {
                 ctx.error(Some(node), "timeout", e);

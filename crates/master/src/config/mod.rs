@@ -9,6 +9,7 @@
 //! Layout, lowest level first:
 //! - [`raw`]: YAML text to a tree of values with line and column, and the YAML 1.1 notes;
 //! - [`job`], [`settings`], [`maintenance`]: each section validated into typed values;
+//! - [`limits`]: the caps on what API and UI clients control (part of the settings);
 //! - [`dir`]: a directory, file by file, keeping every file's last good version;
 //! - [`watch`]: hot reload (file events as a trigger, a debounced rescan, a slow safety rescan);
 //! - [`problem`]: errors and warnings with file, line, section and key.
@@ -24,6 +25,7 @@ use time::OffsetDateTime;
 
 pub mod dir;
 pub mod job;
+pub mod limits;
 pub mod maintenance;
 pub mod problem;
 pub mod raw;
@@ -32,6 +34,7 @@ pub mod watch;
 
 pub use dir::{DirLoader, LoadOutcome, ScanMode};
 pub use job::{JobSource, JobSpec, TargetType, Targets};
+pub use limits::Limits;
 pub use maintenance::Maintenance;
 pub use problem::{ConfigProblem, Section, Severity};
 pub use settings::{Launcher, Settings};

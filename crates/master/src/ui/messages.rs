@@ -160,10 +160,17 @@ fn field_str(v: &Value, key: &str) -> Option<String> {
 /// Parses a timeline bound: RFC 3339 (what `Date.toISOString()` gives), or the date math the
 /// original passed to Elasticsearch: `now`, `now-1d`, `now-12h+30m`, with units s m h d w
 /// (and an optional trailing `/d` style rounding, which is ignored).
+///
+/// Total: the arithmetic is checked, so a bound outside the years -9999..=9999 in UTC (which
+/// the time library cannot represent, and whose `+` would panic) is an error like any other.
 pub fn parse_when(text: &str, now: OffsetDateTime) -> Result<OffsetDateTime, String> {
     let t = text.trim();
+    let out_of_range = || format!("{text:?} is outside the supported dates (years -9999 to 9999 in UTC)");
     if let Ok(at) = OffsetDateTime::parse(t, &Rfc3339) {
-        return Ok(at);
+        // Everything downstream compares and prints times in UTC.
+        return saltpeter_proto::Timestamp::checked_new(at)
+            .map(saltpeter_proto::Timestamp::get)
+            .ok_or_else(out_of_range);
     }
     let Some(mut rest) = t.strip_prefix("now") else {
         return Err(format!("{text:?} is neither RFC 3339 nor now[+-]N[smhdw]"));
@@ -189,7 +196,7 @@ pub fn parse_when(text: &str, now: OffsetDateTime) -> Result<OffsetDateTime, Str
             .next()
             .ok_or(format!("{text:?}: missing unit"))?;
         rest = &rest[unit.len_utf8()..];
-        let secs = match unit {
+        let secs: i64 = match unit {
             's' => 1,
             'm' => 60,
             'h' => 3600,
@@ -197,7 +204,11 @@ pub fn parse_when(text: &str, now: OffsetDateTime) -> Result<OffsetDateTime, Str
             'w' => 7 * 86_400,
             _ => return Err(format!("{text:?}: unknown unit {unit:?}")),
         };
-        at += time::Duration::seconds(sign * n.saturating_mul(secs));
+        // `n` is non-negative (digits only), so negating the product cannot overflow.
+        let step = n.checked_mul(secs).map(|s| sign * s).ok_or_else(out_of_range)?;
+        at = at
+            .checked_add(time::Duration::seconds(step))
+            .ok_or_else(out_of_range)?;
     }
     Ok(at)
 }
@@ -389,5 +400,25 @@ mod tests {
         for bad in ["yesterday", "now-", "now-1y", "now*2d", "now-xd"] {
             assert!(parse_when(bad, now).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn timeline_bounds_beyond_the_calendar_are_errors_not_panics() {
+        let now = time::macros::datetime!(2026-06-01 12:00 UTC);
+        for bad in [
+            "now-99999999999d",
+            "now+3000000d",
+            "now-9223372036854775807s",
+            "now+9223372036854775807w",
+            "now+400000w+400000w",
+            "9999-12-31T23:59:59-00:01",
+        ] {
+            let e = parse_when(bad, now).expect_err(bad);
+            assert!(e.contains("outside the supported dates"), "{bad}: {e}");
+        }
+        assert_eq!(
+            parse_when("0001-01-01T00:00:00+00:00", now).map(|t| t.year()),
+            Ok(1)
+        );
     }
 }
