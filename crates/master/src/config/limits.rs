@@ -158,6 +158,9 @@ mod tests {
         limits.apply(&p);
         assert_eq!(limits.ui_max_subscriptions, 8);
         assert_eq!(limits.timeline_max_days, 31);
-        assert_eq!(limits.timeline_max_rows, Limits::default().timeline_max_rows);
+        assert_eq!(
+            limits.timeline_max_rows,
+            Limits::default().timeline_max_rows
+        );
     }
 }

@@ -275,7 +275,8 @@ impl Launcher for SaltLauncher {
                 .map_or(Duration::from_secs(u64::from(u32::MAX)), |t| {
                     // Saturating: `Duration + Duration` panics on overflow, and a limit this
                     // long is no limit anyway (tokio treats it as "never").
-                    t.saturating_add(TIMEOUT_GRACE).saturating_add(PROCESS_GRACE)
+                    t.saturating_add(TIMEOUT_GRACE)
+                        .saturating_add(PROCESS_GRACE)
                 });
             let result = match me.direct_args(&request) {
                 Ok(args) => me.call(args, limit).await,

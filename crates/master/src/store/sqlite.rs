@@ -835,7 +835,10 @@ fn age_cutoff(now: OffsetDateTime, max_age_days: u32) -> OffsetDateTime {
 
 /// Deletes finished runs beyond the per-job count or older than the age limit.
 fn prune(tx: &Transaction<'_>, retention: Retention) -> Result<(), StoreError> {
-    let cutoff = ts(age_cutoff(OffsetDateTime::now_utc(), retention.max_age_days));
+    let cutoff = ts(age_cutoff(
+        OffsetDateTime::now_utc(),
+        retention.max_age_days,
+    ));
     tx.execute_batch(
         "CREATE TEMP TABLE IF NOT EXISTS doomed (instance TEXT PRIMARY KEY); DELETE FROM doomed;",
     )?;

@@ -165,7 +165,8 @@ fn field_str(v: &Value, key: &str) -> Option<String> {
 /// the time library cannot represent, and whose `+` would panic) is an error like any other.
 pub fn parse_when(text: &str, now: OffsetDateTime) -> Result<OffsetDateTime, String> {
     let t = text.trim();
-    let out_of_range = || format!("{text:?} is outside the supported dates (years -9999 to 9999 in UTC)");
+    let out_of_range =
+        || format!("{text:?} is outside the supported dates (years -9999 to 9999 in UTC)");
     if let Ok(at) = OffsetDateTime::parse(t, &Rfc3339) {
         // Everything downstream compares and prints times in UTC.
         return saltpeter_proto::Timestamp::checked_new(at)
@@ -205,7 +206,10 @@ pub fn parse_when(text: &str, now: OffsetDateTime) -> Result<OffsetDateTime, Str
             _ => return Err(format!("{text:?}: unknown unit {unit:?}")),
         };
         // `n` is non-negative (digits only), so negating the product cannot overflow.
-        let step = n.checked_mul(secs).map(|s| sign * s).ok_or_else(out_of_range)?;
+        let step = n
+            .checked_mul(secs)
+            .map(|s| sign * s)
+            .ok_or_else(out_of_range)?;
         at = at
             .checked_add(time::Duration::seconds(step))
             .ok_or_else(out_of_range)?;

@@ -15,11 +15,11 @@ use axum::extract::ws::{Message, WebSocket};
 use serde_json::Value;
 use tokio::sync::watch;
 
-use super::query;
 use super::messages::{
     self, Chunk, Command, chunk_message, config_message, details_message, error_message,
     status_message,
 };
+use super::query;
 use crate::config::Config;
 use crate::engine::{
     ApiRequest, EngineHandle, JobCursors, OutputCursor, StatusSnapshot, TimelineQuery, UiRequest,
