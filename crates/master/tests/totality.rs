@@ -701,3 +701,13 @@ fn ws_connections_survive_arbitrary_commands() {
     drop(r);
     rt.shutdown_timeout(Duration::from_secs(5));
 }
+
+#[test]
+fn a_schedule_search_from_the_first_representable_moment_does_not_panic() {
+    // `next_after` used to subtract a day from its argument unchecked when the year field is
+    // not `*`, which panics at the start of the calendar.
+    let schedule = Schedule::parse_line("0 0 0 1 1 * 2030", None).unwrap();
+    let first = time::PrimitiveDateTime::MIN.assume_utc();
+    let _ = schedule.next_after(first);
+    let _ = schedule.due_slots(first, first + time::Duration::DAY);
+}
