@@ -1,6 +1,9 @@
 //! The HTTP API (default 127.0.0.1:8888): JSON, RFC 3339 times, errors as
 //! `{"error": "..."}` with a 4xx/5xx status. Every handler asks the engine and renders its
 //! answer; the API holds no run state of its own.
+// Input from clients, files or wrappers reaches arithmetic here, so every operation that could
+// overflow or index out of bounds is written checked ("Totality" in docs/ARCHITECTURE.md).
+#![warn(clippy::arithmetic_side_effects, clippy::indexing_slicing)]
 
 use std::collections::HashMap;
 use std::sync::Arc;

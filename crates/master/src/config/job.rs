@@ -3,6 +3,9 @@
 //! Every key of reference 4.3 keeps its meaning and default, plus `timezone`. A job with any
 //! error is skipped as a whole (the other jobs of the file still load); unknown keys are kept for
 //! the UI and reported as warnings.
+// Input from clients, files or wrappers reaches arithmetic here, so every operation that could
+// overflow or index out of bounds is written checked ("Totality" in docs/ARCHITECTURE.md).
+#![warn(clippy::arithmetic_side_effects, clippy::indexing_slicing)]
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -682,6 +685,7 @@ fn schedule_error(ctx: &mut Ctx<'_>, keys: &BTreeMap<String, &Node>, error: &Sch
 }
 
 #[cfg(test)]
+#[allow(clippy::indexing_slicing)] // A test that indexes out of bounds fails, as it should.
 mod tests {
     use super::*;
     use crate::config::raw::parse_yaml;

@@ -5,6 +5,9 @@
 //! Each cap is a `saltpeter_config` key. A request over a cap gets an error reply that names
 //! the key; it is never served partly and never crashes the master. Every key has its own hard
 //! ceiling as well, so that no configuration can bring back unbounded behaviour.
+// Input from clients, files or wrappers reaches arithmetic here, so every operation that could
+// overflow or index out of bounds is written checked ("Totality" in docs/ARCHITECTURE.md).
+#![warn(clippy::arithmetic_side_effects, clippy::indexing_slicing)]
 
 use super::raw::Node;
 

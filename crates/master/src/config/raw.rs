@@ -19,6 +19,9 @@
 //!
 //! Strings given to `env` are kept as written; other scalars are converted the way Python's
 //! `str()` does, so `True`, `False`, `None` and `1.0` reach the job as they did before.
+// Input from clients, files or wrappers reaches arithmetic here, so every operation that could
+// overflow or index out of bounds is written checked ("Totality" in docs/ARCHITECTURE.md).
+#![warn(clippy::arithmetic_side_effects, clippy::indexing_slicing)]
 
 use std::fmt;
 
@@ -342,6 +345,7 @@ impl<'de> Visitor<'de> for RawVisitor {
 }
 
 #[cfg(test)]
+#[allow(clippy::indexing_slicing)] // A test that indexes out of bounds fails, as it should.
 mod tests {
     use super::*;
 

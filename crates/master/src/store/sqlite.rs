@@ -4,6 +4,9 @@
 //! Durability: WAL with `synchronous=NORMAL`. A committed batch survives the master being
 //! killed at any instant (what the restart guarantees need); an operating-system crash may
 //! roll back the last batches, which wrappers then resend because they were never acked.
+// Input from clients, files or wrappers reaches arithmetic here, so every operation that could
+// overflow or index out of bounds is written checked ("Totality" in docs/ARCHITECTURE.md).
+#![warn(clippy::arithmetic_side_effects, clippy::indexing_slicing)]
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -670,17 +673,18 @@ impl Db {
             if at > cursor {
                 text.push_str(&format!(
                     "\n[... {} bytes dropped by retention ...]\n",
-                    at - cursor
+                    at.saturating_sub(cursor)
                 ));
             }
-            let from = (cursor.max(at) - at) as usize;
-            let to = ((end - at).max(0) as usize).min(data.len());
-            let from = ceil_boundary(&data, from);
-            let to = ceil_boundary(&data, to);
-            if from < to {
-                text.push_str(&data[from..to]);
+            // Saturating and checked: `at` comes from the table, and a corrupt row must not
+            // turn into a panic or a wrapped position.
+            let byte = |n: i64| usize::try_from(n.max(0)).unwrap_or(usize::MAX);
+            let from = ceil_boundary(&data, byte(cursor.max(at).saturating_sub(at)));
+            let to = ceil_boundary(&data, byte(end.saturating_sub(at)));
+            if let Some(piece) = data.get(from..to) {
+                text.push_str(piece);
             }
-            cursor = at + data.len() as i64;
+            cursor = at.saturating_add(i64::try_from(data.len()).unwrap_or(i64::MAX));
         }
         Ok(Some(OutputRange {
             text,
@@ -692,8 +696,9 @@ impl Db {
 
 fn ceil_boundary(s: &str, mut at: usize) -> usize {
     at = at.min(s.len());
+    // Ends at `s.len()` at the latest, which is a boundary.
     while !s.is_char_boundary(at) {
-        at += 1;
+        at = at.saturating_add(1);
     }
     at
 }

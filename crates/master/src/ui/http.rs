@@ -2,6 +2,9 @@
 //! `/running`, `/timeline`), the JSON the dashboard and the CLI read (`/api/v1/overview`,
 //! `/api/v1/runs/{instance}/output`, `/api/v1/timeline`), `/metrics`, and the dashboard's
 //! embedded assets.
+// Input from clients, files or wrappers reaches arithmetic here, so every operation that could
+// overflow or index out of bounds is written checked ("Totality" in docs/ARCHITECTURE.md).
+#![warn(clippy::arithmetic_side_effects, clippy::indexing_slicing)]
 
 use std::collections::HashMap;
 

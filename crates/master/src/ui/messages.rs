@@ -2,6 +2,9 @@
 //! sends, parsed strictly (a malformed one is an error reply, never a crash: D-26), and the
 //! messages it receives, built as JSON with the original's shapes and this version's fixes
 //! (RFC 3339 with `T`, `env` redacted, `timeline` typed).
+// Input from clients, files or wrappers reaches arithmetic here, so every operation that could
+// overflow or index out of bounds is written checked ("Totality" in docs/ARCHITECTURE.md).
+#![warn(clippy::arithmetic_side_effects, clippy::indexing_slicing)]
 
 use std::sync::Arc;
 
@@ -98,7 +101,7 @@ pub fn parse_command(text: &str) -> Result<Command, CommandError> {
             format!("unknown command {keys:?}; expected one of {KEYS:?}"),
         ));
     };
-    let arg = &map[key];
+    let arg = map.get(key).unwrap_or(&Value::Null);
     let err = |m: &str| CommandError::new(Some(key), format!("{key}: {m}"));
     Ok(match key {
         "subscribe" => Command::Subscribe(names(arg).ok_or_else(|| err(NAMES))?),
@@ -181,9 +184,9 @@ pub fn parse_when(text: &str, now: OffsetDateTime) -> Result<OffsetDateTime, Str
     }
     let mut at = now;
     while !rest.is_empty() {
-        let sign = match rest.as_bytes()[0] {
-            b'+' => 1,
-            b'-' => -1,
+        let negative = match rest.as_bytes().first() {
+            Some(b'+') => false,
+            Some(b'-') => true,
             _ => return Err(format!("{text:?}: expected + or - after now")),
         };
         rest = &rest[1..];
@@ -205,10 +208,9 @@ pub fn parse_when(text: &str, now: OffsetDateTime) -> Result<OffsetDateTime, Str
             'w' => 7 * 86_400,
             _ => return Err(format!("{text:?}: unknown unit {unit:?}")),
         };
-        // `n` is non-negative (digits only), so negating the product cannot overflow.
         let step = n
             .checked_mul(secs)
-            .map(|s| sign * s)
+            .and_then(|s| if negative { s.checked_neg() } else { Some(s) })
             .ok_or_else(out_of_range)?;
         at = at
             .checked_add(time::Duration::seconds(step))

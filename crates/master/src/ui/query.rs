@@ -7,6 +7,9 @@
 //! [`QueryError`], which the HTTP handlers answer with a 400 and the `/ws` task with an `error`
 //! message; nothing a client sends reaches the time arithmetic, the store or a connection's
 //! memory unchecked.
+// Input from clients, files or wrappers reaches arithmetic here, so every operation that could
+// overflow or index out of bounds is written checked ("Totality" in docs/ARCHITECTURE.md).
+#![warn(clippy::arithmetic_side_effects, clippy::indexing_slicing)]
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -43,9 +46,10 @@ pub fn timeline_window(
 ) -> Result<(OffsetDateTime, OffsetDateTime), QueryError> {
     let start_at = parse_when(start, now).map_err(|e| QueryError(format!("start_date: {e}")))?;
     let end_at = parse_when(end, now).map_err(|e| QueryError(format!("end_date: {e}")))?;
-    // Both bounds lie within years -9999..=9999, so the difference fits a `time::Duration`.
+    // When `start + max` is past the calendar's end, no `end` can be further away than that.
     let max_days = limits.timeline_max_days;
-    if end_at - start_at > time::Duration::days(i64::from(max_days)) {
+    let latest = start_at.checked_add(time::Duration::days(i64::from(max_days)));
+    if latest.is_some_and(|latest| end_at > latest) {
         return Err(QueryError(format!(
             "the window from start_date to end_date is longer than {max_days} days \
              (timeline_max_days)"
