@@ -711,3 +711,35 @@ fn a_schedule_search_from_the_first_representable_moment_does_not_panic() {
     let _ = schedule.next_after(first);
     let _ = schedule.due_slots(first, first + time::Duration::DAY);
 }
+
+#[test]
+fn deeply_nested_yaml_is_an_error_not_a_stack_overflow() {
+    // The parser's default budgets allowed 64 block and 255 flow levels, which overflowed a
+    // 2 MiB stack (an abort, whatever the panic strategy) at about 50 in a debug build.
+    for depth in [60, 64, 1_000, 100_000] {
+        let flow = format!("j: {}{}\n", "[".repeat(depth), "]".repeat(depth));
+        let block: String = (0..depth.min(2_000))
+            .map(|i| format!("{}k:\n", " ".repeat(i)))
+            .collect();
+        for text in [flow, block] {
+            let config = load(&[("jobs.yaml", &text)]);
+            let errors = error_lines(&config);
+            assert!(
+                errors.iter().any(|e| e.contains("jobs.yaml")),
+                "{depth}: {errors:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn deeply_nested_ws_commands_are_errors_not_a_stack_overflow() {
+    for depth in [100, 127, 128, 129, 100_000] {
+        let text = format!(
+            "{{\"subscribe\":{}{}}}",
+            "[".repeat(depth),
+            "]".repeat(depth)
+        );
+        assert!(parse_command(&text).is_err(), "{depth}");
+    }
+}

@@ -26,7 +26,7 @@
 use std::fmt;
 
 use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
-use serde_saphyr::{DuplicateKeyPolicy, Options, Spanned};
+use serde_saphyr::{Budget, DuplicateKeyPolicy, Options, Spanned};
 
 /// Where a node starts in its file (1-based; 0 when unknown).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -200,6 +200,9 @@ pub struct SyntaxError {
     pub message: String,
 }
 
+/// How deeply collections may nest in a config file (a job's `env` map is at depth 3).
+pub const MAX_DEPTH: usize = 24;
+
 /// Parses one file's text. Never panics; every failure is a [`SyntaxError`].
 pub fn parse_yaml(text: &str) -> Result<Node, SyntaxError> {
     let mut options = Options::default();
@@ -211,6 +214,14 @@ pub fn parse_yaml(text: &str) -> Result<Node, SyntaxError> {
     options.leading_zero_numbers_as_strings = true;
     // PyYAML lets the last duplicate key win; we do too, but want to see them to warn.
     options.duplicate_keys = DuplicateKeyPolicy::PassThrough;
+    // Deserializing a nested collection recurses, several kilobytes of stack per level in a
+    // debug build, and a stack overflow aborts the process whatever the panic strategy. The
+    // parser's default depth budgets (64 block levels, 255 flow levels) are more than a
+    // 2 MiB thread stack holds; a config needs four or five levels.
+    let mut budget = Budget::default();
+    budget.max_depth = MAX_DEPTH;
+    budget.flow_nesting_limit = MAX_DEPTH;
+    options.budget = Some(budget);
     match serde_saphyr::from_str_with_options::<Spanned<RawNode>>(text, options) {
         Ok(spanned) => Ok(into_node(spanned)),
         Err(err) => {
