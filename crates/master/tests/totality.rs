@@ -743,3 +743,26 @@ fn deeply_nested_ws_commands_are_errors_not_a_stack_overflow() {
         assert!(parse_command(&text).is_err(), "{depth}");
     }
 }
+
+#[tokio::test]
+async fn extreme_sequence_numbers_and_exit_codes_from_a_wrapper_are_handled() {
+    let h = support::Harness::start(&support::job("j", "[m1]", "")).await;
+    let instance = h.run("j").await;
+    let mut w = h.wrapper(&instance, "m1").await;
+    w.connect_and_start().await;
+    assert!(matches!(
+        w.output(u64::MAX, "far ahead").await,
+        support::Reply::Nack {
+            expected: 0,
+            received: u64::MAX
+        }
+    ));
+    assert!(matches!(w.output(0, "first").await, support::Reply::Ack(0)));
+    assert!(matches!(
+        w.output(u64::MAX - 1, "still ahead").await,
+        support::Reply::Nack { expected: 1, .. }
+    ));
+    w.complete(i64::MIN).await;
+    let view = h.run_view(&instance).await;
+    assert_eq!(view["machines"]["m1"]["retcode"], i64::MIN, "{view}");
+}
