@@ -3,7 +3,11 @@
 //! answer; the API holds no run state of its own.
 // Input from clients, files or wrappers reaches arithmetic here, so every operation that could
 // overflow or index out of bounds is written checked ("Totality" in docs/ARCHITECTURE.md).
-#![warn(clippy::arithmetic_side_effects, clippy::indexing_slicing)]
+#![warn(
+    clippy::arithmetic_side_effects,
+    clippy::indexing_slicing,
+    clippy::string_slice
+)]
 
 use std::collections::HashMap;
 use std::sync::Arc;

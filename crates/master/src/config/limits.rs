@@ -7,7 +7,11 @@
 //! ceiling as well, so that no configuration can bring back unbounded behaviour.
 // Input from clients, files or wrappers reaches arithmetic here, so every operation that could
 // overflow or index out of bounds is written checked ("Totality" in docs/ARCHITECTURE.md).
-#![warn(clippy::arithmetic_side_effects, clippy::indexing_slicing)]
+#![warn(
+    clippy::arithmetic_side_effects,
+    clippy::indexing_slicing,
+    clippy::string_slice
+)]
 
 use super::raw::Node;
 

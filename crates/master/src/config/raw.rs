@@ -21,7 +21,11 @@
 //! `str()` does, so `True`, `False`, `None` and `1.0` reach the job as they did before.
 // Input from clients, files or wrappers reaches arithmetic here, so every operation that could
 // overflow or index out of bounds is written checked ("Totality" in docs/ARCHITECTURE.md).
-#![warn(clippy::arithmetic_side_effects, clippy::indexing_slicing)]
+#![warn(
+    clippy::arithmetic_side_effects,
+    clippy::indexing_slicing,
+    clippy::string_slice
+)]
 
 use std::fmt;
 
@@ -233,7 +237,7 @@ pub fn parse_yaml(text: &str) -> Result<Node, SyntaxError> {
             // The plain message may still end with " at line L, column C"; the position is
             // reported separately, so drop the duplicate.
             let message = match message.rfind(" at line ") {
-                Some(i) if pos.is_some() => message[..i].to_owned(),
+                Some(i) if pos.is_some() => message.get(..i).unwrap_or(&message).to_owned(),
                 _ => message,
             };
             Err(SyntaxError { pos, message })

@@ -18,7 +18,11 @@
 //! [`heartbeat_timeout`]: crate::config::Settings::heartbeat_timeout
 // Input from clients, files or wrappers reaches arithmetic here, so every operation that could
 // overflow or index out of bounds is written checked ("Totality" in docs/ARCHITECTURE.md).
-#![warn(clippy::arithmetic_side_effects, clippy::indexing_slicing)]
+#![warn(
+    clippy::arithmetic_side_effects,
+    clippy::indexing_slicing,
+    clippy::string_slice
+)]
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;

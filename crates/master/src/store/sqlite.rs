@@ -6,7 +6,11 @@
 //! roll back the last batches, which wrappers then resend because they were never acked.
 // Input from clients, files or wrappers reaches arithmetic here, so every operation that could
 // overflow or index out of bounds is written checked ("Totality" in docs/ARCHITECTURE.md).
-#![warn(clippy::arithmetic_side_effects, clippy::indexing_slicing)]
+#![warn(
+    clippy::arithmetic_side_effects,
+    clippy::indexing_slicing,
+    clippy::string_slice
+)]
 
 use std::collections::BTreeMap;
 use std::path::Path;

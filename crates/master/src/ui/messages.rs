@@ -4,7 +4,11 @@
 //! (RFC 3339 with `T`, `env` redacted, `timeline` typed).
 // Input from clients, files or wrappers reaches arithmetic here, so every operation that could
 // overflow or index out of bounds is written checked ("Totality" in docs/ARCHITECTURE.md).
-#![warn(clippy::arithmetic_side_effects, clippy::indexing_slicing)]
+#![warn(
+    clippy::arithmetic_side_effects,
+    clippy::indexing_slicing,
+    clippy::string_slice
+)]
 
 use std::sync::Arc;
 
@@ -184,22 +188,19 @@ pub fn parse_when(text: &str, now: OffsetDateTime) -> Result<OffsetDateTime, Str
     }
     let mut at = now;
     while !rest.is_empty() {
-        let negative = match rest.as_bytes().first() {
-            Some(b'+') => false,
-            Some(b'-') => true,
+        let (negative, tail) = match (rest.strip_prefix('+'), rest.strip_prefix('-')) {
+            (Some(tail), _) => (false, tail),
+            (_, Some(tail)) => (true, tail),
             _ => return Err(format!("{text:?}: expected + or - after now")),
         };
-        rest = &rest[1..];
-        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
-        let n: i64 = rest[..digits]
+        let digits = tail.bytes().take_while(u8::is_ascii_digit).count();
+        let (number, tail) = tail.split_at_checked(digits).unwrap_or((tail, ""));
+        let n: i64 = number
             .parse()
             .map_err(|_| format!("{text:?}: expected a number"))?;
-        rest = &rest[digits..];
-        let unit = rest
-            .chars()
-            .next()
-            .ok_or(format!("{text:?}: missing unit"))?;
-        rest = &rest[unit.len_utf8()..];
+        let mut chars = tail.chars();
+        let unit = chars.next().ok_or(format!("{text:?}: missing unit"))?;
+        rest = chars.as_str();
         let secs: i64 = match unit {
             's' => 1,
             'm' => 60,
