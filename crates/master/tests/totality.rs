@@ -137,10 +137,11 @@ fn the_caps_are_settings() {
 /// a time out of the calendar.
 fn date_text() -> BoxedStrategy<String> {
     prop_oneof![
-        "now([+-][0-9]{1,21}[smhdwy]?){0,4}(/d)?",
-        "(0000|0001|1970|2026|9999)-(01|12)-(01|31)T(00|23):(00|59):(00|59)(\\.5)?(Z|[+-](00|14|23):(00|59))",
-        " ?now ?",
-        "[ -~]{0,16}",
+        4 => "now([+-][0-9]{1,19}[smhdw]){1,4}(/d)?",
+        1 => "now([+-][0-9]{1,21}[smhdwy]?){0,4}(/d)?",
+        2 => "(0000|0001|1970|2026|9999)-(01|12)-(01|31)T(00|23):(00|59):(00|59)(\\.5)?(Z|[+-](00|14|23):(00|59))",
+        1 => " ?now ?",
+        1 => "[ -~]{0,16}",
     ]
     .boxed()
 }
@@ -162,9 +163,10 @@ fn limits() -> impl Strategy<Value = Limits> {
         })
 }
 
-/// A query string's parameters: the keys the parsers read, with hostile values.
+/// A query string's parameters: each key the parsers read, present half the time, with
+/// hostile values (date text most often, since it feeds the time arithmetic).
 fn params() -> impl Strategy<Value = HashMap<String, String>> {
-    let key = prop::sample::select(vec![
+    const KEYS: [&str; 11] = [
         "start_date",
         "end_date",
         "limit",
@@ -176,17 +178,22 @@ fn params() -> impl Strategy<Value = HashMap<String, String>> {
         "before",
         "offset",
         "length",
-    ]);
-    let value = prop_oneof![
-        date_text(),
-        "-?[0-9]{1,22}",
-        Just(u64::MAX.to_string()),
-        Just(i64::MAX.to_string()),
-        Just((1u128 << 64).to_string()),
-        "([a-z0-9]{0,6}:-?[0-9]{0,21},?){0,6}",
-        "[ -~]{0,12}",
     ];
-    prop::collection::hash_map(key.prop_map(str::to_owned), value, 0..8)
+    let value = prop_oneof![
+        4 => date_text(),
+        1 => "-?[0-9]{1,22}",
+        1 => Just(u64::MAX.to_string()),
+        1 => Just(i64::MAX.to_string()),
+        1 => Just((1u128 << 64).to_string()),
+        1 => "([a-z0-9]{0,6}:-?[0-9]{0,21},?){0,6}",
+        1 => "[ -~]{0,12}",
+    ];
+    prop::collection::vec(prop::option::weighted(0.5, value), KEYS.len()).prop_map(|values| {
+        KEYS.iter()
+            .zip(values)
+            .filter_map(|(k, v)| Some(((*k).to_owned(), v?)))
+            .collect()
+    })
 }
 
 /// Moments across the whole calendar, the edges included.
@@ -645,7 +652,28 @@ fn ws_command() -> impl Strategy<Value = String> {
         "getTimeline",
         "other",
     ]);
-    (key, json_value()).prop_map(|(k, v)| json!({ k: v }).to_string())
+    let any = (key, json_value()).prop_map(|(k, v)| json!({ k: v }).to_string());
+    // Well-formed commands with hostile values, so the executing code is reached often.
+    let timeline = (date_text(), date_text(), json_value()).prop_map(|(start, end, id)| {
+        json!({ "getTimeline": { "start_date": start, "end_date": end, "id": id } }).to_string()
+    });
+    let names = prop::collection::vec(
+        prop_oneof![
+            Just("j".to_owned()),
+            "[a-z]{1,4}",
+            "[a-z]".prop_map(|c| c.repeat(1100))
+        ],
+        0..30,
+    );
+    let subscribe = (
+        prop::sample::select(vec!["subscribe", "unsubscribe"]),
+        names,
+    )
+        .prop_map(|(k, v)| json!({ k: v }).to_string());
+    let kill = (json_value(), json_value(), json_value()).prop_map(|(c, m, i)| {
+        json!({ "killMachine": { "cron": c, "machine": m, "job_instance": i } }).to_string()
+    });
+    prop_oneof![3 => any, 2 => timeline, 2 => subscribe, 1 => kill]
 }
 
 /// Arbitrary commands over one connection: after each, the connection still answers a
@@ -765,4 +793,75 @@ async fn extreme_sequence_numbers_and_exit_codes_from_a_wrapper_are_handled() {
     w.complete(i64::MIN).await;
     let view = h.run_view(&instance).await;
     assert_eq!(view["machines"]["m1"]["retcode"], i64::MIN, "{view}");
+}
+
+/// Percent-encodes everything but unreserved characters, so any text fits a query string.
+fn encode(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                char::from(b).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// Every read-only route with hostile path segments and query parameters: each request gets
+/// an answer (a handler that panicked would close the connection without one), and nothing
+/// but a 2xx, 400 or 404 comes back.
+#[test]
+fn http_routes_answer_arbitrary_queries() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (r, _l, _d) = rt.block_on(support::start_server("", &jobs()));
+    // The timeline routes are the ones with time arithmetic behind them: weighted up.
+    let route = prop_oneof![
+        3 => Just("/timeline"),
+        3 => Just("/api/v1/timeline"),
+        1 => Just("/api/v1/jobs/{}/runs"),
+        1 => Just("/api/v1/runs/{}"),
+        1 => Just("/api/v1/runs/{}/output"),
+        1 => Just("/api/v1/runs/{}/machines/m1/output"),
+        1 => Just("/running"),
+        1 => Just("/config"),
+        1 => Just("/api/v1/overview"),
+    ];
+    let segment = prop_oneof![Just("j".to_owned()), Just("j_1".to_owned()), "[ -~]{0,12}",];
+    let mut runner = TestRunner::new(RunnerConfig {
+        cases: 256,
+        failure_persistence: None,
+        ..RunnerConfig::default()
+    });
+    runner
+        .run(&(route, segment, params()), |(route, segment, q)| {
+            let query: Vec<String> = q
+                .iter()
+                .map(|(k, v)| format!("{}={}", encode(k), encode(v)))
+                .collect();
+            let path = format!(
+                "{}?{}",
+                route.replace("{}", &encode(&segment)),
+                query.join("&")
+            );
+            let (status, body) = rt.block_on(get(&r, &path));
+            prop_assert!(
+                (200..300).contains(&status) || status == 400 || status == 404,
+                "{} -> {} {}",
+                path,
+                status,
+                body
+            );
+            Ok(())
+        })
+        .unwrap();
+    assert_eq!(rt.block_on(get(&r, "/api/v1/jobs")).0, 200);
+    rt.block_on(async {
+        r.shutdown.cancel();
+    });
+    drop(r);
+    rt.shutdown_timeout(Duration::from_secs(5));
 }
