@@ -150,7 +150,8 @@ pub struct JobSpec {
     pub cwd: Option<String>,
     /// `env`: extra environment variables; values converted to text as Python's `str()` does.
     pub env: BTreeMap<String, String>,
-    /// `timeout`: 3600 s when absent; `0` or `null` mean no limit (`None`).
+    /// `timeout`: 3600 s when absent; `0` or `null` mean no limit (`None`); at most
+    /// [`MAX_TIMEOUT_SECS`].
     pub timeout: Option<Duration>,
     /// `number_of_targets`: run on a random subset of this size; 0 = all.
     pub number_of_targets: usize,
