@@ -1,19 +1,33 @@
 //! The HTTP API (default 127.0.0.1:8888): JSON, RFC 3339 times, errors as
 //! `{"error": "..."}` with a 4xx/5xx status. Every handler asks the engine and renders its
 //! answer; the API holds no run state of its own.
+// Input from clients, files or wrappers reaches arithmetic here, so every operation that could
+// overflow or index out of bounds is written checked ("Totality" in docs/ARCHITECTURE.md).
+#![warn(
+    clippy::arithmetic_side_effects,
+    clippy::indexing_slicing,
+    clippy::string_slice
+)]
 
-use axum::extract::{Path, State};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::extract::{FromRef, Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::json;
+use tokio::sync::watch;
 
+use crate::config::Config;
 use crate::engine::{ApiError, ApiRequest, EngineHandle};
 use crate::store::Query;
+use crate::ui::UiContext;
+use crate::ui::query::{self, QueryError};
 
-/// The API's router.
-pub fn router(engine: EngineHandle) -> Router {
+/// The API's router. The configuration gives the caps on what a request may ask for.
+pub fn router(engine: EngineHandle, config: watch::Receiver<Arc<Config>>) -> Router {
     Router::new()
         .route("/version", get(version))
         .route("/api/v1/jobs", get(list_jobs))
@@ -29,7 +43,13 @@ pub fn router(engine: EngineHandle) -> Router {
             "/api/v1/runs/{instance}/machines/{machine}/kill",
             post(kill_machine),
         )
-        .with_state(engine)
+        .with_state(UiContext { engine, config })
+}
+
+impl FromRef<UiContext> for EngineHandle {
+    fn from_ref(ctx: &UiContext) -> EngineHandle {
+        ctx.engine.clone()
+    }
 }
 
 /// An error response.
@@ -39,6 +59,12 @@ pub struct Failure(StatusCode, String);
 impl IntoResponse for Failure {
     fn into_response(self) -> Response {
         (self.0, Json(json!({ "error": self.1 }))).into_response()
+    }
+}
+
+impl From<QueryError> for Failure {
+    fn from(e: QueryError) -> Self {
+        Failure(StatusCode::BAD_REQUEST, e.0)
     }
 }
 
@@ -112,23 +138,19 @@ fn store_failed(error: crate::store::StoreError) -> Failure {
     )
 }
 
-/// Paging of `GET /api/v1/jobs/{job}/runs`.
-#[derive(Debug, serde::Deserialize)]
-struct Page {
-    /// Only runs that started before this RFC 3339 time (the last `started` of a page).
-    before: Option<String>,
-    /// At most this many runs (default 20, at most 500).
-    limit: Option<usize>,
-}
-
-/// A job's runs, newest first, from the store.
+/// A job's runs, newest first, from the store: `before` (only runs that started before this
+/// RFC 3339 time, the last `started` of a page) and `limit` (default 20, at most
+/// `api_max_runs_page`).
 async fn job_runs(
-    State(engine): State<EngineHandle>,
+    State(ctx): State<UiContext>,
     Path(job): Path<String>,
-    axum::extract::Query(page): axum::extract::Query<Page>,
+    axum::extract::Query(params): axum::extract::Query<HashMap<String, String>>,
 ) -> Result<Response, Failure> {
-    let limit = page.limit.unwrap_or(20).clamp(1, 500);
-    let runs = engine
+    let limits = ctx.config.borrow().settings.limits;
+    let page = query::runs_page(&params, &limits)?;
+    let limit = page.limit;
+    let runs = ctx
+        .engine
         .ask(|reply| {
             ApiRequest::Store(Query::Runs {
                 job,
@@ -146,29 +168,21 @@ async fn job_runs(
     Ok(Json(json!({ "runs": runs, "next_before": next })).into_response())
 }
 
-/// A byte range of a machine's output.
-#[derive(Debug, serde::Deserialize)]
-struct Range {
-    /// First byte (default 0).
-    offset: Option<u64>,
-    /// How many bytes (default: to the end).
-    length: Option<u64>,
-}
-
 /// A machine's full stored output (or a byte range of it) as plain text. The total length and
 /// how much retention dropped are in `X-Output-Total-Bytes` and `X-Output-Dropped-Bytes`.
 async fn machine_output(
     State(engine): State<EngineHandle>,
     Path((instance, machine)): Path<(String, String)>,
-    axum::extract::Query(range): axum::extract::Query<Range>,
+    axum::extract::Query(params): axum::extract::Query<HashMap<String, String>>,
 ) -> Result<Response, Failure> {
+    let range = query::byte_range(&params)?;
     let what = format!("no output for {machine:?} in {instance:?}");
     let output = engine
         .ask(|reply| {
             ApiRequest::Store(Query::Output {
                 instance,
                 machine,
-                offset: range.offset.unwrap_or(0),
+                offset: range.offset,
                 length: range.length,
                 reply,
             })

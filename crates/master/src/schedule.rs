@@ -666,7 +666,9 @@ impl Schedule {
         let last_year = self.parsed[6].value_list().last().copied();
         if !self.parsed[6].any
             && let Some(last_year) = last_year
-            && (after - time::Duration::DAY).year() > i32::from(last_year)
+            && after
+                .checked_sub(time::Duration::DAY)
+                .is_some_and(|a| a.year() > i32::from(last_year))
         {
             return None;
         }
@@ -750,7 +752,10 @@ impl Schedule {
             && let Some(candidate) = candidate
             && candidate > last
             && candidate <= now
-            && self.next_after(candidate - time::Duration::SECOND) == Some(candidate)
+            && candidate
+                .checked_sub(time::Duration::SECOND)
+                .and_then(|c| self.next_after(c))
+                == Some(candidate)
         {
             return Some(candidate);
         }

@@ -194,7 +194,7 @@ pub async fn start(options: Options) -> Result<Running, StartError> {
     });
     let ui = crate::ui::router(handle.clone(), config_rx.clone());
     let api = crate::ui::protect(
-        crate::api::router(handle.clone()).merge(ui),
+        crate::api::router(handle.clone(), config_rx.clone()).merge(ui),
         config_rx.clone(),
     );
     let stop = shutdown.clone();

@@ -11,7 +11,7 @@ use std::fmt;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use time::format_description::well_known::Rfc3339;
-use time::{OffsetDateTime, UtcOffset};
+use time::{OffsetDateTime, PrimitiveDateTime, UtcOffset};
 
 /// A point in time as carried on the wire, normalised to UTC.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -26,8 +26,24 @@ pub struct TimestampError {
 
 impl Timestamp {
     /// Wraps a time, converting it to UTC.
+    ///
+    /// A time whose UTC equivalent falls outside the years -9999..=9999 (such as
+    /// `9999-12-31T23:59:59-01:00`) is clamped to the nearest representable instant:
+    /// `OffsetDateTime::to_offset` would panic on it, and formatting must stay total.
+    /// [`Timestamp::parse`] rejects such input instead of clamping it.
     pub fn new(at: OffsetDateTime) -> Self {
-        Self(at.to_offset(UtcOffset::UTC))
+        Self(at.checked_to_offset(UtcOffset::UTC).unwrap_or_else(|| {
+            if at.year() > 0 {
+                PrimitiveDateTime::MAX.assume_utc()
+            } else {
+                PrimitiveDateTime::MIN.assume_utc()
+            }
+        }))
+    }
+
+    /// Wraps a time if its UTC equivalent is representable.
+    pub fn checked_new(at: OffsetDateTime) -> Option<Self> {
+        at.checked_to_offset(UtcOffset::UTC).map(Self)
     }
 
     /// The current wall-clock time. Only for stamping outgoing messages.
@@ -53,8 +69,9 @@ impl Timestamp {
             input.into()
         };
         OffsetDateTime::parse(&text, &Rfc3339)
-            .map(Self::new)
-            .map_err(|_| err())
+            .ok()
+            .and_then(Self::checked_new)
+            .ok_or_else(err)
     }
 }
 
@@ -152,6 +169,29 @@ mod tests {
                 "{input} should be rejected"
             );
         }
+    }
+
+    #[test]
+    fn times_beyond_the_representable_range_in_utc_are_errors() {
+        // Each is valid RFC 3339 whose UTC equivalent lies in year 10000 or -10000, where
+        // `to_offset` panics.
+        for input in [
+            "9999-12-31T23:59:59-00:01",
+            "9999-12-31T23:00:00-23:59",
+            "-9999-01-01T00:00:00+00:01",
+        ] {
+            assert!(Timestamp::parse(input).is_err(), "{input}");
+        }
+        let edge = OffsetDateTime::parse("9999-12-31T23:59:59-01:00", &Rfc3339);
+        if let Ok(edge) = edge {
+            assert_eq!(Timestamp::new(edge).get().year(), 9999);
+        }
+        assert_eq!(
+            Timestamp::parse("9999-12-31T22:59:59-01:00")
+                .map(|t| t.to_string())
+                .ok(),
+            Some("9999-12-31T23:59:59.000000+00:00".to_owned())
+        );
     }
 
     #[test]

@@ -67,3 +67,45 @@ proptest! {
         }
     }
 }
+
+/// RFC 3339 text near the edges of what `time` represents: years 0000 and 9999, offsets up to
+/// ±23:59, so converting to UTC can leave the range.
+fn edge_timestamp() -> impl Strategy<Value = String> {
+    (
+        prop::sample::select(vec![0u32, 1, 1970, 2025, 9998, 9999]),
+        1u32..=12,
+        1u32..=31,
+        0u32..=23,
+        0u32..=59,
+        0u32..=60,
+        prop::sample::select(vec!['+', '-']),
+        0u32..=23,
+        0u32..=59,
+        prop::bool::ANY,
+    )
+        .prop_map(|(y, mo, d, h, mi, s, sign, oh, om, zulu)| {
+            let offset = if zulu {
+                "Z".to_owned()
+            } else {
+                format!("{sign}{oh:02}:{om:02}")
+            };
+            format!("{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}.5{offset}")
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    #[test]
+    fn timestamps_at_the_edges_of_the_range_never_panic(text in edge_timestamp()) {
+        if let Ok(ts) = saltpeter_proto::Timestamp::parse(&text) {
+            // What parses is printable and parses back to itself.
+            let again = saltpeter_proto::Timestamp::parse(&ts.to_string()).ok();
+            prop_assert_eq!(again, Some(ts));
+        }
+        let frame = format!(
+            r#"{{"type":"heartbeat","job_name":"j","job_instance":"j_1","machine":"m","timestamp":"{text}"}}"#
+        );
+        let _ = WrapperMessage::decode(&frame);
+    }
+}

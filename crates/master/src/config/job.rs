@@ -3,6 +3,13 @@
 //! Every key of reference 4.3 keeps its meaning and default, plus `timezone`. A job with any
 //! error is skipped as a whole (the other jobs of the file still load); unknown keys are kept for
 //! the UI and reported as warnings.
+// Input from clients, files or wrappers reaches arithmetic here, so every operation that could
+// overflow or index out of bounds is written checked ("Totality" in docs/ARCHITECTURE.md).
+#![warn(
+    clippy::arithmetic_side_effects,
+    clippy::indexing_slicing,
+    clippy::string_slice
+)]
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -17,6 +24,11 @@ use crate::schedule::{Field, Schedule, ScheduleError, ScheduleFields};
 
 /// The timeout the loader applies when a job has no `timeout` key (reference 4.3).
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// The longest `timeout` a job may have: 365 days. The engine adds the timeout to the instant
+/// a machine was launched, and an instant that far out cannot overflow the monotonic clock;
+/// anything longer is in practice "no limit", which `0` or `null` already say.
+pub const MAX_TIMEOUT_SECS: u64 = 365 * 86_400;
 
 /// Salt's targeting expression for a job.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -138,7 +150,8 @@ pub struct JobSpec {
     pub cwd: Option<String>,
     /// `env`: extra environment variables; values converted to text as Python's `str()` does.
     pub env: BTreeMap<String, String>,
-    /// `timeout`: 3600 s when absent; `0` or `null` mean no limit (`None`).
+    /// `timeout`: 3600 s when absent; `0` or `null` mean no limit (`None`); at most
+    /// [`MAX_TIMEOUT_SECS`].
     pub timeout: Option<Duration>,
     /// `number_of_targets`: run on a random subset of this size; 0 = all.
     pub number_of_targets: usize,
@@ -522,6 +535,17 @@ pub(crate) fn parse_job(
         Some(node) if matches!(node.value, Value::Null) => None,
         Some(node) => match node.as_count("a whole number of seconds") {
             Ok(0) => None,
+            Ok(s) if s > MAX_TIMEOUT_SECS => {
+                ctx.error(
+                    Some(node),
+                    "timeout",
+                    format!(
+                        "expected at most {MAX_TIMEOUT_SECS} seconds (365 days), got {s}; \
+                         use 0 or null for no limit"
+                    ),
+                );
+                None
+            }
             Ok(s) => Some(Duration::from_secs(s)),
             Err(e) => {
                 ctx.error(Some(node), "timeout", e);
@@ -687,6 +711,7 @@ fn schedule_error(ctx: &mut Ctx<'_>, keys: &BTreeMap<String, &Node>, error: &Sch
 }
 
 #[cfg(test)]
+#[allow(clippy::indexing_slicing)] // A test that indexes out of bounds fails, as it should.
 mod tests {
     use super::*;
     use crate::config::raw::parse_yaml;

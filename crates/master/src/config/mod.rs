@@ -9,6 +9,7 @@
 //! Layout, lowest level first:
 //! - [`raw`]: YAML text to a tree of values with line and column, and the YAML 1.1 notes;
 //! - [`job`], [`settings`], [`maintenance`]: each section validated into typed values;
+//! - [`limits`]: the caps on what API and UI clients control (part of the settings);
 //! - [`dir`]: a directory, file by file, keeping every file's last good version;
 //! - [`deploy`]: checks of the whole configuration (legacy wrappers, an open API, users);
 //! - [`watch`]: hot reload (file events as a trigger, a debounced rescan, a slow safety rescan);
@@ -26,6 +27,7 @@ use time::OffsetDateTime;
 pub mod deploy;
 pub mod dir;
 pub mod job;
+pub mod limits;
 pub mod maintenance;
 pub mod problem;
 pub mod raw;
@@ -34,6 +36,7 @@ pub mod watch;
 
 pub use dir::{DirLoader, LoadOutcome, ScanMode};
 pub use job::{JobSource, JobSpec, TargetType, Targets};
+pub use limits::Limits;
 pub use maintenance::Maintenance;
 pub use problem::{ConfigProblem, Section, Severity};
 pub use settings::{Launcher, Settings};

@@ -19,11 +19,18 @@
 //!
 //! Strings given to `env` are kept as written; other scalars are converted the way Python's
 //! `str()` does, so `True`, `False`, `None` and `1.0` reach the job as they did before.
+// Input from clients, files or wrappers reaches arithmetic here, so every operation that could
+// overflow or index out of bounds is written checked ("Totality" in docs/ARCHITECTURE.md).
+#![warn(
+    clippy::arithmetic_side_effects,
+    clippy::indexing_slicing,
+    clippy::string_slice
+)]
 
 use std::fmt;
 
 use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
-use serde_saphyr::{DuplicateKeyPolicy, Options, Spanned};
+use serde_saphyr::{Budget, DuplicateKeyPolicy, Options, Spanned};
 
 /// Where a node starts in its file (1-based; 0 when unknown).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -197,6 +204,9 @@ pub struct SyntaxError {
     pub message: String,
 }
 
+/// How deeply collections may nest in a config file (a job's `env` map is at depth 3).
+pub const MAX_DEPTH: usize = 24;
+
 /// Parses one file's text. Never panics; every failure is a [`SyntaxError`].
 pub fn parse_yaml(text: &str) -> Result<Node, SyntaxError> {
     let mut options = Options::default();
@@ -208,6 +218,14 @@ pub fn parse_yaml(text: &str) -> Result<Node, SyntaxError> {
     options.leading_zero_numbers_as_strings = true;
     // PyYAML lets the last duplicate key win; we do too, but want to see them to warn.
     options.duplicate_keys = DuplicateKeyPolicy::PassThrough;
+    // Deserializing a nested collection recurses, several kilobytes of stack per level in a
+    // debug build, and a stack overflow aborts the process whatever the panic strategy. The
+    // parser's default depth budgets (64 block levels, 255 flow levels) are more than a
+    // 2 MiB thread stack holds; a config needs four or five levels.
+    let mut budget = Budget::default();
+    budget.max_depth = MAX_DEPTH;
+    budget.flow_nesting_limit = MAX_DEPTH;
+    options.budget = Some(budget);
     match serde_saphyr::from_str_with_options::<Spanned<RawNode>>(text, options) {
         Ok(spanned) => Ok(into_node(spanned)),
         Err(err) => {
@@ -219,7 +237,7 @@ pub fn parse_yaml(text: &str) -> Result<Node, SyntaxError> {
             // The plain message may still end with " at line L, column C"; the position is
             // reported separately, so drop the duplicate.
             let message = match message.rfind(" at line ") {
-                Some(i) if pos.is_some() => message[..i].to_owned(),
+                Some(i) if pos.is_some() => message.get(..i).unwrap_or(&message).to_owned(),
                 _ => message,
             };
             Err(SyntaxError { pos, message })
@@ -342,6 +360,7 @@ impl<'de> Visitor<'de> for RawVisitor {
 }
 
 #[cfg(test)]
+#[allow(clippy::indexing_slicing)] // A test that indexes out of bounds fails, as it should.
 mod tests {
     use super::*;
 

@@ -9,6 +9,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use super::limits::{Limits, PartialLimits};
 use super::problem::{ConfigProblem, Section, Severity};
 use super::raw::{Node, Value};
 
@@ -45,6 +46,9 @@ pub struct Settings {
     pub api_token: Option<String>,
     /// `ws_allowed_origins`: Origins allowed on the UI WebSocket (a list or one text).
     pub ws_allowed_origins: Vec<String>,
+    /// Caps on what API and UI clients control (`ui_max_subscriptions` and the others of
+    /// [`Limits`]).
+    pub limits: Limits,
     /// `machines_ws_bind_addr`: the machines endpoint's address; default 0.0.0.0.
     pub machines_bind_addr: IpAddr,
     /// `machines_ws_port`: the machines endpoint's port; default 8889.
@@ -119,6 +123,7 @@ impl Default for Settings {
             api_port: 8888,
             api_token: None,
             ws_allowed_origins: Vec::new(),
+            limits: Limits::default(),
             machines_bind_addr: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
             machines_port: 8889,
             default_saltpeter_server_host: host_name(),
@@ -157,6 +162,7 @@ pub(crate) struct PartialSettings {
     api_port: Option<u16>,
     api_token: Option<Option<String>>,
     ws_allowed_origins: Option<Vec<String>>,
+    limits: PartialLimits,
     machines_bind_addr: Option<IpAddr>,
     machines_port: Option<u16>,
     default_saltpeter_server_host: Option<String>,
@@ -212,16 +218,38 @@ fn address(node: &Node) -> Result<IpAddr, String> {
     }
 }
 
+/// The longest `heartbeat_timeout` or `ping_timeout`. Liveness deadlines are instants on the
+/// monotonic clock, and adding a longer span than the clock can hold would panic; a day is
+/// already far beyond any useful wait.
+const MAX_SETTING_SECONDS: u64 = 86_400;
+
 fn seconds(node: &Node) -> Result<Duration, String> {
     match node.as_count("a whole number of seconds")? {
         0 => Err("must be at least 1 second".to_owned()),
+        s if s > MAX_SETTING_SECONDS => Err(format!(
+            "must be at most {MAX_SETTING_SECONDS} seconds (one day), got {s}"
+        )),
         s => Ok(Duration::from_secs(s)),
     }
 }
 
+/// The largest `retention_runs_per_job`: the store hands it to SQLite as a signed integer.
+const MAX_RETENTION_RUNS: u64 = 1_000_000_000;
+/// The largest `retention_days` (a century): the age cut-off is computed as a date, which
+/// must stay within the calendar the time library represents.
+const MAX_RETENTION_DAYS: u64 = 36_500;
+
 fn at_least_one(node: &Node) -> Result<u64, String> {
     match node.as_count("a whole number")? {
         0 => Err("must be at least 1".to_owned()),
+        n => Ok(n),
+    }
+}
+
+/// A whole number in `1..=max`.
+fn between_one_and(max: u64) -> impl Fn(&Node) -> Result<u64, String> {
+    move |node| match at_least_one(node)? {
+        n if n > max => Err(format!("must be at most {max}, got {n}")),
         n => Ok(n),
     }
 }
@@ -280,6 +308,12 @@ pub(crate) fn parse_settings(
                 }
             };
         }
+        if let Some(result) = out.limits.parse(&key, v) {
+            if let Err(e) = result {
+                put_error(e);
+            }
+            continue;
+        }
         match key.as_str() {
             "logdir" => set!(logdir, |n: &Node| non_empty(n).map(PathBuf::from)),
             "debug" => set!(debug, Node::as_bool),
@@ -311,8 +345,10 @@ pub(crate) fn parse_settings(
             "salt_config_dir" => set!(salt_config_dir, |n: &Node| optional(n, non_empty)
                 .map(|o| o.map(PathBuf::from))),
             "ping_timeout" => set!(ping_timeout, seconds),
-            "retention_runs_per_job" => set!(retention_runs_per_job, at_least_one),
-            "retention_days" => set!(retention_days, at_least_one),
+            "retention_runs_per_job" => {
+                set!(retention_runs_per_job, between_one_and(MAX_RETENTION_RUNS))
+            }
+            "retention_days" => set!(retention_days, between_one_and(MAX_RETENTION_DAYS)),
             "retention_output_head_bytes" => {
                 set!(retention_output_head_bytes, |n: &Node| n
                     .as_count("a number of bytes"))
@@ -399,6 +435,7 @@ impl Settings {
             retention_output_head_bytes,
             retention_output_tail_bytes
         );
+        self.limits.apply(&p.limits);
         for (k, v) in &p.extra {
             self.extra.insert(k.clone(), v.clone());
         }

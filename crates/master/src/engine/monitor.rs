@@ -16,6 +16,13 @@
 //! machine whatever the message rate.
 //!
 //! [`heartbeat_timeout`]: crate::config::Settings::heartbeat_timeout
+// Input from clients, files or wrappers reaches arithmetic here, so every operation that could
+// overflow or index out of bounds is written checked ("Totality" in docs/ARCHITECTURE.md).
+#![warn(
+    clippy::arithmetic_side_effects,
+    clippy::indexing_slicing,
+    clippy::string_slice
+)]
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -65,6 +72,11 @@ enum Due {
 }
 
 /// Applies the rules to one machine. Pure, so the rules can be read and tested in one place.
+///
+/// Deadlines are computed with checked arithmetic: `Instant + Duration` panics when the sum
+/// does not fit the clock, and a deadline that does not fit is one that never comes, so its
+/// rule is simply not armed. Validated settings and job files keep every span far below that
+/// point; the check keeps the engine total whatever its caller hands it.
 fn evaluate(
     m: &MachineRun,
     now: Instant,
@@ -80,8 +92,9 @@ fn evaluate(
     }
     let mut next: Option<Instant> = None;
     let mut consider = |at: Instant| next = Some(next.map_or(at, |n| n.min(at)));
-    if let Some(requested) = c.kill_requested {
-        let give_up = requested + KILL_GRACE;
+    if let Some(requested) = c.kill_requested
+        && let Some(give_up) = requested.checked_add(KILL_GRACE)
+    {
         if now >= give_up {
             return (
                 Due::Verdict {
@@ -93,14 +106,16 @@ fn evaluate(
             );
         }
         consider(give_up);
-        let resend = c.kill_sent.unwrap_or(requested) + KILL_RESEND;
-        if now >= resend {
-            return (Due::ResendKill, Some(now + KILL_RESEND));
+        if let Some(resend) = c.kill_sent.unwrap_or(requested).checked_add(KILL_RESEND) {
+            if now >= resend {
+                return (Due::ResendKill, now.checked_add(KILL_RESEND));
+            }
+            consider(resend);
         }
-        consider(resend);
     }
-    if let Some(timeout) = job_timeout {
-        let limit = launched + timeout + TIMEOUT_GRACE;
+    if let Some(limit) =
+        job_timeout.and_then(|t| launched.checked_add(t.saturating_add(TIMEOUT_GRACE)))
+    {
         if now >= limit {
             return (
                 Due::Verdict {
@@ -120,7 +135,9 @@ fn evaluate(
     }
     match (c.started, c.last_beat) {
         (Some(_), Some(beat)) => {
-            let lost = beat + hb_timeout;
+            let Some(lost) = beat.checked_add(hb_timeout) else {
+                return (Due::Nothing, next);
+            };
             if now >= lost {
                 return (
                     Due::Verdict {
@@ -134,7 +151,9 @@ fn evaluate(
             consider(lost);
         }
         _ => {
-            let window = launched + STARTUP_WINDOW;
+            let Some(window) = launched.checked_add(STARTUP_WINDOW) else {
+                return (Due::Nothing, next);
+            };
             if now >= window {
                 let line = match &c.launch_problem {
                     Some(why) => format!("Wrapper failed to start - {why}\n"),
@@ -299,6 +318,20 @@ mod tests {
         let (due, next) = evaluate(&m, t0 + Duration::from_secs(10_010), None, HB);
         assert_eq!(due, Due::Nothing);
         assert_eq!(next, Some(t0 + Duration::from_secs(10_015)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn spans_beyond_the_clock_are_deadlines_that_never_come() {
+        let t0 = Instant::now();
+        let mut m = machine(t0);
+        m.clock.started = Some(t0);
+        m.clock.last_beat = Some(t0);
+        let huge = Duration::from_secs(u64::MAX);
+        let (due, next) = evaluate(&m, t0 + Duration::from_secs(60), Some(huge), huge);
+        assert_eq!((due, next), (Due::Nothing, None));
+        m.clock.kill_requested = Some(t0);
+        let (due, _) = evaluate(&m, t0 + Duration::from_secs(1), Some(huge), huge);
+        assert_eq!(due, Due::Nothing);
     }
 
     #[tokio::test(start_paused = true)]

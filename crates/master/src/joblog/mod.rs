@@ -490,7 +490,8 @@ fn safe_name(name: &str) -> String {
 /// Python's `str(datetime)` for an aware UTC time: space separator, microseconds only when
 /// non-zero, `+00:00`. The original's log lines use it, and log readers may parse it.
 pub fn py_time(at: OffsetDateTime) -> String {
-    let at = at.to_offset(time::UtcOffset::UTC);
+    // Through `Timestamp`, whose conversion to UTC cannot panic at the calendar's edges.
+    let at = saltpeter_proto::Timestamp::new(at).get();
     let base = format!(
         "{:04}-{:02}-{:02} {:02}:{:02}:{:02}",
         at.year(),

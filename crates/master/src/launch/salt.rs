@@ -226,7 +226,7 @@ impl Launcher for SaltLauncher {
     fn resolve(&self, job: Arc<JobSpec>) -> BoxFuture<Resolution> {
         let me = self.clone();
         Box::pin(async move {
-            let limit = me.ping_timeout + PROCESS_GRACE;
+            let limit = me.ping_timeout.saturating_add(PROCESS_GRACE);
             let result = match me.ping_args(&job) {
                 Ok(args) => me.call(args, limit).await,
                 Err(e) => Err(e),
@@ -272,7 +272,10 @@ impl Launcher for SaltLauncher {
                 .job
                 .timeout
                 .map_or(Duration::from_secs(u64::from(u32::MAX)), |t| {
-                    t + TIMEOUT_GRACE + PROCESS_GRACE
+                    // Saturating: `Duration + Duration` panics on overflow, and a limit this
+                    // long is no limit anyway (tokio treats it as "never").
+                    t.saturating_add(TIMEOUT_GRACE)
+                        .saturating_add(PROCESS_GRACE)
                 });
             let result = match me.direct_args(&request) {
                 Ok(args) => me.call(args, limit).await,

@@ -58,7 +58,8 @@ impl Document {
 
 /// RFC 3339 in UTC with fixed microseconds, which both backends' default date mapping accepts.
 pub fn rfc3339(at: OffsetDateTime) -> String {
-    let at = at.to_offset(time::UtcOffset::UTC);
+    // Through `Timestamp`, whose conversion to UTC cannot panic at the calendar's edges.
+    let at = saltpeter_proto::Timestamp::new(at).get();
     format!(
         "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}Z",
         at.year(),

@@ -4,6 +4,13 @@
 //! Durability: WAL with `synchronous=NORMAL`. A committed batch survives the master being
 //! killed at any instant (what the restart guarantees need); an operating-system crash may
 //! roll back the last batches, which wrappers then resend because they were never acked.
+// Input from clients, files or wrappers reaches arithmetic here, so every operation that could
+// overflow or index out of bounds is written checked ("Totality" in docs/ARCHITECTURE.md).
+#![warn(
+    clippy::arithmetic_side_effects,
+    clippy::indexing_slicing,
+    clippy::string_slice
+)]
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -164,6 +171,12 @@ pub struct Db {
     gate: WriteGate,
     /// Dropped with the `Db`, which stops the checkpoint thread.
     _checkpointer: Option<Checkpointer>,
+}
+
+/// A row limit for SQL. SQLite reads a negative `LIMIT` as "no limit", which a plain `as`
+/// cast of a huge count would produce; saturating keeps a cap a cap.
+fn sql_limit(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
 }
 
 fn ts(at: OffsetDateTime) -> String {
@@ -502,7 +515,7 @@ impl Db {
              ORDER BY started DESC LIMIT ?3",
         )?;
         let rows: Vec<RunSummary> = stmt
-            .query_map(params![job, before, limit as i64], |r| {
+            .query_map(params![job, before, sql_limit(limit)], |r| {
                 Ok(RunSummary {
                     instance: r.get(0)?,
                     job: r.get(1)?,
@@ -544,7 +557,7 @@ impl Db {
                     query.job,
                     ts(query.end),
                     ts(query.start),
-                    query.limit.max(1) as i64
+                    sql_limit(query.limit.max(1))
                 ],
                 |r| {
                     Ok((
@@ -643,8 +656,11 @@ impl Db {
         let Some((total, dropped)) = totals else {
             return Ok(None);
         };
+        // SQLite integers are signed: a position past `i64::MAX` is past every byte anyway, and
+        // clamping keeps `offset` non-negative, so the differences below cannot overflow.
+        let offset = i64::try_from(offset).unwrap_or(i64::MAX);
         let end = length.map_or(i64::MAX, |l| {
-            offset.saturating_add(l).min(i64::MAX as u64) as i64
+            offset.saturating_add(i64::try_from(l).unwrap_or(i64::MAX))
         });
         let mut stmt = self.conn.prepare_cached(
             "SELECT byte_offset, data FROM output
@@ -652,26 +668,27 @@ impl Db {
                AND byte_offset + length(CAST(data AS BLOB)) > ?3
              ORDER BY idx",
         )?;
-        let mut rows = stmt.query(params![instance, machine, offset as i64, end])?;
+        let mut rows = stmt.query(params![instance, machine, offset, end])?;
         let mut text = String::new();
-        let mut cursor = offset as i64;
+        let mut cursor = offset;
         while let Some(row) = rows.next()? {
             let at: i64 = row.get(0)?;
             let data: String = row.get(1)?;
             if at > cursor {
                 text.push_str(&format!(
                     "\n[... {} bytes dropped by retention ...]\n",
-                    at - cursor
+                    at.saturating_sub(cursor)
                 ));
             }
-            let from = (cursor.max(at) - at) as usize;
-            let to = ((end - at).max(0) as usize).min(data.len());
-            let from = ceil_boundary(&data, from);
-            let to = ceil_boundary(&data, to);
-            if from < to {
-                text.push_str(&data[from..to]);
+            // Saturating and checked: `at` comes from the table, and a corrupt row must not
+            // turn into a panic or a wrapped position.
+            let byte = |n: i64| usize::try_from(n.max(0)).unwrap_or(usize::MAX);
+            let from = ceil_boundary(&data, byte(cursor.max(at).saturating_sub(at)));
+            let to = ceil_boundary(&data, byte(end.saturating_sub(at)));
+            if let Some(piece) = data.get(from..to) {
+                text.push_str(piece);
             }
-            cursor = at + data.len() as i64;
+            cursor = at.saturating_add(i64::try_from(data.len()).unwrap_or(i64::MAX));
         }
         Ok(Some(OutputRange {
             text,
@@ -683,8 +700,9 @@ impl Db {
 
 fn ceil_boundary(s: &str, mut at: usize) -> usize {
     at = at.min(s.len());
+    // Ends at `s.len()` at the latest, which is a boundary.
     while !s.is_char_boundary(at) {
-        at += 1;
+        at = at.saturating_add(1);
     }
     at
 }
@@ -816,10 +834,20 @@ fn apply_one(
     Ok(())
 }
 
+/// The start time before which finished runs are too old. Checked: `OffsetDateTime - Duration`
+/// panics when the result leaves the calendar, and an age limit reaching back that far simply
+/// keeps every run.
+fn age_cutoff(now: OffsetDateTime, max_age_days: u32) -> OffsetDateTime {
+    now.checked_sub(time::Duration::days(max_age_days.into()))
+        .unwrap_or(time::PrimitiveDateTime::MIN.assume_utc())
+}
+
 /// Deletes finished runs beyond the per-job count or older than the age limit.
 fn prune(tx: &Transaction<'_>, retention: Retention) -> Result<(), StoreError> {
-    let cutoff =
-        ts(OffsetDateTime::now_utc() - time::Duration::days(retention.max_age_days.into()));
+    let cutoff = ts(age_cutoff(
+        OffsetDateTime::now_utc(),
+        retention.max_age_days,
+    ));
     tx.execute_batch(
         "CREATE TEMP TABLE IF NOT EXISTS doomed (instance TEXT PRIMARY KEY); DELETE FROM doomed;",
     )?;
@@ -831,7 +859,7 @@ fn prune(tx: &Transaction<'_>, retention: Retention) -> Result<(), StoreError> {
         "INSERT OR IGNORE INTO doomed SELECT instance FROM (
             SELECT instance, ROW_NUMBER() OVER (PARTITION BY job ORDER BY started DESC) AS n
             FROM runs WHERE ended IS NOT NULL) WHERE n > ?1",
-        [retention.runs_per_job as i64],
+        [i64::try_from(retention.runs_per_job).unwrap_or(i64::MAX)],
     )?;
     let n = tx.execute(
         "DELETE FROM output WHERE instance IN (SELECT instance FROM doomed)",
@@ -854,6 +882,48 @@ fn prune(tx: &Transaction<'_>, retention: Retention) -> Result<(), StoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_age_limit_beyond_the_calendar_keeps_every_run() {
+        let now = OffsetDateTime::now_utc();
+        assert_eq!(
+            age_cutoff(now, u32::MAX),
+            time::PrimitiveDateTime::MIN.assume_utc()
+        );
+        assert_eq!(age_cutoff(now, 1), now - time::Duration::DAY);
+    }
+
+    #[test]
+    fn output_ranges_past_the_signed_range_are_empty_not_wrapped() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = Db::open(&dir.path().join("saltpeter.db"), Retention::default()).expect("open");
+        db.conn
+            .execute_batch(
+                "INSERT INTO machines (instance, machine, status, launched, started,
+                    kill_requested, modern, output_bytes)
+                 VALUES ('j_1', 'm1', 'running', 1, 1, 0, 1, 6);
+                 INSERT INTO output (instance, machine, idx, byte_offset, head, data)
+                 VALUES ('j_1', 'm1', 0, 0, 1, 'hello\n');",
+            )
+            .expect("rows");
+        for (offset, length) in [
+            (1u64 << 63, None),
+            (u64::MAX, None),
+            (u64::MAX, Some(u64::MAX)),
+            (7, Some(u64::MAX)),
+        ] {
+            let range = db
+                .output_range("j_1", "m1", offset, length)
+                .expect("range")
+                .expect("the machine is there");
+            assert_eq!(range.text, "", "{offset} {length:?}");
+        }
+        let all = db
+            .output_range("j_1", "m1", 1, Some(u64::MAX))
+            .expect("range")
+            .expect("the machine is there");
+        assert_eq!(all.text, "ello\n");
+    }
 
     #[test]
     fn output_written_by_schema_2_reads_the_same_after_the_move_to_a_rowid_table() {

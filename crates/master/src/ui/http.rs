@@ -2,8 +2,15 @@
 //! `/running`, `/timeline`), the JSON the dashboard and the CLI read (`/api/v1/overview`,
 //! `/api/v1/runs/{instance}/output`, `/api/v1/timeline`), `/metrics`, and the dashboard's
 //! embedded assets.
+// Input from clients, files or wrappers reaches arithmetic here, so every operation that could
+// overflow or index out of bounds is written checked ("Totality" in docs/ARCHITECTURE.md).
+#![warn(
+    clippy::arithmetic_side_effects,
+    clippy::indexing_slicing,
+    clippy::string_slice
+)]
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 
 use axum::extract::{Path, Query, State};
 use axum::http::{StatusCode, header};
@@ -11,11 +18,9 @@ use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
 use super::messages::{self, config_body};
+use super::query;
 use super::ws::UiContext;
-use crate::engine::{ApiRequest, RunOutputQuery, TimelineQuery, UiRequest};
-
-/// Default rows of `/timeline` and `/api/v1/timeline`.
-const TIMELINE_LIMIT: usize = 2000;
+use crate::engine::{ApiRequest, UiRequest};
 
 fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (status, axum::Json(json!({ "error": message.into() }))).into_response()
@@ -58,23 +63,10 @@ pub async fn timeline(
     Query(q): Query<HashMap<String, String>>,
 ) -> Response {
     let now = time::OffsetDateTime::now_utc();
-    let bound = |key: &str, default: &str| {
-        messages::parse_when(q.get(key).map_or(default, String::as_str), now)
-    };
-    let (start, end) = match (bound("start_date", "now-1d"), bound("end_date", "now")) {
-        (Ok(s), Ok(e)) => (s, e),
-        (Err(e), _) | (_, Err(e)) => return error(StatusCode::BAD_REQUEST, e),
-    };
-    let limit = match q.get("limit").map(|l| l.parse::<usize>()) {
-        None => TIMELINE_LIMIT,
-        Some(Ok(n)) => n,
-        Some(Err(_)) => return error(StatusCode::BAD_REQUEST, "limit must be a whole number"),
-    };
-    let query = TimelineQuery {
-        start,
-        end,
-        job: q.get("job").cloned(),
-        limit,
+    let limits = ctx.config.borrow().settings.limits;
+    let query = match query::timeline_query(&q, now, &limits) {
+        Ok(query) => query,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e.0),
     };
     let Some(content) = ctx
         .engine
@@ -109,38 +101,9 @@ pub async fn run_output(
     Path(instance): Path<String>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Response {
-    let mut from = BTreeMap::new();
-    for part in q.get("from").into_iter().flat_map(|f| f.split(',')) {
-        if part.is_empty() {
-            continue;
-        }
-        let parsed = part
-            .rsplit_once(':')
-            .and_then(|(m, p)| Some((m.to_owned(), p.parse::<u64>().ok()?)));
-        match parsed {
-            Some((m, p)) => {
-                from.insert(m, p);
-            }
-            None => {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    format!("from: expected machine:position, got {part:?}"),
-                );
-            }
-        }
-    }
-    let max_bytes = match q.get("max_bytes").map(|v| v.parse::<usize>()) {
-        None => 0,
-        Some(Ok(n)) => n,
-        Some(Err(_)) => {
-            return error(StatusCode::BAD_REQUEST, "max_bytes must be a whole number");
-        }
-    };
-    let query = RunOutputQuery {
-        instance: instance.clone(),
-        from,
-        machine: q.get("machine").cloned(),
-        max_bytes,
+    let query = match query::run_output_query(&instance, &q) {
+        Ok(query) => query,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e.0),
     };
     match ctx
         .engine

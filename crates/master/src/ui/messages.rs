@@ -2,6 +2,13 @@
 //! sends, parsed strictly (a malformed one is an error reply, never a crash: D-26), and the
 //! messages it receives, built as JSON with the original's shapes and this version's fixes
 //! (RFC 3339 with `T`, `env` redacted, `timeline` typed).
+// Input from clients, files or wrappers reaches arithmetic here, so every operation that could
+// overflow or index out of bounds is written checked ("Totality" in docs/ARCHITECTURE.md).
+#![warn(
+    clippy::arithmetic_side_effects,
+    clippy::indexing_slicing,
+    clippy::string_slice
+)]
 
 use std::sync::Arc;
 
@@ -98,7 +105,7 @@ pub fn parse_command(text: &str) -> Result<Command, CommandError> {
             format!("unknown command {keys:?}; expected one of {KEYS:?}"),
         ));
     };
-    let arg = &map[key];
+    let arg = map.get(key).unwrap_or(&Value::Null);
     let err = |m: &str| CommandError::new(Some(key), format!("{key}: {m}"));
     Ok(match key {
         "subscribe" => Command::Subscribe(names(arg).ok_or_else(|| err(NAMES))?),
@@ -160,10 +167,18 @@ fn field_str(v: &Value, key: &str) -> Option<String> {
 /// Parses a timeline bound: RFC 3339 (what `Date.toISOString()` gives), or the date math the
 /// original passed to Elasticsearch: `now`, `now-1d`, `now-12h+30m`, with units s m h d w
 /// (and an optional trailing `/d` style rounding, which is ignored).
+///
+/// Total: the arithmetic is checked, so a bound outside the years -9999..=9999 in UTC (which
+/// the time library cannot represent, and whose `+` would panic) is an error like any other.
 pub fn parse_when(text: &str, now: OffsetDateTime) -> Result<OffsetDateTime, String> {
     let t = text.trim();
+    let out_of_range =
+        || format!("{text:?} is outside the supported dates (years -9999 to 9999 in UTC)");
     if let Ok(at) = OffsetDateTime::parse(t, &Rfc3339) {
-        return Ok(at);
+        // Everything downstream compares and prints times in UTC.
+        return saltpeter_proto::Timestamp::checked_new(at)
+            .map(saltpeter_proto::Timestamp::get)
+            .ok_or_else(out_of_range);
     }
     let Some(mut rest) = t.strip_prefix("now") else {
         return Err(format!("{text:?} is neither RFC 3339 nor now[+-]N[smhdw]"));
@@ -173,23 +188,20 @@ pub fn parse_when(text: &str, now: OffsetDateTime) -> Result<OffsetDateTime, Str
     }
     let mut at = now;
     while !rest.is_empty() {
-        let sign = match rest.as_bytes()[0] {
-            b'+' => 1,
-            b'-' => -1,
+        let (negative, tail) = match (rest.strip_prefix('+'), rest.strip_prefix('-')) {
+            (Some(tail), _) => (false, tail),
+            (_, Some(tail)) => (true, tail),
             _ => return Err(format!("{text:?}: expected + or - after now")),
         };
-        rest = &rest[1..];
-        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
-        let n: i64 = rest[..digits]
+        let digits = tail.bytes().take_while(u8::is_ascii_digit).count();
+        let (number, tail) = tail.split_at_checked(digits).unwrap_or((tail, ""));
+        let n: i64 = number
             .parse()
             .map_err(|_| format!("{text:?}: expected a number"))?;
-        rest = &rest[digits..];
-        let unit = rest
-            .chars()
-            .next()
-            .ok_or(format!("{text:?}: missing unit"))?;
-        rest = &rest[unit.len_utf8()..];
-        let secs = match unit {
+        let mut chars = tail.chars();
+        let unit = chars.next().ok_or(format!("{text:?}: missing unit"))?;
+        rest = chars.as_str();
+        let secs: i64 = match unit {
             's' => 1,
             'm' => 60,
             'h' => 3600,
@@ -197,7 +209,13 @@ pub fn parse_when(text: &str, now: OffsetDateTime) -> Result<OffsetDateTime, Str
             'w' => 7 * 86_400,
             _ => return Err(format!("{text:?}: unknown unit {unit:?}")),
         };
-        at += time::Duration::seconds(sign * n.saturating_mul(secs));
+        let step = n
+            .checked_mul(secs)
+            .and_then(|s| if negative { s.checked_neg() } else { Some(s) })
+            .ok_or_else(out_of_range)?;
+        at = at
+            .checked_add(time::Duration::seconds(step))
+            .ok_or_else(out_of_range)?;
     }
     Ok(at)
 }
@@ -389,5 +407,25 @@ mod tests {
         for bad in ["yesterday", "now-", "now-1y", "now*2d", "now-xd"] {
             assert!(parse_when(bad, now).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn timeline_bounds_beyond_the_calendar_are_errors_not_panics() {
+        let now = time::macros::datetime!(2026-06-01 12:00 UTC);
+        for bad in [
+            "now-99999999999d",
+            "now+3000000d",
+            "now-9223372036854775807s",
+            "now+9223372036854775807w",
+            "now+400000w+400000w",
+            "9999-12-31T23:59:59-00:01",
+        ] {
+            let e = parse_when(bad, now).expect_err(bad);
+            assert!(e.contains("outside the supported dates"), "{bad}: {e}");
+        }
+        assert_eq!(
+            parse_when("0001-01-01T00:00:00+00:00", now).map(|t| t.year()),
+            Ok(1)
+        );
     }
 }

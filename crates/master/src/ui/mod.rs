@@ -3,6 +3,8 @@
 //! at `/`, and the token and Origin checks that guard all of it.
 //!
 //! - [`messages`]: commands and message shapes of the UI protocol (reference 6.1-6.5);
+//! - [`query`]: what clients ask for (query parameters, subscriptions), checked against the
+//!   configured caps;
 //! - [`ws`]: one task per browser connection;
 //! - [`http`]: the HTTP handlers and the dashboard's assets;
 //! - [`auth`]: the bearer token and Origin checks.
@@ -13,6 +15,7 @@
 pub mod auth;
 pub mod http;
 pub mod messages;
+pub mod query;
 pub mod ws;
 
 use std::sync::Arc;

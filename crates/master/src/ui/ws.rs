@@ -19,6 +19,7 @@ use super::messages::{
     self, Chunk, Command, chunk_message, config_message, details_message, error_message,
     status_message,
 };
+use super::query;
 use crate::config::Config;
 use crate::engine::{
     ApiRequest, EngineHandle, JobCursors, OutputCursor, StatusSnapshot, TimelineQuery, UiRequest,
@@ -28,8 +29,6 @@ use crate::runs::output::utf16_len;
 
 /// How often a connection is refreshed, as the original.
 pub const TICK: Duration = Duration::from_secs(2);
-/// Most rows a `getTimeline` answer carries.
-const TIMELINE_LIMIT: usize = 5000;
 
 /// What a connection needs.
 #[derive(Clone, Debug)]
@@ -123,12 +122,17 @@ impl Connection {
         let engine = self.ctx.engine.clone();
         match command {
             Command::Subscribe(jobs) => {
+                let limits = self.ctx.config.borrow().settings.limits;
+                query::admit_subscriptions(&self.subs, &jobs, &limits)
+                    .map_err(|e| Failure::Refused(e.0))?;
                 for job in jobs {
                     self.subs.entry(job).or_default();
                 }
                 Ok(true)
             }
             Command::Unsubscribe(jobs) => {
+                let limits = self.ctx.config.borrow().settings.limits;
+                query::check_names(&jobs, &limits).map_err(|e| Failure::Refused(e.0))?;
                 for job in jobs {
                     self.subs.remove(&job);
                 }
@@ -205,13 +209,14 @@ impl Connection {
                 id,
             } => {
                 let now = time::OffsetDateTime::now_utc();
-                let start = messages::parse_when(&start_date, now).map_err(Failure::Refused)?;
-                let end = messages::parse_when(&end_date, now).map_err(Failure::Refused)?;
+                let limits = self.ctx.config.borrow().settings.limits;
+                let (start, end) = query::timeline_window(&start_date, &end_date, now, &limits)
+                    .map_err(|e| Failure::Refused(e.0))?;
                 let query = TimelineQuery {
                     start,
                     end,
                     job: None,
-                    limit: TIMELINE_LIMIT,
+                    limit: limits.timeline_max_rows,
                 };
                 let content = engine
                     .ask(|reply| ApiRequest::Ui(UiRequest::Timeline { query, reply }))
