@@ -1,15 +1,18 @@
 //! The wrapper's configuration: every `SP_*` environment variable, parsed and validated in
 //! the invoking process before anything forks, so that a bad value reaches Salt's result as
-//! a message on stderr and a non-zero exit (reference §3.1, defect D-17).
+//! a message on stderr and a non-zero exit instead of a daemon that fails later, unseen.
 //!
 //! Parsing goes through a lookup function rather than the process environment directly,
-//! which keeps it testable without mutating the environment.
+//! which keeps it testable without mutating the environment. It is total: any value of any
+//! variable gives either a validated [`Config`] or a [`ConfigError`] naming the variable.
 
 use std::ffi::{CString, OsString};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use nix::unistd::{Gid, Uid, User, getgrouplist};
+
+use crate::lock::{self, LockPath};
 
 /// Default directory of the local log and the spool file (the original's default).
 pub const DEFAULT_LOGDIR: &str = "/var/log/sp_wrapper";
@@ -25,6 +28,8 @@ pub enum ConfigError {
         value: String,
         reason: &'static str,
     },
+    #[error("SP_USER is set but empty; unset it to run the job as the wrapper's own user")]
+    EmptyUser,
     #[error("SP_USER {0:?}: no such user")]
     UnknownUser(String),
     #[error("SP_USER {user:?}: {reason}")]
@@ -45,7 +50,7 @@ pub enum LogLevel {
 }
 
 /// The account the job runs as, resolved before forking because name-service lookups are
-/// not async-signal-safe (rust-stack.md §1.10, pitfall 3).
+/// not async-signal-safe and so cannot run between `fork` and `exec`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RunAs {
     pub name: String,
@@ -76,7 +81,7 @@ pub struct Config {
     pub log_level: LogLevel,
     pub log_dir: PathBuf,
     /// `None` when overlap is allowed and no lock is taken.
-    pub lockfile: Option<PathBuf>,
+    pub lockfile: Option<LockPath>,
     pub run_token: Option<String>,
 }
 
@@ -84,9 +89,31 @@ impl Config {
     /// Reads the configuration from the process environment.
     pub fn from_env() -> Result<Self, ConfigError> {
         let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
-        let mut cfg = Self::parse(|name| std::env::var_os(name), &cwd, default_machine_id)?;
-        if let Some(user) = std::env::var_os("SP_USER").filter(|u| !u.is_empty()) {
-            cfg.run_as = resolve_user(&user.to_string_lossy())?;
+        Self::from_lookup(|name| std::env::var_os(name), &cwd, default_machine_id)
+    }
+
+    /// The whole configuration from `lookup`: [`parse`](Self::parse), then the user account
+    /// and the working directory, which consult the system.
+    pub fn from_lookup(
+        lookup: impl Fn(&str) -> Option<OsString>,
+        cwd: &Path,
+        default_machine: impl FnOnce() -> Option<String>,
+    ) -> Result<Self, ConfigError> {
+        let user = lookup("SP_USER");
+        let mut cfg = Self::parse(lookup, cwd, default_machine)?;
+        match user {
+            None => {}
+            // Set but empty is a mistake somewhere upstream; running the job as root
+            // instead of as the intended user would be the worst way to handle it.
+            Some(user) if user.is_empty() => return Err(ConfigError::EmptyUser),
+            Some(user) => {
+                let user = user.into_string().map_err(|v| ConfigError::Invalid {
+                    name: "SP_USER",
+                    value: v.to_string_lossy().into_owned(),
+                    reason: "not valid UTF-8",
+                })?;
+                cfg.run_as = resolve_user(&user)?;
+            }
         }
         check_cwd(&cfg.cwd)?;
         Ok(cfg)
@@ -221,10 +248,13 @@ impl Config {
         let lockfile = if allow_overlap {
             None
         } else {
-            Some(get("SP_LOCKFILE")?.filter(|v| !v.is_empty()).map_or_else(
-                || PathBuf::from(format!("/tmp/sp_wrapper_{job_name}.lock")),
-                PathBuf::from,
-            ))
+            Some(match get("SP_LOCKFILE")?.filter(|v| !v.is_empty()) {
+                Some(path) => LockPath::given(PathBuf::from(path)),
+                None => LockPath::in_private_dir(
+                    lock::default_lock_dir(Uid::effective(), lookup("XDG_RUNTIME_DIR").as_deref()),
+                    &job_name,
+                ),
+            })
         };
         let run_token = get("SP_RUN_TOKEN")?.filter(|v| !v.is_empty());
 
@@ -263,7 +293,7 @@ fn positive(name: &'static str, value: Option<String>, default: u64) -> Result<u
 }
 
 /// The Salt minion id if this host has one, else the kernel's host name. The master names
-/// machines by minion id, so that is the right default (defect D-14).
+/// machines by minion id, so that is the right default.
 pub fn default_machine_id() -> Option<String> {
     [
         "/etc/salt/minion_id",
@@ -277,7 +307,8 @@ pub fn default_machine_id() -> Option<String> {
 }
 
 /// Resolves `SP_USER`. Running as the current user is a no-op; switching to another user
-/// needs root, and rather than ignore the request silently (defect D-16) we refuse.
+/// needs root, and rather than ignore the request silently (and run the job as the wrong
+/// user) we refuse.
 fn resolve_user(name: &str) -> Result<Option<RunAs>, ConfigError> {
     let err = |reason: String| ConfigError::User {
         user: name.to_owned(),
@@ -410,12 +441,19 @@ mod tests {
     #[test]
     fn overlap_lock_defaults_to_a_path_per_job() {
         let cfg = with(&[("SP_ALLOW_OVERLAP", "False")]).unwrap();
-        assert_eq!(
-            cfg.lockfile.as_deref(),
-            Some(Path::new("/tmp/sp_wrapper_backup.lock"))
-        );
+        let lock = cfg.lockfile.unwrap();
+        let dir = lock::default_lock_dir(Uid::effective(), None);
+        assert_eq!(lock.path, dir.join("backup.lock"));
+        assert_eq!(lock.private_dir, Some(dir));
+        // The shared temporary directory is never the lock's home for root.
+        if Uid::effective().is_root() {
+            assert_eq!(lock.path, Path::new("/run/saltpeter/backup.lock"));
+        }
         let cfg = with(&[("SP_ALLOW_OVERLAP", "no"), ("SP_LOCKFILE", "/run/x.lock")]).unwrap();
-        assert_eq!(cfg.lockfile.as_deref(), Some(Path::new("/run/x.lock")));
+        assert_eq!(
+            cfg.lockfile,
+            Some(LockPath::given(PathBuf::from("/run/x.lock")))
+        );
         assert_eq!(with(&[("SP_ALLOW_OVERLAP", "yes")]).unwrap().lockfile, None);
     }
 

@@ -6,9 +6,9 @@
 //! Writes go straight to an `O_APPEND` file with one `write` per line, so concurrent wrappers
 //! of the same job interleave whole lines, and nothing is lost if the wrapper is killed.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{self, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use time::OffsetDateTime;
 
@@ -111,9 +111,9 @@ impl Log {
     }
 }
 
-fn open_append(dir: &Path, path: &PathBuf) -> io::Result<File> {
+fn open_append(dir: &Path, path: &Path) -> io::Result<File> {
     std::fs::create_dir_all(dir)?;
-    OpenOptions::new().create(true).append(true).open(path)
+    crate::files::open_append(path).map_err(io::Error::other)
 }
 
 #[cfg(test)]

@@ -8,6 +8,7 @@
 
 mod config;
 mod encode;
+mod files;
 mod job;
 mod link;
 mod lock;
