@@ -17,6 +17,10 @@ use crate::lock::{self, LockPath};
 /// Default directory of the local log and the spool file (the original's default).
 pub const DEFAULT_LOGDIR: &str = "/var/log/sp_wrapper";
 
+/// The longest `SP_TIMEOUT` taken, ten years: a deadline is "now" plus the timeout, and a
+/// number of seconds near `u64::MAX` would overflow it and abort the wrapper mid-run.
+const MAX_TIMEOUT_SECS: u64 = 10 * 365 * 24 * 3600;
+
 /// A configuration value that is missing or unusable. The message is printed as is.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -169,7 +173,9 @@ impl Config {
 
         let machine = match get("SP_MACHINE_ID")?.filter(|v| !v.is_empty()) {
             Some(m) => m,
-            None => default_machine().ok_or(ConfigError::Missing("SP_MACHINE_ID"))?,
+            None => default_machine()
+                .filter(|m| !m.is_empty())
+                .ok_or(ConfigError::Missing("SP_MACHINE_ID"))?,
         };
         let cwd = match get("SP_CWD")?.filter(|v| !v.is_empty()) {
             Some(dir) => PathBuf::from(dir),
@@ -181,12 +187,12 @@ impl Config {
             Some(v) if v.is_empty() => None,
             Some(v) => match v.parse::<u64>() {
                 Ok(0) => None,
-                Ok(secs) => Some(Duration::from_secs(secs)),
-                Err(_) => {
+                Ok(secs) if secs <= MAX_TIMEOUT_SECS => Some(Duration::from_secs(secs)),
+                _ => {
                     return Err(ConfigError::Invalid {
                         name: "SP_TIMEOUT",
                         value: v,
-                        reason: "expected whole seconds (0 or absent for no limit)",
+                        reason: "expected whole seconds up to ten years (0 or absent for no limit)",
                     });
                 }
             },
@@ -195,11 +201,13 @@ impl Config {
             "SP_OUTPUT_INTERVAL_MS",
             get("SP_OUTPUT_INTERVAL_MS")?,
             1000,
+            3_600_000,
         )?);
         let heartbeat_interval = Duration::from_secs(positive(
             "SP_HEARTBEAT_INTERVAL",
             get("SP_HEARTBEAT_INTERVAL")?,
             saltpeter_proto::HEARTBEAT_INTERVAL.as_secs(),
+            3600,
         )?);
 
         let log_level = match get("SP_WRAPPER_LOGLEVEL")?.as_deref().map(str::trim) {
@@ -277,16 +285,22 @@ impl Config {
     }
 }
 
-/// Parses a positive integer with a default.
-fn positive(name: &'static str, value: Option<String>, default: u64) -> Result<u64, ConfigError> {
+/// Parses a positive integer of at most `max` (an hour's worth for the intervals: anything
+/// longer is a mistake, and an unbounded one would overflow the timers' deadlines).
+fn positive(
+    name: &'static str,
+    value: Option<String>,
+    default: u64,
+    max: u64,
+) -> Result<u64, ConfigError> {
     match value.as_deref().map(str::trim) {
         None | Some("") => Ok(default),
         Some(v) => match v.parse::<u64>() {
-            Ok(n) if n > 0 => Ok(n),
+            Ok(n) if n > 0 && n <= max => Ok(n),
             _ => Err(ConfigError::Invalid {
                 name,
                 value: v.to_owned(),
-                reason: "expected a positive whole number",
+                reason: "expected a positive whole number up to an hour",
             }),
         },
     }
@@ -419,6 +433,9 @@ mod tests {
             Some(Duration::from_secs(30))
         );
         assert!(with(&[("SP_TIMEOUT", "ten")]).is_err());
+        assert!(with(&[("SP_TIMEOUT", "315360000")]).is_ok());
+        assert!(with(&[("SP_TIMEOUT", "315360001")]).is_err());
+        assert!(with(&[("SP_TIMEOUT", "18446744073709551615")]).is_err());
         assert!(with(&[("SP_TIMEOUT", "-1")]).is_err());
     }
 
@@ -428,6 +445,8 @@ mod tests {
             ("SP_OUTPUT_INTERVAL_MS", "fast"),
             ("SP_OUTPUT_INTERVAL_MS", "0"),
             ("SP_HEARTBEAT_INTERVAL", "0"),
+            ("SP_HEARTBEAT_INTERVAL", "18446744073709551615"),
+            ("SP_OUTPUT_INTERVAL_MS", "3600001"),
             ("SP_WRAPPER_LOGLEVEL", "verbose"),
             ("SP_ALLOW_OVERLAP", "maybe"),
             ("SP_WEBSOCKET_URL", "http://master"),
@@ -485,5 +504,198 @@ mod tests {
             check_cwd(Path::new("/etc/hostname")).is_err() || !Path::new("/etc/hostname").exists()
         );
         assert!(check_cwd(Path::new("/")).is_ok());
+    }
+
+    #[test]
+    fn an_empty_user_is_refused_not_taken_for_root() {
+        let mut vars = BASE.to_vec();
+        vars.push(("SP_USER", ""));
+        let map: HashMap<String, OsString> = vars
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), OsString::from(v)))
+            .collect();
+        let result = Config::from_lookup(
+            |k| map.get(k).cloned(),
+            Path::new("/"),
+            || Some("host1".into()),
+        );
+        assert!(matches!(result, Err(ConfigError::EmptyUser)), "{result:?}");
+    }
+
+    /// Arbitrary values for every variable the wrapper reads: the parser must never panic,
+    /// and must give either a configuration the rest of the wrapper can use as it is (no
+    /// duration that overflows a deadline, no file name that is not one) or an error naming
+    /// the variable.
+    mod totality {
+        use std::os::unix::ffi::OsStringExt;
+
+        use proptest::prelude::*;
+
+        use super::*;
+
+        /// Every variable `Config::from_lookup` asks for, with a valid value.
+        const VARS: [(&str, &str); 16] = [
+            ("SP_WEBSOCKET_URL", "ws://127.0.0.1:8889"),
+            ("SP_JOB_NAME", "backup"),
+            ("SP_JOB_INSTANCE", "backup_1766482300"),
+            ("SP_COMMAND", "echo hi"),
+            ("SP_MACHINE_ID", "db01"),
+            ("SP_RUN_TOKEN", "s3cret"),
+            ("SP_CWD", "/"),
+            ("SP_USER", "root"),
+            ("SP_TIMEOUT", "30"),
+            ("SP_OUTPUT_INTERVAL_MS", "1000"),
+            ("SP_HEARTBEAT_INTERVAL", "5"),
+            ("SP_ALLOW_OVERLAP", "false"),
+            ("SP_LOCKFILE", "/run/saltpeter/x.lock"),
+            ("SP_WRAPPER_LOGDIR", "/var/log/sp_wrapper"),
+            ("SP_WRAPPER_LOGLEVEL", "debug"),
+            ("XDG_RUNTIME_DIR", "/run/user/1000"),
+        ];
+
+        /// Values that sit on the parser's edges, then arbitrary text and bytes.
+        fn value() -> impl Strategy<Value = OsString> {
+            let edges = prop::sample::select(vec![
+                "",
+                " ",
+                "0",
+                "1",
+                "-1",
+                "+5",
+                " 30 ",
+                "0x10",
+                "1e3",
+                "4294967296",
+                "18446744073709551615",
+                "18446744073709551616",
+                "true",
+                "FALSE",
+                "Yes",
+                "maybe",
+                "ws://",
+                "ws://[::1]:1",
+                "http://master",
+                ".",
+                "..",
+                "a/b",
+                "/",
+                "/nonexistent/sp-test",
+                "relative",
+                "root",
+                "nobody",
+                "no-such-user-sp-test",
+                "OFF",
+                "normal",
+                "\u{0}",
+                "a\u{0}b",
+                "é€😀",
+            ])
+            .prop_map(OsString::from);
+            let text = prop::collection::vec(any::<char>(), 0..24)
+                .prop_map(|c| OsString::from(c.into_iter().collect::<String>()));
+            let bytes = prop::collection::vec(any::<u8>(), 0..24).prop_map(OsString::from_vec);
+            prop_oneof![3 => edges, 1 => text, 1 => bytes]
+        }
+
+        /// Each variable: its valid value, absent, or anything.
+        fn environment() -> impl Strategy<Value = Vec<Option<OsString>>> {
+            VARS.iter()
+                .map(|(_, valid)| {
+                    prop_oneof![
+                        5 => Just(Some(OsString::from(valid))),
+                        1 => Just(None),
+                        2 => value().prop_map(Some),
+                    ]
+                    .boxed()
+                })
+                .collect::<Vec<_>>()
+        }
+
+        fn lookup(env: &[Option<OsString>]) -> impl Fn(&str) -> Option<OsString> + '_ {
+            move |name| {
+                let index = VARS.iter().position(|(n, _)| *n == name);
+                assert!(
+                    index.is_some(),
+                    "the parser reads {name}, which the test omits"
+                );
+                index.and_then(|i| env[i].clone())
+            }
+        }
+
+        /// Whether `d` can be added to a deadline without overflowing, as the timers do.
+        fn usable(d: Duration) -> bool {
+            tokio::time::Instant::now().checked_add(d).is_some()
+                && std::time::Instant::now().checked_add(d).is_some()
+        }
+
+        #[test]
+        fn the_test_covers_every_variable_read() {
+            let asked = std::sync::Mutex::new(Vec::new());
+            // With and without SP_LOCKFILE: the runtime directory matters only without.
+            for without in [None, Some("SP_LOCKFILE")] {
+                let env: Vec<Option<OsString>> = VARS
+                    .iter()
+                    .map(|(n, v)| (Some(*n) != without).then(|| OsString::from(v)))
+                    .collect();
+                // `root` resolves on any Unix; as a non-root user it is a refusal, also fine.
+                let _ = Config::from_lookup(
+                    |name| {
+                        asked.lock().unwrap().push(name.to_owned());
+                        lookup(&env)(name)
+                    },
+                    Path::new("/"),
+                    || None,
+                );
+            }
+            let asked = asked.into_inner().unwrap();
+            for (name, _) in VARS {
+                assert!(asked.iter().any(|a| a == name), "{name} is never read");
+            }
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(4000))]
+
+            #[test]
+            fn any_environment_gives_a_usable_config_or_a_named_error(
+                env in environment(),
+                machine in prop::option::of(prop::collection::vec(any::<char>(), 0..8)),
+            ) {
+                let user = env[7].clone();
+                let default_machine = machine.map(|c| c.into_iter().collect::<String>());
+                let result = Config::from_lookup(
+                    lookup(&env),
+                    Path::new("/"),
+                    || default_machine.clone(),
+                );
+                match result {
+                    Err(e) => {
+                        let text = e.to_string();
+                        prop_assert!(text.contains("SP_"), "{}", text);
+                    }
+                    Ok(cfg) => {
+                        prop_assert!(cfg.websocket_url.starts_with("ws://"));
+                        for field in [&cfg.job_name, &cfg.job_instance, &cfg.command, &cfg.machine] {
+                            prop_assert!(!field.is_empty());
+                        }
+                        let name = Path::new(&cfg.job_name);
+                        prop_assert_eq!(name.file_name(), Some(name.as_os_str()));
+                        prop_assert!(!cfg.job_name.contains('\0'));
+                        prop_assert!(cfg.timeout.is_none_or(|t| !t.is_zero() && usable(t)));
+                        for every in [cfg.output_interval, cfg.heartbeat_interval] {
+                            prop_assert!(!every.is_zero() && usable(every));
+                        }
+                        if let Some(lock) = &cfg.lockfile {
+                            prop_assert!(!lock.path.as_os_str().is_empty());
+                            if let Some(dir) = &lock.private_dir {
+                                prop_assert_eq!(lock.path.parent(), Some(dir.as_path()));
+                            }
+                        }
+                        // An empty SP_USER never falls through to "run as whoever I am".
+                        prop_assert!(user.as_ref().is_none_or(|u| !u.is_empty()));
+                    }
+                }
+            }
+        }
     }
 }

@@ -583,7 +583,7 @@ async fn runs_as_sp_user_with_its_uid_gid_groups_and_environment() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn missing_or_invalid_configuration_fails_before_forking() {
     let master = TestMaster::start(Behaviour::default()).await;
-    let cases: [(&str, Option<&str>, &str); 5] = [
+    let cases: [(&str, Option<&str>, &str); 7] = [
         (
             "SP_COMMAND",
             None,
@@ -597,6 +597,10 @@ async fn missing_or_invalid_configuration_fails_before_forking() {
         ("SP_TIMEOUT", Some("soon"), "SP_TIMEOUT"),
         ("SP_CWD", Some("/nonexistent/sp-test"), "SP_CWD"),
         ("SP_USER", Some("no-such-user-sp-test"), "SP_USER"),
+        // Set but empty: refused rather than taken to mean the wrapper's own user (root).
+        ("SP_USER", Some(""), "Error: SP_USER is set but empty"),
+        // A timeout this large would overflow the job's deadline once it ran.
+        ("SP_TIMEOUT", Some("18446744073709551615"), "SP_TIMEOUT"),
     ];
     for (var, value, want) in cases {
         let mut run = Run::new("config", &master.url(), "touch ran");
