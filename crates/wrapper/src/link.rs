@@ -1,4 +1,5 @@
-//! The WebSocket link to the master: connecting with capped backoff, one writer task per
+//! The WebSocket link to the master: connecting with capped, fully jittered backoff (see
+//! [`crate::backoff`]), one writer task per
 //! connection that sends heartbeats on their own timer ahead of anything else, and the loop
 //! that drives [`Session`] with the master's replies and the job's output.
 //!
@@ -26,6 +27,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
+use crate::backoff;
 use crate::encode;
 use crate::log::Log;
 use crate::outbox::{Chunk, Outbox};
@@ -310,14 +312,11 @@ pub async fn run(
     }
 }
 
-/// The pause before reconnect attempt `failures + 1`: 1 s, 2 s, 4 s, then 5 s.
+/// The pause before reconnect attempt `failures + 1`: uniformly random up to 1 s, 2 s, 4 s,
+/// then 5 s, drawn anew each time so a fleet that lost its master at one instant does not
+/// come back at one instant.
 fn backoff(failures: u32) -> Duration {
-    Duration::from_secs(match failures {
-        0 => 1,
-        1 => 2,
-        2 => 4,
-        _ => 5,
-    })
+    backoff::delay(failures, rand::random::<f64>())
 }
 
 async fn connect(url: String) -> Result<WsStream, String> {
@@ -666,8 +665,31 @@ mod tests {
     }
 
     #[test]
-    fn backoff_rises_to_five_seconds() {
-        let steps: Vec<u64> = (0..6).map(|f| backoff(f).as_secs()).collect();
-        assert_eq!(steps, vec![1, 2, 4, 5, 5, 5]);
+    fn backoff_is_spread_over_a_window_that_rises_to_the_cap() {
+        for failures in 0..8 {
+            let ceiling = backoff::ceiling(failures);
+            assert!(ceiling <= backoff::CAP);
+            let delays: Vec<Duration> = (0..10_000).map(|_| backoff(failures)).collect();
+            assert!(
+                delays.iter().all(|d| *d <= ceiling),
+                "{failures}: over {ceiling:?}"
+            );
+            // Uniform over the window: about half below its middle, and hardly two alike.
+            let low = delays.iter().filter(|d| **d < ceiling / 2).count();
+            assert!(
+                (4_000..=6_000).contains(&low),
+                "{failures}: {low} of 10,000 low"
+            );
+            let mut distinct = delays.clone();
+            distinct.sort_unstable();
+            distinct.dedup();
+            assert!(
+                distinct.len() > 9_000,
+                "{failures}: {} distinct",
+                distinct.len()
+            );
+        }
+        // The first reconnect after a drop comes within a second, not at a fixed instant.
+        assert!((0..100).all(|_| backoff(0) <= Duration::from_secs(1)));
     }
 }
