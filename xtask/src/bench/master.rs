@@ -1,4 +1,5 @@
-//! `cargo xtask bench master [--wrappers N,...] [--seconds S] [--restart] [--no-append]`: one
+//! `cargo xtask bench master [--wrappers N,...] [--seconds S] [--restart [--no-jitter]]
+//! [--no-append]`: one
 //! release `sp-master` against up to ten thousand simulated wrappers on this machine.
 //!
 //! It owns the scenarios, the measurements and the report. The master runs with `launcher:
@@ -65,8 +66,9 @@ struct Args {
     sizes: Vec<usize>,
     seconds: u64,
     append: bool,
-    /// Run the restart scenario instead of the others.
+    /// Run the restart scenario instead of the others, with jittered backoff or not.
     restart: bool,
+    jitter: bool,
 }
 
 fn parse_args(args: &[String]) -> Result<Args> {
@@ -75,6 +77,7 @@ fn parse_args(args: &[String]) -> Result<Args> {
         seconds: 60,
         append: true,
         restart: false,
+        jitter: true,
     };
     let mut it = args.iter();
     while let Some(arg) = it.next() {
@@ -96,8 +99,10 @@ fn parse_args(args: &[String]) -> Result<Args> {
             }
             "--no-append" => out.append = false,
             "--restart" => out.restart = true,
+            // The wrapper's schedule before jitter, to compare against.
+            "--no-jitter" => out.jitter = false,
             other => bail!(
-                "unexpected argument {other:?}; usage: cargo xtask bench master [--wrappers N,...] [--seconds S] [--restart] [--no-append]"
+                "unexpected argument {other:?}; usage: cargo xtask bench master [--wrappers N,...] [--seconds S] [--restart [--no-jitter]] [--no-append]"
             ),
         }
     }
@@ -129,9 +134,15 @@ pub fn run(args: &[String]) -> Result<()> {
                 &bin,
                 &scratch.join(format!("restart-{n}")),
                 n,
+                parsed.jitter,
             )?);
         }
-        let report = restart::report(&restart::heading(&root), &parsed.sizes, &rows);
+        let report = restart::report(
+            &restart::heading(&root),
+            &parsed.sizes,
+            parsed.jitter,
+            &rows,
+        );
         return publish(&root, &parsed, &report);
     }
     let mut rows = Vec::new();

@@ -167,8 +167,10 @@ pub struct Fleet {
     pub stats: Arc<Stats>,
     gate: Arc<Semaphore>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
-    /// Whether wrappers launched from now on reconnect when their connection is lost.
+    /// Whether wrappers launched from now on reconnect when their connection is lost, and
+    /// whether their backoff is jittered.
     reconnect: bool,
+    jitter: bool,
 }
 
 impl Fleet {
@@ -186,13 +188,17 @@ impl Fleet {
             gate: Arc::new(Semaphore::new(CONNECTS_IN_FLIGHT)),
             tasks: Vec::new(),
             reconnect: false,
+            jitter: true,
         })
     }
 
     /// Makes wrappers launched from now on reconnect, as `sp-wrapper` does, when their
-    /// connection is lost (otherwise that is an error).
-    pub fn reconnecting(mut self) -> Self {
+    /// connection is lost (otherwise that is an error). Without `jitter` each pause is the
+    /// backoff's ceiling itself (1, 2, 4, then 5 s: the wrapper's schedule before jitter), for
+    /// comparison.
+    pub fn reconnecting(mut self, jitter: bool) -> Self {
         self.reconnect = true;
+        self.jitter = jitter;
         self
     }
 
@@ -213,6 +219,7 @@ impl Fleet {
                 index,
                 kind: kind(index),
                 reconnect: self.reconnect,
+                jitter: self.jitter,
                 seed: (seed ^ (index as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15)) | 1,
                 addr,
                 url: request.url.clone(),
@@ -281,8 +288,10 @@ fn master_addr(url: &str) -> Result<SocketAddr> {
 struct Sim {
     index: usize,
     kind: Kind,
-    /// Whether a lost connection is reopened (else it is an error).
+    /// Whether a lost connection is reopened (else it is an error), and whether the pause
+    /// before each attempt is jittered or the ceiling itself.
     reconnect: bool,
+    jitter: bool,
     /// Seeds this wrapper's generator for its backoff's jitter (never zero).
     seed: u64,
     addr: SocketAddr,
@@ -354,7 +363,12 @@ impl Sim {
         let deadline = tokio::time::Instant::now() + REATTACH_LIMIT;
         let mut failures = 0u32;
         loop {
-            tokio::time::sleep(backoff::delay(failures, unit(rng))).await;
+            let pause = if self.jitter {
+                backoff::delay(failures, unit(rng))
+            } else {
+                backoff::ceiling(failures)
+            };
+            tokio::time::sleep(pause).await;
             if tokio::time::Instant::now() > deadline {
                 bail!("not reattached within {REATTACH_LIMIT:?}");
             }

@@ -40,8 +40,9 @@ pub struct Row {
     all_back: Duration,
     median_back: Duration,
     all_back_from_stop: Duration,
-    peak_reattach: usize,
-    peak_attempts: usize,
+    /// The most reattaches and attempts in any second, and in any 100 ms.
+    peak_reattach: (usize, usize),
+    peak_attempts: (usize, usize),
     attempts: usize,
     failed_attempts: u64,
     disconnects: u64,
@@ -56,7 +57,7 @@ pub struct Row {
 impl Row {
     fn line(&self) -> String {
         format!(
-            "| {} | {:.2} | {:.2} + {:.2} | {:.2} / {:.2} ({:.2}) | {} | {} / {} / {} | {} | {} / {} | {:.0} / {:.0} | {} |",
+            "| {} | {:.2} | {:.2} + {:.2} | {:.2} / {:.2} ({:.2}) | {} ({}) | {} / {} / {} | {} ({}) | {} / {} | {:.0} / {:.0} | {} |",
             self.n,
             self.fanout.as_secs_f64(),
             self.stopping.as_secs_f64(),
@@ -64,11 +65,13 @@ impl Row {
             self.median_back.as_secs_f64(),
             self.all_back.as_secs_f64(),
             self.all_back_from_stop.as_secs_f64(),
-            self.peak_reattach,
+            self.peak_reattach.0,
+            self.peak_reattach.1,
             self.attempts,
             self.failed_attempts,
             self.disconnects,
-            self.peak_attempts,
+            self.peak_attempts.0,
+            self.peak_attempts.1,
             self.lost,
             self.lost_at_end,
             self.loadgen_cpu_pct,
@@ -78,11 +81,19 @@ impl Row {
     }
 }
 
-/// The most timestamps that fall in any one second, counted in whole seconds from `from`.
-fn peak_per_second(times: &[SystemTime], from: SystemTime) -> usize {
+/// The most timestamps in any one second and in any 100 ms, in whole periods from `from`.
+fn peaks(times: &[SystemTime], from: SystemTime) -> (usize, usize) {
+    (
+        peak_in(times, from, Duration::from_secs(1)),
+        peak_in(times, from, Duration::from_millis(100)),
+    )
+}
+
+fn peak_in(times: &[SystemTime], from: SystemTime, period: Duration) -> usize {
     let mut bins: Vec<usize> = Vec::new();
     for t in times {
-        let at = t.duration_since(from).unwrap_or_default().as_secs() as usize;
+        let since = t.duration_since(from).unwrap_or_default();
+        let at = (since.as_nanos() / period.as_nanos()) as usize;
         if bins.len() <= at {
             bins.resize(at + 1, 0);
         }
@@ -97,7 +108,7 @@ fn free_port() -> Result<u16> {
     Ok(probe.local_addr()?.port())
 }
 
-pub fn scenario(bin: &Path, dir: &Path, n: usize) -> Result<Row> {
+pub fn scenario(bin: &Path, dir: &Path, n: usize, jitter: bool) -> Result<Row> {
     let names: Vec<String> = (0..n).map(|i| format!("m{i:05}")).collect();
     let port = free_port()?;
     let mut master = MasterProc::start_on(
@@ -107,7 +118,7 @@ pub fn scenario(bin: &Path, dir: &Path, n: usize) -> Result<Row> {
         port,
     )?;
     let mut starts = StartFile::new(master.data.join("bench-starts.jsonl"));
-    let mut fleet = Fleet::new()?.reconnecting();
+    let mut fleet = Fleet::new()?.reconnecting(jitter);
     let stats = fleet.stats.clone();
 
     let instance = master.run_job("fleet")?;
@@ -208,8 +219,8 @@ pub fn scenario(bin: &Path, dir: &Path, n: usize) -> Result<Row> {
         all_back,
         median_back,
         all_back_from_stop: last.duration_since(asked).unwrap_or_default(),
-        peak_reattach: peak_per_second(&back, asked),
-        peak_attempts: peak_per_second(&attempts, asked),
+        peak_reattach: peaks(&back, asked),
+        peak_attempts: peaks(&attempts, asked),
         attempts: attempts.len(),
         failed_attempts: stats.reconnect_failures.load(Ordering::Relaxed),
         disconnects: stats.disconnects.load(Ordering::Relaxed),
@@ -222,23 +233,33 @@ pub fn scenario(bin: &Path, dir: &Path, n: usize) -> Result<Row> {
 }
 
 /// The report's text for PERFORMANCE.md.
-pub fn report(heading: &str, sizes: &[usize], rows: &[Row]) -> String {
+pub fn report(heading: &str, sizes: &[usize], jitter: bool, rows: &[Row]) -> String {
     let mut s = String::from(heading);
     let sizes: Vec<String> = sizes.iter().map(usize::to_string).collect();
+    let schedule = if jitter {
+        format!(
+            "`sp-wrapper`'s own backoff (uniform in [0, min({} s, {} s × 2^failures)])",
+            backoff::CAP.as_secs(),
+            backoff::BASE.as_secs()
+        )
+    } else {
+        String::from(
+            "the wrapper's schedule before jitter, for comparison (exactly 1, 2, 4, then 5 s)",
+        )
+    };
     let _ = writeln!(
         s,
-        "`cargo xtask bench master --restart --wrappers {}`: release `sp-master` with `launcher: bench`; \
+        "`cargo xtask bench master --restart{} --wrappers {}`: release `sp-master` with `launcher: bench`; \
          one job on N simulated wrappers (heartbeat every 5 s, 200 bytes of output every second) that reconnect \
-         with `sp-wrapper`'s own backoff (uniform in [0, min({} s, {} s × 2^failures)]); after a {} s warm-up \
+         with {schedule}; after a {} s warm-up \
          the master is stopped with SIGTERM and started again on the same data and machines port.\n",
+        if jitter { "" } else { " --no-jitter" },
         sizes.join(","),
-        backoff::CAP.as_secs(),
-        backoff::BASE.as_secs(),
         WARM_UP.as_secs(),
     );
     let _ = writeln!(
         s,
-        "| wrappers | fan-out s | stop + start s | reattached s after ready: median / all (after SIGTERM) | peak reattaches /s | reconnect attempts / failed / connections lost | peak attempts /s | 253 after the timeout / at the end | load generator / whole machine CPU % | wrapper errors |"
+        "| wrappers | fan-out s | stop + start s | reattached s after ready: median / all (after SIGTERM) | peak reattaches per s (per 100 ms) | reconnect attempts / failed / connections lost | peak attempts per s (per 100 ms) | 253 after the timeout / at the end | load generator / whole machine CPU % | wrapper errors |"
     );
     let _ = writeln!(s, "|---:|---:|---|---|---:|---|---:|---|---|---:|");
     for row in rows {
@@ -264,7 +285,7 @@ pub fn report(heading: &str, sizes: &[usize], rows: &[Row]) -> String {
         "\nHow measured: stop + start is SIGTERM to the old process's exit, then its exit to the new \
          master's ready file; a reattach is a simulated wrapper's new `connect` acknowledged (each wrapper \
          loses its connection once and reattaches once); peaks count reattaches and connection attempts \
-         (refused, timed out or successful) in whole seconds from the SIGTERM; a wrapper's attempt is bounded \
+         (refused, timed out or successful) in whole seconds, and in 100 ms steps, from the SIGTERM; a wrapper's attempt is bounded \
          as `sp-wrapper`'s is (5 s to connect, 10 s for the ack). 253s are read from \
          `GET /api/v1/runs/{{instance}}/output?max_bytes=1` once {} s had passed since the new master was ready \
          and {} s since the last reattach (plus {} s), then again when the run had ended after every wrapper \
@@ -282,4 +303,31 @@ pub fn heading(root: &Path) -> String {
     let date = command_text(std::process::Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"]))
         .unwrap_or_else(|_| "unknown date".into());
     super::entry_heading(root, &date)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peaks_count_the_busiest_period() {
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000);
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        // Three in the first 100 ms, five in the second second, one before the start.
+        let times = [
+            at(0),
+            at(50),
+            at(99),
+            at(1_000),
+            at(1_150),
+            at(1_300),
+            at(1_450),
+            at(1_999),
+        ];
+        assert_eq!(peaks(&times, t0), (5, 3));
+        let mut early = times.to_vec();
+        early.push(t0 - Duration::from_secs(1));
+        assert_eq!(peaks(&early, t0), (5, 4));
+        assert_eq!(peaks(&[], t0), (0, 0));
+    }
 }
