@@ -210,8 +210,15 @@ pub async fn run(
                                 failures = 0;
                                 ack_deadline = None;
                                 last_progress = Instant::now();
-                                if let (true, Some(c)) = (send_start, conn.as_ref()) {
-                                    send(c, &start_message(&cfg), &log);
+                                if let Some(c) = conn.as_ref() {
+                                    if send_start {
+                                        send(c, &start_message(&cfg), &log);
+                                    }
+                                    // A heartbeat at once, not one interval later: after a
+                                    // restart the master gives each machine 15 s from its own
+                                    // start, and a wrapper that got back late in a reconnect
+                                    // storm must not spend five of them silent.
+                                    send(c, &heartbeat_message(&cfg), &log);
                                 }
                                 None
                             }
@@ -416,6 +423,12 @@ where
             },
         }
     }
+}
+
+fn heartbeat_message(cfg: &LinkConfig) -> WrapperMessage {
+    WrapperMessage::Heartbeat(Heartbeat {
+        envelope: cfg.envelope(),
+    })
 }
 
 fn start_message(cfg: &LinkConfig) -> WrapperMessage {

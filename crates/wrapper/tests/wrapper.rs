@@ -191,6 +191,39 @@ async fn three_dropped_sockets_lose_and_duplicate_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconnected_wrapper_heartbeats_at_once_after_a_jittered_pause() {
+    // The master drops the socket after the first output; the job stays quiet for 3 s, less
+    // than the 5 s heartbeat interval, so only an immediate heartbeat can arrive in between.
+    let mut master = TestMaster::start(Behaviour {
+        drop_after: vec![0],
+        ..Behaviour::default()
+    })
+    .await;
+    let run = Run::new("rebeat", &master.url(), "echo first; sleep 3; echo last");
+    run.launch_ok();
+    master.wait_complete(LIMIT).await;
+    assert_eq!(master.seen.text(), "first\nlast\n");
+    let seen = &master.seen;
+    assert_eq!(seen.connect_times.len(), 2, "one reconnect");
+    let (first, again) = (seen.connect_times[0], seen.connect_times[1]);
+    // The pause before reconnecting is at most the first backoff window (1 s), plus the
+    // time the job took to write its first line after connecting.
+    assert!(
+        again - first <= Duration::from_millis(2_500),
+        "reconnected {:?} after the first connect",
+        again - first
+    );
+    let first_beat = seen.heartbeats.iter().find(|t| **t >= again);
+    assert!(
+        first_beat.is_some_and(|t| *t - again < Duration::from_millis(500)),
+        "no heartbeat right after the reconnect: connect at {again:?}, heartbeats {:?}",
+        seen.heartbeats
+    );
+    assert_clean_stream(&master);
+    wait_wrapper_exit(wrapper_pid(&master), Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_megabytes_while_the_master_is_unreachable_arrive_after_it_returns() {
     let mut master = TestMaster::start(Behaviour {
         accept_later: true,

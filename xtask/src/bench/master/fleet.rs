@@ -3,8 +3,8 @@
 //! protocol (`connect` with the run token, `start`, a heartbeat every 5 s, an output every
 //! second, `complete` once asked, each answered as the master answers a real wrapper).
 //! When asked to, a wrapper that loses its connection reconnects as `sp-wrapper` does: the
-//! wrapper's own backoff (full jitter, [`super::backoff`]), `connect` again, resend what the
-//! master does not hold, and the first heartbeat one interval after the new connection.
+//! wrapper's own backoff (full jitter, [`super::backoff`]), `connect` again, a heartbeat at
+//! once, then resend what the master does not hold.
 //!
 //! It owns: its runtime (one worker thread, so it takes at most one of the two cores from the
 //! master it measures), the per-wrapper state machines, and the counters and latency samples
@@ -573,8 +573,9 @@ impl Sim {
             }
             conn.tx.flush().await?;
             complete_sent = false;
-            // The real wrapper's first heartbeat on a new connection comes one interval later.
-            beat.reset();
+            // The real wrapper sends a heartbeat as soon as `connect` is acknowledged, then
+            // one every interval. (On the first connection `start` does that job.)
+            beat.reset_immediately();
         }
     }
 

@@ -23,8 +23,8 @@ use super::{
 
 /// The master's heartbeat timeout, which after a restart runs from the new master's start.
 const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(15);
-/// The real wrapper's heartbeat interval: its first heartbeat on a new connection comes this
-/// long after the connection.
+/// The real wrapper's heartbeat interval. It sends one as soon as a new connection is
+/// acknowledged; waiting a whole interval past the last reattach is a margin on top.
 const HEARTBEAT_EVERY: Duration = Duration::from_secs(5);
 /// Added to every wait for a verdict, for the master's monitor and the API round trip.
 const MARGIN: Duration = Duration::from_secs(3);
@@ -178,8 +178,8 @@ pub fn scenario(bin: &Path, dir: &Path, n: usize, jitter: bool) -> Result<Row> {
         median_back.as_secs_f64()
     );
 
-    // The new master gives every machine a fresh heartbeat deadline when it starts; a wrapper
-    // sends its first heartbeat one interval after reattaching. Wait past both.
+    // The new master gives every machine a fresh heartbeat deadline when it starts; wait past
+    // it, and past an interval after the last reattach.
     let judge_at = (ready + HEARTBEAT_TIMEOUT).max(last + HEARTBEAT_EVERY) + MARGIN;
     if let Ok(wait) = judge_at.duration_since(SystemTime::now()) {
         sleep(wait);
