@@ -567,7 +567,8 @@ fn handle_frame(
             Frame::Continue { progress: true }
         }
         MasterMessage::SyncResponse(sync) => {
-            // Only a positive answer is informative: -1 also means "no record" (defect D-09).
+            // Only a positive answer is informative: the original master answers -1 both for
+            // "nothing acked" and for "no record of this connection".
             if let Ok(seq) = u64::try_from(sync.last_seq)
                 && let Some(seq) = session.output_acked(seq, produced)
             {

@@ -1,10 +1,11 @@
 //! The local log `<SP_WRAPPER_LOGDIR>/<job>.log`: one line per event in the original's format
 //! `<YYYY-MM-DD HH:MM:SS UTC> [<job_instance>] <message>`. `normal` records start, end,
-//! errors and delivery failures; `debug` also every frame; `off` nothing (defect D-52: the
-//! original's `normal` logged every ack).
+//! errors and delivery failures; `debug` also every frame; `off` nothing (the original's
+//! `normal` logged every ack, which buried the events that matter).
 //!
 //! Writes go straight to an `O_APPEND` file with one `write` per line, so concurrent wrappers
-//! of the same job interleave whole lines, and nothing is lost if the wrapper is killed.
+//! of the same job interleave whole lines, and nothing is lost if the wrapper is killed. The
+//! file is opened without following a link (see [`crate::files`]).
 
 use std::fs::File;
 use std::io::{self, Write};

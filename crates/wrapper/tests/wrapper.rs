@@ -1,4 +1,4 @@
-//! Integration tests of `sp-wrapper` (issue 2 §4): the real binary, real processes and a real
+//! Integration tests of `sp-wrapper`: the real binary, real processes and a real
 //! WebSocket test master on loopback. Every wait is bounded; every process a test starts is
 //! ended by PID if it outlives the test.
 
