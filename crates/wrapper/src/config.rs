@@ -1,9 +1,10 @@
 //! The wrapper's configuration: every `SP_*` environment variable, parsed and validated in
 //! the invoking process before anything forks, so that a bad value reaches Salt's result as
-//! a message on stderr and a non-zero exit (reference §3.1, defect D-17).
+//! a message on stderr and a non-zero exit instead of a daemon that fails later, unseen.
 //!
 //! Parsing goes through a lookup function rather than the process environment directly,
-//! which keeps it testable without mutating the environment.
+//! which keeps it testable without mutating the environment. It is total: any value of any
+//! variable gives either a validated [`Config`] or a [`ConfigError`] naming the variable.
 
 use std::ffi::{CString, OsString};
 use std::path::{Path, PathBuf};
@@ -11,8 +12,14 @@ use std::time::Duration;
 
 use nix::unistd::{Gid, Uid, User, getgrouplist};
 
+use crate::lock::{self, LockPath};
+
 /// Default directory of the local log and the spool file (the original's default).
 pub const DEFAULT_LOGDIR: &str = "/var/log/sp_wrapper";
+
+/// The longest `SP_TIMEOUT` taken, ten years: a deadline is "now" plus the timeout, and a
+/// number of seconds near `u64::MAX` would overflow it and abort the wrapper mid-run.
+const MAX_TIMEOUT_SECS: u64 = 10 * 365 * 24 * 3600;
 
 /// A configuration value that is missing or unusable. The message is printed as is.
 #[derive(Debug, thiserror::Error)]
@@ -25,6 +32,8 @@ pub enum ConfigError {
         value: String,
         reason: &'static str,
     },
+    #[error("SP_USER is set but empty; unset it to run the job as the wrapper's own user")]
+    EmptyUser,
     #[error("SP_USER {0:?}: no such user")]
     UnknownUser(String),
     #[error("SP_USER {user:?}: {reason}")]
@@ -45,7 +54,7 @@ pub enum LogLevel {
 }
 
 /// The account the job runs as, resolved before forking because name-service lookups are
-/// not async-signal-safe (rust-stack.md §1.10, pitfall 3).
+/// not async-signal-safe and so cannot run between `fork` and `exec`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RunAs {
     pub name: String,
@@ -76,7 +85,7 @@ pub struct Config {
     pub log_level: LogLevel,
     pub log_dir: PathBuf,
     /// `None` when overlap is allowed and no lock is taken.
-    pub lockfile: Option<PathBuf>,
+    pub lockfile: Option<LockPath>,
     pub run_token: Option<String>,
 }
 
@@ -84,9 +93,31 @@ impl Config {
     /// Reads the configuration from the process environment.
     pub fn from_env() -> Result<Self, ConfigError> {
         let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
-        let mut cfg = Self::parse(|name| std::env::var_os(name), &cwd, default_machine_id)?;
-        if let Some(user) = std::env::var_os("SP_USER").filter(|u| !u.is_empty()) {
-            cfg.run_as = resolve_user(&user.to_string_lossy())?;
+        Self::from_lookup(|name| std::env::var_os(name), &cwd, default_machine_id)
+    }
+
+    /// The whole configuration from `lookup`: [`parse`](Self::parse), then the user account
+    /// and the working directory, which consult the system.
+    pub fn from_lookup(
+        lookup: impl Fn(&str) -> Option<OsString>,
+        cwd: &Path,
+        default_machine: impl FnOnce() -> Option<String>,
+    ) -> Result<Self, ConfigError> {
+        let user = lookup("SP_USER");
+        let mut cfg = Self::parse(lookup, cwd, default_machine)?;
+        match user {
+            None => {}
+            // Set but empty is a mistake somewhere upstream; running the job as root
+            // instead of as the intended user would be the worst way to handle it.
+            Some(user) if user.is_empty() => return Err(ConfigError::EmptyUser),
+            Some(user) => {
+                let user = user.into_string().map_err(|v| ConfigError::Invalid {
+                    name: "SP_USER",
+                    value: v.to_string_lossy().into_owned(),
+                    reason: "not valid UTF-8",
+                })?;
+                cfg.run_as = resolve_user(&user)?;
+            }
         }
         check_cwd(&cfg.cwd)?;
         Ok(cfg)
@@ -142,7 +173,9 @@ impl Config {
 
         let machine = match get("SP_MACHINE_ID")?.filter(|v| !v.is_empty()) {
             Some(m) => m,
-            None => default_machine().ok_or(ConfigError::Missing("SP_MACHINE_ID"))?,
+            None => default_machine()
+                .filter(|m| !m.is_empty())
+                .ok_or(ConfigError::Missing("SP_MACHINE_ID"))?,
         };
         let cwd = match get("SP_CWD")?.filter(|v| !v.is_empty()) {
             Some(dir) => PathBuf::from(dir),
@@ -154,12 +187,12 @@ impl Config {
             Some(v) if v.is_empty() => None,
             Some(v) => match v.parse::<u64>() {
                 Ok(0) => None,
-                Ok(secs) => Some(Duration::from_secs(secs)),
-                Err(_) => {
+                Ok(secs) if secs <= MAX_TIMEOUT_SECS => Some(Duration::from_secs(secs)),
+                _ => {
                     return Err(ConfigError::Invalid {
                         name: "SP_TIMEOUT",
                         value: v,
-                        reason: "expected whole seconds (0 or absent for no limit)",
+                        reason: "expected whole seconds up to ten years (0 or absent for no limit)",
                     });
                 }
             },
@@ -168,11 +201,13 @@ impl Config {
             "SP_OUTPUT_INTERVAL_MS",
             get("SP_OUTPUT_INTERVAL_MS")?,
             1000,
+            3_600_000,
         )?);
         let heartbeat_interval = Duration::from_secs(positive(
             "SP_HEARTBEAT_INTERVAL",
             get("SP_HEARTBEAT_INTERVAL")?,
             saltpeter_proto::HEARTBEAT_INTERVAL.as_secs(),
+            3600,
         )?);
 
         let log_level = match get("SP_WRAPPER_LOGLEVEL")?.as_deref().map(str::trim) {
@@ -221,10 +256,13 @@ impl Config {
         let lockfile = if allow_overlap {
             None
         } else {
-            Some(get("SP_LOCKFILE")?.filter(|v| !v.is_empty()).map_or_else(
-                || PathBuf::from(format!("/tmp/sp_wrapper_{job_name}.lock")),
-                PathBuf::from,
-            ))
+            Some(match get("SP_LOCKFILE")?.filter(|v| !v.is_empty()) {
+                Some(path) => LockPath::given(PathBuf::from(path)),
+                None => LockPath::in_private_dir(
+                    lock::default_lock_dir(Uid::effective(), lookup("XDG_RUNTIME_DIR").as_deref()),
+                    &job_name,
+                ),
+            })
         };
         let run_token = get("SP_RUN_TOKEN")?.filter(|v| !v.is_empty());
 
@@ -247,23 +285,29 @@ impl Config {
     }
 }
 
-/// Parses a positive integer with a default.
-fn positive(name: &'static str, value: Option<String>, default: u64) -> Result<u64, ConfigError> {
+/// Parses a positive integer of at most `max` (an hour's worth for the intervals: anything
+/// longer is a mistake, and an unbounded one would overflow the timers' deadlines).
+fn positive(
+    name: &'static str,
+    value: Option<String>,
+    default: u64,
+    max: u64,
+) -> Result<u64, ConfigError> {
     match value.as_deref().map(str::trim) {
         None | Some("") => Ok(default),
         Some(v) => match v.parse::<u64>() {
-            Ok(n) if n > 0 => Ok(n),
+            Ok(n) if n > 0 && n <= max => Ok(n),
             _ => Err(ConfigError::Invalid {
                 name,
                 value: v.to_owned(),
-                reason: "expected a positive whole number",
+                reason: "expected a positive whole number up to an hour",
             }),
         },
     }
 }
 
 /// The Salt minion id if this host has one, else the kernel's host name. The master names
-/// machines by minion id, so that is the right default (defect D-14).
+/// machines by minion id, so that is the right default.
 pub fn default_machine_id() -> Option<String> {
     [
         "/etc/salt/minion_id",
@@ -277,7 +321,8 @@ pub fn default_machine_id() -> Option<String> {
 }
 
 /// Resolves `SP_USER`. Running as the current user is a no-op; switching to another user
-/// needs root, and rather than ignore the request silently (defect D-16) we refuse.
+/// needs root, and rather than ignore the request silently (and run the job as the wrong
+/// user) we refuse.
 fn resolve_user(name: &str) -> Result<Option<RunAs>, ConfigError> {
     let err = |reason: String| ConfigError::User {
         user: name.to_owned(),
@@ -388,6 +433,9 @@ mod tests {
             Some(Duration::from_secs(30))
         );
         assert!(with(&[("SP_TIMEOUT", "ten")]).is_err());
+        assert!(with(&[("SP_TIMEOUT", "315360000")]).is_ok());
+        assert!(with(&[("SP_TIMEOUT", "315360001")]).is_err());
+        assert!(with(&[("SP_TIMEOUT", "18446744073709551615")]).is_err());
         assert!(with(&[("SP_TIMEOUT", "-1")]).is_err());
     }
 
@@ -397,6 +445,8 @@ mod tests {
             ("SP_OUTPUT_INTERVAL_MS", "fast"),
             ("SP_OUTPUT_INTERVAL_MS", "0"),
             ("SP_HEARTBEAT_INTERVAL", "0"),
+            ("SP_HEARTBEAT_INTERVAL", "18446744073709551615"),
+            ("SP_OUTPUT_INTERVAL_MS", "3600001"),
             ("SP_WRAPPER_LOGLEVEL", "verbose"),
             ("SP_ALLOW_OVERLAP", "maybe"),
             ("SP_WEBSOCKET_URL", "http://master"),
@@ -410,12 +460,19 @@ mod tests {
     #[test]
     fn overlap_lock_defaults_to_a_path_per_job() {
         let cfg = with(&[("SP_ALLOW_OVERLAP", "False")]).unwrap();
-        assert_eq!(
-            cfg.lockfile.as_deref(),
-            Some(Path::new("/tmp/sp_wrapper_backup.lock"))
-        );
+        let lock = cfg.lockfile.unwrap();
+        let dir = lock::default_lock_dir(Uid::effective(), None);
+        assert_eq!(lock.path, dir.join("backup.lock"));
+        assert_eq!(lock.private_dir, Some(dir));
+        // The shared temporary directory is never the lock's home for root.
+        if Uid::effective().is_root() {
+            assert_eq!(lock.path, Path::new("/run/saltpeter/backup.lock"));
+        }
         let cfg = with(&[("SP_ALLOW_OVERLAP", "no"), ("SP_LOCKFILE", "/run/x.lock")]).unwrap();
-        assert_eq!(cfg.lockfile.as_deref(), Some(Path::new("/run/x.lock")));
+        assert_eq!(
+            cfg.lockfile,
+            Some(LockPath::given(PathBuf::from("/run/x.lock")))
+        );
         assert_eq!(with(&[("SP_ALLOW_OVERLAP", "yes")]).unwrap().lockfile, None);
     }
 
@@ -447,5 +504,198 @@ mod tests {
             check_cwd(Path::new("/etc/hostname")).is_err() || !Path::new("/etc/hostname").exists()
         );
         assert!(check_cwd(Path::new("/")).is_ok());
+    }
+
+    #[test]
+    fn an_empty_user_is_refused_not_taken_for_root() {
+        let mut vars = BASE.to_vec();
+        vars.push(("SP_USER", ""));
+        let map: HashMap<String, OsString> = vars
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), OsString::from(v)))
+            .collect();
+        let result = Config::from_lookup(
+            |k| map.get(k).cloned(),
+            Path::new("/"),
+            || Some("host1".into()),
+        );
+        assert!(matches!(result, Err(ConfigError::EmptyUser)), "{result:?}");
+    }
+
+    /// Arbitrary values for every variable the wrapper reads: the parser must never panic,
+    /// and must give either a configuration the rest of the wrapper can use as it is (no
+    /// duration that overflows a deadline, no file name that is not one) or an error naming
+    /// the variable.
+    mod totality {
+        use std::os::unix::ffi::OsStringExt;
+
+        use proptest::prelude::*;
+
+        use super::*;
+
+        /// Every variable `Config::from_lookup` asks for, with a valid value.
+        const VARS: [(&str, &str); 16] = [
+            ("SP_WEBSOCKET_URL", "ws://127.0.0.1:8889"),
+            ("SP_JOB_NAME", "backup"),
+            ("SP_JOB_INSTANCE", "backup_1766482300"),
+            ("SP_COMMAND", "echo hi"),
+            ("SP_MACHINE_ID", "db01"),
+            ("SP_RUN_TOKEN", "s3cret"),
+            ("SP_CWD", "/"),
+            ("SP_USER", "root"),
+            ("SP_TIMEOUT", "30"),
+            ("SP_OUTPUT_INTERVAL_MS", "1000"),
+            ("SP_HEARTBEAT_INTERVAL", "5"),
+            ("SP_ALLOW_OVERLAP", "false"),
+            ("SP_LOCKFILE", "/run/saltpeter/x.lock"),
+            ("SP_WRAPPER_LOGDIR", "/var/log/sp_wrapper"),
+            ("SP_WRAPPER_LOGLEVEL", "debug"),
+            ("XDG_RUNTIME_DIR", "/run/user/1000"),
+        ];
+
+        /// Values that sit on the parser's edges, then arbitrary text and bytes.
+        fn value() -> impl Strategy<Value = OsString> {
+            let edges = prop::sample::select(vec![
+                "",
+                " ",
+                "0",
+                "1",
+                "-1",
+                "+5",
+                " 30 ",
+                "0x10",
+                "1e3",
+                "4294967296",
+                "18446744073709551615",
+                "18446744073709551616",
+                "true",
+                "FALSE",
+                "Yes",
+                "maybe",
+                "ws://",
+                "ws://[::1]:1",
+                "http://master",
+                ".",
+                "..",
+                "a/b",
+                "/",
+                "/nonexistent/sp-test",
+                "relative",
+                "root",
+                "nobody",
+                "no-such-user-sp-test",
+                "OFF",
+                "normal",
+                "\u{0}",
+                "a\u{0}b",
+                "é€😀",
+            ])
+            .prop_map(OsString::from);
+            let text = prop::collection::vec(any::<char>(), 0..24)
+                .prop_map(|c| OsString::from(c.into_iter().collect::<String>()));
+            let bytes = prop::collection::vec(any::<u8>(), 0..24).prop_map(OsString::from_vec);
+            prop_oneof![3 => edges, 1 => text, 1 => bytes]
+        }
+
+        /// Each variable: its valid value, absent, or anything.
+        fn environment() -> impl Strategy<Value = Vec<Option<OsString>>> {
+            VARS.iter()
+                .map(|(_, valid)| {
+                    prop_oneof![
+                        5 => Just(Some(OsString::from(valid))),
+                        1 => Just(None),
+                        2 => value().prop_map(Some),
+                    ]
+                    .boxed()
+                })
+                .collect::<Vec<_>>()
+        }
+
+        fn lookup(env: &[Option<OsString>]) -> impl Fn(&str) -> Option<OsString> + '_ {
+            move |name| {
+                let index = VARS.iter().position(|(n, _)| *n == name);
+                assert!(
+                    index.is_some(),
+                    "the parser reads {name}, which the test omits"
+                );
+                index.and_then(|i| env[i].clone())
+            }
+        }
+
+        /// Whether `d` can be added to a deadline without overflowing, as the timers do.
+        fn usable(d: Duration) -> bool {
+            tokio::time::Instant::now().checked_add(d).is_some()
+                && std::time::Instant::now().checked_add(d).is_some()
+        }
+
+        #[test]
+        fn the_test_covers_every_variable_read() {
+            let asked = std::cell::RefCell::new(Vec::new());
+            // With and without SP_LOCKFILE: the runtime directory matters only without.
+            for without in [None, Some("SP_LOCKFILE")] {
+                let env: Vec<Option<OsString>> = VARS
+                    .iter()
+                    .map(|(n, v)| (Some(*n) != without).then(|| OsString::from(v)))
+                    .collect();
+                // `root` resolves on any Unix; as a non-root user it is a refusal, also fine.
+                let _ = Config::from_lookup(
+                    |name| {
+                        asked.borrow_mut().push(name.to_owned());
+                        lookup(&env)(name)
+                    },
+                    Path::new("/"),
+                    || None,
+                );
+            }
+            let asked = asked.into_inner();
+            for (name, _) in VARS {
+                assert!(asked.iter().any(|a| a == name), "{name} is never read");
+            }
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(4000))]
+
+            #[test]
+            fn any_environment_gives_a_usable_config_or_a_named_error(
+                env in environment(),
+                machine in prop::option::of(prop::collection::vec(any::<char>(), 0..8)),
+            ) {
+                let user = env[7].clone();
+                let default_machine = machine.map(|c| c.into_iter().collect::<String>());
+                let result = Config::from_lookup(
+                    lookup(&env),
+                    Path::new("/"),
+                    || default_machine.clone(),
+                );
+                match result {
+                    Err(e) => {
+                        let text = e.to_string();
+                        prop_assert!(text.contains("SP_"), "{}", text);
+                    }
+                    Ok(cfg) => {
+                        prop_assert!(cfg.websocket_url.starts_with("ws://"));
+                        for field in [&cfg.job_name, &cfg.job_instance, &cfg.command, &cfg.machine] {
+                            prop_assert!(!field.is_empty());
+                        }
+                        let name = Path::new(&cfg.job_name);
+                        prop_assert_eq!(name.file_name(), Some(name.as_os_str()));
+                        prop_assert!(!cfg.job_name.contains('\0'));
+                        prop_assert!(cfg.timeout.is_none_or(|t| !t.is_zero() && usable(t)));
+                        for every in [cfg.output_interval, cfg.heartbeat_interval] {
+                            prop_assert!(!every.is_zero() && usable(every));
+                        }
+                        if let Some(lock) = &cfg.lockfile {
+                            prop_assert!(!lock.path.as_os_str().is_empty());
+                            if let Some(dir) = &lock.private_dir {
+                                prop_assert_eq!(lock.path.parent(), Some(dir.as_path()));
+                            }
+                        }
+                        // An empty SP_USER never falls through to "run as whoever I am".
+                        prop_assert!(user.as_ref().is_none_or(|u| !u.is_empty()));
+                    }
+                }
+            }
+        }
     }
 }

@@ -1,4 +1,5 @@
-//! The WebSocket link to the master: connecting with capped backoff, one writer task per
+//! The WebSocket link to the master: connecting with capped, fully jittered backoff (see
+//! [`crate::backoff`]), one writer task per
 //! connection that sends heartbeats on their own timer ahead of anything else, and the loop
 //! that drives [`Session`] with the master's replies and the job's output.
 //!
@@ -26,6 +27,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
+use crate::backoff;
 use crate::encode;
 use crate::log::Log;
 use crate::outbox::{Chunk, Outbox};
@@ -208,8 +210,15 @@ pub async fn run(
                                 failures = 0;
                                 ack_deadline = None;
                                 last_progress = Instant::now();
-                                if let (true, Some(c)) = (send_start, conn.as_ref()) {
-                                    send(c, &start_message(&cfg), &log);
+                                if let Some(c) = conn.as_ref() {
+                                    if send_start {
+                                        send(c, &start_message(&cfg), &log);
+                                    }
+                                    // A heartbeat at once, not one interval later: after a
+                                    // restart the master gives each machine 15 s from its own
+                                    // start, and a wrapper that got back late in a reconnect
+                                    // storm must not spend five of them silent.
+                                    send(c, &heartbeat_message(&cfg), &log);
                                 }
                                 None
                             }
@@ -310,14 +319,11 @@ pub async fn run(
     }
 }
 
-/// The pause before reconnect attempt `failures + 1`: 1 s, 2 s, 4 s, then 5 s.
+/// The pause before reconnect attempt `failures + 1`: uniformly random up to 1 s, 2 s, 4 s,
+/// then 5 s, drawn anew each time so a fleet that lost its master at one instant does not
+/// come back at one instant.
 fn backoff(failures: u32) -> Duration {
-    Duration::from_secs(match failures {
-        0 => 1,
-        1 => 2,
-        2 => 4,
-        _ => 5,
-    })
+    backoff::delay(failures, rand::random::<f64>())
 }
 
 async fn connect(url: String) -> Result<WsStream, String> {
@@ -417,6 +423,12 @@ where
             },
         }
     }
+}
+
+fn heartbeat_message(cfg: &LinkConfig) -> WrapperMessage {
+    WrapperMessage::Heartbeat(Heartbeat {
+        envelope: cfg.envelope(),
+    })
 }
 
 fn start_message(cfg: &LinkConfig) -> WrapperMessage {
@@ -555,7 +567,8 @@ fn handle_frame(
             Frame::Continue { progress: true }
         }
         MasterMessage::SyncResponse(sync) => {
-            // Only a positive answer is informative: -1 also means "no record" (defect D-09).
+            // Only a positive answer is informative: the original master answers -1 both for
+            // "nothing acked" and for "no record of this connection".
             if let Ok(seq) = u64::try_from(sync.last_seq)
                 && let Some(seq) = session.output_acked(seq, produced)
             {
@@ -666,8 +679,31 @@ mod tests {
     }
 
     #[test]
-    fn backoff_rises_to_five_seconds() {
-        let steps: Vec<u64> = (0..6).map(|f| backoff(f).as_secs()).collect();
-        assert_eq!(steps, vec![1, 2, 4, 5, 5, 5]);
+    fn backoff_is_spread_over_a_window_that_rises_to_the_cap() {
+        for failures in 0..8 {
+            let ceiling = backoff::ceiling(failures);
+            assert!(ceiling <= backoff::CAP);
+            let delays: Vec<Duration> = (0..10_000).map(|_| backoff(failures)).collect();
+            assert!(
+                delays.iter().all(|d| *d <= ceiling),
+                "{failures}: over {ceiling:?}"
+            );
+            // Uniform over the window: about half below its middle, and hardly two alike.
+            let low = delays.iter().filter(|d| **d < ceiling / 2).count();
+            assert!(
+                (4_000..=6_000).contains(&low),
+                "{failures}: {low} of 10,000 low"
+            );
+            let mut distinct = delays.clone();
+            distinct.sort_unstable();
+            distinct.dedup();
+            assert!(
+                distinct.len() > 9_000,
+                "{failures}: {} distinct",
+                distinct.len()
+            );
+        }
+        // The first reconnect after a drop comes within a second, not at a fixed instant.
+        assert!((0..100).all(|_| backoff(0) <= Duration::from_secs(1)));
     }
 }

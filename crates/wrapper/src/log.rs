@@ -1,14 +1,15 @@
 //! The local log `<SP_WRAPPER_LOGDIR>/<job>.log`: one line per event in the original's format
 //! `<YYYY-MM-DD HH:MM:SS UTC> [<job_instance>] <message>`. `normal` records start, end,
-//! errors and delivery failures; `debug` also every frame; `off` nothing (defect D-52: the
-//! original's `normal` logged every ack).
+//! errors and delivery failures; `debug` also every frame; `off` nothing (the original's
+//! `normal` logged every ack, which buried the events that matter).
 //!
 //! Writes go straight to an `O_APPEND` file with one `write` per line, so concurrent wrappers
-//! of the same job interleave whole lines, and nothing is lost if the wrapper is killed.
+//! of the same job interleave whole lines, and nothing is lost if the wrapper is killed. The
+//! file is opened without following a link (see [`crate::files`]).
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{self, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use time::OffsetDateTime;
 
@@ -111,9 +112,9 @@ impl Log {
     }
 }
 
-fn open_append(dir: &Path, path: &PathBuf) -> io::Result<File> {
+fn open_append(dir: &Path, path: &Path) -> io::Result<File> {
     std::fs::create_dir_all(dir)?;
-    OpenOptions::new().create(true).append(true).open(path)
+    crate::files::open_append(path).map_err(io::Error::other)
 }
 
 #[cfg(test)]

@@ -6,8 +6,10 @@
 //! daemon's readiness verdict (the invoking process) or run the job (the daemon, see
 //! [`run`]). No thread exists before the fork; the async runtime is built afterwards.
 
+mod backoff;
 mod config;
 mod encode;
+mod files;
 mod job;
 mod link;
 mod lock;

@@ -288,15 +288,7 @@ impl Outbox {
 
 fn open_unlinked(dir: &Path, name: &str) -> io::Result<File> {
     std::fs::create_dir_all(dir)?;
-    let path = dir.join(name);
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&path)?;
-    std::fs::remove_file(&path)?;
-    Ok(file)
+    crate::files::create_unlinked(dir, name).map_err(io::Error::other)
 }
 
 #[cfg(test)]

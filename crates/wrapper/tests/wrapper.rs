@@ -1,4 +1,4 @@
-//! Integration tests of `sp-wrapper` (issue 2 §4): the real binary, real processes and a real
+//! Integration tests of `sp-wrapper`: the real binary, real processes and a real
 //! WebSocket test master on loopback. Every wait is bounded; every process a test starts is
 //! ended by PID if it outlives the test.
 
@@ -185,6 +185,39 @@ async fn three_dropped_sockets_lose_and_duplicate_nothing() {
         master.seen.starts.len(),
         1,
         "start is acked once and never resent"
+    );
+    assert_clean_stream(&master);
+    wait_wrapper_exit(wrapper_pid(&master), Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconnected_wrapper_heartbeats_at_once_after_a_jittered_pause() {
+    // The master drops the socket after the first output; the job stays quiet for 3 s, less
+    // than the 5 s heartbeat interval, so only an immediate heartbeat can arrive in between.
+    let mut master = TestMaster::start(Behaviour {
+        drop_after: vec![0],
+        ..Behaviour::default()
+    })
+    .await;
+    let run = Run::new("rebeat", &master.url(), "echo first; sleep 3; echo last");
+    run.launch_ok();
+    master.wait_complete(LIMIT).await;
+    assert_eq!(master.seen.text(), "first\nlast\n");
+    let seen = &master.seen;
+    assert_eq!(seen.connect_times.len(), 2, "one reconnect");
+    let (first, again) = (seen.connect_times[0], seen.connect_times[1]);
+    // The pause before reconnecting is at most the first backoff window (1 s), plus the
+    // time the job took to write its first line after connecting.
+    assert!(
+        again - first <= Duration::from_millis(2_500),
+        "reconnected {:?} after the first connect",
+        again - first
+    );
+    let first_beat = seen.heartbeats.iter().find(|t| **t >= again);
+    assert!(
+        first_beat.is_some_and(|t| *t - again < Duration::from_millis(500)),
+        "no heartbeat right after the reconnect: connect at {again:?}, heartbeats {:?}",
+        seen.heartbeats
     );
     assert_clean_stream(&master);
     wait_wrapper_exit(wrapper_pid(&master), Duration::from_secs(5)).await;
@@ -385,6 +418,82 @@ async fn lock_conflict_reports_254_through_the_protocol() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_planted_at_the_lock_path_is_refused_and_its_target_untouched() {
+    let mut master = TestMaster::start(Behaviour::default()).await;
+    let mut run = Run::new("locklink", &master.url(), "touch ran");
+    let victim = run.path("victim");
+    std::fs::write(&victim, "precious\n").unwrap();
+    let lockfile = run.path("job.lock");
+    std::os::unix::fs::symlink(&victim, &lockfile).unwrap();
+    run.set("SP_ALLOW_OVERLAP", "false")
+        .set("SP_LOCKFILE", lockfile.to_str().unwrap());
+
+    let out = run.launch_ok();
+    let msg = format!(
+        "LOCKFILE ERROR: Refusing to use the lockfile: {} is a symbolic link\n",
+        lockfile.display()
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains(msg.trim_end()), "{stdout}");
+    let complete = master.wait_complete(LIMIT).await;
+    assert_eq!(
+        (complete.retcode, complete.cause),
+        (Some(254), Some(Cause::Lock))
+    );
+    assert_eq!(master.seen.text(), msg);
+    assert!(!run.path("ran").exists(), "the job must not run");
+    wait_wrapper_exit(wrapper_pid(&master), Duration::from_secs(5)).await;
+    // Neither the open nor the daemon's exit (which empties a lock it held) touched it.
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious\n");
+    assert!(
+        std::fs::symlink_metadata(&lockfile)
+            .unwrap()
+            .file_type()
+            .is_symlink()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_default_lock_is_private_and_not_inherited_by_the_job() {
+    let mut master = TestMaster::start(Behaviour::default()).await;
+    let uid = nix::unistd::Uid::effective();
+    // The tests clear the environment, so a non-root run has no XDG_RUNTIME_DIR.
+    let dir = if uid.is_root() {
+        std::path::PathBuf::from("/run/saltpeter")
+    } else {
+        eprintln!("note: not root; checking the per-user lock directory instead of /run");
+        std::path::PathBuf::from(format!("/tmp/saltpeter-{uid}"))
+    };
+    let mut run = Run::new("lockdefault", &master.url(), "");
+    let lockfile = dir.join(format!("{}.lock", run.job));
+    let cmd = format!(
+        "stat -c '%a %u %F' {d} {l}; cat {l}; ls -l /proc/self/fd",
+        d = dir.display(),
+        l = lockfile.display()
+    );
+    run.set("SP_ALLOW_OVERLAP", "false").set("SP_COMMAND", &cmd);
+    run.launch_ok();
+    let complete = master.wait_complete(LIMIT).await;
+    let text = master.seen.text();
+    assert_eq!(complete.retcode, Some(0), "{text}");
+    let lines: Vec<&str> = text.lines().collect();
+    let dir_mode = lines[0].split(' ').next().unwrap_or_default();
+    assert!(
+        ["700", "755"].contains(&dir_mode) && lines[0].ends_with(&format!(" {uid} directory")),
+        "{text}"
+    );
+    assert_eq!(lines[1], format!("600 {uid} regular file"), "{text}");
+    assert_eq!(lines[2], wrapper_pid(&master).to_string(), "{text}");
+    assert!(!lockfile.starts_with("/tmp") || !uid.is_root());
+    // The job sees its three standard descriptors and the one `ls` opens, never the lock.
+    assert!(
+        !text.contains(".lock"),
+        "the job inherited the lock: {text}"
+    );
+    wait_wrapper_exit(wrapper_pid(&master), Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn background_process_holding_stdout_does_not_delay_complete() {
     let mut master = TestMaster::start(Behaviour::default()).await;
     let run = Run::new("background", &master.url(), "sleep 600 & echo $!");
@@ -507,7 +616,7 @@ async fn runs_as_sp_user_with_its_uid_gid_groups_and_environment() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn missing_or_invalid_configuration_fails_before_forking() {
     let master = TestMaster::start(Behaviour::default()).await;
-    let cases: [(&str, Option<&str>, &str); 5] = [
+    let cases: [(&str, Option<&str>, &str); 7] = [
         (
             "SP_COMMAND",
             None,
@@ -521,6 +630,10 @@ async fn missing_or_invalid_configuration_fails_before_forking() {
         ("SP_TIMEOUT", Some("soon"), "SP_TIMEOUT"),
         ("SP_CWD", Some("/nonexistent/sp-test"), "SP_CWD"),
         ("SP_USER", Some("no-such-user-sp-test"), "SP_USER"),
+        // Set but empty: refused rather than taken to mean the wrapper's own user (root).
+        ("SP_USER", Some(""), "Error: SP_USER is set but empty"),
+        // A timeout this large would overflow the job's deadline once it ran.
+        ("SP_TIMEOUT", Some("18446744073709551615"), "SP_TIMEOUT"),
     ];
     for (var, value, want) in cases {
         let mut run = Run::new("config", &master.url(), "touch ran");

@@ -1,5 +1,6 @@
-//! `cargo xtask bench master [--wrappers N,...] [--seconds S] [--no-append]`: one release
-//! `sp-master` against up to ten thousand simulated wrappers on this machine (issue 7).
+//! `cargo xtask bench master [--wrappers N,...] [--seconds S] [--restart [--no-jitter]]
+//! [--no-append]`: one
+//! release `sp-master` against up to ten thousand simulated wrappers on this machine.
 //!
 //! It owns the scenarios, the measurements and the report. The master runs with `launcher:
 //! bench` (see `crates/master/src/launch/bench.rs`): its start requests go to a file that
@@ -14,10 +15,18 @@
 //! one is; complete the rest; read the master's VmHWM. Then, on a master with 1,000 jobs and
 //! nothing running, idle CPU over S seconds and one wrapper streaming as fast as acks allow.
 //!
+//! With `--restart`, only the restart scenario runs instead (see [`restart`]): the master is
+//! restarted under N connected wrappers that reconnect with `sp-wrapper`'s own backoff.
+//!
 //! xtask normally runs unoptimised; a debug load generator would take CPU from the master it
 //! measures, so the benchmark re-runs itself from a release build of xtask.
 
+// The wrapper's reconnect backoff, by path: the simulated wrappers must back off exactly as
+// `sp-wrapper` does, and the file needs nothing but std.
+#[path = "../../../crates/wrapper/src/backoff.rs"]
+mod backoff;
 mod fleet;
+mod restart;
 mod stamped;
 // The e2e scenarios' small HTTP client, shared by path: e2e keeps it private.
 #[allow(dead_code, clippy::duplicate_mod)]
@@ -38,7 +47,7 @@ use serde_json::Value;
 
 use fleet::{Fleet, Kind, Phase, StartFile};
 
-/// Targets from issue 7 §3.
+/// The project's targets for a 10,000-machine fleet.
 const TARGET_P99: Duration = Duration::from_millis(100);
 const TARGET_RSS_KIB: u64 = 1024 * 1024;
 const TARGET_IDLE_CPU: f64 = 1.0;
@@ -57,6 +66,9 @@ struct Args {
     sizes: Vec<usize>,
     seconds: u64,
     append: bool,
+    /// Run the restart scenario instead of the others, with jittered backoff or not.
+    restart: bool,
+    jitter: bool,
 }
 
 fn parse_args(args: &[String]) -> Result<Args> {
@@ -64,6 +76,8 @@ fn parse_args(args: &[String]) -> Result<Args> {
         sizes: vec![1000, 5000, 10_000],
         seconds: 60,
         append: true,
+        restart: false,
+        jitter: true,
     };
     let mut it = args.iter();
     while let Some(arg) = it.next() {
@@ -84,8 +98,11 @@ fn parse_args(args: &[String]) -> Result<Args> {
                 ensure!((5..=600).contains(&out.seconds), "--seconds: 5..=600");
             }
             "--no-append" => out.append = false,
+            "--restart" => out.restart = true,
+            // The wrapper's schedule before jitter, to compare against.
+            "--no-jitter" => out.jitter = false,
             other => bail!(
-                "unexpected argument {other:?}; usage: cargo xtask bench master [--wrappers N,...] [--seconds S] [--no-append]"
+                "unexpected argument {other:?}; usage: cargo xtask bench master [--wrappers N,...] [--seconds S] [--restart [--no-jitter]] [--no-append]"
             ),
         }
     }
@@ -109,6 +126,25 @@ pub fn run(args: &[String]) -> Result<()> {
         }
     };
     let scratch = target_dir(&root).join("bench-master");
+    if parsed.restart {
+        let mut rows = Vec::new();
+        for &n in &parsed.sizes {
+            eprintln!("\n== {n} wrappers, master restarted under them ==");
+            rows.push(restart::scenario(
+                &bin,
+                &scratch.join(format!("restart-{n}")),
+                n,
+                parsed.jitter,
+            )?);
+        }
+        let report = restart::report(
+            &restart::heading(&root),
+            &parsed.sizes,
+            parsed.jitter,
+            &rows,
+        );
+        return publish(&root, &parsed, &report);
+    }
     let mut rows = Vec::new();
     for &n in &parsed.sizes {
         eprintln!("\n== {n} wrappers, {} s steady state ==", parsed.seconds);
@@ -122,12 +158,17 @@ pub fn run(args: &[String]) -> Result<()> {
     );
     let idle = idle_and_stream(&bin, &scratch.join("idle"), parsed.seconds)?;
     let report = report(&root, &parsed, &rows, &idle)?;
+    publish(&root, &parsed, &report)
+}
+
+/// Prints a report and, unless told not to, appends it to docs/PERFORMANCE.md.
+fn publish(root: &Path, args: &Args, report: &str) -> Result<()> {
     println!("\n{report}");
-    if parsed.append {
+    if args.append {
         let doc = root.join("docs/PERFORMANCE.md");
         let mut text = fs::read_to_string(&doc).unwrap_or_else(|_| PERFORMANCE_HEADER.to_owned());
         text.push('\n');
-        text.push_str(&report);
+        text.push_str(report);
         fs::write(&doc, text).with_context(|| format!("writing {}", doc.display()))?;
         eprintln!("Appended to {}", doc.display());
     }
@@ -135,7 +176,7 @@ pub fn run(args: &[String]) -> Result<()> {
 }
 
 const PERFORMANCE_HEADER: &str = "# Performance\n\nFigures from `cargo xtask bench master` \
-(issue 7), newest last. Each entry says when, on which CPU and at which commit it was measured; \
+newest last. Each entry says when, on which CPU and at which commit it was measured; \
 see `xtask/src/bench/master.rs` for how each figure is taken.\n";
 
 /// Builds xtask in release and runs this benchmark from it, passing the arguments on.
@@ -327,12 +368,13 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-/// The settings every benchmark master gets: loopback, kernel-chosen ports, its own dirs.
-fn settings(dir: &Path) -> String {
+/// The settings every benchmark master gets: loopback, its own dirs, a kernel-chosen API
+/// port, and the machines port given (0: kernel-chosen too).
+fn settings(dir: &Path, machines_port: u16) -> String {
     format!(
         "saltpeter_config:\n  launcher: bench\n  logdir: '{d}/log'\n  data_dir: '{d}/data'\n  \
          api_ws_bind_addr: 127.0.0.1\n  api_ws_port: 0\n  \
-         machines_ws_bind_addr: 127.0.0.1\n  machines_ws_port: 0\n",
+         machines_ws_bind_addr: 127.0.0.1\n  machines_ws_port: {machines_port}\n",
         d = dir.display()
     )
 }
@@ -378,23 +420,8 @@ fn fleet_scenario(bin: &Path, dir: &Path, n: usize, seconds: u64) -> Result<Row>
             Kind::Steady
         }
     })?;
-    let deadline = Instant::now() + Duration::from_secs(180);
-    while (stats.started.load(Ordering::Relaxed) as usize) < n {
-        ensure!(
-            stats.failed.load(Ordering::Relaxed) == 0,
-            "wrappers failed: {:?}",
-            stats.errors.lock().clone()
-        );
-        ensure!(
-            Instant::now() < deadline,
-            "only {} of {n} started within 180 s",
-            stats.started.load(Ordering::Relaxed)
-        );
-        sleep(Duration::from_millis(5));
-    }
-    let last_ack = (*stats.last_start_ack.lock()).context("no start ack")?;
+    let fanout = wait_started(&stats, n, &request)?;
     let launcher = request.written.duration_since(fired).unwrap_or_default();
-    let fanout = last_ack.duration_since(request.written).unwrap_or_default();
     eprintln!(
         "  fan-out: {n} started {:.2} s after the start request (launcher {:.3} s)",
         fanout.as_secs_f64(),
@@ -644,10 +671,29 @@ fn idle_and_stream(bin: &Path, dir: &Path, seconds: u64) -> Result<Idle> {
     })
 }
 
-fn report(root: &Path, args: &Args, rows: &[Row], idle: &Idle) -> Result<String> {
-    let verdict = |ok: bool| if ok { "ok" } else { "MISSED" };
-    let date = command_text(Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"]))
-        .unwrap_or_else(|_| "unknown date".into());
+/// Waits (at most 180 s) until `n` wrappers have had `start` acknowledged; returns the
+/// fan-out, from the launcher writing the request to the last `start` ack.
+fn wait_started(stats: &fleet::Stats, n: usize, request: &fleet::StartRequest) -> Result<Duration> {
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while (stats.started.load(Ordering::Relaxed) as usize) < n {
+        ensure!(
+            stats.failed.load(Ordering::Relaxed) == 0,
+            "wrappers failed: {:?}",
+            stats.errors.lock().clone()
+        );
+        ensure!(
+            Instant::now() < deadline,
+            "only {} of {n} started within 180 s",
+            stats.started.load(Ordering::Relaxed)
+        );
+        sleep(Duration::from_millis(5));
+    }
+    let last_ack = (*stats.last_start_ack.lock()).context("no start ack")?;
+    Ok(last_ack.duration_since(request.written).unwrap_or_default())
+}
+
+/// An entry's heading: when, at which commit (and whether the tree had changes), on which CPU.
+fn entry_heading(root: &Path, date: &str) -> String {
     let commit = command_text(
         Command::new("git")
             .args(["rev-parse", "--short", "HEAD"])
@@ -671,16 +717,21 @@ fn report(root: &Path, args: &Args, rows: &[Row], idle: &Idle) -> Result<String>
         })
         .unwrap_or_else(|| "unknown CPU".into());
     let cores = std::thread::available_parallelism().map_or(1, usize::from);
-    let mut s = String::new();
-    let _ = writeln!(
-        s,
-        "## {date}, commit {commit}{}, {cpu} ({cores} cores)\n",
+    format!(
+        "## {date}, commit {commit}{}, {cpu} ({cores} cores)\n\n",
         if dirty {
             " (with uncommitted changes)"
         } else {
             ""
         }
-    );
+    )
+}
+
+fn report(root: &Path, args: &Args, rows: &[Row], idle: &Idle) -> Result<String> {
+    let verdict = |ok: bool| if ok { "ok" } else { "MISSED" };
+    let date = command_text(Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"]))
+        .unwrap_or_else(|_| "unknown date".into());
+    let mut s = entry_heading(root, &date);
     let _ = writeln!(
         s,
         "`cargo xtask bench master --wrappers {} --seconds {}`: release `sp-master` with `launcher: bench`; \
@@ -832,6 +883,7 @@ fn cpu_of(pid: u32) -> Result<Duration> {
 /// A release `sp-master` on its own directory, ended by PID when dropped.
 struct MasterProc {
     child: Child,
+    bin: PathBuf,
     api: SocketAddr,
     data: PathBuf,
     dir: PathBuf,
@@ -839,6 +891,17 @@ struct MasterProc {
 
 impl MasterProc {
     fn start(bin: &Path, dir: &Path, files: &[(&str, String)]) -> Result<Self> {
+        Self::start_on(bin, dir, files, 0)
+    }
+
+    /// A master whose machines endpoint listens on `machines_port` (0: the kernel's choice).
+    /// A fixed port lets wrappers find a restarted master where they left the old one.
+    fn start_on(
+        bin: &Path,
+        dir: &Path,
+        files: &[(&str, String)],
+        machines_port: u16,
+    ) -> Result<Self> {
         if dir.exists() {
             fs::remove_dir_all(dir).with_context(|| format!("clearing {}", dir.display()))?;
         }
@@ -846,48 +909,79 @@ impl MasterProc {
         fs::create_dir_all(&conf)?;
         fs::create_dir_all(dir.join("log"))?;
         fs::create_dir_all(dir.join("data"))?;
-        fs::write(conf.join("settings.yaml"), settings(dir))?;
+        fs::write(conf.join("settings.yaml"), settings(dir, machines_port))?;
         for (name, text) in files {
             fs::write(conf.join(name), text)?;
         }
-        let log = fs::File::create(dir.join("master.log"))?;
-        let ready = dir.join("ready.json");
-        let child = Command::new(bin)
+        let mut master = Self {
+            child: Self::spawn(bin, dir)?,
+            bin: bin.to_owned(),
+            api: "127.0.0.1:1".parse()?,
+            data: dir.join("data"),
+            dir: dir.to_owned(),
+        };
+        master.wait_ready()?;
+        Ok(master)
+    }
+
+    /// Starts `sp-master` on the configuration under `dir`, appending to its log.
+    fn spawn(bin: &Path, dir: &Path) -> Result<Child> {
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("master.log"))?;
+        Command::new(bin)
             .arg("-c")
-            .arg(&conf)
+            .arg(dir.join("conf"))
             .arg("--ready-file")
-            .arg(&ready)
+            .arg(dir.join("ready.json"))
             .env("NO_COLOR", "1")
             .env_remove("RUST_LOG")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()
-            .context("starting sp-master")?;
-        let mut master = Self {
-            child,
-            api: "127.0.0.1:1".parse()?,
-            data: dir.join("data"),
-            dir: dir.to_owned(),
-        };
+            .context("starting sp-master")
+    }
+
+    /// Waits for the ready file and takes the API's address from it.
+    fn wait_ready(&mut self) -> Result<()> {
+        let ready = self.dir.join("ready.json");
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Ok(text) = fs::read_to_string(&ready)
                 && let Ok(v) = serde_json::from_str::<Value>(&text)
                 && let Some(api) = v["api"].as_str()
             {
-                master.api = api.parse()?;
-                return Ok(master);
+                self.api = api.parse()?;
+                return Ok(());
             }
-            if let Some(status) = master.child.try_wait()? {
+            if let Some(status) = self.child.try_wait()? {
                 bail!(
                     "sp-master exited ({status}); see {}/master.log",
-                    master.dir.display()
+                    self.dir.display()
                 );
             }
             ensure!(Instant::now() < deadline, "sp-master not ready within 60 s");
-            sleep(Duration::from_millis(50));
+            sleep(Duration::from_millis(10));
         }
+    }
+
+    /// Stops the master as a service manager does (SIGTERM) and starts it again on the same
+    /// directories. Returns when the stop was asked, when the old process had exited, and
+    /// when the new one was ready.
+    fn restart(&mut self) -> Result<(SystemTime, SystemTime, SystemTime)> {
+        let asked = SystemTime::now();
+        let clean = crate::process::terminate(&mut self.child, Duration::from_secs(30));
+        let gone = SystemTime::now();
+        ensure!(clean, "sp-master did not stop within 30 s of SIGTERM");
+        match fs::remove_file(self.dir.join("ready.json")) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
+            _ => {}
+        }
+        self.child = Self::spawn(&self.bin, &self.dir)?;
+        self.wait_ready()?;
+        Ok((asked, gone, SystemTime::now()))
     }
 
     fn pid(&self) -> u32 {

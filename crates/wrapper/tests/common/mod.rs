@@ -59,6 +59,8 @@ pub struct Seen {
     pub accepted: usize,
     pub closed: usize,
     pub connects: Vec<Connect>,
+    /// When each `connect` arrived.
+    pub connect_times: Vec<Instant>,
     pub starts: Vec<(Instant, Start)>,
     pub heartbeats: Vec<Instant>,
     /// Applied outputs in order: (seq, stream, data).
@@ -81,7 +83,10 @@ impl Seen {
             Event::Duplicate(seq) => self.duplicates.push(seq),
             Event::Gap(seq) => self.gaps.push(seq),
             Event::Received(at, msg) => match msg {
-                WrapperMessage::Connect(c) => self.connects.push(c),
+                WrapperMessage::Connect(c) => {
+                    self.connects.push(c);
+                    self.connect_times.push(at);
+                }
                 WrapperMessage::Start(s) => self.starts.push((at, s)),
                 WrapperMessage::Heartbeat(_) => self.heartbeats.push(at),
                 WrapperMessage::Output(o) => {

@@ -2,6 +2,9 @@
 //! task holding one WebSocket to the master's machines endpoint and speaking the real
 //! protocol (`connect` with the run token, `start`, a heartbeat every 5 s, an output every
 //! second, `complete` once asked, each answered as the master answers a real wrapper).
+//! When asked to, a wrapper that loses its connection reconnects as `sp-wrapper` does: the
+//! wrapper's own backoff (full jitter, [`super::backoff`]), `connect` again, a heartbeat at
+//! once, then resend what the master does not hold.
 //!
 //! It owns: its runtime (one worker thread, so it takes at most one of the two cores from the
 //! master it measures), the per-wrapper state machines, and the counters and latency samples
@@ -18,7 +21,7 @@ use anyhow::{Context, Result, bail};
 use futures_util::{SinkExt, StreamExt};
 use parking_lot::Mutex;
 use saltpeter_proto::{
-    AckType, Cause, Complete, Connect, Envelope, Heartbeat, MasterMessage, Output, Start,
+    Ack, AckType, Cause, Complete, Connect, Envelope, Heartbeat, MasterMessage, Output, Start,
     Timestamp, WrapperMessage,
 };
 use tokio::net::TcpSocket;
@@ -26,6 +29,7 @@ use tokio::sync::{Semaphore, watch};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
+use super::backoff;
 use super::stamped::{Arrival, StampedStream};
 
 /// Source addresses the wrappers' sockets are spread over (127.0.0.2 and up).
@@ -35,6 +39,12 @@ const LOOPBACK_SOURCES: usize = 8;
 const CONNECTS_IN_FLIGHT: usize = 512;
 /// Limit for any single wait on the master (an ack, the handshake).
 const REPLY_LIMIT: Duration = Duration::from_secs(60);
+/// The real wrapper's limits on a reconnect attempt: TCP and WebSocket handshake, then the
+/// `connect` ack (`crates/wrapper/src/link.rs`).
+const RECONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const CONNECT_ACK_TIMEOUT: Duration = Duration::from_secs(10);
+/// A wrapper that has not reattached after this long fails the benchmark.
+const REATTACH_LIMIT: Duration = Duration::from_secs(180);
 /// The real wrapper's cadence.
 const HEARTBEAT_EVERY: Duration = Duration::from_secs(5);
 const OUTPUT_EVERY: Duration = Duration::from_secs(1);
@@ -106,6 +116,13 @@ pub struct Stats {
     pub errors: Mutex<Vec<String>>,
     /// Stopped wrappers and when each sent its last heartbeat (or `start`, which counts as one).
     pub stopped: Mutex<Vec<(String, SystemTime)>>,
+    /// Connections lost by reconnecting wrappers.
+    pub disconnects: AtomicU64,
+    /// When each reconnect attempt began, and how many of them failed.
+    pub reconnect_attempts: Mutex<Vec<SystemTime>>,
+    pub reconnect_failures: AtomicU64,
+    /// When each reconnect was complete (the new `connect` acked).
+    pub reattached: Mutex<Vec<SystemTime>>,
 }
 
 /// Latency samples in microseconds. A mutex taken once per ack is cheap next to a WebSocket
@@ -150,6 +167,10 @@ pub struct Fleet {
     pub stats: Arc<Stats>,
     gate: Arc<Semaphore>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// Whether wrappers launched from now on reconnect when their connection is lost, and
+    /// whether their backoff is jittered.
+    reconnect: bool,
+    jitter: bool,
 }
 
 impl Fleet {
@@ -166,17 +187,40 @@ impl Fleet {
             stats: Arc::default(),
             gate: Arc::new(Semaphore::new(CONNECTS_IN_FLIGHT)),
             tasks: Vec::new(),
+            reconnect: false,
+            jitter: true,
         })
+    }
+
+    /// Makes wrappers launched from now on reconnect, as `sp-wrapper` does, when their
+    /// connection is lost (otherwise that is an error). Without `jitter` each pause is the
+    /// backoff's ceiling itself (1, 2, 4, then 5 s: the wrapper's schedule before jitter), for
+    /// comparison.
+    pub fn reconnecting(mut self, jitter: bool) -> Self {
+        self.reconnect = true;
+        self.jitter = jitter;
+        self
     }
 
     /// Starts one simulated wrapper per machine of the request; `kind` picks each one's part.
     pub fn launch(&mut self, request: &StartRequest, kind: impl Fn(usize) -> Kind) -> Result<()> {
         let addr = master_addr(&request.url)?;
         let runtime = self.runtime.as_ref().context("fleet stopped")?;
+        // One seed per fleet, so the wrappers' jitter differs from run to run, as real
+        // wrappers' does.
+        let seed = {
+            use std::hash::{BuildHasher, Hasher};
+            std::collections::hash_map::RandomState::new()
+                .build_hasher()
+                .finish()
+        };
         for (index, machine) in request.machines.iter().enumerate() {
             let sim = Sim {
                 index,
                 kind: kind(index),
+                reconnect: self.reconnect,
+                jitter: self.jitter,
+                seed: (seed ^ (index as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15)) | 1,
                 addr,
                 url: request.url.clone(),
                 envelope: Envelope {
@@ -244,6 +288,12 @@ fn master_addr(url: &str) -> Result<SocketAddr> {
 struct Sim {
     index: usize,
     kind: Kind,
+    /// Whether a lost connection is reopened (else it is an error), and whether the pause
+    /// before each attempt is jittered or the ceiling itself.
+    reconnect: bool,
+    jitter: bool,
+    /// Seeds this wrapper's generator for its backoff's jitter (never zero).
+    seed: u64,
     addr: SocketAddr,
     url: String,
     envelope: Envelope,
@@ -251,6 +301,13 @@ struct Sim {
 }
 
 type Ws = tokio_tungstenite::WebSocketStream<StampedStream>;
+
+/// One open connection of a simulated wrapper.
+struct Conn {
+    tx: futures_util::stream::SplitSink<Ws, Message>,
+    rx: futures_util::stream::SplitStream<Ws>,
+    arrival: Arrival,
+}
 
 impl Sim {
     fn envelope(&self) -> Envelope {
@@ -282,6 +339,72 @@ impl Sim {
         Ok((ws, arrival))
     }
 
+    /// Opens a connection within `connect_limit` and has `connect` acknowledged within
+    /// `ack_limit`; returns the master's `last_seq`.
+    async fn attach(
+        &self,
+        stats: &Stats,
+        connect_limit: Duration,
+        ack_limit: Duration,
+    ) -> Result<(Conn, Option<i64>)> {
+        let (ws, arrival) = tokio::time::timeout(connect_limit, self.connect())
+            .await
+            .with_context(|| format!("no connection within {connect_limit:?}"))??;
+        let (tx, rx) = ws.split();
+        let mut conn = Conn { tx, rx, arrival };
+        self.send_connect(&mut conn, stats).await?;
+        let ack = expect_ack(&mut conn.rx, stats, AckType::Connect, ack_limit).await?;
+        Ok((conn, ack.last_seq))
+    }
+
+    /// Reconnects after a lost connection the way `sp-wrapper` does: each attempt after the
+    /// wrapper's own jittered backoff, each bounded by the wrapper's timeouts.
+    async fn reattach(&self, stats: &Stats, rng: &mut u64) -> Result<(Conn, Option<i64>)> {
+        let deadline = tokio::time::Instant::now() + REATTACH_LIMIT;
+        let mut failures = 0u32;
+        loop {
+            let pause = if self.jitter {
+                backoff::delay(failures, unit(rng))
+            } else {
+                backoff::ceiling(failures)
+            };
+            tokio::time::sleep(pause).await;
+            if tokio::time::Instant::now() > deadline {
+                bail!("not reattached within {REATTACH_LIMIT:?}");
+            }
+            stats.reconnect_attempts.lock().push(SystemTime::now());
+            match self
+                .attach(stats, RECONNECT_TIMEOUT, CONNECT_ACK_TIMEOUT)
+                .await
+            {
+                Ok(done) => {
+                    stats.reattached.lock().push(SystemTime::now());
+                    return Ok(done);
+                }
+                Err(_) => {
+                    stats.reconnect_failures.fetch_add(1, Ordering::Relaxed);
+                    failures += 1;
+                }
+            }
+        }
+    }
+
+    async fn send_connect(&self, conn: &mut Conn, stats: &Stats) -> Result<()> {
+        stats.sent.fetch_add(1, Ordering::Relaxed);
+        conn.tx
+            .send(Message::text(
+                WrapperMessage::Connect(Connect {
+                    envelope: self.envelope(),
+                    protocol: Some(2),
+                    token: Some(self.token.clone()),
+                    wrapper_pid: Some(std::process::id()),
+                })
+                .encode(),
+            ))
+            .await?;
+        Ok(())
+    }
+
     async fn run(
         self,
         stats: &Stats,
@@ -289,27 +412,19 @@ impl Sim {
         gate: Arc<Semaphore>,
     ) -> Result<()> {
         let permit = gate.acquire_owned().await?;
-        let (ws, arrival) = self.connect().await?;
-        let (mut tx, mut rx) = ws.split();
+        let (mut conn, _) = self.attach(stats, REPLY_LIMIT, REPLY_LIMIT).await?;
         let send = |msg: WrapperMessage| {
             stats.sent.fetch_add(1, Ordering::Relaxed);
             Message::text(msg.encode())
         };
-        tx.send(send(WrapperMessage::Connect(Connect {
-            envelope: self.envelope(),
-            protocol: Some(2),
-            token: Some(self.token.clone()),
-            wrapper_pid: Some(std::process::id()),
-        })))
-        .await?;
-        expect_ack(&mut rx, stats, AckType::Connect).await?;
-        tx.send(send(WrapperMessage::Start(Start {
-            envelope: self.envelope(),
-            pid: std::process::id(),
-            version: "bench".into(),
-        })))
-        .await?;
-        expect_ack(&mut rx, stats, AckType::Start).await?;
+        conn.tx
+            .send(send(WrapperMessage::Start(Start {
+                envelope: self.envelope(),
+                pid: std::process::id(),
+                version: "bench".into(),
+            })))
+            .await?;
+        expect_ack(&mut conn.rx, stats, AckType::Start, REPLY_LIMIT).await?;
         let mut last_beat = SystemTime::now();
         stats.started.fetch_add(1, Ordering::Relaxed);
         {
@@ -317,6 +432,7 @@ impl Sim {
             *at = Some(at.map_or(last_beat, |t| t.max(last_beat)));
         }
         drop(permit);
+        let mut rng = self.seed;
 
         // Spread the fleet's timers evenly over their periods, as independent machines are.
         let now = tokio::time::Instant::now();
@@ -343,24 +459,27 @@ impl Sim {
         let give_up = tokio::time::sleep(Duration::from_secs(3600));
         tokio::pin!(give_up);
         loop {
+            // Why the connection was lost, if it was.
+            let mut lost: Option<String> = None;
             if self.kind == Kind::Stream && !completing {
                 while pending.len() < STREAM_WINDOW {
                     let data = format!("{payload}\n");
                     pending.push_back((next_seq, data.len(), SystemTime::now()));
-                    tx.feed(send(self.output(next_seq, data))).await?;
+                    conn.tx.feed(send(self.output(next_seq, data))).await?;
                     next_seq += 1;
                 }
-                tx.flush().await?;
+                conn.tx.flush().await?;
             }
             if completing && !complete_sent && pending.is_empty() {
-                tx.send(send(WrapperMessage::Complete(Complete {
-                    envelope: self.envelope(),
-                    retcode: Some(0),
-                    seq: Some(next_seq),
-                    cause: Some(Cause::Exit),
-                    signal: None,
-                })))
-                .await?;
+                conn.tx
+                    .send(send(WrapperMessage::Complete(Complete {
+                        envelope: self.envelope(),
+                        retcode: Some(0),
+                        seq: Some(next_seq),
+                        cause: Some(Cause::Exit),
+                        signal: None,
+                    })))
+                    .await?;
                 complete_sent = true;
             }
             tokio::select! {
@@ -369,8 +488,10 @@ impl Sim {
                     // Stamped before the write: the master cannot have it earlier, while a
                     // stamp after it would include however long this task waited for a core.
                     let sent = SystemTime::now();
-                    tx.send(send(WrapperMessage::Heartbeat(Heartbeat { envelope: self.envelope() }))).await?;
-                    last_beat = sent;
+                    match conn.tx.send(send(WrapperMessage::Heartbeat(Heartbeat { envelope: self.envelope() }))).await {
+                        Ok(()) => last_beat = sent,
+                        Err(e) => lost = Some(format!("heartbeat: {e}")),
+                    }
                 }
                 due = tick.tick(), if self.kind != Kind::Stream && !completing => {
                     if stats.measuring.load(Ordering::Relaxed) {
@@ -379,8 +500,10 @@ impl Sim {
                     }
                     let data = format!("{payload}\n");
                     pending.push_back((next_seq, data.len(), SystemTime::now()));
-                    tx.send(send(self.output(next_seq, data))).await?;
                     next_seq += 1;
+                    if let Err(e) = conn.tx.send(send(self.output(next_seq - 1, data))).await {
+                        lost = Some(format!("output: {e}"));
+                    }
                 }
                 changed = phase.changed() => {
                     let now = if changed.is_ok() { *phase.borrow_and_update() } else { Phase::Complete };
@@ -395,35 +518,64 @@ impl Sim {
                         Phase::Complete => completing = true,
                     }
                 }
-                frame = rx.next() => {
-                    let Some(frame) = frame else { bail!("the master closed the connection") };
-                    let Message::Text(text) = frame? else { continue };
-                    stats.received.fetch_add(1, Ordering::Relaxed);
-                    match MasterMessage::decode(text.as_str())? {
-                        MasterMessage::Ack(ack) if ack.ack_type == AckType::Output => {
-                            let seq = ack.seq.context("output ack without seq")?;
-                            let measuring = stats.measuring.load(Ordering::Relaxed);
-                            let seen = SystemTime::now();
-                            let arrived = arrival.last().unwrap_or(seen);
-                            while pending.front().is_some_and(|(s, _, _)| *s <= seq) {
-                                if let Some((_, bytes, sent)) = pending.pop_front() {
-                                    stats.bytes_acked.fetch_add(bytes as u64, Ordering::Relaxed);
-                                    if measuring {
-                                        stats.latencies.push_between(sent, arrived);
-                                        stats.task_latencies.push_between(sent, seen);
+                frame = conn.rx.next() => match frame {
+                    None => lost = Some("the master closed the connection".into()),
+                    Some(Err(e)) => lost = Some(e.to_string()),
+                    Some(Ok(Message::Text(text))) => {
+                        stats.received.fetch_add(1, Ordering::Relaxed);
+                        match MasterMessage::decode(text.as_str())? {
+                            MasterMessage::Ack(ack) if ack.ack_type == AckType::Output => {
+                                let seq = ack.seq.context("output ack without seq")?;
+                                let measuring = stats.measuring.load(Ordering::Relaxed);
+                                let seen = SystemTime::now();
+                                let arrived = conn.arrival.last().unwrap_or(seen);
+                                while pending.front().is_some_and(|(s, _, _)| *s <= seq) {
+                                    if let Some((_, bytes, sent)) = pending.pop_front() {
+                                        stats.bytes_acked.fetch_add(bytes as u64, Ordering::Relaxed);
+                                        if measuring {
+                                            stats.latencies.push_between(sent, arrived);
+                                            stats.task_latencies.push_between(sent, seen);
+                                        }
                                     }
                                 }
                             }
+                            MasterMessage::Ack(ack) if ack.ack_type == AckType::Complete => {
+                                stats.completed.fetch_add(1, Ordering::Relaxed);
+                                let _ = conn.tx.send(Message::Close(None)).await;
+                                return Ok(());
+                            }
+                            other => bail!("unexpected reply {other:?}"),
                         }
-                        MasterMessage::Ack(ack) if ack.ack_type == AckType::Complete => {
-                            stats.completed.fetch_add(1, Ordering::Relaxed);
-                            let _ = tx.send(Message::Close(None)).await;
-                            return Ok(());
-                        }
-                        other => bail!("unexpected reply {other:?}"),
                     }
-                }
+                    Some(Ok(_)) => {}
+                },
             }
+            let Some(reason) = lost else { continue };
+            if !self.reconnect {
+                bail!("connection lost: {reason}");
+            }
+            stats.disconnects.fetch_add(1, Ordering::Relaxed);
+            let (fresh, last_seq) = self.reattach(stats, &mut rng).await?;
+            conn = fresh;
+            // What the master holds is acknowledged; the rest goes again, in order, and
+            // `complete` too if it was sent but not acknowledged.
+            let held = last_seq.and_then(|s| u64::try_from(s).ok());
+            while pending
+                .front()
+                .is_some_and(|(s, _, _)| held.is_some_and(|h| *s <= h))
+            {
+                pending.pop_front();
+            }
+            for (seq, _, _) in &pending {
+                conn.tx
+                    .feed(send(self.output(*seq, format!("{payload}\n"))))
+                    .await?;
+            }
+            conn.tx.flush().await?;
+            complete_sent = false;
+            // The real wrapper sends a heartbeat as soon as `connect` is acknowledged, then
+            // one every interval. (On the first connection `start` does that job.)
+            beat.reset_immediately();
         }
     }
 
@@ -437,25 +589,34 @@ impl Sim {
     }
 }
 
-/// Waits for the ack of `kind`, failing on anything else.
+/// Waits up to `limit` for the ack of `kind`, failing on anything else.
 async fn expect_ack(
     rx: &mut futures_util::stream::SplitStream<Ws>,
     stats: &Stats,
     kind: AckType,
-) -> Result<()> {
-    let deadline = tokio::time::Instant::now() + REPLY_LIMIT;
+    limit: Duration,
+) -> Result<Ack> {
+    let deadline = tokio::time::Instant::now() + limit;
     loop {
         let frame = tokio::time::timeout_at(deadline, rx.next())
             .await
-            .with_context(|| format!("no {kind:?} ack within {REPLY_LIMIT:?}"))?
+            .with_context(|| format!("no {kind:?} ack within {limit:?}"))?
             .context("the master closed the connection")??;
         let Message::Text(text) = frame else { continue };
         stats.received.fetch_add(1, Ordering::Relaxed);
         match MasterMessage::decode(text.as_str())? {
-            MasterMessage::Ack(ack) if ack.ack_type == kind => return Ok(()),
+            MasterMessage::Ack(ack) if ack.ack_type == kind => return Ok(ack),
             other => bail!("expected a {kind:?} ack, got {other:?}"),
         }
     }
+}
+
+/// A uniformly random number in [0, 1) from a xorshift state (the bench has no `rand`).
+fn unit(state: &mut u64) -> f64 {
+    *state ^= *state << 13;
+    *state ^= *state >> 7;
+    *state ^= *state << 17;
+    (*state >> 11) as f64 / (1u64 << 53) as f64
 }
 
 /// Reads start requests the bench launcher appends to its file.
