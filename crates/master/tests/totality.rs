@@ -110,7 +110,7 @@ fn settings_that_would_overflow_the_clock_or_calendar_are_errors() {
 
 #[test]
 fn the_caps_are_settings() {
-    let block = "saltpeter_config:\n  ui_max_subscriptions: 3\n  ui_max_names_per_command: 2\n  api_max_runs_page: 50\n  timeline_max_rows: 70\n  timeline_max_days: 9\n";
+    let block = "saltpeter_config:\n  default_wrapper_path: /usr/local/bin/sp-wrapper\n  ui_max_subscriptions: 3\n  ui_max_names_per_command: 2\n  api_max_runs_page: 50\n  timeline_max_rows: 70\n  timeline_max_days: 9\n";
     let config = load(&[("settings.yaml", block)]);
     assert!(error_lines(&config).is_empty(), "{:?}", config.problems);
     assert!(
