@@ -1,7 +1,8 @@
 //! Wiring: binds the listeners, starts the config watcher, the engine, the machines endpoint
-//! and the API, and hands back their addresses. `main` and the integration tests both start
-//! the master through [`start`], so tests exercise the production wiring with their own edges
-//! (listeners on port 0, a launcher, a clock).
+//! and the API (each behind the accept loop of `listen.rs`), and hands back their addresses.
+//! `main` and the integration tests both start the master through [`start`], so tests
+//! exercise the production wiring with their own edges (listeners on port 0, a launcher, a
+//! clock).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -19,6 +20,8 @@ use crate::launch::Launcher;
 use crate::launch::bench::BenchLauncher;
 use crate::launch::local::LocalLauncher;
 use crate::launch::salt::SaltLauncher;
+use crate::listen::Gate;
+use crate::metrics::ListenerKind;
 
 /// What to start. `None` fields take their value from the configuration.
 #[derive(Debug, Default)]
@@ -145,31 +148,35 @@ pub async fn start(options: Options) -> Result<Running, StartError> {
     tasks.spawn(async move {
         let _ = engine_stopped.await;
     });
-    let endpoint =
-        crate::endpoint::router(handle.clone()).into_make_service_with_connect_info::<SocketAddr>();
-    let stop = shutdown.clone();
-    tasks.spawn(async move {
-        let served = axum::serve(machines_listener, endpoint)
-            .with_graceful_shutdown(async move { stop.cancelled().await })
-            .await;
-        if let Err(error) = served {
-            tracing::error!(%error, "Machines endpoint stopped.");
-        }
-    });
+    // Both listeners share one open-file budget (the open count in the metrics); each has its
+    // own caps on pending connections.
+    let fd_limit = crate::listen::fd_limit();
+    let metrics = handle.metrics().clone();
+    let machines_gate = Gate::new(
+        ListenerKind::Machines,
+        config_rx.clone(),
+        metrics.clone(),
+        fd_limit,
+    );
+    let api_gate = Gate::new(ListenerKind::Api, config_rx.clone(), metrics, fd_limit);
+    let endpoint = crate::endpoint::router(handle.clone());
+    tasks.spawn(crate::listen::serve(
+        machines_listener,
+        machines_gate,
+        endpoint,
+        shutdown.clone(),
+    ));
     let ui = crate::ui::router(handle.clone(), config_rx.clone());
     let api = crate::ui::protect(
         crate::api::router(handle.clone()).merge(ui),
         config_rx.clone(),
     );
-    let stop = shutdown.clone();
-    tasks.spawn(async move {
-        let served = axum::serve(api_listener, api)
-            .with_graceful_shutdown(async move { stop.cancelled().await })
-            .await;
-        if let Err(error) = served {
-            tracing::error!(%error, "API stopped.");
-        }
-    });
+    tasks.spawn(crate::listen::serve(
+        api_listener,
+        api_gate,
+        api,
+        shutdown.clone(),
+    ));
     tracing::info!(%machines_addr, %api_addr, "Saltpeter master ready.");
     Ok(Running {
         machines_addr,
