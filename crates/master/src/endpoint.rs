@@ -87,12 +87,14 @@ async fn serve(
         .map_or_else(tokio::time::Instant::now, |a| a.handshake_deadline());
     let deadline = tokio::time::sleep_until(deadline);
     let mut deadline = std::pin::pin!(deadline);
+    let mut timed_out = false;
     loop {
         tokio::select! {
             () = deadline.as_mut(), if handshaking => {
                 if let Some(admission) = &admission {
                     admission.timed_out();
                 }
+                timed_out = true;
                 break;
             }
             out = rx.recv() => {
@@ -139,6 +141,11 @@ async fn serve(
         }
     }
     let _ = shared.engine.send(Event::Disconnected { conn }).await;
+    if timed_out {
+        // Nothing the engine queued matters to a peer that never spoke for a machine; the
+        // socket closes now rather than after the flush below.
+        return;
+    }
     // Flush what the engine queued before it heard of the disconnect, but not forever; the
     // channel ends once the engine drops its sender.
     let _ = tokio::time::timeout(std::time::Duration::from_secs(2), async {
