@@ -66,13 +66,28 @@ pub enum StartError {
     Engine(std::io::Error),
 }
 
+/// Connections the kernel completes and queues for each listener before the master accepts
+/// them. tokio's default of 1024 overflowed under bursts of connects (a fleet's wrappers at
+/// the same cron second, or a flood the listeners are closing): the kernel then drops the
+/// handshake's last packet and the client waits a second or more for a retransmit. The kernel
+/// caps it at `net.core.somaxconn`.
+const LISTEN_BACKLOG: u32 = 4096;
+
 async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| StartError::Bind {
-            addr: addr.to_string(),
-            source,
-        })
+    let fail = |source| StartError::Bind {
+        addr: addr.to_string(),
+        source,
+    };
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()
+    } else {
+        tokio::net::TcpSocket::new_v6()
+    }
+    .map_err(fail)?;
+    // As `TcpListener::bind` does: a restarted master can take its port back at once.
+    socket.set_reuseaddr(true).map_err(fail)?;
+    socket.bind(addr).map_err(fail)?;
+    socket.listen(LISTEN_BACKLOG).map_err(fail)
 }
 
 /// Starts every part of the master.

@@ -954,7 +954,11 @@ fn connection_limits_have_defaults_parse_and_reject_zero() {
     assert_eq!(s.handshake_timeout, Duration::from_secs(10));
     assert_eq!(s.max_pending_connections_per_ip, 256);
     assert_eq!(s.fd_reserve, None);
-    for key in ["handshake_timeout", "max_pending_connections_per_ip", "fd_reserve"] {
+    for key in [
+        "handshake_timeout",
+        "max_pending_connections_per_ip",
+        "fd_reserve",
+    ] {
         assert!(
             errors(&config).iter().any(|e| e.contains(key)),
             "no error for {key}: {:?}",
