@@ -3,6 +3,11 @@
 //! and held, the API must answer and a real run must end with its exact output and exit code;
 //! every idle socket must be closed by the master, either at once (over a cap) or at the
 //! handshake deadline (2 s here), and none may outlive it.
+//!
+//! The sockets are opened by [`WORKERS`] worker processes (`xtask flood-worker`, the binary
+//! just built; this process's own file may have been replaced by that build), each with its own 20,000 descriptors, so the flood can outnumber the
+//! master's descriptors even where the hard limit cannot be raised: without the master's
+//! limits it would hold them all and run out.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -17,8 +22,10 @@ use super::master::{Master, all_ended, machine, target_dir};
 
 /// Idle sockets opened.
 const SOCKETS: usize = 20_000;
-/// Source addresses they come from (127.0.0.2 and up), so the global cap binds before the
-/// per-address one; the real wrapper comes from 127.0.0.1.
+/// Processes the sockets are spread over.
+const WORKERS: usize = 2;
+/// Source addresses they come from (127.0.0.2 and up, split between the workers), so the
+/// global cap binds before the per-address one; the real wrapper comes from 127.0.0.1.
 const SOURCES: usize = 16;
 /// Connects in flight at once: more would overflow the accept backlog and measure the
 /// kernel's SYN retransmits rather than the master.
@@ -30,6 +37,11 @@ const HANDSHAKE: Duration = Duration::from_secs(2);
 /// overflowed while the master was busy) reaches the master only at a retransmit, seconds
 /// later, while the client already counts it as open.
 const CLOSE_LIMIT: Duration = Duration::from_secs(20);
+/// How long a probe run may take: a wrapper that is refused while the caps are full retries
+/// after 1, 2, 4 and then every 5 s.
+const PROBE_LIMIT: Duration = Duration::from_secs(25);
+/// The slowest API call allowed while the flood goes on.
+const API_LIMIT: Duration = Duration::from_secs(5);
 /// The whole flood, connects and closes, must be over by then.
 const FLOOD_LIMIT: Duration = Duration::from_secs(120);
 
@@ -62,7 +74,7 @@ pub fn scenarios() -> Vec<Outcome> {
     )]
 }
 
-/// What happened to the flood's sockets.
+/// What happened to one worker's sockets.
 #[derive(Debug, Default)]
 struct Tally {
     connected: AtomicU64,
@@ -87,11 +99,7 @@ fn flood() -> Result<String> {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
     // The master inherits this process's hard limit (20,000 on CI) and raises its soft limit
-    // to it; this process does the same. Raising the hard limit needs a privilege containers
-    // often lack, and is not needed: the master closes the flood's sockets (at once or at the
-    // deadline), so far fewer than 20,000 are open here at any moment. Without the
-    // master's limits they would all stay open, on both sides, until the descriptors ran out.
-    raise_own_fd_limit()?;
+    // to it. Each worker has as many descriptors of its own.
     let master = Master::start(&dir, &config())?;
     let ready: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("ready.json"))?)?;
     let machines: SocketAddr = ready["machines"]
@@ -102,75 +110,98 @@ fn flood() -> Result<String> {
     let master_limit = fd_limit_of(master_pid)?;
 
     let overflows_before = listen_overflows();
-    let tally = Arc::new(Tally::default());
     let started = Instant::now();
-    let flood = {
-        let tally = tally.clone();
-        std::thread::spawn(move || run_flood(machines, &tally))
-    };
+    let mut workers = Vec::new();
+    for w in 0..WORKERS {
+        workers.push(Worker::spawn(machines, w)?);
+    }
     // While the flood is under way: the API answers, and a real run ends exact.
     std::thread::sleep(Duration::from_millis(300));
     let mut api_ms = Vec::new();
-    let mut peak_fds = 0usize;
-    let instance = {
+    // Read by the probe and by the waits between probes.
+    let peak_fds = std::cell::Cell::new(0usize);
+    let sample_fds = || peak_fds.set(peak_fds.get().max(open_fds(master_pid)));
+    // A probe while the connects go on, and one once they are all made (when, without the
+    // master's limits, every one of them would still be open there).
+    let mut probe = |label: &str| -> Result<Duration> {
+        let began = Instant::now();
         let asked = Instant::now();
         let instance = master.run_job("probe")?;
         api_ms.push(asked.elapsed().as_millis());
-        instance
+        let run = loop {
+            let asked = Instant::now();
+            let jobs = super::http::get(master.api, "/api/v1/jobs")?;
+            api_ms.push(asked.elapsed().as_millis());
+            ensure!(jobs.status == 200, "GET /api/v1/jobs: HTTP {}", jobs.status);
+            sample_fds();
+            let run = master.run(&instance)?;
+            if all_ended(&run) {
+                break run;
+            }
+            if began.elapsed() > PROBE_LIMIT {
+                bail!("the {label} probe run did not end within {PROBE_LIMIT:?}: {run}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        let m = machine(&run, "f1");
+        ensure!(
+            m["retcode"] == 3,
+            "{label} probe: expected exit 3, got {} ({})",
+            m["retcode"],
+            m["cause"]
+        );
+        ensure!(
+            m["output"].as_str() == Some(OUTPUT),
+            "{label} probe: output differs: {}",
+            m["output"]
+        );
+        Ok(began.elapsed())
     };
-    let run = loop {
-        let asked = Instant::now();
-        let jobs = super::http::get(master.api, "/api/v1/jobs")?;
-        api_ms.push(asked.elapsed().as_millis());
-        ensure!(jobs.status == 200, "GET /api/v1/jobs: HTTP {}", jobs.status);
-        peak_fds = peak_fds.max(open_fds(master_pid));
-        let run = master.run(&instance)?;
-        if all_ended(&run) {
-            break run;
-        }
-        if started.elapsed() > FLOOD_LIMIT {
-            bail!("the probe run did not end within {FLOOD_LIMIT:?}: {run}");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    let run_took = started.elapsed();
-    let m = machine(&run, "f1");
-    ensure!(
-        m["retcode"] == 3,
-        "probe: expected exit 3, got {} ({})",
-        m["retcode"],
-        m["cause"]
-    );
-    ensure!(
-        m["output"].as_str() == Some(OUTPUT),
-        "probe: output differs: {}",
-        m["output"]
-    );
-    // Keep measuring until the flood is over.
-    while !flood.is_finished() {
-        peak_fds = peak_fds.max(open_fds(master_pid));
-        std::thread::sleep(Duration::from_millis(100));
+    let during = probe("first")?;
+    while !workers.iter().all(Worker::connects_done) {
+        ensure!(
+            started.elapsed() < FLOOD_LIMIT,
+            "the connects did not end within {FLOOD_LIMIT:?}"
+        );
+        sample_fds();
+        std::thread::sleep(Duration::from_millis(20));
     }
-    let flood_took = flood
-        .join()
-        .map_err(|_| anyhow::anyhow!("the flood thread panicked"))??;
-    let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    let after_connects = probe("second")?;
+    // Keep measuring until the flood is over.
+    let mut summaries = Vec::new();
+    for worker in workers {
+        while !worker.finished() {
+            ensure!(
+                started.elapsed() < FLOOD_LIMIT + CLOSE_LIMIT,
+                "a flood worker did not end in time"
+            );
+            sample_fds();
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        summaries.push(worker.summary()?);
+    }
+    let sum = |key: &str| -> u64 { summaries.iter().filter_map(|v| v[key].as_u64()).sum() };
     ensure!(
-        n(&tally.connected) == SOCKETS as u64,
+        sum("connected") == SOCKETS as u64,
         "only {} of {SOCKETS} sockets connected ({} failed)",
-        n(&tally.connected),
-        n(&tally.connect_failed)
+        sum("connected"),
+        sum("connect_failed")
     );
     ensure!(
-        n(&tally.outlived) == 0,
+        sum("outlived") == 0,
         "{} idle sockets were still open {CLOSE_LIMIT:?} after their connect",
-        n(&tally.outlived)
+        sum("outlived")
     );
     ensure!(
-        n(&tally.closed_at_deadline) > 0,
+        sum("closed_at_deadline") > 0,
         "no idle socket was held until the deadline: the scenario tested nothing"
     );
-    let mut open_ms = std::mem::take(&mut *tally.open_ms.lock());
+    let mut open_ms: Vec<u64> = summaries
+        .iter()
+        .filter_map(|v| v["open_ms"].as_array())
+        .flatten()
+        .filter_map(Value::as_u64)
+        .collect();
     open_ms.sort_unstable();
     let at = |p: usize| {
         let i = (open_ms.len().saturating_sub(1)).saturating_mul(p) / 100;
@@ -195,29 +226,167 @@ fn flood() -> Result<String> {
     let overflows = listen_overflows().saturating_sub(overflows_before);
     api_ms.sort_unstable();
     let api_max = api_ms.last().copied().unwrap_or(0);
+    // An API that answers only once the flood lets go is not serviceable.
+    ensure!(
+        api_max < API_LIMIT.as_millis(),
+        "the slowest of {} API calls took {api_max} ms",
+        api_ms.len()
+    );
     drop(master);
+    let n = |key: &str| sum(key);
     Ok(format!(
-        "{SOCKETS} sockets opened in {:.1} s (master's fd limit {master_limit}, at most {} open \
-         at once); {} closed at once, {} at the {}-s deadline (open for median {:.2} s, p99 {:.2} s, \
-         longest {:.2} s); /metrics: {refused} refused, {timed_out} \
-         timed out; master's open fds peaked at {peak_fds}, {after} after; kernel listen-queue \
-         overflows (host-wide) {overflows}; {} API calls, slowest {api_max} ms; the probe run ended 3 with exact output after {:.1} s",
-        flood_took.as_secs_f64(),
-        n(&tally.peak_open),
-        n(&tally.closed_at_once),
-        n(&tally.closed_at_deadline),
+        "{SOCKETS} sockets opened by {WORKERS} processes in {:.1} s (master's fd limit \
+         {master_limit}; at most {} open at once on the flood's side); {} closed at once, {} at \
+         the {}-s deadline (open for median {:.2} s, p99 {:.2} s, longest {:.2} s); /metrics: \
+         {refused} refused, {timed_out} timed out; master's open fds peaked at {}, {after} \
+         after; kernel listen-queue overflows (host-wide) {overflows}; {} API calls, slowest \
+         {api_max} ms; probe runs ended 3 with exact output in {:.1} s (during the connects) \
+         and {:.1} s (right after them)",
+        Duration::from_millis(
+            summaries
+                .iter()
+                .filter_map(|v| v["connects_ms"].as_u64())
+                .max()
+                .unwrap_or(0)
+        )
+        .as_secs_f64(),
+        n("peak_open"),
+        n("closed_at_once"),
+        n("closed_at_deadline"),
         HANDSHAKE.as_secs(),
         median.as_secs_f64(),
         p99.as_secs_f64(),
         longest.as_secs_f64(),
+        peak_fds.get(),
         api_ms.len(),
-        run_took.as_secs_f64(),
+        during.as_secs_f64(),
+        after_connects.as_secs_f64(),
     ))
 }
 
-/// Opens the flood's sockets and waits for the master to close each one; returns how long
-/// the connects took.
-fn run_flood(addr: SocketAddr, tally: &Arc<Tally>) -> Result<Duration> {
+/// One worker process, and what it reports on its standard output: `connects-done` once
+/// every connect was made, then its [`Tally`] as one JSON line.
+struct Worker {
+    child: std::process::Child,
+    connects_done: Arc<std::sync::atomic::AtomicBool>,
+    summary: Arc<parking_lot::Mutex<Option<Value>>>,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Worker {
+    fn spawn(machines: SocketAddr, index: usize) -> Result<Self> {
+        use std::io::BufRead;
+        let per_worker = SOCKETS / WORKERS;
+        let sources = SOURCES / WORKERS;
+        let first_octet = 2 + index * sources;
+        let mut child = std::process::Command::new(super::master::binary("xtask"))
+            .args([
+                "flood-worker",
+                &machines.to_string(),
+                &per_worker.to_string(),
+                &first_octet.to_string(),
+                &sources.to_string(),
+            ])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .context("starting a flood worker")?;
+        let stdout = child.stdout.take().context("no stdout of the worker")?;
+        let connects_done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let summary = Arc::new(parking_lot::Mutex::new(None));
+        let reader = {
+            let (done, summary) = (connects_done.clone(), summary.clone());
+            std::thread::spawn(move || {
+                for line in std::io::BufReader::new(stdout).lines() {
+                    let Ok(line) = line else { break };
+                    if line == "connects-done" {
+                        done.store(true, Ordering::Release);
+                    } else if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                        *summary.lock() = Some(v);
+                    }
+                }
+                done.store(true, Ordering::Release);
+            })
+        };
+        Ok(Self {
+            child,
+            connects_done,
+            summary,
+            reader: Some(reader),
+        })
+    }
+
+    fn connects_done(&self) -> bool {
+        self.connects_done.load(Ordering::Acquire)
+    }
+
+    fn finished(&self) -> bool {
+        self.reader
+            .as_ref()
+            .is_none_or(std::thread::JoinHandle::is_finished)
+    }
+
+    fn summary(mut self) -> Result<Value> {
+        if let Some(reader) = self.reader.take() {
+            let _ = reader.join();
+        }
+        let status = self.child.wait()?;
+        ensure!(status.success(), "a flood worker failed: {status}");
+        self.summary
+            .lock()
+            .take()
+            .context("a flood worker reported nothing")
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        // Only the process we started, by PID; a no-op once it has been waited for.
+        if matches!(self.child.try_wait(), Ok(None)) {
+            crate::process::terminate(&mut self.child, Duration::from_secs(2));
+        }
+    }
+}
+
+/// `cargo xtask flood-worker ADDR COUNT FIRST_OCTET SOURCES`: opens COUNT idle sockets to
+/// ADDR from 127.0.0.FIRST_OCTET and the next SOURCES-1 addresses, waits for the master to
+/// close each, and reports on standard output (see [`Worker`]).
+pub fn worker(args: &[String]) -> Result<()> {
+    let [addr, count, first, sources] = args else {
+        bail!("usage: flood-worker ADDR COUNT FIRST_OCTET SOURCES");
+    };
+    let addr: SocketAddr = addr.parse()?;
+    let count: usize = count.parse()?;
+    let first: u8 = first.parse()?;
+    let sources: usize = sources.parse()?;
+    ensure!(sources > 0, "no source addresses");
+    raise_own_fd_limit()?;
+    let tally = Arc::new(Tally::default());
+    let connects = run_flood(addr, count, first, sources, &tally)?;
+    let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    let summary = serde_json::json!({
+        "connected": n(&tally.connected),
+        "connect_failed": n(&tally.connect_failed),
+        "closed_at_once": n(&tally.closed_at_once),
+        "closed_at_deadline": n(&tally.closed_at_deadline),
+        "outlived": n(&tally.outlived),
+        "peak_open": n(&tally.peak_open),
+        "connects_ms": u64::try_from(connects.as_millis()).unwrap_or(u64::MAX),
+        "open_ms": *tally.open_ms.lock(),
+    });
+    println!("{summary}");
+    Ok(())
+}
+
+/// Opens `count` sockets and waits for the master to close each one; returns how long the
+/// connects took.
+fn run_flood(
+    addr: SocketAddr,
+    count: usize,
+    first_octet: u8,
+    sources: usize,
+    tally: &Arc<Tally>,
+) -> Result<Duration> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -225,10 +394,10 @@ fn run_flood(addr: SocketAddr, tally: &Arc<Tally>) -> Result<Duration> {
         let gate = Arc::new(tokio::sync::Semaphore::new(CONNECTS_IN_FLIGHT));
         let began = Instant::now();
         let mut tasks = tokio::task::JoinSet::new();
-        for i in 0..SOCKETS {
+        for i in 0..count {
             let permit = gate.clone().acquire_owned().await?;
             let tally = tally.clone();
-            let octet = 2 + u8::try_from(i % SOURCES)?;
+            let octet = first_octet.saturating_add(u8::try_from(i % sources)?);
             tasks.spawn(async move {
                 let Some(mut stream) = connect(addr, octet).await else {
                     tally.connect_failed.fetch_add(1, Ordering::Relaxed);
@@ -263,13 +432,20 @@ fn run_flood(addr: SocketAddr, tally: &Arc<Tally>) -> Result<Duration> {
                 tally.open_ms.lock().push(ms);
             });
         }
-        let connects_took = began.elapsed();
+        // The last tasks' connects are in flight until every permit is back.
+        let _all = gate
+            .acquire_many(u32::try_from(CONNECTS_IN_FLIGHT)?)
+            .await?;
+        let connects = began.elapsed();
+        println!("connects-done");
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
         let all = tokio::time::timeout(FLOOD_LIMIT, async {
             while tasks.join_next().await.is_some() {}
         })
         .await;
         ensure!(all.is_ok(), "the flood did not end within {FLOOD_LIMIT:?}");
-        Ok(connects_took)
+        Ok(connects)
     })
 }
 

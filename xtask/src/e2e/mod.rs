@@ -11,6 +11,7 @@ mod salt_env;
 mod salt_scenarios;
 mod scenarios;
 
+pub use flood::worker as flood_worker;
 pub use master::binary;
 
 use std::time::Instant;
