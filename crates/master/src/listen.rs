@@ -78,6 +78,13 @@ pub fn socket_cap(limit: u64, reserve: Option<u64>) -> u64 {
     limit.saturating_sub(reserve)
 }
 
+/// The moment `d` from now; settings cap deadlines at a week, so this only guards against a
+/// clock near its end.
+fn after(d: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(d).unwrap_or(now)
+}
+
 /// Counts of pending connections.
 #[derive(Debug, Default)]
 struct Pending {
@@ -101,7 +108,9 @@ pub struct Gate {
     /// The process's open-file limit, read once at start.
     fd_limit: u64,
     pending: Mutex<Pending>,
+    /// Warnings about refused connections and about failed accepts, each rate-limited.
     warned: Mutex<Warned>,
+    accept_warned: Mutex<Warned>,
 }
 
 /// The limits in force for one accept, copied out of the configuration.
@@ -130,6 +139,7 @@ impl Gate {
             fd_limit,
             pending: Mutex::default(),
             warned: Mutex::default(),
+            accept_warned: Mutex::default(),
         };
         let limits = gate.limits();
         tracing::info!(
@@ -195,7 +205,7 @@ impl Gate {
             gate: self.clone(),
             ip,
             pending: AtomicBool::new(true),
-            handshake_deadline: Instant::now() + limits.handshake,
+            handshake_deadline: after(limits.handshake),
             header_timeout: limits.header,
         })
     }
@@ -243,7 +253,7 @@ impl Gate {
 
     /// Logs a failed accept, at most every [`WARN_EVERY`] (it can repeat as fast as the loop).
     fn accept_failed(&self, error: &std::io::Error) {
-        let mut warned = self.warned.lock();
+        let mut warned = self.accept_warned.lock();
         let now = std::time::Instant::now();
         if warned
             .last

@@ -947,7 +947,7 @@ fn connection_limits_have_defaults_parse_and_reject_zero() {
         dir.path(),
         "a.yaml",
         "saltpeter_config:\n  handshake_timeout: 0\n  max_pending_connections_per_ip: 0\n  \
-         fd_reserve: lots\n",
+         fd_reserve: lots\n  ui_idle_timeout: 99999999999\n",
     );
     let config = load(dir.path());
     let s = &config.settings;

@@ -240,6 +240,17 @@ fn seconds(node: &Node) -> Result<Duration, String> {
     }
 }
 
+/// A connection deadline: at least a second and at most a week (a longer one is no deadline,
+/// and deadlines are added to the clock's readings, which must not overflow).
+fn deadline(node: &Node) -> Result<Duration, String> {
+    const WEEK: u64 = 7 * 24 * 3600;
+    let d = seconds(node)?;
+    if d.as_secs() > WEEK {
+        return Err(format!("must be at most {WEEK} seconds (a week)"));
+    }
+    Ok(d)
+}
+
 fn at_least_one(node: &Node) -> Result<u64, String> {
     match node.as_count("a whole number")? {
         0 => Err("must be at least 1".to_owned()),
@@ -336,11 +347,11 @@ pub(crate) fn parse_settings(
                     .as_count("a number of bytes"))
             }
             "retention_output_tail_bytes" => set!(retention_output_tail_bytes, at_least_one),
-            "handshake_timeout" => set!(handshake_timeout, seconds),
-            "http_header_timeout" => set!(http_header_timeout, seconds),
+            "handshake_timeout" => set!(handshake_timeout, deadline),
+            "http_header_timeout" => set!(http_header_timeout, deadline),
             "max_pending_connections" => set!(max_pending_connections, at_least_one),
             "max_pending_connections_per_ip" => set!(max_pending_connections_per_ip, at_least_one),
-            "ui_idle_timeout" => set!(ui_idle_timeout, seconds),
+            "ui_idle_timeout" => set!(ui_idle_timeout, deadline),
             "fd_reserve" => set!(fd_reserve, |n: &Node| optional(n, |n: &Node| n
                 .as_count("a number of open files"))),
             _ => {

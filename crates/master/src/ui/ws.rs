@@ -91,7 +91,8 @@ impl Connection {
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         ping.tick().await;
         loop {
-            let idle_deadline = last_frame + idle_timeout;
+            // Settings cap the timeout at a week, so this cannot overflow in practice.
+            let idle_deadline = last_frame.checked_add(idle_timeout).unwrap_or(last_frame);
             tokio::select! {
                 () = tokio::time::sleep_until(idle_deadline) => {
                     self.ctx
