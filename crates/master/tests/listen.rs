@@ -176,7 +176,7 @@ async fn a_websocket_sending_only_rejected_messages_is_closed_at_the_handshake_d
 /// on its own thread, and a paused clock could jump past the deadline while it answers.
 #[tokio::test]
 async fn a_wrapper_that_finished_its_handshake_outlives_the_deadline() {
-    let settings = "  handshake_timeout: 1\n  allow_legacy_wrappers: true\n";
+    let settings = "  handshake_timeout: 2\n  allow_legacy_wrappers: true\n";
     let (r, launcher, _dir) = support::start_server(settings, &jobs()).await;
     let instance = run_now(&r).await;
     let token = launcher
@@ -205,7 +205,7 @@ async fn a_wrapper_that_finished_its_handshake_outlives_the_deadline() {
         envelope: envelope(&instance),
     });
     legacy.send(Message::text(beat.encode())).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    tokio::time::sleep(Duration::from_millis(3000)).await;
     for socket in [&mut ws, &mut legacy] {
         let sync = WrapperMessage::SyncRequest(SyncRequest {
             envelope: envelope(&instance),
