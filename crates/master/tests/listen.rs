@@ -325,6 +325,19 @@ async fn pending_connections_are_capped_per_address_and_in_all() {
     assert!(!closed_within(&mut api1, quick).await);
     assert!(!closed_within(&mut api2, quick).await);
     assert!(closed_within(&mut api3, quick).await);
+    // A request's headers end an API connection's handshake: the kept-alive connection stays
+    // open but no longer takes a pending place.
+    api1.write_all(b"GET /version HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut head = [0u8; 12];
+    api1.read_exact(&mut head).await.unwrap();
+    assert_eq!(&head, b"HTTP/1.1 200");
+    let mut api4 = tcp_from(2, r.api_addr).await;
+    assert!(
+        !closed_within(&mut api4, quick).await,
+        "a connection that sent a request still counts as pending"
+    );
 }
 
 #[tokio::test(start_paused = true)]
