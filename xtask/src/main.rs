@@ -20,6 +20,8 @@ fn main() -> Result<()> {
         Some("ci") => ci::run(&args[1..]),
         Some("e2e") => e2e::run(&args[1..]),
         Some("demo") => demo::run(&args[1..]),
+        // Internal: one process of the e2e flood scenario's idle sockets.
+        Some("flood-worker") => e2e::flood_worker(&args[1..]),
         Some(other) => bail!("unknown xtask command {other:?}; try ci, e2e or bench"),
         None => bail!("usage: cargo xtask <ci|e2e|bench>"),
     }

@@ -10,6 +10,8 @@
 //! - [`store`]: durable state in SQLite, owned by one thread; restart recovery.
 //! - [`launch`]: how wrappers are started (local, Salt).
 //! - [`endpoint`]: the WebSocket server wrappers talk to.
+//! - [`listen`]: the accept loop of both listeners: deadlines, connection caps, the open-file
+//!   reserve.
 //! - [`api`], [`ui`], [`metrics`]: the operator's HTTP API, UI protocol, dashboard, metrics.
 //! - [`joblog`]: per-job log files in the original format; [`ship`]: the same events to
 //!   Elasticsearch/OpenSearch.
@@ -27,6 +29,7 @@ pub mod endpoint;
 pub mod engine;
 pub mod joblog;
 pub mod launch;
+pub mod listen;
 pub mod metrics;
 pub mod private;
 pub mod runs;

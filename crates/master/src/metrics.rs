@@ -4,8 +4,9 @@
 //! cover everything issue 5 asks for, with no extra crate to build on CI's two cores.
 //!
 //! Ownership: the engine is the only writer (one-line increments at the call sites in
-//! `engine/`), except for the store's two series, which the store thread writes; the API reads
-//! at scrape time. Counters only ever grow. Gauges that are cheap for
+//! `engine/`), except for the store's two series, which the store thread writes, and the
+//! connection series in [`Listeners`], which the listeners (`listen.rs`) and the UI socket
+//! tasks write; the API reads at scrape time. Counters only ever grow. Gauges that are cheap for
 //! the engine to count on demand (runs and machines running, wrappers connected) are not kept
 //! here: the `/metrics` handler asks the engine for a [`Gauges`] snapshot and passes it to
 //! [`Metrics::render`].
@@ -120,6 +121,145 @@ pub struct Metrics {
     pub store_commit: Histogram,
     /// Writes the store has applied (written by the store thread).
     store_ops: AtomicU64,
+    /// Connections of both listeners (written by `listen.rs` and the UI socket tasks).
+    pub listeners: Listeners,
+}
+
+/// Which listener a connection came in on, for the connection series' `listener` label.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ListenerKind {
+    /// The machines endpoint (wrappers).
+    Machines,
+    /// The HTTP API and the UI WebSocket.
+    Api,
+}
+
+impl ListenerKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ListenerKind::Machines => "machines",
+            ListenerKind::Api => "api",
+        }
+    }
+
+    fn index(self) -> usize {
+        match self {
+            ListenerKind::Machines => 0,
+            ListenerKind::Api => 1,
+        }
+    }
+}
+
+/// Why a listener closed a connection the moment it accepted it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Refusal {
+    /// `max_pending_connections` connections were already pending.
+    Pending,
+    /// `max_pending_connections_per_ip` connections from the same address were pending.
+    PendingPerIp,
+    /// Open sockets had reached the open-file limit less `fd_reserve`.
+    FdReserve,
+}
+
+impl Refusal {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Refusal::Pending => "pending",
+            Refusal::PendingPerIp => "pending_per_ip",
+            Refusal::FdReserve => "fd_reserve",
+        }
+    }
+
+    fn index(self) -> usize {
+        match self {
+            Refusal::Pending => 0,
+            Refusal::PendingPerIp => 1,
+            Refusal::FdReserve => 2,
+        }
+    }
+}
+
+/// Connection counters and gauges of both listeners; every label set is fixed, so these are
+/// plain atomics.
+#[derive(Debug, Default)]
+pub struct Listeners {
+    /// Sockets open on either listener (a gauge).
+    pub open: AtomicU64,
+    /// Connections that have not finished their handshake, by listener (gauges).
+    pending: [AtomicU64; 2],
+    /// Connections closed at once, by listener and reason.
+    refused: [[AtomicU64; 3]; 2],
+    /// Connections closed for missing their handshake or header deadline, by listener.
+    timed_out: [AtomicU64; 2],
+    /// UI sockets closed for want of any frame from the browser.
+    pub ui_idle_closed: AtomicU64,
+}
+
+impl Listeners {
+    pub fn refused(&self, listener: ListenerKind, why: Refusal) {
+        self.refused[listener.index()][why.index()].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn refused_count(&self, listener: ListenerKind, why: Refusal) -> u64 {
+        self.refused[listener.index()][why.index()].load(Ordering::Relaxed)
+    }
+
+    pub fn timed_out(&self, listener: ListenerKind) {
+        self.timed_out[listener.index()].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn pending(&self, listener: ListenerKind) -> &AtomicU64 {
+        &self.pending[listener.index()]
+    }
+
+    fn render(&self, out: &mut String) {
+        const KINDS: [ListenerKind; 2] = [ListenerKind::Machines, ListenerKind::Api];
+        const WHYS: [Refusal; 3] = [Refusal::Pending, Refusal::PendingPerIp, Refusal::FdReserve];
+        scalar(
+            out,
+            "saltpeter_connections_open",
+            "gauge",
+            "Sockets open on the machines and API listeners.",
+            self.open.load(Ordering::Relaxed),
+        );
+        counter_map_typed(
+            out,
+            "saltpeter_connections_pending",
+            "gauge",
+            "Connections that have not finished their handshake, by listener.",
+            KINDS.iter().map(|k| {
+                let n = self.pending(*k).load(Ordering::Relaxed);
+                (vec![("listener", k.as_str())], n)
+            }),
+        );
+        counter_map(
+            out,
+            "saltpeter_connections_refused_total",
+            "Connections closed as soon as accepted, by listener and reason (pending, pending_per_ip, fd_reserve).",
+            KINDS.iter().flat_map(|k| {
+                WHYS.iter().map(move |w| {
+                    let n = self.refused_count(*k, *w);
+                    (vec![("listener", k.as_str()), ("reason", w.as_str())], n)
+                })
+            }),
+        );
+        counter_map(
+            out,
+            "saltpeter_connections_timed_out_total",
+            "Connections closed for missing the handshake or header deadline, by listener.",
+            KINDS.iter().map(|k| {
+                let n = self.timed_out[k.index()].load(Ordering::Relaxed);
+                (vec![("listener", k.as_str())], n)
+            }),
+        );
+        scalar(
+            out,
+            "saltpeter_ui_idle_closed_total",
+            "counter",
+            "UI WebSockets closed after ui_idle_timeout without a frame from the browser.",
+            self.ui_idle_closed.load(Ordering::Relaxed),
+        );
+    }
 }
 
 /// Gauges the engine counts when scraped.
@@ -269,6 +409,7 @@ impl Metrics {
             "Tasks waiting in the runtime's shared queue when scraped.",
             gauges.runtime_injection_queue,
         );
+        self.listeners.render(&mut out);
         self.fire_to_start.render(
             &mut out,
             "saltpeter_fire_to_start_seconds",
@@ -310,8 +451,19 @@ fn counter_map<'a>(
     help: &str,
     rows: impl Iterator<Item = (Vec<(&'a str, &'a str)>, u64)>,
 ) {
+    counter_map_typed(out, name, "counter", help, rows);
+}
+
+/// A labelled series of any type (`counter` or `gauge`).
+fn counter_map_typed<'a>(
+    out: &mut String,
+    name: &str,
+    kind: &str,
+    help: &str,
+    rows: impl Iterator<Item = (Vec<(&'a str, &'a str)>, u64)>,
+) {
     let _ = writeln!(out, "# HELP {name} {help}");
-    let _ = writeln!(out, "# TYPE {name} counter");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
     for (labels, value) in rows {
         let labels: Vec<String> = labels
             .iter()

@@ -1,7 +1,8 @@
 //! Wiring: binds the listeners, starts the config watcher, the engine, the machines endpoint
-//! and the API, and hands back their addresses. `main` and the integration tests both start
-//! the master through [`start`], so tests exercise the production wiring with their own edges
-//! (listeners on port 0, a launcher, a clock).
+//! and the API (each behind the accept loop of `listen.rs`), and hands back their addresses.
+//! `main` and the integration tests both start the master through [`start`], so tests
+//! exercise the production wiring with their own edges (listeners on port 0, a launcher, a
+//! clock).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -19,6 +20,8 @@ use crate::launch::Launcher;
 use crate::launch::bench::BenchLauncher;
 use crate::launch::local::LocalLauncher;
 use crate::launch::salt::SaltLauncher;
+use crate::listen::Gate;
+use crate::metrics::ListenerKind;
 
 /// How long [`Running::stop`] waits for open HTTP requests once the engine has stopped.
 const LISTENER_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
@@ -93,13 +96,28 @@ pub enum StartError {
     Engine(std::io::Error),
 }
 
+/// Connections the kernel completes and queues for each listener before the master accepts
+/// them. tokio's default of 1024 overflowed under bursts of connects (a fleet's wrappers at
+/// the same cron second, or a flood the listeners are closing): the kernel then drops the
+/// handshake's last packet and the client waits a second or more for a retransmit. The kernel
+/// caps it at `net.core.somaxconn`.
+const LISTEN_BACKLOG: u32 = 4096;
+
 async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| StartError::Bind {
-            addr: addr.to_string(),
-            source,
-        })
+    let fail = |source| StartError::Bind {
+        addr: addr.to_string(),
+        source,
+    };
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()
+    } else {
+        tokio::net::TcpSocket::new_v6()
+    }
+    .map_err(fail)?;
+    // As `TcpListener::bind` does: a restarted master can take its port back at once.
+    socket.set_reuseaddr(true).map_err(fail)?;
+    socket.bind(addr).map_err(fail)?;
+    socket.listen(LISTEN_BACKLOG).map_err(fail)
 }
 
 /// Starts every part of the master.
@@ -181,31 +199,35 @@ pub async fn start(options: Options) -> Result<Running, StartError> {
     .map_err(StartError::Store)?;
     let mut tasks = tokio::task::JoinSet::new();
     let engine_stopped = engine.run_on_own_thread().map_err(StartError::Engine)?;
-    let endpoint =
-        crate::endpoint::router(handle.clone()).into_make_service_with_connect_info::<SocketAddr>();
-    let stop = shutdown.clone();
-    tasks.spawn(async move {
-        let served = axum::serve(machines_listener, endpoint)
-            .with_graceful_shutdown(async move { stop.cancelled().await })
-            .await;
-        if let Err(error) = served {
-            tracing::error!(%error, "Machines endpoint stopped.");
-        }
-    });
+    // Both listeners share one open-file budget (the open count in the metrics); each has its
+    // own caps on pending connections.
+    let fd_limit = crate::listen::fd_limit();
+    let metrics = handle.metrics().clone();
+    let machines_gate = Gate::new(
+        ListenerKind::Machines,
+        config_rx.clone(),
+        metrics.clone(),
+        fd_limit,
+    );
+    let api_gate = Gate::new(ListenerKind::Api, config_rx.clone(), metrics, fd_limit);
+    let endpoint = crate::endpoint::router(handle.clone());
+    tasks.spawn(crate::listen::serve(
+        machines_listener,
+        machines_gate,
+        endpoint,
+        shutdown.clone(),
+    ));
     let ui = crate::ui::router(handle.clone(), config_rx.clone());
     let api = crate::ui::protect(
         crate::api::router(handle.clone(), config_rx.clone()).merge(ui),
         config_rx.clone(),
     );
-    let stop = shutdown.clone();
-    tasks.spawn(async move {
-        let served = axum::serve(api_listener, api)
-            .with_graceful_shutdown(async move { stop.cancelled().await })
-            .await;
-        if let Err(error) = served {
-            tracing::error!(%error, "API stopped.");
-        }
-    });
+    tasks.spawn(crate::listen::serve(
+        api_listener,
+        api_gate,
+        api,
+        shutdown.clone(),
+    ));
     tracing::info!(%machines_addr, %api_addr, "Saltpeter master ready.");
     Ok(Running {
         machines_addr,

@@ -1093,3 +1093,59 @@ fn a_linked_file_from_outside_is_read_but_never_quoted() {
         "{text:?}"
     );
 }
+
+#[test]
+fn connection_limits_have_defaults_parse_and_reject_zero() {
+    use std::time::Duration;
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "a.yaml", "saltpeter_config:\n  debug: false\n");
+    let s = load(dir.path()).settings;
+    assert_eq!(s.handshake_timeout, Duration::from_secs(10));
+    assert_eq!(s.http_header_timeout, Duration::from_secs(10));
+    assert_eq!(
+        (s.max_pending_connections, s.max_pending_connections_per_ip),
+        (2048, 256)
+    );
+    assert_eq!(s.ui_idle_timeout, Duration::from_secs(600));
+    assert_eq!(s.fd_reserve, None);
+    write(
+        dir.path(),
+        "a.yaml",
+        "saltpeter_config:\n  handshake_timeout: 2\n  http_header_timeout: 3\n  \
+         max_pending_connections: 40\n  max_pending_connections_per_ip: 4\n  \
+         ui_idle_timeout: 60\n  fd_reserve: 0\n",
+    );
+    let config = load(dir.path());
+    assert!(errors(&config).is_empty(), "{:?}", errors(&config));
+    let s = &config.settings;
+    assert_eq!(s.handshake_timeout, Duration::from_secs(2));
+    assert_eq!(s.http_header_timeout, Duration::from_secs(3));
+    assert_eq!(
+        (s.max_pending_connections, s.max_pending_connections_per_ip),
+        (40, 4)
+    );
+    assert_eq!(s.ui_idle_timeout, Duration::from_secs(60));
+    assert_eq!(s.fd_reserve, Some(0));
+    write(
+        dir.path(),
+        "a.yaml",
+        "saltpeter_config:\n  handshake_timeout: 0\n  max_pending_connections_per_ip: 0\n  \
+         fd_reserve: lots\n  ui_idle_timeout: 99999999999\n",
+    );
+    let config = load(dir.path());
+    let s = &config.settings;
+    assert_eq!(s.handshake_timeout, Duration::from_secs(10));
+    assert_eq!(s.max_pending_connections_per_ip, 256);
+    assert_eq!(s.fd_reserve, None);
+    for key in [
+        "handshake_timeout",
+        "max_pending_connections_per_ip",
+        "fd_reserve",
+    ] {
+        assert!(
+            errors(&config).iter().any(|e| e.contains(key)),
+            "no error for {key}: {:?}",
+            errors(&config)
+        );
+    }
+}

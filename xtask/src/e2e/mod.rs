@@ -3,6 +3,7 @@
 //! scenarios run concurrently against one master and print what they measured.
 
 mod browser;
+mod flood;
 mod http;
 mod master;
 mod restart;
@@ -10,6 +11,7 @@ mod salt_env;
 mod salt_scenarios;
 mod scenarios;
 
+pub use flood::worker as flood_worker;
 pub use master::binary;
 
 use std::time::Instant;
@@ -32,7 +34,8 @@ pub fn run(args: &[String]) -> Result<()> {
     // The Salt group (real salt-master and minions, its own sp-masters) runs beside the local
     // group; `--no-salt` leaves it out on a machine without PyPI.
     let with_salt = !args.iter().any(|a| a == "--no-salt");
-    // `--only GROUP` (local, salt, restart, browser) runs one group, for quick iteration.
+    // `--only GROUP` (local, salt, restart, browser, flood) runs one group, for quick
+    // iteration; `local` includes the flood, which runs alone after the other groups.
     let only = args
         .iter()
         .position(|a| a == "--only")
@@ -70,6 +73,10 @@ pub fn run(args: &[String]) -> Result<()> {
     }
     if wanted("browser") {
         outcomes.extend(browser::scenarios());
+    }
+    // After everything else: 20,000 connects would slow the other groups' scenarios.
+    if wanted("local") || wanted("flood") {
+        outcomes.extend(flood::scenarios());
     }
     let failed = outcomes.iter().filter(|(_, r)| r.is_err()).count();
     println!("\ne2e results ({:.1} s):", started.elapsed().as_secs_f64());

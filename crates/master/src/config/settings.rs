@@ -100,6 +100,24 @@ pub struct Settings {
     /// `retention_output_tail_bytes`: output kept from the end of each machine's output;
     /// default 448 KiB.
     pub retention_output_tail_bytes: u64,
+    /// `handshake_timeout`: seconds a machines-endpoint connection has, from being accepted,
+    /// to send the first message the engine accepts (`connect`, or a legacy wrapper's first
+    /// message); default 10.
+    pub handshake_timeout: Duration,
+    /// `http_header_timeout`: seconds a connection on either listener has to send a request's
+    /// headers, the first one and each next one on a kept-alive connection; default 10.
+    pub http_header_timeout: Duration,
+    /// `max_pending_connections`: connections per listener that have not finished their
+    /// handshake (machines: the first accepted message; API: the first request); default 2048.
+    pub max_pending_connections: u64,
+    /// `max_pending_connections_per_ip`: the same, per source address; default 256.
+    pub max_pending_connections_per_ip: u64,
+    /// `ui_idle_timeout`: seconds a UI WebSocket may stay without any frame from the browser
+    /// (pongs to the master's pings count); default 600.
+    pub ui_idle_timeout: Duration,
+    /// `fd_reserve`: open files kept free of sockets for the store, job logs and launches;
+    /// default (`None`) 10% of the open-file limit, at least 256.
+    pub fd_reserve: Option<u64>,
     /// Keys this version does not know, as JSON (the original accepted anything).
     pub extra: serde_json::Map<String, serde_json::Value>,
 }
@@ -146,6 +164,12 @@ impl Default for Settings {
             retention_days: 30,
             retention_output_head_bytes: 64 * 1024,
             retention_output_tail_bytes: 448 * 1024,
+            handshake_timeout: Duration::from_secs(10),
+            http_header_timeout: Duration::from_secs(10),
+            max_pending_connections: 2048,
+            max_pending_connections_per_ip: 256,
+            ui_idle_timeout: Duration::from_secs(600),
+            fd_reserve: None,
             extra: serde_json::Map::new(),
         }
     }
@@ -185,6 +209,12 @@ pub(crate) struct PartialSettings {
     retention_days: Option<u64>,
     retention_output_head_bytes: Option<u64>,
     retention_output_tail_bytes: Option<u64>,
+    handshake_timeout: Option<Duration>,
+    http_header_timeout: Option<Duration>,
+    max_pending_connections: Option<u64>,
+    max_pending_connections_per_ip: Option<u64>,
+    ui_idle_timeout: Option<Duration>,
+    fd_reserve: Option<Option<u64>>,
     extra: serde_json::Map<String, serde_json::Value>,
 }
 
@@ -238,6 +268,17 @@ const MAX_RETENTION_RUNS: u64 = 1_000_000_000;
 /// The largest `retention_days` (a century): the age cut-off is computed as a date, which
 /// must stay within the calendar the time library represents.
 const MAX_RETENTION_DAYS: u64 = 36_500;
+
+/// A connection deadline: at least a second and at most a week (a longer one is no deadline,
+/// and deadlines are added to the clock's readings, which must not overflow).
+fn deadline(node: &Node) -> Result<Duration, String> {
+    const WEEK: u64 = 7 * 24 * 3600;
+    let d = seconds(node)?;
+    if d.as_secs() > WEEK {
+        return Err(format!("must be at most {WEEK} seconds (a week)"));
+    }
+    Ok(d)
+}
 
 fn at_least_one(node: &Node) -> Result<u64, String> {
     match node.as_count("a whole number")? {
@@ -354,6 +395,13 @@ pub(crate) fn parse_settings(
                     .as_count("a number of bytes"))
             }
             "retention_output_tail_bytes" => set!(retention_output_tail_bytes, at_least_one),
+            "handshake_timeout" => set!(handshake_timeout, deadline),
+            "http_header_timeout" => set!(http_header_timeout, deadline),
+            "max_pending_connections" => set!(max_pending_connections, at_least_one),
+            "max_pending_connections_per_ip" => set!(max_pending_connections_per_ip, at_least_one),
+            "ui_idle_timeout" => set!(ui_idle_timeout, deadline),
+            "fd_reserve" => set!(fd_reserve, |n: &Node| optional(n, |n: &Node| n
+                .as_count("a number of open files"))),
             _ => {
                 problems.push(ConfigProblem::at(
                     Severity::Warning,
@@ -433,7 +481,13 @@ impl Settings {
             retention_runs_per_job,
             retention_days,
             retention_output_head_bytes,
-            retention_output_tail_bytes
+            retention_output_tail_bytes,
+            handshake_timeout,
+            http_header_timeout,
+            max_pending_connections,
+            max_pending_connections_per_ip,
+            ui_idle_timeout,
+            fd_reserve
         );
         self.limits.apply(&p.limits);
         for (k, v) in &p.extra {

@@ -59,6 +59,10 @@ pub enum Outbound {
         ack: MasterMessage,
         received: Option<Instant>,
     },
+    /// Nothing to send: the engine accepted the connection's first message, so it now speaks
+    /// for a machine and its handshake deadline no longer applies. Sent once per connection,
+    /// before any answer to that message.
+    Accepted,
 }
 
 /// Everything that can change state.
@@ -219,6 +223,8 @@ struct Conn {
     peer: SocketAddr,
     /// The (instance, machine) this connection speaks for, once accepted.
     bound: Option<(String, String)>,
+    /// [`Outbound::Accepted`] was sent.
+    accepted: bool,
 }
 
 impl Engine {
@@ -393,6 +399,7 @@ impl Engine {
                         tx,
                         peer,
                         bound: None,
+                        accepted: false,
                     },
                 );
             }
@@ -437,6 +444,19 @@ impl Engine {
         if let Err(error) = self.outbox.reserve(&c.tx, out) {
             tracing::warn!(conn, peer = %c.peer, %error, "Dropping a wrapper connection that is not reading.");
             self.on_disconnect(conn);
+        }
+    }
+
+    /// Records that `conn` speaks for (instance, machine); the first time, tells its task the
+    /// handshake is done.
+    fn bind(&mut self, conn: ConnId, key: (String, String)) {
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        c.bound = Some(key);
+        if !c.accepted {
+            c.accepted = true;
+            self.send(conn, Outbound::Accepted);
         }
     }
 

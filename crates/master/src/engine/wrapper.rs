@@ -102,9 +102,7 @@ impl Engine {
             // The machine moved to a new socket; the old one no longer speaks for it.
             c.bound = None;
         }
-        if let Some(c) = self.conns.get_mut(&conn) {
-            c.bound = Some(key.clone());
-        }
+        self.bind(conn, key.clone());
         tracing::debug!(conn, instance = %key.0, machine = %key.1, last_seq, "Wrapper connected.");
         self.save_machine(&key.0, &key.1);
         self.send(conn, ack(AckType::Connect, None, Some(last_seq)));
@@ -143,9 +141,7 @@ impl Engine {
             )));
         };
         m.conn = Some(conn);
-        if let Some(c) = self.conns.get_mut(&conn) {
-            c.bound = Some((instance.to_owned(), machine.to_owned()));
-        }
+        self.bind(conn, (instance.to_owned(), machine.to_owned()));
         Ok(())
     }
 

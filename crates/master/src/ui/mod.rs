@@ -21,14 +21,15 @@ pub mod ws;
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::State;
 use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::{Extension, State};
 use axum::response::Response;
 use axum::routing::get;
 use tokio::sync::watch;
 
 use crate::config::Config;
 use crate::engine::EngineHandle;
+use crate::listen::Admission;
 pub use ws::UiContext;
 
 /// The routes of the operator's surface (to merge with `api::router`).
@@ -53,6 +54,16 @@ pub fn protect(router: Router, config: watch::Receiver<Arc<Config>>) -> Router {
     router.layer(axum::middleware::from_fn_with_state(config, auth::guard))
 }
 
-async fn upgrade(ws: WebSocketUpgrade, State(ctx): State<UiContext>) -> Response {
-    ws.on_upgrade(move |socket| ws::serve(socket, ctx))
+async fn upgrade(
+    ws: WebSocketUpgrade,
+    State(ctx): State<UiContext>,
+    admission: Option<Extension<Arc<Admission>>>,
+) -> Response {
+    // The socket task keeps the connection's admission, so the socket counts as open (for
+    // the open-file budget) for as long as it is.
+    let admission = admission.map(|Extension(a)| a);
+    ws.on_upgrade(move |socket| async move {
+        ws::serve(socket, ctx).await;
+        drop(admission);
+    })
 }

@@ -6,6 +6,10 @@
 //! `config` when the config serial changed, `status`, then per subscribed job its new
 //! `output_chunk`s followed by `details` (reference 6.2, 6.3 and 6.6). Waiting on the socket
 //! happens here, never in the engine.
+//!
+//! A connection with no frame from the browser for `ui_idle_timeout` is closed. The task pings
+//! a quiet browser (every third of that time) and the pong counts as a frame, so a live page
+//! that only watches stays connected while a vanished one does not hold its socket.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -29,6 +33,8 @@ use crate::runs::output::utf16_len;
 
 /// How often a connection is refreshed, as the original.
 pub const TICK: Duration = Duration::from_secs(2);
+/// The shortest time between pings, whatever `ui_idle_timeout` says.
+const MIN_PING_EVERY: Duration = Duration::from_secs(1);
 
 /// What a connection needs.
 #[derive(Clone, Debug)]
@@ -53,6 +59,12 @@ struct Connection {
     shown_running: BTreeMap<String, BTreeSet<String>>,
 }
 
+/// How often a connection with idle timeout `idle` is pinged: three times per timeout, so two
+/// lost pongs do not close a live browser.
+fn ping_every(idle: Duration) -> Duration {
+    (idle / 3).max(MIN_PING_EVERY)
+}
+
 /// Serves one upgraded connection until it closes.
 pub async fn serve(socket: WebSocket, ctx: UiContext) {
     let mut conn = Connection {
@@ -72,9 +84,42 @@ impl Connection {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.tick().await;
+        let mut last_frame = tokio::time::Instant::now();
+        let mut idle_timeout = self.idle_timeout();
+        let mut ping = tokio::time::interval(ping_every(idle_timeout));
+        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ping.tick().await;
         loop {
+            // Settings cap the timeout at a week, so this cannot overflow in practice.
+            let idle_deadline = last_frame.checked_add(idle_timeout).unwrap_or(last_frame);
             tokio::select! {
+                () = tokio::time::sleep_until(idle_deadline) => {
+                    self.ctx
+                        .engine
+                        .metrics()
+                        .listeners
+                        .ui_idle_closed
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    tracing::debug!(?idle_timeout, "Closing a UI socket that sent nothing.");
+                    let _ = self.socket.send(Message::Close(None)).await;
+                    return Ok(());
+                }
+                _ = ping.tick() => {
+                    // A reload may have changed the timeout; the new one applies from here.
+                    let now = self.idle_timeout();
+                    if now != idle_timeout {
+                        idle_timeout = now;
+                        ping = tokio::time::interval(ping_every(idle_timeout));
+                        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                        ping.tick().await;
+                    }
+                    self.socket
+                        .send(Message::Ping(Default::default()))
+                        .await
+                        .map_err(|_| Gone)?;
+                }
                 frame = self.socket.recv() => {
+                    last_frame = tokio::time::Instant::now();
                     match frame {
                         None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return Ok(()),
                         Some(Ok(Message::Text(text))) => self.on_text(text.as_str()).await?,
@@ -87,6 +132,10 @@ impl Connection {
                 _ = tick.tick() => self.refresh(true).await?,
             }
         }
+    }
+
+    fn idle_timeout(&self) -> Duration {
+        self.ctx.config.borrow().settings.ui_idle_timeout
     }
 
     async fn send(&mut self, value: &Value) -> Result<(), Gone> {

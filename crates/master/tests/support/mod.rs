@@ -307,6 +307,8 @@ impl FakeWrapper {
             let msg = match out {
                 Outbound::Message(m) | Outbound::Close(m) => m,
                 Outbound::OutputAck { ack, .. } => ack,
+                // The handshake notice is for the connection's task, not the wrapper.
+                Outbound::Accepted => continue,
             };
             if matches!(msg, MasterMessage::Kill(_)) {
                 self.kills += 1;
