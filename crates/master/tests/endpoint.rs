@@ -59,6 +59,7 @@ fn connect(instance: &str, machine: &str, token: Option<String>) -> WrapperMessa
         envelope: envelope(instance, machine),
         protocol: Some(PROTOCOL_VERSION),
         token,
+        signature: None,
         wrapper_pid: Some(1),
     })
 }
@@ -93,20 +94,15 @@ async fn run_now(r: &Running, job: &str) -> String {
     body["instance"].as_str().unwrap().to_owned()
 }
 
-fn token_of(launcher: &FakeLauncher) -> String {
-    launcher
-        .last_env()
-        .into_iter()
-        .find(|(k, _)| k == "SP_RUN_TOKEN")
-        .unwrap()
-        .1
+fn token_of(launcher: &FakeLauncher, machine: &str) -> String {
+    launcher.token_for(machine).unwrap()
 }
 
 #[tokio::test]
 async fn bad_frames_and_bad_tokens_are_rejected_without_disturbing_other_runs() {
     let (r, launcher, _dir) = start(&job("j", "[good, other]", "")).await;
     let instance = run_now(&r, "j").await;
-    let token = token_of(&launcher);
+    let token = token_of(&launcher, "good");
 
     let mut good = ws(&r).await;
     send(&mut good, &connect(&instance, "good", Some(token.clone()))).await;
@@ -173,7 +169,7 @@ async fn bad_frames_and_bad_tokens_are_rejected_without_disturbing_other_runs() 
 async fn a_full_session_over_a_socket_with_a_reconnect() {
     let (r, launcher, _dir) = start(&job("j", "[m1]", "")).await;
     let instance = run_now(&r, "j").await;
-    let token = token_of(&launcher);
+    let token = token_of(&launcher, "m1");
     let mut w = ws(&r).await;
     send(&mut w, &connect(&instance, "m1", Some(token.clone()))).await;
     recv(&mut w).await;

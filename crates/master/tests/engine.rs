@@ -416,7 +416,9 @@ async fn the_wrapper_gets_the_environment_salt_would_pass() {
     assert_eq!(get("SP_CWD").as_deref(), Some("/tmp"));
     assert_eq!(get("SP_TIMEOUT").as_deref(), Some("77"));
     assert_eq!(get("FOO").as_deref(), Some("bar"));
-    assert_eq!(get("SP_RUN_TOKEN").map(|t| t.len()), Some(48));
+    // The local launcher's machines each get their own token, never the run's secret.
+    assert_eq!(get("SP_RUN_TOKEN"), None);
+    assert_eq!(h.launcher.token_for("m1").map(|t| t.len()), Some(64));
     let _ = AckType::Connect;
     let _: Option<MasterMessage> = None;
 }
@@ -435,7 +437,7 @@ async fn every_slot_fires_exactly_once() {
 async fn after_a_restart_machines_get_fresh_deadlines_and_kills_survive() {
     let data = tempfile::tempdir().unwrap();
     let yaml = job("j", "[m1, m2]", "");
-    let (instance, token) = {
+    let (instance, tokens) = {
         let h = Harness::restart(&yaml, data.path()).await;
         let instance = h.run("j").await;
         let mut w1 = h.wrapper(&instance, "m1").await;
@@ -444,8 +446,8 @@ async fn after_a_restart_machines_get_fresh_deadlines_and_kills_survive() {
         w2.connect_and_start().await;
         assert_eq!(w1.output(0, "before ").await, Reply::Ack(0));
         h.kill_machine(&instance, "m2").await;
-        let token = w1.token.clone();
-        (instance, token)
+        let tokens = (w1.token.clone(), w2.token.clone());
+        (instance, tokens)
         // The engine is dropped here: the "crash".
     };
     // Down far longer than the heartbeat timeout.
@@ -458,7 +460,7 @@ async fn after_a_restart_machines_get_fresh_deadlines_and_kills_survive() {
         "no 253 for downtime"
     );
     let mut w1 = h.wrapper(&instance, "m1").await;
-    w1.token = token.clone();
+    w1.token = tokens.0.clone();
     assert_eq!(
         w1.connect().await,
         Some(0),
@@ -466,7 +468,7 @@ async fn after_a_restart_machines_get_fresh_deadlines_and_kills_survive() {
     );
     assert_eq!(w1.output(1, "after").await, Reply::Ack(1));
     let mut w2 = h.wrapper(&instance, "m2").await;
-    w2.token = token;
+    w2.token = tokens.1;
     w2.connect().await;
     assert!(
         w2.saw_kill(),

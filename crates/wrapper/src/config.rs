@@ -40,6 +40,8 @@ pub enum ConfigError {
     User { user: String, reason: String },
     #[error("SP_CWD {path:?} is not a usable directory: {reason}")]
     Cwd { path: PathBuf, reason: String },
+    #[error("SP_IDENTITY=salt_key: {0}")]
+    MachineKey(#[from] crate::identity::KeyError),
 }
 
 /// How much the local log records.
@@ -87,6 +89,12 @@ pub struct Config {
     /// `None` when overlap is allowed and no lock is taken.
     pub lockfile: Option<LockPath>,
     pub run_token: Option<String>,
+    /// With `SP_IDENTITY=salt_key`: the minion's pki directory (`SP_SALT_PKI_DIR`, default
+    /// [`crate::identity::DEFAULT_PKI_DIR`]), whose key signs every `connect`.
+    pub salt_pki_dir: Option<PathBuf>,
+    /// That key, loaded by [`Config::from_lookup`] while the wrapper is still root and has
+    /// not forked.
+    pub machine_key: Option<std::sync::Arc<crate::identity::MinionKey>>,
 }
 
 impl Config {
@@ -120,6 +128,10 @@ impl Config {
             }
         }
         check_cwd(&cfg.cwd)?;
+        if let Some(dir) = &cfg.salt_pki_dir {
+            let key = crate::identity::MinionKey::load(dir)?;
+            cfg.machine_key = Some(std::sync::Arc::new(key));
+        }
         Ok(cfg)
     }
 
@@ -265,6 +277,21 @@ impl Config {
             })
         };
         let run_token = get("SP_RUN_TOKEN")?.filter(|v| !v.is_empty());
+        let salt_pki_dir = match get("SP_IDENTITY")?.as_deref() {
+            None | Some("") => None,
+            Some("salt_key") => Some(PathBuf::from(
+                get("SP_SALT_PKI_DIR")?
+                    .filter(|v| !v.is_empty())
+                    .unwrap_or_else(|| crate::identity::DEFAULT_PKI_DIR.to_owned()),
+            )),
+            Some(other) => {
+                return Err(ConfigError::Invalid {
+                    name: "SP_IDENTITY",
+                    value: other.to_owned(),
+                    reason: "expected salt_key",
+                });
+            }
+        };
 
         Ok(Self {
             websocket_url,
@@ -281,6 +308,8 @@ impl Config {
             log_dir,
             lockfile,
             run_token,
+            salt_pki_dir,
+            machine_key: None,
         })
     }
 }

@@ -99,6 +99,13 @@ pub enum Event {
     },
     /// The store committed everything queued before these notices.
     Persisted(Vec<Notice>),
+    /// The check of a `connect`'s signature with the minion's Salt key, done off the engine's
+    /// thread because it reads the key from disk.
+    Verified {
+        conn: ConnId,
+        connect: saltpeter_proto::Connect,
+        result: Result<(), crate::identity::IdentityError>,
+    },
 }
 
 /// Sends events to the engine.
@@ -219,6 +226,10 @@ struct Conn {
     peer: SocketAddr,
     /// The (instance, machine) this connection speaks for, once accepted.
     bound: Option<(String, String)>,
+    /// The challenge sent in answer to this connection's `hello`, until a `connect` uses it.
+    nonce: Option<String>,
+    /// A signed `connect` is being checked; other messages wait for the verdict.
+    verifying: bool,
 }
 
 impl Engine {
@@ -393,6 +404,8 @@ impl Engine {
                         tx,
                         peer,
                         bound: None,
+                        nonce: None,
+                        verifying: false,
                     },
                 );
             }
@@ -410,6 +423,11 @@ impl Engine {
             Event::Started { instance, outcome } => self.on_started(&instance, outcome),
             Event::Finished { instance, outcome } => self.on_direct(&instance, outcome),
             Event::Persisted(notices) => self.on_persisted(notices),
+            Event::Verified {
+                conn,
+                connect,
+                result,
+            } => self.on_verified(conn, connect, result),
         }
         self.drain_inline_notices();
     }
@@ -468,15 +486,6 @@ fn new_token() -> String {
     let mut bytes = [0u8; 24];
     rand::rng().fill_bytes(&mut bytes);
     bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// Compares secrets in time independent of where they differ.
-fn same_secret(a: &str, b: &str) -> bool {
-    a.len() == b.len()
-        && a.bytes()
-            .zip(b.bytes())
-            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
-            == 0
 }
 
 impl Engine {
