@@ -563,7 +563,7 @@ mod tests {
         use super::*;
 
         /// Every variable `Config::from_lookup` asks for, with a valid value.
-        const VARS: [(&str, &str); 16] = [
+        const VARS: [(&str, &str); 18] = [
             ("SP_WEBSOCKET_URL", "ws://127.0.0.1:8889"),
             ("SP_JOB_NAME", "backup"),
             ("SP_JOB_INSTANCE", "backup_1766482300"),
@@ -580,6 +580,10 @@ mod tests {
             ("SP_WRAPPER_LOGDIR", "/var/log/sp_wrapper"),
             ("SP_WRAPPER_LOGLEVEL", "debug"),
             ("XDG_RUNTIME_DIR", "/run/user/1000"),
+            // Empty: most generated environments should get past the key, which the test
+            // machine does not have; the coverage test below sets it.
+            ("SP_IDENTITY", ""),
+            ("SP_SALT_PKI_DIR", "/nonexistent/sp-test/pki"),
         ];
 
         /// Values that sit on the parser's edges, then arbitrary text and bytes.
@@ -618,6 +622,7 @@ mod tests {
                 "\u{0}",
                 "a\u{0}b",
                 "é€😀",
+                "salt_key",
             ])
             .prop_map(OsString::from);
             let text = prop::collection::vec(any::<char>(), 0..24)
@@ -664,7 +669,10 @@ mod tests {
             for without in [None, Some("SP_LOCKFILE")] {
                 let env: Vec<Option<OsString>> = VARS
                     .iter()
-                    .map(|(n, v)| (Some(*n) != without).then(|| OsString::from(v)))
+                    .map(|(n, v)| match *n {
+                        "SP_IDENTITY" => Some(OsString::from("salt_key")),
+                        _ => (Some(*n) != without).then(|| OsString::from(v)),
+                    })
                     .collect();
                 // `root` resolves on any Unix; as a non-root user it is a refusal, also fine.
                 let _ = Config::from_lookup(
