@@ -546,3 +546,42 @@ pub async fn start_server(
     .unwrap();
     (running, launcher, dir)
 }
+
+/// The test-only keys in `tests/fixtures/test-keys`.
+pub fn test_key(name: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/test-keys")
+        .join(name)
+}
+
+/// A Salt master pki directory in `dir` that has accepted `minion-a` and `minion-b` with the
+/// test keys (in the two public-key forms Salt writes).
+pub fn salt_pki_dir(dir: &std::path::Path) -> std::path::PathBuf {
+    let pki = dir.join("pki/master");
+    std::fs::create_dir_all(pki.join("minions")).unwrap();
+    for m in ["minion-a", "minion-b"] {
+        std::fs::copy(test_key(&format!("{m}.pub")), pki.join("minions").join(m)).unwrap();
+    }
+    pki
+}
+
+/// What the wrapper on `key_owner` sends as `connect.signature` for a challenge.
+pub fn sign_as(key_owner: &str, nonce: &str, instance: &str, machine: &str) -> String {
+    use base64::Engine as _;
+    use ring::signature::{RSA_PKCS1_SHA256, RsaKeyPair};
+    let text = std::fs::read_to_string(test_key(&format!("{key_owner}.pem"))).unwrap();
+    let (label, der) = saltpeter_master::identity::pem_decode(&text).unwrap();
+    let key = match label.as_str() {
+        "RSA PRIVATE KEY" => RsaKeyPair::from_der(&der).unwrap(),
+        _ => RsaKeyPair::from_pkcs8(&der).unwrap(),
+    };
+    let mut sig = vec![0u8; key.public().modulus_len()];
+    key.sign(
+        &RSA_PKCS1_SHA256,
+        &ring::rand::SystemRandom::new(),
+        &signing_payload(nonce, instance, machine),
+        &mut sig,
+    )
+    .unwrap();
+    base64::engine::general_purpose::STANDARD.encode(sig)
+}
