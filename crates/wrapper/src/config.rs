@@ -523,6 +523,36 @@ mod tests {
     }
 
     #[test]
+    fn salt_key_identity_loads_the_minion_key_before_anything_runs() {
+        let from = |vars: &[(&str, &str)]| {
+            let mut all = BASE.to_vec();
+            all.extend_from_slice(vars);
+            let map: HashMap<String, OsString> = all
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), OsString::from(v)))
+                .collect();
+            Config::from_lookup(|k| map.get(k).cloned(), Path::new("/"), || Some("h".into()))
+        };
+        let cfg = with(&[("SP_IDENTITY", "salt_key")]).unwrap();
+        assert_eq!(
+            cfg.salt_pki_dir.as_deref(),
+            Some(Path::new("/etc/salt/pki/minion"))
+        );
+        assert!(with(&[("SP_IDENTITY", "ssh")]).is_err());
+        assert_eq!(with(&[("SP_IDENTITY", "")]).unwrap().salt_pki_dir, None);
+        // A key that cannot be read stops the wrapper at once, with the path in the message.
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().to_string_lossy().into_owned();
+        let e = from(&[("SP_IDENTITY", "salt_key"), ("SP_SALT_PKI_DIR", &missing)]).unwrap_err();
+        assert!(e.to_string().contains("minion.pem"), "{e}");
+        let key = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../master/tests/fixtures/test-keys/minion-a.pem");
+        std::fs::copy(key, dir.path().join("minion.pem")).unwrap();
+        let cfg = from(&[("SP_IDENTITY", "salt_key"), ("SP_SALT_PKI_DIR", &missing)]).unwrap();
+        assert!(cfg.machine_key.is_some());
+    }
+
+    #[test]
     fn unknown_user_and_bad_cwd_are_reported() {
         assert!(matches!(
             resolve_user("no-such-user-sp-test"),

@@ -131,6 +131,36 @@ mod tests {
         }
     }
 
+    /// The test-only keys kept beside the master's tests.
+    fn test_key(name: &str) -> String {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../master/tests/fixtures/test-keys")
+            .join(name);
+        std::fs::read_to_string(path).expect("test key")
+    }
+
+    #[test]
+    fn both_private_key_forms_sign_what_their_public_key_verifies() {
+        use ring::signature::{RSA_PKCS1_2048_8192_SHA256, UnparsedPublicKey};
+        for name in ["minion-a.pem", "minion-b.pem"] {
+            let key = MinionKey::from_pem(&test_key(name), PathBuf::from(name)).expect(name);
+            let payload = saltpeter_proto::signing_payload("nonce", "j_1", "minion-a");
+            let signature = base64::engine::general_purpose::STANDARD
+                .decode(key.sign(&payload).expect("sign"))
+                .expect("base64");
+            let public = UnparsedPublicKey::new(
+                &RSA_PKCS1_2048_8192_SHA256,
+                key.key.public().as_ref().to_vec(),
+            );
+            assert!(public.verify(&payload, &signature).is_ok(), "{name}");
+            assert!(public.verify(b"other", &signature).is_err(), "{name}");
+            assert!(
+                !format!("{key:?}").contains("MII"),
+                "Debug shows no key material"
+            );
+        }
+    }
+
     #[test]
     fn a_missing_key_says_where_it_was_looked_for() {
         let dir = tempfile::tempdir().expect("tempdir");
