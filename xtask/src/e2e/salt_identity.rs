@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail, ensure};
 use futures_util::{SinkExt, StreamExt};
 use saltpeter_proto::{
-    Complete, Connect, Envelope, ErrorCode, Hello, MasterMessage, PROTOCOL_VERSION,
-    WrapperMessage, signing_payload,
+    Complete, Connect, Envelope, ErrorCode, Hello, MasterMessage, PROTOCOL_VERSION, WrapperMessage,
+    signing_payload,
 };
 use serde_json::Value;
 use tokio_tungstenite::tungstenite::Message;
@@ -188,10 +188,10 @@ where
 /// The scenario: a forged `connect` during the run, a replay after it; both refused and the
 /// results stay what the real wrappers reported.
 pub fn forged(m: &Master, roots: &Path) -> Result<String> {
-    let key_b = find(&roots.join("minion-b"), "minion.pem", "minion")
-        .context("minion-b's minion.pem")?;
-    let key_a = find(&roots.join("minion-a"), "minion.pem", "minion")
-        .context("minion-a's minion.pem")?;
+    let key_b =
+        find(&roots.join("minion-b"), "minion.pem", "minion").context("minion-b's minion.pem")?;
+    let key_a =
+        find(&roots.join("minion-a"), "minion.pem", "minion").context("minion-a's minion.pem")?;
     let accepted = find(&roots.join("master"), "minion-a", "minions")
         .context("the master's accepted key of minion-a")?;
     let forms = format!(
@@ -222,7 +222,9 @@ pub fn forged(m: &Master, roots: &Path) -> Result<String> {
         "minion-b's key was accepted for minion-a: {during}"
     );
 
-    let run = m.wait_run(&instance, Duration::from_secs(60), |r| r["ended"].is_string())?;
+    let run = m.wait_run(&instance, Duration::from_secs(60), |r| {
+        r["ended"].is_string()
+    })?;
     let after = forge(&url, &instance, "minion-a", &token, &key_a)?;
     ensure!(
         after.starts_with("UNAUTHORIZED"),
