@@ -79,6 +79,8 @@ pub enum IdentityError {
     SignatureEncoding,
     #[error("the signature does not verify with the accepted key of minion {minion:?}")]
     BadSignature { minion: String },
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 /// The secret a machine of a [`Identity::MachineToken`] run presents: HMAC-SHA256 of the

@@ -169,6 +169,9 @@ const EVENT_QUEUE: usize = 16 * 1024;
 /// twice this (its output, then the store's notice).
 const GATHER: Duration = Duration::from_micros(500);
 
+/// How many signature checks may run at once.
+const VERIFIERS: usize = 2;
+
 /// The state the engine owns.
 #[derive(Debug)]
 pub struct Engine {
@@ -200,6 +203,10 @@ pub struct Engine {
     /// Where launcher work and other waiting goes: the runtime that created the engine, which
     /// need not be the one that runs it (see [`Engine::run_on_own_thread`]).
     spawner: tokio::runtime::Handle,
+    /// Signature checks running at once (each reads a key file and does an RSA verification
+    /// on a blocking thread): a reconnecting fleet waits in line instead of starting a
+    /// blocking thread per wrapper.
+    verifiers: Arc<tokio::sync::Semaphore>,
 }
 
 /// What the engine remembers about a job between runs.
@@ -268,6 +275,7 @@ impl Engine {
             store,
             metrics,
             spawner: tokio::runtime::Handle::current(),
+            verifiers: Arc::new(tokio::sync::Semaphore::new(VERIFIERS)),
         };
         for name in config.jobs.keys() {
             engine.jobs.entry(name.clone()).or_default();

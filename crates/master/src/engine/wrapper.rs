@@ -187,15 +187,27 @@ impl Engine {
             c.verifying = true;
         }
         let tx = self.self_tx.clone();
-        self.spawner.spawn_blocking(move || {
-            let payload = signing_payload(&nonce, &instance, &machine);
-            let result = verify_minion_signature(&pki_dir, &machine, &payload, &signature);
-            // The engine drops its receiver only when it stops.
-            let _ = tx.blocking_send(Event::Verified {
-                conn,
-                connect,
-                result,
+        let verifiers = self.verifiers.clone();
+        self.spawner.spawn(async move {
+            // The semaphore is never closed; without a permit the check runs anyway.
+            let _permit = verifiers.acquire_owned().await;
+            let check = tokio::task::spawn_blocking(move || {
+                let payload = signing_payload(&nonce, &instance, &machine);
+                verify_minion_signature(&pki_dir, &machine, &payload, &signature)
             });
+            let result = check.await.unwrap_or_else(|e| {
+                Err(IdentityError::Unavailable(format!(
+                    "the check did not finish: {e}"
+                )))
+            });
+            // The engine drops its receiver only when it stops.
+            let _ = tx
+                .send(Event::Verified {
+                    conn,
+                    connect,
+                    result,
+                })
+                .await;
         });
         Ok(())
     }
