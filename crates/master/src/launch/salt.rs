@@ -807,6 +807,36 @@ mod tests {
     }
 
     #[test]
+    fn the_pki_dir_comes_from_the_salt_master_config_under_its_root_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        let conf = dir.path();
+        assert_eq!(master_pki_dir(None), PathBuf::from("/etc/salt/pki/master"));
+        assert_eq!(
+            master_pki_dir(Some(conf)),
+            PathBuf::from("/etc/salt/pki/master"),
+            "no master file"
+        );
+        let case = |text: &str| {
+            std::fs::write(conf.join("master"), text).unwrap();
+            master_pki_dir(Some(conf))
+        };
+        assert_eq!(
+            case("root_dir: /srv/salt\ninterface: 127.0.0.1\n"),
+            PathBuf::from("/srv/salt/etc/salt/pki/master")
+        );
+        assert_eq!(case("pki_dir: /keys # ours\n"), PathBuf::from("/keys"));
+        assert_eq!(
+            case("root_dir: '/srv/salt'\npki_dir: /srv/salt/pki\n"),
+            PathBuf::from("/srv/salt/pki"),
+            "already under root_dir"
+        );
+        assert_eq!(
+            case("root_dir: /\n  pki_dir: /nested/not/top/level\n"),
+            PathBuf::from("/etc/salt/pki/master")
+        );
+    }
+
+    #[test]
     fn odd_wrapper_paths_are_quoted_and_line_breaks_refused() {
         let mut j = (*job("  targets: 'minion-*'\n  command: 'true'")).clone();
         j.wrapper_path = Some("/opt/my tools/it's".into());
