@@ -11,9 +11,9 @@
 //!   ([`verify_minion_signature`]): `<salt_pki_dir>/minions/<minion id>`;
 //! - comparing secrets in constant time ([`same_secret`]).
 //!
-//! Salt writes a minion's accepted public key as PEM: `PUBLIC KEY` (SubjectPublicKeyInfo, what
-//! Salt 3006 and later write through `cryptography`) or `RSA PUBLIC KEY` (PKCS#1, written by
-//! some older builds). Both are read; ring verifies PKCS#1, so the SPKI wrapper is taken off.
+//! Salt writes a minion's accepted public key as PEM: `PUBLIC KEY` (SubjectPublicKeyInfo; what
+//! Salt 3007 writes, as the end-to-end suite shows) or `RSA PUBLIC KEY` (PKCS#1, which some
+//! older builds wrote). Both are read; ring verifies PKCS#1, so the SPKI wrapper is taken off.
 
 use std::path::{Path, PathBuf};
 

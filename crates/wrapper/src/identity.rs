@@ -2,8 +2,8 @@
 //! before anything forks or drops privileges) and used to sign the master's challenge into
 //! each `connect`, so the master knows the connection speaks for this minion id and no other.
 //!
-//! Salt writes the minion's key as `<pki_dir>/minion.pem`, a PEM `RSA PRIVATE KEY` (PKCS#1);
-//! a PKCS#8 `PRIVATE KEY` is read too. Encrypted keys are refused: Salt's minion keys have no
+//! Salt writes the minion's key as `<pki_dir>/minion.pem`, a PEM `RSA PRIVATE KEY` (PKCS#1;
+//! Salt 3007 does, as the end-to-end suite shows); a PKCS#8 `PRIVATE KEY` is read too. Encrypted keys are refused: Salt's minion keys have no
 //! passphrase.
 
 use std::path::{Path, PathBuf};
