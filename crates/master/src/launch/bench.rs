@@ -63,7 +63,6 @@ impl Launcher for BenchLauncher {
                 "instance": request.instance,
                 "job": request.job.name,
                 "machines": request.machines,
-                "token": env("SP_RUN_TOKEN"),
                 "tokens": request.tokens,
                 "url": env("SP_WEBSOCKET_URL"),
                 "written_unix_ns": at.to_string(),
