@@ -10,6 +10,7 @@
 //! - [`store`]: durable state in SQLite, owned by one thread; restart recovery.
 //! - [`launch`]: how wrappers are started (local, Salt).
 //! - [`endpoint`]: the WebSocket server wrappers talk to.
+//! - [`identity`]: the credentials that let a connection speak for one machine of one run.
 //! - [`listen`]: the accept loop of both listeners: deadlines, connection caps, the open-file
 //!   reserve.
 //! - [`api`], [`ui`], [`metrics`]: the operator's HTTP API, UI protocol, dashboard, metrics.
@@ -27,6 +28,7 @@ pub mod clock;
 pub mod config;
 pub mod endpoint;
 pub mod engine;
+pub mod identity;
 pub mod joblog;
 pub mod launch;
 pub mod listen;

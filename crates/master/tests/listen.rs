@@ -20,7 +20,7 @@ use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 
 fn jobs() -> String {
-    job("j", "[m1]", "")
+    job("j", "[m1, m2]", "")
 }
 
 /// A TCP connection to `addr` from the loopback address 127.0.0.`octet`.
@@ -88,10 +88,14 @@ async fn run_now(r: &Running) -> String {
 }
 
 fn envelope(instance: &str) -> Envelope {
+    envelope_of(instance, "m1")
+}
+
+fn envelope_of(instance: &str, machine: &str) -> Envelope {
     Envelope {
         job_name: "j".into(),
         job_instance: instance.into(),
-        machine: "m1".into(),
+        machine: machine.into(),
         timestamp: Some(Timestamp::now()),
     }
 }
@@ -179,18 +183,14 @@ async fn a_wrapper_that_finished_its_handshake_outlives_the_deadline() {
     let settings = "  handshake_timeout: 2\n  allow_legacy_wrappers: true\n";
     let (r, launcher, _dir) = support::start_server(settings, &jobs()).await;
     let instance = run_now(&r).await;
-    let token = launcher
-        .last_env()
-        .into_iter()
-        .find(|(k, _)| k == "SP_RUN_TOKEN")
-        .map(|(_, v)| v)
-        .unwrap();
+    let token = launcher.token_for("m1").unwrap();
     let mut ws = ws(&r).await;
     let connect = WrapperMessage::Connect(Connect {
         envelope: envelope(&instance),
         protocol: Some(PROTOCOL_VERSION),
         token: Some(token),
         wrapper_pid: Some(1),
+        signature: None,
     });
     ws.send(Message::text(connect.encode())).await.unwrap();
     let reply = tokio::time::timeout(Duration::from_secs(5), ws.next())
@@ -199,16 +199,17 @@ async fn a_wrapper_that_finished_its_handshake_outlives_the_deadline() {
         .unwrap()
         .unwrap();
     assert!(reply.to_text().unwrap().contains("\"ack\""), "{reply:?}");
-    // A legacy wrapper: its first message (a heartbeat) binds the connection.
+    // A legacy wrapper of another machine (one that proved nothing may not speak for an
+    // authenticated machine): its first message, a heartbeat, binds the connection.
     let mut legacy = self::ws(&r).await;
     let beat = WrapperMessage::Heartbeat(Heartbeat {
-        envelope: envelope(&instance),
+        envelope: envelope_of(&instance, "m2"),
     });
     legacy.send(Message::text(beat.encode())).await.unwrap();
     tokio::time::sleep(Duration::from_millis(3000)).await;
-    for socket in [&mut ws, &mut legacy] {
+    for (socket, machine) in [(&mut ws, "m1"), (&mut legacy, "m2")] {
         let sync = WrapperMessage::SyncRequest(SyncRequest {
-            envelope: envelope(&instance),
+            envelope: envelope_of(&instance, machine),
             last_acked_seq: -1,
             next_seq: 0,
         });

@@ -8,6 +8,7 @@ mod http;
 mod master;
 mod restart;
 mod salt_env;
+mod salt_identity;
 mod salt_scenarios;
 mod scenarios;
 

@@ -88,6 +88,11 @@ pub struct Settings {
     pub salt_bin: String,
     /// `salt_config_dir`: passed to salt as `-c`; default none.
     pub salt_config_dir: Option<PathBuf>,
+    /// `salt_pki_dir`: the Salt master's pki directory, whose `minions/<id>` files are the
+    /// accepted minion keys that wrappers' signatures are checked against; default: the
+    /// `pki_dir` (under `root_dir`) of the master config in `salt_config_dir`, else
+    /// `/etc/salt/pki/master`.
+    pub salt_pki_dir: Option<PathBuf>,
     /// `ping_timeout`: seconds to wait for `test.ping`; default 20.
     pub ping_timeout: Duration,
     /// `retention_runs_per_job`: finished runs kept in the store per job; default 100.
@@ -159,6 +164,7 @@ impl Default for Settings {
             allow_unauthenticated_api: false,
             salt_bin: "salt".to_owned(),
             salt_config_dir: None,
+            salt_pki_dir: None,
             ping_timeout: Duration::from_secs(20),
             retention_runs_per_job: 100,
             retention_days: 30,
@@ -204,6 +210,7 @@ pub(crate) struct PartialSettings {
     allow_unauthenticated_api: Option<bool>,
     salt_bin: Option<String>,
     salt_config_dir: Option<Option<PathBuf>>,
+    salt_pki_dir: Option<Option<PathBuf>>,
     ping_timeout: Option<Duration>,
     retention_runs_per_job: Option<u64>,
     retention_days: Option<u64>,
@@ -385,6 +392,8 @@ pub(crate) fn parse_settings(
             "salt_bin" => set!(salt_bin, non_empty),
             "salt_config_dir" => set!(salt_config_dir, |n: &Node| optional(n, non_empty)
                 .map(|o| o.map(PathBuf::from))),
+            "salt_pki_dir" => set!(salt_pki_dir, |n: &Node| optional(n, non_empty)
+                .map(|o| o.map(PathBuf::from))),
             "ping_timeout" => set!(ping_timeout, seconds),
             "retention_runs_per_job" => {
                 set!(retention_runs_per_job, between_one_and(MAX_RETENTION_RUNS))
@@ -477,6 +486,7 @@ impl Settings {
             allow_unauthenticated_api,
             salt_bin,
             salt_config_dir,
+            salt_pki_dir,
             ping_timeout,
             retention_runs_per_job,
             retention_days,

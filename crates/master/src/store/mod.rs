@@ -54,6 +54,7 @@ pub struct RunRecord {
     pub success: Option<bool>,
     pub killed: bool,
     pub token: String,
+    pub identity: crate::identity::Identity,
     pub resolving: bool,
     pub maintenance: Vec<String>,
     pub pending_batches: Vec<Vec<String>>,
@@ -79,6 +80,7 @@ pub struct MachineRecord {
     pub kill_requested: bool,
     pub launch_problem: Option<String>,
     pub modern: bool,
+    pub authenticated: bool,
 }
 
 /// What the engine remembers about a job between runs.

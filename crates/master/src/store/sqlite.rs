@@ -65,7 +65,7 @@ impl Default for Retention {
     }
 }
 
-const SCHEMA_VERSION: i64 = 3;
+const SCHEMA_VERSION: i64 = 4;
 
 const MIGRATION_1: &str = "
 CREATE TABLE runs (
@@ -157,6 +157,14 @@ INSERT INTO output_v3 (instance, machine, idx, byte_offset, head, data)
 DROP TABLE output;
 ALTER TABLE output_v3 RENAME TO output;
 CREATE UNIQUE INDEX output_by_machine ON output(instance, machine, idx);
+";
+
+/// Machine credentials: how each run's machines prove who they are, and which machines a
+/// wrapper with credentials has spoken for. Runs stored before this keep the one token per run
+/// their wrappers were given (`run_token`).
+const MIGRATION_4: &str = "
+ALTER TABLE runs ADD COLUMN identity TEXT NOT NULL DEFAULT 'run_token';
+ALTER TABLE machines ADD COLUMN authenticated INTEGER NOT NULL DEFAULT 0;
 ";
 
 /// The open database.
@@ -292,6 +300,12 @@ impl Db {
             tx.pragma_update(None, "user_version", 3)?;
             tx.commit()?;
         }
+        if version < 4 {
+            let tx = self.conn.transaction()?;
+            tx.execute_batch(MIGRATION_4)?;
+            tx.pragma_update(None, "user_version", 4)?;
+            tx.commit()?;
+        }
         Ok(())
     }
 
@@ -378,7 +392,7 @@ impl Db {
         let runs: Vec<RunRecord> = {
             let mut stmt = self.conn.prepare(
                 "SELECT instance, job, grp, started, ended, success, killed, token, resolving,
-                        maintenance, pending_batches FROM runs WHERE ended IS NULL",
+                        maintenance, pending_batches, identity FROM runs WHERE ended IS NULL",
             )?;
             stmt.query_map([], run_from_row)?
                 .collect::<Result<_, _>>()?
@@ -418,7 +432,8 @@ impl Db {
         let mut stmt = self.conn.prepare(
             "SELECT instance, machine, status, retcode, cause, late_retcode, starttime, endtime,
                     last_heartbeat, wrapper_version, pid, wrapper_pid, launched, started,
-                    kill_requested, launch_problem, modern, next_seq, output_dropped
+                    kill_requested, launch_problem, modern, next_seq, output_dropped,
+                    authenticated
              FROM machines WHERE instance = ?1 ORDER BY machine",
         )?;
         let rows = stmt.query_map([instance], |r| {
@@ -441,6 +456,7 @@ impl Db {
                     kill_requested: r.get(14)?,
                     launch_problem: r.get(15)?,
                     modern: r.get(16)?,
+                    authenticated: r.get(19)?,
                 },
                 r.get::<_, i64>(17)? as u64,
                 r.get::<_, i64>(18)? as u64,
@@ -611,7 +627,7 @@ impl Db {
             .conn
             .query_row(
                 "SELECT instance, job, grp, started, ended, success, killed, token, resolving,
-                        maintenance, pending_batches FROM runs WHERE instance = ?1",
+                        maintenance, pending_batches, identity FROM runs WHERE instance = ?1",
                 [instance],
                 run_from_row,
             )
@@ -720,6 +736,7 @@ pub fn apply_record(m: &mut MachineRun, r: &MachineRecord) {
     m.pid = r.pid;
     m.wrapper_pid = r.wrapper_pid;
     m.modern = r.modern;
+    m.authenticated = r.authenticated;
     m.clock.launch_problem = r.launch_problem.clone();
 }
 
@@ -738,6 +755,7 @@ fn run_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RunRecord> {
         resolving: r.get(8)?,
         maintenance: serde_json::from_str(&maintenance).unwrap_or_default(),
         pending_batches: serde_json::from_str(&batches).unwrap_or_default(),
+        identity: crate::identity::Identity::parse(&r.get::<_, String>(11)?),
     })
 }
 
@@ -751,8 +769,8 @@ fn apply_one(
         StoreOp::Run(r) => {
             tx.prepare_cached(
                 "INSERT INTO runs (instance, job, grp, started, ended, success, killed, token,
-                                   resolving, maintenance, pending_batches)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
+                                   resolving, maintenance, pending_batches, identity)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
                  ON CONFLICT(instance) DO UPDATE SET ended = ?5, success = ?6, killed = ?7,
                     resolving = ?9, maintenance = ?10, pending_batches = ?11",
             )?
@@ -768,6 +786,7 @@ fn apply_one(
                 r.resolving,
                 serde_json::to_string(&r.maintenance).unwrap_or_default(),
                 serde_json::to_string(&r.pending_batches).unwrap_or_default(),
+                r.identity.as_str(),
             ])?;
             if r.ended.is_some() {
                 // The run is over: its output goes to its chunks over the next batches, and
@@ -779,13 +798,14 @@ fn apply_one(
             tx.prepare_cached(
                 "INSERT INTO machines (instance, machine, status, retcode, cause, late_retcode,
                     starttime, endtime, last_heartbeat, wrapper_version, pid, wrapper_pid,
-                    launched, started, kill_requested, launch_problem, modern)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)
+                    launched, started, kill_requested, launch_problem, modern, authenticated)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17,
+                    ?18)
                  ON CONFLICT(instance, machine) DO UPDATE SET status = ?3, retcode = ?4,
                     cause = ?5, late_retcode = ?6, starttime = ?7, endtime = ?8,
                     last_heartbeat = ?9, wrapper_version = ?10, pid = ?11, wrapper_pid = ?12,
                     launched = ?13, started = ?14, kill_requested = ?15, launch_problem = ?16,
-                    modern = ?17",
+                    modern = ?17, authenticated = ?18",
             )?
             .execute(params![
                 m.instance,
@@ -805,6 +825,7 @@ fn apply_one(
                 m.kill_requested,
                 m.launch_problem,
                 m.modern,
+                m.authenticated,
             ])?;
         }
         StoreOp::Output {
@@ -949,7 +970,7 @@ mod tests {
             .conn
             .pragma_query_value(None, "user_version", |r| r.get(0))
             .expect("version");
-        assert_eq!(version, 3);
+        assert_eq!(version, SCHEMA_VERSION);
         let range = db
             .output_range("j_1", "m1", 0, None)
             .expect("range")
