@@ -196,7 +196,10 @@ pub async fn start(options: Options) -> Result<Running, StartError> {
     let api = crate::ui::protect(
         crate::api::router(handle.clone(), config_rx.clone()).merge(ui),
         config_rx.clone(),
-    );
+        api_addr,
+    )
+    // The peer's address names the source of each act in the audit trail.
+    .into_make_service_with_connect_info::<SocketAddr>();
     let stop = shutdown.clone();
     tasks.spawn(async move {
         let served = axum::serve(api_listener, api)

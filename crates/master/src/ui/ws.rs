@@ -15,12 +15,13 @@ use axum::extract::ws::{Message, WebSocket};
 use serde_json::Value;
 use tokio::sync::watch;
 
+use super::auth::Caller;
 use super::messages::{
     self, Chunk, Command, chunk_message, config_message, details_message, error_message,
     status_message,
 };
 use super::query;
-use crate::config::Config;
+use crate::config::{Config, Role};
 use crate::engine::{
     ApiRequest, EngineHandle, JobCursors, OutputCursor, StatusSnapshot, TimelineQuery, UiRequest,
     UiSnapshot,
@@ -46,6 +47,9 @@ struct Gone;
 struct Connection {
     socket: WebSocket,
     ctx: UiContext,
+    /// Who connected: `run` and the kills need the operator role, and the audit trail names
+    /// the caller.
+    caller: Caller,
     /// Subscribed jobs and their cursors by machine.
     subs: BTreeMap<String, BTreeMap<String, OutputCursor>>,
     last_serial: Option<u64>,
@@ -54,10 +58,11 @@ struct Connection {
 }
 
 /// Serves one upgraded connection until it closes.
-pub async fn serve(socket: WebSocket, ctx: UiContext) {
+pub async fn serve(socket: WebSocket, ctx: UiContext, caller: Caller) {
     let mut conn = Connection {
         socket,
         ctx,
+        caller,
         subs: BTreeMap::new(),
         last_serial: None,
         shown_running: BTreeMap::new(),
@@ -120,6 +125,15 @@ impl Connection {
     /// Carries out a command; `Ok(true)` asks for an immediate refresh.
     async fn execute(&mut self, command: Command) -> Result<bool, Failure> {
         let engine = self.ctx.engine.clone();
+        let acts = matches!(
+            command,
+            Command::Run(_) | Command::KillCron(_) | Command::KillMachine { .. }
+        );
+        if acts && !self.caller.may(Role::Operator) {
+            let what = command.name();
+            return Err(Failure::Refused(self.caller.refusal(Role::Operator, what)));
+        }
+        let by = self.caller.actor();
         match command {
             Command::Subscribe(jobs) => {
                 let limits = self.ctx.config.borrow().settings.limits;
@@ -148,7 +162,7 @@ impl Connection {
             }
             Command::Run(job) => {
                 let instance = engine
-                    .ask(|reply| ApiRequest::RunNow { job, reply })
+                    .ask(|reply| ApiRequest::RunNow { job, by, reply })
                     .await
                     .ok_or(Failure::Gone)?
                     .map_err(|e| Failure::Refused(e.to_string()))?;
@@ -167,8 +181,13 @@ impl Connection {
                     return Err(Failure::Refused(format!("{job} is not running")));
                 }
                 for instance in instances {
+                    let by = by.clone();
                     engine
-                        .ask(|reply| ApiRequest::KillRun { instance, reply })
+                        .ask(|reply| ApiRequest::KillRun {
+                            instance,
+                            by,
+                            reply,
+                        })
                         .await
                         .ok_or(Failure::Gone)?
                         .map_err(|e| Failure::Refused(e.to_string()))?;
@@ -196,6 +215,7 @@ impl Connection {
                     .ask(|reply| ApiRequest::KillMachine {
                         instance,
                         machine,
+                        by,
                         reply,
                     })
                     .await
