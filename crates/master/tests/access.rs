@@ -589,3 +589,56 @@ async fn acts_are_audited_with_their_actor_and_source() {
     assert_eq!(codes, [0, 0, 1]);
     r.stop().await;
 }
+
+#[tokio::test]
+async fn removing_a_token_closes_its_open_socket() {
+    let (r, _l, dir) = start(&tokens()).await;
+    let mut viewer = ws(&r, &format!("?token={VIEWER}"), None).await.unwrap();
+    recv_type(&mut viewer, "config").await;
+    let mut admin = ws(&r, &format!("?token={ADMIN}"), None).await.unwrap();
+    recv_type(&mut admin, "config").await;
+    let settings = dir.path().join("conf").join("00-settings.yaml");
+    let text = std::fs::read_to_string(&settings).unwrap();
+    let without: String = text
+        .lines()
+        .filter(|l| !l.contains("name: vera"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert_ne!(text, without);
+    let before = r.config.borrow().serial;
+    std::fs::write(&settings, without).unwrap();
+    let mut config = r.config.clone();
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while config.borrow_and_update().serial == before {
+            config.changed().await.unwrap();
+        }
+    })
+    .await
+    .expect("the configuration was not reloaded");
+    let error = recv_type(&mut viewer, "error").await;
+    assert!(
+        error["error"].as_str().unwrap().contains("no longer valid"),
+        "{error}"
+    );
+    let end = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match viewer.next().await {
+                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return,
+                Some(Ok(_)) => {}
+            }
+        }
+    })
+    .await;
+    assert!(end.is_ok(), "the revoked socket stayed open");
+    assert_eq!(
+        ws(&r, &format!("?token={VIEWER}"), None).await.err(),
+        Some(401)
+    );
+    // Other tokens' sockets carry on.
+    admin
+        .send(Message::text(r#"{"subscribe":["j"]}"#))
+        .await
+        .unwrap();
+    recv_type(&mut admin, "details").await;
+    r.stop().await;
+}

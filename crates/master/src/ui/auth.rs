@@ -57,6 +57,9 @@ pub struct Caller {
     pub name: String,
     pub role: Role,
     pub source: Option<IpAddr>,
+    /// The SHA-256 of the token presented, so a long-lived connection can be checked again
+    /// against the current configuration; `None` for anonymous callers.
+    pub token_hash: Option<[u8; 32]>,
 }
 
 impl Caller {
@@ -66,6 +69,7 @@ impl Caller {
             name: ANONYMOUS.to_owned(),
             role: Role::Admin,
             source,
+            token_hash: None,
         }
     }
 
@@ -75,6 +79,7 @@ impl Caller {
             name: "unknown".to_owned(),
             role: Role::Viewer,
             source: None,
+            token_hash: None,
         }
     }
 
@@ -263,7 +268,18 @@ pub fn presented(headers: &HeaderMap, query: Option<&str>) -> Option<String> {
 /// configured hash is compared, each in constant time, so the time taken does not depend on
 /// which token (if any) matched or where a hash differs.
 pub fn identify(settings: &Settings, token: &str, source: Option<IpAddr>) -> Option<Caller> {
-    let presented = hash_token(token);
+    let hash = hash_token(token);
+    let (name, role) = lookup(settings, &hash)?;
+    Some(Caller {
+        name,
+        role,
+        source,
+        token_hash: Some(hash),
+    })
+}
+
+/// The name and role of the token whose hash is `presented`.
+fn lookup(settings: &Settings, presented: &[u8; 32]) -> Option<(String, Role)> {
     let legacy = settings
         .api_token
         .as_deref()
@@ -277,14 +293,21 @@ pub fn identify(settings: &Settings, token: &str, source: Option<IpAddr>) -> Opt
     for (name, role, hash) in legacy.into_iter().chain(listed) {
         let same: bool = presented.ct_eq(&hash).into();
         if same && found.is_none() {
-            found = Some(Caller {
-                name: name.to_owned(),
-                role,
-                source,
-            });
+            found = Some((name.to_owned(), role));
         }
     }
     found
+}
+
+/// The role `caller` has under the current `settings`, for connections that outlive a
+/// request (`/ws`): `None` when its token was removed (or tokens were configured since an
+/// anonymous caller connected), and the connection must end.
+pub fn current_role(settings: &Settings, caller: &Caller) -> Option<Role> {
+    match &caller.token_hash {
+        None if settings.tokens_required() => None,
+        None => Some(caller.role),
+        Some(hash) => lookup(settings, hash).map(|(_, role)| role),
+    }
 }
 
 /// Whether the API answers for `host` (a `Host` header: a name or an IP address, with or

@@ -101,7 +101,31 @@ impl Connection {
             .map_err(|_| Gone)
     }
 
+    /// Checks the caller against the current configuration: a token removed since the
+    /// socket opened ends it, and a changed role applies to the next command.
+    async fn recheck(&mut self) -> Result<(), Gone> {
+        let role = {
+            let config = self.ctx.config.borrow();
+            super::auth::current_role(&config.settings, &self.caller)
+        };
+        match role {
+            Some(role) => {
+                self.caller.role = role;
+                Ok(())
+            }
+            None => {
+                tracing::info!(token = %self.caller.name, "Closing a UI socket whose token is no longer configured.");
+                let _ = self
+                    .send(&error_message(None, "the token is no longer valid"))
+                    .await;
+                let _ = self.socket.send(Message::Close(None)).await;
+                Err(Gone)
+            }
+        }
+    }
+
     async fn on_text(&mut self, text: &str) -> Result<(), Gone> {
+        self.recheck().await?;
         let command = match messages::parse_command(text) {
             Ok(c) => c,
             Err(e) => {
@@ -269,6 +293,7 @@ async fn status(engine: &EngineHandle) -> Result<StatusSnapshot, Failure> {
 impl Connection {
     /// Sends what changed: maybe `config`, then `status`, then per job chunks and `details`.
     async fn refresh(&mut self, with_config: bool) -> Result<(), Gone> {
+        self.recheck().await?;
         if with_config {
             let config = self.ctx.config.borrow().clone();
             if self.last_serial != Some(config.serial) {
