@@ -22,7 +22,8 @@ pub const MAX_ROWS: u64 = 100_000;
 pub const DEFAULT_PAGE: usize = 100;
 
 /// Who did something: a token's name (or `anonymous` when the API needs none), or one of the
-/// master's own actors (`scheduler`, `config`, `signal`), and the address a request came from.
+/// master's own actors (`config` for a change the watcher read, `signal` for a SIGHUP), and
+/// the address a request came from.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Actor {
     pub name: String,
