@@ -141,13 +141,15 @@ fn admit(
     request: &Request,
     host: Option<&str>,
 ) -> Result<Caller, Box<Response>> {
-    let settings = state.config.borrow().settings.clone();
+    // The configuration is shared, not copied: one `Arc` clone per request.
+    let config = state.config.borrow().clone();
+    let settings = &config.settings;
     let path = request.uri().path();
     let source = request
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
         .map(|c| c.0.ip());
-    let need = need(request.method(), path, &settings);
+    let need = need(request.method(), path, settings);
     if need == Need::Nothing {
         return Ok(Caller::anonymous(source));
     }
@@ -189,7 +191,7 @@ fn admit(
     let query = takes_query_token(path)
         .then(|| request.uri().query())
         .flatten();
-    let Some(caller) = presented(headers, query).and_then(|t| identify(&settings, &t, source))
+    let Some(caller) = presented(headers, query).and_then(|t| identify(settings, &t, source))
     else {
         let mut r = refuse(StatusCode::UNAUTHORIZED, "a valid bearer token is required");
         r.headers_mut()
