@@ -16,6 +16,7 @@
 //! - [`api`], [`ui`], [`metrics`]: the operator's HTTP API, UI protocol, dashboard, metrics.
 //! - [`joblog`]: per-job log files in the original format; [`ship`]: the same events to
 //!   Elasticsearch/OpenSearch.
+//! - [`audit`]: who started, killed or reconfigured what, from where.
 //! - [`cli`]: subcommands that talk to a running master.
 //! - [`private`]: files and directories only the master's user can read.
 //! - [`server`]: wiring shared by `main` and the integration tests; [`clock`]: time sources.
@@ -23,6 +24,7 @@
 //! See `docs/ARCHITECTURE.md` for how the pieces talk to each other.
 
 pub mod api;
+pub mod audit;
 pub mod cli;
 pub mod clock;
 pub mod config;

@@ -76,8 +76,10 @@ fn output(instance: &str, machine: &str, seq: u64, data: &str) -> WrapperMessage
 async fn http(r: &Running, method: &str, path: &str) -> (u16, Value) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(r.api_addr).await.unwrap();
+    // The API answers only for Host names it knows (loopback, its address).
     let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nContent-Length: 0\r\n\r\n",
+        r.api_addr
     );
     s.write_all(req.as_bytes()).await.unwrap();
     let mut raw = String::new();

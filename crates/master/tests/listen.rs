@@ -53,7 +53,7 @@ async fn closed_within(s: &mut TcpStream, limit: Duration) -> bool {
 /// The value of one line of `/metrics`, such as `name{labels}`.
 async fn metric(r: &Running, series: &str) -> u64 {
     let mut s = TcpStream::connect(r.api_addr).await.unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
         .await
         .unwrap();
     let mut raw = String::new();
@@ -74,7 +74,7 @@ async fn ws(r: &Running) -> Ws {
 async fn run_now(r: &Running) -> String {
     let mut s = TcpStream::connect(r.api_addr).await.unwrap();
     s.write_all(
-        b"POST /api/v1/jobs/j/run HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 0\r\n\r\n",
+        b"POST /api/v1/jobs/j/run HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Length: 0\r\n\r\n",
     )
     .await
     .unwrap();
@@ -239,7 +239,7 @@ async fn request_headers_must_arrive_within_the_header_deadline_on_the_api() {
     let (r, _, _dir) = support::start_server("  http_header_timeout: 3\n", &jobs()).await;
     let began = Instant::now();
     let mut s = tcp_from(1, r.api_addr).await;
-    s.write_all(b"GET /api/v1/jobs HTTP/1.1\r\nHost: x\r\n")
+    s.write_all(b"GET /api/v1/jobs HTTP/1.1\r\nHost: localhost\r\n")
         .await
         .unwrap();
     assert!(
@@ -265,7 +265,7 @@ async fn the_machines_upgrade_request_must_arrive_within_the_handshake_deadline(
     let (r, _, _dir) = support::start_server(settings, &jobs()).await;
     let began = Instant::now();
     let mut s = tcp_from(1, r.machines_addr).await;
-    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\n").await.unwrap();
     assert!(closed_within(&mut s, Duration::from_secs(60)).await);
     let took = began.elapsed();
     assert!(
@@ -328,7 +328,7 @@ async fn pending_connections_are_capped_per_address_and_in_all() {
     assert!(closed_within(&mut api3, quick).await);
     // A request's headers end an API connection's handshake: the kept-alive connection stays
     // open but no longer takes a pending place.
-    api1.write_all(b"GET /version HTTP/1.1\r\nHost: x\r\n\r\n")
+    api1.write_all(b"GET /version HTTP/1.1\r\nHost: localhost\r\n\r\n")
         .await
         .unwrap();
     let mut head = [0u8; 12];
@@ -394,7 +394,7 @@ async fn sockets_beyond_the_open_file_limit_less_the_reserve_are_refused() {
 async fn silent_ui_socket(r: &Running) -> TcpStream {
     let mut s = TcpStream::connect(r.api_addr).await.unwrap();
     s.write_all(
-        b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+        b"GET /ws HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
           Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
     )
     .await

@@ -2,6 +2,7 @@
 //! launcher starting real `sp-wrapper` processes, over real sockets, with real signals. The
 //! scenarios run concurrently against one master and print what they measured.
 
+mod access;
 mod browser;
 mod flood;
 mod http;

@@ -9,6 +9,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use super::access::{Access, PartialAccess};
 use super::limits::{Limits, PartialLimits};
 use super::problem::{ConfigProblem, Section, Severity};
 use super::raw::{Node, Value};
@@ -49,6 +50,9 @@ pub struct Settings {
     /// Caps on what API and UI clients control (`ui_max_subscriptions` and the others of
     /// [`Limits`]).
     pub limits: Limits,
+    /// Named tokens with roles, the host names the API answers for, and whether `/metrics`
+    /// is public (`api_tokens`, `api_public_names`, `metrics_public`; see [`Access`]).
+    pub access: Access,
     /// `machines_ws_bind_addr`: the machines endpoint's address; default 0.0.0.0.
     pub machines_bind_addr: IpAddr,
     /// `machines_ws_port`: the machines endpoint's port; default 8889.
@@ -147,6 +151,7 @@ impl Default for Settings {
             api_token: None,
             ws_allowed_origins: Vec::new(),
             limits: Limits::default(),
+            access: Access::default(),
             machines_bind_addr: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
             machines_port: 8889,
             default_saltpeter_server_host: host_name(),
@@ -193,6 +198,7 @@ pub(crate) struct PartialSettings {
     api_token: Option<Option<String>>,
     ws_allowed_origins: Option<Vec<String>>,
     limits: PartialLimits,
+    access: PartialAccess,
     machines_bind_addr: Option<IpAddr>,
     machines_port: Option<u16>,
     default_saltpeter_server_host: Option<String>,
@@ -362,6 +368,12 @@ pub(crate) fn parse_settings(
             }
             continue;
         }
+        if let Some(errors) = out.access.parse(&key, v) {
+            for e in errors {
+                put_error(e);
+            }
+            continue;
+        }
         match key.as_str() {
             "logdir" => set!(logdir, |n: &Node| non_empty(n).map(PathBuf::from)),
             "debug" => set!(debug, Node::as_bool),
@@ -442,16 +454,29 @@ impl Settings {
     /// reach and nobody has to authenticate to, unless the operator said so.
     pub fn exposure_problem(&self) -> Option<String> {
         let open = !self.api_bind_addr.is_loopback()
-            && self.api_token.is_none()
+            && !self.tokens_required()
             && !self.allow_unauthenticated_api;
         open.then(|| {
             format!(
-                "the API listens on {} without api_token: anyone who can reach it can start and \
-                 kill jobs; set api_token, bind it to 127.0.0.1, or set \
+                "the API listens on {} without api_token or api_tokens: anyone who can reach \
+                 it can start and kill jobs; configure tokens, bind it to 127.0.0.1, or set \
                  allow_unauthenticated_api: true",
                 self.api_bind_addr
             )
         })
+    }
+
+    /// Whether the API demands a token: `api_token` is set or `api_tokens` lists any entry.
+    pub fn tokens_required(&self) -> bool {
+        self.api_token.is_some() || self.access.tokens_listed
+    }
+
+    /// Whether `/metrics` is served without a token: as `metrics_public` says, and when it
+    /// is unset, exactly when no token is configured.
+    pub fn metrics_public(&self) -> bool {
+        self.access
+            .metrics_public
+            .unwrap_or(!self.tokens_required())
     }
 
     /// Applies one file's block on top of these settings: every key the block sets wins.
@@ -500,6 +525,7 @@ impl Settings {
             fd_reserve
         );
         self.limits.apply(&p.limits);
+        self.access.apply(&p.access);
         for (k, v) in &p.extra {
             self.extra.insert(k.clone(), v.clone());
         }

@@ -20,8 +20,14 @@ use crate::runs::{MachineRun, Run};
 use crate::store::StoreOp;
 
 impl Engine {
-    /// Starts a run of `job` now. `Err` says why not (unknown job, maintenance, overlap).
-    pub(super) fn fire(&mut self, job_name: &str) -> Result<String, ApiError> {
+    /// Starts a run of `job` now, by hand when `by` names who asked (the job log then says
+    /// so in a line after the start line), else for the scheduler. `Err` says why not
+    /// (unknown job, maintenance, overlap).
+    pub(super) fn fire(
+        &mut self,
+        job_name: &str,
+        by: Option<&crate::audit::Actor>,
+    ) -> Result<String, ApiError> {
         let job = self
             .config
             .jobs
@@ -68,6 +74,9 @@ impl Engine {
                 at: wall,
             },
         );
+        if let Some(by) = by {
+            self.log_note(&job.name, format!("Started by {by}"));
+        }
         let run = Run {
             instance: instance.clone(),
             job: job.clone(),

@@ -32,6 +32,7 @@ use tokio_util::sync::CancellationToken;
 pub use api::{ApiError, ApiRequest, JobSummary};
 pub use ui::*;
 
+use crate::audit::Action;
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::joblog::JobLog;
@@ -448,6 +449,7 @@ impl Engine {
     }
 
     fn apply_config(&mut self, config: Arc<Config>) {
+        self.audit_config(&config);
         self.logdir = config.settings.logdir.clone().into();
         for name in config.jobs.keys() {
             self.jobs.entry(name.clone()).or_default();
@@ -459,6 +461,52 @@ impl Engine {
             .collect();
         self.scheduler.reload(&config, self.clock.wall(), &floors);
         self.config = config;
+    }
+
+    /// Records a configuration change (its serial moved) and a change of maintenance in the
+    /// audit trail. The watcher only publishes what it read, so the actor is `config`; a
+    /// SIGHUP that asked for the reread is recorded on its own, as `signal`.
+    fn audit_config(&mut self, new: &Config) {
+        let old = self.config.clone();
+        if new.serial == old.serial {
+            return;
+        }
+        let detail = format!("serial {} -> {}", old.serial, new.serial);
+        self.audit_config_change(Action::ConfigReload, detail);
+        if new.maintenance != old.maintenance {
+            let m = &new.maintenance;
+            // A fleet may list thousands of machines; the entry names the first few.
+            let shown: Vec<&str> = m.machines.iter().take(20).map(String::as_str).collect();
+            let more = m.machines.len().saturating_sub(shown.len());
+            let detail = format!(
+                "global {}, {} machine(s): {}{}",
+                if m.global { "on" } else { "off" },
+                m.machines.len(),
+                shown.join(", "),
+                if more > 0 {
+                    format!(" and {more} more")
+                } else {
+                    String::new()
+                }
+            );
+            self.audit_config_change(Action::Maintenance, detail);
+        }
+    }
+
+    fn audit_config_change(&mut self, action: Action, detail: String) {
+        tracing::info!(action = action.as_str(), %detail, "Audit.");
+        let at = self.clock.wall();
+        self.store
+            .push(crate::store::StoreOp::Audit(crate::audit::AuditRecord {
+                at,
+                actor: crate::audit::Actor::config(),
+                action,
+                job: None,
+                instance: None,
+                machine: None,
+                ok: true,
+                detail: Some(detail),
+            }));
     }
 
     /// Sends a frame to a connection without ever waiting: a wrapper that does not read its

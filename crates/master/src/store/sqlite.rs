@@ -65,7 +65,7 @@ impl Default for Retention {
     }
 }
 
-const SCHEMA_VERSION: i64 = 4;
+const SCHEMA_VERSION: i64 = 5;
 
 const MIGRATION_1: &str = "
 CREATE TABLE runs (
@@ -165,6 +165,24 @@ CREATE UNIQUE INDEX output_by_machine ON output(instance, machine, idx);
 const MIGRATION_4: &str = "
 ALTER TABLE runs ADD COLUMN identity TEXT NOT NULL DEFAULT 'run_token';
 ALTER TABLE machines ADD COLUMN authenticated INTEGER NOT NULL DEFAULT 0;
+";
+
+/// The audit trail (see `audit.rs`): one row per act, ids growing, times in the same text
+/// form as the runs' so that age retention compares them the same way.
+const MIGRATION_5: &str = "
+CREATE TABLE audit (
+    id INTEGER PRIMARY KEY,
+    at TEXT NOT NULL,
+    actor TEXT NOT NULL,
+    source TEXT,
+    action TEXT NOT NULL,
+    job TEXT,
+    instance TEXT,
+    machine TEXT,
+    ok INTEGER NOT NULL,
+    detail TEXT
+);
+CREATE INDEX audit_by_at ON audit(at);
 ";
 
 /// The open database.
@@ -306,6 +324,12 @@ impl Db {
             tx.pragma_update(None, "user_version", 4)?;
             tx.commit()?;
         }
+        if version < 5 {
+            let tx = self.conn.transaction()?;
+            tx.execute_batch(MIGRATION_5)?;
+            tx.pragma_update(None, "user_version", 5)?;
+            tx.commit()?;
+        }
         Ok(())
     }
 
@@ -348,7 +372,7 @@ impl Db {
                     Query::Output {
                         instance, machine, ..
                     } => Some((instance, Some(machine.as_str()))),
-                    Query::Runs { .. } | Query::Timeline { .. } => None,
+                    Query::Runs { .. } | Query::Timeline { .. } | Query::Audit { .. } => None,
                 };
                 if let Some((instance, machine)) = target {
                     self.outputs
@@ -507,6 +531,13 @@ impl Db {
             Query::Timeline { query, reply } => {
                 let _ = reply.send(self.timeline(&query));
             }
+            Query::Audit {
+                before,
+                limit,
+                reply,
+            } => {
+                let _ = reply.send(self.audit_page(before, limit));
+            }
             Query::Output {
                 instance,
                 machine,
@@ -517,6 +548,34 @@ impl Db {
                 let _ = reply.send(self.output_range(&instance, &machine, offset, length));
             }
         }
+    }
+
+    fn audit_page(
+        &self,
+        before: Option<i64>,
+        limit: usize,
+    ) -> Result<Vec<crate::audit::AuditEntry>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT id, at, actor, source, action, job, instance, machine, ok, detail FROM audit
+             WHERE (?1 IS NULL OR id < ?1) ORDER BY id DESC LIMIT ?2",
+        )?;
+        let rows = stmt
+            .query_map(params![before, sql_limit(limit)], |r| {
+                Ok(crate::audit::AuditEntry {
+                    id: r.get(0)?,
+                    at: r.get(1)?,
+                    actor: r.get(2)?,
+                    source: r.get(3)?,
+                    action: r.get(4)?,
+                    job: r.get(5)?,
+                    instance: r.get(6)?,
+                    machine: r.get(7)?,
+                    ok: r.get(8)?,
+                    detail: r.get(9)?,
+                })
+            })?
+            .collect::<Result<_, _>>()?;
+        Ok(rows)
     }
 
     fn runs_page(
@@ -850,6 +909,28 @@ fn apply_one(
                 j.last_fired.map(ts),
             ])?;
         }
+        StoreOp::Audit(a) => {
+            tx.prepare_cached(
+                "INSERT INTO audit (at, actor, source, action, job, instance, machine, ok, detail)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            )?
+            .execute(params![
+                ts(a.at),
+                a.actor.name,
+                a.actor.source.map(|ip| ip.to_string()),
+                a.action.as_str(),
+                a.job,
+                a.instance,
+                a.machine,
+                a.ok,
+                a.detail,
+            ])?;
+            // Every thousandth entry trims the trail to its cap, so that even a client
+            // starting runs in a loop between two hourly prunes leaves it bounded.
+            if tx.last_insert_rowid().rem_euclid(1000) == 0 {
+                trim_audit(tx, crate::audit::MAX_ROWS)?;
+            }
+        }
         StoreOp::Notify(_) | StoreOp::Query(_) | StoreOp::Prune => {}
     }
     Ok(())
@@ -863,6 +944,14 @@ fn age_cutoff(now: OffsetDateTime, max_age_days: u32) -> OffsetDateTime {
         .unwrap_or(time::PrimitiveDateTime::MIN.assume_utc())
 }
 
+/// Deletes the oldest audit entries beyond the cap; returns how many.
+fn trim_audit(tx: &Transaction<'_>, cap: u64) -> Result<usize, StoreError> {
+    Ok(tx.execute(
+        "DELETE FROM audit WHERE id <= (SELECT id FROM audit ORDER BY id DESC LIMIT 1 OFFSET ?1)",
+        [i64::try_from(cap).unwrap_or(i64::MAX)],
+    )?)
+}
+
 /// Deletes finished runs beyond the per-job count or older than the age limit.
 fn prune(tx: &Transaction<'_>, retention: Retention) -> Result<(), StoreError> {
     let cutoff = ts(age_cutoff(
@@ -874,7 +963,7 @@ fn prune(tx: &Transaction<'_>, retention: Retention) -> Result<(), StoreError> {
     )?;
     tx.execute(
         "INSERT OR IGNORE INTO doomed SELECT instance FROM runs WHERE ended IS NOT NULL AND started < ?1",
-        [cutoff],
+        [&cutoff],
     )?;
     tx.execute(
         "INSERT OR IGNORE INTO doomed SELECT instance FROM (
@@ -896,6 +985,13 @@ fn prune(tx: &Transaction<'_>, retention: Retention) -> Result<(), StoreError> {
     )?;
     if runs > 0 {
         tracing::info!(runs, chunks = n, "Retention removed old runs.");
+    }
+    // The audit trail ages like the runs, and is capped in rows as well so that a script
+    // starting runs in a loop cannot make it grow without bound between two prunes' ages.
+    let mut audit = tx.execute("DELETE FROM audit WHERE at < ?1", [&cutoff])?;
+    audit = audit.saturating_add(trim_audit(tx, crate::audit::MAX_ROWS)?);
+    if audit > 0 {
+        tracing::info!(entries = audit, "Retention removed old audit entries.");
     }
     Ok(())
 }
@@ -983,5 +1079,62 @@ mod tests {
             [],
         );
         assert!(again.is_err());
+    }
+
+    fn audit_record(at: OffsetDateTime, n: usize) -> crate::audit::AuditRecord {
+        crate::audit::AuditRecord {
+            at,
+            actor: crate::audit::Actor::remote(format!("a{n}"), "10.0.0.5".parse().ok()),
+            action: crate::audit::Action::Run,
+            job: Some("j".into()),
+            instance: None,
+            machine: None,
+            ok: true,
+            detail: None,
+        }
+    }
+
+    #[test]
+    fn a_schema_3_store_gains_an_audit_trail_that_ages_and_is_capped() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("saltpeter.db");
+        {
+            let conn = Connection::open(&path).expect("open");
+            for m in [MIGRATION_1, MIGRATION_2, MIGRATION_3] {
+                conn.execute_batch(m).expect("older schema");
+            }
+            conn.pragma_update(None, "user_version", 3)
+                .expect("version");
+        }
+        let retention = Retention {
+            max_age_days: 30,
+            ..Retention::default()
+        };
+        let mut db = Db::open(&path, retention).expect("migrate");
+        let now = OffsetDateTime::now_utc();
+        let old = now - time::Duration::days(31);
+        db.apply(vec![
+            StoreOp::Audit(audit_record(old, 0)),
+            StoreOp::Audit(audit_record(now, 1)),
+            StoreOp::Audit(audit_record(now, 2)),
+        ]);
+        // The first batch also applies retention: the 31-day-old entry is gone with the age
+        // limit of the runs.
+        let page = db.audit_page(None, 10).expect("page");
+        let actors: Vec<&str> = page.iter().map(|e| e.actor.as_str()).collect();
+        assert_eq!(actors, ["a2", "a1"]);
+        let newest = page.first().expect("an entry");
+        assert_eq!(newest.source.as_deref(), Some("10.0.0.5"));
+        assert_eq!(newest.action, "run");
+        let older = db.audit_page(Some(newest.id), 1).expect("page");
+        let actors: Vec<&str> = older.iter().map(|e| e.actor.as_str()).collect();
+        assert_eq!(actors, ["a1"]);
+        // Count: only the newest `cap` stay.
+        let tx = db.conn.transaction().expect("tx");
+        assert_eq!(trim_audit(&tx, 1).expect("trim"), 1);
+        tx.commit().expect("commit");
+        let page = db.audit_page(None, 10).expect("page");
+        let actors: Vec<&str> = page.iter().map(|e| e.actor.as_str()).collect();
+        assert_eq!(actors, ["a2"]);
     }
 }

@@ -194,7 +194,11 @@ impl Harness {
         let job = job.to_owned();
         let r = self
             .engine
-            .ask(|reply| ApiRequest::RunNow { job, reply })
+            .ask(|reply| ApiRequest::RunNow {
+                job,
+                by: tester(),
+                reply,
+            })
             .await
             .unwrap();
         // Let the resolution and launch tasks report back.
@@ -212,6 +216,7 @@ impl Harness {
             .ask(|reply| ApiRequest::KillMachine {
                 instance,
                 machine,
+                by: tester(),
                 reply,
             })
             .await
@@ -222,7 +227,11 @@ impl Harness {
     pub async fn kill(&self, instance: &str) {
         let instance = instance.to_owned();
         self.engine
-            .ask(|reply| ApiRequest::KillRun { instance, reply })
+            .ask(|reply| ApiRequest::KillRun {
+                instance,
+                by: tester(),
+                reply,
+            })
             .await
             .unwrap()
             .unwrap();
@@ -513,6 +522,11 @@ impl FakeWrapper {
             _ => None,
         }
     }
+}
+
+/// The actor of acts the tests ask the engine for directly.
+pub fn tester() -> saltpeter_master::audit::Actor {
+    saltpeter_master::audit::Actor::remote("tester", None)
 }
 
 /// A whole master through `server::start` on loopback port 0 with a fake launcher: the same
