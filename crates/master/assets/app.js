@@ -18,15 +18,48 @@ let timers = [];
 
 // ---- HTTP -----------------------------------------------------------------------------------
 
-function token() { return localStorage.getItem("sp_api_token") || ""; }
+// The API token is asked for once and kept for this tab only (sessionStorage): it is gone
+// when the tab closes, and other tabs and sites never see it. It travels as a bearer header;
+// the page holds no other copy.
+const TOKEN_KEY = "sp_api_token";
+// Versions before this one kept the token in localStorage, which outlives the tab.
+try { localStorage.removeItem(TOKEN_KEY); } catch (_) { /* storage may be disabled */ }
+let asking = null;   // the one open prompt, shared by every request refused meanwhile
+let declined = false; // the user closed the prompt: do not ask again on every poll
 
-async function api(method, path) {
+function token() {
+  try { return sessionStorage.getItem(TOKEN_KEY) || ""; } catch (_) { return ""; }
+}
+
+/** Asks for a token (once, however many requests were refused); true when one was given. */
+function askToken(message) {
+  if (declined) return Promise.resolve(false);
+  if (!asking) {
+    asking = new Promise((resolve) => {
+      const t = (prompt(message) || "").trim();
+      if (t) {
+        try { sessionStorage.setItem(TOKEN_KEY, t); } catch (_) { /* kept nowhere, asked again */ }
+      } else {
+        declined = true;
+        banner("This master needs an API token. Reload the page to enter one.", true);
+      }
+      resolve(!!t);
+    }).finally(() => { asking = null; });
+  }
+  return asking;
+}
+
+async function api(method, path, retried) {
   const headers = { Accept: "application/json" };
-  if (token()) headers.Authorization = "Bearer " + token();
+  const sent = token();
+  if (sent) headers.Authorization = "Bearer " + sent;
   const r = await fetch(path, { method, headers });
-  if (r.status === 401 && method !== "GET") {
-    const t = prompt("This master requires an API token:");
-    if (t) { localStorage.setItem("sp_api_token", t.trim()); return api(method, path); }
+  if (r.status === 401 && !retried) {
+    if (sent && token() === sent) {
+      try { sessionStorage.removeItem(TOKEN_KEY); } catch (_) { /* nothing kept */ }
+    }
+    const message = sent ? "The master refused this token. API token:" : "This master requires an API token:";
+    if (token() || await askToken(message)) return api(method, path, true);
   }
   let body = null;
   try { body = await r.json(); } catch (_) { body = null; }

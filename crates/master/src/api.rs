@@ -1,6 +1,8 @@
 //! The HTTP API (default 127.0.0.1:8888): JSON, RFC 3339 times, errors as
 //! `{"error": "..."}` with a 4xx/5xx status. Every handler asks the engine and renders its
-//! answer; the API holds no run state of its own.
+//! answer; the API holds no run state of its own. Who may call what is decided in front of
+//! these handlers (`ui/auth.rs`); the handlers that act pass the caller on for the audit
+//! trail.
 // Input from clients, files or wrappers reaches arithmetic here, so every operation that could
 // overflow or index out of bounds is written checked ("Totality" in docs/ARCHITECTURE.md).
 #![warn(
@@ -16,7 +18,7 @@ use axum::extract::{FromRef, Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use serde_json::json;
 use tokio::sync::watch;
 
@@ -24,12 +26,15 @@ use crate::config::Config;
 use crate::engine::{ApiError, ApiRequest, EngineHandle};
 use crate::store::Query;
 use crate::ui::UiContext;
+use crate::ui::auth::Caller;
 use crate::ui::query::{self, QueryError};
 
 /// The API's router. The configuration gives the caps on what a request may ask for.
 pub fn router(engine: EngineHandle, config: watch::Receiver<Arc<Config>>) -> Router {
     Router::new()
+        .route("/healthz", get(healthz))
         .route("/version", get(version))
+        .route("/api/v1/audit", get(audit))
         .route("/api/v1/jobs", get(list_jobs))
         .route("/api/v1/jobs/{job}/run", post(run_now))
         .route("/api/v1/jobs/{job}/runs", get(job_runs))
@@ -84,6 +89,45 @@ fn engine_gone() -> Failure {
     )
 }
 
+/// `GET /healthz`: answers while the master runs, with no token and whatever the `Host`,
+/// for load balancers and service checks. It says nothing about jobs.
+async fn healthz() -> &'static str {
+    "ok"
+}
+
+/// Who made a request, as the guard found; a router without the guard (never the master's)
+/// has an unknown caller.
+fn actor(caller: Option<Extension<Caller>>) -> crate::audit::Actor {
+    caller.map_or_else(Caller::unknown, |c| c.0).actor()
+}
+
+/// `GET /api/v1/audit`: the audit trail, newest first: `before` (only entries with a smaller
+/// `id`, the last `id` of a page) and `limit` (default 100, at most `api_max_runs_page`).
+async fn audit(
+    State(ctx): State<UiContext>,
+    axum::extract::Query(params): axum::extract::Query<HashMap<String, String>>,
+) -> Result<Response, Failure> {
+    let limits = ctx.config.borrow().settings.limits;
+    let page = query::audit_page(&params, &limits)?;
+    let limit = page.limit;
+    let entries = ctx
+        .engine
+        .ask(|reply| {
+            ApiRequest::Store(Query::Audit {
+                before: page.before,
+                limit,
+                reply,
+            })
+        })
+        .await
+        .ok_or_else(engine_gone)?
+        .map_err(store_failed)?;
+    let next = (entries.len() == limit)
+        .then(|| entries.last().map(|e| e.id))
+        .flatten();
+    Ok(Json(json!({ "entries": entries, "next_before": next })).into_response())
+}
+
 async fn version() -> Json<serde_json::Value> {
     Json(json!({ "version": env!("CARGO_PKG_VERSION") }))
 }
@@ -98,10 +142,12 @@ async fn list_jobs(State(engine): State<EngineHandle>) -> Result<Response, Failu
 
 async fn run_now(
     State(engine): State<EngineHandle>,
+    caller: Option<Extension<Caller>>,
     Path(job): Path<String>,
 ) -> Result<Response, Failure> {
+    let by = actor(caller);
     let instance = engine
-        .ask(|reply| ApiRequest::RunNow { job, reply })
+        .ask(|reply| ApiRequest::RunNow { job, by, reply })
         .await
         .ok_or_else(engine_gone)??;
     Ok((StatusCode::ACCEPTED, Json(json!({ "instance": instance }))).into_response())
@@ -213,10 +259,16 @@ async fn machine_output(
 
 async fn kill_run(
     State(engine): State<EngineHandle>,
+    caller: Option<Extension<Caller>>,
     Path(instance): Path<String>,
 ) -> Result<Response, Failure> {
+    let by = actor(caller);
     engine
-        .ask(|reply| ApiRequest::KillRun { instance, reply })
+        .ask(|reply| ApiRequest::KillRun {
+            instance,
+            by,
+            reply,
+        })
         .await
         .ok_or_else(engine_gone)??;
     Ok((StatusCode::ACCEPTED, Json(json!({ "killing": true }))).into_response())
@@ -224,12 +276,15 @@ async fn kill_run(
 
 async fn kill_machine(
     State(engine): State<EngineHandle>,
+    caller: Option<Extension<Caller>>,
     Path((instance, machine)): Path<(String, String)>,
 ) -> Result<Response, Failure> {
+    let by = actor(caller);
     engine
         .ask(|reply| ApiRequest::KillMachine {
             instance,
             machine,
+            by,
             reply,
         })
         .await

@@ -10,11 +10,13 @@
 //! - [`store`]: durable state in SQLite, owned by one thread; restart recovery.
 //! - [`launch`]: how wrappers are started (local, Salt).
 //! - [`endpoint`]: the WebSocket server wrappers talk to.
+//! - [`identity`]: the credentials that let a connection speak for one machine of one run.
 //! - [`listen`]: the accept loop of both listeners: deadlines, connection caps, the open-file
 //!   reserve.
 //! - [`api`], [`ui`], [`metrics`]: the operator's HTTP API, UI protocol, dashboard, metrics.
 //! - [`joblog`]: per-job log files in the original format; [`ship`]: the same events to
 //!   Elasticsearch/OpenSearch.
+//! - [`audit`]: who started, killed or reconfigured what, from where.
 //! - [`cli`]: subcommands that talk to a running master.
 //! - [`private`]: files and directories only the master's user can read.
 //! - [`server`]: wiring shared by `main` and the integration tests; [`clock`]: time sources.
@@ -22,11 +24,13 @@
 //! See `docs/ARCHITECTURE.md` for how the pieces talk to each other.
 
 pub mod api;
+pub mod audit;
 pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod endpoint;
 pub mod engine;
+pub mod identity;
 pub mod joblog;
 pub mod launch;
 pub mod listen;

@@ -37,7 +37,7 @@ struct Cli {
     /// The API of the running master, for status, run, kill and logs.
     #[arg(long, global = true, default_value = "http://127.0.0.1:8888")]
     api: String,
-    /// Bearer token for the API (its `api_token`).
+    /// Bearer token for the API (one of `api_tokens`, or `api_token`).
     #[arg(long, global = true, env = "SP_API_TOKEN", hide_env_values = true)]
     token: Option<String>,
     /// Print JSON for scripts instead of text for people.
@@ -84,6 +84,31 @@ enum Command {
         #[arg(short, long)]
         machine: Option<String>,
     },
+    /// Show the audit trail, newest first: runs started by hand, kills, configuration and
+    /// maintenance changes, with who and from where (needs an admin token).
+    Audit {
+        /// How many entries to show (default 100).
+        #[arg(short = 'n', long)]
+        limit: Option<usize>,
+    },
+    /// Manage API tokens.
+    Token {
+        #[command(subcommand)]
+        action: TokenCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Make a new token: prints the token once, and the line to add to `api_tokens`.
+    New {
+        /// Who holds the token; appears in the audit trail and the job log.
+        #[arg(long)]
+        name: String,
+        /// viewer (read), operator (also run and kill) or admin (also the audit trail).
+        #[arg(long, default_value = "viewer")]
+        role: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -117,6 +142,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
             machine.as_deref(),
             cli.json,
         )?),
+        Command::Audit { limit } => code(saltpeter_master::cli::audit(&api()?, limit, cli.json)?),
+        Command::Token {
+            action: TokenCommand::New { name, role },
+        } => new_token(&name, &role, cli.json),
         Command::Serve => serve(cli.config_dir, cli.ready_file),
         Command::Next { job, count } => {
             let lines = saltpeter_master::config::next_fire_times(
@@ -155,6 +184,33 @@ fn run(cli: Cli) -> Result<ExitCode> {
             serve(dir, cli.ready_file)
         }
     }
+}
+
+/// `sp-master token new`: the token goes to stdout once; only its hash goes into the config.
+fn new_token(name: &str, role: &str, json: bool) -> Result<ExitCode> {
+    use saltpeter_master::config::access;
+    access::check_name(name).map_err(anyhow::Error::msg)?;
+    let role = saltpeter_master::config::Role::parse(role)
+        .with_context(|| format!("--role must be viewer, operator or admin, not {role:?}"))?;
+    let token = access::new_token();
+    let entry = access::config_entry(name, role, &token);
+    if json {
+        let out = serde_json::json!({
+            "name": name,
+            "role": role.as_str(),
+            "token": token,
+            "sha256": access::hex(&access::hash_token(&token)),
+        });
+        println!("{out}");
+    } else {
+        println!("token:  {token}");
+        println!("Give the token to {name}; it is shown only this once. Add this entry to");
+        println!("api_tokens in saltpeter_config (the master reloads it by itself):");
+        println!();
+        println!("  api_tokens:");
+        println!("    - {entry}");
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// How much lower the runtime's threads run than the master's single-threaded stages.
@@ -205,7 +261,7 @@ fn serve(config_dir: PathBuf, ready_file: Option<PathBuf>) -> Result<ExitCode> {
             std::fs::write(&path, ready.to_string())
                 .with_context(|| format!("writing {}", path.display()))?;
         }
-        serve_signals(&running.watcher).await;
+        serve_signals(&running.watcher, &running.engine).await;
         tracing::info!("Shutting down: no new connections; finishing what the engine holds.");
         running.stop().await;
         tracing::info!("Stopped.");
@@ -263,7 +319,10 @@ fn init_tracing() -> LogLevelSwitch {
 /// Waits for SIGTERM (systemd's stop) or SIGINT (Ctrl-C); SIGHUP rereads the config at once
 /// and goes on waiting. Without a handler SIGHUP would end the process with no log line, which
 /// systemd does not count as a failure.
-async fn serve_signals(watcher: &saltpeter_master::config::ConfigWatcher) {
+async fn serve_signals(
+    watcher: &saltpeter_master::config::ConfigWatcher,
+    engine: &saltpeter_master::engine::EngineHandle,
+) {
     use tokio::signal::unix::{SignalKind, signal};
     let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
         signal(SignalKind::terminate()),
@@ -286,6 +345,15 @@ async fn serve_signals(watcher: &saltpeter_master::config::ConfigWatcher) {
             }
             _ = hup.recv() => {
                 tracing::info!("SIGHUP received: rereading the config directory.");
+                // The reread itself is recorded by the engine when the serial moves (as
+                // `config`); this entry says that a signal asked for it.
+                use saltpeter_master::audit::{Action, Actor};
+                let note = saltpeter_master::engine::ApiRequest::Note {
+                    by: Actor::signal(),
+                    action: Action::ReloadRequested,
+                    detail: Some("SIGHUP".to_owned()),
+                };
+                engine.send(saltpeter_master::engine::Event::Api(note)).await;
                 watcher.reload_now();
             }
         }

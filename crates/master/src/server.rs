@@ -221,6 +221,7 @@ pub async fn start(options: Options) -> Result<Running, StartError> {
     let api = crate::ui::protect(
         crate::api::router(handle.clone(), config_rx.clone()).merge(ui),
         config_rx.clone(),
+        api_addr,
     );
     tasks.spawn(crate::listen::serve(
         api_listener,

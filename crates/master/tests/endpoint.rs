@@ -59,6 +59,7 @@ fn connect(instance: &str, machine: &str, token: Option<String>) -> WrapperMessa
         envelope: envelope(instance, machine),
         protocol: Some(PROTOCOL_VERSION),
         token,
+        signature: None,
         wrapper_pid: Some(1),
     })
 }
@@ -75,8 +76,10 @@ fn output(instance: &str, machine: &str, seq: u64, data: &str) -> WrapperMessage
 async fn http(r: &Running, method: &str, path: &str) -> (u16, Value) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(r.api_addr).await.unwrap();
+    // The API answers only for Host names it knows (loopback, its address).
     let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nContent-Length: 0\r\n\r\n",
+        r.api_addr
     );
     s.write_all(req.as_bytes()).await.unwrap();
     let mut raw = String::new();
@@ -93,20 +96,15 @@ async fn run_now(r: &Running, job: &str) -> String {
     body["instance"].as_str().unwrap().to_owned()
 }
 
-fn token_of(launcher: &FakeLauncher) -> String {
-    launcher
-        .last_env()
-        .into_iter()
-        .find(|(k, _)| k == "SP_RUN_TOKEN")
-        .unwrap()
-        .1
+fn token_of(launcher: &FakeLauncher, machine: &str) -> String {
+    launcher.token_for(machine).unwrap()
 }
 
 #[tokio::test]
 async fn bad_frames_and_bad_tokens_are_rejected_without_disturbing_other_runs() {
     let (r, launcher, _dir) = start(&job("j", "[good, other]", "")).await;
     let instance = run_now(&r, "j").await;
-    let token = token_of(&launcher);
+    let token = token_of(&launcher, "good");
 
     let mut good = ws(&r).await;
     send(&mut good, &connect(&instance, "good", Some(token.clone()))).await;
@@ -173,7 +171,7 @@ async fn bad_frames_and_bad_tokens_are_rejected_without_disturbing_other_runs() 
 async fn a_full_session_over_a_socket_with_a_reconnect() {
     let (r, launcher, _dir) = start(&job("j", "[m1]", "")).await;
     let instance = run_now(&r, "j").await;
-    let token = token_of(&launcher);
+    let token = token_of(&launcher, "m1");
     let mut w = ws(&r).await;
     send(&mut w, &connect(&instance, "m1", Some(token.clone()))).await;
     recv(&mut w).await;
@@ -274,5 +272,94 @@ async fn api_errors_are_json_with_a_status() {
             .unwrap()
             .starts_with("2099-01-01T00:00:00")
     );
+    r.shutdown.cancel();
+}
+
+/// Opens a socket, asks for a challenge and sends `connect` for `machine` signed with
+/// `key_owner`'s key; returns the socket and the master's answer.
+async fn signed_connect(
+    r: &Running,
+    instance: &str,
+    machine: &str,
+    key_owner: &str,
+    token: &str,
+) -> (Ws, MasterMessage) {
+    let mut w = ws(r).await;
+    send(
+        &mut w,
+        &WrapperMessage::Hello(Hello {
+            envelope: envelope(instance, machine),
+            protocol: Some(PROTOCOL_VERSION),
+        }),
+    )
+    .await;
+    let MasterMessage::Challenge(challenge) = recv(&mut w).await else {
+        panic!("no challenge")
+    };
+    let WrapperMessage::Connect(mut c) = connect(instance, machine, Some(token.to_owned())) else {
+        unreachable!()
+    };
+    c.signature = Some(support::sign_as(
+        key_owner,
+        &challenge.nonce,
+        instance,
+        machine,
+    ));
+    send(&mut w, &WrapperMessage::Connect(c)).await;
+    let answer = recv(&mut w).await;
+    (w, answer)
+}
+
+fn complete(instance: &str, machine: &str, retcode: i64) -> WrapperMessage {
+    WrapperMessage::Complete(Complete {
+        envelope: envelope(instance, machine),
+        retcode: Some(retcode),
+        seq: None,
+        cause: Some(Cause::Exit),
+        signal: None,
+    })
+}
+
+fn is_unauthorized(m: &MasterMessage) -> bool {
+    matches!(m, MasterMessage::Error(e) if e.code == ErrorCode::Unauthorized)
+}
+
+#[tokio::test]
+async fn over_sockets_a_minion_key_speaks_only_for_its_own_minion_and_only_until_its_result() {
+    let (r, launcher, dir) = start(&job("j", "[minion-a, minion-b]", "")).await;
+    launcher.use_salt_keys(&support::salt_pki_dir(dir.path()));
+    let instance = run_now(&r, "j").await;
+    let token = token_of(&launcher, "minion-a");
+
+    // minion-b, with its real key and the run's token, claims minion-a's result.
+    let (mut forger, answer) = signed_connect(&r, &instance, "minion-a", "minion-b", &token).await;
+    assert!(is_unauthorized(&answer), "{answer:?}");
+    // The socket is closed after the refusal; nothing it sent counts.
+    let _ = forger
+        .send(Message::text(complete(&instance, "minion-a", 0).encode()))
+        .await;
+
+    let (mut a, answer) = signed_connect(&r, &instance, "minion-a", "minion-a", &token).await;
+    assert!(
+        matches!(answer, MasterMessage::Ack(ref x) if x.ack_type == AckType::Connect),
+        "{answer:?}"
+    );
+    send(&mut a, &output(&instance, "minion-a", 0, "real\n")).await;
+    recv(&mut a).await;
+    send(&mut a, &complete(&instance, "minion-a", 5)).await;
+    assert!(matches!(recv(&mut a).await, MasterMessage::Ack(x) if x.ack_type == AckType::Complete));
+
+    // A replay after the result, even with minion-a's own key on a new challenge.
+    let (_again, answer) = signed_connect(&r, &instance, "minion-a", "minion-a", &token).await;
+    assert!(is_unauthorized(&answer), "{answer:?}");
+    // And nothing more from the connection that reported it.
+    send(&mut a, &output(&instance, "minion-a", 1, "forged\n")).await;
+    assert!(is_unauthorized(&recv(&mut a).await));
+
+    let (_, run) = http(&r, "GET", &format!("/api/v1/runs/{instance}")).await;
+    let m = &run["machines"]["minion-a"];
+    assert_eq!(m["retcode"], 5);
+    assert_eq!(m["output"], "real\n");
+    assert_eq!(m["late_retcode"], Value::Null);
     r.shutdown.cancel();
 }

@@ -416,7 +416,9 @@ async fn the_wrapper_gets_the_environment_salt_would_pass() {
     assert_eq!(get("SP_CWD").as_deref(), Some("/tmp"));
     assert_eq!(get("SP_TIMEOUT").as_deref(), Some("77"));
     assert_eq!(get("FOO").as_deref(), Some("bar"));
-    assert_eq!(get("SP_RUN_TOKEN").map(|t| t.len()), Some(48));
+    // The local launcher's machines each get their own token, never the run's secret.
+    assert_eq!(get("SP_RUN_TOKEN"), None);
+    assert_eq!(h.launcher.token_for("m1").map(|t| t.len()), Some(64));
     let _ = AckType::Connect;
     let _: Option<MasterMessage> = None;
 }
@@ -435,7 +437,7 @@ async fn every_slot_fires_exactly_once() {
 async fn after_a_restart_machines_get_fresh_deadlines_and_kills_survive() {
     let data = tempfile::tempdir().unwrap();
     let yaml = job("j", "[m1, m2]", "");
-    let (instance, token) = {
+    let (instance, tokens) = {
         let h = Harness::restart(&yaml, data.path()).await;
         let instance = h.run("j").await;
         let mut w1 = h.wrapper(&instance, "m1").await;
@@ -444,8 +446,8 @@ async fn after_a_restart_machines_get_fresh_deadlines_and_kills_survive() {
         w2.connect_and_start().await;
         assert_eq!(w1.output(0, "before ").await, Reply::Ack(0));
         h.kill_machine(&instance, "m2").await;
-        let token = w1.token.clone();
-        (instance, token)
+        let tokens = (w1.token.clone(), w2.token.clone());
+        (instance, tokens)
         // The engine is dropped here: the "crash".
     };
     // Down far longer than the heartbeat timeout.
@@ -458,7 +460,7 @@ async fn after_a_restart_machines_get_fresh_deadlines_and_kills_survive() {
         "no 253 for downtime"
     );
     let mut w1 = h.wrapper(&instance, "m1").await;
-    w1.token = token.clone();
+    w1.token = tokens.0.clone();
     assert_eq!(
         w1.connect().await,
         Some(0),
@@ -466,7 +468,7 @@ async fn after_a_restart_machines_get_fresh_deadlines_and_kills_survive() {
     );
     assert_eq!(w1.output(1, "after").await, Reply::Ack(1));
     let mut w2 = h.wrapper(&instance, "m2").await;
-    w2.token = token;
+    w2.token = tokens.1;
     w2.connect().await;
     assert!(
         w2.saw_kill(),
@@ -512,4 +514,225 @@ async fn a_slot_fired_before_a_restart_never_fires_again() {
         1,
         "12:00:06 is new and fires"
     );
+}
+
+fn unauthorized(reply: Option<MasterMessage>) -> bool {
+    matches!(reply, Some(MasterMessage::Error(e)) if e.code == ErrorCode::Unauthorized)
+}
+
+fn connect_acked(reply: &Option<MasterMessage>) -> bool {
+    matches!(reply, Some(MasterMessage::Ack(a)) if a.ack_type == AckType::Connect)
+}
+
+#[tokio::test(start_paused = true)]
+async fn one_machines_token_is_refused_for_another_machine() {
+    let h = Harness::start(&job("j", "[a, b]", "")).await;
+    let instance = h.run("j").await;
+    let token_b = h.launcher.token_for("b");
+    assert_ne!(
+        token_b,
+        h.launcher.token_for("a"),
+        "each machine has its own"
+    );
+    // Machine b's wrapper (or anyone who read b's environment) claims to be a.
+    let mut forger = h.wrapper(&instance, "a").await;
+    forger.token = token_b;
+    assert!(unauthorized(forger.connect_reply().await));
+    let complete = saltpeter_proto::WrapperMessage::Complete(saltpeter_proto::Complete {
+        envelope: forger.envelope_now(),
+        retcode: Some(0),
+        seq: None,
+        cause: None,
+        signal: None,
+    });
+    assert!(unauthorized(forger.send_raw(complete).await));
+    assert_eq!(h.machine(&instance, "a").await["status"], "pending");
+    // The real wrapper of a is not hindered, and b's own token still works for b.
+    let mut a = h.wrapper(&instance, "a").await;
+    a.connect_and_start().await;
+    let mut b = h.wrapper(&instance, "b").await;
+    b.connect_and_start().await;
+    a.complete(3).await;
+    b.complete(0).await;
+    assert_eq!(h.machine(&instance, "a").await["retcode"], 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn once_a_result_is_stored_the_machines_credential_is_spent() {
+    let h = Harness::start(&job("j", "[a, b]", "")).await;
+    let instance = h.run("j").await;
+    let mut a = h.wrapper(&instance, "a").await;
+    a.connect_and_start().await;
+    assert_eq!(a.output(0, "real\n").await, Reply::Ack(0));
+    a.complete(0).await;
+    // The same connection may not add output after its result.
+    assert!(matches!(a.output(1, "more\n").await, Reply::Other(t) if t.contains("Unauthorized")));
+    // A replay with a's credential on a new connection, while the run is still going (b is
+    // not done) and after the run ended.
+    for phase in ["running", "finished"] {
+        let mut replay = h.wrapper(&instance, "a").await;
+        assert!(unauthorized(replay.connect_reply().await), "{phase}");
+        let mut legacy = h.wrapper(&instance, "a").await;
+        legacy.token = None;
+        assert_eq!(
+            legacy.output(1, "forged\n").await,
+            Reply::Other(format!("{:?}", legacy_refusal())),
+            "{phase}"
+        );
+        if phase == "running" {
+            let mut b = h.wrapper(&instance, "b").await;
+            b.connect_and_start().await;
+            b.complete(0).await;
+            assert_eq!(h.run_view(&instance).await["success"], true);
+        }
+    }
+    let m = h.machine(&instance, "a").await;
+    assert_eq!(m["retcode"], 0);
+    assert_eq!(m["late_retcode"], serde_json::Value::Null);
+    assert_eq!(m["output"], "real\n");
+}
+
+/// What a connection without `connect` gets when legacy wrappers are not allowed.
+fn legacy_refusal() -> Option<MasterMessage> {
+    Some(MasterMessage::Error(saltpeter_proto::ErrorReply {
+        code: ErrorCode::Unauthorized,
+        message: "send connect with the run token first".into(),
+        timestamp: None,
+    }))
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_late_complete_from_the_same_connection_is_still_kept_beside_the_verdict() {
+    let h = Harness::start(&job("j", "[a]", "")).await;
+    let instance = h.run("j").await;
+    let mut a = h.wrapper(&instance, "a").await;
+    a.connect_and_start().await;
+    // Silent past the heartbeat timeout: the master decides 253 while a stays connected.
+    sleep(16 * SEC).await;
+    assert_eq!(h.machine(&instance, "a").await["retcode"], 253);
+    a.complete(7).await;
+    let m = h.machine(&instance, "a").await;
+    assert_eq!(m["retcode"], 253);
+    assert_eq!(m["late_retcode"], 7);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_legacy_client_cannot_displace_or_write_for_an_authenticated_machine() {
+    let yaml = format!("{}{}", legacy_settings(), job("j", "[a]", ""));
+    let h = Harness::start(&yaml).await;
+    let instance = h.run("j").await;
+    let mut a = h.wrapper(&instance, "a").await;
+    a.connect_and_start().await;
+    assert_eq!(a.output(0, "real\n").await, Reply::Ack(0));
+    // A token-less `connect` naming a: refused, and a keeps its connection.
+    let mut legacy = h.wrapper(&instance, "a").await;
+    legacy.token = None;
+    assert!(unauthorized(legacy.connect_reply().await));
+    // A token-less client that skips `connect` (as the original wrapper does on reconnect).
+    let mut sneaky = h.wrapper(&instance, "a").await;
+    sneaky.token = None;
+    assert!(
+        matches!(sneaky.output(1, "forged\n").await, Reply::Other(t) if t.contains("Unauthorized"))
+    );
+    // Still a's connection: its output is acked and a kill reaches it.
+    assert_eq!(a.output(1, "more\n").await, Reply::Ack(1));
+    h.kill_machine(&instance, "a").await;
+    assert!(a.saw_kill());
+    a.complete_with(143, "killed").await;
+    let m = h.machine(&instance, "a").await;
+    assert_eq!(m["output"], "real\nmore\n");
+    assert_eq!(m["retcode"], 143);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_legacy_wrapper_still_works_where_no_wrapper_authenticated() {
+    let yaml = format!("{}{}", legacy_settings(), job("j", "[a]", ""));
+    let h = Harness::start(&yaml).await;
+    let instance = h.run("j").await;
+    let mut legacy = h.wrapper(&instance, "a").await;
+    legacy.token = None;
+    legacy.connect_and_start().await;
+    assert_eq!(legacy.output(0, "old\n").await, Reply::Ack(0));
+    // The modern wrapper with a's credential may take over from it.
+    let mut a = h.wrapper(&instance, "a").await;
+    a.connect().await;
+    a.complete(0).await;
+    assert_eq!(h.machine(&instance, "a").await["retcode"], 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn after_a_restart_a_legacy_client_still_cannot_take_an_authenticated_machine() {
+    let data = tempfile::tempdir().unwrap();
+    let yaml = format!("{}{}", legacy_settings(), job("j", "[a]", ""));
+    let (instance, token) = {
+        let h = Harness::restart(&yaml, data.path()).await;
+        let instance = h.run("j").await;
+        let mut a = h.wrapper(&instance, "a").await;
+        a.connect_and_start().await;
+        (instance, a.token.clone())
+    };
+    let h = Harness::restart(&yaml, data.path()).await;
+    let mut legacy = h.wrapper(&instance, "a").await;
+    legacy.token = None;
+    assert!(unauthorized(legacy.connect_reply().await));
+    let mut a = h.wrapper(&instance, "a").await;
+    a.token = token;
+    a.connect().await;
+    a.complete(0).await;
+    assert_eq!(h.machine(&instance, "a").await["retcode"], 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn salt_runs_need_a_signature_by_the_minions_own_key() {
+    let h = Harness::start(&job("j", "[minion-a, minion-b, minion-c]", "")).await;
+    let keys = tempfile::tempdir().unwrap();
+    h.launcher.use_salt_keys(&salt_pki_dir(keys.path()));
+    let instance = h.run("j").await;
+    let env = h.launcher.last_env();
+    assert!(env.contains(&("SP_IDENTITY".into(), "salt_key".into())));
+    let run_token = h.launcher.token_for("minion-a");
+    assert!(
+        run_token.is_some(),
+        "Salt runs hand every minion the run's token"
+    );
+
+    // The run's token alone is not enough.
+    let mut bare = h.wrapper(&instance, "minion-a").await;
+    assert!(unauthorized(bare.connect_reply().await));
+    // minion-b signs with its own key but claims to be minion-a.
+    let mut forger = h.wrapper(&instance, "minion-a").await;
+    let nonce = forger.hello().await;
+    forger.signature = Some(sign_as("minion-b", &nonce, &instance, "minion-a"));
+    assert!(unauthorized(forger.connect_reply().await));
+    // A signature minion-a made for another connection's challenge is no good here.
+    let mut a = h.wrapper(&instance, "minion-a").await;
+    let nonce_a = a.hello().await;
+    let signature_a = sign_as("minion-a", &nonce_a, &instance, "minion-a");
+    let mut replay = h.wrapper(&instance, "minion-a").await;
+    let _ = replay.hello().await;
+    replay.signature = Some(signature_a.clone());
+    assert!(unauthorized(replay.connect_reply().await));
+    // A minion whose key the Salt master never accepted cannot connect at all.
+    let mut c = h.wrapper(&instance, "minion-c").await;
+    let nonce_c = c.hello().await;
+    c.signature = Some(sign_as("minion-a", &nonce_c, &instance, "minion-c"));
+    assert!(unauthorized(c.connect_reply().await));
+    assert_eq!(h.machine(&instance, "minion-a").await["status"], "pending");
+
+    // minion-a itself, and minion-b for itself (the PKCS#1 public key form).
+    a.signature = Some(signature_a);
+    assert!(connect_acked(&a.connect_reply().await));
+    a.start().await;
+    let mut b = h.wrapper(&instance, "minion-b").await;
+    let nonce_b = b.hello().await;
+    b.signature = Some(sign_as("minion-b", &nonce_b, &instance, "minion-b"));
+    assert!(connect_acked(&b.connect_reply().await));
+    b.start().await;
+    a.complete(0).await;
+    // Once a's result is stored, even a fresh, valid signature does not reopen it.
+    let mut again = h.wrapper(&instance, "minion-a").await;
+    let nonce = again.hello().await;
+    again.signature = Some(sign_as("minion-a", &nonce, &instance, "minion-a"));
+    assert!(unauthorized(again.connect_reply().await));
+    assert_eq!(h.machine(&instance, "minion-a").await["retcode"], 0);
 }

@@ -100,7 +100,11 @@ impl Running {
         let job = job.to_owned();
         let r = self
             .engine
-            .ask(|reply| ApiRequest::RunNow { job, reply })
+            .ask(|reply| ApiRequest::RunNow {
+                job,
+                by: saltpeter_master::audit::Actor::remote("tester", None),
+                reply,
+            })
             .await
             .unwrap();
         tokio::time::sleep(Duration::from_millis(1)).await;

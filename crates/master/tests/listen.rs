@@ -20,7 +20,7 @@ use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 
 fn jobs() -> String {
-    job("j", "[m1]", "")
+    job("j", "[m1, m2]", "")
 }
 
 /// A TCP connection to `addr` from the loopback address 127.0.0.`octet`.
@@ -53,7 +53,7 @@ async fn closed_within(s: &mut TcpStream, limit: Duration) -> bool {
 /// The value of one line of `/metrics`, such as `name{labels}`.
 async fn metric(r: &Running, series: &str) -> u64 {
     let mut s = TcpStream::connect(r.api_addr).await.unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
         .await
         .unwrap();
     let mut raw = String::new();
@@ -74,7 +74,7 @@ async fn ws(r: &Running) -> Ws {
 async fn run_now(r: &Running) -> String {
     let mut s = TcpStream::connect(r.api_addr).await.unwrap();
     s.write_all(
-        b"POST /api/v1/jobs/j/run HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 0\r\n\r\n",
+        b"POST /api/v1/jobs/j/run HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Length: 0\r\n\r\n",
     )
     .await
     .unwrap();
@@ -88,10 +88,14 @@ async fn run_now(r: &Running) -> String {
 }
 
 fn envelope(instance: &str) -> Envelope {
+    envelope_of(instance, "m1")
+}
+
+fn envelope_of(instance: &str, machine: &str) -> Envelope {
     Envelope {
         job_name: "j".into(),
         job_instance: instance.into(),
-        machine: "m1".into(),
+        machine: machine.into(),
         timestamp: Some(Timestamp::now()),
     }
 }
@@ -179,18 +183,14 @@ async fn a_wrapper_that_finished_its_handshake_outlives_the_deadline() {
     let settings = "  handshake_timeout: 2\n  allow_legacy_wrappers: true\n";
     let (r, launcher, _dir) = support::start_server(settings, &jobs()).await;
     let instance = run_now(&r).await;
-    let token = launcher
-        .last_env()
-        .into_iter()
-        .find(|(k, _)| k == "SP_RUN_TOKEN")
-        .map(|(_, v)| v)
-        .unwrap();
+    let token = launcher.token_for("m1").unwrap();
     let mut ws = ws(&r).await;
     let connect = WrapperMessage::Connect(Connect {
         envelope: envelope(&instance),
         protocol: Some(PROTOCOL_VERSION),
         token: Some(token),
         wrapper_pid: Some(1),
+        signature: None,
     });
     ws.send(Message::text(connect.encode())).await.unwrap();
     let reply = tokio::time::timeout(Duration::from_secs(5), ws.next())
@@ -199,16 +199,17 @@ async fn a_wrapper_that_finished_its_handshake_outlives_the_deadline() {
         .unwrap()
         .unwrap();
     assert!(reply.to_text().unwrap().contains("\"ack\""), "{reply:?}");
-    // A legacy wrapper: its first message (a heartbeat) binds the connection.
+    // A legacy wrapper of another machine (one that proved nothing may not speak for an
+    // authenticated machine): its first message, a heartbeat, binds the connection.
     let mut legacy = self::ws(&r).await;
     let beat = WrapperMessage::Heartbeat(Heartbeat {
-        envelope: envelope(&instance),
+        envelope: envelope_of(&instance, "m2"),
     });
     legacy.send(Message::text(beat.encode())).await.unwrap();
     tokio::time::sleep(Duration::from_millis(3000)).await;
-    for socket in [&mut ws, &mut legacy] {
+    for (socket, machine) in [(&mut ws, "m1"), (&mut legacy, "m2")] {
         let sync = WrapperMessage::SyncRequest(SyncRequest {
-            envelope: envelope(&instance),
+            envelope: envelope_of(&instance, machine),
             last_acked_seq: -1,
             next_seq: 0,
         });
@@ -238,7 +239,7 @@ async fn request_headers_must_arrive_within_the_header_deadline_on_the_api() {
     let (r, _, _dir) = support::start_server("  http_header_timeout: 3\n", &jobs()).await;
     let began = Instant::now();
     let mut s = tcp_from(1, r.api_addr).await;
-    s.write_all(b"GET /api/v1/jobs HTTP/1.1\r\nHost: x\r\n")
+    s.write_all(b"GET /api/v1/jobs HTTP/1.1\r\nHost: localhost\r\n")
         .await
         .unwrap();
     assert!(
@@ -264,7 +265,7 @@ async fn the_machines_upgrade_request_must_arrive_within_the_handshake_deadline(
     let (r, _, _dir) = support::start_server(settings, &jobs()).await;
     let began = Instant::now();
     let mut s = tcp_from(1, r.machines_addr).await;
-    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\n").await.unwrap();
     assert!(closed_within(&mut s, Duration::from_secs(60)).await);
     let took = began.elapsed();
     assert!(
@@ -327,7 +328,7 @@ async fn pending_connections_are_capped_per_address_and_in_all() {
     assert!(closed_within(&mut api3, quick).await);
     // A request's headers end an API connection's handshake: the kept-alive connection stays
     // open but no longer takes a pending place.
-    api1.write_all(b"GET /version HTTP/1.1\r\nHost: x\r\n\r\n")
+    api1.write_all(b"GET /version HTTP/1.1\r\nHost: localhost\r\n\r\n")
         .await
         .unwrap();
     let mut head = [0u8; 12];
@@ -393,7 +394,7 @@ async fn sockets_beyond_the_open_file_limit_less_the_reserve_are_refused() {
 async fn silent_ui_socket(r: &Running) -> TcpStream {
     let mut s = TcpStream::connect(r.api_addr).await.unwrap();
     s.write_all(
-        b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+        b"GET /ws HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
           Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
     )
     .await

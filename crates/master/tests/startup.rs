@@ -93,6 +93,7 @@ async fn the_local_launcher_runs_the_wrapper_the_settings_name() {
             instance: "j_1".into(),
             machines: vec!["m1".into()],
             env: Vec::new(),
+            tokens: Default::default(),
             wrapper_path: job
                 .wrapper_path
                 .clone()

@@ -22,6 +22,7 @@ fn run(instance: &str, ended: bool) -> RunRecord {
         success: ended.then_some(true),
         killed: false,
         token: "secret".into(),
+        identity: saltpeter_master::identity::Identity::SaltKey,
         resolving: false,
         maintenance: vec!["m9".into()],
         pending_batches: vec![vec!["m3".into()]],
@@ -53,6 +54,7 @@ fn machine(instance: &str, name: &str) -> MachineRecord {
         kill_requested: true,
         launch_problem: None,
         modern: true,
+        authenticated: true,
     }
 }
 
@@ -124,6 +126,7 @@ fn an_unfinished_run_comes_back_after_a_reopen() {
     let (r, machines) = &restored.runs[0];
     assert_eq!(r.instance, "j_1");
     assert_eq!(r.token, "secret");
+    assert_eq!(r.identity, saltpeter_master::identity::Identity::SaltKey);
     assert_eq!(r.maintenance, ["m9"]);
     assert_eq!(r.pending_batches, [vec!["m3".to_owned()]]);
     assert_eq!(machines.len(), 1);
@@ -131,6 +134,7 @@ fn an_unfinished_run_comes_back_after_a_reopen() {
     assert_eq!(m.next_seq, 2);
     assert_eq!(m.output.text(), "one\ntwo é\n");
     assert!(m.record.kill_requested && m.record.started && m.record.modern);
+    assert!(m.record.authenticated);
     assert_eq!(m.record.pid, Some(42));
     assert_eq!(
         restored.jobs[0].last_fired,

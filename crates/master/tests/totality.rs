@@ -352,7 +352,7 @@ fn yaml_value() -> BoxedStrategy<String> {
     .boxed()
 }
 
-const SETTING_KEYS: [&str; 33] = [
+const SETTING_KEYS: [&str; 36] = [
     "logdir",
     "debug",
     "api_ws",
@@ -386,6 +386,9 @@ const SETTING_KEYS: [&str; 33] = [
     "api_max_runs_page",
     "timeline_max_rows",
     "timeline_max_days",
+    "api_tokens",
+    "api_public_names",
+    "metrics_public",
 ];
 
 const JOB_KEYS: [&str; 16] = [
@@ -428,10 +431,28 @@ proptest! {
         prop_assert!(l.ui_max_subscriptions >= 1 && l.ui_max_names_per_command >= 1);
         prop_assert!(l.api_max_runs_page >= 1 && l.timeline_max_rows >= 1);
         prop_assert!((1..=36_500).contains(&l.timeline_max_days));
+        let a = &s.access;
+        prop_assert!(a.tokens.len() <= saltpeter_master::config::access::MAX_TOKENS);
+        prop_assert!(a.public_names.len() <= saltpeter_master::config::access::MAX_PUBLIC_NAMES);
+        prop_assert!(a.tokens.iter().all(|t| saltpeter_master::config::access::check_name(&t.name).is_ok()));
         // The sums the engine and the launcher compute.
         let now = tokio::time::Instant::now();
         let _ = now + s.heartbeat_timeout;
         let _ = s.ping_timeout + Duration::from_secs(60);
+    }
+
+    /// Any `Host` header, against any bind address: the check answers and never panics, and
+    /// a name that is not loopback, not listed and not an address is refused.
+    #[test]
+    fn host_checks_take_any_text(host in ".{0,80}", bound in any::<bool>()) {
+        let local: std::net::SocketAddr = if bound { "0.0.0.0:8888" } else { "127.0.0.1:8888" }
+            .parse()
+            .unwrap();
+        let names = vec!["cron.example.net".to_owned()];
+        let allowed = saltpeter_master::ui::auth::host_allowed(&host, local, &names);
+        if host.contains("attacker") && !host.starts_with('[') {
+            prop_assert!(!allowed, "{host:?}");
+        }
     }
 
     /// Every job key, given any value: loading never panics, and a loaded job's timeout is

@@ -93,10 +93,12 @@ async fn send(ws: &mut Ws, text: &str) {
 }
 
 #[tokio::test]
-async fn state_changing_calls_and_ws_need_the_token_when_one_is_set() {
+async fn calls_and_ws_need_the_token_when_one_is_set() {
     let (r, _l, _d) = start("  api_token: s3cret\n").await;
-    assert_eq!(http(&r, "GET", "/api/v1/jobs", &[]).await.0, 200);
-    assert_eq!(http(&r, "GET", "/api/v1/overview", &[]).await.0, 200);
+    // Reads need it too (tests/access.rs covers every path and role).
+    assert_eq!(http(&r, "GET", "/api/v1/jobs", &[]).await.0, 401);
+    let right = ["Authorization: Bearer s3cret"];
+    assert_eq!(http(&r, "GET", "/api/v1/overview", &right).await.0, 200);
     let (status, body) = http(&r, "POST", "/api/v1/jobs/j/run", &[]).await;
     assert_eq!(status, 401, "{body}");
     let wrong = ["Authorization: Bearer s3cre7"];

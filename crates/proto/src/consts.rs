@@ -7,6 +7,9 @@ use std::time::Duration;
 /// wrapper sends no version; the master treats that as version 1.
 pub const PROTOCOL_VERSION: u32 = 2;
 
+/// The first line of every [`crate::signing_payload`].
+pub const SIGNING_LABEL: &str = "saltpeter connect signature v1\n";
+
 /// How often a connected wrapper sends `heartbeat`.
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(5);
 /// How long the master waits for a heartbeat before it marks the machine 253.

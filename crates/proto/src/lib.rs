@@ -7,9 +7,9 @@
 //!
 //! Compatibility: the message names, fields and types are those of the original Python
 //! saltpeter 0.9.31, so an old wrapper talks to a new master and vice versa. Our additions
-//! (`connect.protocol`, `connect.token`, `connect.wrapper_pid`, `ack.last_seq`, `complete.cause`,
-//! `complete.signal`, the `UNAUTHORIZED` and `BAD_REQUEST` error codes) are optional on the wire
-//! and ignored by the original. Unknown fields are ignored on decode so both sides can grow.
+//! (`connect.protocol`, `connect.token`, `connect.wrapper_pid`, `connect.signature`, `hello`,
+//! `challenge`, `ack.last_seq`, `complete.cause`, `complete.signal`, the `UNAUTHORIZED` and
+//! `BAD_REQUEST` error codes) are optional on the wire and ignored by the original. Unknown fields are ignored on decode so both sides can grow.
 
 #![forbid(unsafe_code)]
 
@@ -20,13 +20,30 @@ mod wrapper;
 
 pub use consts::*;
 pub use master::{
-    Ack, AckType, ErrorCode, ErrorReply, Kill, MasterMessage, Nack, NackType, SyncResponse,
+    Ack, AckType, Challenge, ErrorCode, ErrorReply, Kill, MasterMessage, Nack, NackType,
+    SyncResponse,
 };
 pub use timestamp::{Timestamp, TimestampError};
 pub use wrapper::{
-    Cause, Complete, Connect, Envelope, Heartbeat, Killed, Output, Start, SyncRequest,
+    Cause, Complete, Connect, Envelope, Heartbeat, Hello, Killed, Output, Start, SyncRequest,
     WrapperError, WrapperMessage,
 };
+
+/// The bytes a wrapper signs with its machine's key to prove which machine it speaks for:
+/// the challenge's nonce, the run instance and the machine, each length-prefixed so no choice
+/// of names can make two different triples sign the same bytes, behind a fixed label so the
+/// signature means nothing in any other protocol.
+pub fn signing_payload(nonce: &str, job_instance: &str, machine: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(64 + nonce.len() + job_instance.len() + machine.len());
+    out.extend_from_slice(SIGNING_LABEL.as_bytes());
+    for field in [nonce, job_instance, machine] {
+        out.extend_from_slice(field.len().to_string().as_bytes());
+        out.push(b':');
+        out.extend_from_slice(field.as_bytes());
+        out.push(b'\n');
+    }
+    out
+}
 
 /// Why a frame could not be decoded. Carries serde's message, which names the offending field
 /// and column, so a rejected message can be logged and answered with `BAD_REQUEST`.

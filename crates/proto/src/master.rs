@@ -13,6 +13,17 @@ pub enum MasterMessage {
     SyncResponse(SyncResponse),
     Kill(Kill),
     Error(ErrorReply),
+    /// The answer to `hello` (v2).
+    Challenge(Challenge),
+}
+
+/// `challenge` (v2): a random nonce, fresh for each `hello`, that the wrapper signs into its
+/// `connect`. It is good for that one connection only.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Challenge {
+    pub nonce: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timestamp: Option<Timestamp>,
 }
 
 /// What an `ack` confirms.

@@ -8,6 +8,9 @@ use crate::Timestamp;
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum WrapperMessage {
+    /// Asks for a challenge before `connect`, when the wrapper proves its machine with a key
+    /// (v2).
+    Hello(Hello),
     /// Opens (or re-opens, after a reconnect) the session for one (instance, machine).
     Connect(Connect),
     /// The job's command has been spawned.
@@ -30,6 +33,7 @@ impl WrapperMessage {
     /// The fields every wrapper message carries.
     pub fn envelope(&self) -> &Envelope {
         match self {
+            Self::Hello(m) => &m.envelope,
             Self::Connect(m) => &m.envelope,
             Self::Start(m) => &m.envelope,
             Self::Heartbeat(m) => &m.envelope,
@@ -44,6 +48,7 @@ impl WrapperMessage {
     /// The `type` tag, for logs.
     pub fn kind(&self) -> &'static str {
         match self {
+            Self::Hello(_) => "hello",
             Self::Connect(_) => "connect",
             Self::Start(_) => "start",
             Self::Heartbeat(_) => "heartbeat",
@@ -70,6 +75,17 @@ pub struct Envelope {
     pub timestamp: Option<Timestamp>,
 }
 
+/// `hello` (v2): the first message of a connection whose wrapper signs `connect` with its
+/// machine's key. The master answers with a fresh `challenge`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    #[serde(flatten)]
+    pub envelope: Envelope,
+    /// Protocol version of the wrapper.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<u32>,
+}
+
 /// `connect`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Connect {
@@ -78,9 +94,14 @@ pub struct Connect {
     /// Protocol version; absent for the original wrapper (version 1).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub protocol: Option<u32>,
-    /// The per-run secret the master handed out as `SP_RUN_TOKEN`.
+    /// The secret the master handed out as `SP_RUN_TOKEN`: one per machine with the local
+    /// launcher, one per run (and a signature besides) with Salt.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token: Option<String>,
+    /// Base64 RSA-SHA256 (PKCS#1 v1.5) signature by the machine's Salt key over
+    /// [`crate::signing_payload`] of the connection's challenge (v2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<String>,
     /// PID of the long-lived wrapper process (not the job).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wrapper_pid: Option<u32>,

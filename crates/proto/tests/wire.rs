@@ -171,6 +171,24 @@ fn every_shape() -> Vec<(&'static str, String)> {
                 envelope: env.clone(),
                 protocol: Some(PROTOCOL_VERSION),
                 token: Some("s3cret".into()),
+                signature: None,
+                wrapper_pid: Some(4242),
+            })),
+        ),
+        (
+            "hello",
+            w(WrapperMessage::Hello(Hello {
+                envelope: env.clone(),
+                protocol: Some(PROTOCOL_VERSION),
+            })),
+        ),
+        (
+            "connect_signed",
+            w(WrapperMessage::Connect(Connect {
+                envelope: env.clone(),
+                protocol: Some(PROTOCOL_VERSION),
+                token: Some("s3cret".into()),
+                signature: Some("c2lnbmF0dXJl".into()),
                 wrapper_pid: Some(4242),
             })),
         ),
@@ -272,6 +290,13 @@ fn every_shape() -> Vec<(&'static str, String)> {
             })),
         ),
         (
+            "challenge",
+            m(MasterMessage::Challenge(Challenge {
+                nonce: "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08".into(),
+                timestamp: Some(at),
+            })),
+        ),
+        (
             "error_job_not_found",
             m(MasterMessage::Error(ErrorReply::job_not_found())),
         ),
@@ -284,6 +309,58 @@ fn every_shape() -> Vec<(&'static str, String)> {
             })),
         ),
     ]
+}
+
+/// The identity extension's messages, one JSON object per line, in both directions.
+#[test]
+fn identity_fixtures_decode_and_round_trip() {
+    let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/identity.jsonl");
+    let text = std::fs::read_to_string(&file).unwrap();
+    let mut seen = Vec::new();
+    for (i, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
+        let place = format!("{}:{}", file.display(), i + 1);
+        let original: Value = serde_json::from_str(line).unwrap();
+        let reencoded: Value = match WrapperMessage::decode(line) {
+            Ok(msg) => {
+                seen.push(msg.kind().to_owned());
+                serde_json::from_str(&msg.encode()).unwrap()
+            }
+            Err(_) => {
+                let msg = MasterMessage::decode(line).unwrap_or_else(|e| panic!("{place}: {e}"));
+                seen.push(
+                    format!("{msg:?}")
+                        .chars()
+                        .take_while(|c| c.is_alphanumeric())
+                        .collect(),
+                );
+                serde_json::from_str(&msg.encode()).unwrap()
+            }
+        };
+        assert_keeps_every_field(&place, &original, &reencoded);
+    }
+    assert_eq!(seen, ["hello", "Challenge", "connect"]);
+}
+
+#[test]
+fn the_signing_payload_binds_nonce_instance_and_machine_unambiguously() {
+    let p = signing_payload("n0nce", "backup_1767323045", "db01");
+    assert_eq!(
+        String::from_utf8(p).unwrap(),
+        "saltpeter connect signature v1\n5:n0nce\n17:backup_1767323045\n4:db01\n"
+    );
+    // Moving characters between fields changes the bytes.
+    assert_ne!(
+        signing_payload("n", "j_1", "ab"),
+        signing_payload("n", "j_1a", "b")
+    );
+    assert_ne!(
+        signing_payload("n", "j_1", "a\n"),
+        signing_payload("n", "j_1\n", "a")
+    );
 }
 
 #[test]

@@ -40,6 +40,8 @@ pub enum ConfigError {
     User { user: String, reason: String },
     #[error("SP_CWD {path:?} is not a usable directory: {reason}")]
     Cwd { path: PathBuf, reason: String },
+    #[error("SP_IDENTITY=salt_key: {0}")]
+    MachineKey(#[from] crate::identity::KeyError),
 }
 
 /// How much the local log records.
@@ -87,6 +89,12 @@ pub struct Config {
     /// `None` when overlap is allowed and no lock is taken.
     pub lockfile: Option<LockPath>,
     pub run_token: Option<String>,
+    /// With `SP_IDENTITY=salt_key`: the minion's pki directory (`SP_SALT_PKI_DIR`, default
+    /// [`crate::identity::DEFAULT_PKI_DIR`]), whose key signs every `connect`.
+    pub salt_pki_dir: Option<PathBuf>,
+    /// That key, loaded by [`Config::from_lookup`] while the wrapper is still root and has
+    /// not forked.
+    pub machine_key: Option<std::sync::Arc<crate::identity::MinionKey>>,
 }
 
 impl Config {
@@ -120,6 +128,10 @@ impl Config {
             }
         }
         check_cwd(&cfg.cwd)?;
+        if let Some(dir) = &cfg.salt_pki_dir {
+            let key = crate::identity::MinionKey::load(dir)?;
+            cfg.machine_key = Some(std::sync::Arc::new(key));
+        }
         Ok(cfg)
     }
 
@@ -265,6 +277,21 @@ impl Config {
             })
         };
         let run_token = get("SP_RUN_TOKEN")?.filter(|v| !v.is_empty());
+        let salt_pki_dir = match get("SP_IDENTITY")?.as_deref() {
+            None | Some("") => None,
+            Some("salt_key") => Some(PathBuf::from(
+                get("SP_SALT_PKI_DIR")?
+                    .filter(|v| !v.is_empty())
+                    .unwrap_or_else(|| crate::identity::DEFAULT_PKI_DIR.to_owned()),
+            )),
+            Some(other) => {
+                return Err(ConfigError::Invalid {
+                    name: "SP_IDENTITY",
+                    value: other.to_owned(),
+                    reason: "expected salt_key",
+                });
+            }
+        };
 
         Ok(Self {
             websocket_url,
@@ -281,6 +308,8 @@ impl Config {
             log_dir,
             lockfile,
             run_token,
+            salt_pki_dir,
+            machine_key: None,
         })
     }
 }
@@ -494,6 +523,36 @@ mod tests {
     }
 
     #[test]
+    fn salt_key_identity_loads_the_minion_key_before_anything_runs() {
+        let from = |vars: &[(&str, &str)]| {
+            let mut all = BASE.to_vec();
+            all.extend_from_slice(vars);
+            let map: HashMap<String, OsString> = all
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), OsString::from(v)))
+                .collect();
+            Config::from_lookup(|k| map.get(k).cloned(), Path::new("/"), || Some("h".into()))
+        };
+        let cfg = with(&[("SP_IDENTITY", "salt_key")]).unwrap();
+        assert_eq!(
+            cfg.salt_pki_dir.as_deref(),
+            Some(Path::new("/etc/salt/pki/minion"))
+        );
+        assert!(with(&[("SP_IDENTITY", "ssh")]).is_err());
+        assert_eq!(with(&[("SP_IDENTITY", "")]).unwrap().salt_pki_dir, None);
+        // A key that cannot be read stops the wrapper at once, with the path in the message.
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().to_string_lossy().into_owned();
+        let e = from(&[("SP_IDENTITY", "salt_key"), ("SP_SALT_PKI_DIR", &missing)]).unwrap_err();
+        assert!(e.to_string().contains("minion.pem"), "{e}");
+        let key = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../master/tests/fixtures/test-keys/minion-a.pem");
+        std::fs::copy(key, dir.path().join("minion.pem")).unwrap();
+        let cfg = from(&[("SP_IDENTITY", "salt_key"), ("SP_SALT_PKI_DIR", &missing)]).unwrap();
+        assert!(cfg.machine_key.is_some());
+    }
+
+    #[test]
     fn unknown_user_and_bad_cwd_are_reported() {
         assert!(matches!(
             resolve_user("no-such-user-sp-test"),
@@ -534,7 +593,7 @@ mod tests {
         use super::*;
 
         /// Every variable `Config::from_lookup` asks for, with a valid value.
-        const VARS: [(&str, &str); 16] = [
+        const VARS: [(&str, &str); 18] = [
             ("SP_WEBSOCKET_URL", "ws://127.0.0.1:8889"),
             ("SP_JOB_NAME", "backup"),
             ("SP_JOB_INSTANCE", "backup_1766482300"),
@@ -551,6 +610,10 @@ mod tests {
             ("SP_WRAPPER_LOGDIR", "/var/log/sp_wrapper"),
             ("SP_WRAPPER_LOGLEVEL", "debug"),
             ("XDG_RUNTIME_DIR", "/run/user/1000"),
+            // Empty: most generated environments should get past the key, which the test
+            // machine does not have; the coverage test below sets it.
+            ("SP_IDENTITY", ""),
+            ("SP_SALT_PKI_DIR", "/nonexistent/sp-test/pki"),
         ];
 
         /// Values that sit on the parser's edges, then arbitrary text and bytes.
@@ -589,6 +652,7 @@ mod tests {
                 "\u{0}",
                 "a\u{0}b",
                 "é€😀",
+                "salt_key",
             ])
             .prop_map(OsString::from);
             let text = prop::collection::vec(any::<char>(), 0..24)
@@ -635,7 +699,10 @@ mod tests {
             for without in [None, Some("SP_LOCKFILE")] {
                 let env: Vec<Option<OsString>> = VARS
                     .iter()
-                    .map(|(n, v)| (Some(*n) != without).then(|| OsString::from(v)))
+                    .map(|(n, v)| match *n {
+                        "SP_IDENTITY" => Some(OsString::from("salt_key")),
+                        _ => (Some(*n) != without).then(|| OsString::from(v)),
+                    })
                     .collect();
                 // `root` resolves on any Unix; as a non-root user it is a refusal, also fine.
                 let _ = Config::from_lookup(

@@ -16,8 +16,8 @@ use std::time::Duration;
 
 use futures_util::{Sink, SinkExt, StreamExt};
 use saltpeter_proto::{
-    AckType, Complete, Connect, Envelope, ErrorCode, Heartbeat, MasterMessage, PROTOCOL_VERSION,
-    Start, Timestamp, WrapperMessage,
+    AckType, Complete, Connect, Envelope, ErrorCode, Heartbeat, Hello, MasterMessage,
+    PROTOCOL_VERSION, Start, Timestamp, WrapperMessage, signing_payload,
 };
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
@@ -29,6 +29,7 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use crate::backoff;
 use crate::encode;
+use crate::identity::MinionKey;
 use crate::log::Log;
 use crate::outbox::{Chunk, Outbox};
 use crate::session::{Completion, Session};
@@ -67,6 +68,9 @@ pub struct LinkConfig {
     pub job_instance: String,
     pub machine: String,
     pub token: Option<String>,
+    /// The minion's Salt key: when set, every connection opens with `hello` and its
+    /// `connect` carries a signature over the master's challenge.
+    pub machine_key: Option<Arc<MinionKey>>,
     pub wrapper_pid: u32,
     /// PID reported in `start`: the job's shell, or the wrapper's own when no job ran.
     pub start_pid: u32,
@@ -222,6 +226,15 @@ pub async fn run(
                                 }
                                 None
                             }
+                            Frame::Challenge(nonce) => {
+                                if let Some(c) = conn.as_ref() {
+                                    match connect_message(&cfg, Some(&nonce)) {
+                                        Ok(msg) => send(c, &msg, &log),
+                                        Err(e) => log.info(format!("Cannot answer the master's challenge: {e}")),
+                                    }
+                                }
+                                None
+                            }
                             Frame::Rejected(code, message) => {
                                 // Terminal: no more connections. Output still arriving is
                                 // kept (spooled) until the run ends, so the local log gets
@@ -274,12 +287,19 @@ pub async fn run(
                         log.debug("Connected to master");
                         let c = open_conn(ws, &cfg);
                         session.connected();
-                        send(&c, &WrapperMessage::Connect(Connect {
-                            envelope: cfg.envelope(),
-                            protocol: Some(PROTOCOL_VERSION),
-                            token: cfg.token.clone(),
-                            wrapper_pid: Some(cfg.wrapper_pid),
-                        }), &log);
+                        // With a machine key, `connect` waits for the challenge `hello` asks
+                        // for; the connect-ack timeout covers both round trips.
+                        let first = match cfg.machine_key {
+                            Some(_) => Ok(WrapperMessage::Hello(Hello {
+                                envelope: cfg.envelope(),
+                                protocol: Some(PROTOCOL_VERSION),
+                            })),
+                            None => connect_message(&cfg, None),
+                        };
+                        match first {
+                            Ok(msg) => send(&c, &msg, &log),
+                            Err(e) => log.info(format!("Cannot build connect: {e}")),
+                        }
                         conn = Some(c);
                     }
                     Err(e) => {
@@ -494,9 +514,34 @@ fn pump_sends(cfg: &LinkConfig, session: &mut Session, outbox: &Outbox, conn: &C
     }
 }
 
+/// `connect`, signed over `nonce` with the machine key when there is one.
+fn connect_message(
+    cfg: &LinkConfig,
+    nonce: Option<&str>,
+) -> Result<WrapperMessage, crate::identity::KeyError> {
+    let envelope = cfg.envelope();
+    let signature = match (&cfg.machine_key, nonce) {
+        (Some(key), Some(nonce)) => Some(key.sign(&signing_payload(
+            nonce,
+            &envelope.job_instance,
+            &envelope.machine,
+        ))?),
+        _ => None,
+    };
+    Ok(WrapperMessage::Connect(Connect {
+        envelope,
+        protocol: Some(PROTOCOL_VERSION),
+        token: cfg.token.clone(),
+        signature,
+        wrapper_pid: Some(cfg.wrapper_pid),
+    }))
+}
+
 enum Frame {
     /// Carry on; `progress` if something was acknowledged.
     Continue { progress: bool },
+    /// The master's challenge: `connect` is due, signed over this nonce.
+    Challenge(String),
     /// The connect ack arrived: the connection is good; `start` is due if never acked.
     Connected { send_start: bool },
     /// The master refused the run.
@@ -589,6 +634,10 @@ fn handle_frame(
             }
             Frame::Continue { progress: false }
         }
+        MasterMessage::Challenge(challenge) if cfg.machine_key.is_some() => {
+            Frame::Challenge(challenge.nonce)
+        }
+        MasterMessage::Challenge(_) => Frame::Continue { progress: false },
         MasterMessage::Error(err) => {
             log.info(format!("Master reports {:?}: {}", err.code, err.message));
             match err.code {
@@ -612,6 +661,7 @@ mod tests {
             job_instance: String::from("job_1"),
             machine: String::from("m1"),
             token: None,
+            machine_key: None,
             wrapper_pid: 1,
             start_pid: 2,
             started_at: Timestamp::now(),

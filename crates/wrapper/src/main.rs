@@ -10,6 +10,7 @@ mod backoff;
 mod config;
 mod encode;
 mod files;
+mod identity;
 mod job;
 mod link;
 mod lock;

@@ -118,6 +118,7 @@ async fn controller(cfg: Config, mut lock: LockState, mut ready: PipeWriter) -> 
         job_instance: cfg.job_instance.clone(),
         machine: cfg.machine.clone(),
         token: cfg.run_token.clone(),
+        machine_key: cfg.machine_key.clone(),
         wrapper_pid,
         start_pid,
         started_at,

@@ -1,6 +1,9 @@
 //! The operator's surface end to end: the dashboard in a real headless Chromium driven through
-//! chromedriver's WebDriver API (open the page, run a job, watch its output, kill it, see 143,
-//! save a screenshot under `target/e2e/`), and `sp-master run --follow` against a real master.
+//! chromedriver's WebDriver API (open the page, give it the API token it asks for, run a job,
+//! watch its output, kill it, see 143, save a screenshot under `target/e2e/`), and
+//! `sp-master run --follow` against a real master. The master has an operator token (made
+//! with `sp-master token new`), so the page works under the Content-Security-Policy and with
+//! authenticated reads, as in production.
 //!
 //! Chromium and chromedriver are Debian's packages (`chromium`, `chromium-driver`); when they
 //! are missing and we are root they are installed with apt-get first.
@@ -29,15 +32,16 @@ fn job(name: &str, body: &str) -> String {
     )
 }
 
-fn settings() -> String {
-    "saltpeter_config:\n  launcher: local\n  logdir: '@DIR@/log'\n  data_dir: '@DIR@/data'\n  \
-     default_wrapper_logdir: '@DIR@/wlog'\n  api_ws_bind_addr: 127.0.0.1\n  api_ws_port: 0\n  \
-     machines_ws_bind_addr: 127.0.0.1\n  machines_ws_port: 0\n"
-        .to_owned()
+fn settings(token_entry: &str) -> String {
+    format!(
+        "saltpeter_config:\n  launcher: local\n  logdir: '@DIR@/log'\n  data_dir: '@DIR@/data'\n  \
+         default_wrapper_logdir: '@DIR@/wlog'\n  api_ws_bind_addr: 127.0.0.1\n  api_ws_port: 0\n  \
+         machines_ws_bind_addr: 127.0.0.1\n  machines_ws_port: 0\n  api_tokens:\n{token_entry}"
+    )
 }
 
-/// Starts a master with the jobs these scenarios use.
-pub fn start_master() -> Result<Master> {
+/// Starts a master with the jobs these scenarios use; returns it with its operator token.
+pub fn start_master() -> Result<(Master, String)> {
     let dir = target_dir()
         .join("e2e")
         .join(format!("operator-{}", std::process::id()));
@@ -55,15 +59,21 @@ pub fn start_master() -> Result<Master> {
         ),
     ]
     .concat();
-    Master::start(&dir, &[("settings.yaml", settings()), ("jobs.yaml", jobs)])
+    let (token, entry) = super::access::new_token("e2e-browser", "operator")?;
+    let master = Master::start(
+        &dir,
+        &[("settings.yaml", settings(&entry)), ("jobs.yaml", jobs)],
+    )?;
+    Ok((master, token))
 }
 
 /// `sp-master run cli_job --follow` prints the output and exits with the job's code.
-pub fn cli_follow(master: &Master) -> Result<String> {
+pub fn cli_follow(master: &Master, token: &str) -> Result<String> {
     let started = Instant::now();
     let out = Command::new(binary("sp-master"))
         .args(["run", "cli_job", "--follow", "--api"])
         .arg(format!("http://{}", master.api))
+        .env("SP_API_TOKEN", token)
         .stdin(Stdio::null())
         .output()
         .context("running sp-master run --follow")?;
@@ -79,6 +89,7 @@ pub fn cli_follow(master: &Master) -> Result<String> {
     let status = Command::new(binary("sp-master"))
         .args(["status", "--api"])
         .arg(format!("http://{}", master.api))
+        .args(["--token", token])
         .output()?;
     let table = String::from_utf8_lossy(&status.stdout);
     ensure!(
@@ -250,6 +261,20 @@ impl Driver {
         }
     }
 
+    /// Types `text` into the `prompt()` dialog the page opened and accepts it.
+    fn answer_prompt(&self, text: &str) -> Result<String> {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Ok(asked) = self.call("GET", "/alert/text", None) {
+                self.call("POST", "/alert/text", Some(json!({ "text": text })))?;
+                self.call("POST", "/alert/accept", None)?;
+                return Ok(asked.as_str().unwrap_or_default().to_owned());
+            }
+            ensure!(Instant::now() < deadline, "no prompt within 15 s");
+            sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Polls a script until it returns something truthy; returns it and how long it took.
     fn wait_for(&self, what: &str, limit: Duration, script: &str) -> Result<(Value, Duration)> {
         let started = Instant::now();
@@ -277,24 +302,24 @@ impl Driver {
 
 /// Both scenarios against one master of their own: the dashboard first, then the CLI.
 pub fn scenarios() -> Vec<super::Outcome> {
-    let master = match start_master() {
+    let (master, token) = match start_master() {
         Ok(m) => m,
         Err(e) => return vec![("operator surface: master".to_owned(), Err(e))],
     };
     vec![
         (
-            "dashboard in headless Chromium: run, live output, kill, 143".to_owned(),
-            dashboard(&master),
+            "dashboard in headless Chromium with a token: run, live output, kill, 143".to_owned(),
+            dashboard(&master, &token),
         ),
         (
             "sp-master run --follow exits with the job's code".to_owned(),
-            cli_follow(&master),
+            cli_follow(&master, &token),
         ),
     ]
 }
 
 /// The browser scenario.
-pub fn dashboard(master: &Master) -> Result<String> {
+pub fn dashboard(master: &Master, token: &str) -> Result<String> {
     ensure_chromium()?;
     let dir = master.dir.join("browser");
     fs::create_dir_all(&dir)?;
@@ -304,7 +329,23 @@ pub fn dashboard(master: &Master) -> Result<String> {
     let driver = Driver::start(&profile, &dir.join("chromedriver.log"))?;
     let base = format!("http://{}/", master.api);
     let t0 = Instant::now();
-    driver.call("POST", "/url", Some(json!({ "url": base })))?;
+    // The page asks for the token once its first read is refused; the navigation itself may
+    // report the open prompt, which is what comes next anyway.
+    if let Err(error) = driver.call("POST", "/url", Some(json!({ "url": base }))) {
+        ensure!(
+            format!("{error:#}").to_ascii_lowercase().contains("alert"),
+            "{error:#}"
+        );
+    }
+    let asked = driver.answer_prompt(token)?;
+    ensure!(asked.contains("token"), "the page asked {asked:?}");
+    let kept = driver.js("return sessionStorage.getItem('sp_api_token')")?;
+    ensure!(
+        kept.as_str() == Some(token),
+        "the token is not kept for the tab: {kept}"
+    );
+    let stored = driver.js("return localStorage.getItem('sp_api_token')")?;
+    ensure!(stored.is_null(), "the token leaked into localStorage");
     let (_, table) = driver.wait_for(
         "the jobs table",
         Duration::from_secs(15),
@@ -372,7 +413,8 @@ pub fn dashboard(master: &Master) -> Result<String> {
     let timeline_png = target_dir().join("e2e").join("dashboard-timeline.png");
     driver.screenshot(&timeline_png)?;
     let instance = driver.js(
-        "return fetch('/api/v1/overview').then(r => r.json()).then(o => \
+        "return fetch('/api/v1/overview', { headers: { Authorization: 'Bearer ' + \
+         sessionStorage.getItem('sp_api_token') } }).then(r => r.json()).then(o => \
          o.jobs.find(j => j.name === 'dashboard_job').last_instance)",
     )?;
     let instance = instance.as_str().context("no last instance")?.to_owned();

@@ -22,13 +22,35 @@ pub fn request(
     path: &str,
     body: Option<&Value>,
 ) -> Result<Response> {
+    Ok(exchange(addr, method, path, body, &[])?.0)
+}
+
+/// Sends one request with extra header lines (`Name: value`; a `Host` line replaces the
+/// default) and returns the response with its header block.
+pub fn exchange(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&Value>,
+    headers: &[String],
+) -> Result<(Response, String)> {
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
         .with_context(|| format!("connecting to {addr}"))?;
     stream.set_read_timeout(Some(Duration::from_secs(30)))?;
     let payload = body.map(Value::to_string).unwrap_or_default();
+    let host = headers
+        .iter()
+        .find(|h| h.to_ascii_lowercase().starts_with("host:"))
+        .cloned()
+        .unwrap_or_else(|| format!("Host: {addr}"));
+    let extra: String = headers
+        .iter()
+        .filter(|h| !h.to_ascii_lowercase().starts_with("host:"))
+        .map(|h| format!("{h}\r\n"))
+        .collect();
     write!(
         stream,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{payload}",
+        "{method} {path} HTTP/1.1\r\n{host}\r\n{extra}Connection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{payload}",
         payload.len()
     )?;
     let mut raw = Vec::new();
@@ -50,10 +72,13 @@ pub fn request(
     } else {
         body.to_owned()
     };
-    Ok(Response {
-        status,
-        body: serde_json::from_str(&body).unwrap_or(Value::Null),
-    })
+    Ok((
+        Response {
+            status,
+            body: serde_json::from_str(&body).unwrap_or(Value::Null),
+        },
+        head.to_owned(),
+    ))
 }
 
 fn dechunk(mut body: &str) -> String {

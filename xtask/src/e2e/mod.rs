@@ -2,12 +2,14 @@
 //! launcher starting real `sp-wrapper` processes, over real sockets, with real signals. The
 //! scenarios run concurrently against one master and print what they measured.
 
+mod access;
 mod browser;
 mod flood;
 mod http;
 mod master;
 mod restart;
 mod salt_env;
+mod salt_identity;
 mod salt_scenarios;
 mod scenarios;
 

@@ -4,7 +4,9 @@
 //!
 //! - `main`: targeting (glob, list, compound), `number_of_targets`, `batch_size`, secrets kept
 //!   out of every argv, `kill -9` of one wrapper, an API kill, legacy mode (`use_wrapper:
-//!   false`), and last, on its own, a stopped minion;
+//!   false`), a forged and a replayed result refused (every wrapper here signs its `connect`
+//!   with its minion's real Salt key, see [`super::salt_identity`]), and last, on its own, a
+//!   stopped minion;
 //! - `maint`: `minion-b` under maintenance, and `allow_legacy_wrappers: true` for a job run by
 //!   the original Python wrapper (`saltpeter` 0.9.30 from PyPI, see
 //!   [`super::salt_env::ORIGINAL_WRAPPER`]) through Salt;
@@ -117,6 +119,7 @@ pub fn salt() -> Result<Vec<Outcome>> {
             "  targets: 'minion-*'\n  use_wrapper: false\n  command: echo \"legacy $SP_JOB_NAME [$SP_MACHINE_ID$(test -n \"$SP_RUN_TOKEN\" && echo token)]\"; echo oops >&2; exit 3",
         ),
         job("stopped", "  targets: 'minion-*'\n  command: echo alive on $SP_MACHINE_ID"),
+        super::salt_identity::JOB.to_owned(),
     ]
     .concat();
     let main = Master::start(
@@ -193,6 +196,7 @@ pub fn salt() -> Result<Vec<Outcome>> {
 
     let (m, mt, ns) = (&main, &maint, &nosalt);
     let secret_ref = secret.as_str();
+    let roots = salt.roots.clone();
     let phase1: Vec<Scenario<'_>> = vec![
         (
             "salt: glob targeting; ids not the host name; env passes Salt unchanged",
@@ -238,6 +242,10 @@ pub fn salt() -> Result<Vec<Outcome>> {
         (
             "salt: an unreachable salt-master is reported in Salt's words",
             Box::new(move || unreachable(ns)),
+        ),
+        (
+            "salt: a minion's key speaks only for that minion, and only until its result",
+            Box::new(move || super::salt_identity::forged(m, &roots)),
         ),
     ];
     let mut outcomes: Vec<Outcome> = vec![("salt: set-up".to_owned(), Ok(setup))];

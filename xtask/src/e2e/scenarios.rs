@@ -1,6 +1,7 @@
 //! The scenarios of the master core with the local launcher: the seed document's two test
 //! procedures (a killed wrapper is marked 253 within 16 s; a 40 s job ends 0 with a heartbeat
-//! every 5 s), plus timeout, kill, overlap, maintenance and a broken job file.
+//! every 5 s), plus timeout, kill, overlap, maintenance and a broken job file; and, against a
+//! second master that has tokens, the access scenarios of `access.rs`.
 
 use std::path::Path;
 use std::process::Command;
@@ -10,6 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail, ensure};
 
 use super::Outcome;
+use super::access;
 use super::master::{Master, all_ended, binary, machine, target_dir};
 
 /// A job block with a schedule that does not fire during a test run; runs are started through
@@ -76,12 +78,35 @@ pub fn local() -> Result<Vec<Outcome>> {
             broken_file,
         ),
     ];
+    type AccessScenario = fn(&access::AccessMaster) -> Result<String>;
+    let access_scenarios: Vec<(&str, AccessScenario)> = vec![
+        (
+            "reads without a token are refused when tokens are configured",
+            access::reads_refused,
+        ),
+        (
+            "a rebinding Host is refused, with the security headers",
+            access::rebinding_refused,
+        ),
+        (
+            "a run and a kill leave audit entries with actor and source",
+            access::audit_after_run_and_kill,
+        ),
+    ];
+    let access_master = access::start();
     let master = &master;
-    let outcomes = std::thread::scope(|s| {
-        let handles: Vec<_> = scenarios
+    let mut outcomes: Vec<Outcome> = std::thread::scope(|s| {
+        let mut handles: Vec<_> = scenarios
             .into_iter()
             .map(|(name, f)| (name, s.spawn(move || f(master))))
             .collect();
+        if let Ok(am) = &access_master {
+            handles.extend(
+                access_scenarios
+                    .into_iter()
+                    .map(|(name, f)| (name, s.spawn(move || f(am)))),
+            );
+        }
         handles
             .into_iter()
             .map(|(name, h)| {
@@ -92,6 +117,9 @@ pub fn local() -> Result<Vec<Outcome>> {
             })
             .collect()
     });
+    if let Err(error) = access_master {
+        outcomes.push(("access: master with tokens".to_owned(), Err(error)));
+    }
     Ok(outcomes)
 }
 

@@ -1,5 +1,6 @@
 //! The operator's command line: `sp-master status`, `run JOB [--follow]`, `kill JOB|INSTANCE
-//! [--machine M]` and `logs INSTANCE [--machine M]`, talking to a running master's HTTP API.
+//! [--machine M]`, `logs INSTANCE [--machine M]` and `audit [--limit N]`, talking to a running
+//! master's HTTP API.
 //!
 //! Output is for people by default and JSON with `--json`. Exit codes: 0 when the master did
 //! what was asked (for `run --follow`: when the run succeeded), 1 when it refused or the run
@@ -354,6 +355,69 @@ pub fn logs(
         if !output.is_empty() && !output.ends_with('\n') {
             println!();
         }
+    }
+    Ok(0)
+}
+
+/// `sp-master audit [--limit N]`: the audit trail, newest first (needs an admin token when
+/// the master has tokens).
+pub fn audit(client: &Client, limit: Option<usize>, json_out: bool) -> Result<Code> {
+    let path = match limit {
+        Some(n) => format!("/api/v1/audit?limit={n}"),
+        None => "/api/v1/audit".to_owned(),
+    };
+    let r = client.get(&path)?;
+    if r.status != 200 {
+        eprintln!("sp-master: cannot read the audit trail: {}", r.error_text());
+        return Ok(1);
+    }
+    let body = r.json();
+    if json_out {
+        print_json(&body);
+        return Ok(0);
+    }
+    let mut rows = vec![[
+        "TIME".to_owned(),
+        "ACTOR".to_owned(),
+        "SOURCE".to_owned(),
+        "ACTION".to_owned(),
+        "TARGET".to_owned(),
+        "RESULT".to_owned(),
+    ]];
+    for e in body["entries"].as_array().into_iter().flatten() {
+        let target: Vec<&str> = ["job", "instance", "machine"]
+            .iter()
+            .filter_map(|k| e[*k].as_str())
+            .collect();
+        let result = match (e["ok"].as_bool(), e["detail"].as_str()) {
+            (Some(true), Some(d)) => d.to_owned(),
+            (Some(true), None) => "ok".to_owned(),
+            (_, Some(d)) => format!("refused: {d}"),
+            (_, None) => "refused".to_owned(),
+        };
+        rows.push([
+            short_time(&e["at"]),
+            text(e, "actor").to_owned(),
+            text(e, "source").to_owned(),
+            text(e, "action").to_owned(),
+            if target.is_empty() {
+                "-".to_owned()
+            } else {
+                target.join(" ")
+            },
+            result,
+        ]);
+    }
+    let widths: Vec<usize> = (0..6)
+        .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
+        .collect();
+    for row in &rows {
+        let line: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(cell, w)| format!("{cell:<w$}"))
+            .collect();
+        println!("{}", line.join("  ").trim_end());
     }
     Ok(0)
 }

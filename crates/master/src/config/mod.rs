@@ -9,6 +9,7 @@
 //! Layout, lowest level first:
 //! - [`raw`]: YAML text to a tree of values with line and column, and the YAML 1.1 notes;
 //! - [`job`], [`settings`], [`maintenance`]: each section validated into typed values;
+//! - [`access`]: named tokens and their roles, public host names, `/metrics` exposure;
 //! - [`limits`]: the caps on what API and UI clients control (part of the settings);
 //! - [`dir`]: a directory, file by file, keeping every file's last good version;
 //! - [`deploy`]: checks of the whole configuration (legacy wrappers, an open API, users);
@@ -24,6 +25,7 @@ use std::sync::Arc;
 
 use time::OffsetDateTime;
 
+pub mod access;
 pub mod deploy;
 pub mod dir;
 pub mod job;
@@ -35,6 +37,7 @@ pub mod raw;
 pub mod settings;
 pub mod watch;
 
+pub use access::{Access, Role};
 pub use dir::{DirLoader, LoadOutcome, ScanMode};
 pub use job::{JobSource, JobSpec, TargetType, Targets};
 pub use limits::Limits;

@@ -9,6 +9,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use super::access::{Access, PartialAccess};
 use super::limits::{Limits, PartialLimits};
 use super::problem::{ConfigProblem, Section, Severity};
 use super::raw::{Node, Value};
@@ -49,6 +50,9 @@ pub struct Settings {
     /// Caps on what API and UI clients control (`ui_max_subscriptions` and the others of
     /// [`Limits`]).
     pub limits: Limits,
+    /// Named tokens with roles, the host names the API answers for, and whether `/metrics`
+    /// is public (`api_tokens`, `api_public_names`, `metrics_public`; see [`Access`]).
+    pub access: Access,
     /// `machines_ws_bind_addr`: the machines endpoint's address; default 0.0.0.0.
     pub machines_bind_addr: IpAddr,
     /// `machines_ws_port`: the machines endpoint's port; default 8889.
@@ -88,6 +92,11 @@ pub struct Settings {
     pub salt_bin: String,
     /// `salt_config_dir`: passed to salt as `-c`; default none.
     pub salt_config_dir: Option<PathBuf>,
+    /// `salt_pki_dir`: the Salt master's pki directory, whose `minions/<id>` files are the
+    /// accepted minion keys that wrappers' signatures are checked against; default: the
+    /// `pki_dir` (under `root_dir`) of the master config in `salt_config_dir`, else
+    /// `/etc/salt/pki/master`.
+    pub salt_pki_dir: Option<PathBuf>,
     /// `ping_timeout`: seconds to wait for `test.ping`; default 20.
     pub ping_timeout: Duration,
     /// `retention_runs_per_job`: finished runs kept in the store per job; default 100.
@@ -142,6 +151,7 @@ impl Default for Settings {
             api_token: None,
             ws_allowed_origins: Vec::new(),
             limits: Limits::default(),
+            access: Access::default(),
             machines_bind_addr: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
             machines_port: 8889,
             default_saltpeter_server_host: host_name(),
@@ -159,6 +169,7 @@ impl Default for Settings {
             allow_unauthenticated_api: false,
             salt_bin: "salt".to_owned(),
             salt_config_dir: None,
+            salt_pki_dir: None,
             ping_timeout: Duration::from_secs(20),
             retention_runs_per_job: 100,
             retention_days: 30,
@@ -187,6 +198,7 @@ pub(crate) struct PartialSettings {
     api_token: Option<Option<String>>,
     ws_allowed_origins: Option<Vec<String>>,
     limits: PartialLimits,
+    access: PartialAccess,
     machines_bind_addr: Option<IpAddr>,
     machines_port: Option<u16>,
     default_saltpeter_server_host: Option<String>,
@@ -204,6 +216,7 @@ pub(crate) struct PartialSettings {
     allow_unauthenticated_api: Option<bool>,
     salt_bin: Option<String>,
     salt_config_dir: Option<Option<PathBuf>>,
+    salt_pki_dir: Option<Option<PathBuf>>,
     ping_timeout: Option<Duration>,
     retention_runs_per_job: Option<u64>,
     retention_days: Option<u64>,
@@ -355,6 +368,12 @@ pub(crate) fn parse_settings(
             }
             continue;
         }
+        if let Some(errors) = out.access.parse(&key, v) {
+            for e in errors {
+                put_error(e);
+            }
+            continue;
+        }
         match key.as_str() {
             "logdir" => set!(logdir, |n: &Node| non_empty(n).map(PathBuf::from)),
             "debug" => set!(debug, Node::as_bool),
@@ -384,6 +403,8 @@ pub(crate) fn parse_settings(
             "allow_unauthenticated_api" => set!(allow_unauthenticated_api, Node::as_bool),
             "salt_bin" => set!(salt_bin, non_empty),
             "salt_config_dir" => set!(salt_config_dir, |n: &Node| optional(n, non_empty)
+                .map(|o| o.map(PathBuf::from))),
+            "salt_pki_dir" => set!(salt_pki_dir, |n: &Node| optional(n, non_empty)
                 .map(|o| o.map(PathBuf::from))),
             "ping_timeout" => set!(ping_timeout, seconds),
             "retention_runs_per_job" => {
@@ -433,16 +454,29 @@ impl Settings {
     /// reach and nobody has to authenticate to, unless the operator said so.
     pub fn exposure_problem(&self) -> Option<String> {
         let open = !self.api_bind_addr.is_loopback()
-            && self.api_token.is_none()
+            && !self.tokens_required()
             && !self.allow_unauthenticated_api;
         open.then(|| {
             format!(
-                "the API listens on {} without api_token: anyone who can reach it can start and \
-                 kill jobs; set api_token, bind it to 127.0.0.1, or set \
+                "the API listens on {} without api_token or api_tokens: anyone who can reach \
+                 it can start and kill jobs; configure tokens, bind it to 127.0.0.1, or set \
                  allow_unauthenticated_api: true",
                 self.api_bind_addr
             )
         })
+    }
+
+    /// Whether the API demands a token: `api_token` is set or `api_tokens` lists any entry.
+    pub fn tokens_required(&self) -> bool {
+        self.api_token.is_some() || self.access.tokens_listed
+    }
+
+    /// Whether `/metrics` is served without a token: as `metrics_public` says, and when it
+    /// is unset, exactly when no token is configured.
+    pub fn metrics_public(&self) -> bool {
+        self.access
+            .metrics_public
+            .unwrap_or(!self.tokens_required())
     }
 
     /// Applies one file's block on top of these settings: every key the block sets wins.
@@ -477,6 +511,7 @@ impl Settings {
             allow_unauthenticated_api,
             salt_bin,
             salt_config_dir,
+            salt_pki_dir,
             ping_timeout,
             retention_runs_per_job,
             retention_days,
@@ -490,6 +525,7 @@ impl Settings {
             fd_reserve
         );
         self.limits.apply(&p.limits);
+        self.access.apply(&p.access);
         for (k, v) in &p.extra {
             self.extra.insert(k.clone(), v.clone());
         }

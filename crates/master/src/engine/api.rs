@@ -5,6 +5,7 @@ use serde::Serialize;
 use tokio::sync::oneshot;
 
 use super::{Engine, find_run};
+use crate::audit::{Action, Actor, AuditRecord};
 use crate::runs::RunView;
 use crate::runs::model::rfc3339;
 
@@ -21,8 +22,10 @@ pub enum ApiError {
 #[derive(Debug)]
 pub enum ApiRequest {
     ListJobs(oneshot::Sender<Vec<JobSummary>>),
+    /// A run started by hand, by `by` (recorded in the audit trail and the job log).
     RunNow {
         job: String,
+        by: Actor,
         reply: oneshot::Sender<Result<String, ApiError>>,
     },
     GetRun {
@@ -31,12 +34,21 @@ pub enum ApiRequest {
     },
     KillRun {
         instance: String,
+        by: Actor,
         reply: oneshot::Sender<Result<(), ApiError>>,
     },
     KillMachine {
         instance: String,
         machine: String,
+        by: Actor,
         reply: oneshot::Sender<Result<(), ApiError>>,
+    },
+    /// An act the engine does not carry out itself but records in the audit trail (a SIGHUP
+    /// asking for the configuration to be reread).
+    Note {
+        by: Actor,
+        action: Action,
+        detail: Option<String>,
     },
     /// Queries of the UI, the dashboard, the CLI and `/metrics` (see `engine/ui.rs`).
     Ui(super::UiRequest),
@@ -65,25 +77,123 @@ impl Engine {
             ApiRequest::ListJobs(reply) => {
                 let _ = reply.send(self.job_summaries());
             }
-            ApiRequest::RunNow { job, reply } => {
-                let _ = reply.send(self.fire(&job));
+            ApiRequest::RunNow { job, by, reply } => {
+                let result = self.fire(&job, Some(&by));
+                let instance = result.as_ref().ok().cloned();
+                self.audit(Action::Run, by, Some(job), instance, None, &result);
+                let _ = reply.send(result);
             }
             ApiRequest::GetRun { instance, reply } => {
                 let _ = reply.send(find_run(self, &instance).map(|r| r.view()));
             }
-            ApiRequest::KillRun { instance, reply } => {
-                let _ = reply.send(self.kill_run(&instance));
+            ApiRequest::KillRun {
+                instance,
+                by,
+                reply,
+            } => {
+                let result = self.kill_run(&instance);
+                let job = self.job_of(&instance);
+                if result.is_ok()
+                    && let Some(job) = &job
+                {
+                    self.log_note(job, format!("Kill of {instance} requested by {by}"));
+                }
+                self.audit(Action::Kill, by, job, Some(instance), None, &result);
+                let _ = reply.send(result);
             }
             ApiRequest::KillMachine {
                 instance,
                 machine,
+                by,
                 reply,
             } => {
-                let _ = reply.send(self.kill_machine(&instance, &machine));
+                let result = self.kill_machine(&instance, &machine);
+                let job = self.job_of(&instance);
+                if result.is_ok()
+                    && let Some(job) = &job
+                {
+                    self.log_note(
+                        job,
+                        format!("Kill of {machine} in {instance} requested by {by}"),
+                    );
+                }
+                self.audit(
+                    Action::KillMachine,
+                    by,
+                    job,
+                    Some(instance),
+                    Some(machine),
+                    &result,
+                );
+                let _ = reply.send(result);
+            }
+            ApiRequest::Note { by, action, detail } => {
+                tracing::info!(actor = %by, action = action.as_str(), "Recorded in the audit trail.");
+                let at = self.clock.wall();
+                self.store.push(crate::store::StoreOp::Audit(AuditRecord {
+                    at,
+                    actor: by,
+                    action,
+                    job: None,
+                    instance: None,
+                    machine: None,
+                    ok: true,
+                    detail,
+                }));
             }
             ApiRequest::Ui(request) => self.on_ui(request),
             ApiRequest::Store(query) => self.store.push(crate::store::StoreOp::Query(query)),
         }
+    }
+
+    /// Records an act and its outcome in the audit trail.
+    pub(super) fn audit<T>(
+        &mut self,
+        action: Action,
+        by: Actor,
+        job: Option<String>,
+        instance: Option<String>,
+        machine: Option<String>,
+        result: &Result<T, ApiError>,
+    ) {
+        let detail = result.as_ref().err().map(ToString::to_string);
+        tracing::info!(
+            actor = %by,
+            action = action.as_str(),
+            job = job.as_deref().unwrap_or("-"),
+            instance = instance.as_deref().unwrap_or("-"),
+            ok = result.is_ok(),
+            "Audit."
+        );
+        let at = self.clock.wall();
+        self.store.push(crate::store::StoreOp::Audit(AuditRecord {
+            at,
+            actor: by,
+            action,
+            job,
+            instance,
+            machine,
+            ok: result.is_ok(),
+            detail,
+        }));
+    }
+
+    /// The job of a run the engine still knows.
+    fn job_of(&self, instance: &str) -> Option<String> {
+        find_run(self, instance).map(|r| r.job.name.clone())
+    }
+
+    /// A line in a job's log naming who did something to one of its runs.
+    pub(super) fn log_note(&self, job: &str, text: String) {
+        let at = self.clock.wall();
+        self.joblog.record(
+            &self.logdir,
+            crate::joblog::LogEntry::Note {
+                job: job.to_owned(),
+                text,
+                at,
+            },
+        );
     }
 
     fn job_summaries(&self) -> Vec<JobSummary> {

@@ -2,6 +2,7 @@
 //! evaluate the run (reference §4.9 and §4.13, with D-31, D-33 and D-34 fixed: state is per
 //! instance, a launch failure fails only its own machine, a kill reaches every machine).
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use rand::seq::SliceRandom;
@@ -10,6 +11,7 @@ use saltpeter_proto::{Cause, EXIT_ERROR, EXIT_KILLED, EXIT_NOT_STARTED, EXIT_SUC
 use super::api::ApiError;
 use super::{Engine, Event, HISTORY_PER_JOB, new_token};
 use crate::config::JobSpec;
+use crate::identity::{Identity, machine_token};
 use crate::joblog::LogEntry;
 use crate::launch::{DirectOutcome, Resolution, StartRequest};
 use crate::metrics::RunResult;
@@ -18,8 +20,14 @@ use crate::runs::{MachineRun, Run};
 use crate::store::StoreOp;
 
 impl Engine {
-    /// Starts a run of `job` now. `Err` says why not (unknown job, maintenance, overlap).
-    pub(super) fn fire(&mut self, job_name: &str) -> Result<String, ApiError> {
+    /// Starts a run of `job` now, by hand when `by` names who asked (the job log then says
+    /// so in a line after the start line), else for the scheduler. `Err` says why not
+    /// (unknown job, maintenance, overlap).
+    pub(super) fn fire(
+        &mut self,
+        job_name: &str,
+        by: Option<&crate::audit::Actor>,
+    ) -> Result<String, ApiError> {
         let job = self
             .config
             .jobs
@@ -66,6 +74,9 @@ impl Engine {
                 at: wall,
             },
         );
+        if let Some(by) = by {
+            self.log_note(&job.name, format!("Started by {by}"));
+        }
         let run = Run {
             instance: instance.clone(),
             job: job.clone(),
@@ -73,6 +84,7 @@ impl Engine {
             ended: None,
             success: None,
             token: new_token(),
+            identity: self.launcher.identity(),
             machines: Default::default(),
             maintenance: Vec::new(),
             pending_batches: Default::default(),
@@ -238,8 +250,19 @@ impl Engine {
                 }
             }
         }
-        let token = run.token.clone();
-        let env = self.wrapper_env(&job, instance, &token);
+        // Where each machine has a token of its own, the run's secret stays here.
+        let (shared_token, tokens) = match run.identity {
+            Identity::MachineToken => {
+                let tokens = batch
+                    .iter()
+                    .map(|m| (m.clone(), machine_token(&run.token, instance, m)))
+                    .collect();
+                (None, tokens)
+            }
+            Identity::RunToken | Identity::SaltKey => (Some(run.token.clone()), BTreeMap::new()),
+        };
+        let identity = run.identity;
+        let env = self.wrapper_env(&job, instance, shared_token.as_deref(), identity);
         for name in &batch {
             self.joblog.record(
                 &self.logdir,
@@ -259,6 +282,7 @@ impl Engine {
             instance: instance.into(),
             machines: batch,
             env,
+            tokens,
             wrapper_path: job
                 .wrapper_path
                 .clone()
@@ -533,7 +557,8 @@ impl Engine {
         &self,
         job: &Arc<JobSpec>,
         instance: &str,
-        token: &str,
+        token: Option<&str>,
+        identity: Identity,
     ) -> Vec<(String, String)> {
         let s = &self.config.settings;
         let mut env: Vec<(String, String)> = job
@@ -570,7 +595,13 @@ impl Engine {
             "SP_TIMEOUT",
             job.timeout.map_or(0, |t| t.as_secs()).to_string(),
         );
-        put("SP_RUN_TOKEN", token.to_owned());
+        if let Some(token) = token {
+            put("SP_RUN_TOKEN", token.to_owned());
+        }
+        if identity == Identity::SaltKey {
+            // The wrapper signs its connect with the minion's Salt key (`SP_SALT_PKI_DIR`).
+            put("SP_IDENTITY", identity.as_str().to_owned());
+        }
         if let Some(v) = &job.lockfile {
             put("SP_LOCKFILE", v.clone());
         }
@@ -600,6 +631,8 @@ const RESERVED: &[&str] = &[
     "SP_JOB_INSTANCE_NAME",
     "SP_COMMAND",
     "SP_RUN_TOKEN",
+    "SP_IDENTITY",
+    "SP_SALT_PKI_DIR",
     "SP_MACHINE_ID",
     "SP_TIMEOUT",
     "SP_ALLOW_OVERLAP",

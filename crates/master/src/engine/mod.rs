@@ -32,6 +32,7 @@ use tokio_util::sync::CancellationToken;
 pub use api::{ApiError, ApiRequest, JobSummary};
 pub use ui::*;
 
+use crate::audit::Action;
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::joblog::JobLog;
@@ -103,6 +104,13 @@ pub enum Event {
     },
     /// The store committed everything queued before these notices.
     Persisted(Vec<Notice>),
+    /// The check of a `connect`'s signature with the minion's Salt key, done off the engine's
+    /// thread because it reads the key from disk.
+    Verified {
+        conn: ConnId,
+        connect: saltpeter_proto::Connect,
+        result: Result<(), crate::identity::IdentityError>,
+    },
 }
 
 /// Sends events to the engine.
@@ -166,6 +174,9 @@ const EVENT_QUEUE: usize = 16 * 1024;
 /// twice this (its output, then the store's notice).
 const GATHER: Duration = Duration::from_micros(500);
 
+/// How many signature checks may run at once.
+const VERIFIERS: usize = 2;
+
 /// The state the engine owns.
 #[derive(Debug)]
 pub struct Engine {
@@ -197,6 +208,10 @@ pub struct Engine {
     /// Where launcher work and other waiting goes: the runtime that created the engine, which
     /// need not be the one that runs it (see [`Engine::run_on_own_thread`]).
     spawner: tokio::runtime::Handle,
+    /// Signature checks running at once (each reads a key file and does an RSA verification
+    /// on a blocking thread): a reconnecting fleet waits in line instead of starting a
+    /// blocking thread per wrapper.
+    verifiers: Arc<tokio::sync::Semaphore>,
 }
 
 /// What the engine remembers about a job between runs.
@@ -225,6 +240,10 @@ struct Conn {
     bound: Option<(String, String)>,
     /// [`Outbound::Accepted`] was sent.
     accepted: bool,
+    /// The challenge sent in answer to this connection's `hello`, until a `connect` uses it.
+    nonce: Option<String>,
+    /// A signed `connect` is being checked; other messages wait for the verdict.
+    verifying: bool,
 }
 
 impl Engine {
@@ -263,6 +282,7 @@ impl Engine {
             store,
             metrics,
             spawner: tokio::runtime::Handle::current(),
+            verifiers: Arc::new(tokio::sync::Semaphore::new(VERIFIERS)),
         };
         for name in config.jobs.keys() {
             engine.jobs.entry(name.clone()).or_default();
@@ -400,6 +420,8 @@ impl Engine {
                         peer,
                         bound: None,
                         accepted: false,
+                        nonce: None,
+                        verifying: false,
                     },
                 );
             }
@@ -417,11 +439,17 @@ impl Engine {
             Event::Started { instance, outcome } => self.on_started(&instance, outcome),
             Event::Finished { instance, outcome } => self.on_direct(&instance, outcome),
             Event::Persisted(notices) => self.on_persisted(notices),
+            Event::Verified {
+                conn,
+                connect,
+                result,
+            } => self.on_verified(conn, connect, result),
         }
         self.drain_inline_notices();
     }
 
     fn apply_config(&mut self, config: Arc<Config>) {
+        self.audit_config(&config);
         self.logdir = config.settings.logdir.clone().into();
         for name in config.jobs.keys() {
             self.jobs.entry(name.clone()).or_default();
@@ -433,6 +461,52 @@ impl Engine {
             .collect();
         self.scheduler.reload(&config, self.clock.wall(), &floors);
         self.config = config;
+    }
+
+    /// Records a configuration change (its serial moved) and a change of maintenance in the
+    /// audit trail. The watcher only publishes what it read, so the actor is `config`; a
+    /// SIGHUP that asked for the reread is recorded on its own, as `signal`.
+    fn audit_config(&mut self, new: &Config) {
+        let old = self.config.clone();
+        if new.serial == old.serial {
+            return;
+        }
+        let detail = format!("serial {} -> {}", old.serial, new.serial);
+        self.audit_config_change(Action::ConfigReload, detail);
+        if new.maintenance != old.maintenance {
+            let m = &new.maintenance;
+            // A fleet may list thousands of machines; the entry names the first few.
+            let shown: Vec<&str> = m.machines.iter().take(20).map(String::as_str).collect();
+            let more = m.machines.len().saturating_sub(shown.len());
+            let detail = format!(
+                "global {}, {} machine(s): {}{}",
+                if m.global { "on" } else { "off" },
+                m.machines.len(),
+                shown.join(", "),
+                if more > 0 {
+                    format!(" and {more} more")
+                } else {
+                    String::new()
+                }
+            );
+            self.audit_config_change(Action::Maintenance, detail);
+        }
+    }
+
+    fn audit_config_change(&mut self, action: Action, detail: String) {
+        tracing::info!(action = action.as_str(), %detail, "Audit.");
+        let at = self.clock.wall();
+        self.store
+            .push(crate::store::StoreOp::Audit(crate::audit::AuditRecord {
+                at,
+                actor: crate::audit::Actor::config(),
+                action,
+                job: None,
+                instance: None,
+                machine: None,
+                ok: true,
+                detail: Some(detail),
+            }));
     }
 
     /// Sends a frame to a connection without ever waiting: a wrapper that does not read its
@@ -449,7 +523,7 @@ impl Engine {
 
     /// Records that `conn` speaks for (instance, machine); the first time, tells its task the
     /// handshake is done.
-    fn bind(&mut self, conn: ConnId, key: (String, String)) {
+    fn bind_conn(&mut self, conn: ConnId, key: (String, String)) {
         let Some(c) = self.conns.get_mut(&conn) else {
             return;
         };
@@ -488,15 +562,6 @@ fn new_token() -> String {
     let mut bytes = [0u8; 24];
     rand::rng().fill_bytes(&mut bytes);
     bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// Compares secrets in time independent of where they differ.
-fn same_secret(a: &str, b: &str) -> bool {
-    a.len() == b.len()
-        && a.bytes()
-            .zip(b.bytes())
-            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
-            == 0
 }
 
 impl Engine {

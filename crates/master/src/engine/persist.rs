@@ -34,6 +34,7 @@ impl Engine {
             success: run.success,
             killed: run.killed,
             token: run.token.clone(),
+            identity: run.identity,
             resolving: run.resolving,
             maintenance: run.maintenance.clone(),
             pending_batches: run.pending_batches.iter().cloned().collect(),
@@ -69,6 +70,7 @@ impl Engine {
             kill_requested: m.clock.kill_requested.is_some(),
             launch_problem: m.clock.launch_problem.clone(),
             modern: m.modern,
+            authenticated: m.authenticated,
         };
         self.store.push(StoreOp::Machine(record));
     }
@@ -196,6 +198,7 @@ impl Engine {
                 ended: None,
                 success: None,
                 token: record.token.clone(),
+                identity: record.identity,
                 machines: Default::default(),
                 maintenance: record.maintenance.clone(),
                 pending_batches: record.pending_batches.into_iter().collect(),

@@ -119,7 +119,7 @@ impl Engine {
                 state.last_fired = Some(slot);
             }
             self.save_job(&job);
-            if let Err(error) = self.fire(&job) {
+            if let Err(error) = self.fire(&job, None) {
                 tracing::debug!(%job, %error, "Scheduled run not started.");
             }
         }

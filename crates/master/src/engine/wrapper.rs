@@ -1,18 +1,29 @@
 //! The machines-endpoint protocol, engine side: what each wrapper message does to run state
-//! and what is answered (reference §2.5/2.6, with D-08, D-09 and D-21 fixed).
+//! and what is answered, and which connection may speak for which machine.
+//!
+//! A connection speaks for one (instance, machine) once its `connect` presents the credential
+//! the run's [`Identity`] asks for: the machine's own token, or the run's token and a signature
+//! with the minion's Salt key over a challenge this connection got from `hello`. Once the
+//! machine's result is recorded the credential is spent: no connection can bind to it any
+//! more, and the one that spoke for it may only add a late `complete`. A legacy wrapper
+//! (no credential, when allowed) never takes a machine a credentialed wrapper spoke for.
 //!
 //! Sequence state lives on the machine, not the socket, so a reconnect never resets it: a
 //! duplicate seq is acked again, a gap is nacked, and the `connect` ack tells a reconnecting
 //! wrapper exactly where to resume. Acks go out only after the message has been applied.
 
 use saltpeter_proto::{
-    Ack, AckType, Cause, Complete, Connect, EXIT_ERROR, EXIT_UNKNOWN, ErrorCode, ErrorReply, Kill,
-    MasterMessage, Nack, NackType, Output, SyncResponse, Timestamp, WrapperMessage,
+    Ack, AckType, Cause, Challenge, Complete, Connect, EXIT_ERROR, EXIT_UNKNOWN, ErrorCode,
+    ErrorReply, Kill, MasterMessage, Nack, NackType, Output, SyncResponse, Timestamp,
+    WrapperMessage, signing_payload,
 };
 
 use tokio::time::Instant;
 
-use super::{ConnId, Engine, Outbound, same_secret};
+use super::{ConnId, Engine, Event, Outbound};
+use crate::identity::{
+    Identity, IdentityError, machine_token, new_nonce, same_secret, verify_minion_signature,
+};
 use crate::joblog::LogEntry;
 use crate::runs::MachineStatus;
 use crate::store::{Notice, StoreOp};
@@ -32,63 +43,220 @@ impl Engine {
         let env = msg.envelope();
         let (instance, machine) = (env.job_instance.clone(), env.machine.clone());
         let result = match msg {
+            WrapperMessage::Hello(_) => self.on_hello(conn, &instance),
             WrapperMessage::Connect(connect) => self.on_connect(conn, connect),
+            _ if self.conns.get(&conn).is_some_and(|c| c.verifying) => {
+                // Our wrapper sends nothing before its connect is acknowledged but a heartbeat
+                // on its own timer; that one is not worth closing the connection for.
+                tracing::debug!(conn, %instance, %machine, kind = msg.kind(), "Ignored a message that came while its connect was being checked.");
+                Ok(())
+            }
             other => match self.authorize(conn, &instance, &machine) {
                 Err(refusal) => Err(refusal),
                 Ok(()) => self.on_bound_message(conn, &instance, &machine, other, received),
             },
         };
         if let Err(refusal) = result {
-            let (code, message, close) = match refusal {
-                Refusal::JobNotFound => {
-                    let reply = ErrorReply::job_not_found();
-                    (reply.code, reply.message, true)
-                }
-                Refusal::Unauthorized(why) => (ErrorCode::Unauthorized, why, true),
-                Refusal::BadRequest(why) => (ErrorCode::BadRequest, why, false),
-            };
-            tracing::warn!(conn, %instance, %machine, ?code, %message, "Rejected a wrapper message.");
-            let reply = MasterMessage::Error(ErrorReply {
-                code,
-                message,
-                timestamp: None,
-            });
-            self.send(
-                conn,
-                if close {
-                    Outbound::Close(reply)
-                } else {
-                    Outbound::Message(reply)
-                },
-            );
+            self.refuse(conn, &instance, &machine, refusal);
         }
     }
 
+    /// Answers a refused message; a refusal of the connection's right to speak also closes it.
+    fn refuse(&mut self, conn: ConnId, instance: &str, machine: &str, refusal: Refusal) {
+        let (code, message, close) = match refusal {
+            Refusal::JobNotFound => {
+                let reply = ErrorReply::job_not_found();
+                (reply.code, reply.message, true)
+            }
+            Refusal::Unauthorized(why) => (ErrorCode::Unauthorized, why, true),
+            Refusal::BadRequest(why) => (ErrorCode::BadRequest, why, false),
+        };
+        let peer = self.conns.get(&conn).map(|c| c.peer);
+        tracing::warn!(conn, ?peer, %instance, %machine, ?code, %message, "Rejected a wrapper message.");
+        let reply = MasterMessage::Error(ErrorReply {
+            code,
+            message,
+            timestamp: None,
+        });
+        self.send(
+            conn,
+            if close {
+                Outbound::Close(reply)
+            } else {
+                Outbound::Message(reply)
+            },
+        );
+    }
+
+    /// `hello`: a fresh challenge for this connection, which its `connect` must sign.
+    fn on_hello(&mut self, conn: ConnId, instance: &str) -> Result<(), Refusal> {
+        if self.run_mut(instance).is_none() {
+            return Err(Refusal::JobNotFound);
+        }
+        let nonce = new_nonce();
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return Ok(());
+        };
+        c.nonce = Some(nonce.clone());
+        self.send(
+            conn,
+            Outbound::Message(MasterMessage::Challenge(Challenge {
+                nonce,
+                timestamp: Some(Timestamp::now()),
+            })),
+        );
+        Ok(())
+    }
+
+    /// `connect`: checks the credential the run's identity mode asks for, then binds the
+    /// connection to the machine. A signed connect is checked off the engine's thread and
+    /// bound in [`Self::on_verified`].
     fn on_connect(&mut self, conn: ConnId, connect: Connect) -> Result<(), Refusal> {
         let env = &connect.envelope;
+        let (instance, machine) = (env.job_instance.as_str(), env.machine.as_str());
         let allow_legacy = self.config.settings.allow_legacy_wrappers;
-        let run = self
-            .run_mut(&env.job_instance)
-            .ok_or(Refusal::JobNotFound)?;
-        match (&connect.token, allow_legacy) {
-            (Some(token), _) if same_secret(token, &run.token) => {}
-            (Some(_), _) => return Err(Refusal::Unauthorized("wrong run token".into())),
-            (None, true) => {}
-            (None, false) => {
+        let run = self.run_mut(instance).ok_or(Refusal::JobNotFound)?;
+        let identity = run.identity;
+        let secret = run.token.clone();
+        let authenticated = live_machine(run, instance, machine)?.authenticated;
+        let Some(token) = &connect.token else {
+            if !allow_legacy {
                 return Err(Refusal::Unauthorized(
                     "no run token; legacy wrappers are not allowed (allow_legacy_wrappers)".into(),
                 ));
             }
+            if authenticated {
+                return Err(Refusal::Unauthorized(format!(
+                    "{machine} is spoken for by a wrapper that proved its credential; a connection without one cannot take it over"
+                )));
+            }
+            self.bind(conn, &connect, false);
+            return Ok(());
+        };
+        match identity {
+            Identity::RunToken if same_secret(token, &secret) => {}
+            Identity::MachineToken
+                if same_secret(token, &machine_token(&secret, instance, machine)) => {}
+            Identity::RunToken | Identity::MachineToken => {
+                return Err(Refusal::Unauthorized(format!(
+                    "wrong token for {machine} in {instance}"
+                )));
+            }
+            Identity::SaltKey => return self.check_signature(conn, connect, &secret),
         }
+        self.bind(conn, &connect, true);
+        Ok(())
+    }
+
+    /// The Salt-key check of a `connect`: the run's token, then a signature over this
+    /// connection's challenge, verified in the background with the minion's accepted key.
+    fn check_signature(
+        &mut self,
+        conn: ConnId,
+        connect: Connect,
+        secret: &str,
+    ) -> Result<(), Refusal> {
+        let env = &connect.envelope;
+        let (instance, machine) = (env.job_instance.clone(), env.machine.clone());
+        if !connect
+            .token
+            .as_deref()
+            .is_some_and(|t| same_secret(t, secret))
+        {
+            return Err(Refusal::Unauthorized(format!(
+                "wrong run token for {instance}"
+            )));
+        }
+        let Some(signature) = connect.signature.clone() else {
+            return Err(Refusal::Unauthorized(format!(
+                "{instance} needs connect signed with the Salt key of minion {machine:?} (send hello first)"
+            )));
+        };
+        // The challenge is spent by this attempt, whatever its outcome.
+        let Some(nonce) = self.conns.get_mut(&conn).and_then(|c| c.nonce.take()) else {
+            return Err(Refusal::Unauthorized(
+                "no challenge on this connection; send hello first".into(),
+            ));
+        };
+        let Some(pki_dir) = self.launcher.salt_pki_dir() else {
+            return Err(Refusal::Unauthorized(
+                "this master has no Salt pki directory to check minion keys in".into(),
+            ));
+        };
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.verifying = true;
+        }
+        let tx = self.self_tx.clone();
+        let verifiers = self.verifiers.clone();
+        self.spawner.spawn(async move {
+            // The semaphore is never closed; without a permit the check runs anyway.
+            let _permit = verifiers.acquire_owned().await;
+            let check = tokio::task::spawn_blocking(move || {
+                let payload = signing_payload(&nonce, &instance, &machine);
+                verify_minion_signature(&pki_dir, &machine, &payload, &signature)
+            });
+            let result = check.await.unwrap_or_else(|e| {
+                Err(IdentityError::Unavailable(format!(
+                    "the check did not finish: {e}"
+                )))
+            });
+            // The engine drops its receiver only when it stops.
+            let _ = tx
+                .send(Event::Verified {
+                    conn,
+                    connect,
+                    result,
+                })
+                .await;
+        });
+        Ok(())
+    }
+
+    /// The verdict on a signed `connect`.
+    pub(super) fn on_verified(
+        &mut self,
+        conn: ConnId,
+        connect: Connect,
+        result: Result<(), IdentityError>,
+    ) {
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        c.verifying = false;
+        let env = &connect.envelope;
+        let (instance, machine) = (env.job_instance.clone(), env.machine.clone());
+        let checked = match result {
+            Err(error) => {
+                tracing::warn!(conn, %instance, %machine, %error, "Refused a wrapper: its minion key check failed.");
+                Err(Refusal::Unauthorized(format!(
+                    "minion key check failed: {error}"
+                )))
+            }
+            // The run or the machine may have ended while the key was being checked.
+            Ok(()) => match self.run_mut(&instance) {
+                None => Err(Refusal::JobNotFound),
+                Some(run) => live_machine(run, &instance, &machine).map(|_| ()),
+            },
+        };
+        match checked {
+            Ok(()) => self.bind(conn, &connect, true),
+            Err(refusal) => self.refuse(conn, &instance, &machine, refusal),
+        }
+    }
+
+    /// Makes `conn` the connection that speaks for the machine `connect` names, and answers.
+    fn bind(&mut self, conn: ConnId, connect: &Connect, authenticated: bool) {
+        let env = &connect.envelope;
+        let Some(run) = self.run_mut(&env.job_instance) else {
+            return;
+        };
         let killed = run.killed;
         let Some(m) = run.machines.get_mut(&env.machine) else {
-            return Err(Refusal::BadRequest(format!(
-                "machine {:?} is not a target of {}",
-                env.machine, env.job_instance
-            )));
+            return;
         };
         let previous = m.conn.replace(conn);
         m.modern = connect.protocol.is_some_and(|p| p >= 2);
+        m.authenticated |= authenticated;
         if connect.wrapper_pid.is_some() {
             m.wrapper_pid = connect.wrapper_pid;
         }
@@ -102,18 +270,18 @@ impl Engine {
             // The machine moved to a new socket; the old one no longer speaks for it.
             c.bound = None;
         }
-        self.bind(conn, key.clone());
-        tracing::debug!(conn, instance = %key.0, machine = %key.1, last_seq, "Wrapper connected.");
+        self.bind_conn(conn, key.clone());
+        tracing::debug!(conn, instance = %key.0, machine = %key.1, last_seq, authenticated, "Wrapper connected.");
         self.save_machine(&key.0, &key.1);
         self.send(conn, ack(AckType::Connect, None, Some(last_seq)));
         if kill_pending {
             self.send_kill(&key.0, &key.1);
         }
-        Ok(())
     }
 
     /// Checks that `conn` may speak for (instance, machine), binding legacy wrappers that
-    /// reconnect without `connect` (the original wrapper never re-sends it) when allowed.
+    /// reconnect without `connect` (the original wrapper never re-sends it) when allowed and
+    /// when no wrapper with credentials has spoken for the machine.
     fn authorize(&mut self, conn: ConnId, instance: &str, machine: &str) -> Result<(), Refusal> {
         let Some(c) = self.conns.get(&conn) else {
             return Err(Refusal::JobNotFound);
@@ -135,13 +303,14 @@ impl Engine {
                 "send connect with the run token first".into(),
             ));
         }
-        let Some(m) = run.machines.get_mut(machine) else {
-            return Err(Refusal::BadRequest(format!(
-                "machine {machine:?} is not a target of {instance}"
+        let m = live_machine(run, instance, machine)?;
+        if m.authenticated {
+            return Err(Refusal::Unauthorized(format!(
+                "{machine} is spoken for by a wrapper that proved its credential; send connect with it"
             )));
-        };
+        }
         m.conn = Some(conn);
-        self.bind(conn, (instance.to_owned(), machine.to_owned()));
+        self.bind_conn(conn, (instance.to_owned(), machine.to_owned()));
         Ok(())
     }
 
@@ -161,8 +330,26 @@ impl Engine {
         let m = run.machines.get_mut(machine).ok_or_else(|| {
             Refusal::BadRequest(format!("machine {machine:?} is not a target of {instance}"))
         })?;
+        if m.ended() {
+            // The machine's result is stored, so its credential is spent. Only the connection
+            // that spoke for it before may still say how the job ended (kept beside the
+            // verdict); liveness messages from it are harmless and pass unanswered.
+            match msg {
+                WrapperMessage::Complete(complete) => {
+                    self.on_complete(conn, instance, machine, complete);
+                    return Ok(());
+                }
+                WrapperMessage::Heartbeat(_) | WrapperMessage::SyncRequest(_) => return Ok(()),
+                other => {
+                    return Err(Refusal::Unauthorized(format!(
+                        "the result of {machine} in {instance} is already recorded; {} is not accepted",
+                        other.kind()
+                    )));
+                }
+            }
+        }
         match msg {
-            WrapperMessage::Connect(_) => unreachable_connect(),
+            WrapperMessage::Connect(_) | WrapperMessage::Hello(_) => unreachable_connect(),
             WrapperMessage::Start(start) => {
                 if m.clock.started.is_none() && !m.ended() {
                     m.clock.started = Some(now);
@@ -382,7 +569,28 @@ fn ack(ack_type: AckType, seq: Option<u64>, last_seq: Option<i64>) -> Outbound {
     }))
 }
 
-/// `connect` is dispatched before binding; reaching here would be a logic slip, not input.
+/// `connect` and `hello` are dispatched before binding; reaching here would be a logic slip,
+/// not input.
 fn unreachable_connect() {
-    tracing::error!("A connect message reached the bound-message path; ignored.");
+    tracing::error!("A connect or hello message reached the bound-message path; ignored.");
+}
+
+/// The machine a connection wants to speak for, if it is a target of the run and its result
+/// is not recorded yet (a stored result spends every credential for the machine).
+fn live_machine<'a>(
+    run: &'a mut crate::runs::Run,
+    instance: &str,
+    machine: &str,
+) -> Result<&'a mut crate::runs::MachineRun, Refusal> {
+    let Some(m) = run.machines.get_mut(machine) else {
+        return Err(Refusal::BadRequest(format!(
+            "machine {machine:?} is not a target of {instance}"
+        )));
+    };
+    if m.ended() {
+        return Err(Refusal::Unauthorized(format!(
+            "the result of {machine} in {instance} is already recorded; its credential is spent"
+        )));
+    }
+    Ok(m)
 }

@@ -54,6 +54,13 @@ pub enum LogEntry {
         why: String,
         at: OffsetDateTime,
     },
+    /// A line naming who did something to a run (started it by hand, asked for a kill). It
+    /// is a line of its own so that the original lines keep their format.
+    Note {
+        job: String,
+        text: String,
+        at: OffsetDateTime,
+    },
     /// Text from a machine, in arrival order.
     Output {
         instance: String,
@@ -275,6 +282,11 @@ impl Writer {
                     "###### Starting {instance} at {} ################\n",
                     py_time(at)
                 ),
+            ),
+            LogEntry::Note { job, text, at } => append(
+                dir,
+                &job,
+                &format!("###### {text} at {} ################\n", py_time(at)),
             ),
             LogEntry::MachineStart {
                 job,

@@ -2,8 +2,8 @@
 //!
 //! Every name in a job's `targets` is a simulated machine, as with the local launcher, but
 //! nothing is spawned: each start request is appended as one JSON line to
-//! `<data_dir>/bench-starts.jsonl` (instance, machines, run token, machines URL, and the wall
-//! time it was written), and every machine is reported started. The load generator tails that
+//! `<data_dir>/bench-starts.jsonl` (instance, machines, each machine's token, machines URL,
+//! and the wall time it was written), and every machine is reported started. The load generator tails that
 //! file and opens one WebSocket per machine, speaking the real protocol. So the engine, the
 //! machines endpoint, the monitor, the store, the API and the metrics all run their production
 //! code; only the launcher (Salt, or `sp-wrapper` processes) is replaced, which is what the
@@ -63,7 +63,7 @@ impl Launcher for BenchLauncher {
                 "instance": request.instance,
                 "job": request.job.name,
                 "machines": request.machines,
-                "token": env("SP_RUN_TOKEN"),
+                "tokens": request.tokens,
                 "url": env("SP_WEBSOCKET_URL"),
                 "written_unix_ns": at.to_string(),
             })

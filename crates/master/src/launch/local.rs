@@ -1,6 +1,7 @@
 //! The local launcher: every name in a job's `targets` is a machine simulated on this host.
 //! The master runs `sp-wrapper` directly with the environment Salt would pass and
-//! `SP_MACHINE_ID` set to the machine's name, then judges the launch by the invoking process's
+//! `SP_MACHINE_ID` set to the machine's name and `SP_RUN_TOKEN` to that machine's own token
+//! (so one simulated machine cannot speak for another), then judges the launch by the invoking process's
 //! exit status, exactly as it would judge Salt's `cmd.run_all` result.
 
 use std::path::PathBuf;
@@ -79,6 +80,10 @@ impl Launcher for LocalLauncher {
                 let mut cmd = Command::new(&program);
                 cmd.envs(request.env.iter().map(|(k, v)| (k, v)))
                     .env("SP_MACHINE_ID", machine);
+                // Each machine's wrapper gets only its own credential.
+                if let Some(token) = request.tokens.get(machine) {
+                    cmd.env("SP_RUN_TOKEN", token);
+                }
                 // Simulated machines share this host's /tmp, where each would otherwise take the
                 // same per-job lock; give each its own unless the job names one.
                 if request.job.lockfile.is_none() {

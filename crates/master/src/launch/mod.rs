@@ -11,11 +11,14 @@ pub mod bench;
 pub mod local;
 pub mod salt;
 
+use std::collections::BTreeMap;
 use std::future::Future;
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
 
 use crate::config::JobSpec;
+use crate::identity::Identity;
 
 /// A boxed future, so the trait stays object-safe.
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
@@ -40,6 +43,9 @@ pub struct StartRequest {
     /// The wrapper's environment, identical for every machine (the launcher adds
     /// `SP_MACHINE_ID` itself, since only it knows how to name each machine).
     pub env: Vec<(String, String)>,
+    /// Each machine's own `SP_RUN_TOKEN`, for runs whose machines authenticate with tokens of
+    /// their own ([`Identity::MachineToken`]); empty when `env` carries the run's token.
+    pub tokens: BTreeMap<String, String>,
     /// The program to run on the machine: the job's `wrapper_path`, else the settings'
     /// `default_wrapper_path`; `None` when neither is set and the launcher picks its own.
     pub wrapper_path: Option<String>,
@@ -61,6 +67,17 @@ pub type DirectOutcome = Vec<(String, Result<DirectResult, String>)>;
 
 /// Resolves targets and starts wrappers.
 pub trait Launcher: Send + Sync + std::fmt::Debug + 'static {
+    /// How the wrappers this launcher starts prove which machine they are. A launcher that
+    /// starts each machine's wrapper itself can hand each its own secret (the default); one
+    /// that passes a single environment to many machines cannot.
+    fn identity(&self) -> Identity {
+        Identity::MachineToken
+    }
+    /// The Salt master's pki directory, whose `minions/<id>` files are the accepted public
+    /// keys that [`Identity::SaltKey`] signatures are checked against.
+    fn salt_pki_dir(&self) -> Option<PathBuf> {
+        None
+    }
     /// Which machines the job targets and which of them answer.
     fn resolve(&self, job: Arc<JobSpec>) -> BoxFuture<Resolution>;
     /// Starts the wrapper on each machine of the request.

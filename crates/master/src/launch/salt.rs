@@ -19,10 +19,13 @@
 //!   answer, 2 when nothing was sent).
 //!
 //! Each wrapper learns its Salt minion id on the minion itself: the launch command is rendered
-//! by Salt with `template=jinja` as `/usr/bin/env SP_MACHINE_ID={{ grains['id'] }} <wrapper>`
-//! (D-14 fixed), so it reports under the id Salt knows even where the host name differs. The
-//! id in argv is not a secret; the environment travels as `cmd.run_all`'s `env` argument,
-//! which Salt hands to the process as its environment and never renders as a template.
+//! by Salt with `template=jinja` as `/usr/bin/env SP_MACHINE_ID={{ grains['id'] }}
+//! SP_SALT_PKI_DIR={{ opts['pki_dir'] }} <wrapper>`, so it reports under the id Salt knows even
+//! where the host name differs, and finds the minion's own key (`minion.pem`) to sign its
+//! `connect` with; the master checks that signature with the key it accepted for that id
+//! (`identity.rs`). Neither value in argv is a secret; the environment travels as
+//! `cmd.run_all`'s `env` argument, which Salt hands to the process as its environment and never
+//! renders as a template.
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt::Write as _;
@@ -39,6 +42,7 @@ use tokio::process::Command;
 use super::StartRequest;
 use super::{BoxFuture, DirectOutcome, DirectResult, Launcher, Resolution, StartOutcome};
 use crate::config::{JobSpec, Settings, TargetType};
+use crate::identity::Identity;
 
 /// How much longer than its own `-t` a `salt` process may take before we stop waiting: Salt
 /// spends its start-up, then up to `gather_job_timeout` (10 s by default) asking silent minions
@@ -70,6 +74,33 @@ pub struct SaltLauncher {
     pub config_dir: Option<PathBuf>,
     /// `-t` for `test.ping` (`ping_timeout`).
     pub ping_timeout: Duration,
+    /// The Salt master's pki directory (`salt_pki_dir`), where minions' accepted keys are.
+    pub pki_dir: PathBuf,
+}
+
+/// The pki directory of the Salt master whose configuration is in `config_dir`: its
+/// `pki_dir` (default `/etc/salt/pki/master`) under its `root_dir`, as Salt itself resolves
+/// them. Only top-level keys of the `master` file are read; a deployment that sets them
+/// elsewhere (an include, `master.d`) sets `salt_pki_dir` instead.
+pub fn master_pki_dir(config_dir: Option<&std::path::Path>) -> PathBuf {
+    let default = PathBuf::from("/etc/salt/pki/master");
+    let Some(text) = config_dir.and_then(|d| std::fs::read_to_string(d.join("master")).ok()) else {
+        return default;
+    };
+    let value = |key: &str| {
+        text.lines().find_map(|line| {
+            let rest = line.strip_prefix(key)?.strip_prefix(':')?;
+            let v = rest.split(" #").next()?.trim().trim_matches(['"', '\'']);
+            (!v.is_empty()).then(|| PathBuf::from(v))
+        })
+    };
+    let pki = value("pki_dir").unwrap_or(default);
+    match value("root_dir") {
+        Some(root) if root != std::path::Path::new("/") && !pki.starts_with(&root) => {
+            root.join(pki.strip_prefix("/").unwrap_or(&pki))
+        }
+        _ => pki,
+    }
 }
 
 impl SaltLauncher {
@@ -79,6 +110,10 @@ impl SaltLauncher {
             salt_bin: s.salt_bin.clone(),
             config_dir: s.salt_config_dir.clone(),
             ping_timeout: s.ping_timeout,
+            pki_dir: s
+                .salt_pki_dir
+                .clone()
+                .unwrap_or_else(|| master_pki_dir(s.salt_config_dir.as_deref())),
         }
     }
 
@@ -116,9 +151,11 @@ impl SaltLauncher {
             .wrapper_path
             .as_deref()
             .unwrap_or(crate::config::settings::ORIGINAL_WRAPPER_PATH);
-        // Rendered on each minion: its own id becomes SP_MACHINE_ID (D-14).
+        // Rendered on each minion: its own id becomes SP_MACHINE_ID, and its own pki
+        // directory tells the wrapper where the minion's key is to sign its connect with.
         let cmd = format!(
-            "/usr/bin/env SP_MACHINE_ID={{{{ grains['id'] | quote }}}} {}",
+            "/usr/bin/env SP_MACHINE_ID={{{{ grains['id'] | quote }}}} \
+             SP_SALT_PKI_DIR={{{{ opts['pki_dir'] | quote }}}} {}",
             shell_word(program)
         );
         let kwargs = [
@@ -223,6 +260,16 @@ impl SaltLauncher {
 }
 
 impl Launcher for SaltLauncher {
+    /// One `cmd.run_all` carries one environment to every minion, so no minion can get a
+    /// secret of its own that way; each proves its id with its own Salt key instead.
+    fn identity(&self) -> Identity {
+        Identity::SaltKey
+    }
+
+    fn salt_pki_dir(&self) -> Option<PathBuf> {
+        Some(self.pki_dir.clone())
+    }
+
     fn resolve(&self, job: Arc<JobSpec>) -> BoxFuture<Resolution> {
         let me = self.clone();
         Box::pin(async move {
@@ -637,6 +684,7 @@ mod tests {
             salt_bin: "salt".into(),
             config_dir: Some(PathBuf::from("/etc/salt-e2e")),
             ping_timeout: Duration::from_secs(7),
+            pki_dir: PathBuf::from("/etc/salt-e2e/pki/master"),
         }
     }
 
@@ -654,6 +702,7 @@ mod tests {
                 .iter()
                 .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
                 .collect(),
+            tokens: Default::default(),
             wrapper_path,
         }
     }
@@ -750,11 +799,41 @@ mod tests {
         assert_eq!(
             kwargs,
             "{\"cmd\": \"/usr/bin/env SP_MACHINE_ID={{ grains['id'] | quote }} \
-             /usr/local/bin/sp-wrapper\", \"env\": {\"SP_COMMAND\": \"echo \\\"a # b\\\" 'c'\\x0a\
+             SP_SALT_PKI_DIR={{ opts['pki_dir'] | quote }} /usr/local/bin/sp-wrapper\", \"env\": {\"SP_COMMAND\": \"echo \\\"a # b\\\" 'c'\\x0a\
              printf '%s\\\\t' \\xe9 \\U0001f600\", \"SP_RUN_TOKEN\": \"t0k3n\"}, \
              \"python_shell\": false, \"template\": \"jinja\", \"__kwarg__\": true}"
         );
         assert!(kwargs.is_ascii() && !kwargs.contains(['\n', '\r', '\t']));
+    }
+
+    #[test]
+    fn the_pki_dir_comes_from_the_salt_master_config_under_its_root_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        let conf = dir.path();
+        assert_eq!(master_pki_dir(None), PathBuf::from("/etc/salt/pki/master"));
+        assert_eq!(
+            master_pki_dir(Some(conf)),
+            PathBuf::from("/etc/salt/pki/master"),
+            "no master file"
+        );
+        let case = |text: &str| {
+            std::fs::write(conf.join("master"), text).unwrap();
+            master_pki_dir(Some(conf))
+        };
+        assert_eq!(
+            case("root_dir: /srv/salt\ninterface: 127.0.0.1\n"),
+            PathBuf::from("/srv/salt/etc/salt/pki/master")
+        );
+        assert_eq!(case("pki_dir: /keys # ours\n"), PathBuf::from("/keys"));
+        assert_eq!(
+            case("root_dir: '/srv/salt'\npki_dir: /srv/salt/pki\n"),
+            PathBuf::from("/srv/salt/pki"),
+            "already under root_dir"
+        );
+        assert_eq!(
+            case("root_dir: /\n  pki_dir: /nested/not/top/level\n"),
+            PathBuf::from("/etc/salt/pki/master")
+        );
     }
 
     #[test]

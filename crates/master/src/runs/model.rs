@@ -9,6 +9,7 @@ use time::OffsetDateTime;
 use tokio::time::Instant;
 
 use crate::config::JobSpec;
+use crate::identity::Identity;
 use crate::runs::OutputBuffer;
 
 /// Where a machine is in its run.
@@ -51,6 +52,10 @@ pub struct MachineRun {
     pub conn: Option<u64>,
     /// Whether that connection's wrapper announced our protocol (2) rather than the original.
     pub modern: bool,
+    /// A wrapper proved this machine's credential at least once. From then on a connection
+    /// without credentials (a legacy wrapper) can neither take the machine over nor write
+    /// for it.
+    pub authenticated: bool,
     /// Monotonic bookkeeping for the monitor.
     pub clock: MachineClock,
 }
@@ -96,6 +101,7 @@ impl MachineRun {
             durable_next_seq: 0,
             conn: None,
             modern: false,
+            authenticated: false,
             clock: MachineClock::default(),
         }
     }
@@ -156,8 +162,12 @@ pub struct Run {
     pub started: OffsetDateTime,
     pub ended: Option<OffsetDateTime>,
     pub success: Option<bool>,
-    /// The per-run secret handed to wrappers as `SP_RUN_TOKEN`.
+    /// The run's secret. With [`Identity::SaltKey`] (and runs stored before machine
+    /// credentials) it is handed to every wrapper as `SP_RUN_TOKEN`; otherwise it never leaves
+    /// the master and each machine gets its own token derived from it.
     pub token: String,
+    /// How this run's machines prove which machine they are.
+    pub identity: Identity,
     /// Every selected machine, including those whose batch has not come yet.
     pub machines: BTreeMap<String, MachineRun>,
     /// Machines left out because they are under maintenance.

@@ -108,7 +108,9 @@ impl DocBuilder {
     ) -> Option<Document> {
         let now = OffsetDateTime::now_utc();
         let doc = match entry {
-            LogEntry::Output { .. } => return None,
+            // Who did what is in the audit trail; the shipped documents keep the original's
+            // kinds.
+            LogEntry::Output { .. } | LogEntry::Note { .. } => return None,
             LogEntry::Start { job, instance, at } => self.doc("start", job, instance, *at),
             LogEntry::MachineStart {
                 job,

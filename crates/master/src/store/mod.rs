@@ -1,4 +1,5 @@
-//! Durable state: runs, per-machine results, output chunks, job state and events in an embedded
+//! Durable state: runs, per-machine results, output chunks, job state, events and the audit
+//! trail in an embedded
 //! SQLite database under `data_dir`, so a master restart loses nothing (D-01).
 //!
 //! One owner of the connection: the store thread. The engine never waits on disk; it pushes
@@ -54,6 +55,7 @@ pub struct RunRecord {
     pub success: Option<bool>,
     pub killed: bool,
     pub token: String,
+    pub identity: crate::identity::Identity,
     pub resolving: bool,
     pub maintenance: Vec<String>,
     pub pending_batches: Vec<Vec<String>>,
@@ -79,6 +81,7 @@ pub struct MachineRecord {
     pub kill_requested: bool,
     pub launch_problem: Option<String>,
     pub modern: bool,
+    pub authenticated: bool,
 }
 
 /// What the engine remembers about a job between runs.
@@ -171,6 +174,13 @@ pub enum Query {
         length: Option<u64>,
         reply: oneshot::Sender<Result<Option<OutputRange>, StoreError>>,
     },
+    /// Audit entries, newest first: those with an id below `before` (when given), at most
+    /// `limit`.
+    Audit {
+        before: Option<i64>,
+        limit: usize,
+        reply: oneshot::Sender<Result<Vec<crate::audit::AuditEntry>, StoreError>>,
+    },
     /// Runs overlapping a time window, oldest first, for the UI timeline.
     Timeline {
         query: crate::engine::TimelineQuery,
@@ -191,6 +201,8 @@ pub enum StoreOp {
         data: String,
     },
     Job(JobRecord),
+    /// Appends an entry to the audit trail.
+    Audit(crate::audit::AuditRecord),
     Notify(Notice),
     Query(Query),
     /// Applies the retention policy now.

@@ -65,7 +65,7 @@ impl Default for Retention {
     }
 }
 
-const SCHEMA_VERSION: i64 = 3;
+const SCHEMA_VERSION: i64 = 5;
 
 const MIGRATION_1: &str = "
 CREATE TABLE runs (
@@ -157,6 +157,32 @@ INSERT INTO output_v3 (instance, machine, idx, byte_offset, head, data)
 DROP TABLE output;
 ALTER TABLE output_v3 RENAME TO output;
 CREATE UNIQUE INDEX output_by_machine ON output(instance, machine, idx);
+";
+
+/// Machine credentials: how each run's machines prove who they are, and which machines a
+/// wrapper with credentials has spoken for. Runs stored before this keep the one token per run
+/// their wrappers were given (`run_token`).
+const MIGRATION_4: &str = "
+ALTER TABLE runs ADD COLUMN identity TEXT NOT NULL DEFAULT 'run_token';
+ALTER TABLE machines ADD COLUMN authenticated INTEGER NOT NULL DEFAULT 0;
+";
+
+/// The audit trail (see `audit.rs`): one row per act, ids growing, times in the same text
+/// form as the runs' so that age retention compares them the same way.
+const MIGRATION_5: &str = "
+CREATE TABLE audit (
+    id INTEGER PRIMARY KEY,
+    at TEXT NOT NULL,
+    actor TEXT NOT NULL,
+    source TEXT,
+    action TEXT NOT NULL,
+    job TEXT,
+    instance TEXT,
+    machine TEXT,
+    ok INTEGER NOT NULL,
+    detail TEXT
+);
+CREATE INDEX audit_by_at ON audit(at);
 ";
 
 /// The open database.
@@ -292,6 +318,18 @@ impl Db {
             tx.pragma_update(None, "user_version", 3)?;
             tx.commit()?;
         }
+        if version < 4 {
+            let tx = self.conn.transaction()?;
+            tx.execute_batch(MIGRATION_4)?;
+            tx.pragma_update(None, "user_version", 4)?;
+            tx.commit()?;
+        }
+        if version < 5 {
+            let tx = self.conn.transaction()?;
+            tx.execute_batch(MIGRATION_5)?;
+            tx.pragma_update(None, "user_version", 5)?;
+            tx.commit()?;
+        }
         Ok(())
     }
 
@@ -334,7 +372,7 @@ impl Db {
                     Query::Output {
                         instance, machine, ..
                     } => Some((instance, Some(machine.as_str()))),
-                    Query::Runs { .. } | Query::Timeline { .. } => None,
+                    Query::Runs { .. } | Query::Timeline { .. } | Query::Audit { .. } => None,
                 };
                 if let Some((instance, machine)) = target {
                     self.outputs
@@ -378,7 +416,7 @@ impl Db {
         let runs: Vec<RunRecord> = {
             let mut stmt = self.conn.prepare(
                 "SELECT instance, job, grp, started, ended, success, killed, token, resolving,
-                        maintenance, pending_batches FROM runs WHERE ended IS NULL",
+                        maintenance, pending_batches, identity FROM runs WHERE ended IS NULL",
             )?;
             stmt.query_map([], run_from_row)?
                 .collect::<Result<_, _>>()?
@@ -418,7 +456,8 @@ impl Db {
         let mut stmt = self.conn.prepare(
             "SELECT instance, machine, status, retcode, cause, late_retcode, starttime, endtime,
                     last_heartbeat, wrapper_version, pid, wrapper_pid, launched, started,
-                    kill_requested, launch_problem, modern, next_seq, output_dropped
+                    kill_requested, launch_problem, modern, next_seq, output_dropped,
+                    authenticated
              FROM machines WHERE instance = ?1 ORDER BY machine",
         )?;
         let rows = stmt.query_map([instance], |r| {
@@ -441,6 +480,7 @@ impl Db {
                     kill_requested: r.get(14)?,
                     launch_problem: r.get(15)?,
                     modern: r.get(16)?,
+                    authenticated: r.get(19)?,
                 },
                 r.get::<_, i64>(17)? as u64,
                 r.get::<_, i64>(18)? as u64,
@@ -491,6 +531,13 @@ impl Db {
             Query::Timeline { query, reply } => {
                 let _ = reply.send(self.timeline(&query));
             }
+            Query::Audit {
+                before,
+                limit,
+                reply,
+            } => {
+                let _ = reply.send(self.audit_page(before, limit));
+            }
             Query::Output {
                 instance,
                 machine,
@@ -501,6 +548,34 @@ impl Db {
                 let _ = reply.send(self.output_range(&instance, &machine, offset, length));
             }
         }
+    }
+
+    fn audit_page(
+        &self,
+        before: Option<i64>,
+        limit: usize,
+    ) -> Result<Vec<crate::audit::AuditEntry>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT id, at, actor, source, action, job, instance, machine, ok, detail FROM audit
+             WHERE (?1 IS NULL OR id < ?1) ORDER BY id DESC LIMIT ?2",
+        )?;
+        let rows = stmt
+            .query_map(params![before, sql_limit(limit)], |r| {
+                Ok(crate::audit::AuditEntry {
+                    id: r.get(0)?,
+                    at: r.get(1)?,
+                    actor: r.get(2)?,
+                    source: r.get(3)?,
+                    action: r.get(4)?,
+                    job: r.get(5)?,
+                    instance: r.get(6)?,
+                    machine: r.get(7)?,
+                    ok: r.get(8)?,
+                    detail: r.get(9)?,
+                })
+            })?
+            .collect::<Result<_, _>>()?;
+        Ok(rows)
     }
 
     fn runs_page(
@@ -611,7 +686,7 @@ impl Db {
             .conn
             .query_row(
                 "SELECT instance, job, grp, started, ended, success, killed, token, resolving,
-                        maintenance, pending_batches FROM runs WHERE instance = ?1",
+                        maintenance, pending_batches, identity FROM runs WHERE instance = ?1",
                 [instance],
                 run_from_row,
             )
@@ -720,6 +795,7 @@ pub fn apply_record(m: &mut MachineRun, r: &MachineRecord) {
     m.pid = r.pid;
     m.wrapper_pid = r.wrapper_pid;
     m.modern = r.modern;
+    m.authenticated = r.authenticated;
     m.clock.launch_problem = r.launch_problem.clone();
 }
 
@@ -738,6 +814,7 @@ fn run_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RunRecord> {
         resolving: r.get(8)?,
         maintenance: serde_json::from_str(&maintenance).unwrap_or_default(),
         pending_batches: serde_json::from_str(&batches).unwrap_or_default(),
+        identity: crate::identity::Identity::parse(&r.get::<_, String>(11)?),
     })
 }
 
@@ -751,8 +828,8 @@ fn apply_one(
         StoreOp::Run(r) => {
             tx.prepare_cached(
                 "INSERT INTO runs (instance, job, grp, started, ended, success, killed, token,
-                                   resolving, maintenance, pending_batches)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
+                                   resolving, maintenance, pending_batches, identity)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
                  ON CONFLICT(instance) DO UPDATE SET ended = ?5, success = ?6, killed = ?7,
                     resolving = ?9, maintenance = ?10, pending_batches = ?11",
             )?
@@ -768,6 +845,7 @@ fn apply_one(
                 r.resolving,
                 serde_json::to_string(&r.maintenance).unwrap_or_default(),
                 serde_json::to_string(&r.pending_batches).unwrap_or_default(),
+                r.identity.as_str(),
             ])?;
             if r.ended.is_some() {
                 // The run is over: its output goes to its chunks over the next batches, and
@@ -779,13 +857,14 @@ fn apply_one(
             tx.prepare_cached(
                 "INSERT INTO machines (instance, machine, status, retcode, cause, late_retcode,
                     starttime, endtime, last_heartbeat, wrapper_version, pid, wrapper_pid,
-                    launched, started, kill_requested, launch_problem, modern)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)
+                    launched, started, kill_requested, launch_problem, modern, authenticated)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17,
+                    ?18)
                  ON CONFLICT(instance, machine) DO UPDATE SET status = ?3, retcode = ?4,
                     cause = ?5, late_retcode = ?6, starttime = ?7, endtime = ?8,
                     last_heartbeat = ?9, wrapper_version = ?10, pid = ?11, wrapper_pid = ?12,
                     launched = ?13, started = ?14, kill_requested = ?15, launch_problem = ?16,
-                    modern = ?17",
+                    modern = ?17, authenticated = ?18",
             )?
             .execute(params![
                 m.instance,
@@ -805,6 +884,7 @@ fn apply_one(
                 m.kill_requested,
                 m.launch_problem,
                 m.modern,
+                m.authenticated,
             ])?;
         }
         StoreOp::Output {
@@ -829,6 +909,28 @@ fn apply_one(
                 j.last_fired.map(ts),
             ])?;
         }
+        StoreOp::Audit(a) => {
+            tx.prepare_cached(
+                "INSERT INTO audit (at, actor, source, action, job, instance, machine, ok, detail)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            )?
+            .execute(params![
+                ts(a.at),
+                a.actor.name,
+                a.actor.source.map(|ip| ip.to_string()),
+                a.action.as_str(),
+                a.job,
+                a.instance,
+                a.machine,
+                a.ok,
+                a.detail,
+            ])?;
+            // Every thousandth entry trims the trail to its cap, so that even a client
+            // starting runs in a loop between two hourly prunes leaves it bounded.
+            if tx.last_insert_rowid().rem_euclid(1000) == 0 {
+                trim_audit(tx, crate::audit::MAX_ROWS)?;
+            }
+        }
         StoreOp::Notify(_) | StoreOp::Query(_) | StoreOp::Prune => {}
     }
     Ok(())
@@ -842,6 +944,14 @@ fn age_cutoff(now: OffsetDateTime, max_age_days: u32) -> OffsetDateTime {
         .unwrap_or(time::PrimitiveDateTime::MIN.assume_utc())
 }
 
+/// Deletes the oldest audit entries beyond the cap; returns how many.
+fn trim_audit(tx: &Transaction<'_>, cap: u64) -> Result<usize, StoreError> {
+    Ok(tx.execute(
+        "DELETE FROM audit WHERE id <= (SELECT id FROM audit ORDER BY id DESC LIMIT 1 OFFSET ?1)",
+        [i64::try_from(cap).unwrap_or(i64::MAX)],
+    )?)
+}
+
 /// Deletes finished runs beyond the per-job count or older than the age limit.
 fn prune(tx: &Transaction<'_>, retention: Retention) -> Result<(), StoreError> {
     let cutoff = ts(age_cutoff(
@@ -853,7 +963,7 @@ fn prune(tx: &Transaction<'_>, retention: Retention) -> Result<(), StoreError> {
     )?;
     tx.execute(
         "INSERT OR IGNORE INTO doomed SELECT instance FROM runs WHERE ended IS NOT NULL AND started < ?1",
-        [cutoff],
+        [&cutoff],
     )?;
     tx.execute(
         "INSERT OR IGNORE INTO doomed SELECT instance FROM (
@@ -875,6 +985,13 @@ fn prune(tx: &Transaction<'_>, retention: Retention) -> Result<(), StoreError> {
     )?;
     if runs > 0 {
         tracing::info!(runs, chunks = n, "Retention removed old runs.");
+    }
+    // The audit trail ages like the runs, and is capped in rows as well so that a script
+    // starting runs in a loop cannot make it grow without bound between two prunes' ages.
+    let mut audit = tx.execute("DELETE FROM audit WHERE at < ?1", [&cutoff])?;
+    audit = audit.saturating_add(trim_audit(tx, crate::audit::MAX_ROWS)?);
+    if audit > 0 {
+        tracing::info!(entries = audit, "Retention removed old audit entries.");
     }
     Ok(())
 }
@@ -949,7 +1066,7 @@ mod tests {
             .conn
             .pragma_query_value(None, "user_version", |r| r.get(0))
             .expect("version");
-        assert_eq!(version, 3);
+        assert_eq!(version, SCHEMA_VERSION);
         let range = db
             .output_range("j_1", "m1", 0, None)
             .expect("range")
@@ -962,5 +1079,62 @@ mod tests {
             [],
         );
         assert!(again.is_err());
+    }
+
+    fn audit_record(at: OffsetDateTime, n: usize) -> crate::audit::AuditRecord {
+        crate::audit::AuditRecord {
+            at,
+            actor: crate::audit::Actor::remote(format!("a{n}"), "10.0.0.5".parse().ok()),
+            action: crate::audit::Action::Run,
+            job: Some("j".into()),
+            instance: None,
+            machine: None,
+            ok: true,
+            detail: None,
+        }
+    }
+
+    #[test]
+    fn a_schema_3_store_gains_an_audit_trail_that_ages_and_is_capped() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("saltpeter.db");
+        {
+            let conn = Connection::open(&path).expect("open");
+            for m in [MIGRATION_1, MIGRATION_2, MIGRATION_3] {
+                conn.execute_batch(m).expect("older schema");
+            }
+            conn.pragma_update(None, "user_version", 3)
+                .expect("version");
+        }
+        let retention = Retention {
+            max_age_days: 30,
+            ..Retention::default()
+        };
+        let mut db = Db::open(&path, retention).expect("migrate");
+        let now = OffsetDateTime::now_utc();
+        let old = now - time::Duration::days(31);
+        db.apply(vec![
+            StoreOp::Audit(audit_record(old, 0)),
+            StoreOp::Audit(audit_record(now, 1)),
+            StoreOp::Audit(audit_record(now, 2)),
+        ]);
+        // The first batch also applies retention: the 31-day-old entry is gone with the age
+        // limit of the runs.
+        let page = db.audit_page(None, 10).expect("page");
+        let actors: Vec<&str> = page.iter().map(|e| e.actor.as_str()).collect();
+        assert_eq!(actors, ["a2", "a1"]);
+        let newest = page.first().expect("an entry");
+        assert_eq!(newest.source.as_deref(), Some("10.0.0.5"));
+        assert_eq!(newest.action, "run");
+        let older = db.audit_page(Some(newest.id), 1).expect("page");
+        let actors: Vec<&str> = older.iter().map(|e| e.actor.as_str()).collect();
+        assert_eq!(actors, ["a1"]);
+        // Count: only the newest `cap` stay.
+        let tx = db.conn.transaction().expect("tx");
+        assert_eq!(trim_audit(&tx, 1).expect("trim"), 1);
+        tx.commit().expect("commit");
+        let page = db.audit_page(None, 10).expect("page");
+        let actors: Vec<&str> = page.iter().map(|e| e.actor.as_str()).collect();
+        assert_eq!(actors, ["a2"]);
     }
 }

@@ -1,13 +1,14 @@
 //! The operator's surface on the API port: the saltpeter-ui WebSocket protocol (`/ws`), the
 //! legacy HTTP paths, the JSON the dashboard and CLI read, `/metrics`, the embedded dashboard
-//! at `/`, and the token and Origin checks that guard all of it.
+//! at `/`, and the Host, token, role and Origin checks and security headers that guard all
+//! of it.
 //!
 //! - [`messages`]: commands and message shapes of the UI protocol (reference 6.1-6.5);
 //! - [`query`]: what clients ask for (query parameters, subscriptions), checked against the
 //!   configured caps;
 //! - [`ws`]: one task per browser connection;
 //! - [`http`]: the HTTP handlers and the dashboard's assets;
-//! - [`auth`]: the bearer token and Origin checks.
+//! - [`auth`]: the Host, token, role and Origin checks, and the security headers.
 //!
 //! Everything here asks the engine through [`EngineHandle`] and holds no run state of its own
 //! beyond each connection's output cursors.
@@ -20,11 +21,11 @@ pub mod ws;
 
 use std::sync::Arc;
 
-use axum::Router;
+use axum::extract::State;
 use axum::extract::ws::WebSocketUpgrade;
-use axum::extract::{Extension, State};
 use axum::response::Response;
 use axum::routing::get;
+use axum::{Extension, Router};
 use tokio::sync::watch;
 
 use crate::config::Config;
@@ -49,21 +50,31 @@ pub fn router(engine: EngineHandle, config: watch::Receiver<Arc<Config>>) -> Rou
         .with_state(UiContext { engine, config })
 }
 
-/// Puts the token and Origin checks in front of every route of `router`.
-pub fn protect(router: Router, config: watch::Receiver<Arc<Config>>) -> Router {
-    router.layer(axum::middleware::from_fn_with_state(config, auth::guard))
+/// Puts the Host, token, role and Origin checks and the security headers in front of every
+/// route of `router`, served on `local`.
+pub fn protect(
+    router: Router,
+    config: watch::Receiver<Arc<Config>>,
+    local: std::net::SocketAddr,
+) -> Router {
+    let state = auth::GuardState { config, local };
+    router.layer(axum::middleware::from_fn_with_state(state, auth::guard))
 }
 
 async fn upgrade(
     ws: WebSocketUpgrade,
     State(ctx): State<UiContext>,
     admission: Option<Extension<Arc<Admission>>>,
+    caller: Option<Extension<auth::Caller>>,
 ) -> Response {
     // The socket task keeps the connection's admission, so the socket counts as open (for
     // the open-file budget) for as long as it is.
     let admission = admission.map(|Extension(a)| a);
+    // Without the guard in front (it always is, in the master) the caller is unknown and may
+    // only read.
+    let caller = caller.map_or_else(auth::Caller::unknown, |c| c.0);
     ws.on_upgrade(move |socket| async move {
-        ws::serve(socket, ctx).await;
+        ws::serve(socket, ctx, caller).await;
         drop(admission);
     })
 }

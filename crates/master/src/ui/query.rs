@@ -181,6 +181,35 @@ pub fn runs_page(
     })
 }
 
+/// A page of the audit trail: entries with an id below `before`, at most `limit`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AuditPage {
+    pub before: Option<i64>,
+    pub limit: usize,
+}
+
+/// The parameters of `GET /api/v1/audit`: `before` (an entry id) and `limit` (default
+/// 100, at most `api_max_runs_page`).
+pub fn audit_page(
+    params: &HashMap<String, String>,
+    limits: &Limits,
+) -> Result<AuditPage, QueryError> {
+    let limit = bounded_count(
+        params.get("limit").map(String::as_str),
+        "limit",
+        crate::audit::DEFAULT_PAGE,
+        limits.api_max_runs_page,
+        "api_max_runs_page",
+    )?;
+    let before = match params.get("before") {
+        None => None,
+        Some(text) => Some(text.trim().parse::<i64>().map_err(|_| {
+            QueryError("before must be the whole-number id of an audit entry".to_owned())
+        })?),
+    };
+    Ok(AuditPage { before, limit })
+}
+
 /// A byte range of a machine's stored output: `offset` (default 0) and `length` (default: to
 /// the end).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

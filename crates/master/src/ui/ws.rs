@@ -19,12 +19,13 @@ use axum::extract::ws::{Message, WebSocket};
 use serde_json::Value;
 use tokio::sync::watch;
 
+use super::auth::Caller;
 use super::messages::{
     self, Chunk, Command, chunk_message, config_message, details_message, error_message,
     status_message,
 };
 use super::query;
-use crate::config::Config;
+use crate::config::{Config, Role};
 use crate::engine::{
     ApiRequest, EngineHandle, JobCursors, OutputCursor, StatusSnapshot, TimelineQuery, UiRequest,
     UiSnapshot,
@@ -52,6 +53,9 @@ struct Gone;
 struct Connection {
     socket: WebSocket,
     ctx: UiContext,
+    /// Who connected: `run` and the kills need the operator role, and the audit trail names
+    /// the caller.
+    caller: Caller,
     /// Subscribed jobs and their cursors by machine.
     subs: BTreeMap<String, BTreeMap<String, OutputCursor>>,
     last_serial: Option<u64>,
@@ -66,10 +70,11 @@ fn ping_every(idle: Duration) -> Duration {
 }
 
 /// Serves one upgraded connection until it closes.
-pub async fn serve(socket: WebSocket, ctx: UiContext) {
+pub async fn serve(socket: WebSocket, ctx: UiContext, caller: Caller) {
     let mut conn = Connection {
         socket,
         ctx,
+        caller,
         subs: BTreeMap::new(),
         last_serial: None,
         shown_running: BTreeMap::new(),
@@ -145,7 +150,31 @@ impl Connection {
             .map_err(|_| Gone)
     }
 
+    /// Checks the caller against the current configuration: a token removed since the
+    /// socket opened ends it, and a changed role applies to the next command.
+    async fn recheck(&mut self) -> Result<(), Gone> {
+        let role = {
+            let config = self.ctx.config.borrow();
+            super::auth::current_role(&config.settings, &self.caller)
+        };
+        match role {
+            Some(role) => {
+                self.caller.role = role;
+                Ok(())
+            }
+            None => {
+                tracing::info!(token = %self.caller.name, "Closing a UI socket whose token is no longer configured.");
+                let _ = self
+                    .send(&error_message(None, "the token is no longer valid"))
+                    .await;
+                let _ = self.socket.send(Message::Close(None)).await;
+                Err(Gone)
+            }
+        }
+    }
+
     async fn on_text(&mut self, text: &str) -> Result<(), Gone> {
+        self.recheck().await?;
         let command = match messages::parse_command(text) {
             Ok(c) => c,
             Err(e) => {
@@ -169,6 +198,15 @@ impl Connection {
     /// Carries out a command; `Ok(true)` asks for an immediate refresh.
     async fn execute(&mut self, command: Command) -> Result<bool, Failure> {
         let engine = self.ctx.engine.clone();
+        let acts = matches!(
+            command,
+            Command::Run(_) | Command::KillCron(_) | Command::KillMachine { .. }
+        );
+        if acts && !self.caller.may(Role::Operator) {
+            let what = command.name();
+            return Err(Failure::Refused(self.caller.refusal(Role::Operator, what)));
+        }
+        let by = self.caller.actor();
         match command {
             Command::Subscribe(jobs) => {
                 let limits = self.ctx.config.borrow().settings.limits;
@@ -197,7 +235,7 @@ impl Connection {
             }
             Command::Run(job) => {
                 let instance = engine
-                    .ask(|reply| ApiRequest::RunNow { job, reply })
+                    .ask(|reply| ApiRequest::RunNow { job, by, reply })
                     .await
                     .ok_or(Failure::Gone)?
                     .map_err(|e| Failure::Refused(e.to_string()))?;
@@ -216,8 +254,13 @@ impl Connection {
                     return Err(Failure::Refused(format!("{job} is not running")));
                 }
                 for instance in instances {
+                    let by = by.clone();
                     engine
-                        .ask(|reply| ApiRequest::KillRun { instance, reply })
+                        .ask(|reply| ApiRequest::KillRun {
+                            instance,
+                            by,
+                            reply,
+                        })
                         .await
                         .ok_or(Failure::Gone)?
                         .map_err(|e| Failure::Refused(e.to_string()))?;
@@ -245,6 +288,7 @@ impl Connection {
                     .ask(|reply| ApiRequest::KillMachine {
                         instance,
                         machine,
+                        by,
                         reply,
                     })
                     .await
@@ -298,6 +342,7 @@ async fn status(engine: &EngineHandle) -> Result<StatusSnapshot, Failure> {
 impl Connection {
     /// Sends what changed: maybe `config`, then `status`, then per job chunks and `details`.
     async fn refresh(&mut self, with_config: bool) -> Result<(), Gone> {
+        self.recheck().await?;
         if with_config {
             let config = self.ctx.config.borrow().clone();
             if self.last_serial != Some(config.serial) {

@@ -32,12 +32,16 @@ pub fn legacy_settings() -> String {
     "saltpeter_config:\n  allow_legacy_wrappers: true\n".into()
 }
 
-/// Records start requests; answers resolution with the job's target names.
+/// Records start requests; answers resolution with the job's target names. Its machines
+/// authenticate with tokens of their own unless [`FakeLauncher::use_salt_keys`] says
+/// otherwise.
 #[derive(Debug, Default)]
 pub struct FakeLauncher {
     failures: Mutex<Vec<(String, String)>>,
     started: Mutex<Vec<String>>,
     envs: Mutex<Vec<Vec<(String, String)>>>,
+    tokens: Mutex<std::collections::BTreeMap<String, String>>,
+    salt_pki_dir: Mutex<Option<std::path::PathBuf>>,
 }
 
 impl FakeLauncher {
@@ -50,15 +54,34 @@ impl FakeLauncher {
     pub fn last_env(&self) -> Vec<(String, String)> {
         self.envs.lock().last().cloned().unwrap_or_default()
     }
-    fn token(&self) -> Option<String> {
+    /// What the launcher would hand `machine` as `SP_RUN_TOKEN`.
+    pub fn token_for(&self, machine: &str) -> Option<String> {
+        if let Some(t) = self.tokens.lock().get(machine) {
+            return Some(t.clone());
+        }
         self.last_env()
             .into_iter()
             .find(|(k, _)| k == "SP_RUN_TOKEN")
             .map(|(_, v)| v)
     }
+    /// Runs fired from now on prove their machines with Salt keys from `pki_dir`.
+    pub fn use_salt_keys(&self, pki_dir: &std::path::Path) {
+        *self.salt_pki_dir.lock() = Some(pki_dir.to_owned());
+    }
 }
 
 impl Launcher for FakeLauncher {
+    fn identity(&self) -> saltpeter_master::identity::Identity {
+        match *self.salt_pki_dir.lock() {
+            Some(_) => saltpeter_master::identity::Identity::SaltKey,
+            None => saltpeter_master::identity::Identity::MachineToken,
+        }
+    }
+
+    fn salt_pki_dir(&self) -> Option<std::path::PathBuf> {
+        self.salt_pki_dir.lock().clone()
+    }
+
     fn resolve(&self, job: Arc<JobSpec>) -> BoxFuture<Resolution> {
         let up = job.targets.names();
         Box::pin(async move {
@@ -73,6 +96,7 @@ impl Launcher for FakeLauncher {
         let failures = self.failures.lock().clone();
         self.started.lock().extend(request.machines.iter().cloned());
         self.envs.lock().push(request.env.clone());
+        self.tokens.lock().extend(request.tokens.clone());
         let outcome = request
             .machines
             .iter()
@@ -170,7 +194,11 @@ impl Harness {
         let job = job.to_owned();
         let r = self
             .engine
-            .ask(|reply| ApiRequest::RunNow { job, reply })
+            .ask(|reply| ApiRequest::RunNow {
+                job,
+                by: tester(),
+                reply,
+            })
             .await
             .unwrap();
         // Let the resolution and launch tasks report back.
@@ -188,6 +216,7 @@ impl Harness {
             .ask(|reply| ApiRequest::KillMachine {
                 instance,
                 machine,
+                by: tester(),
                 reply,
             })
             .await
@@ -198,7 +227,11 @@ impl Harness {
     pub async fn kill(&self, instance: &str) {
         let instance = instance.to_owned();
         self.engine
-            .ask(|reply| ApiRequest::KillRun { instance, reply })
+            .ask(|reply| ApiRequest::KillRun {
+                instance,
+                by: tester(),
+                reply,
+            })
             .await
             .unwrap()
             .unwrap();
@@ -243,7 +276,8 @@ impl Harness {
             rx,
             instance: instance.into(),
             machine: machine.into(),
-            token: self.launcher.token(),
+            token: self.launcher.token_for(machine),
+            signature: None,
             skew: 0,
             kills: 0,
         }
@@ -266,6 +300,8 @@ pub struct FakeWrapper {
     pub instance: String,
     pub machine: String,
     pub token: Option<String>,
+    /// The signature its `connect` carries.
+    pub signature: Option<String>,
     /// Seconds added to every timestamp this wrapper sends (its clock is off).
     pub skew: i64,
     kills: usize,
@@ -343,9 +379,52 @@ impl FakeWrapper {
             envelope: self.envelope(),
             protocol: self.token.as_ref().map(|_| PROTOCOL_VERSION),
             token: self.token.clone(),
+            signature: self.signature.clone(),
             wrapper_pid: Some(4242),
         }))
         .await;
+    }
+
+    /// Sends `hello` and returns the challenge's nonce.
+    pub async fn hello(&mut self) -> String {
+        self.send(WrapperMessage::Hello(Hello {
+            envelope: self.envelope(),
+            protocol: Some(PROTOCOL_VERSION),
+        }))
+        .await;
+        match self.next().await {
+            Some(MasterMessage::Challenge(c)) => c.nonce,
+            other => panic!("expected a challenge, got {other:?}"),
+        }
+    }
+
+    /// Sends `connect` and returns the engine's answer, waiting for it (a signed connect is
+    /// checked in the background).
+    pub async fn connect_reply(&mut self) -> Option<MasterMessage> {
+        self.send_connect().await;
+        for _ in 0..100 {
+            match self.rx.try_recv() {
+                Ok(Outbound::Message(m) | Outbound::Close(m)) => return Some(m),
+                Ok(Outbound::OutputAck { ack, .. }) => return Some(ack),
+                Ok(Outbound::Accepted) => continue,
+                Err(_) => {}
+            }
+            // Real time: the check runs on a blocking thread, which the paused clock does
+            // not wait for.
+            std::thread::sleep(Duration::from_millis(10));
+            tokio::task::yield_now().await;
+        }
+        None
+    }
+
+    /// Sends a bare `start`, `output` or `complete` and returns whatever comes back.
+    pub async fn send_raw(&mut self, msg: WrapperMessage) -> Option<MasterMessage> {
+        self.send(msg).await;
+        self.next().await
+    }
+
+    pub fn envelope_now(&self) -> Envelope {
+        self.envelope()
     }
 
     /// Connects; returns the `last_seq` of the ack.
@@ -445,6 +524,11 @@ impl FakeWrapper {
     }
 }
 
+/// The actor of acts the tests ask the engine for directly.
+pub fn tester() -> saltpeter_master::audit::Actor {
+    saltpeter_master::audit::Actor::remote("tester", None)
+}
+
 /// A whole master through `server::start` on loopback port 0 with a fake launcher: the same
 /// wiring as `sp-master`, for socket tests. `settings` is appended to `saltpeter_config`.
 pub async fn start_server(
@@ -477,4 +561,43 @@ pub async fn start_server(
     .await
     .unwrap();
     (running, launcher, dir)
+}
+
+/// The test-only keys in `tests/fixtures/test-keys`.
+pub fn test_key(name: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/test-keys")
+        .join(name)
+}
+
+/// A Salt master pki directory in `dir` that has accepted `minion-a` and `minion-b` with the
+/// test keys (in the two public-key forms Salt writes).
+pub fn salt_pki_dir(dir: &std::path::Path) -> std::path::PathBuf {
+    let pki = dir.join("pki/master");
+    std::fs::create_dir_all(pki.join("minions")).unwrap();
+    for m in ["minion-a", "minion-b"] {
+        std::fs::copy(test_key(&format!("{m}.pub")), pki.join("minions").join(m)).unwrap();
+    }
+    pki
+}
+
+/// What the wrapper on `key_owner` sends as `connect.signature` for a challenge.
+pub fn sign_as(key_owner: &str, nonce: &str, instance: &str, machine: &str) -> String {
+    use base64::Engine as _;
+    use ring::signature::{RSA_PKCS1_SHA256, RsaKeyPair};
+    let text = std::fs::read_to_string(test_key(&format!("{key_owner}.pem"))).unwrap();
+    let (label, der) = saltpeter_master::identity::pem_decode(&text).unwrap();
+    let key = match label.as_str() {
+        "RSA PRIVATE KEY" => RsaKeyPair::from_der(&der).unwrap(),
+        _ => RsaKeyPair::from_pkcs8(&der).unwrap(),
+    };
+    let mut sig = vec![0u8; key.public().modulus_len()];
+    key.sign(
+        &RSA_PKCS1_SHA256,
+        &ring::rand::SystemRandom::new(),
+        &signing_payload(nonce, instance, machine),
+        &mut sig,
+    )
+    .unwrap();
+    base64::engine::general_purpose::STANDARD.encode(sig)
 }

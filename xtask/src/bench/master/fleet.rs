@@ -61,7 +61,8 @@ pub struct StartRequest {
     pub instance: String,
     pub job: String,
     pub machines: Vec<String>,
-    pub token: String,
+    /// Each machine's own token.
+    pub tokens: std::collections::HashMap<String, String>,
     pub url: String,
     /// When the launcher wrote the request (wall clock of this host).
     pub written: SystemTime,
@@ -229,7 +230,7 @@ impl Fleet {
                     machine: machine.clone(),
                     timestamp: None,
                 },
-                token: request.token.clone(),
+                token: request.tokens.get(machine).cloned().unwrap_or_default(),
             };
             let stats = self.stats.clone();
             let phase = self.phase.subscribe();
@@ -397,6 +398,7 @@ impl Sim {
                     envelope: self.envelope(),
                     protocol: Some(2),
                     token: Some(self.token.clone()),
+                    signature: None,
                     wrapper_pid: Some(std::process::id()),
                 })
                 .encode(),
@@ -675,7 +677,12 @@ fn parse_request(line: &str) -> Result<StartRequest> {
             .iter()
             .filter_map(|m| m.as_str().map(str::to_owned))
             .collect(),
-        token: text("token")?,
+        tokens: v["tokens"]
+            .as_object()
+            .context("start request without tokens")?
+            .iter()
+            .filter_map(|(m, t)| Some((m.clone(), t.as_str()?.to_owned())))
+            .collect(),
         url: text("url")?,
         written: SystemTime::UNIX_EPOCH + Duration::from_nanos(nanos),
     })
