@@ -265,7 +265,9 @@ async fn the_machines_upgrade_request_must_arrive_within_the_handshake_deadline(
     let (r, _, _dir) = support::start_server(settings, &jobs()).await;
     let began = Instant::now();
     let mut s = tcp_from(1, r.machines_addr).await;
-    s.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\n").await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\n")
+        .await
+        .unwrap();
     assert!(closed_within(&mut s, Duration::from_secs(60)).await);
     let took = began.elapsed();
     assert!(

@@ -161,7 +161,10 @@ fn parse_rule(node: &Node) -> Result<Rule, NotifyError> {
         match name.as_str() {
             "webhook" | "slack" | "email" => {
                 if channel.is_some() {
-                    return Err(error(key, "a rule has exactly one of webhook, slack, email"));
+                    return Err(error(
+                        key,
+                        "a rule has exactly one of webhook, slack, email",
+                    ));
                 }
                 channel = Some((name, value));
             }
@@ -316,16 +319,48 @@ mod tests {
         let cases = [
             ("notify: yes\n", 1, "expected a list"),
             ("notify:\n  - webhook: ftp://x\n", 2, "http:// or https://"),
-            ("notify:\n  - webhook: 'https:// spaced'\n", 2, "with a host"),
-            ("notify:\n  - email: \"a@b.c\\nBcc: x@y.z\"\n", 2, "control characters"),
+            (
+                "notify:\n  - webhook: 'https:// spaced'\n",
+                2,
+                "with a host",
+            ),
+            (
+                "notify:\n  - email: \"a@b.c\\nBcc: x@y.z\"\n",
+                2,
+                "control characters",
+            ),
             ("notify:\n  - email: 'a@b'\n", 2, "one mail address"),
-            ("notify:\n  - email: 'a@b.c, d@e.f'\n", 2, "one mail address"),
-            ("notify:\n  - slack: https://x\n    secret: s\n", 2, "only a webhook"),
-            ("notify:\n  - slack: https://x\n    on: [fire]\n", 3, "unknown event"),
-            ("notify:\n  - slack: https://x\n    on: []\n", 3, "at least one event"),
-            ("notify:\n  - slack: https://x\n    email: a@b.c\n", 3, "exactly one"),
+            (
+                "notify:\n  - email: 'a@b.c, d@e.f'\n",
+                2,
+                "one mail address",
+            ),
+            (
+                "notify:\n  - slack: https://x\n    secret: s\n",
+                2,
+                "only a webhook",
+            ),
+            (
+                "notify:\n  - slack: https://x\n    on: [fire]\n",
+                3,
+                "unknown event",
+            ),
+            (
+                "notify:\n  - slack: https://x\n    on: []\n",
+                3,
+                "at least one event",
+            ),
+            (
+                "notify:\n  - slack: https://x\n    email: a@b.c\n",
+                3,
+                "exactly one",
+            ),
             ("notify:\n  - on: [failure]\n", 2, "needs one of"),
-            ("notify:\n  - slack: https://x\n    colour: red\n", 3, "unknown key"),
+            (
+                "notify:\n  - slack: https://x\n    colour: red\n",
+                3,
+                "unknown key",
+            ),
         ];
         for (yaml, line, text) in cases {
             let e = rules(yaml).unwrap_err();
