@@ -35,6 +35,7 @@ pub mod joblog;
 pub mod launch;
 pub mod listen;
 pub mod metrics;
+pub mod notify;
 pub mod private;
 pub mod runs;
 pub mod schedule;

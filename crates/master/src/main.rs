@@ -293,17 +293,20 @@ type LogLevelSwitch = Option<Box<dyn Fn(bool) + Send + Sync>>;
 fn init_tracing() -> LogLevelSwitch {
     use tracing_subscriber::prelude::*;
     use tracing_subscriber::{EnvFilter, fmt, reload};
+    // Colour codes only for a person at a terminal: in journald or a log file they are noise.
+    let colour = std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && std::env::var_os("NO_COLOR").is_none();
     if let Ok(filter) = EnvFilter::try_from_default_env() {
         tracing_subscriber::registry()
             .with(filter)
-            .with(fmt::layer().with_target(false))
+            .with(fmt::layer().with_target(false).with_ansi(colour))
             .init();
         return None;
     }
     let (filter, handle) = reload::Layer::new(EnvFilter::new("info"));
     tracing_subscriber::registry()
         .with(filter)
-        .with(fmt::layer().with_target(false))
+        .with(fmt::layer().with_target(false).with_ansi(colour))
         .init();
     Some(Box::new(move |debug| {
         let level = if debug {

@@ -262,8 +262,17 @@ impl Listeners {
     }
 }
 
+/// One job's times for the monitoring stack's staleness alerts, as Unix seconds.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct JobTimes {
+    pub job: String,
+    pub last_success: Option<i64>,
+    pub last_run: Option<i64>,
+    pub next_run: Option<i64>,
+}
+
 /// Gauges the engine counts when scraped.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Gauges {
     pub runs_running: u64,
     pub machines_running: u64,
@@ -272,6 +281,10 @@ pub struct Gauges {
     /// workers, or spilled from a worker's full run queue. A standing backlog here means
     /// connection tasks wait their turn far longer than the work they do (issue 7).
     pub runtime_injection_queue: u64,
+    /// Every configured job's times.
+    pub jobs: Vec<JobTimes>,
+    /// When the engine last took in a configuration, and whether it had no errors.
+    pub config_reload: Option<(i64, bool)>,
 }
 
 impl Metrics {
@@ -324,8 +337,29 @@ impl Metrics {
     }
 
     /// The whole exposition text.
-    pub fn render(&self, gauges: Gauges) -> String {
+    pub fn render(&self, gauges: &Gauges) -> String {
         let mut out = String::with_capacity(4096);
+        // Per-job labels are `job_name`: Prometheus attaches its own `job` label to every
+        // series it scrapes (the scrape job), and the two would collide.
+        let _ = writeln!(
+            out,
+            "# HELP saltpeter_build_info The running sp-master's version.\n# TYPE saltpeter_build_info gauge\nsaltpeter_build_info{{version=\"{}\"}} 1",
+            escape_label(env!("CARGO_PKG_VERSION"))
+        );
+        if let Some((at, ok)) = gauges.config_reload {
+            scalar(
+                &mut out,
+                "saltpeter_config_last_reload_successful",
+                "gauge",
+                "Whether the configuration taken in last loaded without errors (1) or not (0).",
+                u64::from(ok),
+            );
+            let _ = writeln!(
+                out,
+                "# HELP saltpeter_config_last_reload_timestamp_seconds When the engine last took in a configuration.\n# TYPE saltpeter_config_last_reload_timestamp_seconds gauge\nsaltpeter_config_last_reload_timestamp_seconds {at}"
+            );
+        }
+        job_times(&mut out, &gauges.jobs);
         counter_map(
             &mut out,
             "saltpeter_runs_started_total",
@@ -333,25 +367,26 @@ impl Metrics {
             self.runs_started
                 .lock()
                 .iter()
-                .map(|(job, n)| (vec![("job", job.as_str())], *n)),
+                .map(|(job, n)| (vec![("job_name", job.as_str())], *n)),
         );
         counter_map(
             &mut out,
             "saltpeter_runs_finished_total",
             "Runs ended, by job and result (success, failure, killed).",
-            self.runs_finished
-                .lock()
-                .iter()
-                .map(|((job, r), n)| (vec![("job", job.as_str()), ("result", r.as_str())], *n)),
+            self.runs_finished.lock().iter().map(|((job, r), n)| {
+                (vec![("job_name", job.as_str()), ("result", r.as_str())], *n)
+            }),
         );
         counter_map(
             &mut out,
             "saltpeter_machine_results_total",
             "Machines that got a final exit code, by job and code.",
-            self.machine_results
-                .lock()
-                .iter()
-                .map(|((job, code), n)| (vec![("job", job.as_str()), ("code", code.as_str())], *n)),
+            self.machine_results.lock().iter().map(|((job, code), n)| {
+                (
+                    vec![("job_name", job.as_str()), ("code", code.as_str())],
+                    *n,
+                )
+            }),
         );
         scalar(
             &mut out,
@@ -439,6 +474,42 @@ impl Metrics {
     }
 }
 
+/// The three per-job timestamps; a job without a value (never ran, no next slot) has no
+/// sample, so an alert on `time() - x` sees it absent rather than at the epoch.
+fn job_times(out: &mut String, jobs: &[JobTimes]) {
+    type Pick = fn(&JobTimes) -> Option<i64>;
+    let series: [(&str, &str, Pick); 3] = [
+        (
+            "saltpeter_job_last_success_timestamp_seconds",
+            "When the job's latest successful run ended.",
+            |j| j.last_success,
+        ),
+        (
+            "saltpeter_job_last_run_timestamp_seconds",
+            "When the job's latest run started.",
+            |j| j.last_run,
+        ),
+        (
+            "saltpeter_job_next_run_timestamp_seconds",
+            "When the job's next scheduled slot is.",
+            |j| j.next_run,
+        ),
+    ];
+    for (name, help, pick) in series {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} gauge");
+        for job in jobs {
+            if let Some(value) = pick(job) {
+                let _ = writeln!(
+                    out,
+                    "{name}{{job_name=\"{}\"}} {value}",
+                    escape_label(&job.job)
+                );
+            }
+        }
+    }
+}
+
 fn scalar(out: &mut String, name: &str, kind: &str, help: &str, value: u64) {
     let _ = writeln!(out, "# HELP {name} {help}");
     let _ = writeln!(out, "# TYPE {name} {kind}");
@@ -507,17 +578,38 @@ mod tests {
         m.fire_to_start.observe(Duration::from_secs(100));
         m.store_ops(7);
         m.store_commit.observe(Duration::from_millis(3));
-        let text = m.render(Gauges {
+        let text = m.render(&Gauges {
             runs_running: 1,
             machines_running: 2,
             wrappers_connected: 3,
             runtime_injection_queue: 4,
+            jobs: vec![
+                JobTimes {
+                    job: "backup".into(),
+                    last_success: Some(1_796_500_000),
+                    last_run: Some(1_796_520_000),
+                    next_run: Some(1_796_523_600),
+                },
+                JobTimes {
+                    job: "never".into(),
+                    next_run: Some(1_796_600_000),
+                    ..JobTimes::default()
+                },
+            ],
+            config_reload: Some((1_796_510_000, false)),
         });
         for line in [
-            "saltpeter_runs_started_total{job=\"backup\"} 2",
-            "saltpeter_runs_finished_total{job=\"backup\",result=\"killed\"} 1",
-            "saltpeter_machine_results_total{job=\"backup\",code=\"143\"} 1",
-            "saltpeter_machine_results_total{job=\"backup\",code=\"other\"} 1",
+            "saltpeter_runs_started_total{job_name=\"backup\"} 2",
+            "saltpeter_runs_finished_total{job_name=\"backup\",result=\"killed\"} 1",
+            "saltpeter_machine_results_total{job_name=\"backup\",code=\"143\"} 1",
+            "saltpeter_machine_results_total{job_name=\"backup\",code=\"other\"} 1",
+            "saltpeter_job_last_success_timestamp_seconds{job_name=\"backup\"} 1796500000",
+            "saltpeter_job_last_run_timestamp_seconds{job_name=\"backup\"} 1796520000",
+            "saltpeter_job_next_run_timestamp_seconds{job_name=\"backup\"} 1796523600",
+            "saltpeter_job_next_run_timestamp_seconds{job_name=\"never\"} 1796600000",
+            "saltpeter_config_last_reload_successful 0",
+            "saltpeter_config_last_reload_timestamp_seconds 1796510000",
+            "# TYPE saltpeter_job_last_success_timestamp_seconds gauge",
             "saltpeter_heartbeat_timeouts_total 1",
             "saltpeter_launch_failures_total 1",
             "saltpeter_output_bytes_total 15",
@@ -540,6 +632,13 @@ mod tests {
                 "missing {line:?} in\n{text}"
             );
         }
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with("saltpeter_build_info{version=\"") && l.ends_with("} 1"))
+        );
+        // A job that never succeeded has no sample, not one at the epoch.
+        assert!(!text.contains("last_success_timestamp_seconds{job_name=\"never\"}"));
+        assert!(!text.contains("{job=\""), "the per-job label is job_name");
         // Every sample line is `name{labels} value` or `name value`.
         for l in text.lines().filter(|l| !l.starts_with('#')) {
             let value = l.rsplit(' ').next().unwrap_or_default();

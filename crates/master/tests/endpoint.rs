@@ -223,7 +223,7 @@ async fn a_full_session_over_a_socket_with_a_reconnect() {
     assert_eq!(run["success"], false);
     // Both output acks were timed from the read of the output to the write of the ack (the
     // connection's task observes right after its write, before it takes the next frame).
-    let text = r.engine.metrics().render(Default::default());
+    let text = r.engine.metrics().render(&Default::default());
     assert!(
         text.lines()
             .any(|l| l == "saltpeter_output_ack_written_seconds_count 2"),

@@ -301,12 +301,12 @@ async fn the_engine_counts_runs_results_output_and_timeouts() {
         .ask(|reply| ApiRequest::Ui(UiRequest::Gauges(reply)))
         .await
         .unwrap();
-    let text = h.engine.metrics().render(gauges);
+    let text = h.engine.metrics().render(&gauges);
     for line in [
-        "saltpeter_runs_started_total{job=\"j\"} 1",
-        "saltpeter_runs_finished_total{job=\"j\",result=\"failure\"} 1",
-        "saltpeter_machine_results_total{job=\"j\",code=\"253\"} 1",
-        "saltpeter_machine_results_total{job=\"j\",code=\"254\"} 1",
+        "saltpeter_runs_started_total{job_name=\"j\"} 1",
+        "saltpeter_runs_finished_total{job_name=\"j\",result=\"failure\"} 1",
+        "saltpeter_machine_results_total{job_name=\"j\",code=\"253\"} 1",
+        "saltpeter_machine_results_total{job_name=\"j\",code=\"254\"} 1",
         "saltpeter_heartbeat_timeouts_total 1",
         "saltpeter_launch_failures_total 1",
         "saltpeter_output_bytes_total 5",
@@ -322,4 +322,48 @@ async fn the_engine_counts_runs_results_output_and_timeouts() {
             "missing {line:?} in\n{text}"
         );
     }
+    // The run failed: it counts as the last run, not as a success.
+    let has = |prefix: &str| text.lines().any(|l| l.starts_with(prefix));
+    assert!(has(
+        "saltpeter_job_last_run_timestamp_seconds{job_name=\"j\"} "
+    ));
+    assert!(has(
+        "saltpeter_job_next_run_timestamp_seconds{job_name=\"j\"} "
+    ));
+    assert!(!has(
+        "saltpeter_job_last_success_timestamp_seconds{job_name=\"j\"}"
+    ));
+    assert!(
+        text.lines()
+            .any(|l| l == "saltpeter_config_last_reload_successful 1")
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_last_success_time_is_kept_across_a_restart() {
+    let data = tempfile::tempdir().unwrap();
+    let yaml = job("j", "[m1]", "");
+    let success = {
+        let h = Harness::restart(&yaml, data.path()).await;
+        let instance = h.run("j").await;
+        let mut w = h.wrapper(&instance, "m1").await;
+        w.connect_and_start().await;
+        w.complete(0).await;
+        let gauges = h
+            .engine
+            .ask(|reply| ApiRequest::Ui(UiRequest::Gauges(reply)))
+            .await
+            .unwrap();
+        let times = gauges.jobs.iter().find(|j| j.job == "j").cloned().unwrap();
+        assert!(times.last_success.is_some() && times.last_run.is_some());
+        times.last_success
+    };
+    let h = Harness::restart(&yaml, data.path()).await;
+    let gauges = h
+        .engine
+        .ask(|reply| ApiRequest::Ui(UiRequest::Gauges(reply)))
+        .await
+        .unwrap();
+    let times = gauges.jobs.iter().find(|j| j.job == "j").cloned().unwrap();
+    assert_eq!(times.last_success, success);
 }

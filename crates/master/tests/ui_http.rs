@@ -247,7 +247,7 @@ async fn legacy_paths_metrics_and_the_dashboard_are_served() {
     assert_eq!(status, 200);
     assert!(
         body.lines()
-            .any(|l| l == "saltpeter_runs_started_total{job=\"j\"} 1"),
+            .any(|l| l == "saltpeter_runs_started_total{job_name=\"j\"} 1"),
         "{body}"
     );
     assert!(body.contains("# TYPE saltpeter_scheduler_lag_seconds histogram"));

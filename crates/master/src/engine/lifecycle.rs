@@ -459,6 +459,9 @@ impl Engine {
         if let Some(state) = self.jobs.get_mut(&job) {
             state.running.retain(|i| i != instance);
             state.last_success = Some(success);
+            if success {
+                state.last_success_at = Some(wall);
+            }
             state.last_failed_count = failed;
             state.last_total_count = total;
         }

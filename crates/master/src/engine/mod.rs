@@ -212,6 +212,9 @@ pub struct Engine {
     /// on a blocking thread): a reconnecting fleet waits in line instead of starting a
     /// blocking thread per wrapper.
     verifiers: Arc<tokio::sync::Semaphore>,
+    /// The latest configuration the engine took in: when, and whether it loaded without
+    /// errors (the reload signals of `/metrics`).
+    config_taken: Option<(time::OffsetDateTime, bool)>,
 }
 
 /// What the engine remembers about a job between runs.
@@ -219,6 +222,8 @@ pub struct Engine {
 pub struct JobState {
     pub last_run: Option<time::OffsetDateTime>,
     pub last_success: Option<bool>,
+    /// When the latest successful run ended.
+    pub last_success_at: Option<time::OffsetDateTime>,
     pub last_failed_count: usize,
     pub last_total_count: usize,
     /// The latest attempt was refused because a run was still going.
@@ -283,6 +288,7 @@ impl Engine {
             metrics,
             spawner: tokio::runtime::Handle::current(),
             verifiers: Arc::new(tokio::sync::Semaphore::new(VERIFIERS)),
+            config_taken: None,
         };
         for name in config.jobs.keys() {
             engine.jobs.entry(name.clone()).or_default();
@@ -449,6 +455,7 @@ impl Engine {
     }
 
     fn apply_config(&mut self, config: Arc<Config>) {
+        self.config_taken = Some((self.clock.wall(), !config.has_errors()));
         self.audit_config(&config);
         self.logdir = config.settings.logdir.clone().into();
         for name in config.jobs.keys() {

@@ -96,6 +96,7 @@ impl Engine {
             name: job.to_owned(),
             last_run: state.last_run,
             last_success: state.last_success,
+            last_success_at: state.last_success_at,
             last_failed: state.last_failed_count,
             last_total: state.last_total_count,
             last_fired: state.last_fired,
@@ -174,6 +175,7 @@ impl Engine {
             let state = self.jobs.entry(job.name.clone()).or_default();
             state.last_run = job.last_run;
             state.last_success = job.last_success;
+            state.last_success_at = job.last_success_at;
             state.last_failed_count = job.last_failed;
             state.last_total_count = job.last_total;
             state.last_fired = job.last_fired;

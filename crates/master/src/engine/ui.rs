@@ -552,11 +552,29 @@ impl Engine {
             .flat_map(|r| r.machines.values())
             .filter(|m| m.status == MachineStatus::Running)
             .count();
+        let jobs = self
+            .config
+            .jobs
+            .keys()
+            .map(|name| {
+                let state = self.jobs.get(name);
+                crate::metrics::JobTimes {
+                    job: name.clone(),
+                    last_success: state
+                        .and_then(|s| s.last_success_at)
+                        .map(|t| t.unix_timestamp()),
+                    last_run: state.and_then(|s| s.last_run).map(|t| t.unix_timestamp()),
+                    next_run: self.scheduler.next_of(name).map(|t| t.unix_timestamp()),
+                }
+            })
+            .collect();
         Gauges {
             runs_running: self.runs.len() as u64,
             machines_running: machines_running as u64,
             wrappers_connected: self.conns.len() as u64,
             runtime_injection_queue: self.spawner.metrics().global_queue_depth() as u64,
+            jobs,
+            config_reload: self.config_taken.map(|(at, ok)| (at.unix_timestamp(), ok)),
         }
     }
 }

@@ -90,6 +90,8 @@ pub struct JobRecord {
     pub name: String,
     pub last_run: Option<OffsetDateTime>,
     pub last_success: Option<bool>,
+    /// When the job last ended successfully (the monitoring stack's staleness signal).
+    pub last_success_at: Option<OffsetDateTime>,
     pub last_failed: usize,
     pub last_total: usize,
     /// The latest cron slot that fired, so a restart never fires it again.

@@ -65,7 +65,7 @@ impl Default for Retention {
     }
 }
 
-const SCHEMA_VERSION: i64 = 5;
+const SCHEMA_VERSION: i64 = 6;
 
 const MIGRATION_1: &str = "
 CREATE TABLE runs (
@@ -183,6 +183,11 @@ CREATE TABLE audit (
     detail TEXT
 );
 CREATE INDEX audit_by_at ON audit(at);
+";
+
+/// When each job last succeeded, for the per-job staleness metric.
+const MIGRATION_6: &str = "
+ALTER TABLE jobs ADD COLUMN last_success_at TEXT;
 ";
 
 /// The open database.
@@ -330,6 +335,12 @@ impl Db {
             tx.pragma_update(None, "user_version", 5)?;
             tx.commit()?;
         }
+        if version < 6 {
+            let tx = self.conn.transaction()?;
+            tx.execute_batch(MIGRATION_6)?;
+            tx.pragma_update(None, "user_version", 6)?;
+            tx.commit()?;
+        }
         Ok(())
     }
 
@@ -435,7 +446,8 @@ impl Db {
             restored.runs.push((run, restored_machines));
         }
         let mut stmt = self.conn.prepare(
-            "SELECT name, last_run, last_success, last_failed, last_total, last_fired FROM jobs",
+            "SELECT name, last_run, last_success, last_failed, last_total, last_fired, \
+             last_success_at FROM jobs",
         )?;
         restored.jobs = stmt
             .query_map([], |r| {
@@ -446,6 +458,7 @@ impl Db {
                     last_failed: r.get::<_, i64>(3)? as usize,
                     last_total: r.get::<_, i64>(4)? as usize,
                     last_fired: parse_ts(r.get(5)?),
+                    last_success_at: parse_ts(r.get(6)?),
                 })
             })?
             .collect::<Result<_, _>>()?;
@@ -895,10 +908,11 @@ fn apply_one(
         } => outputs.append(tx, (instance, machine), seq, data, retention)?,
         StoreOp::Job(j) => {
             tx.prepare_cached(
-                "INSERT INTO jobs (name, last_run, last_success, last_failed, last_total, last_fired)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                "INSERT INTO jobs (name, last_run, last_success, last_failed, last_total, last_fired,
+                    last_success_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
                  ON CONFLICT(name) DO UPDATE SET last_run = ?2, last_success = ?3,
-                    last_failed = ?4, last_total = ?5, last_fired = ?6",
+                    last_failed = ?4, last_total = ?5, last_fired = ?6, last_success_at = ?7",
             )?
             .execute(params![
                 j.name,
@@ -907,6 +921,7 @@ fn apply_one(
                 j.last_failed as i64,
                 j.last_total as i64,
                 j.last_fired.map(ts),
+                j.last_success_at.map(ts),
             ])?;
         }
         StoreOp::Audit(a) => {

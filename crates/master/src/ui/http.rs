@@ -125,7 +125,7 @@ pub async fn metrics(State(ctx): State<UiContext>) -> Response {
     else {
         return engine_gone();
     };
-    let text = ctx.engine.metrics().render(gauges);
+    let text = ctx.engine.metrics().render(&gauges);
     (
         [(
             header::CONTENT_TYPE,
