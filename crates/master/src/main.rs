@@ -217,7 +217,12 @@ fn new_token(name: &str, role: &str, json: bool) -> Result<ExitCode> {
 const CONNECTION_THREAD_NICE: i32 = 5;
 
 fn serve(config_dir: PathBuf, ready_file: Option<PathBuf>) -> Result<ExitCode> {
-    let log_level = init_tracing();
+    // The format is chosen once, before anything logs: read the settings now (the watcher
+    // reads them again at start and logs their problems).
+    let format = saltpeter_master::config::Config::load(&config_dir)
+        .settings
+        .log_format;
+    let log_level = init_tracing(format);
     raise_fd_limit();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -285,28 +290,30 @@ fn raise_fd_limit() {
     }
 }
 
+use saltpeter_master::config::settings::LogFormat;
+
 /// Switches between `info` and `debug` logging; `None` when `RUST_LOG` fixes the level.
 type LogLevelSwitch = Option<Box<dyn Fn(bool) + Send + Sync>>;
 
 /// Logs to stderr. Without `RUST_LOG`, the level follows the config's `debug` key (reloaded
 /// with the config, as the original's debug flag was).
-fn init_tracing() -> LogLevelSwitch {
+fn init_tracing(format: LogFormat) -> LogLevelSwitch {
     use tracing_subscriber::prelude::*;
-    use tracing_subscriber::{EnvFilter, fmt, reload};
+    use tracing_subscriber::{EnvFilter, reload};
     // Colour codes only for a person at a terminal: in journald or a log file they are noise.
     let colour = std::io::IsTerminal::is_terminal(&std::io::stderr())
         && std::env::var_os("NO_COLOR").is_none();
     if let Ok(filter) = EnvFilter::try_from_default_env() {
         tracing_subscriber::registry()
             .with(filter)
-            .with(fmt::layer().with_target(false).with_ansi(colour))
+            .with(log_layer(format, colour))
             .init();
         return None;
     }
     let (filter, handle) = reload::Layer::new(EnvFilter::new("info"));
     tracing_subscriber::registry()
         .with(filter)
-        .with(fmt::layer().with_target(false).with_ansi(colour))
+        .with(log_layer(format, colour))
         .init();
     Some(Box::new(move |debug| {
         let level = if debug {
@@ -317,6 +324,31 @@ fn init_tracing() -> LogLevelSwitch {
         // Only fails if the subscriber is gone, at which point nothing logs anyway.
         let _ = handle.modify(|f| *f = EnvFilter::new(level));
     }))
+}
+
+/// The output layer for `format`: JSON objects one per line for log shippers, or text for
+/// people (in colour only at a terminal). Both write to stderr.
+fn log_layer<S>(
+    format: LogFormat,
+    colour: bool,
+) -> Box<dyn tracing_subscriber::Layer<S> + Send + Sync>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
+    use tracing_subscriber::{Layer, fmt};
+    match format {
+        LogFormat::Text => fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_target(false)
+            .with_ansi(colour)
+            .boxed(),
+        LogFormat::Json => fmt::layer()
+            .json()
+            .with_writer(std::io::stderr)
+            .with_target(false)
+            .with_ansi(false)
+            .boxed(),
+    }
 }
 
 /// Waits for SIGTERM (systemd's stop) or SIGINT (Ctrl-C); SIGHUP rereads the config at once

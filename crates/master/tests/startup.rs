@@ -103,3 +103,49 @@ async fn the_local_launcher_runs_the_wrapper_the_settings_name() {
     assert_eq!(outcome, [("m1".to_owned(), Ok(()))]);
     assert_eq!(std::fs::read_to_string(&marker).unwrap(), "m1\n");
 }
+
+/// The real binary: `log_format: json` makes every line of its log one JSON object (without
+/// colour codes), and SIGTERM ends it with exit 0.
+#[test]
+fn json_logs_and_a_clean_exit_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let conf = config_dir(
+        dir.path(),
+        "  log_format: json\n  api_ws_port: 0\n  machines_ws_bind_addr: 127.0.0.1\n  machines_ws_port: 0\n",
+    );
+    let ready = dir.path().join("ready.json");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_sp-master"))
+        .arg("-c")
+        .arg(&conf)
+        .arg("--ready-file")
+        .arg(&ready)
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !ready.exists() {
+        assert!(std::time::Instant::now() < deadline, "not ready in 30 s");
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "sp-master exited early"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap());
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "exit {:?}", out.status);
+    let log = String::from_utf8(out.stderr).unwrap();
+    let lines: Vec<&str> = log.lines().collect();
+    assert!(lines.len() >= 3, "status {:?}, log: {log:?}", out.status);
+    for line in &lines {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert!(v["fields"]["message"].is_string(), "{line}");
+        assert!(!line.contains('\u{1b}'), "colour codes in {line}");
+    }
+    assert!(log.contains("Saltpeter master ready."));
+    assert!(log.contains("Engine stopped; store committed, job log written."));
+}

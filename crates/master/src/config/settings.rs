@@ -14,6 +14,16 @@ use super::limits::{Limits, PartialLimits};
 use super::problem::{ConfigProblem, Section, Severity};
 use super::raw::{Node, Value};
 
+/// How `sp-master` writes its own log (stderr).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum LogFormat {
+    /// Lines for people.
+    #[default]
+    Text,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
 /// How the master starts wrappers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum Launcher {
@@ -35,6 +45,8 @@ pub struct Settings {
     pub logdir: PathBuf,
     /// `debug`: verbose logging; default false.
     pub debug: bool,
+    /// `log_format`: `text` (default) or `json`; read at start.
+    pub log_format: LogFormat,
     /// `api_ws`: kept for compatibility (the original started its UI endpoint only when true);
     /// default false.
     pub api_ws: bool,
@@ -145,6 +157,7 @@ impl Default for Settings {
         Settings {
             logdir: PathBuf::from("/var/log/saltpeter"),
             debug: false,
+            log_format: LogFormat::Text,
             api_ws: false,
             api_bind_addr: IpAddr::V4(Ipv4Addr::LOCALHOST),
             api_port: 8888,
@@ -192,6 +205,7 @@ impl Default for Settings {
 pub(crate) struct PartialSettings {
     logdir: Option<PathBuf>,
     debug: Option<bool>,
+    log_format: Option<LogFormat>,
     api_ws: Option<bool>,
     api_bind_addr: Option<IpAddr>,
     api_port: Option<u16>,
@@ -324,6 +338,15 @@ fn origins(node: &Node) -> Result<Vec<String>, String> {
     }
 }
 
+fn log_format(node: &Node) -> Result<LogFormat, String> {
+    let t = node.as_text()?;
+    match t.to_ascii_lowercase().as_str() {
+        "text" => Ok(LogFormat::Text),
+        "json" => Ok(LogFormat::Json),
+        _ => Err(format!("expected \"text\" or \"json\", got {t:?}")),
+    }
+}
+
 fn launcher(node: &Node) -> Result<Launcher, String> {
     let t = node.as_text()?;
     match t.to_ascii_lowercase().as_str() {
@@ -377,6 +400,7 @@ pub(crate) fn parse_settings(
         match key.as_str() {
             "logdir" => set!(logdir, |n: &Node| non_empty(n).map(PathBuf::from)),
             "debug" => set!(debug, Node::as_bool),
+            "log_format" => set!(log_format, log_format),
             "api_ws" => set!(api_ws, Node::as_bool),
             "api_ws_bind_addr" => set!(api_bind_addr, address),
             "api_ws_port" => set!(api_port, port),
@@ -489,6 +513,7 @@ impl Settings {
         take!(
             logdir,
             debug,
+            log_format,
             api_ws,
             api_bind_addr,
             api_port,
