@@ -467,7 +467,9 @@ fn wd_request(
     let mut raw = Vec::new();
     let mut buf = [0u8; 64 * 1024];
     loop {
-        let n = stream.read(&mut buf)?;
+        let n = stream
+            .read(&mut buf)
+            .with_context(|| format!("WebDriver {method} {path}: no answer within 60 s"))?;
         if n == 0 {
             break;
         }
