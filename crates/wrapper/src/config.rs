@@ -5,12 +5,16 @@
 //! Parsing goes through a lookup function rather than the process environment directly,
 //! which keeps it testable without mutating the environment. It is total: any value of any
 //! variable gives either a validated [`Config`] or a [`ConfigError`] naming the variable.
+//! `SP_TLS_FINGERPRINT` and `SP_TLS_CA` say how a `wss://` master is verified.
 
 use std::ffi::{CString, OsString};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use nix::unistd::{Gid, Uid, User, getgrouplist};
+use saltpeter_tls::rustls::ClientConfig;
+use saltpeter_tls::{Fingerprint, Trust};
 
 use crate::lock::{self, LockPath};
 
@@ -40,6 +44,11 @@ pub enum ConfigError {
     User { user: String, reason: String },
     #[error("SP_CWD {path:?} is not a usable directory: {reason}")]
     Cwd { path: PathBuf, reason: String },
+    #[error("cannot set up TLS for {url}: {source}")]
+    Tls {
+        url: String,
+        source: saltpeter_tls::TlsError,
+    },
 }
 
 /// How much the local log records.
@@ -87,6 +96,12 @@ pub struct Config {
     /// `None` when overlap is allowed and no lock is taken.
     pub lockfile: Option<LockPath>,
     pub run_token: Option<String>,
+    /// What a `wss://` master must present: `SP_TLS_FINGERPRINT` (pinned), else `SP_TLS_CA`
+    /// (a CA file), else the system's roots.
+    pub trust: Trust,
+    /// The TLS client configuration for a `wss://` URL, built from `trust` by
+    /// [`from_lookup`](Self::from_lookup); `None` for `ws://` (and from [`parse`](Self::parse)).
+    pub tls: Option<Arc<ClientConfig>>,
 }
 
 impl Config {
@@ -120,6 +135,16 @@ impl Config {
             }
         }
         check_cwd(&cfg.cwd)?;
+        if cfg.websocket_url.starts_with("wss://") {
+            // Read the CA file or the system roots now, before the fork, so a minion that
+            // lacks them says so to Salt at once instead of retrying in the background.
+            let tls =
+                saltpeter_tls::client_config(&cfg.trust).map_err(|source| ConfigError::Tls {
+                    url: cfg.websocket_url.clone(),
+                    source,
+                })?;
+            cfg.tls = Some(Arc::new(tls));
+        }
         Ok(cfg)
     }
 
@@ -154,13 +179,30 @@ impl Config {
         let job_instance = required("SP_JOB_INSTANCE")?;
         let command = required("SP_COMMAND")?;
 
-        if !websocket_url.starts_with("ws://") {
+        if !(websocket_url.starts_with("ws://") || websocket_url.starts_with("wss://")) {
             return Err(ConfigError::Invalid {
                 name: "SP_WEBSOCKET_URL",
                 value: websocket_url,
-                reason: "expected a ws:// URL",
+                reason: "expected a ws:// or wss:// URL",
             });
         }
+        let trust = match (
+            get(saltpeter_tls::FINGERPRINT_ENV)?.filter(|v| !v.trim().is_empty()),
+            get(saltpeter_tls::CA_ENV)?.filter(|v| !v.is_empty()),
+        ) {
+            (Some(pin), _) => match Fingerprint::parse(&pin) {
+                Ok(f) => Trust::Pinned(f),
+                Err(_) => {
+                    return Err(ConfigError::Invalid {
+                        name: "SP_TLS_FINGERPRINT",
+                        value: pin,
+                        reason: "expected the SHA-256 of a certificate, 64 hexadecimal digits",
+                    });
+                }
+            },
+            (None, Some(ca)) => Trust::CaFile(PathBuf::from(ca)),
+            (None, None) => Trust::SystemRoots,
+        };
         // The job name becomes part of file names (lock and log), so it must be one.
         if job_name.contains('/') || job_name.contains('\0') || job_name == "." || job_name == ".."
         {
@@ -281,6 +323,8 @@ impl Config {
             log_dir,
             lockfile,
             run_token,
+            trust,
+            tls: None,
         })
     }
 }

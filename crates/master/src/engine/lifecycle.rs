@@ -543,7 +543,11 @@ impl Engine {
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         let url = match &job.saltpeter_server_host {
-            Some(host) => format!("ws://{host}:{}", self.machines_port()),
+            Some(host) => format!(
+                "{}://{host}:{}",
+                self.machines_scheme(),
+                self.machines_port()
+            ),
             None => self.machines_url.clone(),
         };
         let mut put = |k: &str, v: String| env.push((k.to_owned(), v));
@@ -580,7 +584,15 @@ impl Engine {
         if let Some(v) = &job.user {
             put("SP_USER", v.clone());
         }
+        for (k, v) in &self.wrapper_env {
+            put(k, v.clone());
+        }
         env
+    }
+
+    /// `wss` when the machines endpoint speaks TLS, else `ws`.
+    fn machines_scheme(&self) -> &str {
+        self.machines_url.split("://").next().unwrap_or("ws")
     }
 
     fn machines_port(&self) -> u16 {
@@ -603,4 +615,6 @@ const RESERVED: &[&str] = &[
     "SP_MACHINE_ID",
     "SP_TIMEOUT",
     "SP_ALLOW_OVERLAP",
+    "SP_TLS_FINGERPRINT",
+    "SP_TLS_CA",
 ];
