@@ -201,6 +201,7 @@ fn backend(name: &str, url: &str, prefix: &str) -> Backend {
         name: name.into(),
         url: url.into(),
         index_prefix: prefix.into(),
+        ca: None,
     }
 }
 
@@ -658,14 +659,12 @@ async fn a_full_queue_drops_the_oldest_documents_and_counts_them() {
 }
 
 #[test]
-fn tls_urls_are_refused_with_a_clear_error() {
+fn an_unreadable_ca_file_is_refused_with_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
-    let err = Shipper::start(
-        vec![backend("opensearch", "https://os:9200", "saltpeter")],
-        options(dir.path()),
-    )
-    .unwrap_err();
-    assert!(err.to_string().contains("TLS"), "{err}");
+    let mut os = backend("opensearch", "https://os:9200", "saltpeter");
+    os.ca = Some(dir.path().join("missing-ca.pem"));
+    let err = Shipper::start(vec![os], options(dir.path())).unwrap_err();
+    assert!(err.to_string().contains("CA file"), "{err}");
 }
 
 fn queue_bytes(dir: &Path) -> u64 {

@@ -165,17 +165,28 @@ pub fn roots_from_file(path: &Path) -> Result<RootCertStore, TlsError> {
 /// The system's root certificates (as OpenSSL would find them: `SSL_CERT_FILE`,
 /// `SSL_CERT_DIR`, or the distribution's bundle).
 pub fn system_roots() -> Result<RootCertStore, TlsError> {
-    let found = rustls_native_certs::load_native_certs();
     let mut roots = RootCertStore::empty();
-    let (added, _ignored) = roots.add_parsable_certificates(found.certs);
+    let (added, _ignored) = roots.add_parsable_certificates(system_root_certs()?);
     if added == 0 {
+        return Err(TlsError::NoRoots(
+            "none of the system's certificates parses".to_owned(),
+        ));
+    }
+    Ok(roots)
+}
+
+/// The system's root certificates as they are stored (DER), for clients that build their own
+/// root store.
+pub fn system_root_certs() -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let found = rustls_native_certs::load_native_certs();
+    if found.certs.is_empty() {
         let why = found
             .errors
             .first()
             .map_or_else(|| "the system has none".to_owned(), ToString::to_string);
         return Err(TlsError::NoRoots(why));
     }
-    Ok(roots)
+    Ok(found.certs)
 }
 
 /// Accepts exactly one certificate, by its SHA-256 fingerprint, and checks the handshake's
