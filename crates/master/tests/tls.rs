@@ -186,6 +186,25 @@ async fn the_api_speaks_https_verified_with_the_masters_certificate_as_ca() {
     let _ = tls.read_to_end(&mut raw).await;
     let raw = String::from_utf8_lossy(&raw);
     assert!(raw.starts_with("HTTP/1.1 200"), "{raw}");
+    // The CLI's client: verified with the master's certificate as its CA it gets through;
+    // trusting the system's roots only, it does not.
+    let url = format!("https://127.0.0.1:{}", r.api_addr.port());
+    let ca = dir.path().join("data/tls/cert.pem");
+    let (with_ca, without) = tokio::task::spawn_blocking(move || {
+        use saltpeter_master::cli::Client;
+        let with_ca = Client::new(&url, None)
+            .unwrap()
+            .with_ca(Some(&ca))
+            .unwrap()
+            .get("/api/v1/jobs")
+            .map(|r| r.status);
+        let without = Client::new(&url, None).unwrap().get("/api/v1/jobs");
+        (with_ca, without.map(|r| r.status))
+    })
+    .await
+    .unwrap();
+    assert_eq!(with_ca.unwrap(), 200);
+    assert!(without.is_err());
     // The machines endpoint, on loopback with `auto`, stays plain.
     assert!(plain(&r).await.is_ok());
     r.stop().await;
