@@ -159,6 +159,12 @@ async fn the_legacy_plain_path_is_open_only_with_allow_legacy_wrappers() {
     .await;
     let instance = run_now(&r, "j").await;
     let pin = Fingerprint::parse(&env_of(&launcher, "SP_TLS_FINGERPRINT").unwrap()).unwrap();
+    // The original wrapper reads only SP_WEBSOCKET_URL: it names the plain path, and
+    // sp-wrapper takes the TLS one.
+    let plain_url = env_of(&launcher, "SP_WEBSOCKET_URL").unwrap();
+    let tls_url = env_of(&launcher, "SP_WEBSOCKET_URL_TLS").unwrap();
+    assert!(plain_url.starts_with("ws://"), "{plain_url}");
+    assert_eq!(tls_url.replacen("wss://", "ws://", 1), plain_url);
     // The original wrapper: plain ws://, no token.
     let mut legacy = plain(&r).await.unwrap();
     assert!(connect_acked(&mut legacy, &instance, "m1", None).await);

@@ -44,7 +44,7 @@ pub enum ConfigError {
     User { user: String, reason: String },
     #[error("SP_CWD {path:?} is not a usable directory: {reason}")]
     Cwd { path: PathBuf, reason: String },
-    #[error("cannot set up TLS for {url}: {source}")]
+    #[error("cannot set up TLS for {url} (SP_TLS_FINGERPRINT, SP_TLS_CA): {source}")]
     Tls {
         url: String,
         source: saltpeter_tls::TlsError,
@@ -174,7 +174,12 @@ impl Config {
                 .ok_or(ConfigError::Missing(name))
         };
 
-        let websocket_url = required("SP_WEBSOCKET_URL")?;
+        // A master that also serves the original wrapper names its plain path in
+        // SP_WEBSOCKET_URL and its TLS one here; sp-wrapper always takes TLS when offered.
+        let websocket_url = match get("SP_WEBSOCKET_URL_TLS")?.filter(|v| !v.is_empty()) {
+            Some(url) => url,
+            None => required("SP_WEBSOCKET_URL")?,
+        };
         let job_name = required("SP_JOB_NAME")?;
         let job_instance = required("SP_JOB_INSTANCE")?;
         let command = required("SP_COMMAND")?;
@@ -443,6 +448,43 @@ mod tests {
     }
 
     #[test]
+    fn tls_trust_comes_from_the_fingerprint_then_the_ca_then_the_system() {
+        let pin = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+        let cfg = with(&[
+            ("SP_WEBSOCKET_URL_TLS", "wss://master:8889"),
+            ("SP_TLS_FINGERPRINT", pin),
+            ("SP_TLS_CA", "/etc/ca.pem"),
+        ])
+        .unwrap();
+        // The TLS URL wins over the plain one a master offers the original wrapper.
+        assert_eq!(cfg.websocket_url, "wss://master:8889");
+        assert_eq!(cfg.trust, Trust::Pinned(Fingerprint::parse(pin).unwrap()));
+        let cfg = with(&[("SP_TLS_CA", "/etc/ca.pem")]).unwrap();
+        assert_eq!(cfg.trust, Trust::CaFile(PathBuf::from("/etc/ca.pem")));
+        assert_eq!(with(&[]).unwrap().trust, Trust::SystemRoots);
+        assert!(with(&[("SP_TLS_FINGERPRINT", "abc")]).is_err());
+    }
+
+    #[test]
+    fn a_wss_url_with_an_unreadable_ca_fails_before_the_fork() {
+        let vars: HashMap<&str, &str> = [
+            ("SP_WEBSOCKET_URL", "wss://master:8889"),
+            ("SP_JOB_NAME", "backup"),
+            ("SP_JOB_INSTANCE", "backup_1"),
+            ("SP_COMMAND", "true"),
+            ("SP_TLS_CA", "/nonexistent/ca.pem"),
+        ]
+        .into_iter()
+        .collect();
+        let result = Config::from_lookup(
+            |k| vars.get(k).map(OsString::from),
+            Path::new("/"),
+            || Some("host1".into()),
+        );
+        assert!(matches!(result, Err(ConfigError::Tls { .. })));
+    }
+
+    #[test]
     fn defaults_match_the_original() {
         let cfg = with(&[]).unwrap();
         assert_eq!(cfg.machine, "host1");
@@ -578,7 +620,7 @@ mod tests {
         use super::*;
 
         /// Every variable `Config::from_lookup` asks for, with a valid value.
-        const VARS: [(&str, &str); 16] = [
+        const VARS: [(&str, &str); 19] = [
             ("SP_WEBSOCKET_URL", "ws://127.0.0.1:8889"),
             ("SP_JOB_NAME", "backup"),
             ("SP_JOB_INSTANCE", "backup_1766482300"),
@@ -595,6 +637,12 @@ mod tests {
             ("SP_WRAPPER_LOGDIR", "/var/log/sp_wrapper"),
             ("SP_WRAPPER_LOGLEVEL", "debug"),
             ("XDG_RUNTIME_DIR", "/run/user/1000"),
+            ("SP_WEBSOCKET_URL_TLS", "wss://127.0.0.1:8889"),
+            (
+                "SP_TLS_FINGERPRINT",
+                "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855",
+            ),
+            ("SP_TLS_CA", "/nonexistent/sp-test-ca.pem"),
         ];
 
         /// Values that sit on the parser's edges, then arbitrary text and bytes.
@@ -618,6 +666,7 @@ mod tests {
                 "maybe",
                 "ws://",
                 "ws://[::1]:1",
+                "wss://[::1]:1",
                 "http://master",
                 ".",
                 "..",
@@ -675,8 +724,9 @@ mod tests {
         #[test]
         fn the_test_covers_every_variable_read() {
             let asked = std::cell::RefCell::new(Vec::new());
-            // With and without SP_LOCKFILE: the runtime directory matters only without.
-            for without in [None, Some("SP_LOCKFILE")] {
+            // With and without SP_LOCKFILE: the runtime directory matters only without; and
+            // without the TLS URL, which hides the plain one.
+            for without in [None, Some("SP_LOCKFILE"), Some("SP_WEBSOCKET_URL_TLS")] {
                 let env: Vec<Option<OsString>> = VARS
                     .iter()
                     .map(|(n, v)| (Some(*n) != without).then(|| OsString::from(v)))
@@ -718,7 +768,10 @@ mod tests {
                         prop_assert!(text.contains("SP_"), "{}", text);
                     }
                     Ok(cfg) => {
-                        prop_assert!(cfg.websocket_url.starts_with("ws://"));
+                        let url = &cfg.websocket_url;
+                        prop_assert!(url.starts_with("ws://") || url.starts_with("wss://"));
+                        // A wss:// URL always comes with the TLS configuration to verify it.
+                        prop_assert_eq!(url.starts_with("wss://"), cfg.tls.is_some());
                         for field in [&cfg.job_name, &cfg.job_instance, &cfg.command, &cfg.machine] {
                             prop_assert!(!field.is_empty());
                         }
