@@ -1,8 +1,8 @@
-//! A minimal HTTP/1.1 client over `std::net::TcpStream`, enough to drive the master's JSON API
-//! from scenarios without pulling an HTTP stack into xtask.
+//! Requests to the master's JSON API from scenarios and benchmarks, through the project's one
+//! HTTP client (ureq, as the CLI and the log shipper use it).
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
@@ -15,89 +15,64 @@ pub struct Response {
     pub body: Value,
 }
 
-/// Sends one request with `Connection: close` and reads the whole response.
+/// One agent for the whole run: every status is a response, not an error.
+fn agent() -> &'static ureq::Agent {
+    static AGENT: OnceLock<ureq::Agent> = OnceLock::new();
+    AGENT.get_or_init(|| {
+        ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .max_redirects(0)
+            .timeout_connect(Some(Duration::from_secs(5)))
+            .timeout_global(Some(Duration::from_secs(30)))
+            .build()
+            .into()
+    })
+}
+
+/// Sends one request and reads the whole response as text.
+fn call(addr: SocketAddr, method: &str, path: &str, body: Option<&Value>) -> Result<(u16, String)> {
+    let url = format!("http://{addr}{path}");
+    let payload = body.map(Value::to_string).unwrap_or_default();
+    let request = ureq::http::Request::builder()
+        .method(method)
+        .uri(&url)
+        .header("Content-Type", "application/json")
+        .body(payload)
+        .with_context(|| format!("building {method} {url}"))?;
+    let mut response = agent()
+        .run(request)
+        .with_context(|| format!("{method} {url}"))?;
+    let status = response.status().as_u16();
+    let text = response
+        .body_mut()
+        .with_config()
+        .limit(256 * 1024 * 1024)
+        .read_to_string()
+        .with_context(|| format!("reading the answer to {method} {url}"))?;
+    Ok((status, text))
+}
+
+/// Sends one request and reads the whole response.
 pub fn request(
     addr: SocketAddr,
     method: &str,
     path: &str,
     body: Option<&Value>,
 ) -> Result<Response> {
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
-        .with_context(|| format!("connecting to {addr}"))?;
-    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
-    let payload = body.map(Value::to_string).unwrap_or_default();
-    write!(
-        stream,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{payload}",
-        payload.len()
-    )?;
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw)?;
-    let text = String::from_utf8_lossy(&raw);
-    let Some((head, body)) = text.split_once("\r\n\r\n") else {
-        bail!("malformed HTTP response from {addr}{path}: {text:?}");
-    };
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .with_context(|| format!("no status in {head:?}"))?;
-    let body = if head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
-        dechunk(body)
-    } else {
-        body.to_owned()
-    };
+    let (status, text) = call(addr, method, path, body)?;
     Ok(Response {
         status,
-        body: serde_json::from_str(&body).unwrap_or(Value::Null),
+        body: serde_json::from_str(&text).unwrap_or(Value::Null),
     })
 }
 
-fn dechunk(mut body: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, rest)) = body.split_once("\r\n") {
-        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
-            break;
-        };
-        if n == 0 || rest.len() < n {
-            break;
-        }
-        out.push_str(&rest[..n]);
-        body = rest[n..].trim_start_matches("\r\n");
-    }
-    out
-}
-
-/// GET returning the body as text (for plain-text endpoints).
+/// GET returning the body as text (for plain-text endpoints); any status but 200 is an error.
 pub fn get_text(addr: SocketAddr, path: &str) -> Result<String> {
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw)?;
-    let text = String::from_utf8_lossy(&raw).into_owned();
-    let Some((head, body)) = text.split_once("\r\n\r\n") else {
-        bail!("malformed HTTP response from {path}");
-    };
-    if !head.starts_with("HTTP/1.1 200") {
-        bail!("GET {path}: {}", head.lines().next().unwrap_or_default());
+    let (status, text) = call(addr, "GET", path, None)?;
+    if status != 200 {
+        bail!("GET {path}: status {status}");
     }
-    Ok(
-        if head
-            .to_ascii_lowercase()
-            .contains("transfer-encoding: chunked")
-        {
-            dechunk(body)
-        } else {
-            body.to_owned()
-        },
-    )
+    Ok(text)
 }
 
 pub fn get(addr: SocketAddr, path: &str) -> Result<Response> {
