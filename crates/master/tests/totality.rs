@@ -352,7 +352,7 @@ fn yaml_value() -> BoxedStrategy<String> {
     .boxed()
 }
 
-const SETTING_KEYS: [&str; 33] = [
+const SETTING_KEYS: [&str; 40] = [
     "logdir",
     "debug",
     "api_ws",
@@ -386,6 +386,13 @@ const SETTING_KEYS: [&str; 33] = [
     "api_max_runs_page",
     "timeline_max_rows",
     "timeline_max_days",
+    "machines_tls",
+    "api_tls",
+    "tls_cert",
+    "tls_key",
+    "tls_ca",
+    "allow_plaintext",
+    "ship_ca",
 ];
 
 const JOB_KEYS: [&str; 16] = [
