@@ -777,9 +777,9 @@ async fn over_wss_the_wrapper_delivers_to_the_pinned_certificate_only() {
     impostor.idle(Duration::from_millis(500)).await;
     assert_eq!(impostor.seen.accepted, 0);
     assert!(impostor.seen.connects.is_empty());
-    if let Ok(pid) = std::fs::read_to_string(&pid_file) {
-        if let Ok(pid) = pid.trim().parse() {
-            common::kill_started(pid, "sp-wrapper");
-        }
+    if let Ok(pid) = std::fs::read_to_string(&pid_file)
+        && let Ok(pid) = pid.trim().parse()
+    {
+        common::kill_started(pid, "sp-wrapper");
     }
 }
