@@ -94,7 +94,7 @@ pub enum StartError {
     Launcher(&'static str),
     #[error("cannot start the engine thread: {0}")]
     Engine(std::io::Error),
-    #[error("TLS: {0}")]
+    #[error("{0}")]
     Tls(#[from] crate::tls::TlsSetupError),
 }
 
@@ -143,46 +143,17 @@ pub async fn start(options: Options) -> Result<Running, StartError> {
         );
     }
     // Which listener speaks TLS depends on where it is bound: the injected listener's address,
-    // else the configured one (checked before binding, so a refused start binds nothing).
+    // else the configured one (decided before binding, so a refused start binds nothing).
     let bound_ip = |l: &Option<TcpListener>, configured| {
         l.as_ref()
             .and_then(|l| l.local_addr().ok())
             .map_or(configured, |a| a.ip())
     };
-    let machines_ip = bound_ip(&options.machines_listener, s.machines_bind_addr);
-    let api_ip = bound_ip(&options.api_listener, s.api_bind_addr);
-    let machines_tls = crate::tls::is_on(s.machines_tls, machines_ip);
-    let api_tls = crate::tls::is_on(s.api_tls, api_ip);
-    for (key, ip, on) in [
-        ("machines_tls", machines_ip, machines_tls),
-        ("api_tls", api_ip, api_tls),
-    ] {
-        if let Some(why) = crate::tls::plaintext_problem(s, key, ip, on) {
-            return Err(StartError::Config(why));
-        }
-        if !on && !ip.is_loopback() {
-            tracing::warn!(
-                listener = key,
-                %ip,
-                "allow_plaintext is on: this listener runs without TLS beyond loopback."
-            );
-        }
-    }
-    let tls = if machines_tls || api_tls {
-        Some(crate::tls::prepare(s)?)
-    } else {
-        None
-    };
-    if machines_tls && s.allow_legacy_wrappers {
-        tracing::warn!(
-            "allow_legacy_wrappers is on: the machines port also accepts plain (unencrypted) \
-             WebSocket connections, which the original wrapper needs; their run output and \
-             messages cross the network in clear."
-        );
-    }
-    let server_config = |on: bool| tls.as_ref().filter(|_| on).map(|t| t.server.clone());
-    let machines_server_tls = server_config(machines_tls);
-    let api_server_tls = server_config(api_tls);
+    let tls = crate::tls::ListenerTls::decide(
+        s,
+        bound_ip(&options.machines_listener, s.machines_bind_addr),
+        bound_ip(&options.api_listener, s.api_bind_addr),
+    )?;
     let machines_listener = match options.machines_listener {
         Some(l) => l,
         None => bind(SocketAddr::new(s.machines_bind_addr, s.machines_port)).await?,
@@ -217,12 +188,8 @@ pub async fn start(options: Options) -> Result<Running, StartError> {
         LauncherKind::Local | LauncherKind::Bench => "127.0.0.1".to_owned(),
         LauncherKind::Salt => s.default_saltpeter_server_host.clone(),
     };
-    let scheme = if machines_tls { "wss" } else { "ws" };
+    let scheme = if tls.machines.is_some() { "wss" } else { "ws" };
     let machines_url = format!("{scheme}://{host}:{}", machines_addr.port());
-    let wrapper_env = match &tls {
-        Some(t) if machines_tls => t.wrapper_env.clone(),
-        _ => Vec::new(),
-    };
     // Shipping to Elasticsearch/OpenSearch only when a URL is configured.
     let ship = crate::ship::start_for(s, config_rx.clone());
     let joblog =
@@ -241,7 +208,7 @@ pub async fn start(options: Options) -> Result<Running, StartError> {
         joblog,
         clock: options.clock.unwrap_or_else(Clock::system),
         machines_url,
-        wrapper_env,
+        wrapper_env: tls.wrapper_env.clone(),
         shutdown: shutdown.clone(),
         store: StoreParts::Open(db, restored),
     })
@@ -265,7 +232,7 @@ pub async fn start(options: Options) -> Result<Running, StartError> {
         machines_gate,
         endpoint,
         shutdown.clone(),
-        machines_server_tls,
+        tls.machines.clone(),
     ));
     let ui = crate::ui::router(handle.clone(), config_rx.clone());
     let api = crate::ui::protect(
@@ -277,18 +244,14 @@ pub async fn start(options: Options) -> Result<Running, StartError> {
         api_gate,
         api,
         shutdown.clone(),
-        api_server_tls,
+        tls.api.clone(),
     ));
-    let fingerprint = tls
-        .as_ref()
-        .and_then(|t| t.fingerprint)
-        .map(|f| f.to_string());
     tracing::info!(
         %machines_addr,
         %api_addr,
-        machines_tls,
-        api_tls,
-        tls_fingerprint = fingerprint.as_deref().unwrap_or("-"),
+        machines_tls = tls.machines.is_some(),
+        api_tls = tls.api.is_some(),
+        tls_fingerprint = tls.fingerprint.map_or_else(|| "-".to_owned(), |f| f.to_string()),
         "Saltpeter master ready."
     );
     Ok(Running {

@@ -85,6 +85,69 @@ pub fn plaintext_problem(
     })
 }
 
+/// What each listener of a master speaks, decided once at start.
+#[derive(Debug, Default)]
+pub struct ListenerTls {
+    /// The machines endpoint's TLS configuration; `None`: plain.
+    pub machines: Option<Arc<ServerConfig>>,
+    /// The API's; `None`: plain.
+    pub api: Option<Arc<ServerConfig>>,
+    /// Variables every wrapper gets to verify the machines endpoint (empty when it is plain).
+    pub wrapper_env: Vec<(String, String)>,
+    /// The self-signed certificate's fingerprint, when that is the one in use.
+    pub fingerprint: Option<Fingerprint>,
+}
+
+impl ListenerTls {
+    /// Decides for listeners bound to `machines_ip` and `api_ip`: refuses plain text beyond
+    /// loopback unless allowed, warns about what is allowed, and loads (or makes) the
+    /// certificate when either listener speaks TLS.
+    pub fn decide(
+        settings: &Settings,
+        machines_ip: IpAddr,
+        api_ip: IpAddr,
+    ) -> Result<Self, TlsSetupError> {
+        let machines_on = is_on(settings.machines_tls, machines_ip);
+        let api_on = is_on(settings.api_tls, api_ip);
+        for (key, ip, on) in [
+            ("machines_tls", machines_ip, machines_on),
+            ("api_tls", api_ip, api_on),
+        ] {
+            if let Some(why) = plaintext_problem(settings, key, ip, on) {
+                return Err(TlsSetupError::Policy(why));
+            }
+            if !on && !ip.is_loopback() {
+                tracing::warn!(
+                    listener = key,
+                    %ip,
+                    "allow_plaintext is on: this listener runs without TLS beyond loopback."
+                );
+            }
+        }
+        if !(machines_on || api_on) {
+            return Ok(Self::default());
+        }
+        if machines_on && settings.allow_legacy_wrappers {
+            tracing::warn!(
+                "allow_legacy_wrappers is on: the machines port also accepts plain \
+                 (unencrypted) WebSocket connections, which the original wrapper needs; their \
+                 run output and messages cross the network in clear."
+            );
+        }
+        let master = prepare(settings)?;
+        Ok(Self {
+            machines: machines_on.then(|| master.server.clone()),
+            api: api_on.then(|| master.server.clone()),
+            wrapper_env: if machines_on {
+                master.wrapper_env
+            } else {
+                Vec::new()
+            },
+            fingerprint: master.fingerprint,
+        })
+    }
+}
+
 /// The TLS of a started master: the server configuration both listeners share and what
 /// wrappers must be told.
 #[derive(Debug)]
