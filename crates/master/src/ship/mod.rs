@@ -11,8 +11,8 @@
 //! malformed (4xx) are dropped with a log line, items it could not take now (429, 5xx) go back
 //! to the tail of the queue.
 //!
-//! Plain `http://` only: TLS is not supported yet (it would need a TLS stack this build avoids;
-//! put a local TLS-terminating proxy in front for an `https` cluster).
+//! `http://` or `https://`, through the CLI's client (`cli/http.rs`): an `https` cluster is
+//! verified against `ship_ca` or the system's roots; Basic auth comes from the URL.
 
 mod bulk;
 mod doc;
