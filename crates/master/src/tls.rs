@@ -177,11 +177,15 @@ pub fn prepare(settings: &Settings) -> Result<MasterTls, TlsSetupError> {
             ));
         }
     };
-    let server = ServerConfig::builder_with_provider(saltpeter_tls::provider())
+    let mut server = ServerConfig::builder_with_provider(saltpeter_tls::provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsSetupError::Key(e.to_string()))?
         .with_no_client_auth()
         .with_cert_resolver(Arc::new(resolver));
+    // No session tickets: each run's wrapper is a new process with no session cache, so a
+    // ticket would almost never be used, while making and sending two of them after every
+    // handshake costs the master work at the worst moment (a fleet connecting at once).
+    server.send_tls13_tickets = 0;
     let mut wrapper_env = Vec::new();
     match (&fingerprint, &settings.tls_ca) {
         (Some(f), _) => {

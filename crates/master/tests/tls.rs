@@ -215,3 +215,58 @@ async fn the_api_speaks_https_verified_with_the_masters_certificate_as_ca() {
     assert!(plain(&r).await.is_ok());
     r.stop().await;
 }
+
+/// A TCP connection to `addr` from the loopback address 127.0.0.`octet`.
+async fn tcp_from(octet: u8, addr: std::net::SocketAddr) -> tokio::net::TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket
+        .bind(std::net::SocketAddr::from(([127, 0, 0, octet], 0)))
+        .unwrap();
+    socket.connect(addr).await.unwrap()
+}
+
+/// Reads until the peer closes; true if it did within `limit`.
+async fn closed_within(s: &mut tokio::net::TcpStream, limit: Duration) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 4096];
+    tokio::time::timeout(limit, async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+    .is_ok()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_connection_mid_tls_handshake_is_pending_and_bounded_by_the_handshake_deadline() {
+    use tokio::io::AsyncWriteExt;
+    let (r, _, _dir) = support::start_server(
+        "  machines_tls: on\n  max_pending_connections_per_ip: 1\n",
+        &job("j", "[m1]", ""),
+    )
+    .await;
+    let began = tokio::time::Instant::now();
+    // The first byte of a ClientHello, and nothing more: a handshake that never ends.
+    let mut stalled = tcp_from(5, r.machines_addr).await;
+    stalled.write_all(&[0x16]).await.unwrap();
+    // It holds the one pending place of its address.
+    let mut second = tcp_from(5, r.machines_addr).await;
+    assert!(
+        closed_within(&mut second, Duration::from_millis(200)).await,
+        "a second pending connection from the same address was kept"
+    );
+    assert!(
+        closed_within(&mut stalled, Duration::from_secs(60)).await,
+        "a stalled TLS handshake is still open after 60 s"
+    );
+    let took = began.elapsed();
+    assert!(
+        took >= Duration::from_secs(10) && took < Duration::from_secs(11),
+        "closed after {took:?}, not at the 10 s handshake deadline"
+    );
+    r.stop().await;
+}
