@@ -19,6 +19,8 @@
 //! - [`audit`]: who started, killed or reconfigured what, from where.
 //! - [`cli`]: subcommands that talk to a running master.
 //! - [`private`]: files and directories only the master's user can read.
+//! - [`tls`]: which listener speaks TLS, the certificate it presents (self-signed or the
+//!   operator's, reloaded on change), what wrappers are told to trust.
 //! - [`server`]: wiring shared by `main` and the integration tests; [`clock`]: time sources.
 //!
 //! See `docs/ARCHITECTURE.md` for how the pieces talk to each other.
@@ -42,4 +44,5 @@ pub mod schedule;
 pub mod server;
 pub mod ship;
 pub mod store;
+pub mod tls;
 pub mod ui;

@@ -19,6 +19,13 @@
 //!
 //! The limits are read from the configuration at each accept, so a reload applies to new
 //! connections.
+//!
+//! A listener with TLS (see [`crate::tls`]) runs the TLS handshake first, inside the same
+//! handshake deadline and while the connection still counts as pending, so a flood of
+//! half-open TLS handshakes is capped like any other. While `allow_legacy_wrappers` is on, the
+//! machines listener also serves plain HTTP for the original wrapper, which speaks only
+//! `ws://`: it looks at a connection's first byte, and a TLS handshake always starts with
+//! 0x16 (a handshake record) while an HTTP request starts with a letter.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -32,6 +39,8 @@ use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use parking_lot::Mutex;
+use rustls::ServerConfig;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -327,6 +336,17 @@ pub async fn serve(
     router: Router,
     shutdown: CancellationToken,
 ) {
+    serve_tls(listener, gate, router, shutdown, None).await;
+}
+
+/// [`serve`], with TLS on every connection when `tls` is given.
+pub async fn serve_tls(
+    listener: TcpListener,
+    gate: Arc<Gate>,
+    router: Router,
+    shutdown: CancellationToken,
+    tls: Option<Arc<ServerConfig>>,
+) {
     let service = TowerToHyperService::new(router);
     loop {
         let accepted = tokio::select! {
@@ -351,6 +371,7 @@ pub async fn serve(
                     Arc::new(admission),
                     service.clone(),
                     shutdown.clone(),
+                    tls.clone(),
                 ));
             }
             Err(why) => {
@@ -372,14 +393,93 @@ fn is_connection_error(error: &std::io::Error) -> bool {
     )
 }
 
-/// Serves HTTP on one connection until it ends, is upgraded, misses a deadline or shutdown.
+/// The first byte of every TLS connection: the content type of a handshake record.
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+
+/// A connection after its TLS handshake, or a legacy wrapper's plain one.
+enum Opened {
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+    Plain(TcpStream),
+}
+
+/// Runs the TLS handshake on `stream`; when `legacy_plain`, a connection whose first byte does
+/// not start a TLS handshake is handed back as it is. `None` when the peer left or failed the
+/// handshake.
+async fn open_tls(
+    stream: TcpStream,
+    config: Arc<ServerConfig>,
+    legacy_plain: bool,
+    peer: SocketAddr,
+) -> Option<Opened> {
+    if legacy_plain {
+        let mut first = [0u8; 1];
+        match stream.peek(&mut first).await {
+            Ok(0) | Err(_) => return None,
+            Ok(_) if first[0] != TLS_HANDSHAKE_RECORD => return Some(Opened::Plain(stream)),
+            Ok(_) => {}
+        }
+    }
+    match tokio_rustls::TlsAcceptor::from(config).accept(stream).await {
+        Ok(tls) => Some(Opened::Tls(Box::new(tls))),
+        Err(error) => {
+            tracing::debug!(%peer, %error, "TLS handshake failed.");
+            None
+        }
+    }
+}
+
+/// Serves one connection until it ends, is upgraded, misses a deadline or shutdown: the TLS
+/// handshake first when the listener has TLS, then HTTP.
 async fn connection(
     stream: TcpStream,
     peer: SocketAddr,
     admission: Arc<Admission>,
     service: TowerToHyperService<Router>,
     shutdown: CancellationToken,
+    tls: Option<Arc<ServerConfig>>,
 ) {
+    let Some(config) = tls else {
+        serve_http(stream, peer, admission, service, shutdown).await;
+        return;
+    };
+    let kind = admission.gate.kind;
+    let legacy_plain = kind == ListenerKind::Machines
+        && admission
+            .gate
+            .config
+            .borrow()
+            .settings
+            .allow_legacy_wrappers;
+    // The TLS handshake is part of the connection's handshake on both listeners: it must end
+    // by the deadline, and the connection stays pending meanwhile.
+    let opened = tokio::select! {
+        opened = open_tls(stream, config, legacy_plain, peer) => opened,
+        () = tokio::time::sleep_until(admission.handshake_deadline()) => {
+            admission.timed_out();
+            return;
+        }
+        () = shutdown.cancelled() => return,
+    };
+    match opened {
+        Some(Opened::Tls(tls)) => serve_http(tls, peer, admission, service, shutdown).await,
+        Some(Opened::Plain(plain)) => {
+            tracing::debug!(%peer, "Plain connection on the machines port (a legacy wrapper).");
+            serve_http(plain, peer, admission, service, shutdown).await;
+        }
+        None => {}
+    }
+}
+
+/// Serves HTTP on one connection until it ends, is upgraded, misses a deadline or shutdown.
+async fn serve_http<S>(
+    stream: S,
+    peer: SocketAddr,
+    admission: Arc<Admission>,
+    service: TowerToHyperService<Router>,
+    shutdown: CancellationToken,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let kind = admission.gate.kind;
     let for_requests = admission.clone();
     let service = hyper::service::service_fn(move |mut request| {

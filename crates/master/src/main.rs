@@ -37,6 +37,11 @@ struct Cli {
     /// The API of the running master, for status, run, kill and logs.
     #[arg(long, global = true, default_value = "http://127.0.0.1:8888")]
     api: String,
+    /// CA file (PEM) to verify an `https://` API with. Without it the CLI trusts the master's
+    /// own certificate when the configuration directory names one (`tls_cert`, else the
+    /// self-signed `<data_dir>/tls/cert.pem`), else the system's roots.
+    #[arg(long, global = true, env = "SP_CA")]
+    ca: Option<PathBuf>,
     /// Bearer token for the API (one of `api_tokens`, or `api_token`).
     #[arg(long, global = true, env = "SP_API_TOKEN", hide_env_values = true)]
     token: Option<String>,
@@ -123,7 +128,19 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {
-    let api = || saltpeter_master::cli::Client::new(&cli.api, cli.token.clone());
+    let api = || -> Result<saltpeter_master::cli::Client> {
+        let ca = match &cli.ca {
+            Some(ca) => Some(ca.clone()),
+            None if cli.api.starts_with("https://") => {
+                saltpeter_master::cli::masters_certificate(&cli.config_dir)
+            }
+            None => None,
+        };
+        Ok(
+            saltpeter_master::cli::Client::new(&cli.api, cli.token.clone())?
+                .with_ca(ca.as_deref())?,
+        )
+    };
     let code = |c: u8| Ok(ExitCode::from(c));
     match cli.command.unwrap_or(Command::Serve) {
         Command::Status => code(saltpeter_master::cli::status(&api()?, cli.json)?),

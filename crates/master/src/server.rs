@@ -94,6 +94,8 @@ pub enum StartError {
     Launcher(&'static str),
     #[error("cannot start the engine thread: {0}")]
     Engine(std::io::Error),
+    #[error("{0}")]
+    Tls(#[from] crate::tls::TlsSetupError),
 }
 
 /// Connections the kernel completes and queues for each listener before the master accepts
@@ -140,6 +142,18 @@ pub async fn start(options: Options) -> Result<Running, StartError> {
              minion runs sp-wrapper."
         );
     }
+    // Which listener speaks TLS depends on where it is bound: the injected listener's address,
+    // else the configured one (decided before binding, so a refused start binds nothing).
+    let bound_ip = |l: &Option<TcpListener>, configured| {
+        l.as_ref()
+            .and_then(|l| l.local_addr().ok())
+            .map_or(configured, |a| a.ip())
+    };
+    let tls = crate::tls::ListenerTls::decide(
+        s,
+        bound_ip(&options.machines_listener, s.machines_bind_addr),
+        bound_ip(&options.api_listener, s.api_bind_addr),
+    )?;
     let machines_listener = match options.machines_listener {
         Some(l) => l,
         None => bind(SocketAddr::new(s.machines_bind_addr, s.machines_port)).await?,
@@ -174,7 +188,8 @@ pub async fn start(options: Options) -> Result<Running, StartError> {
         LauncherKind::Local | LauncherKind::Bench => "127.0.0.1".to_owned(),
         LauncherKind::Salt => s.default_saltpeter_server_host.clone(),
     };
-    let machines_url = format!("ws://{host}:{}", machines_addr.port());
+    let scheme = if tls.machines.is_some() { "wss" } else { "ws" };
+    let machines_url = format!("{scheme}://{host}:{}", machines_addr.port());
     // Shipping to Elasticsearch/OpenSearch only when a URL is configured.
     let ship = crate::ship::start_for(s, config_rx.clone());
     let joblog =
@@ -193,6 +208,7 @@ pub async fn start(options: Options) -> Result<Running, StartError> {
         joblog,
         clock: options.clock.unwrap_or_else(Clock::system),
         machines_url,
+        wrapper_env: tls.wrapper_env.clone(),
         shutdown: shutdown.clone(),
         store: StoreParts::Open(db, restored),
     })
@@ -211,11 +227,12 @@ pub async fn start(options: Options) -> Result<Running, StartError> {
     );
     let api_gate = Gate::new(ListenerKind::Api, config_rx.clone(), metrics, fd_limit);
     let endpoint = crate::endpoint::router(handle.clone());
-    tasks.spawn(crate::listen::serve(
+    tasks.spawn(crate::listen::serve_tls(
         machines_listener,
         machines_gate,
         endpoint,
         shutdown.clone(),
+        tls.machines.clone(),
     ));
     let ui = crate::ui::router(handle.clone(), config_rx.clone());
     let api = crate::ui::protect(
@@ -223,13 +240,21 @@ pub async fn start(options: Options) -> Result<Running, StartError> {
         config_rx.clone(),
         api_addr,
     );
-    tasks.spawn(crate::listen::serve(
+    tasks.spawn(crate::listen::serve_tls(
         api_listener,
         api_gate,
         api,
         shutdown.clone(),
+        tls.api.clone(),
     ));
-    tracing::info!(%machines_addr, %api_addr, "Saltpeter master ready.");
+    tracing::info!(
+        %machines_addr,
+        %api_addr,
+        machines_tls = tls.machines.is_some(),
+        api_tls = tls.api.is_some(),
+        tls_fingerprint = tls.fingerprint.map_or_else(|| "-".to_owned(), |f| f.to_string()),
+        "Saltpeter master ready."
+    );
     Ok(Running {
         machines_addr,
         api_addr,

@@ -53,6 +53,15 @@ fn all_created(items: &[(Value, Value)]) -> (u16, Value) {
 impl Endpoint {
     /// Listens on `port` (0: any) of 127.0.0.1.
     async fn start(port: u16) -> Self {
+        Self::start_with(port, None).await
+    }
+
+    /// Listens on any port of 127.0.0.1 with TLS, presenting the certificate `tls` holds.
+    async fn start_tls(tls: Arc<rustls::ServerConfig>) -> Self {
+        Self::start_with(0, Some(tokio_rustls::TlsAcceptor::from(tls))).await
+    }
+
+    async fn start_with(port: u16, tls: Option<tokio_rustls::TlsAcceptor>) -> Self {
         let listener = TcpListener::bind(("127.0.0.1", port)).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let requests = Arc::new(Mutex::new(Vec::new()));
@@ -67,7 +76,14 @@ impl Endpoint {
                     };
                     let requests = requests.clone();
                     let responder = responder.clone();
-                    tokio::spawn(serve(stream, requests, responder));
+                    match tls.clone() {
+                        None => drop(tokio::spawn(serve(stream, requests, responder))),
+                        Some(acceptor) => drop(tokio::spawn(async move {
+                            if let Ok(stream) = acceptor.accept(stream).await {
+                                serve(stream, requests, responder).await;
+                            }
+                        })),
+                    }
                 }
             })
         };
@@ -99,7 +115,7 @@ impl Drop for Endpoint {
 }
 
 async fn serve(
-    mut stream: tokio::net::TcpStream,
+    mut stream: impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     requests: Arc<Mutex<Vec<Request>>>,
     responder: Arc<Mutex<Responder>>,
 ) {
@@ -201,6 +217,7 @@ fn backend(name: &str, url: &str, prefix: &str) -> Backend {
         name: name.into(),
         url: url.into(),
         index_prefix: prefix.into(),
+        ca: None,
     }
 }
 
@@ -657,15 +674,72 @@ async fn a_full_queue_drops_the_oldest_documents_and_counts_them() {
     stop(shipper).await;
 }
 
-#[test]
-fn tls_urls_are_refused_with_a_clear_error() {
+/// A server configuration for a certificate made for 127.0.0.1 and a CA file (the
+/// certificate itself, self-signed) to verify it with.
+fn tls_endpoint(dir: &Path) -> (Arc<rustls::ServerConfig>, std::path::PathBuf) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let ca = dir.join("es-ca.pem");
+    std::fs::write(&ca, cert.pem()).unwrap();
+    let der = rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(saltpeter_tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.der().clone()], der)
+        .unwrap();
+    (Arc::new(config), ca)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn documents_go_over_https_verified_with_ship_ca() {
     let dir = tempfile::tempdir().unwrap();
-    let err = Shipper::start(
-        vec![backend("opensearch", "https://os:9200", "saltpeter")],
-        options(dir.path()),
-    )
-    .unwrap_err();
-    assert!(err.to_string().contains("TLS"), "{err}");
+    let (tls, ca) = tls_endpoint(dir.path());
+    let es = Endpoint::start_tls(tls).await;
+    let url = format!("https://elastic:secret@{}", es.addr);
+    let mut verified = backend("elasticsearch", &url, "saltpeter");
+    verified.ca = Some(ca);
+    // Another backend on the same server that trusts only the system's roots, which never
+    // signed this certificate, delivers nothing.
+    let unverified = backend("opensearch", &format!("https://{}", es.addr), "os");
+    let shipper = Shipper::start(vec![verified, unverified], options(dir.path())).unwrap();
+    for n in 0..3 {
+        shipper.ship(&doc(n));
+    }
+    wait_for(10, "three documents over https", || {
+        accepted(&es.requests(), |_| true).len() >= 3
+    })
+    .await;
+    let requests = es.requests();
+    assert!(requests.iter().all(|r| r.path.starts_with("/_bulk")));
+    assert!(
+        requests
+            .iter()
+            .all(|r| r.headers.get("authorization").map(String::as_str)
+                == Some("Basic ZWxhc3RpYzpzZWNyZXQ="))
+    );
+    let indices: Vec<String> = requests
+        .iter()
+        .flat_map(|r| r.items.iter())
+        .map(|(action, _)| action["index"]["_index"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(
+        indices.iter().all(|i| i.starts_with("saltpeter-")),
+        "{indices:?}"
+    );
+    stop(shipper).await;
+}
+
+#[test]
+fn an_unreadable_ca_file_is_refused_with_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut os = backend("opensearch", "https://os:9200", "saltpeter");
+    os.ca = Some(dir.path().join("missing-ca.pem"));
+    let err = Shipper::start(vec![os], options(dir.path())).unwrap_err();
+    assert!(err.to_string().contains("CA file"), "{err}");
 }
 
 fn queue_bytes(dir: &Path) -> u64 {

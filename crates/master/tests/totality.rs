@@ -352,7 +352,7 @@ fn yaml_value() -> BoxedStrategy<String> {
     .boxed()
 }
 
-const SETTING_KEYS: [&str; 36] = [
+const SETTING_KEYS: [&str; 43] = [
     "logdir",
     "debug",
     "api_ws",
@@ -389,6 +389,13 @@ const SETTING_KEYS: [&str; 36] = [
     "api_tokens",
     "api_public_names",
     "metrics_public",
+    "machines_tls",
+    "api_tls",
+    "tls_cert",
+    "tls_key",
+    "tls_ca",
+    "allow_plaintext",
+    "ship_ca",
 ];
 
 const JOB_KEYS: [&str; 16] = [

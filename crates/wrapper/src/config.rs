@@ -5,12 +5,16 @@
 //! Parsing goes through a lookup function rather than the process environment directly,
 //! which keeps it testable without mutating the environment. It is total: any value of any
 //! variable gives either a validated [`Config`] or a [`ConfigError`] naming the variable.
+//! `SP_TLS_FINGERPRINT` and `SP_TLS_CA` say how a `wss://` master is verified.
 
 use std::ffi::{CString, OsString};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use nix::unistd::{Gid, Uid, User, getgrouplist};
+use saltpeter_tls::rustls::ClientConfig;
+use saltpeter_tls::{Fingerprint, Trust};
 
 use crate::lock::{self, LockPath};
 
@@ -42,6 +46,11 @@ pub enum ConfigError {
     Cwd { path: PathBuf, reason: String },
     #[error("SP_IDENTITY=salt_key: {0}")]
     MachineKey(#[from] crate::identity::KeyError),
+    #[error("cannot set up TLS for {url} (SP_TLS_FINGERPRINT, SP_TLS_CA): {source}")]
+    Tls {
+        url: String,
+        source: saltpeter_tls::TlsError,
+    },
 }
 
 /// How much the local log records.
@@ -95,6 +104,12 @@ pub struct Config {
     /// That key, loaded by [`Config::from_lookup`] while the wrapper is still root and has
     /// not forked.
     pub machine_key: Option<std::sync::Arc<crate::identity::MinionKey>>,
+    /// What a `wss://` master must present: `SP_TLS_FINGERPRINT` (pinned), else `SP_TLS_CA`
+    /// (a CA file), else the system's roots.
+    pub trust: Trust,
+    /// The TLS client configuration for a `wss://` URL, built from `trust` by
+    /// [`from_lookup`](Self::from_lookup); `None` for `ws://` (and from [`parse`](Self::parse)).
+    pub tls: Option<Arc<ClientConfig>>,
 }
 
 impl Config {
@@ -132,6 +147,16 @@ impl Config {
             let key = crate::identity::MinionKey::load(dir)?;
             cfg.machine_key = Some(std::sync::Arc::new(key));
         }
+        if cfg.websocket_url.starts_with("wss://") {
+            // Read the CA file or the system roots now, before the fork, so a minion that
+            // lacks them says so to Salt at once instead of retrying in the background.
+            let tls =
+                saltpeter_tls::client_config(&cfg.trust).map_err(|source| ConfigError::Tls {
+                    url: cfg.websocket_url.clone(),
+                    source,
+                })?;
+            cfg.tls = Some(Arc::new(tls));
+        }
         Ok(cfg)
     }
 
@@ -161,18 +186,40 @@ impl Config {
                 .ok_or(ConfigError::Missing(name))
         };
 
-        let websocket_url = required("SP_WEBSOCKET_URL")?;
+        // A master that also serves the original wrapper names its plain path in
+        // SP_WEBSOCKET_URL and its TLS one here; sp-wrapper always takes TLS when offered.
+        let websocket_url = match get("SP_WEBSOCKET_URL_TLS")?.filter(|v| !v.is_empty()) {
+            Some(url) => url,
+            None => required("SP_WEBSOCKET_URL")?,
+        };
         let job_name = required("SP_JOB_NAME")?;
         let job_instance = required("SP_JOB_INSTANCE")?;
         let command = required("SP_COMMAND")?;
 
-        if !websocket_url.starts_with("ws://") {
+        if !(websocket_url.starts_with("ws://") || websocket_url.starts_with("wss://")) {
             return Err(ConfigError::Invalid {
                 name: "SP_WEBSOCKET_URL",
                 value: websocket_url,
-                reason: "expected a ws:// URL",
+                reason: "expected a ws:// or wss:// URL",
             });
         }
+        let trust = match (
+            get(saltpeter_tls::FINGERPRINT_ENV)?.filter(|v| !v.trim().is_empty()),
+            get(saltpeter_tls::CA_ENV)?.filter(|v| !v.is_empty()),
+        ) {
+            (Some(pin), _) => match Fingerprint::parse(&pin) {
+                Ok(f) => Trust::Pinned(f),
+                Err(_) => {
+                    return Err(ConfigError::Invalid {
+                        name: "SP_TLS_FINGERPRINT",
+                        value: pin,
+                        reason: "expected the SHA-256 of a certificate, 64 hexadecimal digits",
+                    });
+                }
+            },
+            (None, Some(ca)) => Trust::CaFile(PathBuf::from(ca)),
+            (None, None) => Trust::SystemRoots,
+        };
         // The job name becomes part of file names (lock and log), so it must be one.
         if job_name.contains('/') || job_name.contains('\0') || job_name == "." || job_name == ".."
         {
@@ -310,6 +357,8 @@ impl Config {
             run_token,
             salt_pki_dir,
             machine_key: None,
+            trust,
+            tls: None,
         })
     }
 }
@@ -425,6 +474,43 @@ mod tests {
         let mut vars = BASE.to_vec();
         vars.extend_from_slice(extra);
         parse(&vars)
+    }
+
+    #[test]
+    fn tls_trust_comes_from_the_fingerprint_then_the_ca_then_the_system() {
+        let pin = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+        let cfg = with(&[
+            ("SP_WEBSOCKET_URL_TLS", "wss://master:8889"),
+            ("SP_TLS_FINGERPRINT", pin),
+            ("SP_TLS_CA", "/etc/ca.pem"),
+        ])
+        .unwrap();
+        // The TLS URL wins over the plain one a master offers the original wrapper.
+        assert_eq!(cfg.websocket_url, "wss://master:8889");
+        assert_eq!(cfg.trust, Trust::Pinned(Fingerprint::parse(pin).unwrap()));
+        let cfg = with(&[("SP_TLS_CA", "/etc/ca.pem")]).unwrap();
+        assert_eq!(cfg.trust, Trust::CaFile(PathBuf::from("/etc/ca.pem")));
+        assert_eq!(with(&[]).unwrap().trust, Trust::SystemRoots);
+        assert!(with(&[("SP_TLS_FINGERPRINT", "abc")]).is_err());
+    }
+
+    #[test]
+    fn a_wss_url_with_an_unreadable_ca_fails_before_the_fork() {
+        let vars: HashMap<&str, &str> = [
+            ("SP_WEBSOCKET_URL", "wss://master:8889"),
+            ("SP_JOB_NAME", "backup"),
+            ("SP_JOB_INSTANCE", "backup_1"),
+            ("SP_COMMAND", "true"),
+            ("SP_TLS_CA", "/nonexistent/ca.pem"),
+        ]
+        .into_iter()
+        .collect();
+        let result = Config::from_lookup(
+            |k| vars.get(k).map(OsString::from),
+            Path::new("/"),
+            || Some("host1".into()),
+        );
+        assert!(matches!(result, Err(ConfigError::Tls { .. })));
     }
 
     #[test]
@@ -593,7 +679,7 @@ mod tests {
         use super::*;
 
         /// Every variable `Config::from_lookup` asks for, with a valid value.
-        const VARS: [(&str, &str); 18] = [
+        const VARS: [(&str, &str); 21] = [
             ("SP_WEBSOCKET_URL", "ws://127.0.0.1:8889"),
             ("SP_JOB_NAME", "backup"),
             ("SP_JOB_INSTANCE", "backup_1766482300"),
@@ -614,6 +700,12 @@ mod tests {
             // machine does not have; the coverage test below sets it.
             ("SP_IDENTITY", ""),
             ("SP_SALT_PKI_DIR", "/nonexistent/sp-test/pki"),
+            ("SP_WEBSOCKET_URL_TLS", "wss://127.0.0.1:8889"),
+            (
+                "SP_TLS_FINGERPRINT",
+                "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855",
+            ),
+            ("SP_TLS_CA", "/nonexistent/sp-test-ca.pem"),
         ];
 
         /// Values that sit on the parser's edges, then arbitrary text and bytes.
@@ -637,6 +729,7 @@ mod tests {
                 "maybe",
                 "ws://",
                 "ws://[::1]:1",
+                "wss://[::1]:1",
                 "http://master",
                 ".",
                 "..",
@@ -695,8 +788,9 @@ mod tests {
         #[test]
         fn the_test_covers_every_variable_read() {
             let asked = std::cell::RefCell::new(Vec::new());
-            // With and without SP_LOCKFILE: the runtime directory matters only without.
-            for without in [None, Some("SP_LOCKFILE")] {
+            // With and without SP_LOCKFILE: the runtime directory matters only without; and
+            // without the TLS URL, which hides the plain one.
+            for without in [None, Some("SP_LOCKFILE"), Some("SP_WEBSOCKET_URL_TLS")] {
                 let env: Vec<Option<OsString>> = VARS
                     .iter()
                     .map(|(n, v)| match *n {
@@ -741,7 +835,10 @@ mod tests {
                         prop_assert!(text.contains("SP_"), "{}", text);
                     }
                     Ok(cfg) => {
-                        prop_assert!(cfg.websocket_url.starts_with("ws://"));
+                        let url = &cfg.websocket_url;
+                        prop_assert!(url.starts_with("ws://") || url.starts_with("wss://"));
+                        // A wss:// URL always comes with the TLS configuration to verify it.
+                        prop_assert_eq!(url.starts_with("wss://"), cfg.tls.is_some());
                         for field in [&cfg.job_name, &cfg.job_instance, &cfg.command, &cfg.machine] {
                             prop_assert!(!field.is_empty());
                         }

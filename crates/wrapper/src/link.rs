@@ -78,6 +78,8 @@ pub struct LinkConfig {
     pub started_at: Timestamp,
     pub version: String,
     pub heartbeat: Duration,
+    /// The TLS client configuration for a `wss://` URL (see `config.rs`); `None` for `ws://`.
+    pub tls: Option<Arc<saltpeter_tls::rustls::ClientConfig>>,
 }
 
 impl LinkConfig {
@@ -315,7 +317,7 @@ pub async fn run(
                 if retry_at.is_some() && conn.is_none() && connecting.is_none()
                     && rejected.is_none() => {
                 retry_at = None;
-                connecting = Some(Box::pin(connect(cfg.url.clone())));
+                connecting = Some(Box::pin(connect(cfg.url.clone(), cfg.tls.clone())));
             }
             () = sleep_until(ack_deadline.unwrap_or_else(Instant::now)), if ack_deadline.is_some() => {
                 log.info(format!("No ack from master in time ({:?}); reconnecting", session.phase()));
@@ -346,12 +348,18 @@ fn backoff(failures: u32) -> Duration {
     backoff::delay(failures, rand::random::<f64>())
 }
 
-async fn connect(url: String) -> Result<WsStream, String> {
+async fn connect(
+    url: String,
+    tls: Option<Arc<saltpeter_tls::rustls::ClientConfig>>,
+) -> Result<WsStream, String> {
     // Server-to-wrapper frames are tiny; a small read buffer keeps the wrapper lean.
     let config = WebSocketConfig::default().read_buffer_size(8 * 1024);
+    // A `wss://` URL is verified with the configuration built from SP_TLS_* (a pinned
+    // fingerprint, a CA file or the system roots); `ws://` ignores the connector.
+    let connector = tls.map(tokio_tungstenite::Connector::Rustls);
     match timeout(
         CONNECT_TIMEOUT,
-        tokio_tungstenite::connect_async_with_config(url, Some(config), true),
+        tokio_tungstenite::connect_async_tls_with_config(url, Some(config), true, connector),
     )
     .await
     {
@@ -667,6 +675,7 @@ mod tests {
             started_at: Timestamp::now(),
             version: String::from("test"),
             heartbeat: every,
+            tls: None,
         };
         Beat { cfg, every }
     }

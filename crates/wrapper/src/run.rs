@@ -124,6 +124,7 @@ async fn controller(cfg: Config, mut lock: LockState, mut ready: PipeWriter) -> 
         started_at,
         version: VERSION.to_owned(),
         heartbeat: cfg.heartbeat_interval,
+        tls: cfg.tls.clone(),
     };
     let spool_dirs = vec![cfg.log_dir.clone(), std::env::temp_dir()];
     let outbox = Outbox::new(

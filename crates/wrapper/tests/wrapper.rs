@@ -707,3 +707,79 @@ async fn a_wrapper_killed_with_sigkill_takes_its_job_along() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// A server configuration with a fresh self-signed certificate, and its fingerprint.
+fn self_signed_tls() -> (
+    std::sync::Arc<saltpeter_tls::rustls::ServerConfig>,
+    saltpeter_tls::Fingerprint,
+) {
+    let key = rcgen::KeyPair::generate().expect("key");
+    let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+        .expect("params")
+        .self_signed(&key)
+        .expect("certificate");
+    let der = saltpeter_tls::rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der())
+        .expect("key der");
+    let config =
+        saltpeter_tls::rustls::ServerConfig::builder_with_provider(saltpeter_tls::provider())
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.der().clone()], der)
+            .expect("server config");
+    (
+        std::sync::Arc::new(config),
+        saltpeter_tls::Fingerprint::of(cert.der().as_ref()),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_wss_the_wrapper_delivers_to_the_pinned_certificate_only() {
+    let (tls, pin) = self_signed_tls();
+    let mut master = TestMaster::start(Behaviour {
+        tls: Some(tls.clone()),
+        ..Behaviour::default()
+    })
+    .await;
+    let mut run = Run::new(
+        "pinned",
+        &master.tls_url(),
+        "printf 'secret output\\n'; exit 4",
+    );
+    run.set("SP_TLS_FINGERPRINT", &pin.to_string());
+    run.launch_ok();
+    let complete = master.wait_complete(LIMIT).await;
+    assert_eq!(master.seen.text(), "secret output\n");
+    assert_eq!(complete.retcode, Some(4));
+    assert_clean_stream(&master);
+
+    // A master whose certificate has another fingerprint gets no message: the wrapper breaks
+    // off every handshake.
+    let (_, other_pin) = self_signed_tls();
+    let mut impostor = TestMaster::start(Behaviour {
+        tls: Some(tls),
+        ..Behaviour::default()
+    })
+    .await;
+    // The job records its parent, the wrapper daemon, which would otherwise keep trying to
+    // deliver for minutes.
+    let mut run = Run::new("impostor", &impostor.tls_url(), "true");
+    let pid_file = run.path("daemon.pid");
+    run.set(
+        "SP_COMMAND",
+        &format!("echo $PPID > '{}'", pid_file.display()),
+    );
+    run.set("SP_TLS_FINGERPRINT", &other_pin.to_string());
+    run.launch_ok();
+    impostor
+        .wait_for(LIMIT, "a refused handshake", |seen| seen.tls_refused >= 1)
+        .await;
+    impostor.idle(Duration::from_millis(500)).await;
+    assert_eq!(impostor.seen.accepted, 0);
+    assert!(impostor.seen.connects.is_empty());
+    if let Ok(pid) = std::fs::read_to_string(&pid_file)
+        && let Ok(pid) = pid.trim().parse()
+    {
+        common::kill_started(pid, "sp-wrapper");
+    }
+}

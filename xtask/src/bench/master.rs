@@ -1,4 +1,4 @@
-//! `cargo xtask bench master [--wrappers N,...] [--seconds S] [--restart [--no-jitter]]
+//! `cargo xtask bench master [--wrappers N,...] [--seconds S] [--restart [--no-jitter]] [--tls]
 //! [--no-append]`: one
 //! release `sp-master` against up to ten thousand simulated wrappers on this machine.
 //!
@@ -17,6 +17,10 @@
 //!
 //! With `--restart`, only the restart scenario runs instead (see [`restart`]): the master is
 //! restarted under N connected wrappers that reconnect with `sp-wrapper`'s own backoff.
+//!
+//! With `--tls`, every master speaks TLS on its machines endpoint and the simulated wrappers
+//! pin its self-signed certificate as `sp-wrapper` does; the report adds the handshake rate
+//! at fan-out.
 //!
 //! xtask normally runs unoptimised; a debug load generator would take CPU from the master it
 //! measures, so the benchmark re-runs itself from a release build of xtask.
@@ -69,7 +73,13 @@ struct Args {
     /// Run the restart scenario instead of the others, with jittered backoff or not.
     restart: bool,
     jitter: bool,
+    /// The machines endpoint speaks TLS and the simulated wrappers pin its certificate.
+    tls: bool,
 }
+
+/// Whether benchmark masters get `machines_tls: on` (set once from `--tls` before any master
+/// starts; a flag rather than a parameter so every scenario's settings follow it).
+static TLS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 fn parse_args(args: &[String]) -> Result<Args> {
     let mut out = Args {
@@ -78,6 +88,7 @@ fn parse_args(args: &[String]) -> Result<Args> {
         append: true,
         restart: false,
         jitter: true,
+        tls: false,
     };
     let mut it = args.iter();
     while let Some(arg) = it.next() {
@@ -101,8 +112,9 @@ fn parse_args(args: &[String]) -> Result<Args> {
             "--restart" => out.restart = true,
             // The wrapper's schedule before jitter, to compare against.
             "--no-jitter" => out.jitter = false,
+            "--tls" => out.tls = true,
             other => bail!(
-                "unexpected argument {other:?}; usage: cargo xtask bench master [--wrappers N,...] [--seconds S] [--restart [--no-jitter]] [--no-append]"
+                "unexpected argument {other:?}; usage: cargo xtask bench master [--wrappers N,...] [--seconds S] [--restart [--no-jitter]] [--tls] [--no-append]"
             ),
         }
     }
@@ -116,6 +128,7 @@ pub fn run(args: &[String]) -> Result<()> {
         return rerun_optimised(&root, args);
     }
     raise_fd_limit();
+    TLS.store(parsed.tls, std::sync::atomic::Ordering::Relaxed);
     // SP_BENCH_MASTER_BIN measures a given build (a before/after comparison) as it is.
     let bin = match std::env::var_os("SP_BENCH_MASTER_BIN") {
         Some(bin) => PathBuf::from(bin),
@@ -262,6 +275,44 @@ struct Row {
     verdict_delay: (f64, f64),
     false_verdicts: usize,
     failed: u64,
+    /// With `--tls`: the fan-out's TLS handshakes.
+    tls: Option<TlsFigures>,
+}
+
+/// The TLS handshakes of a fan-out: how many, over how long (first to last completed), and
+/// how long each took (client side, from the ClientHello to the handshake's end).
+#[derive(Clone, Copy, Debug)]
+struct TlsFigures {
+    handshakes: u64,
+    seconds: f64,
+    p50: Duration,
+    p99: Duration,
+}
+
+impl TlsFigures {
+    fn take(stats: &fleet::Stats) -> Option<Self> {
+        let handshakes = stats.tls_handshakes.load(Ordering::Relaxed);
+        let (first, last) = (*stats.tls_window.lock())?;
+        let times = stats.tls_times.take_sorted();
+        let at = |q: f64| {
+            let i = ((times.len() as f64 * q).ceil() as usize).saturating_sub(1);
+            Duration::from_micros(u64::from(times.get(i).copied().unwrap_or(0)))
+        };
+        Some(Self {
+            handshakes,
+            seconds: last.duration_since(first).as_secs_f64(),
+            p50: at(0.50),
+            p99: at(0.99),
+        })
+    }
+
+    fn rate(&self) -> f64 {
+        if self.seconds > 0.0 {
+            self.handshakes as f64 / self.seconds
+        } else {
+            f64::NAN
+        }
+    }
 }
 
 impl Row {
@@ -374,8 +425,13 @@ fn settings(dir: &Path, machines_port: u16) -> String {
     format!(
         "saltpeter_config:\n  launcher: bench\n  logdir: '{d}/log'\n  data_dir: '{d}/data'\n  \
          api_ws_bind_addr: 127.0.0.1\n  api_ws_port: 0\n  \
-         machines_ws_bind_addr: 127.0.0.1\n  machines_ws_port: {machines_port}\n",
-        d = dir.display()
+         machines_ws_bind_addr: 127.0.0.1\n  machines_ws_port: {machines_port}\n{tls}",
+        d = dir.display(),
+        tls = if TLS.load(std::sync::atomic::Ordering::Relaxed) {
+            "  machines_tls: on\n"
+        } else {
+            ""
+        }
     )
 }
 
@@ -427,6 +483,17 @@ fn fleet_scenario(bin: &Path, dir: &Path, n: usize, seconds: u64) -> Result<Row>
         fanout.as_secs_f64(),
         launcher.as_secs_f64()
     );
+    let tls = TlsFigures::take(&stats);
+    if let Some(t) = &tls {
+        eprintln!(
+            "  TLS: {} handshakes in {:.2} s ({:.0}/s), each p50 {:.1} ms / p99 {:.1} ms",
+            t.handshakes,
+            t.seconds,
+            t.rate(),
+            ms(t.p50),
+            ms(t.p99)
+        );
+    }
 
     // Steady state.
     sleep(WARM_UP);
@@ -600,6 +667,7 @@ fn fleet_scenario(bin: &Path, dir: &Path, n: usize, seconds: u64) -> Result<Row>
         ),
         false_verdicts,
         failed,
+        tls,
     })
 }
 
@@ -734,7 +802,7 @@ fn report(root: &Path, args: &Args, rows: &[Row], idle: &Idle) -> Result<String>
     let mut s = entry_heading(root, &date);
     let _ = writeln!(
         s,
-        "`cargo xtask bench master --wrappers {} --seconds {}`: release `sp-master` with `launcher: bench`; \
+        "`cargo xtask bench master --wrappers {} --seconds {}{}`: release `sp-master` with `launcher: bench`; \
          each wrapper heartbeats every 5 s and sends 200 bytes of output every second; {} s steady state after a 5 s warm-up.\n",
         args.sizes
             .iter()
@@ -742,6 +810,7 @@ fn report(root: &Path, args: &Args, rows: &[Row], idle: &Idle) -> Result<String>
             .collect::<Vec<_>>()
             .join(","),
         args.seconds,
+        if args.tls { " --tls" } else { "" },
         args.seconds
     );
     let _ = writeln!(
@@ -773,6 +842,21 @@ fn report(root: &Path, args: &Args, rows: &[Row], idle: &Idle) -> Result<String>
             ms(row.task_p99),
             ms(row.lateness_p99),
         );
+    }
+    for row in rows {
+        if let Some(t) = &row.tls {
+            let _ = writeln!(
+                s,
+                "- {} wrappers over TLS (`--tls`: `machines_tls: on`, the self-signed certificate pinned by fingerprint, rustls with ring on both sides): {} handshakes during the fan-out, first to last done in {:.2} s = {:.0} handshakes/s; each took p50 {:.1} ms / p99 {:.1} ms on the client (at most {} in flight).",
+                row.n,
+                t.handshakes,
+                t.seconds,
+                t.rate(),
+                ms(t.p50),
+                ms(t.p99),
+                fleet::CONNECTS_IN_FLIGHT,
+            );
+        }
     }
     let _ = writeln!(
         s,

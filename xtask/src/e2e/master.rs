@@ -18,6 +18,8 @@ use super::http;
 pub struct Master {
     child: Child,
     pub api: SocketAddr,
+    /// The machines endpoint as bound.
+    pub machines: SocketAddr,
     pub dir: PathBuf,
     pub conf: PathBuf,
 }
@@ -55,6 +57,7 @@ impl Master {
         let mut master = Self {
             child,
             api: "127.0.0.1:1".parse()?,
+            machines: "127.0.0.1:1".parse()?,
             dir: dir.to_owned(),
             conf,
         };
@@ -69,8 +72,10 @@ impl Master {
             if let Ok(text) = fs::read_to_string(&ready)
                 && let Ok(v) = serde_json::from_str::<Value>(&text)
                 && let Some(api) = v["api"].as_str()
+                && let Some(machines) = v["machines"].as_str()
             {
                 self.api = api.parse()?;
+                self.machines = machines.parse()?;
                 return Ok(());
             }
             if let Some(status) = self.child.try_wait()? {

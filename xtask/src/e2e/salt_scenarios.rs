@@ -20,7 +20,7 @@
 //! each and most minions missed the timeout) would test the machine, not the launcher.
 
 use std::collections::BTreeSet;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::thread::sleep;
 use std::time::{Duration, Instant};
@@ -39,14 +39,16 @@ fn job(name: &str, body: &str) -> String {
     )
 }
 
-/// Settings for a master that launches through this Salt.
+/// Settings for a master that launches through this Salt. The machines endpoint speaks TLS as
+/// it does by default beyond loopback, so wrappers reach it over `wss://` with the pinned
+/// self-signed certificate (or the operator's, where a scenario sets one).
 fn settings(salt: &SaltEnv, extra: &str) -> Result<String> {
     Ok(format!(
         "saltpeter_config:\n  launcher: salt\n  salt_bin: '{}'\n  salt_config_dir: '{}'\n  \
          ping_timeout: 20\n  default_saltpeter_server_host: 127.0.0.1\n  default_wrapper_path: '{}'\n  \
          logdir: '@DIR@/log'\n  data_dir: '@DIR@/data'\n  default_wrapper_logdir: '@DIR@/wlog'\n  \
          default_wrapper_loglevel: debug\n  api_ws_bind_addr: 127.0.0.1\n  api_ws_port: {}\n  \
-         machines_ws_bind_addr: 127.0.0.1\n  machines_ws_port: {}\n{extra}",
+         machines_ws_bind_addr: 127.0.0.1\n  machines_ws_port: {}\n  machines_tls: on\n{extra}",
         salt.salt_bin.display(),
         salt.master_conf.display(),
         salt.sp_wrapper_shim()?.display(),
@@ -194,12 +196,38 @@ pub fn salt() -> Result<Vec<Outcome>> {
         ],
     )?;
 
-    let (m, mt, ns) = (&main, &maint, &nosalt);
+    // A master with an operator's certificate, signed by a CA the wrappers are pointed at.
+    let op_dir = dir.join("op");
+    let pki = operator_pki(&op_dir.join("pki"))?;
+    let op_jobs = job(
+        "operator",
+        "  targets: 'minion-*'\n  command: echo verified by the CA on $SP_MACHINE_ID",
+    );
+    let operator = Master::start(
+        &op_dir,
+        &[
+            (
+                "settings.yaml",
+                settings(
+                    &salt,
+                    &format!(
+                        "  tls_cert: '{}'\n  tls_key: '{}'\n  tls_ca: '{}'\n",
+                        pki.cert.display(),
+                        pki.key.display(),
+                        pki.ca.display()
+                    ),
+                )?,
+            ),
+            ("jobs.yaml", op_jobs),
+        ],
+    )?;
+
+    let (m, mt, ns, op) = (&main, &maint, &nosalt, &operator);
     let secret_ref = secret.as_str();
     let roots = salt.roots.clone();
     let phase1: Vec<Scenario<'_>> = vec![
         (
-            "salt: glob targeting; ids not the host name; env passes Salt unchanged",
+            "salt: glob targeting over wss:// pinned; ids not the host name; env passes Salt unchanged",
             Box::new(move || glob(m)),
         ),
         ("salt: list targeting", Box::new(move || list(m))),
@@ -246,6 +274,10 @@ pub fn salt() -> Result<Vec<Outcome>> {
         (
             "salt: a minion's key speaks only for that minion, and only until its result",
             Box::new(move || super::salt_identity::forged(m, &roots)),
+        ),
+        (
+            "salt: an operator's certificate, verified by wrappers against tls_ca",
+            Box::new(move || operator_certificate(op)),
         ),
     ];
     let mut outcomes: Vec<Outcome> = vec![("salt: set-up".to_owned(), Ok(setup))];
@@ -424,6 +456,89 @@ fn host_name() -> String {
         .to_owned()
 }
 
+/// Checks that the machines port of `m` speaks only TLS: a plain WebSocket upgrade gets no
+/// HTTP answer. Wrappers that reported there therefore came over `wss://`.
+fn plain_refused(m: &Master) -> Result<()> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&m.machines, Duration::from_secs(5))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.write_all(
+        b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+          Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+    )?;
+    let mut answer = Vec::new();
+    let _ = s.read_to_end(&mut answer);
+    ensure!(
+        !answer.starts_with(b"HTTP/"),
+        "the machines port answered plain HTTP: {:?}",
+        String::from_utf8_lossy(&answer)
+    );
+    Ok(())
+}
+
+/// `text` without terminal colour sequences (the master's log may carry them).
+fn plain_text(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut in_escape = false;
+    for c in text.chars() {
+        match (in_escape, c) {
+            (false, '\u{1b}') => in_escape = true,
+            (false, c) => out.push(c),
+            (true, 'm') => in_escape = false,
+            (true, _) => {}
+        }
+    }
+    out
+}
+
+/// The files of an operator's PKI for the e2e: a CA and a server certificate it signed.
+struct OperatorPki {
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+/// Makes a CA and a certificate for 127.0.0.1 signed by it (what an operator would bring).
+fn operator_pki(dir: &Path) -> Result<OperatorPki> {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+    std::fs::create_dir_all(dir)?;
+    let ca_key = KeyPair::generate()?;
+    let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "saltpeter e2e CA");
+    let ca = ca_params.self_signed(&ca_key)?;
+    let issuer = Issuer::new(ca_params, ca_key);
+    let key = KeyPair::generate()?;
+    let cert = CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])?
+        .signed_by(&key, &issuer)?;
+    let pki = OperatorPki {
+        ca: dir.join("ca.pem"),
+        cert: dir.join("server.pem"),
+        key: dir.join("server-key.pem"),
+    };
+    std::fs::write(&pki.ca, ca.pem())?;
+    std::fs::write(&pki.cert, cert.pem())?;
+    std::fs::write(&pki.key, key.serialize_pem())?;
+    Ok(pki)
+}
+
+fn operator_certificate(m: &Master) -> Result<String> {
+    let w = fire_and_watch(m, "operator", Duration::from_secs(90))?;
+    expect_codes(&w.run, &[("minion-a", 0), ("minion-b", 0), ("minion-c", 0)])?;
+    plain_refused(m)?;
+    // No self-signed certificate is made when the operator brings one.
+    ensure!(
+        !m.dir.join("data/tls/cert.pem").exists(),
+        "a self-signed certificate was made beside the operator's"
+    );
+    Ok(format!(
+        "wss:// verified by tls_ca on a, b, c; {}",
+        figures(&w)
+    ))
+}
+
 fn glob(m: &Master) -> Result<String> {
     let w = fire_and_watch(m, "glob", Duration::from_secs(90))?;
     expect_codes(&w.run, &[("minion-a", 0), ("minion-b", 0), ("minion-c", 0)])?;
@@ -437,7 +552,13 @@ fn glob(m: &Master) -> Result<String> {
         let want = format!("{id}|{TRICKY}|{host}\n");
         ensure!(output == want, "{id}: output {output:?}, expected {want:?}");
     }
-    Ok(figures(&w))
+    plain_refused(m)?;
+    let pinned = plain_text(&m.log()).contains("machines_tls=true");
+    ensure!(
+        pinned,
+        "the master log does not say the machines endpoint speaks TLS"
+    );
+    Ok(format!("over wss:// pinned; {}", figures(&w)))
 }
 
 fn list(m: &Master) -> Result<String> {

@@ -1,38 +1,37 @@
-//! A tiny blocking HTTP/1.1 client for the CLI and the log shipper (`ship`): one request per
-//! connection (`Connection: close`), `Content-Length` or chunked bodies, plain `http://` only,
-//! optional Basic auth from the URL's `user:pass@`.
+//! The HTTP client of the CLI and the log shipper (`ship`), over ureq: blocking, one agent per
+//! client, `http://` and `https://`, optional Basic auth from the URL's `user:pass@`, a bearer
+//! token for the API.
 //!
-//! Hand-written rather than reqwest: the CLI makes a handful of loopback requests to the
-//! master's own API, and reqwest with its TLS and HTTP/2 stack would add minutes to CI's cold
-//! build on two cores for no gain here.
+//! An `https://` server is verified against a CA file when one is given (`--ca`, `SP_CA`,
+//! `ship_ca`; the master's own self-signed `cert.pem` serves as one, which pins it), else
+//! against the system's roots.
 
-use std::io::{Read, Write};
-use std::net::{TcpStream, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
+
+use base64::Engine as _;
 
 /// Why a request failed.
 #[derive(Debug, thiserror::Error)]
 pub enum HttpError {
-    #[error("bad API URL {0:?}: expected http://HOST:PORT")]
+    #[error("bad URL {0:?}: expected http://HOST:PORT or https://HOST:PORT")]
     Url(String),
-    #[error("cannot reach the master at {addr}: {source}")]
-    Connect {
+    #[error("cannot read the CA file {path}: {reason}")]
+    Ca { path: PathBuf, reason: String },
+    #[error("talking to {addr}: {source}")]
+    Request {
         addr: String,
-        source: std::io::Error,
+        source: Box<ureq::Error>,
     },
-    #[error("talking to the master at {addr}: {source}")]
-    Io {
-        addr: String,
-        source: std::io::Error,
-    },
-    #[error("malformed HTTP response from {0}")]
-    Malformed(String),
 }
 
-/// An API endpoint and its credentials.
+/// An endpoint and its credentials.
 #[derive(Clone, Debug)]
 pub struct Client {
-    /// `host:port`.
+    /// `scheme://host:port` without userinfo.
+    base: String,
+    /// `host:port`, for messages.
     addr: String,
     /// Path prefix of the API (usually empty).
     prefix: String,
@@ -40,6 +39,8 @@ pub struct Client {
     /// `Authorization: Basic` credentials (base64) from the URL's userinfo.
     basic: Option<String>,
     timeout: Duration,
+    ca: Option<PathBuf>,
+    agent: ureq::Agent,
 }
 
 /// A response: status and body text.
@@ -64,42 +65,67 @@ impl Response {
     }
 }
 
+/// The largest response body read (the API caps what it sends far below this).
+const BODY_LIMIT: u64 = 64 * 1024 * 1024;
+
 impl Client {
-    /// A client for `http://host:port[/prefix]`.
+    /// A client for `http[s]://[user:pass@]host[:port][/prefix]`, verifying `https://`
+    /// against the system's roots.
     pub fn new(url: &str, token: Option<String>) -> Result<Self, HttpError> {
-        let rest = url
-            .strip_prefix("http://")
-            .ok_or_else(|| HttpError::Url(url.to_owned()))?;
-        let (addr, prefix) = match rest.split_once('/') {
+        let (scheme, rest) = if let Some(rest) = url.strip_prefix("http://") {
+            ("http", rest)
+        } else if let Some(rest) = url.strip_prefix("https://") {
+            ("https", rest)
+        } else {
+            return Err(HttpError::Url(url.to_owned()));
+        };
+        let (authority, prefix) = match rest.split_once('/') {
             Some((a, p)) => (a, format!("/{}", p.trim_end_matches('/'))),
             None => (rest, String::new()),
         };
         // `user:pass@host`: the last `@` ends the userinfo (a password may hold a raw `@`).
-        let (basic, addr) = match addr.rsplit_once('@') {
-            Some((userinfo, host)) => (Some(base64(percent_decode(userinfo).as_bytes())), host),
-            None => (None, addr),
+        let (basic, addr) = match authority.rsplit_once('@') {
+            Some((userinfo, host)) => {
+                let decoded = percent_encoding::percent_decode_str(userinfo).collect::<Vec<u8>>();
+                (
+                    Some(base64::engine::general_purpose::STANDARD.encode(decoded)),
+                    host,
+                )
+            }
+            None => (None, authority),
         };
         if addr.is_empty() {
             return Err(HttpError::Url(url.to_owned()));
         }
-        let addr = if addr.contains(':') && !addr.ends_with(']') {
-            addr.to_owned()
-        } else {
-            format!("{addr}:80")
-        };
         let prefix = if prefix == "/" { String::new() } else { prefix };
+        let timeout = Duration::from_secs(30);
         Ok(Self {
-            addr,
+            base: format!("{scheme}://{addr}"),
+            addr: addr.to_owned(),
             prefix,
             token: token.filter(|t| !t.is_empty()),
             basic,
-            timeout: Duration::from_secs(30),
+            timeout,
+            ca: None,
+            agent: agent(timeout, None)?,
         })
     }
 
-    /// Sets the connect, read and write timeout (default 30 s).
+    /// Verifies `https://` against the CA certificates in `path` (PEM) instead of the
+    /// system's roots.
+    pub fn with_ca(mut self, path: Option<&Path>) -> Result<Self, HttpError> {
+        self.ca = path.map(Path::to_owned);
+        self.agent = agent(self.timeout, self.ca.as_deref())?;
+        Ok(self)
+    }
+
+    /// Sets the overall timeout of a request, connect included (default 30 s).
     pub fn with_timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
+        // The CA file was readable a moment ago; should it not be now, keep the old agent.
+        if let Ok(agent) = agent(timeout, self.ca.as_deref()) {
+            self.agent = agent;
+        }
         self
     }
 
@@ -121,7 +147,8 @@ impl Client {
         self.send(method, path, None, &[])
     }
 
-    /// Sends one request with a body of `content_type` (when given) and reads the whole response.
+    /// Sends one request with a body of `content_type` (when given) and reads the whole
+    /// response. Any status is a response; only transport failures are errors.
     pub fn send(
         &self,
         method: &str,
@@ -129,134 +156,80 @@ impl Client {
         content_type: Option<&str>,
         body: &[u8],
     ) -> Result<Response, HttpError> {
-        let io = |source| HttpError::Io {
+        let fail = |source| HttpError::Request {
             addr: self.addr.clone(),
-            source,
+            source: Box::new(source),
         };
-        let mut stream = self.connect()?;
-        stream.set_read_timeout(Some(self.timeout)).map_err(io)?;
-        stream.set_write_timeout(Some(self.timeout)).map_err(io)?;
-        let auth = match (&self.token, &self.basic) {
-            (Some(t), _) => format!("Authorization: Bearer {t}\r\n"),
-            (None, Some(b)) => format!("Authorization: Basic {b}\r\n"),
-            (None, None) => String::new(),
-        };
-        let content_type = content_type
-            .map(|t| format!("Content-Type: {t}\r\n"))
-            .unwrap_or_default();
-        let head = format!(
-            "{method} {}{path} HTTP/1.1\r\nHost: {}\r\nUser-Agent: sp-master-cli\r\nAccept: application/json\r\n{auth}{content_type}Content-Length: {}\r\nConnection: close\r\n\r\n",
-            self.prefix,
-            self.addr,
-            body.len()
-        );
-        stream.write_all(head.as_bytes()).map_err(io)?;
-        stream.write_all(body).map_err(io)?;
-        let mut raw = Vec::new();
-        stream.read_to_end(&mut raw).map_err(io)?;
-        parse_response(&raw).ok_or_else(|| HttpError::Malformed(self.addr.clone()))
-    }
-
-    /// Connects with the timeout: a plain `connect` to an unreachable host can hang for minutes,
-    /// which would stall the log shipper's shutdown.
-    fn connect(&self) -> Result<TcpStream, HttpError> {
-        let error = |source| HttpError::Connect {
-            addr: self.addr.clone(),
-            source,
-        };
-        let mut last = None;
-        for addr in self.addr.to_socket_addrs().map_err(error)? {
-            match TcpStream::connect_timeout(&addr, self.timeout) {
-                Ok(stream) => return Ok(stream),
-                Err(e) => last = Some(e),
-            }
+        let url = format!("{}{}{path}", self.base, self.prefix);
+        let mut request = ureq::http::Request::builder()
+            .method(method)
+            .uri(&url)
+            .header("Accept", "application/json");
+        match (&self.token, &self.basic) {
+            (Some(t), _) => request = request.header("Authorization", format!("Bearer {t}")),
+            (None, Some(b)) => request = request.header("Authorization", format!("Basic {b}")),
+            (None, None) => {}
         }
-        Err(error(last.unwrap_or_else(|| {
-            std::io::Error::new(std::io::ErrorKind::NotFound, "no address")
-        })))
+        if let Some(t) = content_type {
+            request = request.header("Content-Type", t);
+        }
+        let request = request
+            .body(body)
+            .map_err(|_| HttpError::Url(url.clone()))?;
+        let mut response = self.agent.run(request).map_err(fail)?;
+        let status = response.status().as_u16();
+        let bytes = response
+            .body_mut()
+            .with_config()
+            .limit(BODY_LIMIT)
+            .read_to_vec()
+            .map_err(fail)?;
+        Ok(Response {
+            status,
+            body: String::from_utf8_lossy(&bytes).into_owned(),
+        })
     }
 }
 
-/// `%XX` escapes in URL userinfo (RFC 3986); anything malformed is kept as written.
-fn percent_decode(text: &str) -> String {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = bytes
-            .get(i + 1..i + 3)
-            .and_then(|h| std::str::from_utf8(h).ok())
-            .and_then(|h| u8::from_str_radix(h, 16).ok());
-        match (bytes[i], hex) {
-            (b'%', Some(b)) => {
-                out.push(b);
-                i += 3;
-            }
-            (b, _) => {
-                out.push(b);
-                i += 1;
-            }
+/// An agent that reports every status as a response, follows no redirect (an API answer is
+/// never one) and verifies `https://` against `ca` or the system's roots.
+fn agent(timeout: Duration, ca: Option<&Path>) -> Result<ureq::Agent, HttpError> {
+    let roots = match ca {
+        Some(path) => {
+            let certs = saltpeter_tls::certs_from_file(path).map_err(|e| HttpError::Ca {
+                path: path.to_owned(),
+                reason: e.to_string(),
+            })?;
+            root_certs(&certs)
         }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-/// Standard base64 with padding, for `Authorization: Basic` (not worth a dependency).
-fn base64(input: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::with_capacity(input.len().div_ceil(3) * 4);
-    for chunk in input.chunks(3) {
-        let b = [
-            chunk[0],
-            chunk.get(1).copied().unwrap_or(0),
-            chunk.get(2).copied().unwrap_or(0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for (i, shift) in [18, 12, 6, 0].into_iter().enumerate() {
-            if i <= chunk.len() {
-                out.push(char::from(ALPHABET[((n >> shift) & 63) as usize]));
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
-}
-
-/// Splits a full HTTP/1.1 response into status and body.
-fn parse_response(raw: &[u8]) -> Option<Response> {
-    let split = raw.windows(4).position(|w| w == b"\r\n\r\n")?;
-    let head = std::str::from_utf8(&raw[..split]).ok()?;
-    let body = &raw[split + 4..];
-    let status = head.split_whitespace().nth(1)?.parse().ok()?;
-    let chunked = head.lines().any(|l| {
-        let l = l.to_ascii_lowercase();
-        l.starts_with("transfer-encoding:") && l.contains("chunked")
-    });
-    let body = if chunked {
-        dechunk(body)?
-    } else {
-        body.to_vec()
+        // Without system roots (a minimal container), Mozilla's bundled ones.
+        None => match saltpeter_tls::system_root_certs() {
+            Ok(certs) => root_certs(&certs),
+            Err(_) => ureq::tls::RootCerts::WebPki,
+        },
     };
-    Some(Response {
-        status,
-        body: String::from_utf8_lossy(&body).into_owned(),
-    })
+    let tls = ureq::tls::TlsConfig::builder()
+        .provider(ureq::tls::TlsProvider::Rustls)
+        .root_certs(roots)
+        .build();
+    let config = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .max_redirects(0)
+        .timeout_global(Some(timeout))
+        .user_agent("sp-master")
+        .tls_config(tls)
+        .build();
+    Ok(config.into())
 }
 
-fn dechunk(mut body: &[u8]) -> Option<Vec<u8>> {
-    let mut out = Vec::new();
-    loop {
-        let line_end = body.windows(2).position(|w| w == b"\r\n")?;
-        let size_text = std::str::from_utf8(&body[..line_end]).ok()?;
-        let size = usize::from_str_radix(size_text.split(';').next()?.trim(), 16).ok()?;
-        body = &body[line_end + 2..];
-        if size == 0 {
-            return Some(out);
-        }
-        out.extend_from_slice(body.get(..size)?);
-        body = body.get(size + 2..)?;
-    }
+fn root_certs(
+    certs: &[saltpeter_tls::rustls::pki_types::CertificateDer<'static>],
+) -> ureq::tls::RootCerts {
+    let certs: Vec<ureq::tls::Certificate<'static>> = certs
+        .iter()
+        .map(|c| ureq::tls::Certificate::from_der(c.as_ref()).to_owned())
+        .collect();
+    ureq::tls::RootCerts::Specific(Arc::new(certs))
 }
 
 #[cfg(test)]
@@ -264,30 +237,21 @@ mod tests {
     use super::*;
 
     #[test]
-    fn parses_plain_and_chunked_responses() {
-        let r = parse_response(b"HTTP/1.1 202 Accepted\r\nContent-Length: 2\r\n\r\n{}")
-            .unwrap_or_else(|| panic!("no parse"));
-        assert_eq!((r.status, r.body.as_str()), (202, "{}"));
-        let r = parse_response(
-            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nh\xc3\xa9l\r\n2\r\nlo\r\n0\r\n\r\n",
-        )
-        .unwrap_or_else(|| panic!("no parse"));
-        assert_eq!((r.status, r.body.as_str()), (200, "héllo"));
-        assert!(parse_response(b"garbage").is_none());
-    }
-
-    #[test]
-    fn urls_need_http_and_get_a_default_port() {
+    fn urls_need_http_or_https() {
         let c = Client::new("http://127.0.0.1:8888", None).unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!((c.addr.as_str(), c.prefix.as_str()), ("127.0.0.1:8888", ""));
-        let c = Client::new("http://cron.example/sp/", Some(String::new()))
+        assert_eq!(
+            (c.base.as_str(), c.prefix.as_str()),
+            ("http://127.0.0.1:8888", "")
+        );
+        let c = Client::new("https://cron.example/sp/", Some(String::new()))
             .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(
-            (c.addr.as_str(), c.prefix.as_str()),
-            ("cron.example:80", "/sp")
+            (c.base.as_str(), c.prefix.as_str()),
+            ("https://cron.example", "/sp")
         );
         assert!(c.token.is_none());
-        assert!(Client::new("https://x", None).is_err());
+        assert!(Client::new("ftp://x", None).is_err());
+        assert!(Client::new("https://", None).is_err());
     }
 
     #[test]
@@ -295,12 +259,17 @@ mod tests {
         let c = Client::new("http://elastic:p%40ss@es.example:9200", None)
             .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(c.addr, "es.example:9200");
+        assert_eq!(c.base, "http://es.example:9200");
         // base64("elastic:p@ss")
         assert_eq!(c.basic.as_deref(), Some("ZWxhc3RpYzpwQHNz"));
-        assert_eq!(base64(b""), "");
-        assert_eq!(base64(b"f"), "Zg==");
-        assert_eq!(base64(b"fo"), "Zm8=");
-        assert_eq!(base64(b"foo"), "Zm9v");
-        assert_eq!(percent_decode("a%2"), "a%2");
+    }
+
+    #[test]
+    fn a_missing_ca_file_is_an_error() {
+        let c = Client::new("https://127.0.0.1:1", None).unwrap_or_else(|e| panic!("{e}"));
+        assert!(matches!(
+            c.with_ca(Some(Path::new("/nonexistent/ca.pem"))),
+            Err(HttpError::Ca { .. })
+        ));
     }
 }

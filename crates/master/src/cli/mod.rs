@@ -18,6 +18,20 @@ use serde_json::{Value, json};
 
 pub use http::Client;
 
+/// The certificate the master in `config_dir` presents, for the CLI to trust as its CA when
+/// run on the master's host: the operator's `tls_cert`, else the self-signed one in
+/// `data_dir`, if the file exists and is readable.
+pub fn masters_certificate(config_dir: &std::path::Path) -> Option<std::path::PathBuf> {
+    let config = crate::config::Config::load(config_dir);
+    let s = &config.settings;
+    let path = s.tls_cert.clone().unwrap_or_else(|| {
+        s.data_dir
+            .join(crate::tls::TLS_DIR)
+            .join(crate::tls::CERT_FILE)
+    });
+    std::fs::File::open(&path).is_ok().then_some(path)
+}
+
 /// How often `run --follow` asks for new output.
 const FOLLOW_POLL: Duration = Duration::from_millis(300);
 

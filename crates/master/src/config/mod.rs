@@ -43,7 +43,7 @@ pub use job::{JobSource, JobSpec, TargetType, Targets};
 pub use limits::Limits;
 pub use maintenance::Maintenance;
 pub use problem::{ConfigProblem, Section, Severity};
-pub use settings::{Launcher, Settings};
+pub use settings::{Launcher, Settings, TlsMode};
 pub use watch::{ConfigWatcher, WatchError, WatchOptions};
 
 /// The effective configuration at one moment.

@@ -38,6 +38,16 @@ pub enum Launcher {
     Bench,
 }
 
+/// Whether a listener speaks TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum TlsMode {
+    /// On unless the listener is bound to a loopback address (the default).
+    #[default]
+    Auto,
+    On,
+    Off,
+}
+
 /// Master-wide settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Settings {
@@ -139,6 +149,24 @@ pub struct Settings {
     /// `fd_reserve`: open files kept free of sockets for the store, job logs and launches;
     /// default (`None`) 10% of the open-file limit, at least 256.
     pub fd_reserve: Option<u64>,
+    /// `machines_tls`: `auto` (default: on unless bound to loopback), `on` or `off`.
+    pub machines_tls: TlsMode,
+    /// `api_tls`: the same for the API.
+    pub api_tls: TlsMode,
+    /// `tls_cert`: the operator's certificate chain (PEM) for both listeners; default none,
+    /// a self-signed certificate in `<data_dir>/tls/`.
+    pub tls_cert: Option<PathBuf>,
+    /// `tls_key`: the private key (PEM) of `tls_cert`.
+    pub tls_key: Option<PathBuf>,
+    /// `tls_ca`: the CA file wrappers verify an operator's certificate with, as a path on the
+    /// minions (`SP_TLS_CA`); default none, the minions' system roots.
+    pub tls_ca: Option<String>,
+    /// `allow_plaintext`: let a listener bound beyond loopback run without TLS; default
+    /// false (the master refuses to start so).
+    pub allow_plaintext: bool,
+    /// `ship_ca`: the CA file to verify `https://` Elasticsearch/OpenSearch with; default
+    /// none, the system roots.
+    pub ship_ca: Option<PathBuf>,
     /// Keys this version does not know, as JSON (the original accepted anything).
     pub extra: serde_json::Map<String, serde_json::Value>,
 }
@@ -194,6 +222,13 @@ impl Default for Settings {
             max_pending_connections_per_ip: 256,
             ui_idle_timeout: Duration::from_secs(600),
             fd_reserve: None,
+            machines_tls: TlsMode::Auto,
+            api_tls: TlsMode::Auto,
+            tls_cert: None,
+            tls_key: None,
+            tls_ca: None,
+            allow_plaintext: false,
+            ship_ca: None,
             extra: serde_json::Map::new(),
         }
     }
@@ -242,6 +277,13 @@ pub(crate) struct PartialSettings {
     max_pending_connections_per_ip: Option<u64>,
     ui_idle_timeout: Option<Duration>,
     fd_reserve: Option<Option<u64>>,
+    machines_tls: Option<TlsMode>,
+    api_tls: Option<TlsMode>,
+    tls_cert: Option<Option<PathBuf>>,
+    tls_key: Option<Option<PathBuf>>,
+    tls_ca: Option<Option<String>>,
+    allow_plaintext: Option<bool>,
+    ship_ca: Option<Option<PathBuf>>,
     extra: serde_json::Map<String, serde_json::Value>,
 }
 
@@ -347,6 +389,24 @@ fn log_format(node: &Node) -> Result<LogFormat, String> {
     }
 }
 
+fn tls_mode(node: &Node) -> Result<TlsMode, String> {
+    // YAML reads a bare on/off as a boolean in some loaders; accept both spellings.
+    if let Ok(b) = node.as_bool() {
+        return Ok(if b { TlsMode::On } else { TlsMode::Off });
+    }
+    let t = node.as_text()?;
+    match t.to_ascii_lowercase().as_str() {
+        "auto" => Ok(TlsMode::Auto),
+        "on" | "true" => Ok(TlsMode::On),
+        "off" | "false" => Ok(TlsMode::Off),
+        _ => Err(format!("expected auto, on or off, got {t:?}")),
+    }
+}
+
+fn path(node: &Node) -> Result<Option<PathBuf>, String> {
+    optional(node, |n: &Node| non_empty(n).map(PathBuf::from))
+}
+
 fn launcher(node: &Node) -> Result<Launcher, String> {
     let t = node.as_text()?;
     match t.to_ascii_lowercase().as_str() {
@@ -445,6 +505,13 @@ pub(crate) fn parse_settings(
             "max_pending_connections" => set!(max_pending_connections, at_least_one),
             "max_pending_connections_per_ip" => set!(max_pending_connections_per_ip, at_least_one),
             "ui_idle_timeout" => set!(ui_idle_timeout, deadline),
+            "machines_tls" => set!(machines_tls, tls_mode),
+            "api_tls" => set!(api_tls, tls_mode),
+            "tls_cert" => set!(tls_cert, path),
+            "tls_key" => set!(tls_key, path),
+            "tls_ca" => set!(tls_ca, |n: &Node| optional(n, non_empty)),
+            "allow_plaintext" => set!(allow_plaintext, Node::as_bool),
+            "ship_ca" => set!(ship_ca, path),
             "fd_reserve" => set!(fd_reserve, |n: &Node| optional(n, |n: &Node| n
                 .as_count("a number of open files"))),
             _ => {
@@ -547,7 +614,14 @@ impl Settings {
             max_pending_connections,
             max_pending_connections_per_ip,
             ui_idle_timeout,
-            fd_reserve
+            fd_reserve,
+            machines_tls,
+            api_tls,
+            tls_cert,
+            tls_key,
+            tls_ca,
+            allow_plaintext,
+            ship_ca
         );
         self.limits.apply(&p.limits);
         self.access.apply(&p.access);

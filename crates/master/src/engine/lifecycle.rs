@@ -571,11 +571,24 @@ impl Engine {
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         let url = match &job.saltpeter_server_host {
-            Some(host) => format!("ws://{host}:{}", self.machines_port()),
+            Some(host) => format!(
+                "{}://{host}:{}",
+                self.machines_scheme(),
+                self.machines_port()
+            ),
             None => self.machines_url.clone(),
         };
         let mut put = |k: &str, v: String| env.push((k.to_owned(), v));
-        put("SP_WEBSOCKET_URL", url);
+        match url.strip_prefix("wss://") {
+            // The original wrapper reads only SP_WEBSOCKET_URL and speaks only ws://; while it
+            // is allowed, that variable names the plain path of the same port and sp-wrapper
+            // takes the TLS one from SP_WEBSOCKET_URL_TLS.
+            Some(rest) if s.allow_legacy_wrappers => {
+                put("SP_WEBSOCKET_URL", format!("ws://{rest}"));
+                put("SP_WEBSOCKET_URL_TLS", url);
+            }
+            _ => put("SP_WEBSOCKET_URL", url),
+        }
         put("SP_JOB_NAME", job.name.clone());
         put("SP_JOB_INSTANCE", instance.to_owned());
         put("SP_JOB_INSTANCE_NAME", instance.to_owned());
@@ -614,7 +627,15 @@ impl Engine {
         if let Some(v) = &job.user {
             put("SP_USER", v.clone());
         }
+        for (k, v) in &self.wrapper_env {
+            put(k, v.clone());
+        }
         env
+    }
+
+    /// `wss` when the machines endpoint speaks TLS, else `ws`.
+    fn machines_scheme(&self) -> &str {
+        self.machines_url.split("://").next().unwrap_or("ws")
     }
 
     fn machines_port(&self) -> u16 {
@@ -639,4 +660,7 @@ const RESERVED: &[&str] = &[
     "SP_MACHINE_ID",
     "SP_TIMEOUT",
     "SP_ALLOW_OVERLAP",
+    "SP_WEBSOCKET_URL_TLS",
+    "SP_TLS_FINGERPRINT",
+    "SP_TLS_CA",
 ];

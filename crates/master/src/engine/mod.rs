@@ -149,6 +149,9 @@ pub struct EngineParts {
     pub clock: Clock,
     /// The URL wrappers connect back to, when the launcher cannot derive a better one.
     pub machines_url: String,
+    /// Variables every wrapper gets besides its job's, to verify the master's TLS
+    /// certificate (`SP_TLS_FINGERPRINT` or `SP_TLS_CA`); empty when the endpoint is plain.
+    pub wrapper_env: Vec<(String, String)>,
     pub shutdown: CancellationToken,
     /// Where durable state goes; see [`Engine::new`] for how it is started.
     pub store: StoreParts,
@@ -187,6 +190,8 @@ pub struct Engine {
     logdir: Arc<Path>,
     clock: Clock,
     machines_url: String,
+    /// See [`EngineParts::wrapper_env`].
+    wrapper_env: Vec<(String, String)>,
     /// For tasks the engine spawns (launchers) to report back.
     self_tx: mpsc::Sender<Event>,
     rx: mpsc::Receiver<Event>,
@@ -273,6 +278,7 @@ impl Engine {
             logdir,
             clock: parts.clock,
             machines_url: parts.machines_url,
+            wrapper_env: parts.wrapper_env,
             self_tx: tx.clone(),
             rx,
             shutdown: parts.shutdown,

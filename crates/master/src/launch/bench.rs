@@ -65,6 +65,7 @@ impl Launcher for BenchLauncher {
                 "machines": request.machines,
                 "tokens": request.tokens,
                 "url": env("SP_WEBSOCKET_URL"),
+                "tls_fingerprint": env("SP_TLS_FINGERPRINT"),
                 "written_unix_ns": at.to_string(),
             })
             .to_string();

@@ -11,8 +11,8 @@
 //! malformed (4xx) are dropped with a log line, items it could not take now (429, 5xx) go back
 //! to the tail of the queue.
 //!
-//! Plain `http://` only: TLS is not supported yet (it would need a TLS stack this build avoids;
-//! put a local TLS-terminating proxy in front for an `https` cluster).
+//! `http://` or `https://`, through the CLI's client (`cli/http.rs`): an `https` cluster is
+//! verified against `ship_ca` or the system's roots; Basic auth comes from the URL.
 
 mod bulk;
 mod doc;
@@ -37,14 +37,17 @@ pub use queue::QueueError;
 pub struct Backend {
     /// Names its queue directory and its log lines (`elasticsearch`, `opensearch`).
     pub name: String,
-    /// `http://[user:pass@]host:port[/prefix]`; a bare `host:port` means `http://`.
+    /// `http[s]://[user:pass@]host:port[/prefix]`; a bare `host:port` means `http://`.
     pub url: String,
     /// Indices are `<index_prefix>-YYYY.MM.DD`.
     pub index_prefix: String,
+    /// The CA file an `https://` backend is verified with (`ship_ca`); `None`: the system's
+    /// roots.
+    pub ca: Option<PathBuf>,
 }
 
 impl Backend {
-    /// Checks the URL without starting anything (an `https` URL is refused).
+    /// Checks the URL (and the CA file) without starting anything.
     pub fn validate(&self) -> Result<(), ShipError> {
         client_for(self).map(|_| ())
     }
@@ -113,10 +116,6 @@ pub struct ShipStats {
 /// Why shipping could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum ShipError {
-    #[error(
-        "{backend} URL {url:?}: TLS (https) is not supported yet; use http:// or a local TLS proxy"
-    )]
-    Tls { backend: String, url: String },
     #[error("{backend} URL {url:?}: {source}")]
     Url {
         backend: String,
@@ -252,22 +251,18 @@ impl Drop for Shipper {
 
 fn client_for(backend: &Backend) -> Result<Client, ShipError> {
     let url = backend.url.trim();
-    if url.starts_with("https://") {
-        return Err(ShipError::Tls {
-            backend: backend.name.clone(),
-            url: url.to_owned(),
-        });
-    }
     let url = if url.contains("://") {
         url.to_owned()
     } else {
         format!("http://{url}")
     };
-    Client::new(&url, None).map_err(|source| ShipError::Url {
-        backend: backend.name.clone(),
-        url: backend.url.clone(),
-        source,
-    })
+    Client::new(&url, None)
+        .and_then(|c| c.with_ca(backend.ca.as_deref()))
+        .map_err(|source| ShipError::Url {
+            backend: backend.name.clone(),
+            url: backend.url.clone(),
+            source,
+        })
 }
 
 /// What the job-log thread holds: turns entries into documents and queues them.
@@ -322,6 +317,7 @@ pub fn backends(settings: &crate::config::Settings) -> Vec<Backend> {
         name: name.to_owned(),
         url: url.clone(),
         index_prefix: prefix.clone(),
+        ca: settings.ship_ca.clone(),
     })
     .collect()
 }

@@ -170,6 +170,7 @@ impl Harness {
             joblog: JobLog::start(dir.path().join("spool")).unwrap(),
             clock: Clock::paused(time::macros::datetime!(2026-06-01 12:00 UTC)),
             machines_url: "ws://127.0.0.1:1".into(),
+            wrapper_env: Vec::new(),
             shutdown: shutdown.clone(),
             store: StoreParts::Ready(store, restored),
         })

@@ -34,7 +34,13 @@ pub struct Behaviour {
     pub reject_complete: bool,
     /// Answer `start` with `JOB_NOT_FOUND`.
     pub reject_start: bool,
+    /// Speak TLS (`wss://`) with this configuration.
+    pub tls: Option<std::sync::Arc<saltpeter_tls::rustls::ServerConfig>>,
 }
+
+/// Any stream the test master serves WebSocket on: plain TCP or TLS.
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
 
 enum Cmd {
     Kill(MasterMessage),
@@ -45,6 +51,8 @@ enum Cmd {
 #[derive(Debug)]
 pub enum Event {
     Accepted,
+    /// A client gave up in the TLS handshake (a wrapper that refused the certificate).
+    TlsRefused,
     Received(Instant, WrapperMessage),
     /// An output with a seq the master already held.
     Duplicate(u64),
@@ -57,6 +65,8 @@ pub enum Event {
 #[derive(Debug, Default)]
 pub struct Seen {
     pub accepted: usize,
+    /// TLS handshakes the client broke off.
+    pub tls_refused: usize,
     pub closed: usize,
     pub connects: Vec<Connect>,
     /// When each `connect` arrived.
@@ -79,6 +89,7 @@ impl Seen {
     fn apply(&mut self, event: Event) {
         match event {
             Event::Accepted => self.accepted += 1,
+            Event::TlsRefused => self.tls_refused += 1,
             Event::Closed => self.closed += 1,
             Event::Duplicate(seq) => self.duplicates.push(seq),
             Event::Gap(seq) => self.gaps.push(seq),
@@ -129,6 +140,11 @@ impl TestMaster {
 
     pub fn url(&self) -> String {
         format!("ws://{}", self.addr)
+    }
+
+    /// The `wss://` URL of a master started with [`Behaviour::tls`].
+    pub fn tls_url(&self) -> String {
+        format!("wss://{}", self.addr)
     }
 
     /// Sends `kill` for `run` on the current connection (as soon as there is one).
@@ -227,7 +243,18 @@ async fn serve(
         let Ok((tcp, _)) = listener.accept().await else {
             return;
         };
-        let Ok(ws) = tokio_tungstenite::accept_async(tcp).await else {
+        let stream: Box<dyn Io> = match &state.behaviour.tls {
+            None => Box::new(tcp),
+            Some(config) => {
+                let acceptor = tokio_rustls::TlsAcceptor::from(config.clone());
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    let _ = events.send(Event::TlsRefused);
+                    continue;
+                };
+                Box::new(tls)
+            }
+        };
+        let Ok(ws) = tokio_tungstenite::accept_async(stream).await else {
             continue;
         };
         let _ = events.send(Event::Accepted);

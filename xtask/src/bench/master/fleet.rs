@@ -36,7 +36,7 @@ use super::stamped::{Arrival, StampedStream};
 const LOOPBACK_SOURCES: usize = 8;
 /// Handshakes in flight at once: more would overflow the master's accept backlog and turn
 /// dropped SYNs into 1 s retransmits, which measures the kernel rather than the master.
-const CONNECTS_IN_FLIGHT: usize = 512;
+pub const CONNECTS_IN_FLIGHT: usize = 512;
 /// Limit for any single wait on the master (an ack, the handshake).
 const REPLY_LIMIT: Duration = Duration::from_secs(60);
 /// The real wrapper's limits on a reconnect attempt: TCP and WebSocket handshake, then the
@@ -64,6 +64,9 @@ pub struct StartRequest {
     /// Each machine's own token.
     pub tokens: std::collections::HashMap<String, String>,
     pub url: String,
+    /// The master's certificate fingerprint when the URL is `wss://` (pinned, as `sp-wrapper`
+    /// pins it).
+    pub tls_fingerprint: Option<String>,
     /// When the launcher wrote the request (wall clock of this host).
     pub written: SystemTime,
 }
@@ -124,6 +127,11 @@ pub struct Stats {
     pub reconnect_failures: AtomicU64,
     /// When each reconnect was complete (the new `connect` acked).
     pub reattached: Mutex<Vec<SystemTime>>,
+    /// TLS handshakes completed (`wss://` only), with when the first and the last ended, and
+    /// how long each took from the first byte sent, in microseconds.
+    pub tls_handshakes: AtomicU64,
+    pub tls_window: Mutex<Option<(Instant, Instant)>>,
+    pub tls_times: Samples,
 }
 
 /// Latency samples in microseconds. A mutex taken once per ack is cheap next to a WebSocket
@@ -151,6 +159,16 @@ impl Samples {
 }
 
 impl Stats {
+    fn tls_handshake(&self, took: Duration) {
+        self.tls_handshakes.fetch_add(1, Ordering::Relaxed);
+        self.tls_times
+            .push(u32::try_from(took.as_micros()).unwrap_or(u32::MAX));
+        let now = Instant::now();
+        let mut window = self.tls_window.lock();
+        let first = window.map_or(now, |(first, _)| first);
+        *window = Some((first, now));
+    }
+
     fn error(&self, what: String) {
         self.failed.fetch_add(1, Ordering::Relaxed);
         let mut e = self.errors.lock();
@@ -206,6 +224,18 @@ impl Fleet {
     /// Starts one simulated wrapper per machine of the request; `kind` picks each one's part.
     pub fn launch(&mut self, request: &StartRequest, kind: impl Fn(usize) -> Kind) -> Result<()> {
         let addr = master_addr(&request.url)?;
+        // `wss://`: the wrapper's own trust, the master's certificate pinned by fingerprint; one
+        // configuration for the whole fleet, as each real wrapper builds one for itself.
+        let tls = if request.url.starts_with("wss://") {
+            let pin = request
+                .tls_fingerprint
+                .as_deref()
+                .context("a wss:// start request without the certificate's fingerprint")?;
+            let trust = saltpeter_tls::Trust::Pinned(saltpeter_tls::Fingerprint::parse(pin)?);
+            Some(Arc::new(saltpeter_tls::client_config(&trust)?))
+        } else {
+            None
+        };
         let runtime = self.runtime.as_ref().context("fleet stopped")?;
         // One seed per fleet, so the wrappers' jitter differs from run to run, as real
         // wrappers' does.
@@ -224,6 +254,7 @@ impl Fleet {
                 seed: (seed ^ (index as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15)) | 1,
                 addr,
                 url: request.url.clone(),
+                tls: tls.clone(),
                 envelope: Envelope {
                     job_name: request.job.clone(),
                     job_instance: request.instance.clone(),
@@ -270,11 +301,13 @@ impl Drop for Fleet {
     }
 }
 
-/// `ws://127.0.0.1:PORT` to a socket address; anything but loopback is refused.
+/// `ws://127.0.0.1:PORT` or `wss://...` to a socket address; anything but loopback is
+/// refused.
 fn master_addr(url: &str) -> Result<SocketAddr> {
     let hostport = url
         .strip_prefix("ws://")
-        .context("the machines URL is not ws://")?
+        .or_else(|| url.strip_prefix("wss://"))
+        .context("the machines URL is neither ws:// nor wss://")?
         .trim_end_matches('/');
     let addr: SocketAddr = hostport
         .parse()
@@ -297,11 +330,18 @@ struct Sim {
     seed: u64,
     addr: SocketAddr,
     url: String,
+    /// The TLS client configuration for a `wss://` URL.
+    tls: Option<Arc<saltpeter_tls::rustls::ClientConfig>>,
     envelope: Envelope,
     token: String,
 }
 
-type Ws = tokio_tungstenite::WebSocketStream<StampedStream>;
+/// The stream a simulated wrapper's WebSocket runs on: the stamped TCP stream itself, or TLS
+/// over it (so arrival stamps are still taken where the kernel hands over the bytes).
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
+
+type Ws = tokio_tungstenite::WebSocketStream<Box<dyn Io>>;
 
 /// One open connection of a simulated wrapper.
 struct Conn {
@@ -318,7 +358,7 @@ impl Sim {
         }
     }
 
-    async fn connect(&self) -> Result<(Ws, Arrival)> {
+    async fn connect(&self, stats: &Stats) -> Result<(Ws, Arrival)> {
         let octet = 2 + (self.index % LOOPBACK_SOURCES) as u8;
         let local = SocketAddrV4::new(Ipv4Addr::new(127, 0, 0, octet), 0);
         let socket = TcpSocket::new_v4()?;
@@ -328,12 +368,25 @@ impl Sim {
             .context("TCP connect timed out")??;
         tcp.set_nodelay(true)?;
         let (tcp, arrival) = StampedStream::new(tcp)?;
+        let stream: Box<dyn Io> = match &self.tls {
+            None => Box::new(tcp),
+            Some(tls) => {
+                let connector = tokio_rustls::TlsConnector::from(tls.clone());
+                let name = saltpeter_tls::rustls::pki_types::ServerName::from(self.addr.ip());
+                let started = Instant::now();
+                let tls = tokio::time::timeout(REPLY_LIMIT, connector.connect(name, tcp))
+                    .await
+                    .context("TLS handshake timed out")??;
+                stats.tls_handshake(started.elapsed());
+                Box::new(tls)
+            }
+        };
         // The real wrapper reads with an 8 KiB buffer too; tungstenite's 128 KiB default is
         // zero-filled on every read and would cost the load generator a gigabyte at 10,000.
         let config = WebSocketConfig::default().read_buffer_size(8 * 1024);
         let (ws, _) = tokio::time::timeout(
             REPLY_LIMIT,
-            tokio_tungstenite::client_async_with_config(self.url.as_str(), tcp, Some(config)),
+            tokio_tungstenite::client_async_with_config(self.url.as_str(), stream, Some(config)),
         )
         .await
         .context("WebSocket handshake timed out")??;
@@ -348,7 +401,7 @@ impl Sim {
         connect_limit: Duration,
         ack_limit: Duration,
     ) -> Result<(Conn, Option<i64>)> {
-        let (ws, arrival) = tokio::time::timeout(connect_limit, self.connect())
+        let (ws, arrival) = tokio::time::timeout(connect_limit, self.connect(stats))
             .await
             .with_context(|| format!("no connection within {connect_limit:?}"))??;
         let (tx, rx) = ws.split();
@@ -684,6 +737,10 @@ fn parse_request(line: &str) -> Result<StartRequest> {
             .filter_map(|(m, t)| Some((m.clone(), t.as_str()?.to_owned())))
             .collect(),
         url: text("url")?,
+        tls_fingerprint: v["tls_fingerprint"]
+            .as_str()
+            .filter(|f| !f.is_empty())
+            .map(str::to_owned),
         written: SystemTime::UNIX_EPOCH + Duration::from_nanos(nanos),
     })
 }
