@@ -116,14 +116,23 @@ fn token_from_environ(pid: u64) -> Result<String> {
 
 /// One connection that asks for a challenge and sends `connect` signed with `key`, then
 /// `complete` with retcode 0 for `machine`; returns the master's answer to `connect`.
-fn forge(url: &str, instance: &str, machine: &str, token: &str, key: &Path) -> Result<String> {
+fn forge(
+    url: &str,
+    tls: &std::sync::Arc<saltpeter_tls::rustls::ClientConfig>,
+    instance: &str,
+    machine: &str,
+    token: &str,
+    key: &Path,
+) -> Result<String> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     runtime.block_on(async {
+        // As a wrapper would: over TLS, trusting the master's certificate by its fingerprint.
+        let connector = tokio_tungstenite::Connector::Rustls(tls.clone());
         let (mut ws, _) = tokio::time::timeout(
             Duration::from_secs(5),
-            tokio_tungstenite::connect_async(url),
+            tokio_tungstenite::connect_async_tls_with_config(url, None, false, Some(connector)),
         )
         .await
         .context("connect timed out")??;
@@ -201,9 +210,13 @@ pub fn forged(m: &Master, roots: &Path) -> Result<String> {
     );
     let ready: Value = serde_json::from_str(&std::fs::read_to_string(m.dir.join("ready.json"))?)?;
     let url = format!(
-        "ws://{}/",
+        "wss://{}/",
         ready["machines"].as_str().context("machines address")?
     );
+    let cert = saltpeter_tls::certs_from_file(&m.dir.join("data/tls/cert.pem"))?;
+    let der = cert.first().context("the master's certificate")?;
+    let pinned = saltpeter_tls::Trust::Pinned(saltpeter_tls::Fingerprint::of(der.as_ref()));
+    let tls = std::sync::Arc::new(saltpeter_tls::client_config(&pinned)?);
 
     let fired = Instant::now();
     let instance = m.run_job("forged")?;
@@ -216,7 +229,7 @@ pub fn forged(m: &Master, roots: &Path) -> Result<String> {
         .as_u64()
         .context("wrapper pid")?;
     let token = token_from_environ(pid_b)?;
-    let during = forge(&url, &instance, "minion-a", &token, &key_b)?;
+    let during = forge(&url, &tls, &instance, "minion-a", &token, &key_b)?;
     ensure!(
         during.starts_with("UNAUTHORIZED"),
         "minion-b's key was accepted for minion-a: {during}"
@@ -225,7 +238,7 @@ pub fn forged(m: &Master, roots: &Path) -> Result<String> {
     let run = m.wait_run(&instance, Duration::from_secs(60), |r| {
         r["ended"].is_string()
     })?;
-    let after = forge(&url, &instance, "minion-a", &token, &key_a)?;
+    let after = forge(&url, &tls, &instance, "minion-a", &token, &key_a)?;
     ensure!(
         after.starts_with("UNAUTHORIZED"),
         "a connect after the result was accepted: {after}"
