@@ -35,7 +35,12 @@ fn main() -> ExitCode {
     // The original accepts and ignores any argument; only these two are ours.
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.iter().any(|a| a == "--version" || a == "-V") {
-        println!("sp-wrapper {}", run::VERSION);
+        // The original's first line, with the commit this binary was built from.
+        println!(
+            "Saltpeter Wrapper version {} ({})",
+            run::VERSION,
+            run::COMMIT
+        );
         return ExitCode::SUCCESS;
     }
     if args.iter().any(|a| a == "--help" || a == "-h") {

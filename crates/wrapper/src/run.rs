@@ -38,6 +38,9 @@ const WRAPPER_STOPPED_LINE: &str = "\n[Job terminated because the wrapper was st
 /// The wrapper's version, as reported to Salt and in `start`.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
+/// The git commit this binary was built from (`build.rs`), shown by `--version`.
+pub const COMMIT: &str = env!("SP_GIT_COMMIT");
+
 /// Runs the daemon to the end. `ready` is the write end of the readiness pipe.
 pub fn daemon(cfg: Config, lock: LockState, mut ready: PipeWriter) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_current_thread()
