@@ -5,7 +5,7 @@
 mod browser;
 mod flood;
 mod http;
-mod master;
+pub mod master;
 mod restart;
 mod salt_env;
 mod salt_scenarios;
