@@ -382,6 +382,9 @@ fn dpkg_root_install(target: &Target, out: &Path) -> Result<String> {
         cmd.arg(format!("--root={}", root.display()))
             .args([
                 "--force-not-root",
+                // Without a chroot: the package has no scripts, and the directory has no
+                // ldconfig or shell to chroot into.
+                "--force-script-chrootless",
                 "--force-depends",
                 "--force-architecture",
             ])
