@@ -24,7 +24,7 @@ const ZIG_PINS: [&str; 2] = ["ziglang==0.17.1", "cargo-zigbuild==0.24.1"];
 
 /// crates.io pins: (crate, version, the `--version` output that proves it is installed).
 pub const CARGO_DEB: (&str, &str) = ("cargo-deb", "3.8.0");
-pub const CARGO_GENERATE_RPM: (&str, &str) = ("cargo-generate-rpm", "0.21.0");
+pub const CARGO_GENERATE_RPM: (&str, &str) = ("cargo-generate-rpm", "0.21.1");
 
 /// Runs `cmd` with its output in `log`; on failure, shows the end of the log.
 pub fn run_logged(cmd: &mut Command, log: &Path, what: &str) -> Result<()> {
