@@ -85,7 +85,9 @@ async fn controller(cfg: Config, mut lock: LockState, mut ready: PipeWriter) -> 
     // Signal handlers are installed before the job exists, so no exit and no stop request
     // can slip by unnoticed.
     let setup = (|| -> std::io::Result<(Reaper, StopSignals)> {
-        job::become_subreaper()?;
+        if !job::become_subreaper()? {
+            log.info("Cannot become the reaper of the job's orphans here (no PR_SET_CHILD_SUBREAPER); background processes the job leaves go to init.");
+        }
         Ok((Reaper::new()?, StopSignals::new()?))
     })();
     let (mut reaper, mut signals) = match setup {
