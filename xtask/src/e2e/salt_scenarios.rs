@@ -909,6 +909,17 @@ fn fleet(m: &Master, deployed: bool) -> Result<String> {
                 "{id}: {minion}"
             );
         }
+        // The table people read, for the log.
+        let text = Command::new(binary("sp-master"))
+            .arg("fleet")
+            .arg("-c")
+            .arg(&m.conf)
+            .args(["-t", "20", "--target", "minion-*"])
+            .output()?;
+        eprintln!(
+            "sp-master fleet after the formula:\n{}",
+            String::from_utf8_lossy(&text.stdout)
+        );
     } else {
         ensure!(
             out.status.code() == Some(1),
