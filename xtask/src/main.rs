@@ -4,10 +4,12 @@
 //! - `e2e`: end-to-end scenarios with the real binaries.
 //! - `bench wrapper|master`: benchmarks that print figures.
 //! - `demo`: run the master on its embedded default configuration.
+//! - `dist [--quick]`: release binaries for x86_64 and aarch64 (glibc 2.17), packages, checks.
 
 mod bench;
 mod ci;
 mod demo;
+mod dist;
 mod e2e;
 mod process;
 
@@ -20,9 +22,10 @@ fn main() -> Result<()> {
         Some("ci") => ci::run(&args[1..]),
         Some("e2e") => e2e::run(&args[1..]),
         Some("demo") => demo::run(&args[1..]),
+        Some("dist") => dist::run(&args[1..]),
         // Internal: one process of the e2e flood scenario's idle sockets.
         Some("flood-worker") => e2e::flood_worker(&args[1..]),
-        Some(other) => bail!("unknown xtask command {other:?}; try ci, e2e or bench"),
-        None => bail!("usage: cargo xtask <ci|e2e|bench>"),
+        Some(other) => bail!("unknown xtask command {other:?}; try ci, e2e, bench, demo or dist"),
+        None => bail!("usage: cargo xtask <ci|e2e|bench|demo|dist>"),
     }
 }

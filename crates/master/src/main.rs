@@ -16,10 +16,13 @@ use saltpeter_master::server::{self, Options};
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// `sp-master --version`: the package version and the git commit of the build (`build.rs`).
+const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (", env!("SP_GIT_COMMIT"), ")");
+
 #[derive(Debug, Parser)]
 #[command(
     name = "sp-master",
-    version,
+    version = VERSION,
     about = "Distributed cron for SaltStack fleets"
 )]
 struct Cli {
@@ -88,6 +91,16 @@ enum Command {
         instance: String,
         #[arg(short, long)]
         machine: Option<String>,
+    },
+    /// For every minion Salt knows: the installed sp-wrapper's version and architecture, and
+    /// whether it can reach this master's machines port.
+    Fleet {
+        /// Salt's target (a glob) for the minions to look at.
+        #[arg(long, default_value = "*")]
+        target: String,
+        /// Salt's timeout for each query, in seconds.
+        #[arg(short = 't', long, default_value_t = 20)]
+        timeout: u64,
     },
     /// Show the audit trail, newest first: runs started by hand, kills, configuration and
     /// maintenance changes, with who and from where (needs an admin token).
@@ -163,6 +176,18 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Token {
             action: TokenCommand::New { name, role },
         } => new_token(&name, &role, cli.json),
+        Command::Fleet { target, timeout } => code(saltpeter_master::cli::fleet::fleet(
+            &cli.config_dir,
+            &saltpeter_master::cli::fleet::MasterVersion {
+                version: env!("CARGO_PKG_VERSION").to_owned(),
+                commit: env!("SP_GIT_COMMIT").to_owned(),
+            },
+            &saltpeter_master::cli::fleet::FleetOptions {
+                target,
+                timeout: std::time::Duration::from_secs(timeout),
+                json: cli.json,
+            },
+        )?),
         Command::Serve => serve(cli.config_dir, cli.ready_file),
         Command::Next { job, count } => {
             let lines = saltpeter_master::config::next_fire_times(

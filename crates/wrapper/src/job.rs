@@ -81,9 +81,15 @@ pub fn spawn(cfg: &Config) -> io::Result<Job> {
 }
 
 /// Makes the wrapper the reaper of its descendants' orphans, so background processes of the
-/// job can still be found, signalled and reaped.
-pub fn become_subreaper() -> io::Result<()> {
-    nix::sys::prctl::set_child_subreaper(true).map_err(io::Error::from)
+/// job can still be found, signalled and reaped. Returns `false` where the option does not
+/// exist (EINVAL): qemu-user, which runs the aarch64 build in the release checks, does not
+/// emulate it. The job then runs as under the original wrapper, whose orphans went to init.
+pub fn become_subreaper() -> io::Result<bool> {
+    match nix::sys::prctl::set_child_subreaper(true) {
+        Ok(()) => Ok(true),
+        Err(nix::errno::Errno::EINVAL) => Ok(false),
+        Err(e) => Err(io::Error::from(e)),
+    }
 }
 
 /// How the job's shell ended.

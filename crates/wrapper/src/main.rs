@@ -33,10 +33,18 @@ use crate::lock::LockState;
 use crate::sys::Forked;
 
 fn main() -> ExitCode {
+    // Threads the process has before the wrapper does anything: one natively, two under
+    // qemu-user (the emulator's own). `daemonize` refuses to fork with more.
+    let threads_at_start = sys::thread_count();
     // The original accepts and ignores any argument; only these two are ours.
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.iter().any(|a| a == "--version" || a == "-V") {
-        println!("sp-wrapper {}", run::VERSION);
+        // The original's first line, with the commit this binary was built from.
+        println!(
+            "Saltpeter Wrapper version {} ({})",
+            run::VERSION,
+            run::COMMIT
+        );
         return ExitCode::SUCCESS;
     }
     if args.iter().any(|a| a == "--help" || a == "-h") {
@@ -60,7 +68,7 @@ fn main() -> ExitCode {
         Some(path) => lock::acquire(path, &cfg.job_name),
         None => LockState::NotUsed,
     };
-    match sys::daemonize() {
+    match sys::daemonize(threads_at_start) {
         Err(e) => {
             eprintln!("Error: cannot start the wrapper daemon: {e}");
             ExitCode::FAILURE

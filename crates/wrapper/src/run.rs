@@ -38,6 +38,9 @@ const WRAPPER_STOPPED_LINE: &str = "\n[Job terminated because the wrapper was st
 /// The wrapper's version, as reported to Salt and in `start`.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
+/// The git commit this binary was built from (`build.rs`), shown by `--version`.
+pub const COMMIT: &str = env!("SP_GIT_COMMIT");
+
 /// Runs the daemon to the end. `ready` is the write end of the readiness pipe.
 pub fn daemon(cfg: Config, lock: LockState, mut ready: PipeWriter) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -82,7 +85,9 @@ async fn controller(cfg: Config, mut lock: LockState, mut ready: PipeWriter) -> 
     // Signal handlers are installed before the job exists, so no exit and no stop request
     // can slip by unnoticed.
     let setup = (|| -> std::io::Result<(Reaper, StopSignals)> {
-        job::become_subreaper()?;
+        if !job::become_subreaper()? {
+            log.info("Cannot become the reaper of the job's orphans here (no PR_SET_CHILD_SUBREAPER); background processes the job leaves go to init.");
+        }
         Ok((Reaper::new()?, StopSignals::new()?))
     })();
     let (mut reaper, mut signals) = match setup {

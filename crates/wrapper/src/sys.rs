@@ -3,8 +3,10 @@
 //! run, when to signal) lives in `main.rs` and `job.rs`.
 //!
 //! Two rules keep the unsafe code sound:
-//! - The double fork happens while the process has exactly one thread, which
-//!   [`daemonize`] checks, so the children inherit no lock held by a vanished thread.
+//! - The double fork happens while the process has no thread besides the main one that it did
+//!   not have when `main` began, which [`daemonize`] checks, so the children inherit no lock
+//!   held by a vanished thread. Natively that is exactly one thread; under qemu-user the
+//!   emulator's own thread is there from the start, and qemu's fork emulation takes care of it.
 //! - The `pre_exec` closure calls only async-signal-safe system calls (setgroups, setgid,
 //!   setuid, prctl, getppid) and allocates nothing; the user and group list are resolved
 //!   beforehand in the parent (rust-stack.md §1.10).
@@ -35,19 +37,25 @@ pub enum Forked {
     Daemon { ready: io::PipeWriter },
 }
 
+/// The threads of this process, from `/proc/self/task` (1 when it cannot be read).
+pub fn thread_count() -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .map(Iterator::count)
+        .unwrap_or(1)
+}
+
 /// Detaches from the caller with the classic double fork: fork, `setsid` in the child, fork
 /// again so the daemon is not a session leader and can never reacquire a terminal, then
 /// `chdir("/")` and stdio on `/dev/null`. A pipe opened first lets the daemon tell the
 /// invoking process whether the job really started (rust-stack.md §1.10, pitfall 7).
 ///
-/// Must be called before any thread exists; it refuses otherwise.
-pub fn daemonize() -> io::Result<Forked> {
-    let threads = std::fs::read_dir("/proc/self/task")
-        .map(Iterator::count)
-        .unwrap_or(1);
-    if threads != 1 {
+/// Must be called before the wrapper starts any thread: `threads_at_start` is
+/// [`thread_count`] read first thing in `main`, and more threads than that are refused.
+pub fn daemonize(threads_at_start: usize) -> io::Result<Forked> {
+    let threads = thread_count();
+    if threads > threads_at_start {
         return Err(io::Error::other(format!(
-            "refusing to fork with {threads} threads running"
+            "refusing to fork with {threads} threads running ({threads_at_start} at start)"
         )));
     }
     // Both ends are close-on-exec, so the job never inherits the write end and the invoking
@@ -57,8 +65,8 @@ pub fn daemonize() -> io::Result<Forked> {
     io::stdout().flush()?;
     io::stderr().flush()?;
 
-    // SAFETY: the process is single-threaded (checked above), so the child starts with a
-    // consistent heap and no lock held by another thread; it only makes system calls and
+    // SAFETY: the process has no thread of its own besides this one (checked above), so the
+    // child starts with a consistent heap and no lock held by another thread; it only makes system calls and
     // then either exits or carries on as the sole thread of the new process.
     match unsafe { fork() }? {
         ForkResult::Parent { child } => {
@@ -79,7 +87,7 @@ pub fn daemonize() -> io::Result<Forked> {
     if let Err(e) = detach() {
         report_and_exit(writer, &e);
     }
-    // SAFETY: still single-threaded; see the first fork.
+    // SAFETY: still no thread besides this one; see the first fork.
     match unsafe { fork() } {
         Err(e) => report_and_exit(writer, &io::Error::from(e)),
         // The intermediate child's only job was to make the daemon an orphan outside the

@@ -661,9 +661,12 @@ fn version_flag_prints_the_version() {
         .output()
         .unwrap();
     assert!(out.status.success());
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout),
-        format!("sp-wrapper {}\n", env!("CARGO_PKG_VERSION"))
+    // The original's first line, then the commit in parentheses (`unknown` without git).
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let prefix = format!("Saltpeter Wrapper version {} (", env!("CARGO_PKG_VERSION"));
+    assert!(
+        stdout.starts_with(&prefix) && stdout.ends_with(")\n") && stdout.lines().count() == 1,
+        "{stdout:?}"
     );
 }
 

@@ -27,23 +27,32 @@ const TARGET_MB_S: f64 = 200.0;
 const TARGET_RETURN: Duration = Duration::from_millis(20);
 
 pub fn run(args: &[String]) -> Result<()> {
-    if let Some(extra) = args.first() {
-        bail!("unexpected argument {extra:?}; usage: cargo xtask bench wrapper");
-    }
+    // `--bin PATH` measures another build (a release from `cargo xtask dist`, or an older
+    // commit's) instead of building this tree's.
+    let given = match args {
+        [] => None,
+        [flag, path] if flag == "--bin" => Some(PathBuf::from(path)),
+        _ => bail!("unexpected arguments {args:?}; usage: cargo xtask bench wrapper [--bin PATH]"),
+    };
     let root = workspace_root();
-    eprintln!("Building sp-wrapper (release)...");
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let status = Command::new(cargo)
-        .args(["build", "--release", "-p", "saltpeter-wrapper"])
-        .current_dir(&root)
-        .status()
-        .context("running cargo build")?;
-    if !status.success() {
-        bail!("cargo build failed");
-    }
     let target =
         std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);
-    let bin = target.join("release/sp-wrapper");
+    let bin = match given {
+        Some(bin) => bin,
+        None => {
+            eprintln!("Building sp-wrapper (release)...");
+            let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+            let status = Command::new(cargo)
+                .args(["build", "--release", "-p", "saltpeter-wrapper"])
+                .current_dir(&root)
+                .status()
+                .context("running cargo build")?;
+            if !status.success() {
+                bail!("cargo build failed");
+            }
+            target.join("release/sp-wrapper")
+        }
+    };
     let scratch = target.join("bench-wrapper");
     std::fs::create_dir_all(&scratch)?;
 

@@ -17,6 +17,8 @@ use super::http;
 #[derive(Debug)]
 pub struct Master {
     child: Child,
+    /// The `sp-master` binary: the debug build, or a release build under test (`dist`).
+    bin: PathBuf,
     pub api: SocketAddr,
     /// The machines endpoint as bound.
     pub machines: SocketAddr,
@@ -45,6 +47,11 @@ pub fn binary(name: &str) -> PathBuf {
 impl Master {
     /// Writes `files` (name, YAML) into a fresh config directory under `dir` and starts a master.
     pub fn start(dir: &Path, files: &[(&str, String)]) -> Result<Self> {
+        Self::start_binary(&binary("sp-master"), dir, files)
+    }
+
+    /// [`Master::start`] with another `sp-master` binary.
+    pub fn start_binary(bin: &Path, dir: &Path, files: &[(&str, String)]) -> Result<Self> {
         let conf = dir.join("conf");
         fs::create_dir_all(&conf)?;
         for (name, text) in files {
@@ -53,9 +60,10 @@ impl Master {
                 text.replace("@DIR@", &dir.to_string_lossy()),
             )?;
         }
-        let child = spawn(dir, &conf)?;
+        let child = spawn(bin, dir, &conf)?;
         let mut master = Self {
             child,
+            bin: bin.to_owned(),
             api: "127.0.0.1:1".parse()?,
             machines: "127.0.0.1:1".parse()?,
             dir: dir.to_owned(),
@@ -132,7 +140,7 @@ impl Master {
     /// Starts the master again on the same directories (after [`Master::kill9`]).
     pub fn relaunch(&mut self) -> Result<()> {
         let _ = fs::remove_file(self.dir.join("ready.json"));
-        self.child = spawn(&self.dir, &self.conf)?;
+        self.child = spawn(&self.bin, &self.dir, &self.conf)?;
         self.wait_ready()
     }
 
@@ -193,12 +201,12 @@ impl Drop for Master {
 }
 
 /// Starts `sp-master` on `conf`, appending its output to `<dir>/master.log`.
-fn spawn(dir: &Path, conf: &Path) -> Result<Child> {
+fn spawn(bin: &Path, dir: &Path, conf: &Path) -> Result<Child> {
     let log = fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(dir.join("master.log"))?;
-    Command::new(binary("sp-master"))
+    Command::new(bin)
         .arg("-c")
         .arg(conf)
         .arg("--ready-file")

@@ -6,7 +6,7 @@ mod access;
 mod browser;
 mod flood;
 mod http;
-mod master;
+pub mod master;
 mod restart;
 mod salt_env;
 mod salt_identity;

@@ -11,11 +11,17 @@
 //!   `salt-key -A -y` once they are pending.
 //! - Minion ids are `minion-a`, `minion-b`, `minion-c`, never the host name, so a wrapper that
 //!   reported the host name instead of its minion id would be rejected.
+//! - The master serves the repository's Salt formula (`salt/saltpeter`) from its `file_roots`,
+//!   with the debug `sp-wrapper` of this build as the release file
+//!   `saltpeter/files/<version>/<arch>/sp-wrapper` and its `SHA256SUMS`, and a pillar that puts
+//!   each minion's wrapper in the minion's own directory ([`SaltEnv::wrapper_install_path`]).
+//!   The scenarios deploy it with `state.apply saltpeter.wrapper` before any job runs.
 //! - All three minions share this host, where separate machines would each have their own
 //!   `/tmp` lock and log directory. The jobs' `wrapper_path` is therefore a two-line shim
 //!   ([`SaltEnv::wrapper_shim`]) that points `SP_LOCKFILE` and `SP_WRAPPER_LOGDIR` into the
 //!   minion's own directory (by `SP_MACHINE_ID`, which the Salt launcher sets) and then execs
-//!   `sp-wrapper`. The launcher itself is not told about this: it is test plumbing only.
+//!   the wrapper the formula installed there. The launcher itself is not told about this: it is
+//!   test plumbing only.
 //! - Each daemon is started in its own process group; teardown sends SIGTERM to the daemon's
 //!   PID, waits, then SIGKILL to that group (Salt forks workers; they are ours too).
 
@@ -261,6 +267,7 @@ impl SaltEnv {
         }
         let master_conf = dir.join("master/conf");
         fs::create_dir_all(&master_conf)?;
+        write_file_roots(dir)?;
         let d = dir.display();
         let sockets = socket_dir();
         let _ = fs::remove_dir_all(&sockets);
@@ -274,7 +281,8 @@ impl SaltEnv {
                 "root_dir: {socks}/master\nconf_file: {d}/master/conf/master\ninterface: 127.0.0.1\n\
                  publish_port: {publish}\nret_port: {ret}\nuser: root\nauto_accept: false\n\
                  worker_threads: 3\ngather_job_timeout: 3\nlog_file: {d}/master/master.log\n\
-                 log_level_logfile: info\n"
+                 log_level_logfile: info\n\
+                 file_roots:\n  base:\n    - {d}/file_roots\npillar_roots:\n  base:\n    - {d}/pillar\n"
             ),
         )?;
         let master = Daemon::spawn(
@@ -441,7 +449,7 @@ impl SaltEnv {
                  mine={d}/$SP_MACHINE_ID\n\
                  export SP_LOCKFILE=\"$mine/lock/$(basename \"${{SP_LOCKFILE:-sp_wrapper_$SP_JOB_NAME.lock}}\")\"\n\
                  export SP_WRAPPER_LOGDIR=\"$mine/wlog\"\n\
-                 exec {program}\n"
+                 exec {program} \"$@\"\n"
             ),
         )?;
         use std::os::unix::fs::PermissionsExt;
@@ -449,10 +457,74 @@ impl SaltEnv {
         Ok(path)
     }
 
-    /// The shim for our own wrapper.
+    /// The shim for our own wrapper: the one `state.apply saltpeter.wrapper` installed for the
+    /// minion (until then, the shim fails as a missing wrapper would).
     pub fn sp_wrapper_shim(&self) -> Result<PathBuf> {
-        self.wrapper_shim("sp-wrapper-shim", &binary("sp-wrapper").to_string_lossy())
+        let installed = self
+            .dir
+            .join("$SP_MACHINE_ID/bin/sp-wrapper")
+            .to_string_lossy()
+            .into_owned();
+        self.wrapper_shim("sp-wrapper-shim", &installed)
     }
+
+    /// Where the formula installs `id`'s wrapper (the pillar's `saltpeter:wrapper:path`).
+    pub fn wrapper_install_path(&self, id: &str) -> PathBuf {
+        self.dir.join(id).join("bin/sp-wrapper")
+    }
+}
+
+/// The version directory of the release files: the workspace's version, as in a release.
+pub const RELEASE_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// The master's `file_roots` (the formula, with this build's `sp-wrapper` as the release file
+/// for this host's architecture and its `SHA256SUMS`) and `pillar_roots` (each minion's wrapper
+/// and wrapper log in its own directory, at [`RELEASE_VERSION`]).
+fn write_file_roots(dir: &Path) -> Result<()> {
+    let roots = dir.join("file_roots");
+    copy_tree(
+        &workspace_root().join("salt/saltpeter"),
+        &roots.join("saltpeter"),
+    )?;
+    let files = roots.join("saltpeter/files").join(RELEASE_VERSION);
+    let arch = std::env::consts::ARCH;
+    fs::create_dir_all(files.join(arch))?;
+    fs::copy(binary("sp-wrapper"), files.join(arch).join("sp-wrapper"))
+        .context("copying sp-wrapper into file_roots")?;
+    let sums = Command::new("sha256sum")
+        .arg(format!("{arch}/sp-wrapper"))
+        .current_dir(&files)
+        .output()
+        .context("sha256sum")?;
+    ensure!(sums.status.success(), "sha256sum failed");
+    fs::write(files.join("SHA256SUMS"), &sums.stdout)?;
+    let pillar = dir.join("pillar");
+    fs::create_dir_all(&pillar)?;
+    fs::write(pillar.join("top.sls"), "base:\n  '*':\n    - saltpeter\n")?;
+    let d = dir.display();
+    fs::write(
+        pillar.join("saltpeter.sls"),
+        format!(
+            "saltpeter:\n  version: '{RELEASE_VERSION}'\n  wrapper:\n    \
+             path: {d}/{{{{ grains['id'] }}}}/bin/sp-wrapper\n    \
+             logdir: {d}/{{{{ grains['id'] }}}}/wlog\n"
+        ),
+    )?;
+    Ok(())
+}
+
+fn copy_tree(from: &Path, to: &Path) -> Result<()> {
+    fs::create_dir_all(to)?;
+    for entry in fs::read_dir(from).with_context(|| format!("reading {}", from.display()))? {
+        let entry = entry?;
+        let dest = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_tree(&entry.path(), &dest)?;
+        } else {
+            fs::copy(entry.path(), &dest)?;
+        }
+    }
+    Ok(())
 }
 
 impl Drop for SaltEnv {

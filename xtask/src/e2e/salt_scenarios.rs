@@ -13,6 +13,12 @@
 //! - `nosalt`: a Salt config whose salt-master is not running, so every failure path reports
 //!   Salt's own words.
 //!
+//! Before any job runs, the wrapper is deployed the way a fleet gets it: `state.apply
+//! saltpeter.wrapper` of the repository's formula, from the salt-master's file server. A second
+//! apply must change nothing, and `sp-master fleet` must report every minion missing its wrapper
+//! before the first apply and current (this master's version, its machines port reachable)
+//! after it.
+//!
 //! The scenarios run in [`LANES`] concurrent lanes, then the stopped-minion scenario alone,
 //! since stopping `minion-c` changes every other scenario's targets. Lanes rather than one
 //! thread per scenario: every `salt` call is a Python process that needs about a second of CPU
@@ -29,8 +35,8 @@ use anyhow::{Context, Result, ensure};
 use serde_json::Value;
 
 use super::Outcome;
-use super::master::{Master, machine, target_dir};
-use super::salt_env::{MINIONS, SaltEnv, ensure_venv};
+use super::master::{Master, binary, machine, target_dir};
+use super::salt_env::{MINIONS, RELEASE_VERSION, SaltEnv, ensure_venv};
 
 /// A job that never fires by itself; scenarios start runs through the API.
 fn job(name: &str, body: &str) -> String {
@@ -222,6 +228,20 @@ pub fn salt() -> Result<Vec<Outcome>> {
         ],
     )?;
 
+    let mut outcomes: Vec<Outcome> = vec![("salt: set-up".to_owned(), Ok(setup))];
+    outcomes.push((
+        "salt: sp-master fleet before the formula: every minion missing its wrapper".to_owned(),
+        fleet(&main, false),
+    ));
+    outcomes.push((
+        "salt: state.apply saltpeter.wrapper installs the wrapper; a re-apply changes nothing"
+            .to_owned(),
+        deploy(&salt),
+    ));
+    outcomes.push((
+        "salt: sp-master fleet after the formula: every minion current and reachable".to_owned(),
+        fleet(&main, true),
+    ));
     let (m, mt, ns, op) = (&main, &maint, &nosalt, &operator);
     let secret_ref = secret.as_str();
     let roots = salt.roots.clone();
@@ -280,7 +300,6 @@ pub fn salt() -> Result<Vec<Outcome>> {
             Box::new(move || operator_certificate(op)),
         ),
     ];
-    let mut outcomes: Vec<Outcome> = vec![("salt: set-up".to_owned(), Ok(setup))];
     outcomes.extend(run_all(phase1));
     let stopped = stopped_minion(&main, &mut salt);
     outcomes.push(("salt: a stopped minion gets 255".to_owned(), stopped));
@@ -903,5 +922,148 @@ fn stopped_minion(m: &Master, salt: &mut SaltEnv) -> Result<String> {
         "minion-c: {:?}; {}",
         output.trim_end(),
         figures(&w)
+    ))
+}
+
+/// Every state of one minion's `state.apply` reply: (id, result, whether it changed anything).
+fn states(reply: &Value, id: &str) -> Result<Vec<(String, bool, bool)>> {
+    let map = reply[id]
+        .as_object()
+        .with_context(|| format!("{id}: no state results: {}", reply[id]))?;
+    Ok(map
+        .iter()
+        .map(|(key, state)| {
+            let changed = state["changes"].as_object().is_some_and(|c| !c.is_empty());
+            (key.clone(), state["result"] == true, changed)
+        })
+        .collect())
+}
+
+/// `state.apply saltpeter.wrapper` on every minion: the first apply installs this build's
+/// wrapper where the pillar says, a second one reports no change.
+fn deploy(salt: &SaltEnv) -> Result<String> {
+    let apply = || -> Result<(Value, Duration)> {
+        let started = Instant::now();
+        let (reply, stderr) =
+            salt.salt(&["-t", "120", "minion-*", "state.apply", "saltpeter.wrapper"])?;
+        for (id, _) in MINIONS {
+            let all = states(&reply, id).with_context(|| format!("stderr: {stderr}"))?;
+            if let Some((key, ..)) = all.iter().find(|(_, ok, _)| !ok) {
+                anyhow::bail!("{id}: state {key} failed: {}", reply[id][key]);
+            }
+        }
+        Ok((reply, started.elapsed()))
+    };
+    let (first, first_took) = apply()?;
+    let wrapper = std::fs::read(binary("sp-wrapper"))?;
+    for (id, _) in MINIONS {
+        let changed: Vec<String> = states(&first, id)?
+            .into_iter()
+            .filter(|(_, _, changed)| *changed)
+            .map(|(key, ..)| key)
+            .collect();
+        ensure!(
+            changed.iter().any(|k| k.contains("sp-wrapper_|-")),
+            "{id}: the first apply did not install the wrapper (changed: {changed:?})"
+        );
+        let path = salt.wrapper_install_path(id);
+        ensure!(
+            std::fs::read(&path).is_ok_and(|b| b == wrapper),
+            "{id}: {} is not this build's sp-wrapper",
+            path.display()
+        );
+    }
+    let (second, second_took) = apply()?;
+    for (id, _) in MINIONS {
+        let changed: Vec<String> = states(&second, id)?
+            .into_iter()
+            .filter(|(_, _, changed)| *changed)
+            .map(|(key, ..)| key)
+            .collect();
+        ensure!(changed.is_empty(), "{id}: the re-apply changed {changed:?}");
+    }
+    let count = states(&first, "minion-a")?.len();
+    Ok(format!(
+        "{count} states per minion; first apply {:.1} s (wrapper and log dir created, checksum verified), \
+         re-apply {:.1} s with no changes",
+        first_took.as_secs_f64(),
+        second_took.as_secs_f64()
+    ))
+}
+
+/// `sp-master fleet --json` against the main master's configuration: before the formula every
+/// minion lacks the wrapper (exit 1); after it every minion runs this build and reaches the
+/// machines port (exit 0).
+fn fleet(m: &Master, deployed: bool) -> Result<String> {
+    let started = Instant::now();
+    let out = Command::new(binary("sp-master"))
+        .arg("fleet")
+        .arg("-c")
+        .arg(&m.conf)
+        .args(["--json", "-t", "20", "--target", "minion-*"])
+        .output()?;
+    let took = started.elapsed();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let report: Value = serde_json::from_str(&stdout).with_context(|| {
+        format!(
+            "fleet printed no JSON ({}): {stdout} {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })?;
+    let summary = &report["summary"];
+    let ids = serde_json::json!(MINIONS.iter().map(|(id, _)| *id).collect::<Vec<_>>());
+    ensure!(summary["total"] == 3, "{report}");
+    let arch = std::env::consts::ARCH;
+    for (id, _) in MINIONS {
+        let minion = &report["minions"][id];
+        ensure!(minion["arch"] == arch, "{id}: arch {}", minion["arch"]);
+        ensure!(minion["reachable"] == true, "{id}: {minion}");
+    }
+    if deployed {
+        ensure!(
+            out.status.code() == Some(0),
+            "fleet exited {}: {report}",
+            out.status
+        );
+        ensure!(summary["current"] == ids, "{report}");
+        for (id, _) in MINIONS {
+            let minion = &report["minions"][id];
+            ensure!(
+                minion["wrapper_version"] == RELEASE_VERSION,
+                "{id}: {minion}"
+            );
+            ensure!(
+                minion["wrapper_commit"] == report["master"]["commit"],
+                "{id}: {minion}"
+            );
+        }
+        // The table people read, for the log.
+        let text = Command::new(binary("sp-master"))
+            .arg("fleet")
+            .arg("-c")
+            .arg(&m.conf)
+            .args(["-t", "20", "--target", "minion-*"])
+            .output()?;
+        eprintln!(
+            "sp-master fleet after the formula:\n{}",
+            String::from_utf8_lossy(&text.stdout)
+        );
+    } else {
+        ensure!(
+            out.status.code() == Some(1),
+            "fleet exited {}: {report}",
+            out.status
+        );
+        ensure!(summary["missing"] == ids, "{report}");
+        ensure!(summary["current"] == serde_json::json!([]), "{report}");
+    }
+    Ok(format!(
+        "{:.1} s; current {}, missing {}, cut off {}; minion-a: {}",
+        took.as_secs_f64(),
+        summary["current"],
+        summary["missing"],
+        summary["cut_off"],
+        report["minions"]["minion-a"]
     ))
 }

@@ -7,6 +7,7 @@
 //! failed (`run --follow` exits with the first failing machine's code, e.g. 143 for a kill),
 //! 2 when the master cannot be reached (from `main`).
 
+pub mod fleet;
 pub mod http;
 
 use std::collections::BTreeMap;

@@ -370,7 +370,7 @@ fn check_lines(args: &[String], what: &'static str) -> Result<(), SaltError> {
 }
 
 /// A word for the shell-like splitting `cmd.run_all` does with `python_shell=False`.
-fn shell_word(s: &str) -> String {
+pub fn shell_word(s: &str) -> String {
     let plain = !s.is_empty()
         && s.chars()
             .all(|c| c.is_ascii_alphanumeric() || "/._-+:@%,=".contains(c));
@@ -383,7 +383,7 @@ fn shell_word(s: &str) -> String {
 
 /// A keyword argument's value.
 #[derive(Debug, Clone, Copy)]
-enum Kw<'a> {
+pub enum Kw<'a> {
     Str(&'a str),
     Map(&'a [(String, String)]),
     Bool(bool),
@@ -392,7 +392,7 @@ enum Kw<'a> {
 
 /// One YAML flow mapping with every keyword argument and `__kwarg__: true`, which Salt's CLI
 /// turns into a dict and the minion's loader into keyword arguments. Pure ASCII, one line.
-fn kwarg_map(kwargs: &[(&str, Kw<'_>)]) -> String {
+pub fn kwarg_map(kwargs: &[(&str, Kw<'_>)]) -> String {
     let mut out = String::from("{");
     for (name, value) in kwargs {
         yaml_str(&mut out, name);
