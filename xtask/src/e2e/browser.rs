@@ -207,6 +207,11 @@ impl Driver {
         .collect::<Vec<_>>();
         let caps = json!({ "capabilities": { "alwaysMatch": {
             "browserName": "chrome",
+            // Navigation returns at once and the scenario polls for what it needs: the page
+            // opens a prompt while it loads, and waiting for a load that a prompt holds up
+            // has left chromedriver without an answer on a busy machine.
+            "pageLoadStrategy": "none",
+            "unhandledPromptBehavior": "ignore",
             "goog:chromeOptions": { "binary": CHROMIUM, "args": args },
         }}});
         let (_, r) = wd_request(addr, "POST", "/session", Some(&caps))?;
@@ -320,7 +325,7 @@ pub fn scenarios() -> Vec<super::Outcome> {
     vec![
         (
             "dashboard in headless Chromium with a token: run, live output, kill, 143".to_owned(),
-            dashboard(&master, &token),
+            dashboard_with_one_retry(&master, &token),
         ),
         (
             "sp-master run --follow exits with the job's code".to_owned(),
@@ -328,6 +333,23 @@ pub fn scenarios() -> Vec<super::Outcome> {
         ),
     ]
 }
+
+/// The browser scenario, tried a second time with a fresh browser when the first browser
+/// stopped answering WebDriver: that is the browser's trouble on a loaded machine, not the
+/// dashboard's, and the result says so. Any other failure stands.
+fn dashboard_with_one_retry(master: &Master, token: &str) -> Result<String> {
+    match dashboard(master, token) {
+        Err(first) if format!("{first:#}").contains(NO_ANSWER) => {
+            let second = dashboard(master, token)?;
+            Ok(format!(
+                "{second} (second browser; the first stopped answering: {first:#})"
+            ))
+        }
+        other => other,
+    }
+}
+
+const NO_ANSWER: &str = "no answer within 60 s";
 
 /// The browser scenario.
 pub fn dashboard(master: &Master, token: &str) -> Result<String> {
@@ -480,7 +502,7 @@ fn wd_request(
     loop {
         let n = stream
             .read(&mut buf)
-            .with_context(|| format!("WebDriver {method} {path}: no answer within 60 s"))?;
+            .with_context(|| format!("WebDriver {method} {path}: {NO_ANSWER}"))?;
         if n == 0 {
             break;
         }
