@@ -64,7 +64,9 @@ pub fn run(_args: &[String]) -> Result<()> {
     } else {
         step(
             "cargo test",
-            cargo().args(["test", "--workspace", "--no-fail-fast"]),
+            cargo()
+                .args(["test", "--workspace", "--no-fail-fast"])
+                .env("CI", "true"),
         )?;
     }
     crate::e2e::run(&[])?;

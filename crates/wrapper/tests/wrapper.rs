@@ -578,6 +578,12 @@ async fn a_refusal_during_the_run_keeps_all_output_locally_and_never_reconnects(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runs_as_sp_user_with_its_uid_gid_groups_and_environment() {
     if !nix::unistd::Uid::effective().is_root() {
+        // CI runs as root, so there the privilege drop is always exercised; a developer's
+        // unprivileged run can only say it did not.
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must run this test as root: it is the proof that the privilege drop works"
+        );
         eprintln!("skipped: needs root to switch users");
         return;
     }

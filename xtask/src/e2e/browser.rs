@@ -9,7 +9,6 @@
 //! are missing and we are root they are installed with apt-get first.
 
 use std::fs;
-use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -18,6 +17,7 @@ use std::thread::sleep;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
+use base64::Engine as _;
 use serde_json::{Value, json};
 
 use super::master::{Master, binary, target_dir};
@@ -310,7 +310,9 @@ impl Driver {
 
     fn screenshot(&self, path: &Path) -> Result<usize> {
         let b64 = self.call("GET", "/screenshot", None)?;
-        let png = base64_decode(b64.as_str().context("no screenshot")?)?;
+        let png = base64::engine::general_purpose::STANDARD
+            .decode(b64.as_str().context("no screenshot")?)
+            .context("a screenshot that is not base64")?;
         fs::write(path, &png)?;
         Ok(png.len())
     }
@@ -481,79 +483,38 @@ fn shot_path() -> PathBuf {
     target_dir().join("e2e").join("dashboard-run.png")
 }
 
-/// One WebDriver request. chromedriver keeps connections open, so the body is read by its
-/// `Content-Length` rather than to the end of the stream.
+/// One WebDriver request through the project's HTTP client; every status is an answer.
 fn wd_request(
     addr: SocketAddr,
     method: &str,
     path: &str,
     body: Option<&Value>,
 ) -> Result<(u16, Value)> {
-    let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-    stream.set_read_timeout(Some(Duration::from_secs(60)))?;
-    let payload = body.map(Value::to_string).unwrap_or_default();
-    write!(
-        stream,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{payload}",
-        payload.len()
-    )?;
-    let mut raw = Vec::new();
-    let mut buf = [0u8; 64 * 1024];
-    loop {
-        let n = stream
-            .read(&mut buf)
-            .with_context(|| format!("WebDriver {method} {path}: {NO_ANSWER}"))?;
-        if n == 0 {
-            break;
-        }
-        raw.extend_from_slice(&buf[..n]);
-        if let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&raw[..end]).to_ascii_lowercase();
-            let length = head
-                .lines()
-                .find_map(|l| l.strip_prefix("content-length:"))
-                .and_then(|v| v.trim().parse::<usize>().ok());
-            if length.is_some_and(|len| raw.len() >= end + 4 + len) {
-                break;
-            }
-        }
-    }
-    let end = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .context("malformed WebDriver response")?;
-    let head = String::from_utf8_lossy(&raw[..end]);
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .context("no HTTP status from chromedriver")?;
-    let value = serde_json::from_slice(&raw[end + 4..]).unwrap_or(Value::Null);
-    Ok((status, value))
-}
-
-/// Standard base64 (with padding), as WebDriver screenshots come.
-fn base64_decode(text: &str) -> Result<Vec<u8>> {
-    let mut out = Vec::with_capacity(text.len() * 3 / 4);
-    let mut acc = 0u32;
-    let mut bits = 0;
-    for c in text.bytes() {
-        let v = match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a' + 26,
-            b'0'..=b'9' => c - b'0' + 52,
-            b'+' => 62,
-            b'/' => 63,
-            b'=' | b'\n' | b'\r' => continue,
-            _ => bail!("not base64: {:?}", c as char),
-        };
-        acc = (acc << 6) | u32::from(v);
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((acc >> bits) as u8);
-            acc &= (1 << bits) - 1;
-        }
-    }
-    Ok(out)
+    static AGENT: std::sync::OnceLock<ureq::Agent> = std::sync::OnceLock::new();
+    let agent = AGENT.get_or_init(|| {
+        ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_connect(Some(Duration::from_secs(5)))
+            .timeout_global(Some(Duration::from_secs(60)))
+            .build()
+            .into()
+    });
+    let url = format!("http://{addr}{path}");
+    let request = ureq::http::Request::builder()
+        .method(method)
+        .uri(&url)
+        .header("Content-Type", "application/json")
+        .body(body.map(Value::to_string).unwrap_or_default())
+        .with_context(|| format!("building WebDriver {method} {path}"))?;
+    let mut response = agent
+        .run(request)
+        .with_context(|| format!("WebDriver {method} {path}: {NO_ANSWER}"))?;
+    let status = response.status().as_u16();
+    let text = response
+        .body_mut()
+        .with_config()
+        .limit(64 * 1024 * 1024)
+        .read_to_string()
+        .with_context(|| format!("WebDriver {method} {path}: {NO_ANSWER}"))?;
+    Ok((status, serde_json::from_str(&text).unwrap_or(Value::Null)))
 }

@@ -1,8 +1,7 @@
 //! Requests to the master's JSON API from scenarios and benchmarks, through the project's one
 //! HTTP client (ureq, as the CLI and the log shipper use it).
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -84,10 +83,9 @@ pub fn post(addr: SocketAddr, path: &str) -> Result<Response> {
     request(addr, "POST", path, None)
 }
 
-/// Raw, over plain TCP: a scenario that must send a `Host` of its choosing (the rebinding
-/// checks) cannot leave the header to the client library.
-/// Sends one request with extra header lines (`Name: value`; a `Host` line replaces the
-/// default) and returns the response with its header block.
+/// Sends one request with extra header lines (`Name: value`) and returns the response with
+/// its header block (`HTTP/1.1 status` and `name: value` lines). A `Host` line replaces the
+/// default: the rebinding checks send a `Host` of their choosing, and the client keeps it.
 pub fn exchange(
     addr: SocketAddr,
     method: &str,
@@ -95,65 +93,40 @@ pub fn exchange(
     body: Option<&Value>,
     headers: &[String],
 ) -> Result<(Response, String)> {
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
-        .with_context(|| format!("connecting to {addr}"))?;
-    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
-    let payload = body.map(Value::to_string).unwrap_or_default();
-    let host = headers
-        .iter()
-        .find(|h| h.to_ascii_lowercase().starts_with("host:"))
-        .cloned()
-        .unwrap_or_else(|| format!("Host: {addr}"));
-    let extra: String = headers
-        .iter()
-        .filter(|h| !h.to_ascii_lowercase().starts_with("host:"))
-        .map(|h| format!("{h}\r\n"))
-        .collect();
-    write!(
-        stream,
-        "{method} {path} HTTP/1.1\r\n{host}\r\n{extra}Connection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{payload}",
-        payload.len()
-    )?;
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw)?;
-    let text = String::from_utf8_lossy(&raw);
-    let Some((head, body)) = text.split_once("\r\n\r\n") else {
-        bail!("malformed HTTP response from {addr}{path}: {text:?}");
-    };
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .with_context(|| format!("no status in {head:?}"))?;
-    let body = if head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
-        dechunk(body)
-    } else {
-        body.to_owned()
-    };
+    let url = format!("http://{addr}{path}");
+    let mut builder = ureq::http::Request::builder()
+        .method(method)
+        .uri(&url)
+        .header("Content-Type", "application/json");
+    for line in headers {
+        let (name, value) = line
+            .split_once(':')
+            .with_context(|| format!("not a header line: {line:?}"))?;
+        builder = builder.header(name.trim(), value.trim());
+    }
+    let request = builder
+        .body(body.map(Value::to_string).unwrap_or_default())
+        .with_context(|| format!("building {method} {url}"))?;
+    let mut response = agent()
+        .run(request)
+        .with_context(|| format!("{method} {url}"))?;
+    let status = response.status().as_u16();
+    let mut head = format!("HTTP/1.1 {status}");
+    for (name, value) in response.headers() {
+        head.push_str(&format!(
+            "\r\n{name}: {}",
+            String::from_utf8_lossy(value.as_bytes())
+        ));
+    }
+    let text = response
+        .body_mut()
+        .read_to_string()
+        .with_context(|| format!("reading the answer to {method} {url}"))?;
     Ok((
         Response {
             status,
-            body: serde_json::from_str(&body).unwrap_or(Value::Null),
+            body: serde_json::from_str(&text).unwrap_or(Value::Null),
         },
-        head.to_owned(),
+        head,
     ))
-}
-
-/// Joins the pieces of a chunked body.
-fn dechunk(mut body: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, rest)) = body.split_once("\r\n") {
-        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
-            break;
-        };
-        if n == 0 || rest.len() < n {
-            break;
-        }
-        out.push_str(&rest[..n]);
-        body = rest[n..].trim_start_matches("\r\n");
-    }
-    out
 }
