@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use proptest::prelude::*;
-use saltpeter_master::config::{
+use saltpeter_config::{
     Config, ConfigProblem, ConfigWatcher, DirLoader, Launcher, ScanMode, Section, Severity,
     TargetType, Targets, WatchOptions, check_dir, next_fire_times,
 };

@@ -7,14 +7,14 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use saltpeter_master::clock::Clock;
-use saltpeter_master::config::{Config, JobSpec};
-use saltpeter_master::engine::{ApiRequest, Engine, EngineHandle, EngineParts, StoreParts};
-use saltpeter_master::joblog::JobLog;
-use saltpeter_master::launch::{
+use saltpeter_config::{Config, JobSpec};
+use saltpeter_engine::clock::Clock;
+use saltpeter_engine::launch::{
     BoxFuture, DirectOutcome, DirectResult, Launcher, Resolution, StartOutcome, StartRequest,
 };
-use saltpeter_master::store::Store;
+use saltpeter_engine::{ApiRequest, Engine, EngineHandle, EngineParts, StoreParts};
+use saltpeter_joblog::JobLog;
+use saltpeter_store::Store;
 use serde_json::Value;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -102,7 +102,7 @@ impl Running {
             .engine
             .ask(|reply| ApiRequest::RunNow {
                 job,
-                by: saltpeter_master::audit::Actor::remote("tester", None),
+                by: saltpeter_store::audit::Actor::remote("tester", None),
                 reply,
             })
             .await

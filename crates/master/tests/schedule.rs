@@ -8,7 +8,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use proptest::prelude::*;
-use saltpeter_master::schedule::{Field, Schedule, ScheduleError, ScheduleFields};
+use saltpeter_config::schedule::{Field, Schedule, ScheduleError, ScheduleFields};
 use time::macros::datetime;
 use time::{Duration, OffsetDateTime};
 
