@@ -5,6 +5,7 @@
 //! `cargo xtask dist` passes the commit in the `SP_GIT_COMMIT` environment variable, so a release
 //! build says which commit it is even where no `.git` exists (a source tarball); otherwise git is
 //! asked, and a tree without git says `unknown`.
+#![warn(unreachable_pub)] // TEMP-SPLIT
 
 use std::process::Command;
 

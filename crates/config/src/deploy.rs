@@ -11,7 +11,7 @@ use super::{Config, JobSpec};
 
 /// Whether a wrapper command looks like the original Python wrapper: its program or any word
 /// ends in `.py`, or it is run through a Python interpreter.
-pub fn looks_like_python_wrapper(command: &str) -> bool {
+pub(crate) fn looks_like_python_wrapper(command: &str) -> bool {
     command.split_whitespace().any(|word| {
         let name = word.rsplit('/').next().unwrap_or(word);
         name.ends_with(".py") || name == "python" || name.starts_with("python3")
@@ -74,7 +74,7 @@ pub(crate) fn legacy_wrapper_warnings<'a>(
 
 /// What `sp-master check` reports beyond the loader's problems: reasons the master would
 /// refuse to start, and users the local launcher cannot run jobs as on this host.
-pub fn start_up_problems(config: &Config) -> Vec<ConfigProblem> {
+pub(crate) fn start_up_problems(config: &Config) -> Vec<ConfigProblem> {
     let mut out = Vec::new();
     if let Some(why) = config.settings.exposure_problem() {
         out.push(ConfigProblem::at(

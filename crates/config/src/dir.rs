@@ -27,9 +27,9 @@ use super::settings::{PartialSettings, Settings, parse_settings};
 const MAX_FILE_BYTES: u64 = 16 * 1024 * 1024;
 
 /// The top-level key of the settings block.
-pub const SETTINGS_KEY: &str = "saltpeter_config";
+pub(crate) const SETTINGS_KEY: &str = "saltpeter_config";
 /// The top-level key of the maintenance block.
-pub const MAINTENANCE_KEY: &str = "saltpeter_maintenance";
+pub(crate) const MAINTENANCE_KEY: &str = "saltpeter_maintenance";
 
 /// How thoroughly [`DirLoader::scan`] looks at files.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -121,7 +121,7 @@ fn problem_id(p: &ConfigProblem) -> ProblemId {
 
 /// Whether a directory entry is a config file: `*.yaml` or `*.yml`, not an editor's hidden,
 /// backup or swap file.
-pub fn is_config_file_name(name: &str) -> bool {
+pub(crate) fn is_config_file_name(name: &str) -> bool {
     let lower = name.to_ascii_lowercase();
     let has_ext = lower.ends_with(".yaml") || lower.ends_with(".yml");
     let stem_len = lower.rfind('.').unwrap_or(0);
@@ -129,7 +129,7 @@ pub fn is_config_file_name(name: &str) -> bool {
 }
 
 /// The group of a job file: its name without `.yaml`/`.yml`.
-pub fn group_of(name: &str) -> &str {
+pub(crate) fn group_of(name: &str) -> &str {
     name.rfind('.').map_or(name, |i| &name[..i])
 }
 

@@ -21,6 +21,7 @@
 //!
 //! Entry points for the binary: [`check_dir`] (`sp-master check`), [`next_fire_times`]
 //! (`sp-master next`), [`watch::ConfigWatcher`] (the running master).
+#![warn(unreachable_pub)] // TEMP-SPLIT
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -29,16 +30,16 @@ use std::sync::Arc;
 use time::OffsetDateTime;
 
 pub mod access;
-pub mod deploy;
-pub mod dir;
+mod deploy;
+mod dir;
 pub mod job;
-pub mod limits;
-pub mod maintenance;
-pub mod problem;
-pub mod raw;
+mod limits;
+mod maintenance;
+mod problem;
+mod raw;
 pub mod schedule;
 pub mod settings;
-pub mod watch;
+mod watch;
 
 pub use access::{Access, Role};
 pub use dir::{DirLoader, LoadOutcome, ScanMode};

@@ -43,7 +43,7 @@ pub struct Pos {
 
 /// A YAML value with its position.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Node {
+pub(crate) struct Node {
     /// The value.
     pub value: Value,
     /// Where it starts.
@@ -53,7 +53,7 @@ pub struct Node {
 /// A YAML value. Mappings keep every entry in file order, duplicates included, so that the
 /// caller can warn about them.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Value {
+pub(crate) enum Value {
     /// `~`, `null` or nothing.
     Null,
     /// `true`/`false` (YAML 1.2 spellings only).
@@ -72,7 +72,7 @@ pub enum Value {
 
 impl Value {
     /// A short name of the value's type, for error messages.
-    pub fn kind(&self) -> &'static str {
+    pub(crate) fn kind(&self) -> &'static str {
         match self {
             Value::Null => "nothing (null)",
             Value::Bool(_) => "a boolean",
@@ -117,7 +117,7 @@ fn python_float(x: f64) -> String {
 
 impl Node {
     /// The text of a scalar the way the original `str()`-converts it; `None` for collections.
-    pub fn scalar_text(&self) -> Option<String> {
+    pub(crate) fn scalar_text(&self) -> Option<String> {
         match &self.value {
             Value::Seq(_) | Value::Map(_) => None,
             other => Some(other.to_string()),
@@ -126,7 +126,7 @@ impl Node {
 
     /// A boolean, accepting YAML 1.1 spellings case-insensitively (`yes`/`no`/`on`/`off`/
     /// `true`/`false`).
-    pub fn as_bool(&self) -> Result<bool, String> {
+    pub(crate) fn as_bool(&self) -> Result<bool, String> {
         match &self.value {
             Value::Bool(b) => Ok(*b),
             Value::Str(s) => match s.to_ascii_lowercase().as_str() {
@@ -139,7 +139,7 @@ impl Node {
     }
 
     /// A non-negative whole number; digit-only text counts (so `010` is ten).
-    pub fn as_count(&self, what: &str) -> Result<u64, String> {
+    pub(crate) fn as_count(&self, what: &str) -> Result<u64, String> {
         match &self.value {
             Value::Int(i) => u64::try_from(*i).map_err(|_| format!("expected {what}, got {i}")),
             Value::Str(s) if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) => s
@@ -152,7 +152,7 @@ impl Node {
     }
 
     /// Text from a text or number scalar (numbers become their decimal text).
-    pub fn as_text(&self) -> Result<String, String> {
+    pub(crate) fn as_text(&self) -> Result<String, String> {
         match &self.value {
             Value::Str(s) => Ok(s.clone()),
             Value::Int(_) | Value::Float(_) => Ok(self.value.to_string()),
@@ -161,7 +161,7 @@ impl Node {
     }
 
     /// The node as JSON, for the UI's view of the file.
-    pub fn to_json(&self) -> serde_json::Value {
+    pub(crate) fn to_json(&self) -> serde_json::Value {
         use serde_json::Value as J;
         match &self.value {
             Value::Null => J::Null,
@@ -186,7 +186,7 @@ impl Node {
     }
 
     /// A mapping key as text (non-text keys use their `str()` form).
-    pub fn key_text(&self) -> String {
+    pub(crate) fn key_text(&self) -> String {
         match &self.value {
             Value::Str(s) => s.clone(),
             Value::Seq(_) | Value::Map(_) => format!("<{}>", self.value.kind()),
@@ -197,7 +197,7 @@ impl Node {
 
 /// A file that is not valid YAML (or exceeds the parser's budgets).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SyntaxError {
+pub(crate) struct SyntaxError {
     /// Where the parser stopped, when it knows.
     pub pos: Option<Pos>,
     /// The parser's message without the source snippet.
@@ -205,10 +205,10 @@ pub struct SyntaxError {
 }
 
 /// How deeply collections may nest in a config file (a job's `env` map is at depth 3).
-pub const MAX_DEPTH: usize = 24;
+pub(crate) const MAX_DEPTH: usize = 24;
 
 /// Parses one file's text. Never panics; every failure is a [`SyntaxError`].
-pub fn parse_yaml(text: &str) -> Result<Node, SyntaxError> {
+pub(crate) fn parse_yaml(text: &str) -> Result<Node, SyntaxError> {
     let mut options = Options::default();
     // YAML 1.2 booleans only, so `yes`/`on` stay text where text is expected (an `env` value, a
     // command); boolean keys accept the 1.1 spellings themselves.

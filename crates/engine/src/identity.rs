@@ -86,7 +86,7 @@ pub enum IdentityError {
 /// The secret a machine of a [`Identity::MachineToken`] run presents: HMAC-SHA256 of the
 /// instance and machine under the run's secret, hex-encoded. The run's secret itself never
 /// leaves the master.
-pub fn machine_token(run_secret: &str, instance: &str, machine: &str) -> String {
+pub(crate) fn machine_token(run_secret: &str, instance: &str, machine: &str) -> String {
     let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, run_secret.as_bytes());
     let mut ctx = ring::hmac::Context::with_key(&key);
     ctx.update(b"saltpeter machine token v1\n");
@@ -100,7 +100,7 @@ pub fn machine_token(run_secret: &str, instance: &str, machine: &str) -> String 
 }
 
 /// A fresh random challenge, hex-encoded (256 bits).
-pub fn new_nonce() -> String {
+pub(crate) fn new_nonce() -> String {
     use rand::RngCore;
     let mut bytes = [0u8; 32];
     rand::rng().fill_bytes(&mut bytes);
@@ -108,7 +108,7 @@ pub fn new_nonce() -> String {
 }
 
 /// Compares secrets in time independent of their contents (the length may show).
-pub fn same_secret(a: &str, b: &str) -> bool {
+pub(crate) fn same_secret(a: &str, b: &str) -> bool {
     a.as_bytes().ct_eq(b.as_bytes()).into()
 }
 
@@ -123,7 +123,7 @@ fn hex(bytes: &[u8]) -> String {
 
 /// Where the Salt master keeps the accepted public key of `minion`. Refuses ids that would
 /// name anything but a file directly in `minions/`, as Salt itself does.
-pub fn minion_key_path(pki_dir: &Path, minion: &str) -> Result<PathBuf, IdentityError> {
+pub(crate) fn minion_key_path(pki_dir: &Path, minion: &str) -> Result<PathBuf, IdentityError> {
     let bad =
         minion.is_empty() || minion == "." || minion == ".." || minion.contains(['/', '\\', '\0']);
     if bad {
@@ -134,7 +134,7 @@ pub fn minion_key_path(pki_dir: &Path, minion: &str) -> Result<PathBuf, Identity
 
 /// Checks `signature` (base64) over `payload` with the public key the Salt master accepted
 /// for `minion`. Reads one small file: call it off the engine's thread.
-pub fn verify_minion_signature(
+pub(crate) fn verify_minion_signature(
     pki_dir: &Path,
     minion: &str,
     payload: &[u8],
@@ -155,7 +155,7 @@ pub fn verify_minion_signature(
 }
 
 /// Checks `signature` (base64) over `payload` with a PKCS#1 RSA public key.
-pub fn verify_signature(
+pub(crate) fn verify_signature(
     pkcs1_public_key: &[u8],
     minion: &str,
     payload: &[u8],
@@ -172,7 +172,7 @@ pub fn verify_signature(
 }
 
 /// The PKCS#1 `RSAPublicKey` in a PEM text, from either form Salt writes.
-pub fn rsa_public_key(pem_text: &str) -> Result<Vec<u8>, String> {
+pub(crate) fn rsa_public_key(pem_text: &str) -> Result<Vec<u8>, String> {
     let (label, der) = saltpeter_tls::pem_decode(pem_text)?;
     match label.as_str() {
         "RSA PUBLIC KEY" => Ok(der),

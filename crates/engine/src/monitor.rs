@@ -39,17 +39,17 @@ use super::Engine;
 use crate::runs::MachineRun;
 
 /// How often an unconfirmed `kill` is repeated.
-pub const KILL_RESEND: Duration = Duration::from_secs(2);
+pub(crate) const KILL_RESEND: Duration = Duration::from_secs(2);
 
 /// The queue of machine deadlines.
 #[derive(Debug, Default)]
-pub struct Monitor {
+pub(crate) struct Monitor {
     heap: BinaryHeap<Reverse<(Instant, String, String)>>,
 }
 
 impl Monitor {
     /// The earliest queued deadline.
-    pub fn next_deadline(&self) -> Option<Instant> {
+    pub(crate) fn next_deadline(&self) -> Option<Instant> {
         self.heap.peek().map(|Reverse((at, _, _))| *at)
     }
 

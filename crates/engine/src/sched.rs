@@ -20,7 +20,7 @@ const MAX_SLEEP: Duration = Duration::from_secs(60);
 
 /// Next slots of every job.
 #[derive(Debug, Default)]
-pub struct Scheduler {
+pub(crate) struct Scheduler {
     queue: BTreeSet<(OffsetDateTime, String)>,
     next: HashMap<String, OffsetDateTime>,
     /// Each job's schedule as last queued, to tell whether a reload changed it.
@@ -32,7 +32,7 @@ impl Scheduler {
     /// queued slot, so a reload never makes a slot fire twice or be skipped.
     /// `floors` holds each job's last fired slot (restored after a restart): the next slot is
     /// computed after it too, so it can never fire again.
-    pub fn reload(
+    pub(crate) fn reload(
         &mut self,
         config: &Config,
         now: OffsetDateTime,
@@ -67,7 +67,7 @@ impl Scheduler {
     }
 
     /// When the engine should next look at the queue.
-    pub fn next_wake(&self, clock: &Clock) -> Option<Instant> {
+    pub(crate) fn next_wake(&self, clock: &Clock) -> Option<Instant> {
         let (slot, _) = self.queue.first()?;
         let wait = *slot - clock.wall();
         let wait = if wait.is_negative() {
@@ -80,7 +80,7 @@ impl Scheduler {
 
     /// Removes and returns the jobs whose slot is at or before `now`, re-queuing each at its
     /// next slot strictly after `now`.
-    pub fn take_due(
+    pub(crate) fn take_due(
         &mut self,
         config: &Config,
         now: OffsetDateTime,
@@ -105,7 +105,7 @@ impl Scheduler {
     }
 
     /// The queued next slot of a job.
-    pub fn next_of(&self, job: &str) -> Option<OffsetDateTime> {
+    pub(crate) fn next_of(&self, job: &str) -> Option<OffsetDateTime> {
         self.next.get(job).copied()
     }
 }

@@ -2,6 +2,7 @@
 //! shipping queues hold job output and run tokens. Everything the master creates goes through
 //! here, so the modes are set at creation (never a window with wider ones) whatever the
 //! process's umask.
+#![warn(unreachable_pub)] // TEMP-SPLIT
 
 use std::fs::{DirBuilder, File, OpenOptions, Permissions};
 use std::io;

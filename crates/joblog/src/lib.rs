@@ -12,6 +12,7 @@
 //! queues a search document on disk (never waiting on the network), whether or not the log
 //! file could be written (the original skipped shipping then; docs/COMPATIBILITY.md lists the
 //! difference).
+#![warn(unreachable_pub)] // TEMP-SPLIT
 
 pub mod ship;
 mod spool;

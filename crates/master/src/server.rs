@@ -13,7 +13,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use saltpeter_config::{Config, ConfigWatcher, Launcher as LauncherKind, WatchOptions};
-use saltpeter_engine::clock::Clock;
+use saltpeter_engine::Clock;
 use saltpeter_engine::launch::Launcher;
 use saltpeter_engine::launch::bench::BenchLauncher;
 use saltpeter_engine::launch::local::LocalLauncher;

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use saltpeter_config::{Config, JobSpec};
-use saltpeter_engine::clock::Clock;
+use saltpeter_engine::Clock;
 use saltpeter_engine::launch::{
     BoxFuture, DirectOutcome, DirectResult, Launcher, Resolution, StartOutcome, StartRequest,
 };

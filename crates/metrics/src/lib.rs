@@ -14,6 +14,7 @@
 //! Labels stay bounded: `job` takes values from the job files (plus jobs since removed, which
 //! only grow with the number of distinct names ever configured) and `code` is an exit code in
 //! 0..=255 or `other`. No instance id or machine name is ever a label.
+#![warn(unreachable_pub)] // TEMP-SPLIT
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;

@@ -18,6 +18,7 @@
 //! Queries (history, output ranges) travel the same channel, so they see every earlier write.
 //! Tests use [`Store::inline_memory`], which applies ops on the caller's thread against an
 //! in-memory database: deterministic under tokio's paused clock.
+#![warn(unreachable_pub)] // TEMP-SPLIT
 
 pub mod audit;
 mod checkpoint;

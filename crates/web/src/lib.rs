@@ -10,6 +10,7 @@
 //!
 //! Everything here talks to the engine through its handle and reads the store only through
 //! the engine's queries; nothing here owns run state.
+#![warn(unreachable_pub)] // TEMP-SPLIT
 
 pub mod api;
 pub mod endpoint;

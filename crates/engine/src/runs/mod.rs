@@ -2,7 +2,7 @@
 //! Only the engine task mutates these; everyone else sees serialisable views, whose types the
 //! store owns because it builds them from stored runs as well.
 
-pub mod model;
+pub(crate) mod model;
 
-pub use model::{MachineRun, Run};
-pub use saltpeter_store::{MachineStatus, MachineView, OutputBuffer, RunView};
+pub(crate) use model::{MachineRun, Run};
+pub(crate) use saltpeter_store::{MachineStatus, MachineView, OutputBuffer, RunView};

@@ -14,7 +14,7 @@ use saltpeter_store::rfc3339;
 
 /// One machine of one run.
 #[derive(Debug)]
-pub struct MachineRun {
+pub(crate) struct MachineRun {
     pub status: MachineStatus,
     pub retcode: Option<i64>,
     pub cause: Option<Cause>,
@@ -49,7 +49,7 @@ pub struct MachineRun {
 /// The monotonic instants the monitor judges a machine by. Never derived from wrapper
 /// timestamps.
 #[derive(Debug, Default)]
-pub struct MachineClock {
+pub(crate) struct MachineClock {
     /// Launch time; `None` while the machine waits for its batch.
     pub launched: Option<Instant>,
     /// Why the launcher thinks the wrapper did not start, if it said so.
@@ -70,7 +70,7 @@ pub struct MachineClock {
 }
 
 impl MachineRun {
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self {
             status: MachineStatus::Pending,
             retcode: None,
@@ -93,12 +93,12 @@ impl MachineRun {
     }
 
     /// Whether the machine has a final result.
-    pub fn ended(&self) -> bool {
+    pub(crate) fn ended(&self) -> bool {
         self.endtime.is_some()
     }
 
     /// Records the final result. Returns false (and records nothing) if it already ended.
-    pub fn finish(&mut self, retcode: i64, cause: Cause, at: OffsetDateTime) -> bool {
+    pub(crate) fn finish(&mut self, retcode: i64, cause: Cause, at: OffsetDateTime) -> bool {
         if self.ended() {
             return false;
         }
@@ -114,7 +114,7 @@ impl MachineRun {
         true
     }
 
-    pub fn view(&self) -> MachineView {
+    pub(crate) fn view(&self) -> MachineView {
         MachineView {
             status: self.status,
             retcode: self.retcode,
@@ -141,7 +141,7 @@ impl Default for MachineRun {
 
 /// One fired instance of a job.
 #[derive(Debug)]
-pub struct Run {
+pub(crate) struct Run {
     /// `<job>_<unix seconds>`, unique.
     pub instance: String,
     pub job: Arc<JobSpec>,
@@ -167,7 +167,7 @@ pub struct Run {
 }
 
 impl Run {
-    pub fn view(&self) -> RunView {
+    pub(crate) fn view(&self) -> RunView {
         RunView {
             instance: self.instance.clone(),
             job: self.job.name.clone(),
@@ -186,7 +186,7 @@ impl Run {
     }
 
     /// Machines not ended yet.
-    pub fn unfinished(&self) -> impl Iterator<Item = (&String, &MachineRun)> {
+    pub(crate) fn unfinished(&self) -> impl Iterator<Item = (&String, &MachineRun)> {
         self.machines.iter().filter(|(_, m)| !m.ended())
     }
 }

@@ -20,7 +20,7 @@ use super::Document;
 
 /// One queued document.
 #[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct Item {
+pub(super) struct Item {
     #[serde(rename = "_index")]
     pub index: String,
     #[serde(rename = "_id")]
@@ -33,14 +33,14 @@ pub struct Item {
 
 /// A position in the queue: segment number and byte offset in it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub struct Cursor {
+pub(super) struct Cursor {
     pub segment: u64,
     pub offset: u64,
 }
 
 /// Items read from the queue, and where the queue stands once they are acknowledged.
 #[derive(Debug)]
-pub struct Batch {
+pub(super) struct Batch {
     pub items: Vec<Item>,
     pub end: Cursor,
 }
@@ -53,7 +53,7 @@ pub enum QueueError {
 }
 
 #[derive(Debug)]
-pub struct Queue {
+pub(super) struct Queue {
     dir: PathBuf,
     /// Segment numbers and sizes, oldest first; the last one is being written.
     segments: VecDeque<(u64, u64)>,
@@ -70,7 +70,7 @@ const SUFFIX: &str = ".ndjson";
 impl Queue {
     /// Opens (or creates) the queue in `dir`. Writing always starts a fresh segment, so a line
     /// torn by a crash stays at the end of an old one, where reading skips it.
-    pub fn open(dir: PathBuf, cap_bytes: u64, segment_bytes: u64) -> Result<Self, QueueError> {
+    pub(super) fn open(dir: PathBuf, cap_bytes: u64, segment_bytes: u64) -> Result<Self, QueueError> {
         let err = |source| QueueError::Io {
             dir: dir.clone(),
             source,
@@ -120,12 +120,12 @@ impl Queue {
     }
 
     /// Bytes on disk.
-    pub fn bytes(&self) -> u64 {
+    pub(super) fn bytes(&self) -> u64 {
         self.segments.iter().map(|s| s.1).sum()
     }
 
     /// Appends one item; drops the oldest segments first if the cap would be exceeded.
-    pub fn push(&mut self, item: &Item) -> io::Result<()> {
+    pub(super) fn push(&mut self, item: &Item) -> io::Result<()> {
         let mut line = serde_json::to_vec(item).map_err(io::Error::other)?;
         line.push(b'\n');
         let len = line.len() as u64;
@@ -153,7 +153,7 @@ impl Queue {
 
     /// Up to `max_items` / about `max_bytes` of items from the cursor, all from one segment.
     /// Lines that do not parse are skipped with a warning (they cannot become valid later).
-    pub fn read(&mut self, max_items: usize, max_bytes: u64) -> io::Result<Batch> {
+    pub(super) fn read(&mut self, max_items: usize, max_bytes: u64) -> io::Result<Batch> {
         // A segment may end in a torn line and nothing else; step over such ends.
         for _ in 0..=self.segments.len() {
             let batch = self.read_once(max_items, max_bytes)?;
@@ -208,7 +208,7 @@ impl Queue {
     }
 
     /// Records that everything before `end` was delivered (or given up on).
-    pub fn ack(&mut self, end: Cursor) -> io::Result<()> {
+    pub(super) fn ack(&mut self, end: Cursor) -> io::Result<()> {
         if end <= self.cursor {
             // The segment was dropped for space while the batch was in flight.
             return Ok(());
@@ -219,7 +219,7 @@ impl Queue {
     }
 
     /// Whether anything is waiting past the cursor.
-    pub fn is_empty(&mut self) -> bool {
+    pub(super) fn is_empty(&mut self) -> bool {
         self.settle_cursor();
         self.segments
             .iter()

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 use saltpeter_config::{Config, JobSpec};
-use saltpeter_engine::clock::Clock;
+use saltpeter_engine::Clock;
 use saltpeter_engine::launch::{BoxFuture, Launcher, Resolution, StartOutcome, StartRequest};
 use saltpeter_engine::{
     ApiRequest, ConnId, Engine, EngineHandle, EngineParts, Event, Outbound, StoreParts,
@@ -71,10 +71,10 @@ impl FakeLauncher {
 }
 
 impl Launcher for FakeLauncher {
-    fn identity(&self) -> saltpeter_engine::identity::Identity {
+    fn identity(&self) -> saltpeter_engine::Identity {
         match *self.salt_pki_dir.lock() {
-            Some(_) => saltpeter_engine::identity::Identity::SaltKey,
-            None => saltpeter_engine::identity::Identity::MachineToken,
+            Some(_) => saltpeter_engine::Identity::SaltKey,
+            None => saltpeter_engine::Identity::MachineToken,
         }
     }
 

@@ -34,13 +34,13 @@ fn engine_gone() -> Response {
 }
 
 /// `GET /config`: as the `config` message, with `env` values redacted (D-02).
-pub async fn config(State(ctx): State<UiContext>) -> Response {
+pub(super) async fn config(State(ctx): State<UiContext>) -> Response {
     let config = ctx.config.borrow().clone();
     axum::Json(config_body(&config)).into_response()
 }
 
 /// `GET /running`: the `running` map of `status`, RFC 3339 times (never a 500, D-44).
-pub async fn running(State(ctx): State<UiContext>) -> Response {
+pub(super) async fn running(State(ctx): State<UiContext>) -> Response {
     let snapshot = ctx
         .engine
         .ask(|reply| {
@@ -58,7 +58,7 @@ pub async fn running(State(ctx): State<UiContext>) -> Response {
 
 /// `GET /timeline` and `GET /api/v1/timeline`: `{id, content, serial}` for runs overlapping
 /// `start_date`..`end_date` (default: the last day), optionally of one `job`.
-pub async fn timeline(
+pub(super) async fn timeline(
     State(ctx): State<UiContext>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Response {
@@ -82,7 +82,7 @@ pub async fn timeline(
 
 /// `GET /api/v1/overview`: every job with schedule, next and last run, running instances and
 /// maintenance, for the dashboard and `sp-master status`.
-pub async fn overview(State(ctx): State<UiContext>) -> Response {
+pub(super) async fn overview(State(ctx): State<UiContext>) -> Response {
     match ctx
         .engine
         .ask(|reply| ApiRequest::Ui(UiRequest::Overview(reply)))
@@ -96,7 +96,7 @@ pub async fn overview(State(ctx): State<UiContext>) -> Response {
 /// `GET /api/v1/runs/{instance}/output?from=m1:120,m2:0&machine=m1&max_bytes=N`: the run's
 /// machines and their output after the given UTF-16 positions (absent machines from 0). A
 /// reader follows a run by passing back each machine's `output.next`.
-pub async fn run_output(
+pub(super) async fn run_output(
     State(ctx): State<UiContext>,
     Path(instance): Path<String>,
     Query(q): Query<HashMap<String, String>>,
@@ -117,7 +117,7 @@ pub async fn run_output(
 }
 
 /// `GET /metrics`: Prometheus text format.
-pub async fn metrics(State(ctx): State<UiContext>) -> Response {
+pub(super) async fn metrics(State(ctx): State<UiContext>) -> Response {
     let Some(gauges) = ctx
         .engine
         .ask(|reply| ApiRequest::Ui(UiRequest::Gauges(reply)))
@@ -153,16 +153,16 @@ fn asset(content_type: &'static str, body: &'static str) -> Response {
 }
 
 /// `GET /`.
-pub async fn index() -> Response {
+pub(super) async fn index() -> Response {
     asset("text/html; charset=utf-8", INDEX_HTML)
 }
 
 /// `GET /assets/app.js`.
-pub async fn app_js() -> Response {
+pub(super) async fn app_js() -> Response {
     asset("text/javascript; charset=utf-8", APP_JS)
 }
 
 /// `GET /assets/app.css`.
-pub async fn app_css() -> Response {
+pub(super) async fn app_css() -> Response {
     asset("text/css; charset=utf-8", APP_CSS)
 }

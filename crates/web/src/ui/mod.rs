@@ -14,7 +14,7 @@
 //! beyond each connection's output cursors.
 
 pub mod auth;
-pub mod http;
+mod http;
 pub mod messages;
 pub mod query;
 pub mod ws;
