@@ -28,7 +28,7 @@ pub const MAX_TOKENS: usize = 1000;
 /// The most names `api_public_names` may list.
 pub const MAX_PUBLIC_NAMES: usize = 256;
 /// The longest token name, in bytes.
-pub const MAX_TOKEN_NAME: usize = 64;
+pub(crate) const MAX_TOKEN_NAME: usize = 64;
 /// The name under which the single `api_token` of earlier versions acts (with the admin role).
 pub const LEGACY_TOKEN_NAME: &str = "api_token";
 
@@ -96,7 +96,7 @@ pub struct Access {
     pub tokens: Vec<TokenEntry>,
     /// Whether `api_tokens` lists any entry at all, valid or not. A list whose every entry has
     /// an error still demands tokens: a typo must lock the API, not open it.
-    pub tokens_listed: bool,
+    pub(crate) tokens_listed: bool,
     /// `api_public_names`: host names (lower case, without port) the API answers for besides
     /// its own address and loopback.
     pub public_names: Vec<String>,

@@ -162,7 +162,7 @@ impl DirLoader {
     }
 
     /// Rescans the directory; schedules that cannot fire after `now` are errors.
-    pub fn scan_at(&mut self, mode: ScanMode, now: OffsetDateTime) -> LoadOutcome {
+    pub(crate) fn scan_at(&mut self, mode: ScanMode, now: OffsetDateTime) -> LoadOutcome {
         match self.list_files() {
             Ok(names) => {
                 self.dir_problem = None;

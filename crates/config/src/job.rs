@@ -23,7 +23,7 @@ use super::raw::{Node, Value};
 use crate::schedule::{Field, Schedule, ScheduleError, ScheduleFields};
 
 /// The timeout the loader applies when a job has no `timeout` key (reference 4.3).
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(3600);
+pub(crate) const DEFAULT_TIMEOUT: Duration = Duration::from_secs(3600);
 
 /// The longest `timeout` a job may have: 365 days. The engine adds the timeout to the instant
 /// a machine was launched, and an instant that far out cannot overflow the monotonic clock;

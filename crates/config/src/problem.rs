@@ -51,7 +51,7 @@ pub struct ConfigProblem {
 
 impl ConfigProblem {
     /// A problem about the whole file.
-    pub fn file(file: &Path, pos: Option<Pos>, message: impl Into<String>) -> Self {
+    pub(crate) fn file(file: &Path, pos: Option<Pos>, message: impl Into<String>) -> Self {
         Self {
             severity: Severity::Error,
             file: file.to_owned(),

@@ -34,7 +34,7 @@ use serde_saphyr::{Budget, DuplicateKeyPolicy, Options, Spanned};
 
 /// Where a node starts in its file (1-based; 0 when unknown).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
-pub struct Pos {
+pub(crate) struct Pos {
     /// Line, 1-based.
     pub line: u64,
     /// Column, 1-based.

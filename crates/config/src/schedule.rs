@@ -148,7 +148,7 @@ impl ScheduleFields {
 
     /// Splits a cron line the way the original library does: 5 fields are
     /// `min hour dom mon dow`, 6 fields add `year`, 7 fields are `sec min hour dom mon dow year`.
-    pub fn from_cron_line(line: &str) -> Result<Self, ScheduleError> {
+    pub(crate) fn from_cron_line(line: &str) -> Result<Self, ScheduleError> {
         let parts: Vec<&str> = line.split_whitespace().collect();
         let owned = |s: &str| s.to_owned();
         match parts.as_slice() {

@@ -56,7 +56,8 @@ pub enum ApiRequest {
     Store(saltpeter_store::Query),
 }
 
-/// A job as `GET /api/v1/jobs` shows it.
+/// A job as `GET /api/v1/jobs` shows it. It stays apart from [`crate::JobRow`] (the dashboard's
+/// and `sp-master status`'s richer row) so the API's documented shape never changes with the UI.
 #[derive(Clone, Debug, Serialize)]
 pub struct JobSummary {
     pub name: String,

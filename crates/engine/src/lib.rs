@@ -227,15 +227,17 @@ pub struct Engine {
     config_taken: Option<(time::OffsetDateTime, bool)>,
 }
 
-/// What the engine remembers about a job between runs.
+/// What the engine remembers about a job between runs. It differs from the store's
+/// `JobRecord` because it also holds what is only true while the master runs (running
+/// instances, the latest targets, a refused overlap); the record is its durable subset.
 #[derive(Debug, Default)]
-pub struct JobState {
+pub(crate) struct JobState {
     pub last_run: Option<time::OffsetDateTime>,
     pub last_success: Option<bool>,
     /// When the latest successful run ended.
     pub last_success_at: Option<time::OffsetDateTime>,
-    pub last_failed_count: usize,
-    pub last_total_count: usize,
+    pub(crate) last_failed_count: usize,
+    pub(crate) last_total_count: usize,
     /// The latest attempt was refused because a run was still going.
     pub overlap: bool,
     /// Instances of this job that have not ended.

@@ -27,7 +27,7 @@ use saltpeter_store::output::OutputRead;
 use saltpeter_store::{TimelineEntry, TimelineQuery, rfc3339};
 
 /// Largest output text one read returns; a reader further behind catches up over later reads.
-pub const READ_MAX_BYTES: usize = 512 * 1024;
+pub(crate) const READ_MAX_BYTES: usize = 512 * 1024;
 
 /// A query from the operator's surface, with where to send the answer.
 #[derive(Debug)]
@@ -124,8 +124,8 @@ pub struct DetailsData {
     pub targets: Vec<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_success: Option<bool>,
-    pub last_failed_count: usize,
-    pub last_total_count: usize,
+    pub(crate) last_failed_count: usize,
+    pub(crate) last_total_count: usize,
     /// The run `results` belong to (an addition; the original had one run per job).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub instance: Option<String>,
@@ -139,7 +139,7 @@ pub struct ResultEntry {
     /// Always empty: output travels in `output_chunk` messages.
     pub ret: &'static str,
     /// UTF-16 length of the machine's whole output.
-    pub output_length: u64,
+    pub(crate) output_length: u64,
     pub starttime: String,
     pub endtime: String,
     /// A number once ended, `""` before.
@@ -178,7 +178,8 @@ pub struct MaintenanceView {
     pub machines: Vec<String>,
 }
 
-/// A job as the dashboard's table and `sp-master status` show it.
+/// A job as the dashboard's table and `sp-master status` show it; see [`crate::JobSummary`] for
+/// why the API's job shape is a separate type.
 #[derive(Clone, Debug, Serialize)]
 pub struct JobRow {
     pub name: String,

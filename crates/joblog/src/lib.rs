@@ -505,7 +505,7 @@ fn safe_name(name: &str) -> String {
 
 /// Python's `str(datetime)` for an aware UTC time: space separator, microseconds only when
 /// non-zero, `+00:00`. The original's log lines use it, and log readers may parse it.
-pub fn py_time(at: OffsetDateTime) -> String {
+pub(crate) fn py_time(at: OffsetDateTime) -> String {
     // Through `Timestamp`, whose conversion to UTC cannot panic at the calendar's edges.
     let at = saltpeter_proto::Timestamp::new(at).get();
     let base = format!(
@@ -525,7 +525,10 @@ pub fn py_time(at: OffsetDateTime) -> String {
 
 /// The original's carriage-return clean-up (§5.2), streaming line by line: in every line that
 /// contains `\r`, keep only the last non-empty `\r`-separated segment.
-pub fn strip_carriage_returns(mut input: impl BufRead, out: &mut impl Write) -> io::Result<()> {
+pub(crate) fn strip_carriage_returns(
+    mut input: impl BufRead,
+    out: &mut impl Write,
+) -> io::Result<()> {
     let mut line = Vec::new();
     loop {
         line.clear();
@@ -553,7 +556,7 @@ pub fn strip_carriage_returns(mut input: impl BufRead, out: &mut impl Write) -> 
 }
 
 /// [`strip_carriage_returns`] for a string in memory.
-pub fn strip_carriage_returns_str(text: &str) -> String {
+pub(crate) fn strip_carriage_returns_str(text: &str) -> String {
     let mut out = Vec::with_capacity(text.len());
     // Reading from a slice and writing to a Vec cannot fail.
     let _ = strip_carriage_returns(text.as_bytes(), &mut out);

@@ -201,7 +201,7 @@ impl Listeners {
         self.refused[listener.index()][why.index()].fetch_add(1, Ordering::Relaxed);
     }
 
-    pub fn refused_count(&self, listener: ListenerKind, why: Refusal) -> u64 {
+    pub(crate) fn refused_count(&self, listener: ListenerKind, why: Refusal) -> u64 {
         self.refused[listener.index()][why.index()].load(Ordering::Relaxed)
     }
 

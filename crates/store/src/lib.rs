@@ -170,7 +170,8 @@ pub struct Restored {
     pub jobs: Vec<JobRecord>,
 }
 
-/// A page of a job's history.
+/// A page of a job's history: one row per run with each machine's code, where [`RunView`] is
+/// one run in full (output included), so a page of 50 runs stays small.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct RunSummary {
     pub instance: String,

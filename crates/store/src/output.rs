@@ -25,7 +25,7 @@ pub struct OutputBuffer {
 }
 
 /// Default in-memory caps for a running machine: 1 MiB of head and 1 MiB of tail.
-pub const RUNNING_CAP: usize = 1024 * 1024;
+pub(crate) const RUNNING_CAP: usize = 1024 * 1024;
 /// Caps for finished runs kept in memory for the API: 64 KiB each.
 pub const FINISHED_CAP: usize = 64 * 1024;
 
@@ -37,7 +37,7 @@ impl Default for OutputBuffer {
 
 impl OutputBuffer {
     /// An empty buffer keeping at most `head_cap` + `tail_cap` bytes.
-    pub fn with_caps(head_cap: usize, tail_cap: usize) -> Self {
+    pub(crate) fn with_caps(head_cap: usize, tail_cap: usize) -> Self {
         Self {
             head: String::new(),
             tail: String::new(),

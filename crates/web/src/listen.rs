@@ -51,7 +51,7 @@ use saltpeter_metrics::{ListenerKind, Metrics, Refusal};
 
 /// The least time between two warnings about refused connections (per listener); the ones
 /// in between are counted and their number goes into the next warning.
-pub const WARN_EVERY: Duration = Duration::from_secs(10);
+pub(crate) const WARN_EVERY: Duration = Duration::from_secs(10);
 
 /// The pause after an accept that failed for want of a descriptor (or another resource):
 /// retrying at once would spin while nothing is freed.
@@ -81,7 +81,7 @@ pub fn fd_limit() -> u64 {
 /// How many sockets both listeners may hold at once under an open-file limit of `limit` with
 /// `reserve` descriptors kept free. Without a configured reserve, 10% of the limit is kept, at
 /// least 256 but never more than half the limit (so a small limit still serves).
-pub fn socket_cap(limit: u64, reserve: Option<u64>) -> u64 {
+pub(crate) fn socket_cap(limit: u64, reserve: Option<u64>) -> u64 {
     let reserve =
         reserve.unwrap_or_else(|| (limit / RESERVE_SHARE).max(RESERVE_MIN).min(limit / 2));
     limit.saturating_sub(reserve)
@@ -181,7 +181,7 @@ impl Gate {
     }
 
     /// Admits a connection from `ip`, or says why it must be closed at once.
-    pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Admission, Refusal> {
+    pub(crate) fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Admission, Refusal> {
         let limits = self.limits();
         let stats = &self.metrics.listeners;
         // Take the socket's place first and give it back if refused, so two accepts racing
@@ -279,7 +279,7 @@ impl Gate {
 /// One accepted socket: its place in the open count and, until its handshake, in the pending
 /// counts. Shared by the tasks that use the socket; the last one dropped releases both.
 #[derive(Debug)]
-pub struct Admission {
+pub(crate) struct Admission {
     gate: Arc<Gate>,
     ip: IpAddr,
     pending: AtomicBool,
@@ -289,24 +289,24 @@ pub struct Admission {
 
 impl Admission {
     /// The connection finished its handshake: it no longer counts as pending.
-    pub fn settle(&self) {
+    pub(crate) fn settle(&self) {
         if self.pending.swap(false, Ordering::AcqRel) {
             self.gate.release_pending(self.ip);
         }
     }
 
     /// The connection has not finished its handshake.
-    pub fn is_pending(&self) -> bool {
+    pub(crate) fn is_pending(&self) -> bool {
         self.pending.load(Ordering::Acquire)
     }
 
     /// When a machines-endpoint connection that is still pending gets closed.
-    pub fn handshake_deadline(&self) -> Instant {
+    pub(crate) fn handshake_deadline(&self) -> Instant {
         self.handshake_deadline
     }
 
     /// Counts a connection closed for missing its deadline.
-    pub fn timed_out(&self) {
+    pub(crate) fn timed_out(&self) {
         self.gate.metrics.listeners.timed_out(self.gate.kind);
         tracing::debug!(
             listener = self.gate.kind.as_str(),

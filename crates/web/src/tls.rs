@@ -27,7 +27,7 @@ use saltpeter_tls::Fingerprint;
 use saltpeter_config::{Settings, TlsMode};
 
 /// The least time between two looks at an operator's certificate files.
-pub const RELOAD_CHECK: Duration = Duration::from_secs(3);
+pub(crate) const RELOAD_CHECK: Duration = Duration::from_secs(3);
 
 /// The directory under `data_dir` that holds the self-signed certificate.
 pub const TLS_DIR: &str = "tls";
@@ -64,7 +64,7 @@ pub enum TlsSetupError {
 
 /// Whether a listener with `mode` bound to `addr` speaks TLS: `auto` means yes unless bound
 /// to a loopback address.
-pub fn is_on(mode: TlsMode, addr: IpAddr) -> bool {
+pub(crate) fn is_on(mode: TlsMode, addr: IpAddr) -> bool {
     match mode {
         TlsMode::On => true,
         TlsMode::Off => false,
@@ -73,7 +73,7 @@ pub fn is_on(mode: TlsMode, addr: IpAddr) -> bool {
 }
 
 /// Refuses a plain listener beyond loopback unless `allow_plaintext` says so.
-pub fn plaintext_problem(
+pub(crate) fn plaintext_problem(
     settings: &Settings,
     key: &str,
     addr: IpAddr,
@@ -318,7 +318,7 @@ fn stamp(path: &Path) -> Stamp {
 
 /// The certificate the listeners present, read again from its files when they change.
 #[derive(Debug)]
-pub struct ReloadingCert {
+pub(crate) struct ReloadingCert {
     cert_path: PathBuf,
     key_path: PathBuf,
     state: Mutex<Loaded>,
@@ -333,7 +333,7 @@ struct Loaded {
 
 impl ReloadingCert {
     /// Loads the pair now; a pair that cannot be loaded at start is an error.
-    pub fn new(cert_path: PathBuf, key_path: PathBuf) -> Result<Self, TlsSetupError> {
+    pub(crate) fn new(cert_path: PathBuf, key_path: PathBuf) -> Result<Self, TlsSetupError> {
         let stamps = (stamp(&cert_path), stamp(&key_path));
         let key = load(&cert_path, &key_path)?;
         Ok(Self {
@@ -351,7 +351,7 @@ impl ReloadingCert {
     /// compared with the loaded ones; a changed pair that loads replaces the current one, a
     /// broken one (a half-written file, a key that does not fit) is logged and the current
     /// one stays.
-    pub fn current(&self) -> Arc<CertifiedKey> {
+    pub(crate) fn current(&self) -> Arc<CertifiedKey> {
         let mut state = self.state.lock();
         let now = std::time::Instant::now();
         if now.saturating_duration_since(state.checked) < RELOAD_CHECK {

@@ -19,7 +19,7 @@ use super::{BoxFuture, Launcher, Resolution, StartOutcome, StartRequest};
 use saltpeter_config::JobSpec;
 
 /// The name of the file start requests are appended to, under the data dir.
-pub const STARTS_FILE: &str = "bench-starts.jsonl";
+pub(crate) const STARTS_FILE: &str = "bench-starts.jsonl";
 
 /// Hands start requests to an external load generator through a file.
 #[derive(Debug)]

@@ -50,7 +50,7 @@ impl LocalLauncher {
 
 /// The names in a target expression: a list, or a string of names separated by commas or
 /// white space. The local launcher has no minions to match globs against.
-pub fn target_names(job: &JobSpec) -> Vec<String> {
+pub(crate) fn target_names(job: &JobSpec) -> Vec<String> {
     let mut names: Vec<String> = job.targets.names();
     names.sort();
     names.dedup();

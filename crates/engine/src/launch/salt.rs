@@ -50,11 +50,11 @@ use saltpeter_config::{JobSpec, Settings, TargetType};
 const PROCESS_GRACE: Duration = Duration::from_secs(60);
 
 /// The prefix of the 255 verdict for a minion that did not answer `test.ping` (reference 4.9).
-pub const NOT_RESPONDING: &str = "Target did not respond";
+pub(crate) const NOT_RESPONDING: &str = "Target did not respond";
 
 /// Why a `salt` invocation gave no usable answer.
 #[derive(Debug, thiserror::Error)]
-pub enum SaltError {
+pub(crate) enum SaltError {
     #[error("cannot run {bin}: {source}")]
     Spawn { bin: String, source: std::io::Error },
     #[error("cannot talk to {bin}: {source}")]
@@ -82,7 +82,7 @@ pub struct SaltLauncher {
 /// `pki_dir` (default `/etc/salt/pki/master`) under its `root_dir`, as Salt itself resolves
 /// them. Only top-level keys of the `master` file are read; a deployment that sets them
 /// elsewhere (an include, `master.d`) sets `salt_pki_dir` instead.
-pub fn master_pki_dir(config_dir: Option<&std::path::Path>) -> PathBuf {
+pub(crate) fn master_pki_dir(config_dir: Option<&std::path::Path>) -> PathBuf {
     let default = PathBuf::from("/etc/salt/pki/master");
     let Some(text) = config_dir.and_then(|d| std::fs::read_to_string(d.join("master")).ok()) else {
         return default;
@@ -132,7 +132,7 @@ impl SaltLauncher {
     }
 
     /// The stdin lines of the `test.ping` that resolves a job's targets.
-    pub fn ping_args(&self, job: &JobSpec) -> Result<Vec<String>, SaltError> {
+    pub(crate) fn ping_args(&self, job: &JobSpec) -> Result<Vec<String>, SaltError> {
         let mut args = self.options(self.ping_timeout);
         if let Some(flag) = target_flag(job.target_type) {
             args.push(flag.to_owned());
@@ -146,7 +146,7 @@ impl SaltLauncher {
     }
 
     /// The stdin lines that start the wrapper on the request's machines with `cmd.run_all`.
-    pub fn start_args(&self, request: &StartRequest) -> Result<Vec<String>, SaltError> {
+    pub(crate) fn start_args(&self, request: &StartRequest) -> Result<Vec<String>, SaltError> {
         let program = request
             .wrapper_path
             .as_deref()
@@ -172,7 +172,7 @@ impl SaltLauncher {
     /// original passed, `cwd`, `runas` and the job's timeout. The command is a `cmd.run_all`
     /// argument, so it travels on stdin and in Salt's payload, never in the master's argv; on
     /// the minion Salt runs it with the shell, as the original did.
-    pub fn direct_args(&self, request: &StartRequest) -> Result<Vec<String>, SaltError> {
+    pub(crate) fn direct_args(&self, request: &StartRequest) -> Result<Vec<String>, SaltError> {
         let job = &request.job;
         let mut env: Vec<(String, String)> = job
             .env
@@ -347,7 +347,7 @@ impl Launcher for SaltLauncher {
 }
 
 /// The salt CLI flag for a target type; glob is Salt's default and has none.
-pub fn target_flag(t: TargetType) -> Option<&'static str> {
+pub(crate) fn target_flag(t: TargetType) -> Option<&'static str> {
     match t {
         TargetType::Glob => None,
         TargetType::Pcre => Some("-E"),
@@ -447,7 +447,7 @@ fn yaml_str(out: &mut String, s: &str) {
 
 /// What a `salt` process left behind.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct SaltOutput {
+pub(crate) struct SaltOutput {
     /// Exit status; `None` when a signal ended it.
     pub code: Option<i32>,
     pub stdout: String,
@@ -538,7 +538,7 @@ fn first_line(v: &Value) -> String {
 
 /// Up/down from a `test.ping` reply: `true` is up; any other answer, including Salt's
 /// "Minion did not return" for a minion it expected, is down with 255.
-pub fn ping_resolution(job: &JobSpec, out: &SaltOutput) -> Resolution {
+pub(crate) fn ping_resolution(job: &JobSpec, out: &SaltOutput) -> Resolution {
     let reply = parse_reply(&out.stdout);
     if reply.returns.is_empty() {
         let said = salt_said(out, &reply);
@@ -606,7 +606,7 @@ fn run_all_return(answer: Option<&Value>, said: &str) -> Result<(i64, String, St
 
 /// Per-machine launch results from the `cmd.run_all` reply: exit 0 is a launch; anything
 /// else fails that machine only (D-33), with Salt's or the wrapper's own words.
-pub fn start_outcome(machines: &[String], out: &SaltOutput) -> StartOutcome {
+pub(crate) fn start_outcome(machines: &[String], out: &SaltOutput) -> StartOutcome {
     let reply = parse_reply(&out.stdout);
     let said = salt_said(out, &reply);
     machines
@@ -633,7 +633,7 @@ pub fn start_outcome(machines: &[String], out: &SaltOutput) -> StartOutcome {
 }
 
 /// Per-machine results of a legacy-mode run: the command's retcode with stdout then stderr.
-pub fn direct_outcome(machines: &[String], out: &SaltOutput) -> DirectOutcome {
+pub(crate) fn direct_outcome(machines: &[String], out: &SaltOutput) -> DirectOutcome {
     let reply = parse_reply(&out.stdout);
     let said = salt_said(out, &reply);
     machines

@@ -12,7 +12,10 @@ use crate::runs::{MachineStatus, MachineView, OutputBuffer, RunView};
 use saltpeter_config::JobSpec;
 use saltpeter_store::rfc3339;
 
-/// One machine of one run.
+/// One machine of one run, as the engine works on it. It differs from the store's
+/// `MachineRecord` because it carries what must never be stored (the live connection, monotonic
+/// deadlines, the in-memory output buffer and the durable-ack watermark), and the store must
+/// not depend on the engine; `persist.rs` converts between the two.
 #[derive(Debug)]
 pub(crate) struct MachineRun {
     pub status: MachineStatus,
@@ -33,7 +36,7 @@ pub(crate) struct MachineRun {
     /// The next output seq this machine's wrapper should send; state that survives reconnects.
     pub next_seq: u64,
     /// Output below this seq is durable in the store (and may be acked).
-    pub durable_next_seq: u64,
+    pub(crate) durable_next_seq: u64,
     /// The connection currently speaking for this machine.
     pub conn: Option<u64>,
     /// Whether that connection's wrapper announced our protocol (2) rather than the original.
@@ -61,7 +64,7 @@ pub(crate) struct MachineClock {
     /// When a kill was requested for this machine.
     pub kill_requested: Option<Instant>,
     /// When a `kill` frame was last sent.
-    pub kill_sent: Option<Instant>,
+    pub(crate) kill_sent: Option<Instant>,
     /// The deadline this machine currently has queued in the monitor, if any.
     pub armed: Option<Instant>,
     /// Legacy mode (`use_wrapper: false`): the launcher runs the command itself, so the
@@ -139,7 +142,9 @@ impl Default for MachineRun {
     }
 }
 
-/// One fired instance of a job.
+/// One fired instance of a job, as the engine works on it. It differs from the store's
+/// `RunRecord` because it holds the job's live spec, its parsed identity and its machines,
+/// where the record holds only plain durable fields; `persist.rs` converts between the two.
 #[derive(Debug)]
 pub(crate) struct Run {
     /// `<job>_<unix seconds>`, unique.

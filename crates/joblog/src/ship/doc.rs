@@ -57,6 +57,8 @@ impl Document {
 }
 
 /// RFC 3339 in UTC with fixed microseconds, which both backends' default date mapping accepts.
+/// It writes `Z` where the API's times (`saltpeter_store::rfc3339`) write `+00:00`: each form is
+/// what its readers have always been given, so the two stay separate.
 pub fn rfc3339(at: OffsetDateTime) -> String {
     // Through `Timestamp`, whose conversion to UTC cannot panic at the calendar's edges.
     let at = saltpeter_proto::Timestamp::new(at).get();
@@ -76,7 +78,7 @@ pub fn rfc3339(at: OffsetDateTime) -> String {
 ///
 /// `end` carries the run's verdict (0 success, 1 failure) and the `Completed: x/y` text, as in
 /// the original; the engine puts both on the job log's `End` entry.
-pub struct DocBuilder {
+pub(crate) struct DocBuilder {
     group_of: Box<dyn Fn(&str) -> String + Send>,
     output_limit: usize,
 }
@@ -92,7 +94,7 @@ impl std::fmt::Debug for DocBuilder {
 impl DocBuilder {
     /// `group_of` maps a job name to its group (`""` when unknown); `output_limit` bounds the
     /// output of one document (head and tail are kept).
-    pub fn new(group_of: Box<dyn Fn(&str) -> String + Send>, output_limit: usize) -> Self {
+    pub(crate) fn new(group_of: Box<dyn Fn(&str) -> String + Send>, output_limit: usize) -> Self {
         Self {
             group_of,
             output_limit,
@@ -101,7 +103,7 @@ impl DocBuilder {
 
     /// The document for `entry`, or `None` for entries that are not log events (output
     /// chunks). `output` reads the machine's whole output for a `machine_result`.
-    pub fn document(
+    pub(crate) fn document(
         &mut self,
         entry: &LogEntry,
         output: Option<&mut dyn Read>,
@@ -180,7 +182,7 @@ impl DocBuilder {
 
 /// A sink that keeps the first and last `limit / 2` bytes of what is written to it.
 #[derive(Debug)]
-pub struct HeadTail {
+pub(crate) struct HeadTail {
     half: usize,
     head: Vec<u8>,
     tail: std::collections::VecDeque<u8>,
@@ -188,7 +190,7 @@ pub struct HeadTail {
 }
 
 impl HeadTail {
-    pub fn new(limit: usize) -> Self {
+    pub(crate) fn new(limit: usize) -> Self {
         Self {
             half: limit / 2,
             head: Vec::new(),
@@ -198,7 +200,7 @@ impl HeadTail {
     }
 
     /// Puts the kept text into `doc`, with a marker where bytes were left out.
-    pub fn finish(self, doc: &mut Document) {
+    pub(crate) fn finish(self, doc: &mut Document) {
         let kept = self.head.len() + self.tail.len();
         let mut bytes = self.head;
         if self.total > kept as u64 {

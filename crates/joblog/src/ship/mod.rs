@@ -29,7 +29,8 @@ use parking_lot::{Condvar, Mutex};
 use crate::LogEntry;
 use saltpeter_http::Client;
 
-pub use doc::{DocBuilder, Document, HeadTail, rfc3339};
+pub(crate) use doc::DocBuilder;
+pub use doc::{Document, rfc3339};
 pub use queue::QueueError;
 
 /// A search backend to ship to.
@@ -63,9 +64,9 @@ pub struct ShipOptions {
     /// Size at which a new segment file is started; the unit the cap drops.
     pub segment_bytes: u64,
     /// Most documents in one `_bulk` request.
-    pub batch_docs: usize,
+    pub(crate) batch_docs: usize,
     /// About the most bytes of queued documents in one `_bulk` request.
-    pub batch_bytes: u64,
+    pub(crate) batch_bytes: u64,
     /// Most bytes of output in one document; head and tail halves are kept.
     pub output_bytes: usize,
     /// Connect, read and write timeout of a request.
@@ -73,7 +74,7 @@ pub struct ShipOptions {
     pub backoff_base: Duration,
     pub backoff_cap: Duration,
     /// An item the backend answers 429/5xx this many times is given up.
-    pub max_item_attempts: u32,
+    pub(crate) max_item_attempts: u32,
 }
 
 impl ShipOptions {

@@ -70,7 +70,11 @@ const SUFFIX: &str = ".ndjson";
 impl Queue {
     /// Opens (or creates) the queue in `dir`. Writing always starts a fresh segment, so a line
     /// torn by a crash stays at the end of an old one, where reading skips it.
-    pub(super) fn open(dir: PathBuf, cap_bytes: u64, segment_bytes: u64) -> Result<Self, QueueError> {
+    pub(super) fn open(
+        dir: PathBuf,
+        cap_bytes: u64,
+        segment_bytes: u64,
+    ) -> Result<Self, QueueError> {
         let err = |source| QueueError::Io {
             dir: dir.clone(),
             source,

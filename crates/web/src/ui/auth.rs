@@ -49,7 +49,7 @@ use saltpeter_config::{Config, Role, Settings};
 use saltpeter_store::audit::Actor;
 
 /// The name of callers when no token is configured.
-pub const ANONYMOUS: &str = "anonymous";
+pub(crate) const ANONYMOUS: &str = "anonymous";
 
 /// Who is calling: the token's name and role, and the peer's address.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -59,7 +59,7 @@ pub struct Caller {
     pub source: Option<IpAddr>,
     /// The SHA-256 of the token presented, so a long-lived connection can be checked again
     /// against the current configuration; `None` for anonymous callers.
-    pub token_hash: Option<[u8; 32]>,
+    pub(crate) token_hash: Option<[u8; 32]>,
 }
 
 impl Caller {
@@ -243,7 +243,7 @@ fn refuse(status: StatusCode, message: impl Into<String>) -> Response {
 
 /// The token the request presents: `Authorization: Bearer`, else (where allowed) the `token`
 /// query parameter.
-pub fn presented(headers: &HeaderMap, query: Option<&str>) -> Option<String> {
+pub(crate) fn presented(headers: &HeaderMap, query: Option<&str>) -> Option<String> {
     let from_header = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -269,7 +269,7 @@ pub fn presented(headers: &HeaderMap, query: Option<&str>) -> Option<String> {
 /// The configured token that `token` is, as a caller; `None` when it is none of them. Every
 /// configured hash is compared, each in constant time, so the time taken does not depend on
 /// which token (if any) matched or where a hash differs.
-pub fn identify(settings: &Settings, token: &str, source: Option<IpAddr>) -> Option<Caller> {
+pub(crate) fn identify(settings: &Settings, token: &str, source: Option<IpAddr>) -> Option<Caller> {
     let hash = hash_token(token);
     let (name, role) = lookup(settings, &hash)?;
     Some(Caller {
@@ -304,7 +304,7 @@ fn lookup(settings: &Settings, presented: &[u8; 32]) -> Option<(String, Role)> {
 /// The role `caller` has under the current `settings`, for connections that outlive a
 /// request (`/ws`): `None` when its token was removed (or tokens were configured since an
 /// anonymous caller connected), and the connection must end.
-pub fn current_role(settings: &Settings, caller: &Caller) -> Option<Role> {
+pub(crate) fn current_role(settings: &Settings, caller: &Caller) -> Option<Role> {
     match &caller.token_hash {
         None if settings.tokens_required() => None,
         None => Some(caller.role),
@@ -343,7 +343,7 @@ pub fn host_allowed(host: &str, local: SocketAddr, public_names: &[String]) -> b
 }
 
 /// Whether a browser page at `origin` may use the API at `host` (the `Host` header).
-pub fn origin_allowed(origin: &str, host: Option<&str>, allowed: &[String]) -> bool {
+pub(crate) fn origin_allowed(origin: &str, host: Option<&str>, allowed: &[String]) -> bool {
     let norm = |s: &str| s.trim().trim_end_matches('/').to_ascii_lowercase();
     let origin_n = norm(origin);
     if allowed.iter().any(|a| a == "*" || norm(a) == origin_n) {

@@ -21,7 +21,7 @@ use saltpeter_engine::{DetailsData, StatusSnapshot};
 use saltpeter_store::TimelineEntry;
 
 /// What the React UI shows as the master's version.
-pub const SP_VERSION: &str = env!("CARGO_PKG_VERSION");
+pub(crate) const SP_VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// A command from a browser.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -223,7 +223,7 @@ pub fn parse_when(text: &str, now: OffsetDateTime) -> Result<OffsetDateTime, Str
 
 /// The `config` body (also `GET /config`): jobs as `JobSpec::ui_json` renders them (env values
 /// redacted), maintenance, serial, and only the settings that are safe to show.
-pub fn config_body(config: &Config) -> Value {
+pub(crate) fn config_body(config: &Config) -> Value {
     let crons: Map<String, Value> = config
         .jobs
         .iter()
@@ -257,7 +257,7 @@ pub fn config_message(config: &Arc<Config>) -> Value {
 }
 
 /// `{"type":"status", ...}`.
-pub fn status_message(status: &StatusSnapshot) -> Value {
+pub(crate) fn status_message(status: &StatusSnapshot) -> Value {
     json!({
         "type": "status",
         "running": status.running,
@@ -267,7 +267,7 @@ pub fn status_message(status: &StatusSnapshot) -> Value {
 }
 
 /// `{"type":"details", ...}`.
-pub fn details_message(job: &str, data: &DetailsData) -> Value {
+pub(crate) fn details_message(job: &str, data: &DetailsData) -> Value {
     json!({ "type": "details", "cron": job, "data": data })
 }
 
@@ -279,12 +279,12 @@ pub struct Chunk<'a> {
     pub chunk: &'a str,
     /// UTF-16 position of the chunk's first unit in the run instance's output.
     pub position: u64,
-    pub total_length: u64,
-    pub is_complete: bool,
+    pub(crate) total_length: u64,
+    pub(crate) is_complete: bool,
 }
 
 /// `{"type":"output_chunk", ...}`.
-pub fn chunk_message(c: &Chunk<'_>) -> Value {
+pub(crate) fn chunk_message(c: &Chunk<'_>) -> Value {
     json!({
         "type": "output_chunk",
         "cron": c.cron,
@@ -303,12 +303,12 @@ pub fn timeline_message(id: &str, content: &[TimelineEntry], serial: f64) -> Val
 }
 
 /// The body of a timeline, also `GET /timeline`.
-pub fn timeline_body(id: &str, content: &[TimelineEntry], serial: f64) -> Value {
+pub(crate) fn timeline_body(id: &str, content: &[TimelineEntry], serial: f64) -> Value {
     json!({ "id": id, "content": content, "serial": serial })
 }
 
 /// `{"type":"error", ...}`: the reply to a command that could not be carried out.
-pub fn error_message(command: Option<&str>, error: &str) -> Value {
+pub(crate) fn error_message(command: Option<&str>, error: &str) -> Value {
     json!({ "type": "error", "command": command, "error": error })
 }
 

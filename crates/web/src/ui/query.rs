@@ -31,10 +31,10 @@ pub struct QueryError(pub String);
 
 /// Rows of `/timeline` and `/api/v1/timeline` when the request names no `limit` (fewer when
 /// `timeline_max_rows` is lower).
-pub const TIMELINE_DEFAULT_ROWS: usize = 2000;
+pub(crate) const TIMELINE_DEFAULT_ROWS: usize = 2000;
 
 /// Runs of `GET /api/v1/jobs/{job}/runs` when the request names no `limit`.
-pub const RUNS_DEFAULT_PAGE: usize = 20;
+pub(crate) const RUNS_DEFAULT_PAGE: usize = 20;
 
 /// The longest job name a `/ws` connection may subscribe to. Subscriptions live as long as
 /// the connection, so their count ([`Limits::ui_max_subscriptions`]) and their size both need
@@ -43,7 +43,7 @@ pub const MAX_NAME_BYTES: usize = 1024;
 
 /// A timeline window: both bounds parsed with [`parse_when`], spanning at most
 /// `timeline_max_days`. A window whose end precedes its start is allowed (and empty).
-pub fn timeline_window(
+pub(crate) fn timeline_window(
     start: &str,
     end: &str,
     now: OffsetDateTime,
@@ -271,7 +271,7 @@ pub fn admit_subscriptions(
 }
 
 /// Checks the names one `subscribe` or `unsubscribe` carries.
-pub fn check_names(names: &[String], limits: &Limits) -> Result<(), QueryError> {
+pub(crate) fn check_names(names: &[String], limits: &Limits) -> Result<(), QueryError> {
     let max = limits.ui_max_names_per_command;
     if names.len() > max {
         return Err(QueryError(format!(

@@ -33,7 +33,7 @@ use saltpeter_store::TimelineQuery;
 use saltpeter_store::output::utf16_len;
 
 /// How often a connection is refreshed, as the original.
-pub const TICK: Duration = Duration::from_secs(2);
+pub(crate) const TICK: Duration = Duration::from_secs(2);
 /// The shortest time between pings, whatever `ui_idle_timeout` says.
 const MIN_PING_EVERY: Duration = Duration::from_secs(1);
 
