@@ -5,7 +5,9 @@
 //! `cargo xtask dist` passes the commit in the `SP_GIT_COMMIT` environment variable, so a release
 //! build says which commit it is even where no `.git` exists (a source tarball); otherwise git is
 //! asked, and a tree without git says `unknown`.
-#![warn(unreachable_pub)] // TEMP-SPLIT
+
+// What no other crate uses is `pub(crate)`, so the compiler reports it once nothing calls it.
+#![warn(unreachable_pub)]
 
 use std::process::Command;
 

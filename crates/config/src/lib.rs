@@ -8,20 +8,22 @@
 //! describes.
 //!
 //! Layout, lowest level first:
-//! - [`raw`]: YAML text to a tree of values with line and column, and the YAML 1.1 notes;
-//! - [`job`], [`settings`], [`maintenance`]: each section validated into typed values;
+//! - `raw`: YAML text to a tree of values with line and column, and the YAML 1.1 notes;
+//! - [`job`], [`settings`], `maintenance`: each section validated into typed values;
 //! - [`access`]: named tokens and their roles, public host names, `/metrics` exposure;
-//! - [`limits`]: the caps on what API and UI clients control (part of the settings);
-//! - [`dir`]: a directory, file by file, keeping every file's last good version;
-//! - [`deploy`]: checks of the whole configuration (legacy wrappers, an open API, users);
-//! - [`watch`]: hot reload (file events as a trigger, a debounced rescan, a slow safety rescan);
-//! - [`problem`]: errors and warnings with file, line, section and key.
+//! - `limits`: the caps on what API and UI clients control (part of the settings);
+//! - `dir`: a directory, file by file, keeping every file's last good version;
+//! - `deploy`: checks of the whole configuration (legacy wrappers, an open API, users);
+//! - `watch`: hot reload (file events as a trigger, a debounced rescan, a slow safety rescan);
+//! - `problem`: errors and warnings with file, line, section and key.
 //!
 //! - [`schedule`]: cron expressions (seconds and year fields) and their next fire times.
 //!
 //! Entry points for the binary: [`check_dir`] (`sp-master check`), [`next_fire_times`]
-//! (`sp-master next`), [`watch::ConfigWatcher`] (the running master).
-#![warn(unreachable_pub)] // TEMP-SPLIT
+//! (`sp-master next`), [`ConfigWatcher`] (the running master).
+
+// What no other crate uses is `pub(crate)`, so the compiler reports it once nothing calls it.
+#![warn(unreachable_pub)]
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
