@@ -15,8 +15,7 @@
 //! - `dir`: a directory, file by file, keeping every file's last good version;
 //! - `deploy`: checks of the whole configuration (legacy wrappers, an open API, users);
 //! - `watch`: hot reload (file events as a trigger, a debounced rescan, a slow safety rescan);
-//! - `problem`: errors and warnings with file, line, section and key.
-//!
+//! - `problem`: errors and warnings with file, line, section and key;
 //! - [`schedule`]: cron expressions (seconds and year fields) and their next fire times.
 //!
 //! Entry points for the binary: [`check_dir`] (`sp-master check`), [`next_fire_times`]

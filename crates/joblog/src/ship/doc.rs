@@ -6,7 +6,7 @@ use std::io::{self, BufReader, Read, Write};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
-use crate::{LogEntry, strip_carriage_returns, strip_carriage_returns_str};
+use crate::entry::{LogEntry, strip_carriage_returns, strip_carriage_returns_str};
 
 /// One log event as Elasticsearch/OpenSearch stores it. The first eight fields are the
 /// original's; the last two appear only when the output was cut to its head and tail.

@@ -26,7 +26,7 @@ use std::time::Duration;
 
 use parking_lot::{Condvar, Mutex};
 
-use crate::LogEntry;
+use crate::entry::LogEntry;
 use saltpeter_http::Client;
 
 pub(crate) use doc::DocBuilder;
