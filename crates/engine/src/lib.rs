@@ -7,6 +7,11 @@
 //!
 //! Per-message work is O(1) in the size of a run's history: an `output` appends to a bounded
 //! buffer and hands the text to the job-log thread; a `heartbeat` stores an instant.
+//!
+//! Besides the event loop this crate owns what only the engine works with: the live runs
+//! (`runs`), the launchers ([`launch`]), machine identity ([`Identity`]: credentials and
+//! signature checks) and the clocks ([`Clock`]). It writes durable state through
+//! `saltpeter-store` and job logs through `saltpeter-joblog`; it opens no socket.
 
 // What no other crate uses is `pub(crate)`, so the compiler reports it once nothing calls it.
 #![warn(unreachable_pub)]
