@@ -44,12 +44,12 @@ impl Clock {
     }
 
     /// The monotonic now.
-    pub fn instant(&self) -> Instant {
+    pub(crate) fn instant(&self) -> Instant {
         Instant::now()
     }
 
     /// The wall-clock now, in UTC.
-    pub fn wall(&self) -> OffsetDateTime {
+    pub(crate) fn wall(&self) -> OffsetDateTime {
         match self.mode {
             Mode::System => OffsetDateTime::now_utc(),
             Mode::Anchored {

@@ -90,7 +90,7 @@ pub struct RunningEntry {
     pub name: String,
     /// Machines that have not ended (D-32: a 253 or 254 leaves this list at once).
     pub machines: Vec<String>,
-    pub stop_signal: bool,
+    pub(crate) stop_signal: bool,
 }
 
 /// A job's latest result, as `status.last_state[job]`.
@@ -98,7 +98,7 @@ pub struct RunningEntry {
 pub struct LastState {
     pub last_run: String,
     /// The last run's verdict; always true while the job runs (as the original).
-    pub result_ok: bool,
+    pub(crate) result_ok: bool,
 }
 
 /// One subscribed job in a snapshot.
@@ -235,7 +235,7 @@ pub struct MachineLive {
     /// Seconds since the last heartbeat, on the master's monotonic clock.
     pub heartbeat_age: Option<f64>,
     /// Seconds from start to end (or to now while running).
-    pub duration: Option<f64>,
+    pub(crate) duration: Option<f64>,
     pub wrapper_version: Option<String>,
     pub output: OutputRead,
 }

@@ -146,7 +146,7 @@ impl Client {
     }
 
     /// Sends one request and reads the whole response.
-    pub fn request(&self, method: &str, path: &str) -> Result<Response, HttpError> {
+    pub(crate) fn request(&self, method: &str, path: &str) -> Result<Response, HttpError> {
         self.send(method, path, None, &[])
     }
 

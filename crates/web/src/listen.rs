@@ -328,18 +328,8 @@ impl Drop for Admission {
 }
 
 /// Accepts connections on `listener` and serves `router` on each (HTTP/1.1 with upgrades)
-/// until `shutdown`. Requests carry `ConnectInfo<SocketAddr>` and the connection's
-/// `Arc<Admission>` as extensions.
-pub async fn serve(
-    listener: TcpListener,
-    gate: Arc<Gate>,
-    router: Router,
-    shutdown: CancellationToken,
-) {
-    serve_tls(listener, gate, router, shutdown, None).await;
-}
-
-/// [`serve`], with TLS on every connection when `tls` is given.
+/// until `shutdown`, with TLS on every connection when `tls` is given. Requests carry
+/// `ConnectInfo<SocketAddr>` and the connection's `Arc<Admission>` as extensions.
 pub async fn serve_tls(
     listener: TcpListener,
     gate: Arc<Gate>,

@@ -69,7 +69,7 @@ pub(crate) struct MachineClock {
     pub armed: Option<Instant>,
     /// Legacy mode (`use_wrapper: false`): the launcher runs the command itself, so the
     /// start-up and heartbeat rules do not apply; timeouts and kills still do.
-    pub direct: bool,
+    pub(crate) direct: bool,
 }
 
 impl MachineRun {

@@ -18,13 +18,13 @@ pub struct Document {
     /// RFC 3339, UTC, microseconds: `2025-12-23T09:31:46.123456Z`.
     #[serde(rename = "@timestamp")]
     pub timestamp: String,
-    pub return_code: i64,
+    pub(crate) return_code: i64,
     pub machine: String,
     /// Carriage-return processed (§5.2).
     pub output: String,
     pub msg_type: String,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub output_truncated: bool,
+    pub(crate) output_truncated: bool,
     /// The full size of the processed output in bytes, when it was cut.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output_bytes: Option<u64>,

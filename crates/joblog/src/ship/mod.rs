@@ -49,7 +49,7 @@ pub struct Backend {
 
 impl Backend {
     /// Checks the URL (and the CA file) without starting anything.
-    pub fn validate(&self) -> Result<(), ShipError> {
+    pub(crate) fn validate(&self) -> Result<(), ShipError> {
         client_for(self).map(|_| ())
     }
 }
@@ -292,14 +292,10 @@ impl LogShipper {
             self.shipper.ship(&doc);
         }
     }
-
-    pub fn shipper(&self) -> &Shipper {
-        &self.shipper
-    }
 }
 
 /// The backends the settings enable (an empty URL disables one).
-pub fn backends(settings: &saltpeter_config::Settings) -> Vec<Backend> {
+pub(crate) fn backends(settings: &saltpeter_config::Settings) -> Vec<Backend> {
     [
         (
             "elasticsearch",

@@ -64,7 +64,7 @@ pub struct Caller {
 
 impl Caller {
     /// A caller of an API that demands no token.
-    pub fn anonymous(source: Option<IpAddr>) -> Caller {
+    pub(crate) fn anonymous(source: Option<IpAddr>) -> Caller {
         Caller {
             name: ANONYMOUS.to_owned(),
             role: Role::Admin,
@@ -74,7 +74,7 @@ impl Caller {
     }
 
     /// A caller the guard did not see (a router without it): may only read.
-    pub fn unknown() -> Caller {
+    pub(crate) fn unknown() -> Caller {
         Caller {
             name: "unknown".to_owned(),
             role: Role::Viewer,
@@ -84,7 +84,7 @@ impl Caller {
     }
 
     /// Whether the caller's role includes `role`.
-    pub fn may(&self, role: Role) -> bool {
+    pub(crate) fn may(&self, role: Role) -> bool {
         self.role >= role
     }
 
@@ -94,7 +94,7 @@ impl Caller {
     }
 
     /// Why the caller may not do something that needs `role`, for a 403 or a `/ws` error.
-    pub fn refusal(&self, role: Role, what: &str) -> String {
+    pub(crate) fn refusal(&self, role: Role, what: &str) -> String {
         format!(
             "the token {:?} has the role {}; {what} needs {role}",
             self.name, self.role
@@ -121,7 +121,11 @@ enum Need {
 }
 
 /// The middleware.
-pub async fn guard(State(state): State<GuardState>, mut request: Request, next: Next) -> Response {
+pub(crate) async fn guard(
+    State(state): State<GuardState>,
+    mut request: Request,
+    next: Next,
+) -> Response {
     let host = request_host(&request).map(str::to_owned);
     let mut response = match admit(&state, &request, host.as_deref()) {
         Ok(caller) => {

@@ -70,7 +70,7 @@ fn ping_every(idle: Duration) -> Duration {
 }
 
 /// Serves one upgraded connection until it closes.
-pub async fn serve(socket: WebSocket, ctx: UiContext, caller: Caller) {
+pub(crate) async fn serve(socket: WebSocket, ctx: UiContext, caller: Caller) {
     let mut conn = Connection {
         socket,
         ctx,
