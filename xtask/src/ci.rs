@@ -1,5 +1,5 @@
 //! `cargo xtask ci`: everything CI checks, in the order a developer would want to hear about
-//! failures: formatting, lints, unit and integration tests, end-to-end scenarios, then the
+//! failures: formatting, the crate graph, lints, unit and integration tests, end-to-end scenarios, then the
 //! x86_64 part of the release (`cargo xtask dist --quick`: the glibc 2.17 build, its ELF check
 //! and the .deb packages installed in a throwaway root). The full release (aarch64 under qemu,
 //! the .rpm packages) runs in the release workflow and on demand with `cargo xtask dist`.
@@ -38,6 +38,8 @@ pub fn run(_args: &[String]) -> Result<()> {
         "cargo fmt --check",
         cargo().args(["fmt", "--all", "--", "--check"]),
     )?;
+    eprintln!("==> cargo xtask deps");
+    crate::deps::run(&[])?;
     step(
         "cargo clippy",
         cargo().args([

@@ -1,6 +1,7 @@
 //! Project automation, run as `cargo xtask <command>`. See <https://github.com/matklad/cargo-xtask/>.
 //!
-//! - `ci`: everything CI runs (format, lints, unit and integration tests, e2e).
+//! - `ci`: everything CI runs (format, lints, the crate graph, unit and integration tests, e2e).
+//! - `deps`: checks that no crate depends on one the drawn crate graph forbids.
 //! - `e2e`: end-to-end scenarios with the real binaries.
 //! - `bench wrapper|master`: benchmarks that print figures.
 //! - `demo`: run the master on its embedded default configuration.
@@ -9,6 +10,7 @@
 mod bench;
 mod ci;
 mod demo;
+mod deps;
 mod dist;
 mod e2e;
 mod process;
@@ -20,12 +22,15 @@ fn main() -> Result<()> {
     match args.first().map(String::as_str) {
         Some("bench") => bench::run(&args[1..]),
         Some("ci") => ci::run(&args[1..]),
+        Some("deps") => deps::run(&args[1..]),
         Some("e2e") => e2e::run(&args[1..]),
         Some("demo") => demo::run(&args[1..]),
         Some("dist") => dist::run(&args[1..]),
         // Internal: one process of the e2e flood scenario's idle sockets.
         Some("flood-worker") => e2e::flood_worker(&args[1..]),
-        Some(other) => bail!("unknown xtask command {other:?}; try ci, e2e, bench, demo or dist"),
-        None => bail!("usage: cargo xtask <ci|e2e|bench|demo|dist>"),
+        Some(other) => {
+            bail!("unknown xtask command {other:?}; try ci, deps, e2e, bench, demo or dist")
+        }
+        None => bail!("usage: cargo xtask <ci|deps|e2e|bench|demo|dist>"),
     }
 }

@@ -12,7 +12,7 @@ use saltpeter_master::server::{self, Options};
 
 /// mimalloc rather than glibc's allocator: at 10,000 wrappers glibc's `malloc`, `free` and
 /// their chunk consolidation took ~11% of the master's CPU, every message allocating a few
-/// short-lived strings on one thread and freeing them on another (issue 7).
+/// short-lived strings on one thread and freeing them on another.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -141,7 +141,7 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {
-    let api = || -> Result<saltpeter_master::cli::Client> {
+    let api = || -> Result<saltpeter_http::Client> {
         let ca = match &cli.ca {
             Some(ca) => Some(ca.clone()),
             None if cli.api.starts_with("https://") => {
@@ -149,10 +149,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             None => None,
         };
-        Ok(
-            saltpeter_master::cli::Client::new(&cli.api, cli.token.clone())?
-                .with_ca(ca.as_deref())?,
-        )
+        Ok(saltpeter_http::Client::new(&cli.api, cli.token.clone())?.with_ca(ca.as_deref())?)
     };
     let code = |c: u8| Ok(ExitCode::from(c));
     match cli.command.unwrap_or(Command::Serve) {
@@ -190,7 +187,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         )?),
         Command::Serve => serve(cli.config_dir, cli.ready_file),
         Command::Next { job, count } => {
-            let lines = saltpeter_master::config::next_fire_times(
+            let lines = saltpeter_config::next_fire_times(
                 &cli.config_dir,
                 &job,
                 count,
@@ -202,7 +199,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Check => {
-            let problems = saltpeter_master::config::check_dir(&cli.config_dir);
+            let problems = saltpeter_config::check_dir(&cli.config_dir);
             let errors = problems.iter().filter(|p| p.is_error()).count();
             for p in &problems {
                 eprintln!("{p}");
@@ -230,9 +227,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
 
 /// `sp-master token new`: the token goes to stdout once; only its hash goes into the config.
 fn new_token(name: &str, role: &str, json: bool) -> Result<ExitCode> {
-    use saltpeter_master::config::access;
+    use saltpeter_config::access;
     access::check_name(name).map_err(anyhow::Error::msg)?;
-    let role = saltpeter_master::config::Role::parse(role)
+    let role = saltpeter_config::Role::parse(role)
         .with_context(|| format!("--role must be viewer, operator or admin, not {role:?}"))?;
     let token = access::new_token();
     let entry = access::config_entry(name, role, &token);
@@ -261,7 +258,7 @@ const CONNECTION_THREAD_NICE: i32 = 5;
 fn serve(config_dir: PathBuf, ready_file: Option<PathBuf>) -> Result<ExitCode> {
     // The format is chosen once, before anything logs: read the settings now (the watcher
     // reads them again at start and logs their problems).
-    let format = saltpeter_master::config::Config::load(&config_dir)
+    let format = saltpeter_config::Config::load(&config_dir)
         .settings
         .log_format;
     let log_level = init_tracing(format);
@@ -273,7 +270,7 @@ fn serve(config_dir: PathBuf, ready_file: Option<PathBuf>) -> Result<ExitCode> {
         // checkpoint and job-log threads (started from this, the main thread, at their own
         // priority) each serve every connection at once. When the cores are short, finishing
         // work already taken in goes first: a store thread preempted for 88 ms held every ack
-        // for that long (issue 7).
+        // for that long.
         .on_thread_start(|| sys::lower_this_thread_priority(CONNECTION_THREAD_NICE))
         .build()
         .context("starting the async runtime")?;
@@ -332,7 +329,7 @@ fn raise_fd_limit() {
     }
 }
 
-use saltpeter_master::config::settings::LogFormat;
+use saltpeter_config::settings::LogFormat;
 
 /// Switches between `info` and `debug` logging; `None` when `RUST_LOG` fixes the level.
 type LogLevelSwitch = Option<Box<dyn Fn(bool) + Send + Sync>>;
@@ -358,15 +355,17 @@ fn init_tracing(format: LogFormat) -> LogLevelSwitch {
         .with(log_layer(format, colour))
         .init();
     Some(Box::new(move |debug| {
-        let level = if debug {
-            "info,saltpeter_master=debug"
-        } else {
-            "info"
-        };
+        let level = if debug { DEBUG_FILTER } else { "info" };
         // Only fails if the subscriber is gone, at which point nothing logs anyway.
         let _ = handle.modify(|f| *f = EnvFilter::new(level));
     }))
 }
+
+/// `debug: true` turns on debug logs of every crate of the master (each logs under its own
+/// target), and only info from the libraries underneath.
+const DEBUG_FILTER: &str = "info,saltpeter_master=debug,saltpeter_config=debug,\
+     saltpeter_store=debug,saltpeter_joblog=debug,saltpeter_engine=debug,saltpeter_web=debug,\
+     saltpeter_http=debug,saltpeter_files=debug,saltpeter_metrics=debug";
 
 /// The output layer for `format`: JSON objects one per line for log shippers, or text for
 /// people (in colour only at a terminal). Both write to stderr.
@@ -397,8 +396,8 @@ where
 /// and goes on waiting. Without a handler SIGHUP would end the process with no log line, which
 /// systemd does not count as a failure.
 async fn serve_signals(
-    watcher: &saltpeter_master::config::ConfigWatcher,
-    engine: &saltpeter_master::engine::EngineHandle,
+    watcher: &saltpeter_config::ConfigWatcher,
+    engine: &saltpeter_engine::EngineHandle,
 ) {
     use tokio::signal::unix::{SignalKind, signal};
     let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
@@ -424,13 +423,13 @@ async fn serve_signals(
                 tracing::info!("SIGHUP received: rereading the config directory.");
                 // The reread itself is recorded by the engine when the serial moves (as
                 // `config`); this entry says that a signal asked for it.
-                use saltpeter_master::audit::{Action, Actor};
-                let note = saltpeter_master::engine::ApiRequest::Note {
+                use saltpeter_store::audit::{Action, Actor};
+                let note = saltpeter_engine::ApiRequest::Note {
                     by: Actor::signal(),
                     action: Action::ReloadRequested,
                     detail: Some("SIGHUP".to_owned()),
                 };
-                engine.send(saltpeter_master::engine::Event::Api(note)).await;
+                engine.send(saltpeter_engine::Event::Api(note)).await;
                 watcher.reload_now();
             }
         }

@@ -12,16 +12,16 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::clock::Clock;
-use crate::config::{Config, ConfigWatcher, Launcher as LauncherKind, WatchOptions};
-use crate::engine::{Engine, EngineHandle, EngineParts, StoreParts};
-use crate::joblog::JobLog;
-use crate::launch::Launcher;
-use crate::launch::bench::BenchLauncher;
-use crate::launch::local::LocalLauncher;
-use crate::launch::salt::SaltLauncher;
-use crate::listen::Gate;
-use crate::metrics::ListenerKind;
+use saltpeter_config::{Config, ConfigWatcher, Launcher as LauncherKind, WatchOptions};
+use saltpeter_engine::Clock;
+use saltpeter_engine::launch::Launcher;
+use saltpeter_engine::launch::bench::BenchLauncher;
+use saltpeter_engine::launch::local::LocalLauncher;
+use saltpeter_engine::launch::salt::SaltLauncher;
+use saltpeter_engine::{Engine, EngineHandle, EngineParts, StoreParts};
+use saltpeter_joblog::JobLog;
+use saltpeter_metrics::ListenerKind;
+use saltpeter_web::listen::Gate;
 
 /// How long [`Running::stop`] waits for open HTTP requests once the engine has stopped.
 const LISTENER_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
@@ -89,13 +89,13 @@ pub enum StartError {
     #[error("{0}")]
     Config(String),
     #[error("cannot open the store: {0}")]
-    Store(crate::store::StoreError),
+    Store(saltpeter_store::StoreError),
     #[error("launcher {0:?} is not available in this build yet")]
     Launcher(&'static str),
     #[error("cannot start the engine thread: {0}")]
     Engine(std::io::Error),
     #[error("{0}")]
-    Tls(#[from] crate::tls::TlsSetupError),
+    Tls(#[from] saltpeter_web::tls::TlsSetupError),
 }
 
 /// Connections the kernel completes and queues for each listener before the master accepts
@@ -149,7 +149,7 @@ pub async fn start(options: Options) -> Result<Running, StartError> {
             .and_then(|l| l.local_addr().ok())
             .map_or(configured, |a| a.ip())
     };
-    let tls = crate::tls::ListenerTls::decide(
+    let tls = saltpeter_web::tls::ListenerTls::decide(
         s,
         bound_ip(&options.machines_listener, s.machines_bind_addr),
         bound_ip(&options.api_listener, s.api_bind_addr),
@@ -191,17 +191,17 @@ pub async fn start(options: Options) -> Result<Running, StartError> {
     let scheme = if tls.machines.is_some() { "wss" } else { "ws" };
     let machines_url = format!("{scheme}://{host}:{}", machines_addr.port());
     // Shipping to Elasticsearch/OpenSearch only when a URL is configured.
-    let ship = crate::ship::start_for(s, config_rx.clone());
+    let ship = saltpeter_joblog::ship::start_for(s, config_rx.clone());
     let joblog =
         JobLog::start_shipping(s.data_dir.join("spool"), ship).map_err(StartError::JobLog)?;
-    let retention = crate::store::Retention {
+    let retention = saltpeter_store::Retention {
         runs_per_job: usize::try_from(s.retention_runs_per_job).unwrap_or(usize::MAX),
         max_age_days: u32::try_from(s.retention_days).unwrap_or(u32::MAX),
         head_bytes: s.retention_output_head_bytes,
         tail_bytes: s.retention_output_tail_bytes,
     };
     let (db, restored) =
-        crate::store::Store::open(&s.data_dir, retention).map_err(StartError::Store)?;
+        saltpeter_store::Store::open(&s.data_dir, retention).map_err(StartError::Store)?;
     let (engine, handle) = Engine::new(EngineParts {
         config: config_rx.clone(),
         launcher,
@@ -210,14 +210,14 @@ pub async fn start(options: Options) -> Result<Running, StartError> {
         machines_url,
         wrapper_env: tls.wrapper_env.clone(),
         shutdown: shutdown.clone(),
-        store: StoreParts::Open(db, restored),
+        store: StoreParts::Open(Box::new(db), restored),
     })
     .map_err(StartError::Store)?;
     let mut tasks = tokio::task::JoinSet::new();
     let engine_stopped = engine.run_on_own_thread().map_err(StartError::Engine)?;
     // Both listeners share one open-file budget (the open count in the metrics); each has its
     // own caps on pending connections.
-    let fd_limit = crate::listen::fd_limit();
+    let fd_limit = saltpeter_web::listen::fd_limit();
     let metrics = handle.metrics().clone();
     let machines_gate = Gate::new(
         ListenerKind::Machines,
@@ -226,21 +226,21 @@ pub async fn start(options: Options) -> Result<Running, StartError> {
         fd_limit,
     );
     let api_gate = Gate::new(ListenerKind::Api, config_rx.clone(), metrics, fd_limit);
-    let endpoint = crate::endpoint::router(handle.clone());
-    tasks.spawn(crate::listen::serve_tls(
+    let endpoint = saltpeter_web::endpoint::router(handle.clone());
+    tasks.spawn(saltpeter_web::listen::serve_tls(
         machines_listener,
         machines_gate,
         endpoint,
         shutdown.clone(),
         tls.machines.clone(),
     ));
-    let ui = crate::ui::router(handle.clone(), config_rx.clone());
-    let api = crate::ui::protect(
-        crate::api::router(handle.clone(), config_rx.clone()).merge(ui),
+    let ui = saltpeter_web::ui::router(handle.clone(), config_rx.clone());
+    let api = saltpeter_web::ui::protect(
+        saltpeter_web::api::router(handle.clone(), config_rx.clone()).merge(ui),
         config_rx.clone(),
         api_addr,
     );
-    tasks.spawn(crate::listen::serve_tls(
+    tasks.spawn(saltpeter_web::listen::serve_tls(
         api_listener,
         api_gate,
         api,

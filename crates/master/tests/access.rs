@@ -12,8 +12,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
+use saltpeter_config::access::{hash_token, hex};
 use saltpeter_master::cli;
-use saltpeter_master::config::access::{hash_token, hex};
 use saltpeter_master::server::Running;
 use serde_json::Value;
 use support::{FakeLauncher, job};

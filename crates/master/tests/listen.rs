@@ -345,7 +345,7 @@ async fn pending_connections_are_capped_per_address_and_in_all() {
 
 #[tokio::test(start_paused = true)]
 async fn sockets_beyond_the_open_file_limit_less_the_reserve_are_refused() {
-    let limit = saltpeter_master::listen::fd_limit();
+    let limit = saltpeter_web::listen::fd_limit();
     assert!(limit > 16 && limit < u64::MAX, "open-file limit {limit}");
     // Room for four sockets on both listeners together.
     let settings = format!(

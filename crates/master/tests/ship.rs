@@ -13,8 +13,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::Mutex;
-use saltpeter_master::joblog::{JobLog, LogEntry};
-use saltpeter_master::ship::{Backend, Document, LogShipper, ShipOptions, Shipper};
+use saltpeter_joblog::ship::{Backend, Document, LogShipper, ShipOptions, Shipper};
+use saltpeter_joblog::{JobLog, LogEntry};
 use serde_json::{Value, json};
 use time::OffsetDateTime;
 use time::macros::datetime;
@@ -776,8 +776,7 @@ async fn the_master_ships_when_a_url_is_configured() {
     })
     .await
     .unwrap();
-    let api =
-        saltpeter_master::cli::Client::new(&format!("http://{}", running.api_addr), None).unwrap();
+    let api = saltpeter_http::Client::new(&format!("http://{}", running.api_addr), None).unwrap();
     let response = tokio::task::spawn_blocking(move || api.post("/api/v1/jobs/j/run"))
         .await
         .unwrap()

@@ -6,9 +6,9 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use saltpeter_master::config::Config;
-use saltpeter_master::launch::local::LocalLauncher;
-use saltpeter_master::launch::{Launcher, StartRequest};
+use saltpeter_config::Config;
+use saltpeter_engine::launch::local::LocalLauncher;
+use saltpeter_engine::launch::{Launcher, StartRequest};
 use saltpeter_master::server::{self, Options, StartError};
 use tokio::net::TcpListener;
 

@@ -198,7 +198,7 @@ async fn the_api_speaks_https_verified_with_the_masters_certificate_as_ca() {
     let url = format!("https://127.0.0.1:{}", r.api_addr.port());
     let ca = dir.path().join("data/tls/cert.pem");
     let (with_ca, without) = tokio::task::spawn_blocking(move || {
-        use saltpeter_master::cli::Client;
+        use saltpeter_http::Client;
         let with_ca = Client::new(&url, None)
             .unwrap()
             .with_ca(Some(&ca))

@@ -22,12 +22,12 @@ use std::time::Duration;
 use futures_util::{SinkExt, StreamExt};
 use proptest::prelude::*;
 use proptest::test_runner::{Config as RunnerConfig, TestRunner};
-use saltpeter_master::config::job::MAX_TIMEOUT_SECS;
-use saltpeter_master::config::{Config, Limits};
-use saltpeter_master::schedule::{Schedule, ScheduleFields};
+use saltpeter_config::job::MAX_TIMEOUT_SECS;
+use saltpeter_config::schedule::{Schedule, ScheduleFields};
+use saltpeter_config::{Config, Limits};
 use saltpeter_master::server::Running;
-use saltpeter_master::ui::messages::{parse_command, parse_when};
-use saltpeter_master::ui::query;
+use saltpeter_web::ui::messages::{parse_command, parse_when};
+use saltpeter_web::ui::query;
 use serde_json::{Value, json};
 use time::OffsetDateTime;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -99,7 +99,7 @@ fn settings_that_would_overflow_the_clock_or_calendar_are_errors() {
         );
     }
     // Each bad value is dropped: the defaults stay.
-    let defaults = saltpeter_master::config::Settings::default();
+    let defaults = saltpeter_config::Settings::default();
     let s = &config.settings;
     assert_eq!(s.heartbeat_timeout, defaults.heartbeat_timeout);
     assert_eq!(s.ping_timeout, defaults.ping_timeout);
@@ -439,9 +439,9 @@ proptest! {
         prop_assert!(l.api_max_runs_page >= 1 && l.timeline_max_rows >= 1);
         prop_assert!((1..=36_500).contains(&l.timeline_max_days));
         let a = &s.access;
-        prop_assert!(a.tokens.len() <= saltpeter_master::config::access::MAX_TOKENS);
-        prop_assert!(a.public_names.len() <= saltpeter_master::config::access::MAX_PUBLIC_NAMES);
-        prop_assert!(a.tokens.iter().all(|t| saltpeter_master::config::access::check_name(&t.name).is_ok()));
+        prop_assert!(a.tokens.len() <= saltpeter_config::access::MAX_TOKENS);
+        prop_assert!(a.public_names.len() <= saltpeter_config::access::MAX_PUBLIC_NAMES);
+        prop_assert!(a.tokens.iter().all(|t| saltpeter_config::access::check_name(&t.name).is_ok()));
         // The sums the engine and the launcher compute.
         let now = tokio::time::Instant::now();
         let _ = now + s.heartbeat_timeout;
@@ -456,7 +456,7 @@ proptest! {
             .parse()
             .unwrap();
         let names = vec!["cron.example.net".to_owned()];
-        let allowed = saltpeter_master::ui::auth::host_allowed(&host, local, &names);
+        let allowed = saltpeter_web::ui::auth::host_allowed(&host, local, &names);
         if host.contains("attacker") && !host.starts_with('[') {
             prop_assert!(!allowed, "{host:?}");
         }

@@ -10,12 +10,13 @@ mod support;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use saltpeter_master::config::Config;
-use saltpeter_master::engine::{
-    ApiRequest, JobCursors, OutputCursor, RunOutputQuery, TimelineQuery, UiRequest, UiSnapshot,
+use saltpeter_config::Config;
+use saltpeter_engine::{
+    ApiRequest, JobCursors, OutputCursor, RunOutputQuery, UiRequest, UiSnapshot,
 };
-use saltpeter_master::ui::messages::{config_message, timeline_message};
-use saltpeter_master::ui::ws::plan;
+use saltpeter_store::TimelineQuery;
+use saltpeter_web::ui::messages::{config_message, timeline_message};
+use saltpeter_web::ui::ws::plan;
 use serde_json::Value;
 use support::*;
 

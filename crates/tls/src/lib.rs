@@ -4,13 +4,16 @@
 //!
 //! Everything here uses rustls with the ring provider, passed explicitly rather than installed
 //! process-wide, so no part of a process depends on which one called first. This crate does no
-//! network I/O; it reads PEM files only when asked to build a configuration from one.
+//! network I/O; it reads PEM files only when asked to build a configuration from one. It also
+//! decodes a single PEM block ([`pem_decode`]) for the Salt keys both binaries read.
 
 /// The rustls this crate builds on, so users name its types without depending on it twice.
 pub use rustls;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+
+use base64::Engine as _;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
@@ -252,6 +255,33 @@ impl ServerCertVerifier for PinnedVerifier {
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.algorithms.supported_schemes()
     }
+}
+
+/// The label and contents of the first PEM block in `text`: the master reads minions' Salt
+/// public keys with it and the wrapper its minion's private key, neither of which rustls's PEM
+/// reader covers (PKCS#1 public keys) or needs a dependency for.
+pub fn pem_decode(text: &str) -> Result<(String, Vec<u8>), String> {
+    let mut lines = text.lines().map(str::trim);
+    let label = lines
+        .by_ref()
+        .find_map(|l| l.strip_prefix("-----BEGIN ")?.strip_suffix("-----"))
+        .ok_or("no PEM block")?
+        .to_owned();
+    let end = format!("-----END {label}-----");
+    let mut body = String::new();
+    for line in lines.by_ref() {
+        if line == end {
+            return base64::engine::general_purpose::STANDARD
+                .decode(body.as_bytes())
+                .map(|der| (label, der))
+                .map_err(|e| format!("bad base64 in the PEM block: {e}"));
+        }
+        if line.contains(':') {
+            return Err("an encrypted PEM block (headers are not supported)".into());
+        }
+        body.push_str(line);
+    }
+    Err(format!("no line {end:?}"))
 }
 
 #[cfg(test)]

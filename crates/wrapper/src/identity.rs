@@ -63,7 +63,7 @@ impl MinionKey {
             path: path.clone(),
             why,
         };
-        let (label, der) = pem_decode(text).map_err(parse)?;
+        let (label, der) = saltpeter_tls::pem_decode(text).map_err(parse)?;
         let key = match label.as_str() {
             "RSA PRIVATE KEY" => RsaKeyPair::from_der(&der),
             "PRIVATE KEY" => RsaKeyPair::from_pkcs8(&der),
@@ -86,31 +86,6 @@ impl MinionKey {
             .map_err(|_| KeyError::Sign)?;
         Ok(base64::engine::general_purpose::STANDARD.encode(signature))
     }
-}
-
-/// The label and contents of the first PEM block in `text`.
-fn pem_decode(text: &str) -> Result<(String, Vec<u8>), String> {
-    let mut lines = text.lines().map(str::trim);
-    let label = lines
-        .by_ref()
-        .find_map(|l| l.strip_prefix("-----BEGIN ")?.strip_suffix("-----"))
-        .ok_or("no PEM block")?
-        .to_owned();
-    let end = format!("-----END {label}-----");
-    let mut body = String::new();
-    for line in lines.by_ref() {
-        if line == end {
-            return base64::engine::general_purpose::STANDARD
-                .decode(body.as_bytes())
-                .map(|der| (label, der))
-                .map_err(|e| format!("bad base64 in the PEM block: {e}"));
-        }
-        if line.contains(':') {
-            return Err("an encrypted key (PEM headers are not supported)".into());
-        }
-        body.push_str(line);
-    }
-    Err(format!("no line {end:?}"))
 }
 
 #[cfg(test)]

@@ -3,7 +3,7 @@
 //! release `sp-master` against up to ten thousand simulated wrappers on this machine.
 //!
 //! It owns the scenarios, the measurements and the report. The master runs with `launcher:
-//! bench` (see `crates/master/src/launch/bench.rs`): its start requests go to a file that
+//! bench` (see `crates/engine/src/launch/bench.rs`): its start requests go to a file that
 //! [`fleet`] tails, and the simulated wrappers speak the real protocol over loopback, so the
 //! machines endpoint, engine, monitor, store, API and metrics are the production code.
 //!

@@ -211,7 +211,11 @@ fn spawn(bin: &Path, dir: &Path, conf: &Path) -> Result<Child> {
         .arg(conf)
         .arg("--ready-file")
         .arg(dir.join("ready.json"))
-        .env("RUST_LOG", "info,saltpeter_master=debug")
+        .env(
+            "RUST_LOG",
+            "info,saltpeter_master=debug,saltpeter_engine=debug,saltpeter_web=debug,\
+             saltpeter_store=debug,saltpeter_joblog=debug,saltpeter_config=debug",
+        )
         .env("NO_COLOR", "1")
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)

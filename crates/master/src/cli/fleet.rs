@@ -24,9 +24,9 @@ use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 
 use super::Code;
-use crate::config::Config;
-use crate::config::settings::ORIGINAL_WRAPPER_PATH;
-use crate::launch::salt::{Kw, kwarg_map, parse_reply, shell_word};
+use saltpeter_config::Config;
+use saltpeter_config::settings::ORIGINAL_WRAPPER_PATH;
+use saltpeter_engine::launch::salt::{Kw, kwarg_map, parse_reply, shell_word};
 
 /// This master's version and build, as `sp-master --version` prints them.
 #[derive(Debug, Clone)]

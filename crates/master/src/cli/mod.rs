@@ -8,7 +8,6 @@
 //! 2 when the master cannot be reached (from `main`).
 
 pub mod fleet;
-pub mod http;
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -17,18 +16,18 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 
-pub use http::Client;
+pub use saltpeter_http::Client;
 
 /// The certificate the master in `config_dir` presents, for the CLI to trust as its CA when
 /// run on the master's host: the operator's `tls_cert`, else the self-signed one in
 /// `data_dir`, if the file exists and is readable.
 pub fn masters_certificate(config_dir: &std::path::Path) -> Option<std::path::PathBuf> {
-    let config = crate::config::Config::load(config_dir);
+    let config = saltpeter_config::Config::load(config_dir);
     let s = &config.settings;
     let path = s.tls_cert.clone().unwrap_or_else(|| {
         s.data_dir
-            .join(crate::tls::TLS_DIR)
-            .join(crate::tls::CERT_FILE)
+            .join(saltpeter_web::tls::TLS_DIR)
+            .join(saltpeter_web::tls::CERT_FILE)
     });
     std::fs::File::open(&path).is_ok().then_some(path)
 }

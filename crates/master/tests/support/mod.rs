@@ -8,15 +8,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::Mutex;
-use saltpeter_master::clock::Clock;
-use saltpeter_master::config::{Config, JobSpec};
-use saltpeter_master::engine::{
+use saltpeter_config::{Config, JobSpec};
+use saltpeter_engine::Clock;
+use saltpeter_engine::launch::{BoxFuture, Launcher, Resolution, StartOutcome, StartRequest};
+use saltpeter_engine::{
     ApiRequest, ConnId, Engine, EngineHandle, EngineParts, Event, Outbound, StoreParts,
 };
-use saltpeter_master::joblog::JobLog;
-use saltpeter_master::launch::{BoxFuture, Launcher, Resolution, StartOutcome, StartRequest};
-use saltpeter_master::store::Store;
+use saltpeter_joblog::JobLog;
 use saltpeter_proto::*;
+use saltpeter_store::Store;
 use serde_json::Value;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -71,10 +71,10 @@ impl FakeLauncher {
 }
 
 impl Launcher for FakeLauncher {
-    fn identity(&self) -> saltpeter_master::identity::Identity {
+    fn identity(&self) -> saltpeter_engine::Identity {
         match *self.salt_pki_dir.lock() {
-            Some(_) => saltpeter_master::identity::Identity::SaltKey,
-            None => saltpeter_master::identity::Identity::MachineToken,
+            Some(_) => saltpeter_engine::Identity::SaltKey,
+            None => saltpeter_engine::Identity::MachineToken,
         }
     }
 
@@ -526,8 +526,8 @@ impl FakeWrapper {
 }
 
 /// The actor of acts the tests ask the engine for directly.
-pub fn tester() -> saltpeter_master::audit::Actor {
-    saltpeter_master::audit::Actor::remote("tester", None)
+pub fn tester() -> saltpeter_store::audit::Actor {
+    saltpeter_store::audit::Actor::remote("tester", None)
 }
 
 /// A whole master through `server::start` on loopback port 0 with a fake launcher: the same
@@ -587,7 +587,7 @@ pub fn sign_as(key_owner: &str, nonce: &str, instance: &str, machine: &str) -> S
     use base64::Engine as _;
     use ring::signature::{RSA_PKCS1_SHA256, RsaKeyPair};
     let text = std::fs::read_to_string(test_key(&format!("{key_owner}.pem"))).unwrap();
-    let (label, der) = saltpeter_master::identity::pem_decode(&text).unwrap();
+    let (label, der) = saltpeter_tls::pem_decode(&text).unwrap();
     let key = match label.as_str() {
         "RSA PRIVATE KEY" => RsaKeyPair::from_der(&der).unwrap(),
         _ => RsaKeyPair::from_pkcs8(&der).unwrap(),
