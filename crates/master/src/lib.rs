@@ -37,7 +37,6 @@ pub mod joblog;
 pub mod launch;
 pub mod listen;
 pub mod metrics;
-pub mod notify;
 pub mod private;
 pub mod runs;
 pub mod schedule;

@@ -31,7 +31,6 @@ pub mod dir;
 pub mod job;
 pub mod limits;
 pub mod maintenance;
-pub mod notify;
 pub mod problem;
 pub mod raw;
 pub mod settings;

@@ -1,11 +1,36 @@
 //! What each channel receives for an [`Alert`]: a webhook's JSON body (documented in
 //! docs/DEPLOY.md, so receivers can rely on its fields), a Slack or Mattermost message, and a
 //! mail's subject and text.
+//!
+//! Every body is bounded whatever the fleet's size: a webhook lists at most
+//! [`MAX_WEBHOOK_MACHINES`] machines (and says how many it left out), a chat message and a mail
+//! at most [`MAX_CHAT_LINES`] and [`MAX_MAIL_LINES`] failed machines, and long free text is cut.
 
 use serde_json::{Value, json};
 use time::format_description::well_known::Rfc3339;
 
-use super::{Alert, NotifyOn};
+use crate::{Alert, NotifyOn};
+
+/// Machines a webhook body lists; `machines_omitted` counts the rest.
+pub const MAX_WEBHOOK_MACHINES: usize = 1000;
+/// Failed machines a Slack message names.
+pub const MAX_CHAT_LINES: usize = 20;
+/// Failed machines a mail names.
+pub const MAX_MAIL_LINES: usize = 1000;
+/// Longest free text (`detail`, `link`, a machine's name or cause) taken into a body.
+pub const MAX_FIELD: usize = 2048;
+
+/// `text` cut to at most [`MAX_FIELD`] bytes, on a character boundary.
+fn cut(text: &str) -> &str {
+    if text.len() <= MAX_FIELD {
+        return text;
+    }
+    let mut end = MAX_FIELD;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text.get(..end).unwrap_or_default()
+}
 
 fn rfc3339(at: time::OffsetDateTime) -> Value {
     at.format(&Rfc3339).map_or(Value::Null, Value::String)
@@ -16,7 +41,8 @@ pub fn webhook_body(alert: &Alert) -> Vec<u8> {
     let machines: Vec<Value> = alert
         .machines
         .iter()
-        .map(|m| json!({"machine": m.machine, "code": m.code, "cause": m.cause}))
+        .take(MAX_WEBHOOK_MACHINES)
+        .map(|m| json!({"machine": cut(&m.machine), "code": m.code, "cause": cut(&m.cause)}))
         .collect();
     let body = json!({
         "id": alert.idempotency_key(),
@@ -26,10 +52,11 @@ pub fn webhook_body(alert: &Alert) -> Vec<u8> {
         "at": rfc3339(alert.at),
         "slot": alert.slot.map(rfc3339),
         "machines": machines,
+        "machines_omitted": alert.machines.len().saturating_sub(MAX_WEBHOOK_MACHINES),
         "failed": alert.failed().count(),
         "total": alert.machines.len(),
-        "detail": alert.detail,
-        "link": alert.link,
+        "detail": alert.detail.as_deref().map(cut),
+        "link": alert.link.as_deref().map(cut),
     });
     body.to_string().into_bytes()
 }
@@ -57,22 +84,27 @@ pub fn headline(alert: &Alert) -> String {
     }
 }
 
-/// The lines under the headline: each failed machine with its code and cause, the detail,
-/// the link.
-pub fn details(alert: &Alert) -> Vec<String> {
+/// The lines under the headline: each failed machine with its code and cause (at most
+/// `max`, then how many more), the detail, the link.
+pub fn details(alert: &Alert, max: usize) -> Vec<String> {
     let mut lines: Vec<String> = alert
         .failed()
-        .map(|m| format!("{}: {} ({})", m.machine, m.code, m.cause))
+        .take(max)
+        .map(|m| format!("{}: {} ({})", cut(&m.machine), m.code, cut(&m.cause)))
         .collect();
-    lines.extend(alert.detail.iter().cloned());
-    lines.extend(alert.link.iter().cloned());
+    let more = alert.failed().count().saturating_sub(max);
+    if more > 0 {
+        lines.push(format!("... and {more} more"));
+    }
+    lines.extend(alert.detail.as_deref().map(|d| cut(d).to_owned()));
+    lines.extend(alert.link.as_deref().map(|l| cut(l).to_owned()));
     lines
 }
 
 /// A Slack or Mattermost incoming-webhook body.
 pub fn slack_body(alert: &Alert) -> Vec<u8> {
     let mut text = headline(alert);
-    for line in details(alert) {
+    for line in details(alert, MAX_CHAT_LINES) {
         text.push('\n');
         text.push_str(&line);
     }
@@ -82,7 +114,7 @@ pub fn slack_body(alert: &Alert) -> Vec<u8> {
 /// A mail's subject and plain-text body.
 pub fn mail(alert: &Alert) -> (String, String) {
     let mut body = String::new();
-    for line in details(alert) {
+    for line in details(alert, MAX_MAIL_LINES) {
         body.push_str(&line);
         body.push('\n');
     }
@@ -93,7 +125,8 @@ pub fn mail(alert: &Alert) -> (String, String) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::notify::tests::failure;
+    use crate::MachineResult;
+    use crate::tests::failure;
 
     #[test]
     fn the_webhook_body_names_event_job_run_results_and_link() {
@@ -132,5 +165,35 @@ mod tests {
             headline(&missed),
             "saltpeter: backup missed its slot 2026-12-06T01:00:00Z"
         );
+    }
+
+    #[test]
+    fn bodies_stay_bounded_for_a_huge_fleet() {
+        let mut alert = failure();
+        alert.machines = (0..20_000)
+            .map(|i| MachineResult {
+                machine: format!("m{i}"),
+                code: 255,
+                cause: "error".into(),
+            })
+            .collect();
+        alert.detail = Some("é".repeat(10_000));
+        let body: Value = serde_json::from_slice(&webhook_body(&alert)).unwrap_or_default();
+        assert_eq!(
+            body["machines"].as_array().map(Vec::len),
+            Some(MAX_WEBHOOK_MACHINES)
+        );
+        assert_eq!(body["machines_omitted"], 19_000);
+        assert_eq!(body["failed"], 20_000);
+        assert!(
+            body["detail"]
+                .as_str()
+                .is_some_and(|d| d.len() <= MAX_FIELD)
+        );
+        assert!(webhook_body(&alert).len() < 128 * 1024);
+        let slack: Value = serde_json::from_slice(&slack_body(&alert)).unwrap_or_default();
+        let text = slack["text"].as_str().unwrap_or_default();
+        assert!(text.contains("... and 19980 more"), "{text}");
+        assert!(mail(&alert).1.len() < 64 * 1024);
     }
 }
