@@ -31,7 +31,7 @@ pub mod sign;
 use time::OffsetDateTime;
 
 pub use config::{Channel, NotifyOn, Rule};
-pub use deliver::{Clock, Deliverer, DeliveryStats, SystemClock};
+pub use deliver::{Clock, Deliverer, DeliveryLoop, DeliveryStats, LoopOptions, SystemClock};
 pub use outbox::{MemoryOutbox, Outbox, OutboxError, Pending};
 pub use send::{NetSender, SendError, Sender};
 
