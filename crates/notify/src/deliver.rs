@@ -49,6 +49,11 @@ pub struct LoopOptions {
     /// How long a claimed row is held before another round (or, after a crash, another
     /// master) may take it again. Longer than a send can take.
     pub lease: Duration,
+    /// How long finished rows (delivered, given up, dropped) stay in the outbox: their keys
+    /// keep a repeated event from being sent twice, and their errors are shown by the API.
+    pub keep: Duration,
+    /// How often finished rows older than `keep` are deleted.
+    pub prune_every: Duration,
 }
 
 impl Default for LoopOptions {
@@ -58,6 +63,8 @@ impl Default for LoopOptions {
             poll: Duration::from_secs(5),
             batch: 32,
             lease: Duration::from_secs(300),
+            keep: Duration::from_secs(7 * 86400),
+            prune_every: Duration::from_secs(3600),
         }
     }
 }
@@ -111,6 +118,7 @@ pub struct DeliveryLoop {
     limiter: RateLimiter,
     counters: Arc<Counters>,
     stopping: Arc<AtomicBool>,
+    last_prune: Option<OffsetDateTime>,
 }
 
 impl std::fmt::Debug for DeliveryLoop {
@@ -136,6 +144,7 @@ impl DeliveryLoop {
             options,
             counters: Arc::default(),
             stopping: Arc::default(),
+            last_prune: None,
         }
     }
 
@@ -219,6 +228,27 @@ impl DeliveryLoop {
         handled
     }
 
+    /// Deletes finished rows older than `keep`, at most once per `prune_every`; returns how
+    /// many went.
+    pub fn prune_if_due(&mut self) -> u64 {
+        let now = self.clock.now();
+        if self
+            .last_prune
+            .is_some_and(|last| now - last < self.options.prune_every && now >= last)
+        {
+            return 0;
+        }
+        self.last_prune = Some(now);
+        match self.outbox.prune(now - self.options.keep) {
+            Ok(n) => n,
+            Err(e) => {
+                bump(&self.counters.outbox_errors);
+                tracing::warn!(error = %e, "notifications: pruning the outbox failed");
+                0
+            }
+        }
+    }
+
     fn record(&self, result: Result<(), crate::OutboxError>) {
         if let Err(e) = result {
             bump(&self.counters.outbox_errors);
@@ -272,6 +302,7 @@ impl Deliverer {
                     if state.stopping.load(Ordering::Relaxed) {
                         break;
                     }
+                    state.prune_if_due();
                     // A full batch may mean more is due: go again without sleeping.
                     if state.run_once() >= state.options.batch.max(1) {
                         continue;
@@ -551,6 +582,21 @@ mod tests {
         r.clock.set(T0 + time::Duration::hours(2));
         r.state.run_once();
         assert_eq!(r.sent.lock().len(), 1);
+    }
+
+    #[test]
+    fn finished_rows_are_pruned_after_keep_at_most_hourly() {
+        let mut r = rig(vec![], Delivery::default());
+        r.state.options.keep = Duration::from_secs(600);
+        r.outbox.enqueue(sample("old", 0)).unwrap();
+        r.outbox.enqueue(sample("waiting", 86_400)).unwrap();
+        r.state.run_once();
+        assert_eq!(r.state.prune_if_due(), 0, "delivered just now");
+        r.clock.set(T0 + time::Duration::minutes(30));
+        assert_eq!(r.state.prune_if_due(), 0, "pruned less than an hour ago");
+        r.clock.set(T0 + time::Duration::minutes(61));
+        assert_eq!(r.state.prune_if_due(), 1);
+        assert_eq!(r.outbox.counts().unwrap().pending, 1, "pending rows stay");
     }
 
     /// Counts claims, to see the thread sleep rather than spin.
