@@ -213,7 +213,7 @@ impl DeliveryLoop {
                     let outcome = match wait {
                         Some(wait) => {
                             tracing::info!(job = %n.job, event = %n.event, channel = kind, key = %n.key, attempt = failed, error = %e, retry_in_ms = wait.as_millis(), "notification attempt failed");
-                            Outcome::RetryAt(after + wait)
+                            Outcome::RetryAt(crate::shift(after, wait, false))
                         }
                         None => {
                             bump(&self.counters.gave_up);
@@ -239,7 +239,10 @@ impl DeliveryLoop {
             return 0;
         }
         self.last_prune = Some(now);
-        match self.outbox.prune(now - self.options.keep) {
+        match self
+            .outbox
+            .prune(crate::shift(now, self.options.keep, true))
+        {
             Ok(n) => n,
             Err(e) => {
                 bump(&self.counters.outbox_errors);

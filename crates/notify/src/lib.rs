@@ -64,6 +64,18 @@ pub struct Alert {
     pub link: Option<String>,
 }
 
+/// `at` moved by `by` (negative when `back`), stopping at the calendar's ends: adding a
+/// `std::time::Duration` to a date panics when it overflows, and a configured duration or a
+/// wrong clock must not bring the deliverer down.
+pub fn shift(at: OffsetDateTime, by: std::time::Duration, back: bool) -> OffsetDateTime {
+    let by = time::Duration::try_from(by).unwrap_or(time::Duration::MAX);
+    if back {
+        at.saturating_sub(by)
+    } else {
+        at.saturating_add(by)
+    }
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -232,5 +244,16 @@ pub(crate) mod tests {
         assert_eq!(got.len(), 2);
         assert!(matches!(got[1].channel, Channel::Email { .. }));
         assert!(String::from_utf8_lossy(&got[1].body).contains("id "));
+    }
+
+    #[test]
+    fn shifting_a_date_stops_at_the_calendars_ends() {
+        let at = failure().at;
+        let hour = std::time::Duration::from_secs(3600);
+        assert_eq!(shift(at, hour, false), at + time::Duration::hours(1));
+        assert_eq!(shift(at, hour, true), at - time::Duration::hours(1));
+        let huge = std::time::Duration::MAX;
+        assert!(shift(at, huge, false) > at);
+        assert!(shift(at, huge, true) < at);
     }
 }

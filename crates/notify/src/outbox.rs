@@ -245,7 +245,7 @@ impl Outbox for MemoryOutbox {
             .into_iter()
             .take(limit)
             .map(|r| {
-                r.due = now + lease;
+                r.due = crate::shift(now, lease, false);
                 Pending {
                     id: r.id,
                     notification: r.n.clone(),
