@@ -20,6 +20,7 @@ pub const ALLOWED: &[(&str, &[&str])] = &[
     ("saltpeter-files", &[]),
     ("saltpeter-metrics", &[]),
     ("saltpeter-http", &["saltpeter-tls"]),
+    ("saltpeter-notify", &[]),
     ("saltpeter-config", &["saltpeter-proto"]),
     (
         "saltpeter-store",

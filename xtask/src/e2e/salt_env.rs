@@ -76,7 +76,7 @@ impl Venv {
     }
 }
 
-fn run_logged(cmd: &mut Command, log: &Path, what: &str) -> Result<()> {
+pub(super) fn run_logged(cmd: &mut Command, log: &Path, what: &str) -> Result<()> {
     let out = fs::OpenOptions::new().create(true).append(true).open(log)?;
     let status = cmd
         .stdin(Stdio::null())
@@ -172,14 +172,14 @@ pub fn ensure_venv() -> Result<Venv> {
 
 /// A daemon we started: SIGTERM by PID, then SIGKILL to its process group.
 #[derive(Debug)]
-struct Daemon {
+pub(super) struct Daemon {
     name: String,
     child: Child,
     stopped: bool,
 }
 
 impl Daemon {
-    fn spawn(name: &str, cmd: &mut Command, log: &Path) -> Result<Self> {
+    pub(super) fn spawn(name: &str, cmd: &mut Command, log: &Path) -> Result<Self> {
         let out = fs::File::create(log)?;
         let child = cmd
             .stdin(Stdio::null())
@@ -195,7 +195,7 @@ impl Daemon {
         })
     }
 
-    fn stop(&mut self) {
+    pub(super) fn stop(&mut self) {
         if self.stopped {
             return;
         }
@@ -250,7 +250,7 @@ pub fn socket_dir() -> PathBuf {
     PathBuf::from(format!("/tmp/sps-{}", std::process::id()))
 }
 
-fn free_port() -> Result<u16> {
+pub(super) fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
