@@ -64,14 +64,16 @@ pub fn run(_args: &[String]) -> Result<()> {
             cargo()
                 .args(["nextest", "run", "--workspace", "--no-fail-fast"])
                 .env("CI", "true")
-                .env(crate::postgres::URL_ENV, &postgres.url),
+                .env(crate::postgres::URL_ENV, &postgres.url)
+                .env(crate::postgres::CA_ENV, &postgres.ca),
         )?;
     } else {
         step(
             "cargo test",
             cargo()
                 .args(["test", "--workspace", "--no-fail-fast"])
-                .env(crate::postgres::URL_ENV, &postgres.url),
+                .env(crate::postgres::URL_ENV, &postgres.url)
+                .env(crate::postgres::CA_ENV, &postgres.ca),
         )?;
     }
     drop(postgres);

@@ -8,7 +8,8 @@
 //! `postgres` refuse to run as root; run by an ordinary user, both run as that user. The
 //! server listens on 127.0.0.1 on a free port and on a Unix socket in the cluster directory,
 //! through which the superuser (trusted locally) creates the test role and database. TCP
-//! connections need the role's password (SCRAM).
+//! connections need the role's password (SCRAM), and may use TLS with a certificate for
+//! 127.0.0.1 from a throwaway CA, whose file is passed in [`CA_ENV`].
 //!
 //! The server is ended by its PID when the [`Postgres`] value is dropped, and its directory
 //! removed. It runs in its own process group, so a Ctrl-C at the terminal reaches only this
@@ -30,6 +31,8 @@ use nix::unistd::{Pid, User, chown};
 
 /// The environment variable through which tests receive the database URL.
 pub const URL_ENV: &str = "SALTPETER_TEST_POSTGRES";
+/// The environment variable naming the CA file that signed the server's certificate.
+pub const CA_ENV: &str = "SALTPETER_TEST_POSTGRES_CA";
 
 /// The unprivileged user the server runs as when this tool runs as root.
 const SYSTEM_USER: &str = "sp-postgres";
@@ -48,6 +51,8 @@ pub struct Postgres {
     dir: PathBuf,
     /// `postgres://saltpeter:PASSWORD@127.0.0.1:PORT/saltpeter?sslmode=disable`.
     pub url: String,
+    /// The CA of the server's certificate, for tests of `sslmode=verify-full`.
+    pub ca: PathBuf,
 }
 
 impl Postgres {
@@ -92,12 +97,14 @@ impl Postgres {
         }
         let initdb_took = t.elapsed();
 
+        write_pki(&dir, owner)?;
         let t = Instant::now();
         let (child, port) = spawn_server(&bin, &dir, &data, owner)?;
         let mut server = Self {
             child,
             dir: dir.clone(),
             url: String::new(),
+            ca: dir.join("ca.pem"),
         };
         // From here on the server's own drop removes the directory.
         guard.0 = None;
@@ -223,6 +230,16 @@ fn spawn_server(
             // A throwaway cluster: durability buys nothing and costs the tests time.
             .args(["-c", "fsync=off", "-c", "synchronous_commit=off"])
             .args(["-c", "full_page_writes=off", "-c", "max_connections=200"])
+            .args(["-c", "ssl=on", "-c"])
+            .arg(format!(
+                "ssl_cert_file={}",
+                dir.join("server.pem").display()
+            ))
+            .arg("-c")
+            .arg(format!(
+                "ssl_key_file={}",
+                dir.join("server-key.pem").display()
+            ))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -254,6 +271,33 @@ fn spawn_server(
         }
     }
     bail!("PostgreSQL could not bind a free port in 3 attempts")
+}
+
+/// Writes a throwaway CA (`ca.pem`) and a certificate for 127.0.0.1 and localhost signed by
+/// it (`server.pem`, `server-key.pem`). PostgreSQL refuses a key that others can read, so the
+/// key is the server user's, mode 0600.
+fn write_pki(dir: &Path, owner: Option<(nix::unistd::Uid, nix::unistd::Gid)>) -> Result<()> {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate()?;
+    let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "saltpeter test PostgreSQL CA");
+    let ca = ca_params.self_signed(&ca_key)?;
+    let issuer = Issuer::new(ca_params, ca_key);
+    let key = KeyPair::generate()?;
+    let cert = CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])?
+        .signed_by(&key, &issuer)?;
+    fs::write(dir.join("ca.pem"), ca.pem())?;
+    fs::write(dir.join("server.pem"), cert.pem())?;
+    let key_path = dir.join("server-key.pem");
+    fs::write(&key_path, key.serialize_pem())?;
+    fs::set_permissions(&key_path, fs::Permissions::from_mode(0o600))?;
+    if let Some((uid, gid)) = owner {
+        chown(&key_path, Some(uid), Some(gid))?;
+    }
+    Ok(())
 }
 
 fn as_owner(cmd: &mut Command, owner: Option<(nix::unistd::Uid, nix::unistd::Gid)>) {
@@ -396,6 +440,7 @@ pub fn run(_args: &[String]) -> Result<()> {
     let server = Postgres::start()?;
     println!("{}", server.url);
     eprintln!("export {URL_ENV}='{}'", server.url);
+    eprintln!("export {CA_ENV}='{}'", server.ca.display());
     eprintln!("PostgreSQL runs until Ctrl-C or end of input (Ctrl-D).");
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

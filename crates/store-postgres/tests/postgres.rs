@@ -435,3 +435,64 @@ async fn each_slot_is_claimed_exactly_once_by_three_masters() {
     }
     assert_eq!(db.prune_slot_claims(slot(100)).await.unwrap(), 100);
 }
+
+/// Whether the connection of `db` is inside TLS, as the server sees it.
+async fn uses_tls(db: &Database) -> bool {
+    db.client()
+        .await
+        .unwrap()
+        .query_one(
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_is_used_as_sslmode_asks() {
+    let Some(url) = postgres_url("tls") else {
+        return;
+    };
+    let ca = std::env::var("SALTPETER_TEST_POSTGRES_CA").unwrap_or_default();
+    if ca.is_empty() {
+        let ci = std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false");
+        assert!(!ci, "CI is set but SALTPETER_TEST_POSTGRES_CA is not");
+        eprintln!("skipped tls: SALTPETER_TEST_POSTGRES_CA is not set");
+        return;
+    }
+    let base = url.split('?').next().unwrap();
+    let with = |query: &str| PostgresUrl::parse(&format!("{base}?{query}")).unwrap();
+
+    let plain = Database::connect(&with("sslmode=disable"), 1)
+        .await
+        .unwrap();
+    assert!(!uses_tls(&plain).await);
+    // `require` encrypts without checking the certificate, as libpq does.
+    let any = Database::connect(&with("sslmode=require"), 1)
+        .await
+        .unwrap();
+    assert!(uses_tls(&any).await);
+    let ca_param = ca.replace('/', "%2F");
+    let verified = Database::connect(
+        &with(&format!("sslmode=verify-full&sslrootcert={ca_param}")),
+        1,
+    )
+    .await
+    .unwrap();
+    assert!(uses_tls(&verified).await);
+    // The system's roots do not know the test CA: `verify-full` must refuse the server.
+    let err = Database::connect(&with("sslmode=verify-full"), 1)
+        .await
+        .unwrap_err();
+    let password = base
+        .split("://")
+        .nth(1)
+        .and_then(|rest| rest.split('@').next())
+        .and_then(|userinfo| userinfo.split(':').nth(1))
+        .unwrap();
+    for shown in [err.to_string(), format!("{err:?}"), format!("{verified:?}")] {
+        assert!(!shown.contains(password), "the password leaked: {shown}");
+    }
+}
