@@ -208,6 +208,10 @@ impl Database {
     /// database's `now()`. `None` when another master holds a valid lease. The epoch grows by
     /// one when the lease is acquired (it was someone else's, or expired, or released) and
     /// stays when it is renewed.
+    ///
+    /// A holder whose renewal comes back with another epoch than the one it held lost the
+    /// lease in between (it expired, and it took it again): its earlier fence is refused, and
+    /// it reloads the job's state as after a takeover.
     pub async fn acquire_or_renew(
         &self,
         job: &str,
@@ -252,7 +256,8 @@ impl Database {
             job: job.to_owned(),
             master: master.to_owned(),
             epoch: Epoch(epoch),
-            // Saturating: a TTL too long for the clock means "valid for as long as it runs".
+            // A TTL too long for the monotonic clock counts as already over: the holder then
+            // acts on nothing it cannot bound, and renews.
             valid_until: sent.checked_add(ttl).unwrap_or(sent),
         }))
     }

@@ -191,6 +191,18 @@ async fn a_lease_is_renewed_at_the_same_epoch_and_taken_over_at_the_next() {
         (row.owner.as_str(), row.epoch, row.valid),
         ("a", Epoch(3), true)
     );
+
+    // The same master taking its own lease again after it expired is an acquisition, not a
+    // renewal: its fence from before the gap must not pass.
+    tokio::time::sleep(TTL + Duration::from_millis(100)).await;
+    let again = db
+        .acquire_or_renew("backup", "a", TTL)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(again.epoch, Epoch(4));
+    let refused = db.claim_slot(&a2.fence(), OffsetDateTime::now_utc()).await;
+    assert!(refused.unwrap_err().is_lost_lease());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
