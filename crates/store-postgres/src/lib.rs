@@ -54,9 +54,19 @@ impl Database {
     /// so a wrong URL or password fails at start and not at the first write. Does not
     /// migrate: see [`schema::migrate`].
     pub async fn connect(url: &PostgresUrl, max_connections: usize) -> Result<Self> {
+        Self::connect_bounded(url, max_connections, DEFAULT_OP_TIMEOUT).await
+    }
+
+    /// [`Database::connect`] with another bound on each operation, including the opening of
+    /// a connection (tests shorten it).
+    pub async fn connect_bounded(
+        url: &PostgresUrl,
+        max_connections: usize,
+        op_timeout: Duration,
+    ) -> Result<Self> {
         let mut config = url.config().clone();
         if config.get_connect_timeout().is_none() {
-            config.connect_timeout(DEFAULT_OP_TIMEOUT);
+            config.connect_timeout(op_timeout);
         }
         let manager_config = ManagerConfig {
             // A connection that broke is found by its next query; checking each one out
@@ -72,14 +82,16 @@ impl Database {
         let pool = Pool::builder(manager)
             .max_size(max_connections.max(1))
             .runtime(Runtime::Tokio1)
-            .wait_timeout(Some(DEFAULT_OP_TIMEOUT))
-            .create_timeout(Some(DEFAULT_OP_TIMEOUT))
-            .recycle_timeout(Some(DEFAULT_OP_TIMEOUT))
+            .wait_timeout(Some(op_timeout))
+            // tokio-postgres's connect timeout covers the TCP connection only; this bounds the
+            // TLS handshake and the authentication too.
+            .create_timeout(Some(op_timeout))
+            .recycle_timeout(Some(op_timeout))
             .build()?;
         let db = Self {
             pool,
             url: Arc::new(url.clone()),
-            op_timeout: DEFAULT_OP_TIMEOUT,
+            op_timeout,
         };
         drop(db.client().await?);
         tracing::debug!(url = %db.url, "Connected to the PostgreSQL store.");

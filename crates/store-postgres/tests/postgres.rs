@@ -515,3 +515,74 @@ async fn tls_is_used_as_sslmode_asks() {
         assert!(!shown.contains(password), "the password leaked: {shown}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_from_a_newer_release_is_refused() {
+    let Some(db) = migrated("toonew").await else {
+        return;
+    };
+    db.client()
+        .await
+        .unwrap()
+        .execute("INSERT INTO schema_version (version) VALUES (99)", &[])
+        .await
+        .unwrap();
+    assert!(matches!(schema::migrate(&db).await, Err(Error::TooNew(99))));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_renewal_becomes_a_timeout_within_the_bound() {
+    let Some(db) = migrated("stuck").await else {
+        return;
+    };
+    db.acquire_or_renew("nightly", "a", TTL)
+        .await
+        .unwrap()
+        .unwrap();
+    // Another session holds the lease row, as a hung transaction or a lock queue would.
+    let mut blocker = db.client().await.unwrap();
+    let tx = blocker.transaction().await.unwrap();
+    tx.execute(
+        "SELECT 1 FROM job_leases WHERE job = 'nightly' FOR UPDATE",
+        &[],
+    )
+    .await
+    .unwrap();
+    let bounded = db.clone().with_op_timeout(Duration::from_millis(300));
+    let started = Instant::now();
+    let err = bounded
+        .acquire_or_renew("nightly", "a", TTL)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Timeout(_)), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(2));
+    tx.rollback().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_server_that_never_answers_fails_the_connection_within_its_timeout() {
+    // Needs no PostgreSQL: a socket that accepts and then says nothing, as across a partition.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let hold = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            held.push(socket);
+        }
+    });
+    let url = PostgresUrl::parse(&format!(
+        "postgres://u:p@127.0.0.1:{port}/db?sslmode=disable"
+    ))
+    .unwrap();
+    let started = Instant::now();
+    let err = Database::connect_bounded(&url, 1, Duration::from_millis(300))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Pool(_)), "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    hold.abort();
+}
