@@ -12,6 +12,8 @@
 //!   fencing token that every write for a job's runs carries.
 //! - [`assign`]: which jobs each live master should try to hold (rendezvous hashing).
 //! - [`slots`]: one row per fired cron slot, so a slot fires once across all masters.
+//! - [`coordinator`]: one master's pass over the above (heartbeat, leases to take, renew and
+//!   release), to run on the renewal period.
 //!
 //! Expiry is always judged by the database's clock (`now()`), never by a master's wall
 //! clock; a master bounds its own acting time with its monotonic clock (see [`lease`]).
@@ -19,6 +21,7 @@
 #![forbid(unsafe_code)]
 
 pub mod assign;
+pub mod coordinator;
 mod error;
 pub mod lease;
 pub mod schema;

@@ -586,3 +586,123 @@ async fn a_server_that_never_answers_fails_the_connection_within_its_timeout() {
     );
     hold.abort();
 }
+
+/// Runs one master's coordinator, ticking every `renew_every`, publishing the jobs it may act
+/// on after each pass, until told to stop (then it leaves cleanly) or aborted (a crash).
+fn run_master(
+    coordinator: saltpeter_store_postgres::coordinator::Coordinator,
+    held: tokio::sync::watch::Sender<HashSet<String>>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
+    let mut coordinator = coordinator;
+    tokio::spawn(async move {
+        let every = coordinator.settings().renew_every;
+        loop {
+            coordinator.tick().await.unwrap();
+            held.send_replace(coordinator.held().map(|l| l.job.clone()).collect());
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = stop.changed() => break,
+            }
+        }
+        held.send_replace(HashSet::new());
+        coordinator.shutdown().await.unwrap();
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coordinators_spread_jobs_and_take_over_a_dead_masters_within_the_bound() {
+    use saltpeter_store_postgres::coordinator::{Coordinator, Settings};
+    let Some(db) = migrated("coord").await else {
+        return;
+    };
+    let jobs: Vec<String> = (0..30).map(|i| format!("job-{i:02}")).collect();
+    let all: HashSet<String> = jobs.iter().cloned().collect();
+    let mut views = Vec::new();
+    let mut stops = Vec::new();
+    let mut tasks = Vec::new();
+    // Register all three before any pass, so the first passes agree on who is live.
+    let mut coordinators = Vec::new();
+    for id in ["m1", "m2", "m3"] {
+        let mut settings = Settings::new(id, format!("{id}:8080"));
+        settings.lease_ttl = TTL;
+        settings.renew_every = Duration::from_millis(200);
+        settings.stop_margin = Duration::from_millis(200);
+        settings.master_ttl = TTL;
+        let mut c = Coordinator::start(db.clone(), settings).await.unwrap();
+        c.set_jobs(jobs.clone());
+        coordinators.push(c);
+    }
+    for c in coordinators {
+        let (held_tx, held_rx) = tokio::sync::watch::channel(HashSet::new());
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        tasks.push(run_master(c, held_tx, stop_rx));
+        views.push(held_rx);
+        stops.push(stop_tx);
+    }
+    // Waits until the masters in `alive` hold every job between them, each job once.
+    let converge = |alive: Vec<usize>, within: Duration| {
+        let views = views.clone();
+        let all = all.clone();
+        async move {
+            let started = Instant::now();
+            loop {
+                let sets: Vec<HashSet<String>> =
+                    alive.iter().map(|i| views[*i].borrow().clone()).collect();
+                let total: usize = sets.iter().map(HashSet::len).sum();
+                let union: HashSet<&String> = sets.iter().flatten().collect();
+                assert_eq!(total, union.len(), "a job is held by two masters: {sets:?}");
+                if union.len() == all.len() {
+                    return (started.elapsed(), sets);
+                }
+                assert!(started.elapsed() < within, "not converged: {sets:?}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    let (_, sets) = converge(vec![0, 1, 2], 3 * TTL).await;
+    for set in &sets {
+        assert!((4..=18).contains(&set.len()), "uneven: {sets:?}");
+    }
+    let m3_jobs = sets[2].clone();
+
+    // m3 crashes: no release, no deregistration. Its leases must run out and move, within a
+    // TTL and a few passes (the scaled version of 13 s with the default timings).
+    tasks[2].abort();
+    let (took, after) = converge(vec![0, 1], 3 * TTL).await;
+    assert!(
+        took >= TTL / 2,
+        "taken over before m3's leases could expire ({took:?})"
+    );
+    for (before, now) in sets.iter().take(2).zip(&after) {
+        assert!(before.is_subset(now), "a live master lost a job it kept");
+    }
+    let moved: HashSet<String> = after
+        .iter()
+        .flatten()
+        .filter(|j| !sets[0].contains(*j) && !sets[1].contains(*j))
+        .cloned()
+        .collect();
+    assert_eq!(moved, m3_jobs);
+    for job in &m3_jobs {
+        assert_eq!(db.lease_of(job).await.unwrap().unwrap().epoch, Epoch(2));
+    }
+
+    // m1 leaves cleanly: m2 takes everything without waiting for leases to expire.
+    let left = Instant::now();
+    stops[0].send_replace(true);
+    let deadline = Instant::now() + 3 * TTL;
+    while views[1].borrow().len() < all.len() {
+        assert!(Instant::now() < deadline, "m2 did not take m1's jobs");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        left.elapsed() < TTL + Duration::from_millis(500),
+        "{:?}",
+        left.elapsed()
+    );
+    stops[1].send_replace(true);
+    for t in tasks.into_iter().take(2) {
+        t.await.unwrap();
+    }
+}
