@@ -21,6 +21,7 @@ pub const ALLOWED: &[(&str, &[&str])] = &[
     ("saltpeter-metrics", &[]),
     ("saltpeter-http", &["saltpeter-tls"]),
     ("saltpeter-notify", &[]),
+    ("saltpeter-store-postgres", &["saltpeter-tls"]),
     ("saltpeter-config", &["saltpeter-proto"]),
     (
         "saltpeter-store",

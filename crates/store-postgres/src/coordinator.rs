@@ -1,0 +1,192 @@
+//! One master's side of the coordination, as a pass to run every few seconds: heartbeat,
+//! read the live masters, compute the jobs this master should hold, release the others, take
+//! or renew its own, and forget every lease it can no longer act on.
+//!
+//! The coordinator owns no task and no timer: the master calls [`Coordinator::tick`] on its
+//! renewal period and reads [`Coordinator::held`] before acting for a job. A tick that fails
+//! (the database is unreachable) changes nothing, but leases still run out by the master's own
+//! monotonic clock: [`Coordinator::expire`] drops them, so a partitioned master goes quiet
+//! before another can take over, with or without a successful tick.
+
+use std::collections::{BTreeMap, HashSet};
+use std::time::Duration;
+
+use crate::assign::jobs_for;
+use crate::lease::{
+    DEFAULT_LEASE_TTL, DEFAULT_MASTER_TTL, DEFAULT_RENEW_EVERY, DEFAULT_STOP_MARGIN, Lease,
+};
+use crate::{Database, Result};
+
+/// The timings of the coordination. The defaults take a dead master's jobs over within the
+/// lease TTL plus one renewal period (13 s).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Settings {
+    /// This master's id, unique per process start.
+    pub master_id: String,
+    /// Where wrappers and API clients reach this master.
+    pub address: String,
+    pub lease_ttl: Duration,
+    /// How often the master should call [`Coordinator::tick`].
+    pub renew_every: Duration,
+    pub stop_margin: Duration,
+    pub master_ttl: Duration,
+}
+
+impl Settings {
+    /// The default timings for `master_id` at `address`.
+    pub fn new(master_id: impl Into<String>, address: impl Into<String>) -> Self {
+        Self {
+            master_id: master_id.into(),
+            address: address.into(),
+            lease_ttl: DEFAULT_LEASE_TTL,
+            renew_every: DEFAULT_RENEW_EVERY,
+            stop_margin: DEFAULT_STOP_MARGIN,
+            master_ttl: DEFAULT_MASTER_TTL,
+        }
+    }
+}
+
+/// What a pass changed for this master.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Changes {
+    /// Leases newly acquired: the master loads these jobs' state (their unfinished runs) from
+    /// the database before acting, as after a takeover.
+    pub gained: Vec<Lease>,
+    /// Jobs this master must stop acting for at once: released, taken by another master, or
+    /// past their acting deadline.
+    pub lost: Vec<String>,
+}
+
+/// One master's membership and leases.
+#[derive(Debug)]
+pub struct Coordinator {
+    db: Database,
+    settings: Settings,
+    jobs: Vec<String>,
+    held: BTreeMap<String, Lease>,
+}
+
+impl Coordinator {
+    /// Registers this master and returns its coordinator, holding nothing yet.
+    pub async fn start(db: Database, settings: Settings) -> Result<Self> {
+        db.register_master(&settings.master_id, &settings.address)
+            .await?;
+        Ok(Self {
+            db,
+            settings,
+            jobs: Vec::new(),
+            held: BTreeMap::new(),
+        })
+    }
+
+    /// The jobs of the configuration, after a load or a reload. Jobs that are gone are
+    /// released at the next pass.
+    pub fn set_jobs(&mut self, jobs: impl IntoIterator<Item = String>) {
+        self.jobs = jobs.into_iter().collect();
+        self.jobs.sort();
+        self.jobs.dedup();
+    }
+
+    /// The settings this coordinator runs with.
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    /// The leases this master may act on now.
+    pub fn held(&self) -> impl Iterator<Item = &Lease> {
+        let margin = self.settings.stop_margin;
+        self.held.values().filter(move |l| l.may_act(margin))
+    }
+
+    /// The lease on `job` if this master may act on it now.
+    pub fn lease(&self, job: &str) -> Option<&Lease> {
+        self.held
+            .get(job)
+            .filter(|l| l.may_act(self.settings.stop_margin))
+    }
+
+    /// Drops the leases past their acting deadline by this master's clock.
+    pub fn expire(&mut self) -> Vec<String> {
+        let margin = self.settings.stop_margin;
+        let gone: Vec<String> = self
+            .held
+            .iter()
+            .filter(|(_, l)| !l.may_act(margin))
+            .map(|(job, _)| job.clone())
+            .collect();
+        for job in &gone {
+            self.held.remove(job);
+        }
+        gone
+    }
+
+    /// One pass. On an error the held leases stay until their deadlines, which
+    /// [`Coordinator::expire`] (called by every pass) enforces.
+    pub async fn tick(&mut self) -> Result<Changes> {
+        let mut changes = Changes {
+            lost: self.expire(),
+            ..Changes::default()
+        };
+        let s = &self.settings;
+        if !self.db.heartbeat(&s.master_id).await? {
+            // Another master found this one dead and removed it: join again.
+            self.db.register_master(&s.master_id, &s.address).await?;
+        }
+        let live: Vec<String> = self
+            .db
+            .live_masters(s.master_ttl)
+            .await?
+            .into_iter()
+            .map(|m| m.id)
+            .collect();
+        let mine: HashSet<&str> =
+            jobs_for(&s.master_id, self.jobs.iter().map(String::as_str), &live)
+                .into_iter()
+                .collect();
+        let to_release: Vec<String> = self
+            .held
+            .keys()
+            .filter(|job| !mine.contains(job.as_str()))
+            .cloned()
+            .collect();
+        for job in to_release {
+            self.held.remove(&job);
+            changes.lost.push(job.clone());
+            self.db.release(&job, &s.master_id).await?;
+        }
+        for job in mine {
+            let got = self
+                .db
+                .acquire_or_renew(job, &s.master_id, s.lease_ttl)
+                .await?;
+            let before = self.held.get(job).map(|l| l.epoch);
+            match got {
+                Some(lease) if before == Some(lease.epoch) => {
+                    self.held.insert(job.to_owned(), lease);
+                }
+                Some(lease) => {
+                    if before.is_some() {
+                        // The lease lapsed and was taken again: the old epoch's work is over.
+                        changes.lost.push(job.to_owned());
+                    }
+                    changes.gained.push(lease.clone());
+                    self.held.insert(job.to_owned(), lease);
+                }
+                None => {
+                    // Another master still holds it (the one it moves from, until it lets go
+                    // or its lease runs out).
+                    if self.held.remove(job).is_some() {
+                        changes.lost.push(job.to_owned());
+                    }
+                }
+            }
+        }
+        Ok(changes)
+    }
+
+    /// Leaves cleanly: releases every lease and removes this master, so the others take its
+    /// jobs at their next pass.
+    pub async fn shutdown(self) -> Result<()> {
+        self.db.deregister_master(&self.settings.master_id).await
+    }
+}

@@ -1,0 +1,708 @@
+//! The store against a real PostgreSQL: `cargo xtask ci` starts one and passes its URL in
+//! `SALTPETER_TEST_POSTGRES`; a developer runs `cargo xtask postgres` and exports what it
+//! prints. Without the variable these tests skip with a message, except under CI, where they
+//! fail: a CI run that silently tested nothing would look green.
+//!
+//! Each test works in a schema of its own, so that tests running at once in one database do
+//! not see each other's masters and leases.
+
+#![allow(clippy::unwrap_used)] // Tests fail loudly by design.
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use saltpeter_store_postgres::assign::owner_of;
+use saltpeter_store_postgres::lease::begin_fenced;
+use saltpeter_store_postgres::schema::{self, SCHEMA_VERSION};
+use saltpeter_store_postgres::{Database, Epoch, Error, PostgresUrl};
+use time::OffsetDateTime;
+
+const URL_ENV: &str = "SALTPETER_TEST_POSTGRES";
+/// Short leases keep the takeover tests fast; every wait below is bounded by a few TTLs.
+const TTL: Duration = Duration::from_secs(1);
+
+/// The server's URL, `None` (after saying so) when there is none and CI is not set.
+fn postgres_url(test: &str) -> Option<String> {
+    match std::env::var(URL_ENV) {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ => {
+            let ci = std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false");
+            assert!(
+                !ci,
+                "CI is set but {URL_ENV} is not: `cargo xtask ci` starts PostgreSQL and sets it"
+            );
+            eprintln!(
+                "skipped {test}: {URL_ENV} is not set (start one with `cargo xtask postgres`)"
+            );
+            None
+        }
+    }
+}
+
+/// A pool on a fresh schema named after the test, not yet migrated.
+async fn fresh(test: &str) -> Option<Database> {
+    let url = postgres_url(test)?;
+    let schema = format!("t_{test}_{}", std::process::id());
+    let admin = Database::connect(&PostgresUrl::parse(&url).unwrap(), 1)
+        .await
+        .unwrap();
+    admin
+        .client()
+        .await
+        .unwrap()
+        .batch_execute(&format!(
+            "DROP SCHEMA IF EXISTS {schema} CASCADE; CREATE SCHEMA {schema};"
+        ))
+        .await
+        .unwrap();
+    let sep = if url.contains('?') { '&' } else { '?' };
+    let scoped = format!("{url}{sep}options=-c%20search_path%3D{schema}");
+    Some(
+        Database::connect(&PostgresUrl::parse(&scoped).unwrap(), 16)
+            .await
+            .unwrap(),
+    )
+}
+
+/// A migrated pool on a fresh schema.
+async fn migrated(test: &str) -> Option<Database> {
+    let db = fresh(test).await?;
+    schema::migrate(&db).await.unwrap();
+    Some(db)
+}
+
+/// Tries to take `job` for `master` until it succeeds, for at most `within`.
+async fn acquire_within(
+    db: &Database,
+    job: &str,
+    master: &str,
+    within: Duration,
+) -> saltpeter_store_postgres::Lease {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(lease) = db.acquire_or_renew(job, master, TTL).await.unwrap() {
+            return lease;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{master} could not take {job} within {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrations_are_idempotent_and_safe_to_run_concurrently() {
+    let Some(db) = fresh("migrate").await else {
+        return;
+    };
+    assert_eq!(schema::version(&db).await.unwrap(), 0);
+    let (a, b) = tokio::join!(schema::migrate(&db), schema::migrate(&db));
+    let mut found = [a.unwrap(), b.unwrap()];
+    found.sort_unstable();
+    // One of the two migrated from nothing; the other waited on the lock and found it done.
+    assert_eq!(found, [0, SCHEMA_VERSION]);
+    assert_eq!(schema::migrate(&db).await.unwrap(), SCHEMA_VERSION);
+    assert_eq!(schema::version(&db).await.unwrap(), SCHEMA_VERSION);
+
+    // The translated tables take what the SQLite store writes: times, flags, output bytes
+    // with a NUL, which PostgreSQL's TEXT would refuse.
+    let client = db.client().await.unwrap();
+    let now = OffsetDateTime::now_utc();
+    client
+        .execute(
+            "INSERT INTO runs (instance, job, grp, started, killed, token, resolving,
+                               maintenance, pending_batches, epoch)
+             VALUES ('j_1', 'j', 'g', $1, false, 't', false, '[]', '[]', 1)",
+            &[&now],
+        )
+        .await
+        .unwrap();
+    client
+        .execute(
+            "INSERT INTO output (instance, machine, idx, byte_offset, head, data)
+             VALUES ('j_1', 'm1', 0, 0, true, $1)",
+            &[&b"a\0b".as_slice()],
+        )
+        .await
+        .unwrap();
+    let row = client
+        .query_one(
+            "SELECT r.started, r.identity, octet_length(o.data)
+             FROM runs r JOIN output o USING (instance)",
+            &[],
+        )
+        .await
+        .unwrap();
+    let started: OffsetDateTime = row.get(0);
+    assert_eq!(
+        started.unix_timestamp_nanos() / 1000,
+        now.unix_timestamp_nanos() / 1000
+    );
+    assert_eq!(row.get::<_, String>(1), "run_token");
+    assert_eq!(row.get::<_, i32>(2), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_is_renewed_at_the_same_epoch_and_taken_over_at_the_next() {
+    let Some(db) = migrated("lease").await else {
+        return;
+    };
+    let a = db
+        .acquire_or_renew("backup", "a", TTL)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(a.epoch, Epoch(1));
+    assert!(a.may_act(Duration::from_millis(100)));
+    let renewed = db
+        .acquire_or_renew("backup", "a", TTL)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(renewed.epoch, Epoch(1), "a renewal keeps the epoch");
+    assert_eq!(db.acquire_or_renew("backup", "b", TTL).await.unwrap(), None);
+
+    // b takes the job once a's lease has expired by the database's clock.
+    let started = Instant::now();
+    let b = acquire_within(&db, "backup", "b", 5 * TTL).await;
+    assert!(
+        started.elapsed() >= TTL / 2,
+        "taken before the lease expired"
+    );
+    assert_eq!(b.epoch, Epoch(2), "a change of owner increments the epoch");
+    assert!(
+        !renewed.may_act(Duration::ZERO),
+        "a must have stopped acting by its own clock"
+    );
+    assert_eq!(db.acquire_or_renew("backup", "a", TTL).await.unwrap(), None);
+
+    // A release hands the job over at once, still at a higher epoch.
+    assert!(db.release("backup", "b").await.unwrap());
+    assert!(!db.release("backup", "b").await.unwrap());
+    let a2 = db
+        .acquire_or_renew("backup", "a", TTL)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(a2.epoch, Epoch(3));
+    let row = db.lease_of("backup").await.unwrap().unwrap();
+    assert_eq!(
+        (row.owner.as_str(), row.epoch, row.valid),
+        ("a", Epoch(3), true)
+    );
+
+    // The same master taking its own lease again after it expired is an acquisition, not a
+    // renewal: its fence from before the gap must not pass.
+    tokio::time::sleep(TTL + Duration::from_millis(100)).await;
+    let again = db
+        .acquire_or_renew("backup", "a", TTL)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(again.epoch, Epoch(4));
+    let refused = db.claim_slot(&a2.fence(), OffsetDateTime::now_utc()).await;
+    assert!(refused.unwrap_err().is_lost_lease());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_old_owner_cannot_write_after_a_takeover() {
+    let Some(db) = migrated("fence").await else {
+        return;
+    };
+    let old = db
+        .acquire_or_renew("report", "a", TTL)
+        .await
+        .unwrap()
+        .unwrap();
+    let insert = "INSERT INTO slot_claims (job, slot, epoch, master) VALUES ($1, now(), $2, $3)";
+    let fence = old.fence();
+    assert_eq!(
+        db.fenced_execute(&fence, insert, &[&fence.job, &fence.epoch.0, &fence.master])
+            .await
+            .unwrap(),
+        1
+    );
+    let new = acquire_within(&db, "report", "b", 5 * TTL).await;
+    assert_eq!(new.epoch, Epoch(2));
+    let err = db
+        .fenced_execute(&fence, insert, &[&fence.job, &fence.epoch.0, &fence.master])
+        .await
+        .unwrap_err();
+    assert!(err.is_lost_lease(), "{err}");
+    assert!(matches!(
+        err,
+        Error::LostLease {
+            epoch: Epoch(1),
+            ..
+        }
+    ));
+    // The same master at a stale epoch is refused too, not only another master.
+    let mut stale = new.fence();
+    stale.epoch = Epoch(1);
+    assert!(
+        db.claim_slot(&stale, OffsetDateTime::now_utc())
+            .await
+            .unwrap_err()
+            .is_lost_lease()
+    );
+    let n: i64 = db
+        .client()
+        .await
+        .unwrap()
+        .query_one("SELECT count(*) FROM slot_claims WHERE job = 'report'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 1, "the refused writes wrote nothing");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_takeover_waits_for_a_fenced_write_in_flight() {
+    let Some(db) = migrated("inflight").await else {
+        return;
+    };
+    let old = db
+        .acquire_or_renew("sync", "a", TTL)
+        .await
+        .unwrap()
+        .unwrap();
+    let mut client = db.client().await.unwrap();
+    let tx = begin_fenced(&mut client, &old.fence()).await.unwrap();
+    // Outlive the lease while holding the lease row: b's takeover must queue behind this
+    // transaction, so a's write lands before epoch 2 begins.
+    tokio::time::sleep(TTL + Duration::from_millis(200)).await;
+    let db2 = db.clone();
+    let takeover = tokio::spawn(async move { db2.acquire_or_renew("sync", "b", TTL).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !takeover.is_finished(),
+        "the takeover did not wait for the write in flight"
+    );
+    tx.execute(
+        "INSERT INTO slot_claims (job, slot, epoch, master) VALUES ('sync', now(), 1, 'a')",
+        &[],
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    let new = takeover.await.unwrap().unwrap().unwrap();
+    assert_eq!((new.master.as_str(), new.epoch), ("b", Epoch(2)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_masters_follow_heartbeats_and_deregistering_frees_leases() {
+    let Some(db) = migrated("members").await else {
+        return;
+    };
+    for (id, address) in [("m1", "10.0.0.1:8080"), ("m2", "10.0.0.2:8080")] {
+        db.register_master(id, address).await.unwrap();
+    }
+    let live = db.live_masters(Duration::from_secs(10)).await.unwrap();
+    let ids: Vec<&str> = live.iter().map(|m| m.id.as_str()).collect();
+    assert_eq!(ids, ["m1", "m2"]);
+    assert_eq!(live[0].address, "10.0.0.1:8080");
+
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(db.heartbeat("m2").await.unwrap());
+    let live = db.live_masters(Duration::from_millis(500)).await.unwrap();
+    let ids: Vec<&str> = live.iter().map(|m| m.id.as_str()).collect();
+    assert_eq!(ids, ["m2"], "m1's heartbeat is too old");
+
+    db.acquire_or_renew("j", "m2", Duration::from_secs(30))
+        .await
+        .unwrap()
+        .unwrap();
+    db.deregister_master("m2").await.unwrap();
+    assert!(
+        !db.heartbeat("m2").await.unwrap(),
+        "a removed master must register again"
+    );
+    let taken = db.acquire_or_renew("j", "m1", TTL).await.unwrap().unwrap();
+    assert_eq!(
+        taken.epoch,
+        Epoch(2),
+        "the leases of a leaving master are free at once"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_spread_over_live_masters_and_only_a_dead_masters_jobs_move() {
+    let Some(db) = migrated("spread").await else {
+        return;
+    };
+    let jobs: Vec<String> = (0..100).map(|i| format!("job-{i:03}")).collect();
+    for m in ["m-a", "m-b", "m-c"] {
+        db.register_master(m, "addr").await.unwrap();
+    }
+    let live_ids = |live: Vec<saltpeter_store_postgres::MasterInfo>| -> Vec<String> {
+        live.into_iter().map(|m| m.id).collect()
+    };
+    let masters = live_ids(db.live_masters(Duration::from_secs(10)).await.unwrap());
+    let mut before = HashMap::new();
+    for job in &jobs {
+        let owner = owner_of(job, &masters).unwrap().clone();
+        let lease = db
+            .acquire_or_renew(job, &owner, TTL)
+            .await
+            .unwrap()
+            .unwrap();
+        before.insert(job.clone(), (owner, lease.epoch));
+    }
+    for m in &masters {
+        let n = before.values().filter(|(o, _)| o == m).count();
+        assert!((20..=47).contains(&n), "{m} holds {n} of 100 jobs");
+    }
+
+    // m-c dies: its heartbeat stops and its leases run out; the others recompute.
+    let deadline = Instant::now() + 5 * TTL;
+    let masters = loop {
+        for m in ["m-a", "m-b"] {
+            assert!(db.heartbeat(m).await.unwrap());
+        }
+        let live = live_ids(db.live_masters(TTL).await.unwrap());
+        if live.len() == 2 {
+            break live;
+        }
+        assert!(Instant::now() < deadline, "m-c still counts as live");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let mut moved = 0;
+    for job in &jobs {
+        let (was, epoch) = &before[job];
+        let owner = owner_of(job, &masters).unwrap();
+        if was == "m-c" {
+            let lease = acquire_within(&db, job, owner, 5 * TTL).await;
+            assert_eq!(lease.epoch, Epoch(epoch.0 + 1));
+            moved += 1;
+        } else {
+            assert_eq!(owner, was, "{job} moved though its master lives");
+        }
+    }
+    assert_eq!(moved, before.values().filter(|(o, _)| o == "m-c").count());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_slot_is_claimed_exactly_once_by_three_masters() {
+    let Some(db) = migrated("slots").await else {
+        return;
+    };
+    const SLOTS: i64 = 200;
+    let base = OffsetDateTime::from_unix_timestamp(1_800_000_000).unwrap();
+    let slot = move |i: i64| base + time::Duration::minutes(i);
+    let mut tasks = Vec::new();
+    for me in ["m1", "m2", "m3"] {
+        let db = db.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut lease = None;
+            let mut mine = 0;
+            let mut claimed = Vec::new();
+            // Each master walks every slot, taking the lease when it is free and handing it
+            // on every 25 claims, so the lease changes hands many times during the run.
+            for i in 0..SLOTS {
+                let deadline = Instant::now() + Duration::from_secs(20);
+                loop {
+                    assert!(Instant::now() < deadline, "{me} stuck at slot {i}");
+                    if lease.is_none() {
+                        lease = db.acquire_or_renew("cron", me, TTL).await.unwrap();
+                    }
+                    let Some(held) = &lease else {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                        continue;
+                    };
+                    match db.claim_slot(&held.fence(), slot(i)).await {
+                        Ok(true) => {
+                            claimed.push((i, me));
+                            mine += 1;
+                            if mine % 25 == 0 && i + 1 < SLOTS {
+                                db.release("cron", me).await.unwrap();
+                                lease = None;
+                                // Hand on for real: the others are waiting at the next slot,
+                                // which is unclaimed, so one of them takes the lease soon.
+                                let until = Instant::now() + Duration::from_secs(10);
+                                while db.lease_of("cron").await.unwrap().unwrap().owner == me {
+                                    assert!(Instant::now() < until, "nobody took the lease");
+                                    tokio::time::sleep(Duration::from_millis(5)).await;
+                                }
+                            }
+                            break;
+                        }
+                        Ok(false) => break,
+                        Err(e) if e.is_lost_lease() => lease = None,
+                        Err(e) => panic!("{me}: {e}"),
+                    }
+                }
+            }
+            if lease.is_some() {
+                db.release("cron", me).await.unwrap();
+            }
+            claimed
+        }));
+    }
+    let mut claimed = Vec::new();
+    for t in tasks {
+        claimed.extend(t.await.unwrap());
+    }
+    let slots: HashSet<i64> = claimed.iter().map(|(i, _)| *i).collect();
+    assert_eq!(claimed.len(), SLOTS as usize, "a slot was claimed twice");
+    assert_eq!(slots.len(), SLOTS as usize, "a slot was never claimed");
+    let by: HashSet<&str> = claimed.iter().map(|(_, m)| *m).collect();
+    assert!(by.len() >= 2, "the lease never changed hands: {by:?}");
+    for (i, m) in &claimed {
+        let (who, _) = db.slot_claim("cron", slot(*i)).await.unwrap().unwrap();
+        assert_eq!(&who, m);
+    }
+    assert_eq!(db.prune_slot_claims(slot(100)).await.unwrap(), 100);
+}
+
+/// Whether the connection of `db` is inside TLS, as the server sees it.
+async fn uses_tls(db: &Database) -> bool {
+    db.client()
+        .await
+        .unwrap()
+        .query_one(
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_is_used_as_sslmode_asks() {
+    let Some(url) = postgres_url("tls") else {
+        return;
+    };
+    let ca = std::env::var("SALTPETER_TEST_POSTGRES_CA").unwrap_or_default();
+    if ca.is_empty() {
+        let ci = std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false");
+        assert!(!ci, "CI is set but SALTPETER_TEST_POSTGRES_CA is not");
+        eprintln!("skipped tls: SALTPETER_TEST_POSTGRES_CA is not set");
+        return;
+    }
+    let base = url.split('?').next().unwrap();
+    let with = |query: &str| PostgresUrl::parse(&format!("{base}?{query}")).unwrap();
+
+    let plain = Database::connect(&with("sslmode=disable"), 1)
+        .await
+        .unwrap();
+    assert!(!uses_tls(&plain).await);
+    // `require` encrypts without checking the certificate, as libpq does.
+    let any = Database::connect(&with("sslmode=require"), 1)
+        .await
+        .unwrap();
+    assert!(uses_tls(&any).await);
+    let ca_param = ca.replace('/', "%2F");
+    let verified = Database::connect(
+        &with(&format!("sslmode=verify-full&sslrootcert={ca_param}")),
+        1,
+    )
+    .await
+    .unwrap();
+    assert!(uses_tls(&verified).await);
+    // The system's roots do not know the test CA: `verify-full` must refuse the server.
+    let err = Database::connect(&with("sslmode=verify-full"), 1)
+        .await
+        .unwrap_err();
+    let password = base
+        .split("://")
+        .nth(1)
+        .and_then(|rest| rest.split('@').next())
+        .and_then(|userinfo| userinfo.split(':').nth(1))
+        .unwrap();
+    for shown in [err.to_string(), format!("{err:?}"), format!("{verified:?}")] {
+        assert!(!shown.contains(password), "the password leaked: {shown}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_from_a_newer_release_is_refused() {
+    let Some(db) = migrated("toonew").await else {
+        return;
+    };
+    db.client()
+        .await
+        .unwrap()
+        .execute("INSERT INTO schema_version (version) VALUES (99)", &[])
+        .await
+        .unwrap();
+    assert!(matches!(schema::migrate(&db).await, Err(Error::TooNew(99))));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_renewal_becomes_a_timeout_within_the_bound() {
+    let Some(db) = migrated("stuck").await else {
+        return;
+    };
+    db.acquire_or_renew("nightly", "a", TTL)
+        .await
+        .unwrap()
+        .unwrap();
+    // Another session holds the lease row, as a hung transaction or a lock queue would.
+    let mut blocker = db.client().await.unwrap();
+    let tx = blocker.transaction().await.unwrap();
+    tx.execute(
+        "SELECT 1 FROM job_leases WHERE job = 'nightly' FOR UPDATE",
+        &[],
+    )
+    .await
+    .unwrap();
+    let bounded = db.clone().with_op_timeout(Duration::from_millis(300));
+    let started = Instant::now();
+    let err = bounded
+        .acquire_or_renew("nightly", "a", TTL)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Timeout(_)), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(2));
+    tx.rollback().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_server_that_never_answers_fails_the_connection_within_its_timeout() {
+    // Needs no PostgreSQL: a socket that accepts and then says nothing, as across a partition.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let hold = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            held.push(socket);
+        }
+    });
+    let url = PostgresUrl::parse(&format!(
+        "postgres://u:p@127.0.0.1:{port}/db?sslmode=disable"
+    ))
+    .unwrap();
+    let started = Instant::now();
+    let err = Database::connect_bounded(&url, 1, Duration::from_millis(300))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Pool(_)), "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    hold.abort();
+}
+
+/// Runs one master's coordinator, ticking every `renew_every`, publishing the jobs it may act
+/// on after each pass, until told to stop (then it leaves cleanly) or aborted (a crash).
+fn run_master(
+    coordinator: saltpeter_store_postgres::coordinator::Coordinator,
+    held: tokio::sync::watch::Sender<HashSet<String>>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
+    let mut coordinator = coordinator;
+    tokio::spawn(async move {
+        let every = coordinator.settings().renew_every;
+        loop {
+            coordinator.tick().await.unwrap();
+            held.send_replace(coordinator.held().map(|l| l.job.clone()).collect());
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = stop.changed() => break,
+            }
+        }
+        held.send_replace(HashSet::new());
+        coordinator.shutdown().await.unwrap();
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coordinators_spread_jobs_and_take_over_a_dead_masters_within_the_bound() {
+    use saltpeter_store_postgres::coordinator::{Coordinator, Settings};
+    let Some(db) = migrated("coord").await else {
+        return;
+    };
+    let jobs: Vec<String> = (0..30).map(|i| format!("job-{i:02}")).collect();
+    let all: HashSet<String> = jobs.iter().cloned().collect();
+    let mut views = Vec::new();
+    let mut stops = Vec::new();
+    let mut tasks = Vec::new();
+    // Register all three before any pass, so the first passes agree on who is live.
+    let mut coordinators = Vec::new();
+    for id in ["m1", "m2", "m3"] {
+        let mut settings = Settings::new(id, format!("{id}:8080"));
+        settings.lease_ttl = TTL;
+        settings.renew_every = Duration::from_millis(200);
+        settings.stop_margin = Duration::from_millis(200);
+        settings.master_ttl = TTL;
+        let mut c = Coordinator::start(db.clone(), settings).await.unwrap();
+        c.set_jobs(jobs.clone());
+        coordinators.push(c);
+    }
+    for c in coordinators {
+        let (held_tx, held_rx) = tokio::sync::watch::channel(HashSet::new());
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        tasks.push(run_master(c, held_tx, stop_rx));
+        views.push(held_rx);
+        stops.push(stop_tx);
+    }
+    // Waits until the masters in `alive` hold every job between them, each job once.
+    let converge = |alive: Vec<usize>, within: Duration| {
+        let views = views.clone();
+        let all = all.clone();
+        async move {
+            let started = Instant::now();
+            loop {
+                let sets: Vec<HashSet<String>> =
+                    alive.iter().map(|i| views[*i].borrow().clone()).collect();
+                let total: usize = sets.iter().map(HashSet::len).sum();
+                let union: HashSet<&String> = sets.iter().flatten().collect();
+                assert_eq!(total, union.len(), "a job is held by two masters: {sets:?}");
+                if union.len() == all.len() {
+                    return (started.elapsed(), sets);
+                }
+                assert!(started.elapsed() < within, "not converged: {sets:?}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    let (_, sets) = converge(vec![0, 1, 2], 3 * TTL).await;
+    for set in &sets {
+        assert!((4..=18).contains(&set.len()), "uneven: {sets:?}");
+    }
+    let m3_jobs = sets[2].clone();
+
+    // m3 crashes: no release, no deregistration. Its leases must run out and move, within a
+    // TTL and a few passes (the scaled version of 13 s with the default timings).
+    tasks[2].abort();
+    let (took, after) = converge(vec![0, 1], 3 * TTL).await;
+    assert!(
+        took >= TTL / 2,
+        "taken over before m3's leases could expire ({took:?})"
+    );
+    for (before, now) in sets.iter().take(2).zip(&after) {
+        assert!(before.is_subset(now), "a live master lost a job it kept");
+    }
+    let moved: HashSet<String> = after
+        .iter()
+        .flatten()
+        .filter(|j| !sets[0].contains(*j) && !sets[1].contains(*j))
+        .cloned()
+        .collect();
+    assert_eq!(moved, m3_jobs);
+    for job in &m3_jobs {
+        assert_eq!(db.lease_of(job).await.unwrap().unwrap().epoch, Epoch(2));
+    }
+
+    // m1 leaves cleanly: m2 takes everything without waiting for leases to expire.
+    let left = Instant::now();
+    stops[0].send_replace(true);
+    let deadline = Instant::now() + 3 * TTL;
+    while views[1].borrow().len() < all.len() {
+        assert!(Instant::now() < deadline, "m2 did not take m1's jobs");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        left.elapsed() < TTL + Duration::from_millis(500),
+        "{:?}",
+        left.elapsed()
+    );
+    stops[1].send_replace(true);
+    for t in tasks.into_iter().take(2) {
+        t.await.unwrap();
+    }
+}
