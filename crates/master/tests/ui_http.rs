@@ -229,7 +229,7 @@ async fn legacy_paths_metrics_and_the_dashboard_are_served() {
         .as_str()
         .unwrap()
         .to_owned();
-    // D-44: a running instance never makes /running fail.
+    // A running instance never makes /running fail (docs/COMPATIBILITY.md).
     let (status, body) = http(&r, "GET", "/running", &[]).await;
     assert_eq!(status, 200);
     let running: Value = serde_json::from_str(&body).unwrap();

@@ -125,10 +125,7 @@ mod tests {
     fn times_whose_utc_year_rfc_3339_cannot_spell_are_refused_or_clamped() {
         // Each parses as RFC 3339, but its UTC instant falls before year 0 or after 9999,
         // where the printed form would not parse back.
-        for text in [
-            "0000-01-01T00:00:00.5+00:01",
-            "9999-12-31T23:59:59-01:00",
-        ] {
+        for text in ["0000-01-01T00:00:00.5+00:01", "9999-12-31T23:59:59-01:00"] {
             assert!(Timestamp::parse(text).is_err(), "{text}");
         }
         let early = OffsetDateTime::parse("0000-01-01T00:00:00+00:01", &Rfc3339).unwrap();
