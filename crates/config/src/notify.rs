@@ -95,3 +95,138 @@ pub(crate) fn redacted_json(rules: &[saltpeter_notify::Rule]) -> serde_json::Val
             .collect(),
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use crate::{Config, Section, Severity};
+
+    fn load(text: &str) -> Config {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("jobs.yaml"), text).expect("write");
+        Config::load(dir.path())
+    }
+
+    const SCHEDULE: &str =
+        "  min: '*'\n  hour: '*'\n  dom: '*'\n  mon: '*'\n  dow: '*'\n  targets: a\n";
+
+    #[test]
+    fn settings_and_jobs_read_their_notification_keys() {
+        let text = format!(
+            "saltpeter_config:
+  notify:
+    - webhook: https://hooks.example/all
+      secret: s3cret-value
+  smtp:
+    host: 127.0.0.1
+    port: 2525
+    tls: none
+    from: sp@example.org
+  notify_delivery:
+    retry_base: 1
+    max_attempts: 3
+inherits:
+{SCHEDULE}  command: 'true'
+own:
+{SCHEDULE}  command: 'true'
+  warn_after: 90
+  notify:
+    - email: dba@example.org
+      on: [failure, recovery]
+silent:
+{SCHEDULE}  command: 'true'
+  warn_after: 0
+  notify: []
+"
+        );
+        let config = load(&text);
+        assert!(!config.has_errors(), "{:?}", config.problems);
+        let s = &config.settings;
+        assert_eq!(s.notify.len(), 1);
+        assert_eq!(s.smtp.as_ref().map(|m| m.port), Some(2525));
+        assert_eq!(s.notify_delivery.retry.base, Duration::from_secs(1));
+        assert_eq!(s.notify_delivery.retry.attempts, 3);
+        let job = |name: &str| config.jobs.get(name).expect("job");
+        assert_eq!(
+            job("inherits").notify,
+            None,
+            "absent: the settings' list applies"
+        );
+        assert_eq!(job("inherits").warn_after, None);
+        let own = job("own").notify.clone().expect("own list");
+        assert_eq!(own.len(), 1, "the job's list replaces the global one");
+        assert_eq!(own[0].channel.kind(), "email");
+        assert_eq!(job("own").warn_after, Some(Duration::from_secs(90)));
+        assert_eq!(
+            job("silent").notify,
+            Some(Vec::new()),
+            "an empty list silences"
+        );
+        assert_eq!(job("silent").warn_after, None);
+        let ui = job("own").ui_json().to_string();
+        assert!(ui.contains("\"channel\":\"email\""), "{ui}");
+        let settings_debug = format!("{s:?}");
+        assert!(
+            !settings_debug.contains("s3cret-value"),
+            "secrets never in Debug"
+        );
+    }
+
+    #[test]
+    fn errors_name_the_line_of_the_bad_value() {
+        let text = format!(
+            "saltpeter_config:
+  notify:
+    - webhook: https://hooks.example/ok
+    - webhook: ftp://nope.example/x
+bad:
+{SCHEDULE}  command: 'true'
+  warn_after: 999999999
+worse:
+{SCHEDULE}  command: 'true'
+  notify:
+    - slack: not a url
+"
+        );
+        let config = load(&text);
+        let errors: Vec<_> = config
+            .problems
+            .iter()
+            .filter(|p| p.severity == Severity::Error)
+            .collect();
+        let line_of = |section: Section, key: &str| {
+            errors
+                .iter()
+                .find(|p| p.section == section && p.key.as_deref() == Some(key))
+                .and_then(|p| p.line)
+        };
+        assert_eq!(line_of(Section::Settings, "notify"), Some(4));
+        assert_eq!(line_of(Section::Job("bad".into()), "warn_after"), Some(13));
+        assert_eq!(line_of(Section::Job("worse".into()), "notify"), Some(23));
+        assert!(
+            config.settings.notify.is_empty(),
+            "a bad list is ignored whole"
+        );
+        assert!(!config.jobs.contains_key("bad") && !config.jobs.contains_key("worse"));
+    }
+
+    #[test]
+    fn a_secret_in_a_jobs_rules_never_reaches_the_ui() {
+        let text = format!(
+            "j:
+{SCHEDULE}  command: 'true'
+  notify:
+    - webhook: https://hooks.example/path/TOKEN123
+      secret: hush-hush
+"
+        );
+        let config = load(&text);
+        let ui = config.jobs.get("j").expect("job").ui_json().to_string();
+        assert!(
+            !ui.contains("hush-hush") && !ui.contains("TOKEN123"),
+            "{ui}"
+        );
+        assert!(ui.contains("hooks.example"), "{ui}");
+    }
+}
