@@ -79,6 +79,42 @@ pub(crate) fn warn_after(node: &Node) -> Result<Option<Duration>, String> {
     }
 }
 
+/// Warnings for `email` rules while no `smtp:` relay is configured: each such mail would be
+/// given up on at its first attempt (`sp-master check` reports them).
+pub(crate) fn mail_without_relay(config: &crate::Config) -> Vec<crate::ConfigProblem> {
+    use crate::{ConfigProblem, Section, Severity};
+    if config.settings.smtp.is_some() {
+        return Vec::new();
+    }
+    let has_mail =
+        |rules: &[saltpeter_notify::Rule]| rules.iter().any(|r| r.channel.kind() == "email");
+    let message = "an email rule without smtp: under saltpeter_config; these mails are not sent";
+    let mut out = Vec::new();
+    if has_mail(&config.settings.notify) {
+        out.push(ConfigProblem::at(
+            Severity::Warning,
+            &config.dir,
+            0,
+            Section::Settings,
+            Some("notify"),
+            message,
+        ));
+    }
+    for job in config.jobs.values() {
+        if job.notify.as_deref().is_some_and(has_mail) {
+            out.push(ConfigProblem::at(
+                Severity::Warning,
+                &job.source.file,
+                job.source.line,
+                Section::Job(job.name.clone()),
+                Some("notify"),
+                message,
+            ));
+        }
+    }
+    out
+}
+
 /// A rule list as the UI's `config` message shows it: the channel's kind, its destination
 /// with the URL's path and any secret left out, and the events.
 pub(crate) fn redacted_json(rules: &[saltpeter_notify::Rule]) -> serde_json::Value {
@@ -209,6 +245,21 @@ worse:
             "a bad list is ignored whole"
         );
         assert!(!config.jobs.contains_key("bad") && !config.jobs.contains_key("worse"));
+    }
+
+    #[test]
+    fn mail_rules_without_a_relay_are_reported_by_check() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let text =
+            format!("j:\n{SCHEDULE}  command: 'true'\n  notify:\n    - email: a@example.org\n");
+        std::fs::write(dir.path().join("jobs.yaml"), text).expect("write");
+        let problems = crate::check_dir(dir.path());
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.key.as_deref() == Some("notify") && p.message.contains("smtp")),
+            "{problems:?}"
+        );
     }
 
     #[test]
