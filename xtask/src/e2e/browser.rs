@@ -331,7 +331,7 @@ pub fn scenarios() -> Vec<super::Outcome> {
             dashboard_with_one_retry(&master, &token),
         ),
         (
-            "sp-master run --follow exits with the job's code".to_owned(),
+            "sp-master run --follow prints the job's code and exits 3 when it failed".to_owned(),
             cli_follow(&master, &token),
         ),
     ]
