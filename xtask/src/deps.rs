@@ -22,10 +22,15 @@ pub const ALLOWED: &[(&str, &[&str])] = &[
     ("saltpeter-http", &["saltpeter-tls"]),
     ("saltpeter-notify", &[]),
     ("saltpeter-store-postgres", &["saltpeter-tls"]),
-    ("saltpeter-config", &["saltpeter-proto"]),
+    ("saltpeter-config", &["saltpeter-proto", "saltpeter-notify"]),
     (
         "saltpeter-store",
-        &["saltpeter-proto", "saltpeter-files", "saltpeter-metrics"],
+        &[
+            "saltpeter-proto",
+            "saltpeter-files",
+            "saltpeter-metrics",
+            "saltpeter-notify",
+        ],
     ),
     (
         "saltpeter-joblog",
@@ -57,6 +62,7 @@ pub const ALLOWED: &[(&str, &[&str])] = &[
             "saltpeter-config",
             "saltpeter-store",
             "saltpeter-engine",
+            "saltpeter-notify",
         ],
     ),
     (
@@ -72,6 +78,7 @@ pub const ALLOWED: &[(&str, &[&str])] = &[
             "saltpeter-joblog",
             "saltpeter-engine",
             "saltpeter-web",
+            "saltpeter-notify",
         ],
     ),
     (

@@ -86,6 +86,7 @@ pub(crate) fn start_up_problems(config: &Config) -> Vec<ConfigProblem> {
             why,
         ));
     }
+    out.extend(super::notify::mail_without_relay(config));
     if config.settings.launcher == Launcher::Local {
         for job in config.jobs.values() {
             let Some(user) = &job.user else { continue };

@@ -173,6 +173,12 @@ pub struct JobSpec {
     pub lockfile: Option<String>,
     /// `timezone`: IANA zone the schedule is evaluated in; UTC when absent.
     pub timezone: Option<String>,
+    /// `notify`: the job's own notification rules, replacing the settings' list; `Some` of an
+    /// empty list silences the job; `None` (absent) follows the settings.
+    pub notify: Option<Vec<saltpeter_notify::Rule>>,
+    /// `warn_after`: a run still going this long after it started raises one
+    /// `running_too_long` notification; none when absent, `null` or `0`.
+    pub warn_after: Option<Duration>,
     /// Keys this version does not know, as JSON, kept so the UI can show them.
     pub extra: serde_json::Map<String, serde_json::Value>,
     /// Where the job is defined.
@@ -237,7 +243,7 @@ const KNOWN_KEYS: [&str; 26] = [
 ];
 
 /// Keys beyond [`KNOWN_KEYS`] that are also known.
-const MORE_KNOWN_KEYS: [&str; 2] = ["lockfile", "group"];
+const MORE_KNOWN_KEYS: [&str; 4] = ["lockfile", "group", "notify", "warn_after"];
 
 /// The outcome of reading one job: the spec or its errors, and warnings either way.
 #[derive(Debug)]
@@ -594,6 +600,31 @@ pub(crate) fn parse_job(
         }),
     };
 
+    let notify = match keys.get("notify") {
+        None => None,
+        Some(node) => match crate::notify::rules(node) {
+            Ok(rules) => {
+                // The file's rules may carry webhook secrets and tokens in URL paths: the UI
+                // sees only what the API may show.
+                ui.insert("notify".to_owned(), crate::notify::redacted_json(&rules));
+                Some(rules)
+            }
+            Err((line, message)) => {
+                ui.insert("notify".to_owned(), serde_json::Value::Null);
+                let p = ctx.problem(Severity::Error, line, Some("notify"), message);
+                ctx.errors.push(p);
+                None
+            }
+        },
+    };
+    let warn_after = match keys.get("warn_after") {
+        None => None,
+        Some(node) => crate::notify::warn_after(node).unwrap_or_else(|e| {
+            ctx.error(Some(node), "warn_after", e);
+            None
+        }),
+    };
+
     if let Some(node) = keys.get("group") {
         let given = node.scalar_text().unwrap_or_default();
         if given != group {
@@ -647,6 +678,8 @@ pub(crate) fn parse_job(
             saltpeter_server_host,
             lockfile,
             timezone,
+            notify,
+            warn_after,
             extra,
             source: JobSource {
                 file: file.to_owned(),

@@ -36,6 +36,7 @@ mod dir;
 pub mod job;
 mod limits;
 mod maintenance;
+pub mod notify;
 mod problem;
 mod raw;
 pub mod schedule;

@@ -167,6 +167,12 @@ pub struct Settings {
     /// `ship_ca`: the CA file to verify `https://` Elasticsearch/OpenSearch with; default
     /// none, the system roots.
     pub ship_ca: Option<PathBuf>,
+    /// `notify`: the notification rules of every job without its own list; default none.
+    pub notify: Vec<saltpeter_notify::Rule>,
+    /// `smtp`: the relay `email` rules send through; default none (mail is not sent).
+    pub smtp: Option<saltpeter_notify::config::SmtpSettings>,
+    /// `notify_delivery`: retries, rate limit and timeout of notifications.
+    pub notify_delivery: saltpeter_notify::config::Delivery,
     /// Keys this version does not know, as JSON (the original accepted anything).
     pub extra: serde_json::Map<String, serde_json::Value>,
 }
@@ -229,6 +235,9 @@ impl Default for Settings {
             tls_ca: None,
             allow_plaintext: false,
             ship_ca: None,
+            notify: Vec::new(),
+            smtp: None,
+            notify_delivery: saltpeter_notify::config::Delivery::default(),
             extra: serde_json::Map::new(),
         }
     }
@@ -284,6 +293,9 @@ pub(crate) struct PartialSettings {
     tls_ca: Option<Option<String>>,
     allow_plaintext: Option<bool>,
     ship_ca: Option<Option<PathBuf>>,
+    notify: Option<Vec<saltpeter_notify::Rule>>,
+    smtp: Option<Option<saltpeter_notify::config::SmtpSettings>>,
+    notify_delivery: Option<saltpeter_notify::config::Delivery>,
     extra: serde_json::Map<String, serde_json::Value>,
 }
 
@@ -512,6 +524,24 @@ pub(crate) fn parse_settings(
             "tls_ca" => set!(tls_ca, |n: &Node| optional(n, non_empty)),
             "allow_plaintext" => set!(allow_plaintext, Node::as_bool),
             "ship_ca" => set!(ship_ca, path),
+            "notify" | "smtp" | "notify_delivery" => {
+                // The notify parsers name the line of the offending value inside the block.
+                let result = match key.as_str() {
+                    "notify" => super::notify::rules(v).map(|r| out.notify = Some(r)),
+                    "smtp" => super::notify::smtp(v).map(|r| out.smtp = Some(r)),
+                    _ => super::notify::delivery(v).map(|r| out.notify_delivery = Some(r)),
+                };
+                if let Err((line, message)) = result {
+                    problems.push(ConfigProblem::at(
+                        Severity::Error,
+                        file,
+                        line,
+                        Section::Settings,
+                        Some(&key),
+                        format!("{message}; this value is ignored"),
+                    ));
+                }
+            }
             "fd_reserve" => set!(fd_reserve, |n: &Node| optional(n, |n: &Node| n
                 .as_count("a number of open files"))),
             _ => {
@@ -621,7 +651,10 @@ impl Settings {
             tls_key,
             tls_ca,
             allow_plaintext,
-            ship_ca
+            ship_ca,
+            notify,
+            smtp,
+            notify_delivery
         );
         self.limits.apply(&p.limits);
         self.access.apply(&p.access);

@@ -41,6 +41,10 @@ enum Message {
     Close,
 }
 
+/// A consumer of every entry besides the log file and the shipper; see
+/// [`JobLog::start_with_tap`].
+pub type Tap = Box<dyn FnMut(&LogEntry) + Send>;
+
 /// Handle to the log thread. Cheap to clone; sending never blocks.
 #[derive(Clone, Debug)]
 pub struct JobLog {
@@ -59,6 +63,19 @@ impl JobLog {
     pub fn start_shipping(
         spool_dir: PathBuf,
         ship: Option<crate::ship::LogShipper>,
+    ) -> io::Result<Self> {
+        Self::start_with_tap(spool_dir, ship, None)
+    }
+
+    /// [`JobLog::start_shipping`], also showing every entry to `tap` (on the log thread,
+    /// before it is written) when given: how the master's notifier hears that a run started,
+    /// that a machine finished and that a run ended, as a sibling of the log file and the
+    /// shipper. The tap must not wait (it hands the entry on); it is dropped when the thread
+    /// ends, which tells its receiver that no more entries come.
+    pub fn start_with_tap(
+        spool_dir: PathBuf,
+        ship: Option<crate::ship::LogShipper>,
+        mut tap: Option<Tap>,
     ) -> io::Result<Self> {
         let (tx, rx) = mpsc::channel::<Message>();
         let thread = std::thread::Builder::new().name("joblog".into()).spawn(move || {
@@ -80,6 +97,9 @@ impl JobLog {
                                     break;
                                 }
                             };
+                            if let Some(tap) = tap.as_mut() {
+                                tap(&entry);
+                            }
                             if let Err(error) = writer.write(&dir, entry) {
                                 tracing::warn!(%error, dir = %dir.display(), "Could not write the job log.");
                             }

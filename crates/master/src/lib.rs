@@ -14,4 +14,5 @@
 //! See `docs/ARCHITECTURE.md` for how the pieces talk to each other.
 
 pub mod cli;
+pub mod notifier;
 pub mod server;

@@ -75,7 +75,8 @@ enum Command {
     /// Start a run of a job now.
     Run {
         job: String,
-        /// Stream the output until the run ends; exit with a code reflecting the result.
+        /// Stream the output until the run ends; exit 0 when every machine returned 0, 3 when
+        /// the run failed (each machine's code is printed).
         #[arg(short, long)]
         follow: bool,
     },

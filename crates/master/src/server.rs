@@ -20,6 +20,9 @@ use saltpeter_engine::launch::local::LocalLauncher;
 use saltpeter_engine::launch::salt::SaltLauncher;
 use saltpeter_engine::{Engine, EngineHandle, EngineParts, StoreParts};
 use saltpeter_joblog::JobLog;
+use saltpeter_notify::{Deliverer, DeliveryLoop, LoopOptions, NetSender, Outbox, SystemClock};
+
+use crate::notifier::{Notifier, NotifierHandle};
 use saltpeter_metrics::ListenerKind;
 use saltpeter_web::listen::Gate;
 
@@ -50,7 +53,64 @@ pub struct Running {
     pub engine_stopped: tokio::sync::oneshot::Receiver<()>,
     /// Keeps the configuration current; dropping it stops hot reload.
     pub watcher: ConfigWatcher,
+    /// The notification outbox and its deliverer.
+    pub notifications: Arc<Notifications>,
+    /// A way into the notifier (for missed-slot events).
+    pub notifier: NotifierHandle,
+    /// The notifier's task; it ends once the job log has stopped and `notifier` is dropped.
+    pub notifier_task: tokio::task::JoinHandle<()>,
 }
+
+/// The durable outbox and the deliverer thread that sends from it, shared by the notifier
+/// (which wakes the deliverer), `/metrics` and the API.
+pub struct Notifications {
+    pub outbox: Arc<dyn Outbox>,
+    deliverer: parking_lot::Mutex<Option<Deliverer>>,
+}
+
+impl std::fmt::Debug for Notifications {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Notifications").finish_non_exhaustive()
+    }
+}
+
+impl Notifications {
+    /// Tells the deliverer to look at the outbox now.
+    pub fn wake(&self) {
+        if let Some(d) = self.deliverer.lock().as_ref() {
+            d.wake();
+        }
+    }
+
+    /// The figures `/metrics` shows.
+    pub fn figures(&self) -> saltpeter_metrics::NotifyFigures {
+        let stats = self
+            .deliverer
+            .lock()
+            .as_ref()
+            .map(Deliverer::stats)
+            .unwrap_or_default();
+        saltpeter_metrics::NotifyFigures {
+            delivered: stats.delivered,
+            failed_attempts: stats.failed_attempts,
+            gave_up: stats.gave_up,
+            rate_limited: stats.rate_limited,
+            pending: self.outbox.counts().map(|c| c.pending).unwrap_or_default(),
+        }
+    }
+
+    /// Stops the deliverer thread (a send in progress finishes first, bounded by the
+    /// delivery timeout); rows not yet sent stay in the outbox for the next start.
+    pub fn stop(&self) {
+        let deliverer = self.deliverer.lock().take();
+        if let Some(d) = deliverer {
+            d.stop();
+        }
+    }
+}
+
+/// How long [`Running::stop`] waits for the notifier to queue the last events it heard.
+const NOTIFIER_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl Running {
     /// The shutdown protocol: the listeners stop accepting, the engine handles what it
@@ -62,6 +122,20 @@ impl Running {
         if self.engine_stopped.await.is_err() {
             tracing::error!("The engine thread ended without reporting; it may have panicked.");
         }
+        // The job log has stopped, so its tap is gone; with this handle dropped too, the
+        // notifier queues what it heard last and ends. Then the deliverer stops: after the
+        // engine, so every event of the engine's last moments is in the outbox, which has a
+        // connection of its own and is closed last, when `notifications` is dropped.
+        drop(self.notifier);
+        if tokio::time::timeout(NOTIFIER_GRACE, &mut self.notifier_task)
+            .await
+            .is_err()
+        {
+            tracing::warn!("The notifier is still busy after {NOTIFIER_GRACE:?}; stopping it.");
+            self.notifier_task.abort();
+        }
+        let notifications = Arc::clone(&self.notifications);
+        let _ = tokio::task::spawn_blocking(move || notifications.stop()).await;
         // The listeners end once their open HTTP requests are answered; a client that holds
         // one open is not worth waiting for past this.
         let listeners = async { while self.tasks.join_next().await.is_some() {} };
@@ -96,6 +170,8 @@ pub enum StartError {
     Engine(std::io::Error),
     #[error("{0}")]
     Tls(#[from] saltpeter_web::tls::TlsSetupError),
+    #[error("cannot start notifications: {0}")]
+    Notify(String),
 }
 
 /// Connections the kernel completes and queues for each listener before the master accepts
@@ -192,8 +268,13 @@ pub async fn start(options: Options) -> Result<Running, StartError> {
     let machines_url = format!("{scheme}://{host}:{}", machines_addr.port());
     // Shipping to Elasticsearch/OpenSearch only when a URL is configured.
     let ship = saltpeter_joblog::ship::start_for(s, config_rx.clone());
-    let joblog =
-        JobLog::start_shipping(s.data_dir.join("spool"), ship).map_err(StartError::JobLog)?;
+    let (seen_tx, seen_rx) = tokio::sync::mpsc::channel(crate::notifier::QUEUE);
+    let joblog = JobLog::start_with_tap(
+        s.data_dir.join("spool"),
+        ship,
+        Some(crate::notifier::tap(seen_tx.clone())),
+    )
+    .map_err(StartError::JobLog)?;
     let retention = saltpeter_store::Retention {
         runs_per_job: usize::try_from(s.retention_runs_per_job).unwrap_or(usize::MAX),
         max_age_days: u32::try_from(s.retention_days).unwrap_or(u32::MAX),
@@ -202,6 +283,32 @@ pub async fn start(options: Options) -> Result<Running, StartError> {
     };
     let (db, restored) =
         saltpeter_store::Store::open(&s.data_dir, retention).map_err(StartError::Store)?;
+    // What the notifier needs of the restored state: each job's last outcome and the runs
+    // still going. The `notify_outbox` table lives in the same file, on its own connection.
+    let seed_jobs = restored.jobs.clone();
+    let seed_runs: Vec<saltpeter_store::RunRecord> =
+        restored.runs.iter().map(|(r, _)| r.clone()).collect();
+    let outbox: Arc<dyn Outbox> = Arc::new(
+        saltpeter_store::SqliteOutbox::open(&s.data_dir.join("saltpeter.db"))
+            .map_err(|e| StartError::Notify(e.to_string()))?,
+    );
+    let delivery = s.notify_delivery;
+    let sender = NetSender::new(delivery.timeout, s.smtp.clone())
+        .map_err(|e| StartError::Notify(e.to_string()))?;
+    let deliverer = Deliverer::start(DeliveryLoop::new(
+        Arc::clone(&outbox),
+        Box::new(sender),
+        Arc::new(SystemClock),
+        LoopOptions {
+            delivery,
+            ..LoopOptions::default()
+        },
+    ))
+    .map_err(|e| StartError::Notify(e.to_string()))?;
+    let notifications = Arc::new(Notifications {
+        outbox: Arc::clone(&outbox),
+        deliverer: parking_lot::Mutex::new(Some(deliverer)),
+    });
     let (engine, handle) = Engine::new(EngineParts {
         config: config_rx.clone(),
         launcher,
@@ -215,6 +322,38 @@ pub async fn start(options: Options) -> Result<Running, StartError> {
     .map_err(StartError::Store)?;
     let mut tasks = tokio::task::JoinSet::new();
     let engine_stopped = engine.run_on_own_thread().map_err(StartError::Engine)?;
+    let api_base = {
+        let scheme = if tls.api.is_some() { "https" } else { "http" };
+        let host = if api_addr.ip().is_unspecified() {
+            s.default_saltpeter_server_host.clone()
+        } else {
+            match api_addr.ip() {
+                std::net::IpAddr::V6(ip) => format!("[{ip}]"),
+                ip => ip.to_string(),
+            }
+        };
+        format!("{scheme}://{host}:{}", api_addr.port())
+    };
+    let mut notifier = Notifier::new(
+        config_rx.clone(),
+        Arc::clone(&outbox),
+        {
+            let n = Arc::clone(&notifications);
+            Arc::new(move || n.wake())
+        },
+        Some(handle.clone()),
+        api_base,
+    );
+    notifier.seed(&seed_jobs, &seed_runs, time::OffsetDateTime::now_utc());
+    let notifier_task = tokio::spawn(notifier.run(seen_rx));
+    {
+        let n = Arc::clone(&notifications);
+        handle
+            .metrics()
+            .set_notify_source(saltpeter_metrics::NotifySource(Arc::new(move || {
+                n.figures()
+            })));
+    }
     // Both listeners share one open-file budget (the open count in the metrics); each has its
     // own caps on pending connections.
     let fd_limit = saltpeter_web::listen::fd_limit();
@@ -236,7 +375,9 @@ pub async fn start(options: Options) -> Result<Running, StartError> {
     ));
     let ui = saltpeter_web::ui::router(handle.clone(), config_rx.clone());
     let api = saltpeter_web::ui::protect(
-        saltpeter_web::api::router(handle.clone(), config_rx.clone()).merge(ui),
+        saltpeter_web::api::router(handle.clone(), config_rx.clone())
+            .merge(ui)
+            .merge(saltpeter_web::notifications::router(Arc::clone(&outbox))),
         config_rx.clone(),
         api_addr,
     );
@@ -264,5 +405,8 @@ pub async fn start(options: Options) -> Result<Running, StartError> {
         tasks,
         engine_stopped,
         watcher,
+        notifications,
+        notifier: NotifierHandle::new(seen_tx),
+        notifier_task,
     })
 }

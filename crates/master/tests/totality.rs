@@ -350,7 +350,7 @@ fn yaml_value() -> BoxedStrategy<String> {
     .boxed()
 }
 
-const SETTING_KEYS: [&str; 43] = [
+const SETTING_KEYS: [&str; 46] = [
     "logdir",
     "debug",
     "api_ws",
@@ -394,9 +394,12 @@ const SETTING_KEYS: [&str; 43] = [
     "tls_ca",
     "allow_plaintext",
     "ship_ca",
+    "notify",
+    "smtp",
+    "notify_delivery",
 ];
 
-const JOB_KEYS: [&str; 16] = [
+const JOB_KEYS: [&str; 18] = [
     "sec",
     "min",
     "hour",
@@ -413,6 +416,8 @@ const JOB_KEYS: [&str; 16] = [
     "allow_overlap",
     "timezone",
     "target_type",
+    "notify",
+    "warn_after",
 ];
 
 proptest! {

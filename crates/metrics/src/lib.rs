@@ -126,6 +126,34 @@ pub struct Metrics {
     store_ops: AtomicU64,
     /// Connections of both listeners (written by `listen.rs` and the UI socket tasks).
     pub listeners: Listeners,
+    /// Where the notification series are read when scraped (set by the master's wiring).
+    notifications: Mutex<Option<NotifySource>>,
+}
+
+/// What the notification outbox and its deliverer report for `/metrics`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NotifyFigures {
+    /// Notifications delivered since the master started.
+    pub delivered: u64,
+    /// Attempts that failed (each retry counts) since the master started.
+    pub failed_attempts: u64,
+    /// Notifications given up on since the master started.
+    pub gave_up: u64,
+    /// Notifications dropped by the per-job rate limit since the master started.
+    pub rate_limited: u64,
+    /// Rows waiting in the outbox now.
+    pub pending: u64,
+}
+
+/// A reader of [`NotifyFigures`]; it is called on the scraping task, so it must be quick (a
+/// few atomics and one indexed count).
+#[derive(Clone)]
+pub struct NotifySource(pub std::sync::Arc<dyn Fn() -> NotifyFigures + Send + Sync>);
+
+impl std::fmt::Debug for NotifySource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("NotifySource")
+    }
 }
 
 /// Which listener a connection came in on, for the connection series' `listener` label.
@@ -339,6 +367,52 @@ impl Metrics {
         self.store_ops.fetch_add(ops as u64, Ordering::Relaxed);
     }
 
+    /// Where the notification series come from; without a source they are not rendered.
+    pub fn set_notify_source(&self, source: NotifySource) {
+        *self.notifications.lock() = Some(source);
+    }
+
+    fn render_notifications(&self, out: &mut String) {
+        let Some(source) = self.notifications.lock().clone() else {
+            return;
+        };
+        let f = (source.0)();
+        for (name, kind, help, value) in [
+            (
+                "saltpeter_notifications_delivered_total",
+                "counter",
+                "Notifications delivered.",
+                f.delivered,
+            ),
+            (
+                "saltpeter_notifications_failed_attempts_total",
+                "counter",
+                "Notification attempts that failed (each retry counts).",
+                f.failed_attempts,
+            ),
+            (
+                "saltpeter_notifications_gave_up_total",
+                "counter",
+                "Notifications given up on (attempts exhausted or refused for good).",
+                f.gave_up,
+            ),
+            (
+                "saltpeter_notifications_rate_limited_total",
+                "counter",
+                "Notifications dropped by the per-job rate limit.",
+                f.rate_limited,
+            ),
+            (
+                "saltpeter_notifications_pending",
+                "gauge",
+                "Notifications waiting in the outbox.",
+                f.pending,
+            ),
+        ] {
+            scalar(out, name, kind, help, value);
+        }
+    }
+
     /// The whole exposition text.
     pub fn render(&self, gauges: &Gauges) -> String {
         let mut out = String::with_capacity(4096);
@@ -448,6 +522,7 @@ impl Metrics {
             gauges.runtime_injection_queue,
         );
         self.listeners.render(&mut out);
+        self.render_notifications(&mut out);
         self.fire_to_start.render(
             &mut out,
             "saltpeter_fire_to_start_seconds",
@@ -646,6 +721,31 @@ mod tests {
         for l in text.lines().filter(|l| !l.starts_with('#')) {
             let value = l.rsplit(' ').next().unwrap_or_default();
             assert!(value.parse::<f64>().is_ok(), "bad sample {l:?}");
+        }
+    }
+
+    #[test]
+    fn notification_series_are_read_from_their_source_when_scraped() {
+        let m = Metrics::default();
+        let gauges = Gauges::default();
+        assert!(!m.render(&gauges).contains("saltpeter_notifications_"));
+        m.set_notify_source(NotifySource(std::sync::Arc::new(|| NotifyFigures {
+            delivered: 3,
+            failed_attempts: 2,
+            gave_up: 1,
+            rate_limited: 4,
+            pending: 5,
+        })));
+        let text = m.render(&gauges);
+        for line in [
+            "saltpeter_notifications_delivered_total 3",
+            "saltpeter_notifications_failed_attempts_total 2",
+            "saltpeter_notifications_gave_up_total 1",
+            "saltpeter_notifications_rate_limited_total 4",
+            "saltpeter_notifications_pending 5",
+            "# TYPE saltpeter_notifications_pending gauge",
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing {line:?}");
         }
     }
 

@@ -24,6 +24,7 @@
 
 pub mod audit;
 mod checkpoint;
+mod notify_outbox;
 pub mod output;
 mod outputs;
 mod sqlite;
@@ -40,6 +41,7 @@ use tokio::sync::oneshot;
 use saltpeter_metrics::Metrics;
 
 pub use checkpoint::WalTuning;
+pub use notify_outbox::SqliteOutbox;
 pub use output::OutputBuffer;
 pub use sqlite::{Db, Retention, StoreError};
 pub use view::{MachineStatus, MachineView, RunView, TimelineEntry, TimelineQuery, rfc3339};

@@ -17,5 +17,6 @@
 pub mod api;
 pub mod endpoint;
 pub mod listen;
+pub mod notifications;
 pub mod tls;
 pub mod ui;

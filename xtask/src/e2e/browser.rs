@@ -56,7 +56,7 @@ pub fn start_master() -> Result<(Master, String)> {
         ),
         job(
             "cli_job",
-            "  targets: [e2e-cli]\n  command: 'echo first; echo \"second é🚀\"; sleep 1; exit 3'",
+            "  targets: [e2e-cli]\n  command: 'echo first; echo \"second é🚀\"; sleep 1; exit 7'",
         ),
     ]
     .concat();
@@ -80,13 +80,14 @@ pub fn cli_follow(master: &Master, token: &str) -> Result<String> {
         .context("running sp-master run --follow")?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
+    // The job exits 7; the CLI says "the job failed" with its own 3 and prints the job's code.
     ensure!(
         out.status.code() == Some(3),
         "expected exit 3, got {:?}; stdout {stdout:?} stderr {stderr:?}",
         out.status.code()
     );
     ensure!(stdout.contains("first\nsecond é🚀\n"), "stdout {stdout:?}");
-    ensure!(stderr.contains("e2e-cli: exit 3"), "stderr {stderr:?}");
+    ensure!(stderr.contains("e2e-cli: exit 7"), "stderr {stderr:?}");
     let status = Command::new(binary("sp-master"))
         .args(["status", "--api"])
         .arg(format!("http://{}", master.api))
@@ -98,7 +99,7 @@ pub fn cli_follow(master: &Master, token: &str) -> Result<String> {
         "status: {table}"
     );
     Ok(format!(
-        "run --follow streamed the output and exited 3 after {:.1} s; status shows FAILED",
+        "run --follow streamed the output, printed the job's exit 7 and exited 3 after {:.1} s; status shows FAILED",
         started.elapsed().as_secs_f64()
     ))
 }
@@ -330,7 +331,7 @@ pub fn scenarios() -> Vec<super::Outcome> {
             dashboard_with_one_retry(&master, &token),
         ),
         (
-            "sp-master run --follow exits with the job's code".to_owned(),
+            "sp-master run --follow prints the job's code and exits 3 when it failed".to_owned(),
             cli_follow(&master, &token),
         ),
     ]

@@ -7,6 +7,7 @@ mod browser;
 mod flood;
 mod http;
 pub mod master;
+mod notify;
 mod notify_env;
 mod restart;
 mod salt_env;
@@ -37,7 +38,9 @@ pub fn run(args: &[String]) -> Result<()> {
     // The Salt group (real salt-master and minions, its own sp-masters) runs beside the local
     // group; `--no-salt` leaves it out on a machine without PyPI.
     let with_salt = !args.iter().any(|a| a == "--no-salt");
-    // `--only GROUP` (local, salt, restart, browser, flood, notify-env) runs one group, for quick
+    // The notification group's mail sink comes from PyPI too.
+    let with_pypi = with_salt;
+    // `--only GROUP` (local, salt, restart, browser, flood, notify, notify-env) runs one group, for quick
     // iteration; `local` includes the flood, which runs alone after the other groups.
     let only = args
         .iter()
@@ -77,7 +80,10 @@ pub fn run(args: &[String]) -> Result<()> {
     if wanted("browser") {
         outcomes.extend(browser::scenarios());
     }
-    // Only on request: the receivers the notification scenarios will use, checked alone.
+    if wanted("notify") && with_pypi {
+        outcomes.extend(notify::scenarios());
+    }
+    // Only on request: the receivers the notification scenarios use, checked alone.
     if only.as_deref() == Some("notify-env") {
         outcomes.push(("notify-env: receivers".into(), notify_env::self_test()));
     }

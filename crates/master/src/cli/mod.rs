@@ -2,10 +2,13 @@
 //! [--machine M]`, `logs INSTANCE [--machine M]` and `audit [--limit N]`, talking to a running
 //! master's HTTP API.
 //!
-//! Output is for people by default and JSON with `--json`. Exit codes: 0 when the master did
-//! what was asked (for `run --follow`: when the run succeeded), 1 when it refused or the run
-//! failed (`run --follow` exits with the first failing machine's code, e.g. 143 for a kill),
-//! 2 when the master cannot be reached (from `main`).
+//! Output is for people by default and JSON with `--json`. Exit codes (docs/DEPLOY.md has the
+//! table): 0 when the master did what was asked (for `run --follow`: every machine returned
+//! 0); 1 when the master refused (unknown job, nothing running, a token without the role);
+//! 2 when the command line is wrong or the master cannot be reached (from `main` and clap);
+//! 3 ([`JOB_FAILED`]) when `run --follow` saw the run fail. The job's own codes are printed
+//! per machine and never become the CLI's: a job exiting 1 or 2 must not read as "the
+//! master refused" or "unreachable" to a script.
 
 pub mod fleet;
 
@@ -37,6 +40,10 @@ const FOLLOW_POLL: Duration = Duration::from_millis(300);
 
 /// The command's exit code.
 pub type Code = u8;
+
+/// `run --follow`: the run failed (a machine's result other than 0, a kill, or no machine
+/// ran); each machine's code and cause are printed.
+pub const JOB_FAILED: Code = 3;
 
 /// Percent-encodes one path segment.
 pub fn enc(segment: &str) -> String {
@@ -238,15 +245,12 @@ pub fn follow_run(client: &Client, instance: &str, json_out: bool) -> Result<Cod
     }
 }
 
-/// Prints how a finished run went and returns the exit code for it.
+/// Prints how a finished run went and returns the exit code for it: 0 when it succeeded,
+/// [`JOB_FAILED`] otherwise.
 fn summarize(run: &Value, json_out: bool) -> Code {
     let machines = run["machines"].as_object().cloned().unwrap_or_default();
-    let mut code: Option<i64> = None;
     for (name, m) in &machines {
         let retcode = m["retcode"].as_i64();
-        if code.is_none() && retcode.is_some_and(|c| c != 0) {
-            code = retcode;
-        }
         if !json_out {
             eprintln!(
                 "{name}: exit {} ({}){}",
@@ -269,13 +273,7 @@ fn summarize(run: &Value, json_out: bool) -> Code {
             }))).collect::<serde_json::Map<_, _>>(),
         }));
     }
-    if success {
-        return 0;
-    }
-    match code {
-        Some(c) if (1..=255).contains(&c) => c as Code,
-        _ => 1,
-    }
+    if success { 0 } else { JOB_FAILED }
 }
 
 /// `sp-master kill JOB|INSTANCE [--machine M]`: a job name kills each of its running
@@ -447,13 +445,18 @@ mod tests {
     }
 
     #[test]
-    fn a_failed_run_exits_with_its_first_failing_code() {
+    fn a_failed_run_exits_3_whatever_the_jobs_own_codes() {
         let run = json!({"success": false, "machines": {
             "a": {"retcode": 0}, "b": {"retcode": 143}, "c": {"retcode": 1}}});
-        assert_eq!(summarize(&run, true), 143);
+        assert_eq!(summarize(&run, true), JOB_FAILED);
+        // A job exiting 1 or 2 must not look like a refusal or an unreachable master.
+        for code in [1, 2, 255] {
+            let run = json!({"success": false, "machines": {"a": {"retcode": code}}});
+            assert_eq!(summarize(&run, true), JOB_FAILED);
+        }
         let run = json!({"success": true, "machines": {"a": {"retcode": 0}}});
         assert_eq!(summarize(&run, true), 0);
         let run = json!({"success": false, "machines": {}});
-        assert_eq!(summarize(&run, true), 1);
+        assert_eq!(summarize(&run, true), JOB_FAILED);
     }
 }
