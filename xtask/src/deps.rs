@@ -21,11 +21,14 @@ pub const ALLOWED: &[(&str, &[&str])] = &[
     ("saltpeter-metrics", &[]),
     ("saltpeter-http", &["saltpeter-tls"]),
     ("saltpeter-notify", &[]),
-    ("saltpeter-store-postgres", &["saltpeter-tls"]),
     ("saltpeter-config", &["saltpeter-proto"]),
     (
         "saltpeter-store",
         &["saltpeter-proto", "saltpeter-files", "saltpeter-metrics"],
+    ),
+    (
+        "saltpeter-store-postgres",
+        &["saltpeter-tls", "saltpeter-proto", "saltpeter-store"],
     ),
     (
         "saltpeter-joblog",
@@ -69,6 +72,7 @@ pub const ALLOWED: &[(&str, &[&str])] = &[
             "saltpeter-metrics",
             "saltpeter-config",
             "saltpeter-store",
+            "saltpeter-store-postgres",
             "saltpeter-joblog",
             "saltpeter-engine",
             "saltpeter-web",
