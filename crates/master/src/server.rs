@@ -200,8 +200,7 @@ pub async fn start(options: Options) -> Result<Running, StartError> {
         head_bytes: s.retention_output_head_bytes,
         tail_bytes: s.retention_output_tail_bytes,
     };
-    let (db, restored) =
-        saltpeter_store::Store::open(&s.data_dir, retention).map_err(StartError::Store)?;
+    let (db, restored) = open_store(s, retention)?;
     let (engine, handle) = Engine::new(EngineParts {
         config: config_rx.clone(),
         launcher,
@@ -210,7 +209,7 @@ pub async fn start(options: Options) -> Result<Running, StartError> {
         machines_url,
         wrapper_env: tls.wrapper_env.clone(),
         shutdown: shutdown.clone(),
-        store: StoreParts::Open(Box::new(db), restored),
+        store: StoreParts::Open(db, restored),
     })
     .map_err(StartError::Store)?;
     let mut tasks = tokio::task::JoinSet::new();
@@ -265,4 +264,28 @@ pub async fn start(options: Options) -> Result<Running, StartError> {
         engine_stopped,
         watcher,
     })
+}
+
+/// Opens the store `s` names: PostgreSQL when `store:` is set, else SQLite under `data_dir`.
+/// Logs which one, never with the password.
+fn open_store(
+    s: &saltpeter_config::Settings,
+    retention: saltpeter_store::Retention,
+) -> Result<(Box<dyn saltpeter_store::Backend>, saltpeter_store::Restored), StartError> {
+    match &s.store {
+        None => {
+            let (db, restored) =
+                saltpeter_store::Store::open(&s.data_dir, retention).map_err(StartError::Store)?;
+            tracing::info!(path = %s.data_dir.join("saltpeter.db").display(), "Store: SQLite.");
+            Ok((Box::new(db), restored))
+        }
+        Some(url) => {
+            let url = saltpeter_store_postgres::PostgresUrl::parse(url.expose())
+                .map_err(|e| StartError::Config(format!("store: {e}")))?;
+            let (db, restored) = saltpeter_store_postgres::PgBackend::open(&url, retention)
+                .map_err(StartError::Store)?;
+            tracing::info!(url = %url.redacted(), "Store: PostgreSQL.");
+            Ok((Box::new(db), restored))
+        }
+    }
 }
