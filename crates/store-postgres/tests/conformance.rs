@@ -37,7 +37,7 @@ struct Fresh {
 
 /// Every case, each on a store of its own from `make`.
 fn backend_suite(make: impl Fn(&str) -> Fresh) {
-    let cases: [(&str, Case); 9] = [
+    let cases: [(&str, Case); 10] = [
         ("restore", an_unfinished_run_comes_back_after_a_reopen),
         (
             "retention",
@@ -59,6 +59,10 @@ fn backend_suite(make: impl Fn(&str) -> Fresh) {
             the_timeline_comes_from_the_store_oldest_first_within_the_window,
         ),
         ("audit", the_audit_trail_pages_newest_first_and_ages),
+        (
+            "bad_op",
+            an_op_the_database_refuses_does_not_take_its_batch_with_it,
+        ),
     ];
     for (name, case) in cases {
         let fresh = make(name);
@@ -165,10 +169,14 @@ fn admin(url: &str, sql: &str) {
 
 // ---- The records the cases write ----
 
-/// A day ago: inside the default 30-day retention, which a store applies on its own.
+/// A day before the suite started: inside the default 30-day retention, which a store applies
+/// on its own. Fixed once, so two calls in a case never straddle a second.
 fn recent() -> OffsetDateTime {
-    let now = OffsetDateTime::now_utc() - time::Duration::days(1);
-    now.replace_nanosecond(0).unwrap()
+    static AT: std::sync::OnceLock<OffsetDateTime> = std::sync::OnceLock::new();
+    *AT.get_or_init(|| {
+        let now = OffsetDateTime::now_utc() - time::Duration::days(1);
+        now.replace_nanosecond(0).unwrap()
+    })
 }
 
 fn run(instance: &str, ended: bool) -> RunRecord {
@@ -597,4 +605,32 @@ fn the_audit_trail_pages_newest_first_and_ages(open: Open<'_>) {
     let older = audit_page(&mut *db, Some(newest.id), 1);
     let actors: Vec<&str> = older.iter().map(|e| e.actor.as_str()).collect();
     assert_eq!(actors, ["a1"]);
+}
+
+fn an_op_the_database_refuses_does_not_take_its_batch_with_it(open: Open<'_>) {
+    {
+        let (mut db, _) = open(Retention::default());
+        // PostgreSQL's text refuses NUL, which SQLite stores: on PostgreSQL this op fails, and
+        // the others of its batch must still commit and their notice come back.
+        let mut refused = audit_record(OffsetDateTime::now_utc(), 0);
+        refused.detail = Some("nul \0 inside".into());
+        let notices = db.apply(vec![
+            StoreOp::Run(run("j_1", false)),
+            StoreOp::Audit(refused),
+            StoreOp::Machine(machine("j_1", "m1")),
+            output("j_1", "m1", 0, "kept\n"),
+            StoreOp::Notify(Notice::Complete {
+                instance: "j_1".into(),
+                machine: "m1".into(),
+                seq: Some(0),
+                conn: 1,
+            }),
+        ]);
+        assert_eq!(notices.len(), 1);
+        db.apply(vec![output("j_1", "m1", 1, "after\n")]);
+    }
+    let (_, restored) = open(Retention::default());
+    let m = &restored.runs[0].1[0];
+    assert_eq!(m.output.text(), "kept\nafter\n");
+    assert_eq!(m.next_seq, 2);
 }
