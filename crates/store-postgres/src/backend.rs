@@ -12,9 +12,9 @@
 //! **Transactions.** A batch is one transaction, as in SQLite (group commit). PostgreSQL aborts
 //! a whole transaction at the first failing statement, where SQLite skips the failing op and
 //! commits the rest; so when a batch fails, it is applied again one op per transaction, and an
-//! op the server refuses (or whose job's lease is lost) is logged and skipped. A failure of the
-//! connection itself drops the batch's notices: nothing is acked that is not committed, and the
-//! wrappers resend.
+//! op the server refuses is logged and skipped. A failure of the connection itself, or an op
+//! whose job's lease is lost, drops the batch's notices: nothing is acked that is not
+//! committed, and the wrappers resend.
 //!
 //! **Output.** Each message is one chunk row, head or tail, decided as the SQLite backend
 //! decides it per message; the oldest tail chunks beyond `tail_bytes` are deleted, always
@@ -188,6 +188,7 @@ impl Backend for PgBackend {
                 op => writes.push(op),
             }
         }
+        let mut lease_lost = false;
         if !writes.is_empty()
             && let Err(error) = runtime.block_on(state.write(&writes))
         {
@@ -196,6 +197,14 @@ impl Backend for PgBackend {
             for op in &writes {
                 match runtime.block_on(state.write(std::slice::from_ref(op))) {
                     Ok(()) => {}
+                    Err(error) if error.is_lost_lease() => {
+                        // Another master holds the job now: its wrappers must not drop what
+                        // this master could not store, so nothing of the batch is acked and
+                        // they resend to whoever holds the job.
+                        state.lost_batch();
+                        tracing::warn!(%error, "Not stored: the job's lease is lost.");
+                        lease_lost = true;
+                    }
                     Err(error) if skippable(&error) => {
                         state.lost_batch();
                         tracing::error!(%error, "Could not store an update.");
@@ -208,6 +217,9 @@ impl Backend for PgBackend {
                     }
                 }
             }
+        }
+        if lease_lost {
+            notices.clear();
         }
         // Queries run after the batch's writes, so they see them.
         for q in queries {
@@ -223,12 +235,11 @@ impl Backend for PgBackend {
     }
 }
 
-/// Whether a failed op is the op's own fault (the server refused it, or its job's lease is
-/// gone), so the others may still commit; otherwise the connection failed.
+/// Whether a failed op is the op's own fault (the server refused it), so the others may still
+/// commit; otherwise the connection failed.
 fn skippable(error: &Error) -> bool {
     match error {
         Error::Db(e) => e.as_db_error().is_some(),
-        Error::LostLease { .. } => true,
         _ => false,
     }
 }
