@@ -167,6 +167,14 @@ fn crash_and_restart(down: Duration, with_kill: bool, store: Option<&str>) -> Re
             .unwrap_or_default();
         ensure!(!password.is_empty(), "the test URL has no password");
         ensure!(
+            master.log().contains("Store: PostgreSQL."),
+            "the master did not say it opened PostgreSQL"
+        );
+        ensure!(
+            !dir.join("data/saltpeter.db").exists(),
+            "a SQLite store was created beside PostgreSQL"
+        );
+        ensure!(
             !master.log().contains(&password),
             "the master's log holds the store's password"
         );
