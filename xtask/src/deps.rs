@@ -21,7 +21,6 @@ pub const ALLOWED: &[(&str, &[&str])] = &[
     ("saltpeter-metrics", &[]),
     ("saltpeter-http", &["saltpeter-tls"]),
     ("saltpeter-notify", &[]),
-    ("saltpeter-store-postgres", &["saltpeter-tls"]),
     ("saltpeter-config", &["saltpeter-proto", "saltpeter-notify"]),
     (
         "saltpeter-store",
@@ -31,6 +30,10 @@ pub const ALLOWED: &[(&str, &[&str])] = &[
             "saltpeter-metrics",
             "saltpeter-notify",
         ],
+    ),
+    (
+        "saltpeter-store-postgres",
+        &["saltpeter-tls", "saltpeter-proto", "saltpeter-store"],
     ),
     (
         "saltpeter-joblog",
@@ -75,6 +78,7 @@ pub const ALLOWED: &[(&str, &[&str])] = &[
             "saltpeter-metrics",
             "saltpeter-config",
             "saltpeter-store",
+            "saltpeter-store-postgres",
             "saltpeter-joblog",
             "saltpeter-engine",
             "saltpeter-web",

@@ -41,6 +41,7 @@ mod problem;
 mod raw;
 pub mod schedule;
 pub mod settings;
+mod store_url;
 mod watch;
 
 pub use access::{Access, Role};
@@ -50,6 +51,7 @@ pub use limits::Limits;
 pub use maintenance::Maintenance;
 pub use problem::{ConfigProblem, Section, Severity};
 pub use settings::{Launcher, Settings, TlsMode};
+pub use store_url::StoreUrl;
 pub use watch::{ConfigWatcher, WatchError, WatchOptions};
 
 /// The effective configuration at one moment.

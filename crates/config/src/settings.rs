@@ -13,6 +13,7 @@ use super::access::{Access, PartialAccess};
 use super::limits::{Limits, PartialLimits};
 use super::problem::{ConfigProblem, Section, Severity};
 use super::raw::{Node, Value};
+use super::store_url::StoreUrl;
 
 /// How `sp-master` writes its own log (stderr).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -104,6 +105,9 @@ pub struct Settings {
     pub heartbeat_timeout: Duration,
     /// `data_dir`: where the master keeps its state; default `/var/lib/saltpeter`.
     pub data_dir: PathBuf,
+    /// `store`: a PostgreSQL URL for the run store; default none, SQLite under `data_dir`.
+    /// Read at start.
+    pub store: Option<StoreUrl>,
     /// `allow_legacy_wrappers`: accept wrappers without a run token (the Python wrapper);
     /// default false.
     pub allow_legacy_wrappers: bool,
@@ -212,6 +216,7 @@ impl Default for Settings {
             launcher: Launcher::Salt,
             heartbeat_timeout: saltpeter_proto::HEARTBEAT_TIMEOUT,
             data_dir: PathBuf::from("/var/lib/saltpeter"),
+            store: None,
             allow_legacy_wrappers: false,
             allow_unauthenticated_api: false,
             salt_bin: "salt".to_owned(),
@@ -270,6 +275,7 @@ pub(crate) struct PartialSettings {
     launcher: Option<Launcher>,
     heartbeat_timeout: Option<Duration>,
     data_dir: Option<PathBuf>,
+    store: Option<Option<StoreUrl>>,
     allow_legacy_wrappers: Option<bool>,
     allow_unauthenticated_api: Option<bool>,
     salt_bin: Option<String>,
@@ -495,6 +501,9 @@ pub(crate) fn parse_settings(
             "launcher" => set!(launcher, launcher),
             "heartbeat_timeout" => set!(heartbeat_timeout, seconds),
             "data_dir" => set!(data_dir, |n: &Node| non_empty(n).map(PathBuf::from)),
+            "store" => set!(store, |n: &Node| optional(n, |n: &Node| StoreUrl::parse(
+                &n.as_text()?
+            ))),
             "allow_legacy_wrappers" => set!(allow_legacy_wrappers, Node::as_bool),
             "allow_unauthenticated_api" => set!(allow_unauthenticated_api, Node::as_bool),
             "salt_bin" => set!(salt_bin, non_empty),
@@ -629,6 +638,7 @@ impl Settings {
             launcher,
             heartbeat_timeout,
             data_dir,
+            store,
             allow_legacy_wrappers,
             allow_unauthenticated_api,
             salt_bin,

@@ -209,6 +209,20 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 eprintln!("{errors} error(s) in {}", cli.config_dir.display());
                 return Ok(ExitCode::FAILURE);
             }
+            let settings = saltpeter_config::Config::load(&cli.config_dir).settings;
+            match &settings.store {
+                None => println!(
+                    "store: SQLite, {}",
+                    settings.data_dir.join("saltpeter.db").display()
+                ),
+                Some(url) => match saltpeter_store_postgres::PostgresUrl::parse(url.expose()) {
+                    Ok(parsed) => println!("store: PostgreSQL, {}", parsed.redacted()),
+                    Err(e) => {
+                        eprintln!("store: {e}");
+                        return Ok(ExitCode::FAILURE);
+                    }
+                },
+            }
             println!("{}: OK", cli.config_dir.display());
             Ok(ExitCode::SUCCESS)
         }

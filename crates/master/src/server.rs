@@ -281,15 +281,14 @@ pub async fn start(options: Options) -> Result<Running, StartError> {
         head_bytes: s.retention_output_head_bytes,
         tail_bytes: s.retention_output_tail_bytes,
     };
-    let (db, restored) =
-        saltpeter_store::Store::open(&s.data_dir, retention).map_err(StartError::Store)?;
+    let (db, restored) = open_store(s, retention)?;
     // What the notifier needs of the restored state: each job's last outcome and the runs
-    // still going. The `notify_outbox` table lives in the same file, on its own connection.
+    // still going.
     let seed_jobs = restored.jobs.clone();
     let seed_runs: Vec<saltpeter_store::RunRecord> =
         restored.runs.iter().map(|(r, _)| r.clone()).collect();
     let outbox: Arc<dyn Outbox> = Arc::new(
-        saltpeter_store::SqliteOutbox::open(&s.data_dir.join("saltpeter.db"))
+        saltpeter_store::SqliteOutbox::open(&outbox_path(s))
             .map_err(|e| StartError::Notify(e.to_string()))?,
     );
     let delivery = s.notify_delivery;
@@ -317,7 +316,7 @@ pub async fn start(options: Options) -> Result<Running, StartError> {
         machines_url,
         wrapper_env: tls.wrapper_env.clone(),
         shutdown: shutdown.clone(),
-        store: StoreParts::Open(Box::new(db), restored),
+        store: StoreParts::Open(db, restored),
     })
     .map_err(StartError::Store)?;
     let mut tasks = tokio::task::JoinSet::new();
@@ -409,4 +408,38 @@ pub async fn start(options: Options) -> Result<Running, StartError> {
         notifier: NotifierHandle::new(seen_tx),
         notifier_task,
     })
+}
+
+/// Where the notification outbox lives: beside the SQLite store, in its file (on a connection
+/// of its own), or with PostgreSQL in a private file of its own under `data_dir`, so each
+/// master delivers what it queued even while the database is away.
+fn outbox_path(s: &saltpeter_config::Settings) -> std::path::PathBuf {
+    match &s.store {
+        None => s.data_dir.join("saltpeter.db"),
+        Some(_) => s.data_dir.join("notify-outbox.db"),
+    }
+}
+
+/// Opens the store `s` names: PostgreSQL when `store:` is set, else SQLite under `data_dir`.
+/// Logs which one, never with the password.
+fn open_store(
+    s: &saltpeter_config::Settings,
+    retention: saltpeter_store::Retention,
+) -> Result<(Box<dyn saltpeter_store::Backend>, saltpeter_store::Restored), StartError> {
+    match &s.store {
+        None => {
+            let (db, restored) =
+                saltpeter_store::Store::open(&s.data_dir, retention).map_err(StartError::Store)?;
+            tracing::info!(path = %s.data_dir.join("saltpeter.db").display(), "Store: SQLite.");
+            Ok((Box::new(db), restored))
+        }
+        Some(url) => {
+            let url = saltpeter_store_postgres::PostgresUrl::parse(url.expose())
+                .map_err(|e| StartError::Config(format!("store: {e}")))?;
+            let (db, restored) = saltpeter_store_postgres::PgBackend::open(&url, retention)
+                .map_err(StartError::Store)?;
+            tracing::info!(url = %url.redacted(), "Store: PostgreSQL.");
+            Ok((Box::new(db), restored))
+        }
+    }
 }

@@ -5,6 +5,8 @@
 //! also the only engine of their coordination: there is no consensus protocol among the
 //! masters themselves.
 //!
+//! - [`backend`]: the store's `Backend` (runs, machines, output, jobs, audit, retention,
+//!   history queries), which the master selects with `store:` in place of SQLite.
 //! - [`url`]: the validated `store:` URL (`sslmode`, a password that never reaches a log).
 //! - [`schema`]: migrations, run under an advisory lock so masters starting together do not
 //!   race; the tables are those of the SQLite store, translated, plus the coordination tables.
@@ -21,6 +23,7 @@
 #![forbid(unsafe_code)]
 
 pub mod assign;
+pub mod backend;
 pub mod coordinator;
 mod error;
 pub mod lease;
@@ -35,6 +38,7 @@ use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 
+pub use backend::{FenceHook, PgBackend};
 pub use error::{Error, Result};
 pub use lease::{Epoch, Fence, Lease, MasterInfo};
 pub use url::{PostgresUrl, SslMode, UrlError};

@@ -706,3 +706,124 @@ async fn coordinators_spread_jobs_and_take_over_a_dead_masters_within_the_bound(
         t.await.unwrap();
     }
 }
+
+/// The store backend under a fence: a run's writes carry the epoch of the job's lease, and once
+/// another master holds the job nothing more is written or acked for it.
+#[test]
+fn store_writes_carry_the_lease_epoch_and_stop_once_it_is_lost() {
+    use saltpeter_store::{
+        Backend, MachineRecord, MachineStatus, Notice, Retention, RunRecord, StoreOp,
+    };
+    use saltpeter_store_postgres::PgBackend;
+    use std::sync::Arc;
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let Some(db) = runtime.block_on(migrated("fenced_store")) else {
+        return;
+    };
+    let ttl = Duration::from_secs(30);
+    let lease = runtime
+        .block_on(db.acquire_or_renew("j", "m-a", ttl))
+        .unwrap()
+        .unwrap();
+    let fence = Arc::new(parking_lot::Mutex::new(lease.fence()));
+    let held = fence.clone();
+    let (backend, _) = PgBackend::open(db.url(), Retention::default()).unwrap();
+    let mut backend = backend.with_fences(Arc::new(move |job: &str| {
+        (job == "j").then(|| held.lock().clone())
+    }));
+    let now = OffsetDateTime::now_utc();
+    let output = |seq: u64, data: &str| StoreOp::Output {
+        instance: "j_1".into(),
+        machine: "m1".into(),
+        seq: Some(seq),
+        data: data.into(),
+    };
+    let notice = |seq: u64| {
+        StoreOp::Notify(Notice::Output {
+            instance: "j_1".into(),
+            machine: "m1".into(),
+            seq: Some(seq),
+            conn: 1,
+            received: None,
+        })
+    };
+    let notices = backend.apply(vec![
+        StoreOp::Run(RunRecord {
+            instance: "j_1".into(),
+            job: "j".into(),
+            group: "g".into(),
+            started: now,
+            ended: None,
+            success: None,
+            killed: false,
+            token: "t".into(),
+            identity: "run_token".into(),
+            resolving: false,
+            maintenance: Vec::new(),
+            pending_batches: Vec::new(),
+        }),
+        StoreOp::Machine(MachineRecord {
+            instance: "j_1".into(),
+            machine: "m1".into(),
+            status: MachineStatus::Running,
+            retcode: None,
+            cause: None,
+            late_retcode: None,
+            starttime: Some(now),
+            endtime: None,
+            last_heartbeat: None,
+            wrapper_version: None,
+            pid: None,
+            wrapper_pid: None,
+            launched: true,
+            started: true,
+            kill_requested: false,
+            launch_problem: None,
+            modern: true,
+            authenticated: true,
+        }),
+        output(0, "first\n"),
+        notice(0),
+    ]);
+    assert_eq!(notices.len(), 1, "written under the lease, acked");
+    let count = |sql: &str| -> i64 {
+        runtime.block_on(async {
+            db.client()
+                .await
+                .unwrap()
+                .query_one(sql, &[])
+                .await
+                .unwrap()
+                .get(0)
+        })
+    };
+    assert_eq!(
+        count("SELECT epoch FROM runs WHERE instance = 'j_1'"),
+        lease.epoch.0
+    );
+    // Another master takes the job over.
+    assert!(runtime.block_on(db.release("j", "m-a")).unwrap());
+    let taken = runtime
+        .block_on(db.acquire_or_renew("j", "m-b", ttl))
+        .unwrap()
+        .unwrap();
+    assert_eq!(taken.epoch, Epoch(lease.epoch.0 + 1));
+    let notices = backend.apply(vec![output(1, "late\n"), notice(1)]);
+    assert!(notices.is_empty(), "nothing is acked under a lost lease");
+    assert_eq!(
+        count("SELECT COUNT(*) FROM output WHERE instance = 'j_1'"),
+        1
+    );
+    // Under the fence of whoever holds the job now, writes go through again.
+    *fence.lock() = taken.fence();
+    let notices = backend.apply(vec![output(1, "by the new holder's fence\n"), notice(1)]);
+    assert_eq!(notices.len(), 1);
+    assert_eq!(
+        count("SELECT COUNT(*) FROM output WHERE instance = 'j_1'"),
+        2
+    );
+}

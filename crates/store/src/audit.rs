@@ -16,7 +16,7 @@ use serde::Serialize;
 use time::OffsetDateTime;
 
 /// The most entries the store keeps; older ones are deleted first.
-pub(crate) const MAX_ROWS: u64 = 100_000;
+pub const MAX_ROWS: u64 = 100_000;
 /// Entries of `GET /api/v1/audit` when the request names no `limit` (fewer when
 /// `api_max_runs_page` is lower).
 pub const DEFAULT_PAGE: usize = 100;

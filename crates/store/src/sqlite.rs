@@ -36,6 +36,9 @@ pub enum StoreError {
     Io(String, std::io::Error),
     #[error("the database was written by a newer saltpeter (schema {0})")]
     TooNew(i64),
+    /// An error of another backend than SQLite (PostgreSQL), which this crate does not know.
+    #[error("database error: {0}")]
+    Backend(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
 /// How much history to keep.

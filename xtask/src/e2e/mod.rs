@@ -40,7 +40,8 @@ pub fn run(args: &[String]) -> Result<()> {
     let with_salt = !args.iter().any(|a| a == "--no-salt");
     // The notification group's mail sink comes from PyPI too.
     let with_pypi = with_salt;
-    // `--only GROUP` (local, salt, restart, browser, flood, notify, notify-env) runs one group, for quick
+    // `--only GROUP` (local, salt, restart, postgres, browser, flood, notify, notify-env) runs
+    // one group, for quick
     // iteration; `local` includes the flood, which runs alone after the other groups.
     let only = args
         .iter()
@@ -49,15 +50,21 @@ pub fn run(args: &[String]) -> Result<()> {
         .cloned();
     let wanted = |group: &str| only.as_deref().is_none_or(|o| o == group);
     let with_salt = with_salt && wanted("salt");
-    let (local, salt, restart) = std::thread::scope(|s| {
+    let (local, salt, restart, postgres) = std::thread::scope(|s| {
         let salt = with_salt.then(|| s.spawn(salt_scenarios::salt));
         let restart = wanted("restart").then(|| s.spawn(restart::scenarios));
+        let postgres = wanted("postgres").then(|| s.spawn(restart::postgres_scenarios));
         let local = if wanted("local") {
             scenarios::local()
         } else {
             Ok(Vec::new())
         };
-        (local, salt.map(|h| h.join()), restart.map(|h| h.join()))
+        (
+            local,
+            salt.map(|h| h.join()),
+            restart.map(|h| h.join()),
+            postgres.map(|h| h.join()),
+        )
     });
     let mut outcomes: Vec<Outcome> = local?;
     match restart {
@@ -66,6 +73,14 @@ pub fn run(args: &[String]) -> Result<()> {
         Some(Err(_)) => outcomes.push((
             "restart".into(),
             Err(anyhow::anyhow!("the restart group panicked")),
+        )),
+    }
+    match postgres {
+        None => {}
+        Some(Ok(postgres)) => outcomes.extend(postgres),
+        Some(Err(_)) => outcomes.push((
+            "postgres".into(),
+            Err(anyhow::anyhow!("the postgres group panicked")),
         )),
     }
     match salt {

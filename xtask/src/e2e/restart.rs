@@ -2,6 +2,9 @@
 //! restart after 5 s and, on a second master, after 25 s (longer than the heartbeat timeout).
 //! Every machine must end with its real exit code and byte-exact output, nobody may be marked
 //! 253, and a run killed through the API just before the crash must still end as 143.
+//!
+//! The `postgres` group runs the first of these with `store: postgres://...`, against a
+//! throwaway PostgreSQL of its own (`xtask/src/postgres.rs`).
 
 use std::net::TcpListener;
 use std::thread::sleep;
@@ -22,12 +25,16 @@ fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-fn config(port: u16) -> Vec<(&'static str, String)> {
-    let settings = format!(
+/// The scenario's configuration; `store` is a PostgreSQL URL, or `None` for SQLite.
+fn config(port: u16, store: Option<&str>) -> Vec<(&'static str, String)> {
+    let mut settings = format!(
         "saltpeter_config:\n  launcher: local\n  logdir: '@DIR@/log'\n  data_dir: '@DIR@/data'\n  \
          default_wrapper_logdir: '@DIR@/wlog'\n  api_ws_bind_addr: 127.0.0.1\n  api_ws_port: 0\n  \
          machines_ws_bind_addr: 127.0.0.1\n  machines_ws_port: {port}\n"
     );
+    if let Some(url) = store {
+        settings.push_str(&format!("  store: '{url}'\n"));
+    }
     let schedule = "  sec: 0\n  min: 0\n  hour: 0\n  dom: 1\n  mon: 1\n  dow: '*'\n  year: 2099\n  target_type: list\n";
     let stream = format!(
         "stream:\n{schedule}  targets: [r1, r2, r3]\n  command: 'for i in $(seq 1 {LINES}); do echo \"$SP_MACHINE_ID line $i é\"; sleep 0.25; done; case $SP_MACHINE_ID in r1) exit 0;; r2) exit 3;; *) exit 7;; esac'\n"
@@ -47,8 +54,8 @@ fn expected_output(machine: &str) -> String {
 
 pub fn scenarios() -> Vec<Outcome> {
     std::thread::scope(|s| {
-        let short = s.spawn(|| crash_and_restart(Duration::from_secs(5), true));
-        let long = s.spawn(|| crash_and_restart(Duration::from_secs(25), false));
+        let short = s.spawn(|| crash_and_restart(Duration::from_secs(5), true, None));
+        let long = s.spawn(|| crash_and_restart(Duration::from_secs(25), false, None));
         let clean = s.spawn(signals_and_clean_stop);
         let join = |h: std::thread::ScopedJoinHandle<'_, Result<String>>| {
             h.join()
@@ -62,15 +69,30 @@ pub fn scenarios() -> Vec<Outcome> {
     })
 }
 
-fn crash_and_restart(down: Duration, with_kill: bool) -> Result<String> {
-    let dir =
-        target_dir()
-            .join("e2e")
-            .join(format!("restart-{}-{}", down.as_secs(), std::process::id()));
+/// The `postgres` group: the 5 s crash and restart, with the store in PostgreSQL.
+pub fn postgres_scenarios() -> Vec<Outcome> {
+    let name = "postgres: kill -9 of sp-master with store: postgres://, back after 5 s, nothing lost; a killed run stays 143".to_owned();
+    let result = crate::postgres::Postgres::start()
+        .context("starting a throwaway PostgreSQL")
+        .and_then(|server| {
+            let said = crash_and_restart(Duration::from_secs(5), true, Some(&server.url));
+            drop(server);
+            said
+        });
+    vec![(name, result)]
+}
+
+fn crash_and_restart(down: Duration, with_kill: bool, store: Option<&str>) -> Result<String> {
+    let kind = if store.is_some() { "pg" } else { "sqlite" };
+    let dir = target_dir().join("e2e").join(format!(
+        "restart-{kind}-{}-{}",
+        down.as_secs(),
+        std::process::id()
+    ));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
     let port = free_port()?;
-    let mut master = Master::start(&dir, &config(port))?;
+    let mut master = Master::start(&dir, &config(port, store))?;
     let instance = master.run_job("stream")?;
     master.wait_run(&instance, Duration::from_secs(20), |r| {
         MACHINES.iter().all(|(m, _)| {
@@ -135,6 +157,43 @@ fn crash_and_restart(down: Duration, with_kill: bool) -> Result<String> {
         );
         said.push_str("; the run killed before the crash ended 143");
     }
+    if let Some(url) = store {
+        // The password is in the URL the configuration holds, and nowhere the master writes.
+        let password = url
+            .split_once("://")
+            .and_then(|(_, rest)| rest.split_once('@'))
+            .and_then(|(user_info, _)| user_info.split_once(':'))
+            .map(|(_, password)| password.to_owned())
+            .unwrap_or_default();
+        ensure!(!password.is_empty(), "the test URL has no password");
+        ensure!(
+            master.log().contains("Store: PostgreSQL."),
+            "the master did not say it opened PostgreSQL"
+        );
+        ensure!(
+            !dir.join("data/saltpeter.db").exists(),
+            "a SQLite store was created beside PostgreSQL"
+        );
+        ensure!(
+            !master.log().contains(&password),
+            "the master's log holds the store's password"
+        );
+        let check = std::process::Command::new(super::master::binary("sp-master"))
+            .arg("check")
+            .arg("-c")
+            .arg(&master.conf)
+            .output()?;
+        let out = String::from_utf8_lossy(&check.stdout);
+        ensure!(
+            check.status.success() && out.contains("store: PostgreSQL, postgres://saltpeter:***@"),
+            "sp-master check: {out}"
+        );
+        ensure!(
+            !out.contains(&password),
+            "sp-master check printed the password"
+        );
+        said.push_str("; the password is in neither the log nor `sp-master check`");
+    }
     Ok(said)
 }
 
@@ -149,7 +208,7 @@ fn signals_and_clean_stop() -> Result<String> {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
     let port = free_port()?;
-    let mut master = Master::start(&dir, &config(port))?;
+    let mut master = Master::start(&dir, &config(port, None))?;
     let instance = master.run_job("stream")?;
     master.wait_run(&instance, Duration::from_secs(20), |r| {
         machine(r, "r1")["output"]

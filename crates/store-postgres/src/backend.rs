@@ -1,0 +1,1223 @@
+//! The store's [`Backend`] on PostgreSQL: the same ops, restore and history queries as the
+//! SQLite backend of `saltpeter-store`, translated to the schema in [`crate::schema`].
+//!
+//! **Threading.** `Backend` is synchronous: the store thread hands it one batch at a time.
+//! [`PgBackend`] owns a current-thread tokio runtime and blocks on it for each batch, so the
+//! driver is the crate's tokio-postgres (with its rustls TLS and its pool) and not a second
+//! client. The blocking `postgres` crate would not be lighter: it wraps the same driver in a
+//! runtime of its own, and would need its TLS connector wired a second time. Opening happens on
+//! a short-lived thread of its own, because the master opens its store from within its async
+//! main, where a runtime may not block.
+//!
+//! **Transactions.** A batch is one transaction, as in SQLite (group commit). PostgreSQL aborts
+//! a whole transaction at the first failing statement, where SQLite skips the failing op and
+//! commits the rest; so when a batch fails, it is applied again one op per transaction, and an
+//! op the server refuses is logged and skipped. A failure of the connection itself, or an op
+//! whose job's lease is lost, drops the batch's notices: nothing is acked that is not
+//! committed, and the wrappers resend.
+//!
+//! **Output.** Each message is one chunk row, head or tail, decided as the SQLite backend
+//! decides it per message; the oldest tail chunks beyond `tail_bytes` are deleted, always
+//! keeping the newest. SQLite needs an append-only journal to keep thousands of machines'
+//! messages from rewriting thousands of B-tree pages per commit; PostgreSQL appends rows to its
+//! heap and logs row changes, so the journal table of the schema is left unused. A machine's
+//! totals (bytes, dropped, next sequence) are kept in memory while its run is active and
+//! written once per batch in which they changed.
+//!
+//! **Fencing.** When several masters share the database, each write for a job's runs must
+//! carry the job's lease ([`Fence`]). A [`FenceHook`] says which fence a job's writes carry;
+//! the first write of a batch for a job locks and checks its lease row (see
+//! [`crate::lease::begin_fenced`]), so the whole batch's writes for that job commit under that
+//! epoch or not at all, and new runs record the epoch they were started under. Without a hook
+//! (one master) writes are plain.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use deadpool_postgres::Transaction;
+use saltpeter_proto::{Cause, Timestamp};
+use saltpeter_store::{
+    Backend, JobRecord, MachineRecord, MachineStatus, Notice, OutputBuffer, OutputRange, Query,
+    Restored, RestoredMachine, Retention, RunRecord, RunSummary, RunView, StoreError, StoreOp,
+    TimelineEntry, TimelineQuery, audit::AuditEntry,
+};
+use time::OffsetDateTime;
+use tokio_postgres::types::ToSql;
+
+use crate::{Database, Error, Fence, PostgresUrl, Result, schema};
+
+/// Which fence the writes for a job carry: `None` for a plain write. Called once per job per
+/// batch, on the store thread.
+pub type FenceHook = Arc<dyn Fn(&str) -> Option<Fence> + Send + Sync>;
+
+/// How often the backend applies the retention policy on its own (as the SQLite backend).
+const PRUNE_EVERY: Duration = Duration::from_secs(3600);
+
+/// Connections the backend's pool may open: one for the store thread, one spare for a
+/// connection that broke and is being replaced.
+const CONNECTIONS: usize = 2;
+
+type Key = (String, String);
+type Param<'a> = &'a (dyn ToSql + Sync);
+
+/// A machine's output bookkeeping while its run is active.
+#[derive(Debug, Default)]
+struct OutputState {
+    next_idx: i64,
+    /// Bytes received.
+    total: u64,
+    head: u64,
+    tail_bytes: u64,
+    tail_chunks: u64,
+    /// No tail chunk has an index below this.
+    tail_from: i64,
+    dropped: u64,
+    /// The highest `seq + 1` seen since the totals were last written.
+    next_seq: Option<u64>,
+    dirty: bool,
+}
+
+/// The state the store thread's batches work on.
+struct State {
+    db: Database,
+    retention: Retention,
+    outputs: HashMap<Key, OutputState>,
+    /// Machines whose totals changed in this batch.
+    dirty: Vec<Key>,
+    /// Machines of runs that ended in this batch, forgotten once their totals are written.
+    forget: Vec<Key>,
+    /// The job of each active run, so that writes for its machines carry the job's fence.
+    run_jobs: HashMap<String, String>,
+    fences: Option<FenceHook>,
+    last_prune: Option<Instant>,
+}
+
+/// The PostgreSQL backend of the store.
+pub struct PgBackend {
+    /// Declared first so it is dropped first: its connections end before the runtime does.
+    state: State,
+    runtime: tokio::runtime::Runtime,
+}
+
+impl fmt::Debug for PgBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PgBackend")
+            .field("url", &self.state.db.url())
+            .field("retention", &self.state.retention)
+            .field("active_machines", &self.state.outputs.len())
+            .field("fenced", &self.state.fences.is_some())
+            .finish()
+    }
+}
+
+/// The store's error for one of this crate's.
+fn store_error(e: Error) -> StoreError {
+    StoreError::Backend(Box::new(e))
+}
+
+impl PgBackend {
+    /// Connects, migrates the schema and loads what was in flight. Safe to call from within
+    /// an async context: the work happens on a thread of its own.
+    pub fn open(url: &PostgresUrl, retention: Retention) -> Result<(Self, Restored), StoreError> {
+        let url = url.clone();
+        std::thread::Builder::new()
+            .name("store-open".into())
+            .spawn(move || -> Result<(Self, Restored), StoreError> {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(|e| StoreError::Io("store runtime".into(), e))?;
+                let db = runtime
+                    .block_on(async {
+                        let db = Database::connect(&url, CONNECTIONS).await?;
+                        db.timed(schema::migrate(&db)).await?;
+                        Ok::<_, Error>(db)
+                    })
+                    .map_err(store_error)?;
+                let mut backend = PgBackend {
+                    state: State {
+                        db,
+                        retention,
+                        outputs: HashMap::new(),
+                        dirty: Vec::new(),
+                        forget: Vec::new(),
+                        run_jobs: HashMap::new(),
+                        fences: None,
+                        last_prune: None,
+                    },
+                    runtime,
+                };
+                let restored = backend.restore()?;
+                Ok((backend, restored))
+            })
+            .map_err(|e| StoreError::Io("store-open thread".into(), e))?
+            .join()
+            .unwrap_or_else(|_| {
+                Err(StoreError::Io(
+                    "store-open thread".into(),
+                    std::io::Error::other("panicked"),
+                ))
+            })
+    }
+
+    /// Fences every later write for a job's runs with what `hook` returns for the job (the
+    /// multi-master wiring sets this; one master leaves it unset).
+    pub fn with_fences(mut self, hook: FenceHook) -> Self {
+        self.state.fences = Some(hook);
+        self
+    }
+}
+
+impl Backend for PgBackend {
+    fn restore(&mut self) -> Result<Restored, StoreError> {
+        let Self { state, runtime } = self;
+        runtime.block_on(state.restore()).map_err(store_error)
+    }
+
+    fn apply(&mut self, batch: Vec<StoreOp>) -> Vec<Notice> {
+        let Self { state, runtime } = self;
+        let mut notices = Vec::new();
+        let mut queries = Vec::new();
+        let mut writes = Vec::with_capacity(batch.len());
+        for op in batch {
+            match op {
+                StoreOp::Notify(n) => notices.push(n),
+                StoreOp::Query(q) => queries.push(q),
+                op => writes.push(op),
+            }
+        }
+        let mut lease_lost = false;
+        if !writes.is_empty()
+            && let Err(error) = runtime.block_on(state.write(&writes))
+        {
+            state.lost_batch();
+            tracing::warn!(%error, ops = writes.len(), "A store batch failed; applying its ops one by one.");
+            for op in &writes {
+                match runtime.block_on(state.write(std::slice::from_ref(op))) {
+                    Ok(()) => {}
+                    Err(error) if error.is_lost_lease() => {
+                        // Another master holds the job now: its wrappers must not drop what
+                        // this master could not store, so nothing of the batch is acked and
+                        // they resend to whoever holds the job.
+                        state.lost_batch();
+                        tracing::warn!(%error, "Not stored: the job's lease is lost.");
+                        lease_lost = true;
+                    }
+                    Err(error) if skippable(&error) => {
+                        state.lost_batch();
+                        tracing::error!(%error, "Could not store an update.");
+                    }
+                    Err(error) => {
+                        state.lost_batch();
+                        tracing::error!(%error, "Could not commit to the store; nothing of this batch is acked.");
+                        notices.clear();
+                        break;
+                    }
+                }
+            }
+        }
+        if lease_lost {
+            notices.clear();
+        }
+        // Queries run after the batch's writes, so they see them.
+        for q in queries {
+            runtime.block_on(state.answer(q));
+        }
+        if state.last_prune.is_none_or(|t| t.elapsed() >= PRUNE_EVERY) {
+            state.last_prune = Some(Instant::now());
+            if let Err(error) = runtime.block_on(state.write(&[StoreOp::Prune])) {
+                tracing::warn!(%error, "Could not apply the retention policy.");
+            }
+        }
+        notices
+    }
+}
+
+/// Whether a failed op is the op's own fault (the server refused it), so the others may still
+/// commit; otherwise the connection failed.
+fn skippable(error: &Error) -> bool {
+    match error {
+        Error::Db(e) => e.as_db_error().is_some(),
+        _ => false,
+    }
+}
+
+fn ts(at: OffsetDateTime) -> String {
+    Timestamp::new(at).to_string()
+}
+
+fn status_str(s: MachineStatus) -> &'static str {
+    match s {
+        MachineStatus::Pending => "pending",
+        MachineStatus::Running => "running",
+        MachineStatus::Success => "success",
+        MachineStatus::Failed => "failed",
+    }
+}
+
+fn parse_status(s: &str) -> MachineStatus {
+    match s {
+        "running" => MachineStatus::Running,
+        "success" => MachineStatus::Success,
+        "failed" => MachineStatus::Failed,
+        _ => MachineStatus::Pending,
+    }
+}
+
+fn parse_cause(s: Option<String>) -> Option<Cause> {
+    s.and_then(|c| serde_json::from_value(serde_json::Value::String(c)).ok())
+}
+
+/// A count or size from the database, where a negative value (a corrupt row) counts as zero.
+fn unsigned(n: i64) -> u64 {
+    u64::try_from(n).unwrap_or(0)
+}
+
+/// A count or size for the database, saturating rather than wrapping.
+fn signed(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// A process id as stored (BIGINT) and back.
+fn pid_out(pid: Option<u32>) -> Option<i64> {
+    pid.map(i64::from)
+}
+
+fn pid_in(pid: Option<i64>) -> Option<u32> {
+    pid.and_then(|p| u32::try_from(p).ok())
+}
+
+fn text(data: Vec<u8>) -> String {
+    String::from_utf8(data).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
+}
+
+fn ceil_boundary(s: &str, mut at: usize) -> usize {
+    at = at.min(s.len());
+    // Ends at `s.len()` at the latest, which is a boundary.
+    while !s.is_char_boundary(at) {
+        at = at.saturating_add(1);
+    }
+    at
+}
+
+/// The start time before which finished runs are too old; every run is kept when the limit
+/// reaches past the calendar.
+fn age_cutoff(now: OffsetDateTime, max_age_days: u32) -> OffsetDateTime {
+    now.checked_sub(time::Duration::days(max_age_days.into()))
+        .unwrap_or(time::PrimitiveDateTime::MIN.assume_utc())
+}
+
+const RUN_COLUMNS: &str = "instance, job, grp, started, ended, success, killed, token, resolving,
+    maintenance, pending_batches, identity";
+
+fn run_from_row(r: &tokio_postgres::Row) -> Result<RunRecord> {
+    let maintenance: String = r.try_get(9)?;
+    let batches: String = r.try_get(10)?;
+    Ok(RunRecord {
+        instance: r.try_get(0)?,
+        job: r.try_get(1)?,
+        group: r.try_get(2)?,
+        started: r.try_get(3)?,
+        ended: r.try_get(4)?,
+        success: r.try_get(5)?,
+        killed: r.try_get(6)?,
+        token: r.try_get(7)?,
+        resolving: r.try_get(8)?,
+        maintenance: serde_json::from_str(&maintenance).unwrap_or_default(),
+        pending_batches: serde_json::from_str(&batches).unwrap_or_default(),
+        identity: r.try_get(11)?,
+    })
+}
+
+impl State {
+    /// Runs one statement within the store's bound.
+    async fn exec(&self, tx: &Transaction<'_>, sql: &str, params: &[Param<'_>]) -> Result<u64> {
+        self.db
+            .timed(async {
+                let statement = tx.prepare_cached(sql).await?;
+                Ok(tx.execute(&statement, params).await?)
+            })
+            .await
+    }
+
+    /// Runs one query within the store's bound.
+    async fn query(
+        &self,
+        tx: &Transaction<'_>,
+        sql: &str,
+        params: &[Param<'_>],
+    ) -> Result<Vec<tokio_postgres::Row>> {
+        self.db
+            .timed(async {
+                let statement = tx.prepare_cached(sql).await?;
+                Ok(tx.query(&statement, params).await?)
+            })
+            .await
+    }
+
+    async fn query_opt(
+        &self,
+        tx: &Transaction<'_>,
+        sql: &str,
+        params: &[Param<'_>],
+    ) -> Result<Option<tokio_postgres::Row>> {
+        Ok(self.query(tx, sql, params).await?.into_iter().next())
+    }
+
+    /// After a failed transaction the in-memory totals may be ahead of the database: forget
+    /// them, so they are read again from what was committed.
+    fn lost_batch(&mut self) {
+        self.outputs.clear();
+        self.dirty.clear();
+        self.forget.clear();
+    }
+
+    /// Applies `ops` in one transaction.
+    async fn write(&mut self, ops: &[StoreOp]) -> Result<()> {
+        let db = self.db.clone();
+        let mut client = db.client().await?;
+        let tx = db.timed(async { Ok(client.transaction().await?) }).await?;
+        let mut fenced = HashSet::new();
+        for op in ops {
+            self.apply_one(&tx, op, &mut fenced).await?;
+        }
+        self.flush_totals(&tx).await?;
+        db.timed(async { Ok(tx.commit().await?) }).await?;
+        for key in std::mem::take(&mut self.forget) {
+            self.outputs.remove(&key);
+        }
+        Ok(())
+    }
+
+    /// Checks, once per batch and job, that this master still holds the job's lease, and
+    /// returns the epoch the job's writes carry (`None` without fencing).
+    async fn fence(
+        &self,
+        tx: &Transaction<'_>,
+        job: Option<&str>,
+        fenced: &mut HashSet<String>,
+    ) -> Result<Option<i64>> {
+        let (Some(hook), Some(job)) = (&self.fences, job) else {
+            return Ok(None);
+        };
+        let Some(fence) = hook(job) else {
+            return Ok(None);
+        };
+        if !fenced.contains(job) {
+            let row = self
+                .query_opt(
+                    tx,
+                    "SELECT epoch FROM job_leases
+                     WHERE job = $1 AND owner = $2 AND expires_at > now()
+                     FOR SHARE",
+                    &[&fence.job, &fence.master],
+                )
+                .await?;
+            let held = match row {
+                Some(row) => row.try_get::<_, i64>(0)? == fence.epoch.0,
+                None => false,
+            };
+            if !held {
+                return Err(Error::LostLease {
+                    job: fence.job,
+                    master: fence.master,
+                    epoch: fence.epoch,
+                });
+            }
+            fenced.insert(job.to_owned());
+        }
+        Ok(Some(fence.epoch.0))
+    }
+
+    async fn apply_one(
+        &mut self,
+        tx: &Transaction<'_>,
+        op: &StoreOp,
+        fenced: &mut HashSet<String>,
+    ) -> Result<()> {
+        match op {
+            StoreOp::Run(r) => {
+                let epoch = self.fence(tx, Some(&r.job), fenced).await?;
+                let maintenance = serde_json::to_string(&r.maintenance).unwrap_or_default();
+                let batches = serde_json::to_string(&r.pending_batches).unwrap_or_default();
+                self.exec(
+                    tx,
+                    "INSERT INTO runs (instance, job, grp, started, ended, success, killed, token,
+                                       resolving, maintenance, pending_batches, identity, epoch)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
+                     ON CONFLICT (instance) DO UPDATE SET ended = $5, success = $6, killed = $7,
+                        resolving = $9, maintenance = $10, pending_batches = $11",
+                    &[
+                        &r.instance,
+                        &r.job,
+                        &r.group,
+                        &r.started,
+                        &r.ended,
+                        &r.success,
+                        &r.killed,
+                        &r.token,
+                        &r.resolving,
+                        &maintenance,
+                        &batches,
+                        &r.identity,
+                        &epoch,
+                    ],
+                )
+                .await?;
+                if r.ended.is_some() {
+                    self.run_jobs.remove(&r.instance);
+                    // Its machines' totals are written at the end of this batch, then dropped.
+                    self.forget.extend(
+                        self.outputs
+                            .keys()
+                            .filter(|(instance, _)| *instance == r.instance)
+                            .cloned(),
+                    );
+                } else {
+                    self.run_jobs.insert(r.instance.clone(), r.job.clone());
+                }
+            }
+            StoreOp::Machine(m) => {
+                let job = self.run_jobs.get(&m.instance).cloned();
+                self.fence(tx, job.as_deref(), fenced).await?;
+                self.exec(
+                    tx,
+                    "INSERT INTO machines (instance, machine, status, retcode, cause, late_retcode,
+                        starttime, endtime, last_heartbeat, wrapper_version, pid, wrapper_pid,
+                        launched, started, kill_requested, launch_problem, modern, authenticated)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15,
+                        $16, $17, $18)
+                     ON CONFLICT (instance, machine) DO UPDATE SET status = $3, retcode = $4,
+                        cause = $5, late_retcode = $6, starttime = $7, endtime = $8,
+                        last_heartbeat = $9, wrapper_version = $10, pid = $11, wrapper_pid = $12,
+                        launched = $13, started = $14, kill_requested = $15,
+                        launch_problem = $16, modern = $17, authenticated = $18",
+                    &[
+                        &m.instance,
+                        &m.machine,
+                        &status_str(m.status),
+                        &m.retcode,
+                        &m.cause.map(Cause::as_str),
+                        &m.late_retcode,
+                        &m.starttime,
+                        &m.endtime,
+                        &m.last_heartbeat,
+                        &m.wrapper_version,
+                        &pid_out(m.pid),
+                        &pid_out(m.wrapper_pid),
+                        &m.launched,
+                        &m.started,
+                        &m.kill_requested,
+                        &m.launch_problem,
+                        &m.modern,
+                        &m.authenticated,
+                    ],
+                )
+                .await?;
+            }
+            StoreOp::Output {
+                instance,
+                machine,
+                seq,
+                data,
+            } => {
+                let job = self.run_jobs.get(instance).cloned();
+                self.fence(tx, job.as_deref(), fenced).await?;
+                self.append(tx, (instance.clone(), machine.clone()), *seq, data)
+                    .await?;
+            }
+            StoreOp::Job(j) => {
+                self.fence(tx, Some(&j.name), fenced).await?;
+                self.exec(
+                    tx,
+                    "INSERT INTO jobs (name, last_run, last_success, last_failed, last_total,
+                        last_fired, last_success_at)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7)
+                     ON CONFLICT (name) DO UPDATE SET last_run = $2, last_success = $3,
+                        last_failed = $4, last_total = $5, last_fired = $6, last_success_at = $7",
+                    &[
+                        &j.name,
+                        &j.last_run,
+                        &j.last_success,
+                        &i64::try_from(j.last_failed).unwrap_or(i64::MAX),
+                        &i64::try_from(j.last_total).unwrap_or(i64::MAX),
+                        &j.last_fired,
+                        &j.last_success_at,
+                    ],
+                )
+                .await?;
+            }
+            StoreOp::Audit(a) => {
+                let source = a.actor.source.map(|ip| ip.to_string());
+                let row = self
+                    .query_opt(
+                        tx,
+                        "INSERT INTO audit (at, actor, source, action, job, instance, machine, ok,
+                            detail)
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING id",
+                        &[
+                            &a.at,
+                            &a.actor.name,
+                            &source,
+                            &a.action.as_str(),
+                            &a.job,
+                            &a.instance,
+                            &a.machine,
+                            &a.ok,
+                            &a.detail,
+                        ],
+                    )
+                    .await?;
+                let id: i64 = row.map(|r| r.try_get(0)).transpose()?.unwrap_or(0);
+                // As in SQLite: every thousandth entry trims the trail to its cap, so even a
+                // client starting runs in a loop between two prunes leaves it bounded.
+                if id.rem_euclid(1000) == 0 {
+                    self.trim_audit(tx).await?;
+                }
+            }
+            StoreOp::Prune => self.prune(tx).await?,
+            StoreOp::Notify(_) | StoreOp::Query(_) => {}
+        }
+        Ok(())
+    }
+
+    /// Loads (once per active run) a machine's output bookkeeping from what is stored.
+    async fn output_state(&mut self, tx: &Transaction<'_>, key: &Key) -> Result<()> {
+        if self.outputs.contains_key(key) {
+            return Ok(());
+        }
+        let mut state = OutputState::default();
+        if let Some(row) = self
+            .query_opt(
+                tx,
+                "SELECT COALESCE(MAX(idx) + 1, 0),
+                    COALESCE(SUM(octet_length(data)) FILTER (WHERE head), 0)::BIGINT,
+                    COALESCE(SUM(octet_length(data)) FILTER (WHERE NOT head), 0)::BIGINT,
+                    COUNT(*) FILTER (WHERE NOT head),
+                    COALESCE(MIN(idx) FILTER (WHERE NOT head), 0)
+                 FROM output WHERE instance = $1 AND machine = $2",
+                &[&key.0, &key.1],
+            )
+            .await?
+        {
+            state.next_idx = row.try_get(0)?;
+            state.head = unsigned(row.try_get(1)?);
+            state.tail_bytes = unsigned(row.try_get(2)?);
+            state.tail_chunks = unsigned(row.try_get(3)?);
+            state.tail_from = row.try_get(4)?;
+        }
+        if let Some(row) = self
+            .query_opt(
+                tx,
+                "SELECT output_bytes, output_dropped FROM machines
+                 WHERE instance = $1 AND machine = $2",
+                &[&key.0, &key.1],
+            )
+            .await?
+        {
+            state.total = unsigned(row.try_get(0)?);
+            state.dropped = unsigned(row.try_get(1)?);
+        }
+        self.outputs.insert(key.clone(), state);
+        Ok(())
+    }
+
+    /// Stores one message as a chunk of the head or of the tail, and trims the tail.
+    async fn append(
+        &mut self,
+        tx: &Transaction<'_>,
+        key: Key,
+        seq: Option<u64>,
+        data: &str,
+    ) -> Result<()> {
+        self.output_state(tx, &key).await?;
+        let retention = self.retention;
+        let len = data.len() as u64;
+        let Some(state) = self.outputs.get_mut(&key) else {
+            return Ok(());
+        };
+        let at = state.total;
+        let idx = state.next_idx;
+        let in_head =
+            state.tail_chunks == 0 && state.dropped == 0 && state.head < retention.head_bytes;
+        state.total = state.total.saturating_add(len);
+        state.next_idx = state.next_idx.saturating_add(1);
+        if let Some(seq) = seq {
+            let next = seq.saturating_add(1);
+            state.next_seq = Some(state.next_seq.map_or(next, |n| n.max(next)));
+        }
+        if in_head {
+            state.head = state.head.saturating_add(len);
+        } else {
+            state.tail_bytes = state.tail_bytes.saturating_add(len);
+            state.tail_chunks = state.tail_chunks.saturating_add(1);
+        }
+        if !std::mem::replace(&mut state.dirty, true) {
+            self.dirty.push(key.clone());
+        }
+        self.exec(
+            tx,
+            "INSERT INTO output (instance, machine, idx, byte_offset, head, data)
+             VALUES ($1, $2, $3, $4, $5, $6)",
+            &[
+                &key.0,
+                &key.1,
+                &idx,
+                &signed(at),
+                &in_head,
+                &data.as_bytes(),
+            ],
+        )
+        .await?;
+        // The oldest tail chunks beyond the cap go, the newest message always stays.
+        while let Some(from) = self
+            .outputs
+            .get(&key)
+            .filter(|s| s.tail_bytes > retention.tail_bytes && s.tail_chunks > 1)
+            .map(|s| s.tail_from)
+        {
+            let row = self
+                .query_opt(
+                    tx,
+                    "DELETE FROM output WHERE id = (
+                        SELECT id FROM output
+                        WHERE instance = $1 AND machine = $2 AND NOT head AND idx >= $3
+                        ORDER BY idx LIMIT 1)
+                     RETURNING idx, octet_length(data)::BIGINT",
+                    &[&key.0, &key.1, &from],
+                )
+                .await?;
+            let Some(state) = self.outputs.get_mut(&key) else {
+                break;
+            };
+            let Some(row) = row else {
+                // The bookkeeping counted chunks that are not there: trust the table.
+                state.tail_chunks = 0;
+                break;
+            };
+            let gone: i64 = row.try_get(0)?;
+            let n = unsigned(row.try_get(1)?);
+            state.tail_from = gone.saturating_add(1);
+            state.tail_bytes = state.tail_bytes.saturating_sub(n);
+            state.tail_chunks = state.tail_chunks.saturating_sub(1);
+            state.dropped = state.dropped.saturating_add(n);
+        }
+        Ok(())
+    }
+
+    /// Writes the totals of every machine whose output changed in this batch.
+    async fn flush_totals(&mut self, tx: &Transaction<'_>) -> Result<()> {
+        for key in std::mem::take(&mut self.dirty) {
+            let Some(state) = self.outputs.get_mut(&key) else {
+                continue;
+            };
+            state.dirty = false;
+            let total = signed(state.total);
+            let dropped = signed(state.dropped);
+            let next_seq = state.next_seq.take().map(signed);
+            self.exec(
+                tx,
+                "UPDATE machines SET output_bytes = $3, output_dropped = $4,
+                    next_seq = GREATEST(next_seq, COALESCE($5, next_seq))
+                 WHERE instance = $1 AND machine = $2",
+                &[&key.0, &key.1, &total, &dropped, &next_seq],
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Deletes the oldest audit entries beyond the cap; returns how many.
+    async fn trim_audit(&self, tx: &Transaction<'_>) -> Result<u64> {
+        let cap = signed(saltpeter_store::audit::MAX_ROWS);
+        self.exec(
+            tx,
+            "DELETE FROM audit WHERE id <= (SELECT id FROM audit ORDER BY id DESC LIMIT 1 OFFSET $1)",
+            &[&cap],
+        )
+        .await
+    }
+
+    /// Deletes finished runs beyond the per-job count or older than the age limit, and audit
+    /// entries past the age limit or the cap.
+    async fn prune(&mut self, tx: &Transaction<'_>) -> Result<()> {
+        let cutoff = age_cutoff(OffsetDateTime::now_utc(), self.retention.max_age_days);
+        let keep = i64::try_from(self.retention.runs_per_job).unwrap_or(i64::MAX);
+        let row = self
+            .query_opt(
+                tx,
+                "WITH doomed AS (
+                    SELECT instance FROM runs WHERE ended IS NOT NULL AND started < $1
+                    UNION
+                    SELECT instance FROM (
+                        SELECT instance,
+                            ROW_NUMBER() OVER (PARTITION BY job ORDER BY started DESC) AS n
+                        FROM runs WHERE ended IS NOT NULL) ranked
+                    WHERE n > $2
+                 ), chunks AS (
+                    DELETE FROM output WHERE instance IN (SELECT instance FROM doomed) RETURNING 1
+                 ), machines AS (
+                    DELETE FROM machines WHERE instance IN (SELECT instance FROM doomed)
+                    RETURNING 1
+                 ), gone AS (
+                    DELETE FROM runs WHERE instance IN (SELECT instance FROM doomed) RETURNING 1
+                 )
+                 SELECT (SELECT COUNT(*) FROM gone), (SELECT COUNT(*) FROM chunks),
+                    (SELECT COUNT(*) FROM machines)",
+                &[&cutoff, &keep],
+            )
+            .await?;
+        if let Some(row) = row {
+            let runs: i64 = row.try_get(0)?;
+            let chunks: i64 = row.try_get(1)?;
+            if runs > 0 {
+                tracing::info!(runs, chunks, "Retention removed old runs.");
+            }
+        }
+        let mut audit = self
+            .exec(tx, "DELETE FROM audit WHERE at < $1", &[&cutoff])
+            .await?;
+        audit = audit.saturating_add(self.trim_audit(tx).await?);
+        if audit > 0 {
+            tracing::info!(entries = audit, "Retention removed old audit entries.");
+        }
+        Ok(())
+    }
+
+    /// A read-only transaction for restore and queries.
+    async fn read<T>(
+        &self,
+        f: impl AsyncFnOnce(&Self, &Transaction<'_>) -> Result<T>,
+    ) -> Result<T> {
+        let mut client = self.db.client().await?;
+        let tx = self
+            .db
+            .timed(async { Ok(client.build_transaction().read_only(true).start().await?) })
+            .await?;
+        let out = f(self, &tx).await?;
+        self.db.timed(async { Ok(tx.commit().await?) }).await?;
+        Ok(out)
+    }
+
+    async fn restore(&mut self) -> Result<Restored> {
+        let restored = self
+            .read(async |s, tx| {
+                let mut restored = Restored::default();
+                let rows = s
+                    .query(
+                        tx,
+                        &format!("SELECT {RUN_COLUMNS} FROM runs WHERE ended IS NULL"),
+                        &[],
+                    )
+                    .await?;
+                for row in rows {
+                    let run = run_from_row(&row)?;
+                    let mut machines = Vec::new();
+                    for (record, next_seq, dropped) in s.machines_of(tx, &run.instance).await? {
+                        let output = s
+                            .output_buffer(tx, &record.instance, &record.machine, dropped)
+                            .await?;
+                        machines.push(RestoredMachine {
+                            record,
+                            output,
+                            next_seq,
+                        });
+                    }
+                    restored.runs.push((run, machines));
+                }
+                let rows = s
+                    .query(
+                        tx,
+                        "SELECT name, last_run, last_success, last_failed, last_total, last_fired,
+                            last_success_at FROM jobs",
+                        &[],
+                    )
+                    .await?;
+                for r in rows {
+                    restored.jobs.push(JobRecord {
+                        name: r.try_get(0)?,
+                        last_run: r.try_get(1)?,
+                        last_success: r.try_get(2)?,
+                        last_failed: usize::try_from(r.try_get::<_, i64>(3)?).unwrap_or(0),
+                        last_total: usize::try_from(r.try_get::<_, i64>(4)?).unwrap_or(0),
+                        last_fired: r.try_get(5)?,
+                        last_success_at: r.try_get(6)?,
+                    });
+                }
+                Ok(restored)
+            })
+            .await?;
+        self.outputs.clear();
+        self.run_jobs = restored
+            .runs
+            .iter()
+            .map(|(run, _)| (run.instance.clone(), run.job.clone()))
+            .collect();
+        Ok(restored)
+    }
+
+    async fn machines_of(
+        &self,
+        tx: &Transaction<'_>,
+        instance: &str,
+    ) -> Result<Vec<(MachineRecord, u64, u64)>> {
+        let rows = self
+            .query(
+                tx,
+                "SELECT instance, machine, status, retcode, cause, late_retcode, starttime, endtime,
+                    last_heartbeat, wrapper_version, pid, wrapper_pid, launched, started,
+                    kill_requested, launch_problem, modern, next_seq, output_dropped,
+                    authenticated
+                 FROM machines WHERE instance = $1 ORDER BY machine",
+                &[&instance],
+            )
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok((
+                    MachineRecord {
+                        instance: r.try_get(0)?,
+                        machine: r.try_get(1)?,
+                        status: parse_status(r.try_get(2)?),
+                        retcode: r.try_get(3)?,
+                        cause: parse_cause(r.try_get(4)?),
+                        late_retcode: r.try_get(5)?,
+                        starttime: r.try_get(6)?,
+                        endtime: r.try_get(7)?,
+                        last_heartbeat: r.try_get(8)?,
+                        wrapper_version: r.try_get(9)?,
+                        pid: pid_in(r.try_get(10)?),
+                        wrapper_pid: pid_in(r.try_get(11)?),
+                        launched: r.try_get(12)?,
+                        started: r.try_get(13)?,
+                        kill_requested: r.try_get(14)?,
+                        launch_problem: r.try_get(15)?,
+                        modern: r.try_get(16)?,
+                        authenticated: r.try_get(19)?,
+                    },
+                    unsigned(r.try_get(17)?),
+                    unsigned(r.try_get(18)?),
+                ))
+            })
+            .collect()
+    }
+
+    /// A machine's stored output as the engine holds it in memory: head, gap, tail.
+    async fn output_buffer(
+        &self,
+        tx: &Transaction<'_>,
+        instance: &str,
+        machine: &str,
+        dropped: u64,
+    ) -> Result<OutputBuffer> {
+        let mut buffer = OutputBuffer::default();
+        let rows = self
+            .query(
+                tx,
+                "SELECT head, data FROM output WHERE instance = $1 AND machine = $2 ORDER BY idx",
+                &[&instance, &machine],
+            )
+            .await?;
+        let mut in_head = true;
+        for row in rows {
+            let head: bool = row.try_get(0)?;
+            let data: Vec<u8> = row.try_get(1)?;
+            if in_head && !head {
+                in_head = false;
+                buffer.skip(dropped);
+            }
+            buffer.push(&text(data));
+        }
+        Ok(buffer)
+    }
+
+    async fn answer(&self, query: Query) {
+        // A dropped receiver means the asker went away; nothing to do.
+        let fail = |e: Error| store_error(e);
+        match query {
+            Query::Runs {
+                job,
+                before,
+                limit,
+                reply,
+            } => {
+                let page = self
+                    .read(async |s, tx| s.runs_page(tx, &job, before.as_deref(), limit).await)
+                    .await;
+                let _ = reply.send(page.map_err(fail));
+            }
+            Query::Run { instance, reply } => {
+                let view = self
+                    .read(async |s, tx| s.run_view(tx, &instance).await)
+                    .await;
+                let _ = reply.send(view.map_err(fail));
+            }
+            Query::Timeline { query, reply } => {
+                let rows = self.read(async |s, tx| s.timeline(tx, &query).await).await;
+                let _ = reply.send(rows.map_err(fail));
+            }
+            Query::Audit {
+                before,
+                limit,
+                reply,
+            } => {
+                let page = self
+                    .read(async |s, tx| s.audit_page(tx, before, limit).await)
+                    .await;
+                let _ = reply.send(page.map_err(fail));
+            }
+            Query::Output {
+                instance,
+                machine,
+                offset,
+                length,
+                reply,
+            } => {
+                let range = self
+                    .read(async |s, tx| {
+                        s.output_range(tx, &instance, &machine, offset, length)
+                            .await
+                    })
+                    .await;
+                let _ = reply.send(range.map_err(fail));
+            }
+        }
+    }
+
+    async fn audit_page(
+        &self,
+        tx: &Transaction<'_>,
+        before: Option<i64>,
+        limit: usize,
+    ) -> Result<Vec<AuditEntry>> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = self
+            .query(
+                tx,
+                "SELECT id, at, actor, source, action, job, instance, machine, ok, detail
+                 FROM audit WHERE ($1::BIGINT IS NULL OR id < $1) ORDER BY id DESC LIMIT $2",
+                &[&before, &limit],
+            )
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(AuditEntry {
+                    id: r.try_get(0)?,
+                    at: ts(r.try_get(1)?),
+                    actor: r.try_get(2)?,
+                    source: r.try_get(3)?,
+                    action: r.try_get(4)?,
+                    job: r.try_get(5)?,
+                    instance: r.try_get(6)?,
+                    machine: r.try_get(7)?,
+                    ok: r.try_get(8)?,
+                    detail: r.try_get(9)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn runs_page(
+        &self,
+        tx: &Transaction<'_>,
+        job: &str,
+        before: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<RunSummary>> {
+        // The cursor is a run's `started` as an earlier page printed it; one that does not
+        // parse pages from the newest, as a text comparison in SQLite would for most inputs.
+        let before: Option<OffsetDateTime> = before
+            .and_then(|b| Timestamp::parse(b).ok())
+            .map(Timestamp::get);
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = self
+            .query(
+                tx,
+                "SELECT instance, job, started, ended, success, killed FROM runs
+                 WHERE job = $1 AND ($2::TIMESTAMPTZ IS NULL OR started < $2)
+                 ORDER BY started DESC LIMIT $3",
+                &[&job, &before, &limit],
+            )
+            .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for r in rows {
+            let instance: String = r.try_get(0)?;
+            let machines: BTreeMap<String, Option<i64>> = self
+                .query(
+                    tx,
+                    "SELECT machine, retcode FROM machines WHERE instance = $1",
+                    &[&instance],
+                )
+                .await?
+                .iter()
+                .map(|m| Ok((m.try_get(0)?, m.try_get(1)?)))
+                .collect::<Result<_>>()?;
+            out.push(RunSummary {
+                instance,
+                job: r.try_get(1)?,
+                started: ts(r.try_get(2)?),
+                ended: r.try_get::<_, Option<OffsetDateTime>>(3)?.map(ts),
+                success: r.try_get(4)?,
+                killed: r.try_get(5)?,
+                machines,
+            });
+        }
+        Ok(out)
+    }
+
+    /// The runs overlapping `[start, end]`, newest `limit` of them, returned oldest first.
+    async fn timeline(
+        &self,
+        tx: &Transaction<'_>,
+        query: &TimelineQuery,
+    ) -> Result<Vec<TimelineEntry>> {
+        let limit = i64::try_from(query.limit.max(1)).unwrap_or(i64::MAX);
+        let rows = self
+            .query(
+                tx,
+                "SELECT instance, job, grp, started, ended, success FROM runs
+                 WHERE ($1::TEXT IS NULL OR job = $1) AND started <= $2
+                    AND (ended IS NULL OR ended >= $3)
+                 ORDER BY started DESC, instance DESC LIMIT $4",
+                &[&query.job, &query.end, &query.start, &limit],
+            )
+            .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for r in rows.iter().rev() {
+            let instance: String = r.try_get(0)?;
+            let ended: Option<OffsetDateTime> = r.try_get(4)?;
+            let success: Option<bool> = r.try_get(5)?;
+            let codes: Vec<Option<i64>> = self
+                .query(
+                    tx,
+                    "SELECT retcode FROM machines WHERE instance = $1 ORDER BY machine",
+                    &[&instance],
+                )
+                .await?
+                .iter()
+                .map(|m| Ok(m.try_get(0)?))
+                .collect::<Result<_>>()?;
+            let known: Vec<i64> = codes.iter().flatten().copied().collect();
+            let failed = known.iter().filter(|c| **c != 0).count();
+            // As the engine's own view: the first failing machine's code, else 0 (or 1 for a
+            // run that failed without any machine code, e.g. killed before start).
+            let ret_code = ended.map(|_| {
+                known
+                    .iter()
+                    .copied()
+                    .find(|c| *c != 0)
+                    .unwrap_or(i64::from(success == Some(false)))
+            });
+            out.push(TimelineEntry {
+                cron: r.try_get(1)?,
+                group: r.try_get(2)?,
+                job_instance: instance,
+                msg_type: "run",
+                timestamp: ts(r.try_get(3)?),
+                end: ended.map(ts),
+                ret_code,
+                success,
+                machines: codes.len(),
+                failed,
+            });
+        }
+        Ok(out)
+    }
+
+    async fn run_view(&self, tx: &Transaction<'_>, instance: &str) -> Result<Option<RunView>> {
+        let Some(row) = self
+            .query_opt(
+                tx,
+                &format!("SELECT {RUN_COLUMNS} FROM runs WHERE instance = $1"),
+                &[&instance],
+            )
+            .await?
+        else {
+            return Ok(None);
+        };
+        let run = run_from_row(&row)?;
+        let mut machines = BTreeMap::new();
+        for (record, _next_seq, dropped) in self.machines_of(tx, instance).await? {
+            let output = self
+                .output_buffer(tx, instance, &record.machine, dropped)
+                .await?;
+            machines.insert(record.machine.clone(), record.view(&output));
+        }
+        Ok(Some(RunView {
+            instance: run.instance,
+            job: run.job,
+            group: run.group,
+            started: ts(run.started),
+            ended: run.ended.map(ts),
+            success: run.success,
+            killed: run.killed,
+            maintenance: run.maintenance,
+            machines,
+        }))
+    }
+
+    async fn output_range(
+        &self,
+        tx: &Transaction<'_>,
+        instance: &str,
+        machine: &str,
+        offset: u64,
+        length: Option<u64>,
+    ) -> Result<Option<OutputRange>> {
+        let Some(totals) = self
+            .query_opt(
+                tx,
+                "SELECT output_bytes, output_dropped FROM machines
+                 WHERE instance = $1 AND machine = $2",
+                &[&instance, &machine],
+            )
+            .await?
+        else {
+            return Ok(None);
+        };
+        let total: i64 = totals.try_get(0)?;
+        let dropped: i64 = totals.try_get(1)?;
+        // Positions are signed in the database: one past `i64::MAX` is past every byte anyway,
+        // and clamping keeps `offset` non-negative, so the differences below cannot overflow.
+        let offset = i64::try_from(offset).unwrap_or(i64::MAX);
+        let end = length.map_or(i64::MAX, |l| {
+            offset.saturating_add(i64::try_from(l).unwrap_or(i64::MAX))
+        });
+        let rows = self
+            .query(
+                tx,
+                "SELECT byte_offset, data FROM output
+                 WHERE instance = $1 AND machine = $2 AND byte_offset < $4
+                   AND byte_offset + octet_length(data) > $3
+                 ORDER BY idx",
+                &[&instance, &machine, &offset, &end],
+            )
+            .await?;
+        let mut out = String::new();
+        let mut cursor = offset;
+        for row in rows {
+            let at: i64 = row.try_get(0)?;
+            let data = text(row.try_get(1)?);
+            if at > cursor {
+                out.push_str(&format!(
+                    "\n[... {} bytes dropped by retention ...]\n",
+                    at.saturating_sub(cursor)
+                ));
+            }
+            let byte = |n: i64| usize::try_from(n.max(0)).unwrap_or(usize::MAX);
+            let from = ceil_boundary(&data, byte(cursor.max(at).saturating_sub(at)));
+            let to = ceil_boundary(&data, byte(end.saturating_sub(at)));
+            if let Some(piece) = data.get(from..to) {
+                out.push_str(piece);
+            }
+            cursor = at.saturating_add(i64::try_from(data.len()).unwrap_or(i64::MAX));
+        }
+        Ok(Some(OutputRange {
+            text: out,
+            total_bytes: unsigned(total),
+            dropped_bytes: unsigned(dropped),
+        }))
+    }
+}

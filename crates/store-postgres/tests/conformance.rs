@@ -1,0 +1,636 @@
+//! One suite of store behaviour, run against both backends: SQLite (a file in a temporary
+//! directory) and PostgreSQL (a schema of its own per case in the server named by
+//! `SALTPETER_TEST_POSTGRES`). Whatever the engine and the API rely on (restore after a
+//! restart, output appended and read back, retention of output, runs and audit entries, history
+//! pages, the timeline) must hold for both; [`backend_suite`] takes a way to make a fresh store
+//! and runs every case on it.
+//!
+//! Without `SALTPETER_TEST_POSTGRES` the PostgreSQL run skips with a message, except under CI,
+//! where it fails.
+
+#![allow(clippy::unwrap_used)] // Tests fail loudly by design.
+
+use saltpeter_store::audit::{Action, Actor, AuditEntry, AuditRecord};
+use saltpeter_store::{
+    Backend, JobRecord, MachineRecord, MachineStatus, Notice, OutputRange, Query, Restored,
+    Retention, RunRecord, RunSummary, Store, StoreOp, TimelineEntry, TimelineQuery,
+};
+use saltpeter_store_postgres::{Database, PgBackend, PostgresUrl};
+use time::OffsetDateTime;
+use time::macros::datetime;
+use tokio::sync::oneshot;
+
+const URL_ENV: &str = "SALTPETER_TEST_POSTGRES";
+
+/// Opens the store of one case (again, for a restart) with a retention policy.
+type Opener = dyn Fn(Retention) -> (Box<dyn Backend>, Restored);
+type Open<'a> = &'a Opener;
+/// A case of the suite.
+type Case = fn(Open<'_>);
+
+/// A fresh, empty store: how to open it, and what to keep alive (and clean up) until the case
+/// is over.
+struct Fresh {
+    open: Box<Opener>,
+    _cleanup: Box<dyn std::any::Any>,
+}
+
+/// Every case, each on a store of its own from `make`.
+fn backend_suite(make: impl Fn(&str) -> Fresh) {
+    let cases: [(&str, Case); 10] = [
+        ("restore", an_unfinished_run_comes_back_after_a_reopen),
+        (
+            "retention",
+            retention_keeps_head_and_tail_and_counts_what_it_dropped,
+        ),
+        (
+            "output",
+            output_continues_after_a_restart_neither_lost_nor_doubled,
+        ),
+        (
+            "same_batch",
+            totals_are_kept_when_the_last_output_and_the_end_share_a_batch,
+        ),
+        ("results", results_and_job_state_come_back_as_written),
+        ("prune", old_runs_are_pruned_per_job),
+        ("pages", history_pages_follow_each_other),
+        (
+            "timeline",
+            the_timeline_comes_from_the_store_oldest_first_within_the_window,
+        ),
+        ("audit", the_audit_trail_pages_newest_first_and_ages),
+        (
+            "bad_op",
+            an_op_the_database_refuses_does_not_take_its_batch_with_it,
+        ),
+    ];
+    for (name, case) in cases {
+        let fresh = make(name);
+        eprintln!("case {name}");
+        case(&*fresh.open);
+    }
+}
+
+#[test]
+fn sqlite_conforms() {
+    backend_suite(|_| {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().to_owned();
+        Fresh {
+            open: Box::new(move |retention| {
+                let (db, restored) = Store::open(&path, retention).unwrap();
+                (Box::new(db), restored)
+            }),
+            _cleanup: Box::new(dir),
+        }
+    });
+}
+
+#[test]
+fn postgres_conforms() {
+    let Some(url) = postgres_url() else { return };
+    backend_suite(|case| {
+        let schema = format!("conf_{case}_{}_{}", std::process::id(), nonce());
+        let scoped = Schema::create(&url, &schema);
+        let sep = if url.contains('?') { '&' } else { '?' };
+        let scoped_url =
+            PostgresUrl::parse(&format!("{url}{sep}options=-c%20search_path%3D{schema}")).unwrap();
+        Fresh {
+            open: Box::new(move |retention| {
+                let (db, restored) = PgBackend::open(&scoped_url, retention).unwrap();
+                (Box::new(db), restored)
+            }),
+            _cleanup: Box::new(scoped),
+        }
+    });
+}
+
+/// The server's URL, `None` (after saying so) when there is none and CI is not set.
+fn postgres_url() -> Option<String> {
+    match std::env::var(URL_ENV) {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ => {
+            let ci = std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false");
+            assert!(
+                !ci,
+                "CI is set but {URL_ENV} is not: `cargo xtask ci` starts PostgreSQL and sets it"
+            );
+            eprintln!("skipped: {URL_ENV} is not set (start one with `cargo xtask postgres`)");
+            None
+        }
+    }
+}
+
+/// A few random hex digits, so that two runs of the suite never share a schema.
+fn nonce() -> String {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    format!("{:x}", t.subsec_nanos())
+}
+
+/// A schema of one case, dropped with everything in it when the case is over.
+struct Schema {
+    url: String,
+    name: String,
+}
+
+impl Schema {
+    fn create(url: &str, name: &str) -> Schema {
+        admin(url, &format!("CREATE SCHEMA {name}"));
+        Schema {
+            url: url.to_owned(),
+            name: name.to_owned(),
+        }
+    }
+}
+
+impl Drop for Schema {
+    fn drop(&mut self) {
+        admin(
+            &self.url,
+            &format!("DROP SCHEMA IF EXISTS {} CASCADE", self.name),
+        );
+    }
+}
+
+fn admin(url: &str, sql: &str) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let db = Database::connect(&PostgresUrl::parse(url).unwrap(), 1)
+            .await
+            .unwrap();
+        db.client().await.unwrap().batch_execute(sql).await.unwrap();
+    });
+}
+
+// ---- The records the cases write ----
+
+/// A day before the suite started: inside the default 30-day retention, which a store applies
+/// on its own. Fixed once, so two calls in a case never straddle a second.
+fn recent() -> OffsetDateTime {
+    static AT: std::sync::OnceLock<OffsetDateTime> = std::sync::OnceLock::new();
+    *AT.get_or_init(|| {
+        let now = OffsetDateTime::now_utc() - time::Duration::days(1);
+        now.replace_nanosecond(0).unwrap()
+    })
+}
+
+fn run(instance: &str, ended: bool) -> RunRecord {
+    RunRecord {
+        instance: instance.into(),
+        job: "j".into(),
+        group: "g".into(),
+        started: recent(),
+        ended: ended.then_some(recent() + time::Duration::minutes(1)),
+        success: ended.then_some(true),
+        killed: false,
+        token: "secret".into(),
+        identity: "salt_key".into(),
+        resolving: false,
+        maintenance: vec!["m9".into()],
+        pending_batches: vec![vec!["m3".into()]],
+    }
+}
+
+fn machine(instance: &str, name: &str) -> MachineRecord {
+    MachineRecord {
+        instance: instance.into(),
+        machine: name.into(),
+        status: MachineStatus::Running,
+        retcode: None,
+        cause: None,
+        late_retcode: None,
+        starttime: Some(datetime!(2026-01-01 00:00:01 UTC)),
+        endtime: None,
+        last_heartbeat: None,
+        wrapper_version: Some("1.0".into()),
+        pid: Some(42),
+        wrapper_pid: Some(41),
+        launched: true,
+        started: true,
+        kill_requested: true,
+        launch_problem: None,
+        modern: true,
+        authenticated: true,
+    }
+}
+
+fn output(instance: &str, name: &str, seq: u64, data: &str) -> StoreOp {
+    StoreOp::Output {
+        instance: instance.into(),
+        machine: name.into(),
+        seq: Some(seq),
+        data: data.into(),
+    }
+}
+
+fn range_of(
+    db: &mut dyn Backend,
+    instance: &str,
+    machine: &str,
+    offset: u64,
+    length: Option<u64>,
+) -> OutputRange {
+    let (tx, mut rx) = oneshot::channel();
+    db.apply(vec![StoreOp::Query(Query::Output {
+        instance: instance.into(),
+        machine: machine.into(),
+        offset,
+        length,
+        reply: tx,
+    })]);
+    rx.try_recv().unwrap().unwrap().unwrap()
+}
+
+fn runs_page(db: &mut dyn Backend, before: Option<String>, limit: usize) -> Vec<RunSummary> {
+    let (tx, mut rx) = oneshot::channel();
+    db.apply(vec![StoreOp::Query(Query::Runs {
+        job: "j".into(),
+        before,
+        limit,
+        reply: tx,
+    })]);
+    rx.try_recv().unwrap().unwrap()
+}
+
+fn audit_page(db: &mut dyn Backend, before: Option<i64>, limit: usize) -> Vec<AuditEntry> {
+    let (tx, mut rx) = oneshot::channel();
+    db.apply(vec![StoreOp::Query(Query::Audit {
+        before,
+        limit,
+        reply: tx,
+    })]);
+    rx.try_recv().unwrap().unwrap()
+}
+
+// ---- The cases ----
+
+fn an_unfinished_run_comes_back_after_a_reopen(open: Open<'_>) {
+    {
+        let (mut db, restored) = open(Retention::default());
+        assert!(restored.runs.is_empty());
+        let notices = db.apply(vec![
+            StoreOp::Run(run("j_1", false)),
+            StoreOp::Run(run("j_0", true)),
+            StoreOp::Machine(machine("j_1", "m1")),
+            output("j_1", "m1", 0, "one\n"),
+            output("j_1", "m1", 1, "two é\n"),
+            StoreOp::Job(JobRecord {
+                name: "j".into(),
+                last_fired: Some(datetime!(2026-01-01 00:00 UTC)),
+                ..JobRecord::default()
+            }),
+            StoreOp::Notify(Notice::Output {
+                instance: "j_1".into(),
+                machine: "m1".into(),
+                seq: Some(1),
+                conn: 7,
+                received: None,
+            }),
+        ]);
+        assert_eq!(notices.len(), 1, "the notice comes back once committed");
+    }
+    let (_db, restored) = open(Retention::default());
+    assert_eq!(restored.runs.len(), 1, "finished runs are not restored");
+    let (r, machines) = &restored.runs[0];
+    assert_eq!(r.instance, "j_1");
+    assert_eq!(r.started, recent());
+    assert_eq!(r.token, "secret");
+    assert_eq!(r.identity, "salt_key");
+    assert_eq!(r.maintenance, ["m9"]);
+    assert_eq!(r.pending_batches, [vec!["m3".to_owned()]]);
+    assert_eq!(machines.len(), 1);
+    let m = &machines[0];
+    assert_eq!(m.next_seq, 2);
+    assert_eq!(m.output.text(), "one\ntwo é\n");
+    assert!(m.record.kill_requested && m.record.started && m.record.modern);
+    assert!(m.record.authenticated);
+    assert_eq!((m.record.pid, m.record.wrapper_pid), (Some(42), Some(41)));
+    assert_eq!(m.record.starttime, Some(datetime!(2026-01-01 00:00:01 UTC)));
+    assert_eq!(
+        restored.jobs[0].last_fired,
+        Some(datetime!(2026-01-01 00:00 UTC))
+    );
+}
+
+fn retention_keeps_head_and_tail_and_counts_what_it_dropped(open: Open<'_>) {
+    let retention = Retention {
+        head_bytes: 6,
+        tail_bytes: 8,
+        ..Retention::default()
+    };
+    {
+        let (mut db, _) = open(retention);
+        let mut ops = vec![
+            StoreOp::Run(run("j_1", false)),
+            StoreOp::Machine(machine("j_1", "m1")),
+        ];
+        for (i, chunk) in ["head1\n", "aaaa", "bbbb", "cccc", "dddd"]
+            .iter()
+            .enumerate()
+        {
+            ops.push(output("j_1", "m1", i as u64, chunk));
+        }
+        db.apply(ops);
+        let range = range_of(&mut *db, "j_1", "m1", 0, None);
+        assert_eq!(range.total_bytes, 22);
+        assert_eq!(range.dropped_bytes, 8);
+        assert_eq!(
+            range.text,
+            "head1\n\n[... 8 bytes dropped by retention ...]\nccccdddd"
+        );
+        let range = range_of(&mut *db, "j_1", "m1", 15, Some(4));
+        assert_eq!(range.text, "cccd");
+    }
+    let (_, restored) = open(retention);
+    let m = &restored.runs[0].1[0];
+    assert_eq!(m.output.total_bytes(), 22);
+    assert_eq!(m.output.omitted_bytes(), 8);
+    assert!(m.output.text().starts_with("head1\n"));
+    assert!(m.output.text().ends_with("ccccdddd"));
+}
+
+fn output_continues_after_a_restart_neither_lost_nor_doubled(open: Open<'_>) {
+    let mut expected = String::new();
+    {
+        let (mut db, _) = open(Retention::default());
+        db.apply(vec![
+            StoreOp::Run(run("j_1", false)),
+            StoreOp::Machine(machine("j_1", "m1")),
+        ]);
+        for seq in 0..300u64 {
+            let line = format!("line {seq}\n");
+            expected.push_str(&line);
+            db.apply(vec![output("j_1", "m1", seq, &line)]);
+        }
+    }
+    let (mut db, restored) = open(Retention::default());
+    let m = &restored.runs[0].1[0];
+    assert_eq!(m.next_seq, 300);
+    assert_eq!(m.output.text(), expected);
+    for seq in 300..310u64 {
+        let line = format!("line {seq}\n");
+        expected.push_str(&line);
+        db.apply(vec![output("j_1", "m1", seq, &line)]);
+    }
+    let mut ended = run("j_1", true);
+    ended.started = recent();
+    db.apply(vec![StoreOp::Run(ended)]);
+    let range = range_of(&mut *db, "j_1", "m1", 0, None);
+    assert_eq!(range.total_bytes, expected.len() as u64);
+    assert_eq!(range.text, expected);
+    drop(db);
+    let (mut db, restored) = open(Retention::default());
+    assert!(restored.runs.is_empty());
+    assert_eq!(range_of(&mut *db, "j_1", "m1", 0, None).text, expected);
+}
+
+fn totals_are_kept_when_the_last_output_and_the_end_share_a_batch(open: Open<'_>) {
+    let (mut db, _) = open(Retention::default());
+    db.apply(vec![
+        StoreOp::Run(run("j_1", false)),
+        StoreOp::Machine(machine("j_1", "m1")),
+        output("j_1", "m1", 0, "one\n"),
+        output("j_1", "m1", 1, "two\n"),
+        StoreOp::Run(run("j_1", true)),
+    ]);
+    let range = range_of(&mut *db, "j_1", "m1", 0, None);
+    assert_eq!((range.total_bytes, range.text.as_str()), (8, "one\ntwo\n"));
+}
+
+fn results_and_job_state_come_back_as_written(open: Open<'_>) {
+    let ended_at = recent() + time::Duration::minutes(2);
+    {
+        let (mut db, _) = open(Retention::default());
+        let mut m = machine("j_1", "m1");
+        m.status = MachineStatus::Failed;
+        m.retcode = Some(253);
+        m.cause = Some(saltpeter_proto::Cause::HeartbeatLost);
+        m.endtime = Some(ended_at);
+        m.late_retcode = Some(3);
+        let mut ok = machine("j_1", "m2");
+        ok.status = MachineStatus::Success;
+        ok.retcode = Some(0);
+        let mut r = run("j_1", true);
+        r.success = Some(false);
+        db.apply(vec![
+            StoreOp::Run(run("j_1", false)),
+            StoreOp::Machine(m),
+            StoreOp::Machine(ok),
+            StoreOp::Run(r),
+            StoreOp::Job(JobRecord {
+                name: "j".into(),
+                last_run: Some(recent()),
+                last_success: Some(false),
+                last_success_at: Some(recent() - time::Duration::hours(1)),
+                last_failed: 1,
+                last_total: 2,
+                last_fired: Some(recent()),
+            }),
+        ]);
+    }
+    let (mut db, restored) = open(Retention::default());
+    assert!(restored.runs.is_empty());
+    let job = &restored.jobs[0];
+    assert_eq!((job.last_failed, job.last_total), (1, 2));
+    assert_eq!(job.last_success, Some(false));
+    assert_eq!(
+        job.last_success_at,
+        Some(recent() - time::Duration::hours(1))
+    );
+    let (tx, mut rx) = oneshot::channel();
+    db.apply(vec![StoreOp::Query(Query::Run {
+        instance: "j_1".into(),
+        reply: tx,
+    })]);
+    let view = rx.try_recv().unwrap().unwrap().unwrap();
+    assert_eq!(view.success, Some(false));
+    let m1 = &view.machines["m1"];
+    assert_eq!(m1.retcode, Some(253));
+    assert_eq!(m1.late_retcode, Some(3));
+    assert_eq!(m1.status, MachineStatus::Failed);
+    assert_eq!(
+        m1.cause,
+        Some(saltpeter_proto::Cause::HeartbeatLost.as_str())
+    );
+    assert_eq!(
+        m1.endtime.as_deref(),
+        Some(ended_at_text(ended_at).as_str())
+    );
+    let page = runs_page(&mut *db, None, 10);
+    assert_eq!(page[0].machines["m1"], Some(253));
+    assert_eq!(page[0].machines["m2"], Some(0));
+}
+
+fn ended_at_text(at: OffsetDateTime) -> String {
+    saltpeter_store::rfc3339(at)
+}
+
+fn old_runs_are_pruned_per_job(open: Open<'_>) {
+    let retention = Retention {
+        runs_per_job: 2,
+        ..Retention::default()
+    };
+    let (mut db, _) = open(retention);
+    let mut ops = Vec::new();
+    for i in 0..5 {
+        let mut r = run(&format!("j_{i}"), true);
+        r.started = recent() + time::Duration::minutes(i);
+        ops.push(StoreOp::Run(r));
+        ops.push(StoreOp::Machine(machine(&format!("j_{i}"), "m1")));
+        ops.push(output(&format!("j_{i}"), "m1", 0, "x"));
+    }
+    // A run that has not ended is never pruned, however old.
+    let mut active = run("j_active", false);
+    active.started = recent() - time::Duration::days(400);
+    ops.push(StoreOp::Run(active));
+    ops.push(StoreOp::Prune);
+    db.apply(ops);
+    let names: Vec<String> = runs_page(&mut *db, None, 10)
+        .into_iter()
+        .map(|r| r.instance)
+        .collect();
+    assert_eq!(names, ["j_4", "j_3", "j_active"], "newest two kept");
+    let (tx, mut rx) = oneshot::channel();
+    db.apply(vec![StoreOp::Query(Query::Run {
+        instance: "j_0".into(),
+        reply: tx,
+    })]);
+    assert!(rx.try_recv().unwrap().unwrap().is_none());
+}
+
+fn history_pages_follow_each_other(open: Open<'_>) {
+    let (mut db, _) = open(Retention::default());
+    let mut ops = Vec::new();
+    for i in 0..5 {
+        let mut r = run(&format!("j_{i}"), true);
+        r.started = recent() + time::Duration::minutes(i);
+        ops.push(StoreOp::Run(r));
+    }
+    db.apply(ops);
+    let first = runs_page(&mut *db, None, 2);
+    let second = runs_page(&mut *db, Some(first[1].started.clone()), 2);
+    let all: Vec<String> = first
+        .iter()
+        .chain(&second)
+        .map(|r| r.instance.clone())
+        .collect();
+    assert_eq!(all, ["j_4", "j_3", "j_2", "j_1"]);
+    assert_eq!(
+        first[0].started,
+        saltpeter_store::rfc3339(recent() + time::Duration::minutes(4))
+    );
+}
+
+fn the_timeline_comes_from_the_store_oldest_first_within_the_window(open: Open<'_>) {
+    let (mut db, _) = open(Retention::default());
+    let mut ops = Vec::new();
+    for i in 0..4 {
+        let mut r = run(&format!("j_{i}"), true);
+        r.started = recent() + time::Duration::minutes(i * 10);
+        r.ended = Some(r.started + time::Duration::minutes(1));
+        r.success = Some(i != 2);
+        ops.push(StoreOp::Run(r));
+        let mut m = machine(&format!("j_{i}"), "m1");
+        m.retcode = Some(if i == 2 { 7 } else { 0 });
+        ops.push(StoreOp::Machine(m));
+    }
+    db.apply(ops);
+    let (tx, mut rx) = oneshot::channel();
+    let query = TimelineQuery {
+        start: recent() + time::Duration::minutes(5),
+        end: recent() + time::Duration::minutes(25),
+        job: None,
+        limit: 10,
+    };
+    db.apply(vec![StoreOp::Query(Query::Timeline { query, reply: tx })]);
+    let rows: Vec<TimelineEntry> = rx.try_recv().unwrap().unwrap();
+    let got: Vec<(&str, Option<i64>)> = rows
+        .iter()
+        .map(|r| (r.job_instance.as_str(), r.ret_code))
+        .collect();
+    assert_eq!(got, [("j_1", Some(0)), ("j_2", Some(7))]);
+    assert_eq!((rows[1].machines, rows[1].failed), (1, 1));
+    assert_eq!(
+        rows[0].timestamp,
+        saltpeter_store::rfc3339(recent() + time::Duration::minutes(10))
+    );
+}
+
+fn audit_record(at: OffsetDateTime, n: usize) -> AuditRecord {
+    AuditRecord {
+        at,
+        actor: Actor::remote(format!("a{n}"), "10.0.0.5".parse().ok()),
+        action: Action::Run,
+        job: Some("j".into()),
+        instance: None,
+        machine: None,
+        ok: true,
+        detail: Some(format!("detail {n}")),
+    }
+}
+
+fn the_audit_trail_pages_newest_first_and_ages(open: Open<'_>) {
+    let retention = Retention {
+        max_age_days: 30,
+        ..Retention::default()
+    };
+    let (mut db, _) = open(retention);
+    // Whole microseconds, as both stores keep times.
+    let now = OffsetDateTime::now_utc();
+    let now = now
+        .replace_nanosecond(now.nanosecond() / 1000 * 1000)
+        .unwrap();
+    db.apply(vec![
+        StoreOp::Audit(audit_record(now, 1)),
+        StoreOp::Audit(audit_record(now, 2)),
+    ]);
+    // An entry past the age limit goes at the next prune.
+    db.apply(vec![
+        StoreOp::Audit(audit_record(now - time::Duration::days(31), 0)),
+        StoreOp::Prune,
+    ]);
+    let page = audit_page(&mut *db, None, 10);
+    let actors: Vec<&str> = page.iter().map(|e| e.actor.as_str()).collect();
+    assert_eq!(actors, ["a2", "a1"]);
+    let newest = &page[0];
+    assert_eq!(newest.source.as_deref(), Some("10.0.0.5"));
+    assert_eq!(newest.action, "run");
+    assert_eq!(newest.detail.as_deref(), Some("detail 2"));
+    assert_eq!(newest.at, saltpeter_store::rfc3339(now));
+    let older = audit_page(&mut *db, Some(newest.id), 1);
+    let actors: Vec<&str> = older.iter().map(|e| e.actor.as_str()).collect();
+    assert_eq!(actors, ["a1"]);
+}
+
+fn an_op_the_database_refuses_does_not_take_its_batch_with_it(open: Open<'_>) {
+    {
+        let (mut db, _) = open(Retention::default());
+        // PostgreSQL's text refuses NUL, which SQLite stores: on PostgreSQL this op fails, and
+        // the others of its batch must still commit and their notice come back.
+        let mut refused = audit_record(OffsetDateTime::now_utc(), 0);
+        refused.detail = Some("nul \0 inside".into());
+        let notices = db.apply(vec![
+            StoreOp::Run(run("j_1", false)),
+            StoreOp::Audit(refused),
+            StoreOp::Machine(machine("j_1", "m1")),
+            output("j_1", "m1", 0, "kept\n"),
+            StoreOp::Notify(Notice::Complete {
+                instance: "j_1".into(),
+                machine: "m1".into(),
+                seq: Some(0),
+                conn: 1,
+            }),
+        ]);
+        assert_eq!(notices.len(), 1);
+        db.apply(vec![output("j_1", "m1", 1, "after\n")]);
+    }
+    let (_, restored) = open(Retention::default());
+    let m = &restored.runs[0].1[0];
+    assert_eq!(m.output.text(), "kept\nafter\n");
+    assert_eq!(m.next_seq, 2);
+}
