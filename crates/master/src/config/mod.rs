@@ -34,6 +34,7 @@ pub mod maintenance;
 pub mod notify;
 pub mod problem;
 pub mod raw;
+pub mod recovery;
 pub mod settings;
 pub mod watch;
 

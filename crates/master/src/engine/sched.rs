@@ -115,12 +115,18 @@ impl Engine {
         let now = self.clock.wall();
         let config = self.config.clone();
         for (job, slot) in self.scheduler.take_due(&config, now) {
+            // Missed slots: a late or stalled slot is recorded (and maybe caught up) there.
+            let Some(slot) = self.plan_due_slot(&job, slot, now) else {
+                continue;
+            };
             if let Some(state) = self.jobs.get_mut(&job) {
                 state.last_fired = Some(slot);
             }
             self.save_job(&job);
             if let Err(error) = self.fire(&job, None) {
                 tracing::debug!(%job, %error, "Scheduled run not started.");
+                // Missed slots: overlap and maintenance refusals are recorded.
+                self.on_fire_refused(&job, slot);
             }
         }
     }

@@ -237,6 +237,12 @@ pub struct MachineLive {
     pub duration: Option<f64>,
     pub wrapper_version: Option<String>,
     pub output: OutputRead,
+    /// The current (or final) attempt, when the job retries (`retries` above 0).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<u32>,
+    /// How many attempts the job allows, when it retries.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_attempts: Option<u32>,
 }
 
 /// Which runs a timeline shows. Plain data so that a store can answer it as well.
@@ -266,6 +272,9 @@ pub struct TimelineEntry {
     pub success: Option<bool>,
     pub machines: usize,
     pub failed: usize,
+    /// For a missed slot (`msg_type` `missed`): why it did not run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub missed: Option<String>,
 }
 
 impl Engine {
@@ -487,6 +496,7 @@ impl Engine {
         } else {
             query.max_bytes
         };
+        let retries = run.job.recovery.retries;
         let machines = run
             .machines
             .iter()
@@ -512,6 +522,8 @@ impl Engine {
                     duration,
                     wrapper_version: m.wrapper_version.clone(),
                     output: m.output.read_from(from, max),
+                    attempt: (retries > 0).then(|| m.attempt()),
+                    max_attempts: (retries > 0).then(|| retries.saturating_add(1)),
                 };
                 (name.clone(), live)
             })
@@ -600,6 +612,7 @@ fn timeline_entry(run: &Run) -> TimelineEntry {
         success: run.success,
         machines: run.machines.len(),
         failed,
+        missed: None,
     }
 }
 

@@ -58,6 +58,11 @@ pub struct MachineRun {
     pub authenticated: bool,
     /// Monotonic bookkeeping for the monitor.
     pub clock: MachineClock,
+    /// Earlier attempts that a retry replaced, oldest first; the current attempt's number is
+    /// one more than their count (see `engine/retry.rs`).
+    pub attempts: Vec<crate::store::AttemptRecord>,
+    /// When the next attempt is due, while the machine waits for its retry.
+    pub retry_at: Option<Instant>,
 }
 
 /// The monotonic instants the monitor judges a machine by. Never derived from wrapper
@@ -103,7 +108,16 @@ impl MachineRun {
             modern: false,
             authenticated: false,
             clock: MachineClock::default(),
+            attempts: Vec::new(),
+            retry_at: None,
         }
+    }
+
+    /// The current attempt's number, 1 for the first launch.
+    pub fn attempt(&self) -> u32 {
+        u32::try_from(self.attempts.len())
+            .unwrap_or(u32::MAX)
+            .saturating_add(1)
     }
 
     /// Whether the machine has a final result.
@@ -125,6 +139,7 @@ impl MachineRun {
             MachineStatus::Failed
         };
         self.conn = None;
+        self.retry_at = None;
         true
     }
 
@@ -143,6 +158,12 @@ impl MachineRun {
             output: self.output.text(),
             output_bytes: self.output.total_bytes(),
             output_omitted_bytes: self.output.omitted_bytes(),
+            attempt: self.attempt(),
+            attempts: self
+                .attempts
+                .iter()
+                .map(crate::store::AttemptRecord::view)
+                .collect(),
         }
     }
 }
@@ -196,6 +217,7 @@ impl Run {
                 .iter()
                 .map(|(k, m)| (k.clone(), m.view()))
                 .collect(),
+            missed: None,
         }
     }
 
@@ -222,6 +244,11 @@ pub struct MachineView {
     pub output: String,
     pub output_bytes: u64,
     pub output_omitted_bytes: u64,
+    /// The current (or final) attempt, 1 unless the job retried this machine.
+    pub attempt: u32,
+    /// The attempts a retry replaced, oldest first; absent when there were none.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub attempts: Vec<crate::store::AttemptView>,
 }
 
 /// A run as the API shows it.
@@ -236,6 +263,9 @@ pub struct RunView {
     pub killed: bool,
     pub maintenance: Vec<String>,
     pub machines: BTreeMap<String, MachineView>,
+    /// For a missed slot: why it did not run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub missed: Option<String>,
 }
 
 /// RFC 3339 with `T` and `+00:00`, microsecond precision.

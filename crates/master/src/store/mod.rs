@@ -16,6 +16,7 @@
 
 mod checkpoint;
 mod outputs;
+mod recovery;
 mod sqlite;
 
 use std::path::Path;
@@ -31,6 +32,7 @@ use crate::metrics::Metrics;
 use crate::runs::{MachineStatus, OutputBuffer, RunView};
 
 pub use checkpoint::WalTuning;
+pub use recovery::{AttemptRecord, AttemptView, MissedReason, MissedRecord};
 pub use sqlite::{Db, Retention, StoreError, apply_record};
 
 /// Commits start at least this far apart. Under load every commit rewrites the same few pages
@@ -123,6 +125,8 @@ pub enum Notice {
 #[derive(Debug)]
 pub struct RestoredMachine {
     pub record: MachineRecord,
+    /// Attempts a retry replaced, oldest first (empty before any retry).
+    pub attempts: Vec<AttemptRecord>,
     pub output: OutputBuffer,
     pub next_seq: u64,
 }
@@ -146,6 +150,12 @@ pub struct RunSummary {
     pub killed: bool,
     /// machine -> retcode (null while running).
     pub machines: std::collections::BTreeMap<String, Option<i64>>,
+    /// For a missed slot: why it did not run (`master_down`, `overlap`, `maintenance`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub missed: Option<String>,
+    /// For a missed slot: how many slots the row stands for (more than 1 for a summary).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub missed_count: Option<u64>,
 }
 
 /// A byte range of a machine's stored output.
@@ -209,6 +219,10 @@ pub enum StoreOp {
     Query(Query),
     /// Applies the retention policy now.
     Prune,
+    /// Records a missed slot in the job's history.
+    Missed(MissedRecord),
+    /// Keeps the result of an attempt that a retry replaces.
+    Attempt(AttemptRecord),
 }
 
 /// Handle to the store.

@@ -65,7 +65,7 @@ impl Default for Retention {
     }
 }
 
-const SCHEMA_VERSION: i64 = 6;
+const SCHEMA_VERSION: i64 = 7;
 
 const MIGRATION_1: &str = "
 CREATE TABLE runs (
@@ -341,6 +341,12 @@ impl Db {
             tx.pragma_update(None, "user_version", 6)?;
             tx.commit()?;
         }
+        if version < 7 {
+            let tx = self.conn.transaction()?;
+            tx.execute_batch(super::recovery::MIGRATION_7)?;
+            tx.pragma_update(None, "user_version", 7)?;
+            tx.commit()?;
+        }
         Ok(())
     }
 
@@ -434,10 +440,12 @@ impl Db {
         };
         for run in runs {
             let machines = self.machines_of(&run.instance)?;
+            let mut attempts = super::recovery::attempts_of(&self.conn, &run.instance)?;
             let mut restored_machines = Vec::new();
             for (record, next_seq, dropped) in machines {
                 let output = self.output_buffer(&record.instance, &record.machine, dropped)?;
                 restored_machines.push(RestoredMachine {
+                    attempts: attempts.remove(&record.machine).unwrap_or_default(),
                     record,
                     output,
                     next_seq,
@@ -598,7 +606,7 @@ impl Db {
         limit: usize,
     ) -> Result<Vec<RunSummary>, StoreError> {
         let mut stmt = self.conn.prepare_cached(
-            "SELECT instance, job, started, ended, success, killed FROM runs
+            "SELECT instance, job, started, ended, success, killed, missed, missed_count FROM runs
              WHERE job = ?1 AND (?2 IS NULL OR started < ?2)
              ORDER BY started DESC LIMIT ?3",
         )?;
@@ -612,6 +620,12 @@ impl Db {
                     success: r.get(4)?,
                     killed: r.get(5)?,
                     machines: BTreeMap::new(),
+                    missed: r.get(6)?,
+                    missed_count: r
+                        .get::<_, Option<String>>(6)?
+                        .map(|_| r.get::<_, i64>(7))
+                        .transpose()?
+                        .map(|n| u64::try_from(n).unwrap_or(0)),
                 })
             })?
             .collect::<Result<_, _>>()?;
@@ -634,11 +648,19 @@ impl Db {
         query: &crate::engine::TimelineQuery,
     ) -> Result<Vec<crate::engine::TimelineEntry>, StoreError> {
         let mut stmt = self.conn.prepare_cached(
-            "SELECT instance, job, grp, started, ended, success FROM runs
+            "SELECT instance, job, grp, started, ended, success, missed FROM runs
              WHERE (?1 IS NULL OR job = ?1) AND started <= ?2 AND (ended IS NULL OR ended >= ?3)
              ORDER BY started DESC, instance DESC LIMIT ?4",
         )?;
-        type Row = (String, String, String, String, Option<String>, Option<bool>);
+        type Row = (
+            String,
+            String,
+            String,
+            String,
+            Option<String>,
+            Option<bool>,
+            Option<String>,
+        );
         let rows: Vec<Row> = stmt
             .query_map(
                 params![
@@ -655,6 +677,7 @@ impl Db {
                         r.get(3)?,
                         r.get(4)?,
                         r.get(5)?,
+                        r.get(6)?,
                     ))
                 },
             )?
@@ -663,7 +686,7 @@ impl Db {
             .conn
             .prepare_cached("SELECT retcode FROM machines WHERE instance = ?1 ORDER BY machine")?;
         let mut out = Vec::with_capacity(rows.len());
-        for (instance, job, group, started, ended, success) in rows.into_iter().rev() {
+        for (instance, job, group, started, ended, success, missed) in rows.into_iter().rev() {
             let machine_codes: Vec<Option<i64>> = codes
                 .query_map([&instance], |r| r.get(0))?
                 .collect::<Result<_, _>>()?;
@@ -678,14 +701,17 @@ impl Db {
                     .find(|c| *c != 0)
                     .unwrap_or(i64::from(success == Some(false)))
             });
+            // A missed slot is its own kind of entry: it neither succeeded nor failed.
+            let ret_code = if missed.is_some() { None } else { ret_code };
             out.push(crate::engine::TimelineEntry {
                 cron: job,
                 group,
                 job_instance: instance,
-                msg_type: "run",
+                msg_type: if missed.is_some() { "missed" } else { "run" },
                 timestamp: started,
                 end: ended,
                 ret_code,
+                missed,
                 success,
                 machines: machine_codes.len(),
                 failed,
@@ -706,9 +732,11 @@ impl Db {
             .optional()?;
         let Some(run) = run else { return Ok(None) };
         let mut machines = BTreeMap::new();
+        let mut attempts = super::recovery::attempts_of(&self.conn, instance)?;
         for (record, next_seq, dropped) in self.machines_of(instance)? {
             let mut m = MachineRun::new();
             apply_record(&mut m, &record);
+            m.attempts = attempts.remove(&record.machine).unwrap_or_default();
             m.next_seq = next_seq;
             m.output = self.output_buffer(instance, &record.machine, dropped)?;
             machines.insert(record.machine.clone(), m.view());
@@ -723,6 +751,7 @@ impl Db {
             killed: run.killed,
             maintenance: run.maintenance,
             machines,
+            missed: super::recovery::missed_of(&self.conn, instance)?.map(|(reason, _)| reason),
         }))
     }
 
@@ -946,6 +975,8 @@ fn apply_one(
                 trim_audit(tx, crate::audit::MAX_ROWS)?;
             }
         }
+        StoreOp::Missed(m) => super::recovery::write_missed(tx, &m)?,
+        StoreOp::Attempt(a) => super::recovery::write_attempt(tx, &a)?,
         StoreOp::Notify(_) | StoreOp::Query(_) | StoreOp::Prune => {}
     }
     Ok(())
@@ -994,6 +1025,7 @@ fn prune(tx: &Transaction<'_>, retention: Retention) -> Result<(), StoreError> {
         "DELETE FROM machines WHERE instance IN (SELECT instance FROM doomed)",
         [],
     )?;
+    super::recovery::prune_doomed(tx)?;
     let runs = tx.execute(
         "DELETE FROM runs WHERE instance IN (SELECT instance FROM doomed)",
         [],

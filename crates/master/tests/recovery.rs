@@ -1,0 +1,407 @@
+//! Missed slots, catch-up and retries, on tokio's paused clock with the fake launcher. The
+//! paused wall clock of every engine starts at 2026-06-01 12:00:00 UTC.
+
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::time::Duration;
+
+use saltpeter_master::engine::EngineEvent;
+use saltpeter_master::store::MissedReason;
+use saltpeter_proto::ErrorCode;
+use serde_json::Value;
+use support::*;
+use time::OffsetDateTime;
+use time::macros::datetime;
+use tokio::time::sleep;
+
+const SEC: Duration = Duration::from_secs(1);
+
+/// A job file block firing on the given second and minute fields of every hour.
+fn cron_job(name: &str, sec: &str, min: &str, extra: &str) -> String {
+    format!(
+        "{name}:\n  sec: '{sec}'\n  min: '{min}'\n  hour: '*'\n  dom: '*'\n  mon: '*'\n  dow: '*'\n  targets: [m1]\n  target_type: list\n  command: echo hi\n{extra}"
+    )
+}
+
+fn ts(at: OffsetDateTime) -> String {
+    saltpeter_proto::Timestamp::new(at).to_string()
+}
+
+/// The history rows that are missed slots, oldest first: (slot, reason, count).
+fn missed(history: &[Value]) -> Vec<(String, String, u64)> {
+    let mut rows: Vec<(String, String, u64)> = history
+        .iter()
+        .filter(|r| r.get("missed").is_some())
+        .map(|r| {
+            (
+                r["started"].as_str().unwrap().to_owned(),
+                r["missed"].as_str().unwrap().to_owned(),
+                r["missed_count"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    rows.sort();
+    rows
+}
+
+fn missed_events(events: &[EngineEvent]) -> Vec<(OffsetDateTime, MissedReason, u64)> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            EngineEvent::Missed {
+                slot,
+                reason,
+                count,
+                ..
+            } => Some((*slot, *reason, *count)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_master_down_across_three_slots_records_three_missed_slots() {
+    let data = tempfile::tempdir().unwrap();
+    let yaml = cron_job("j", "30", "*/10", "");
+    seed_last_fired(data.path(), "j", datetime!(2026-06-01 11:20:30 UTC));
+    let h = Harness::restart(&yaml, data.path()).await;
+    sleep(Duration::from_millis(10)).await;
+    let slots = [
+        datetime!(2026-06-01 11:30:30 UTC),
+        datetime!(2026-06-01 11:40:30 UTC),
+        datetime!(2026-06-01 11:50:30 UTC),
+    ];
+    assert_eq!(
+        missed(&h.history("j").await),
+        slots
+            .iter()
+            .map(|s| (ts(*s), "master_down".to_owned(), 1))
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(
+        missed_events(&h.take_events()),
+        slots
+            .iter()
+            .map(|s| (*s, MissedReason::MasterDown, 1))
+            .collect::<Vec<_>>()
+    );
+    assert!(
+        h.launcher.take_started().is_empty(),
+        "no catch-up by default"
+    );
+    // The next slot is on time and fires as usual; nothing more is missed.
+    sleep(31 * SEC).await;
+    assert_eq!(h.launcher.take_started(), vec!["m1"]);
+    assert!(missed_events(&h.take_events()).is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn catch_up_last_fires_the_latest_missed_slot_within_the_starting_deadline() {
+    let data = tempfile::tempdir().unwrap();
+    // Slots at minute 50: 09:50, 10:50 and 11:50 were missed; 11:50 is 600 s old.
+    let yaml = cron_job(
+        "j",
+        "0",
+        "50",
+        "  catch_up: last\n  starting_deadline: 900\n",
+    );
+    seed_last_fired(data.path(), "j", datetime!(2026-06-01 08:50 UTC));
+    let h = Harness::restart(&yaml, data.path()).await;
+    sleep(Duration::from_millis(10)).await;
+    assert_eq!(h.launcher.take_started(), vec!["m1"], "11:50 is caught up");
+    let history = h.history("j").await;
+    assert_eq!(
+        missed(&history),
+        vec![
+            (
+                ts(datetime!(2026-06-01 09:50 UTC)),
+                "master_down".to_owned(),
+                1
+            ),
+            (
+                ts(datetime!(2026-06-01 10:50 UTC)),
+                "master_down".to_owned(),
+                1
+            ),
+        ]
+    );
+    assert_eq!(history.len(), 3, "two missed slots and the caught-up run");
+    assert!(
+        h.take_events()
+            .iter()
+            .any(|e| matches!(e, EngineEvent::CaughtUp { slot, .. } if *slot == datetime!(2026-06-01 11:50 UTC)))
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn catch_up_last_does_not_fire_a_slot_past_the_starting_deadline() {
+    let data = tempfile::tempdir().unwrap();
+    let yaml = cron_job(
+        "j",
+        "0",
+        "50",
+        "  catch_up: last\n  starting_deadline: 300\n",
+    );
+    seed_last_fired(data.path(), "j", datetime!(2026-06-01 08:50 UTC));
+    let h = Harness::restart(&yaml, data.path()).await;
+    sleep(Duration::from_millis(10)).await;
+    assert!(h.launcher.take_started().is_empty(), "11:50 is 600 s old");
+    assert_eq!(missed(&h.history("j").await).len(), 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn recorded_missed_slots_are_capped_and_the_rest_summed_up() {
+    let data = tempfile::tempdir().unwrap();
+    // Every minute, down for twelve hours: 720 slots from 00:01 to 12:00.
+    let yaml = cron_job("j", "0", "*", "  missed_limit: 5\n");
+    seed_last_fired(data.path(), "j", datetime!(2026-06-01 00:00 UTC));
+    let h = Harness::restart(&yaml, data.path()).await;
+    sleep(Duration::from_millis(10)).await;
+    let rows = missed(&h.history("j").await);
+    assert_eq!(rows.len(), 6, "five slots and one summary: {rows:?}");
+    assert_eq!(
+        rows[0],
+        (ts(datetime!(2026-06-01 00:01 UTC)), "master_down".into(), 1)
+    );
+    assert_eq!(
+        rows[4],
+        (ts(datetime!(2026-06-01 00:05 UTC)), "master_down".into(), 1)
+    );
+    assert_eq!(
+        rows[5],
+        (
+            ts(datetime!(2026-06-01 00:06 UTC)),
+            "master_down".into(),
+            715
+        )
+    );
+    let events = missed_events(&h.take_events());
+    assert_eq!(events.len(), 6);
+    assert_eq!(events.iter().map(|e| e.2).sum::<u64>(), 720);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_slot_refused_for_overlap_is_recorded_as_missed() {
+    let data = tempfile::tempdir().unwrap();
+    let h = Harness::restart(&cron_job("j", "0", "*", ""), data.path()).await;
+    // 12:01:00 fires; its wrapper keeps the run going past 12:02:00.
+    sleep(Duration::from_millis(60_500)).await;
+    assert_eq!(h.launcher.take_started(), vec!["m1"]);
+    let instance = format!("j_{}", datetime!(2026-06-01 12:01 UTC).unix_timestamp());
+    let mut w = h.wrapper(&instance, "m1").await;
+    w.connect_and_start().await;
+    for _ in 0..13 {
+        sleep(5 * SEC).await;
+        w.heartbeat().await;
+    }
+    assert!(h.launcher.take_started().is_empty());
+    assert_eq!(
+        missed(&h.history("j").await),
+        vec![(ts(datetime!(2026-06-01 12:02 UTC)), "overlap".into(), 1)]
+    );
+    assert_eq!(
+        missed_events(&h.take_events()),
+        vec![(datetime!(2026-06-01 12:02 UTC), MissedReason::Overlap, 1)]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stalled_master_records_the_slots_it_slept_through() {
+    // Slots every ten minutes; the master is suspended from 12:00 to 12:35, so the scheduler
+    // wakes to find 12:10 overdue, and 12:20 and 12:30 passed as well.
+    let data = tempfile::tempdir().unwrap();
+    let h = Harness::restart(&cron_job("j", "0", "*/10", ""), data.path()).await;
+    sleep(Duration::from_millis(10)).await;
+    tokio::time::advance(35 * 60 * SEC).await;
+    sleep(Duration::from_millis(10)).await;
+    assert!(
+        h.launcher.take_started().is_empty(),
+        "12:30 is five minutes old"
+    );
+    assert_eq!(
+        missed(&h.history("j").await),
+        ["12:10", "12:20", "12:30"]
+            .iter()
+            .map(|t| (
+                format!("2026-06-01T{t}:00.000000+00:00"),
+                "master_down".to_owned(),
+                1
+            ))
+            .collect::<Vec<_>>()
+    );
+    // 12:40 is on time again.
+    sleep(5 * 60 * SEC).await;
+    assert_eq!(h.launcher.take_started(), vec!["m1"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn after_a_stall_catch_up_last_fires_the_latest_slot() {
+    let data = tempfile::tempdir().unwrap();
+    let yaml = cron_job(
+        "j",
+        "0",
+        "*/10",
+        "  catch_up: last\n  starting_deadline: 600\n",
+    );
+    let h = Harness::restart(&yaml, data.path()).await;
+    sleep(Duration::from_millis(10)).await;
+    tokio::time::advance(35 * 60 * SEC).await;
+    sleep(Duration::from_millis(10)).await;
+    assert_eq!(h.launcher.take_started(), vec!["m1"], "12:30 is caught up");
+    assert_eq!(missed(&h.history("j").await).len(), 2, "12:10 and 12:20");
+}
+
+/// Starts `job`'s run, and returns its instance.
+async fn fire(h: &Harness) -> String {
+    let instance = h.run("j").await;
+    assert_eq!(h.launcher.take_started(), vec!["m1"]);
+    instance
+}
+
+/// Waits out a 10 s retry delay and checks that the machine was launched again.
+async fn next_attempt(h: &Harness, instance: &str) -> FakeWrapper {
+    sleep(10 * SEC + Duration::from_millis(1)).await;
+    assert_eq!(h.launcher.take_started(), vec!["m1"], "relaunched");
+    let mut w = h.wrapper(instance, "m1").await;
+    w.connect_and_start().await;
+    w
+}
+
+#[tokio::test(start_paused = true)]
+async fn retries_stop_after_n_with_attempts_numbered_in_the_history() {
+    let h = Harness::start(&job("j", "[m1]", "  retries: 2\n  retry_delay: 10\n")).await;
+    let instance = fire(&h).await;
+    let mut w = h.wrapper(&instance, "m1").await;
+    w.connect_and_start().await;
+    w.complete(1).await;
+    assert_eq!(h.machine(&instance, "m1").await["attempt"], 2);
+    assert_eq!(h.run_view(&instance).await["ended"], Value::Null);
+    let mut w = next_attempt(&h, &instance).await;
+    w.complete(1).await;
+    let mut w = next_attempt(&h, &instance).await;
+    w.complete(1).await;
+    sleep(60 * SEC).await;
+    assert!(
+        h.launcher.take_started().is_empty(),
+        "exactly three attempts"
+    );
+    for run in [h.run_view(&instance).await, h.stored_run(&instance).await] {
+        assert_eq!(run["success"], false);
+        let m = &run["machines"]["m1"];
+        assert_eq!(m["attempt"], 3);
+        assert_eq!(m["retcode"], 1);
+        let earlier: Vec<(u64, i64)> = m["attempts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| {
+                (
+                    a["attempt"].as_u64().unwrap(),
+                    a["retcode"].as_i64().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(earlier, vec![(1, 1), (2, 1)]);
+    }
+    let retries: Vec<u32> = h
+        .take_events()
+        .iter()
+        .filter_map(|e| match e {
+            EngineEvent::Retry { next, max, .. } => Some(*next * 10 + *max),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(retries, vec![23, 33]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_kill_143_is_never_retried_by_default() {
+    let h = Harness::start(&job("j", "[m1]", "  retries: 2\n  retry_delay: 10\n")).await;
+    let instance = fire(&h).await;
+    let mut w = h.wrapper(&instance, "m1").await;
+    w.connect_and_start().await;
+    w.complete_with(143, "killed").await;
+    sleep(30 * SEC).await;
+    assert!(h.launcher.take_started().is_empty());
+    let run = h.run_view(&instance).await;
+    assert_eq!(run["machines"]["m1"]["retcode"], 143);
+    assert_eq!(run["machines"]["m1"]["attempt"], 1);
+    assert_ne!(run["ended"], Value::Null);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_operators_kill_stops_retries_even_when_143_is_listed() {
+    let h = Harness::start(&job(
+        "j",
+        "[m1]",
+        "  retries: 2\n  retry_delay: 10\n  retry_on: [exit, 143]\n",
+    ))
+    .await;
+    let instance = fire(&h).await;
+    let mut w = h.wrapper(&instance, "m1").await;
+    w.connect_and_start().await;
+    h.kill(&instance).await;
+    assert!(w.saw_kill());
+    w.complete_with(143, "killed").await;
+    sleep(30 * SEC).await;
+    assert!(h.launcher.take_started().is_empty());
+    assert_eq!(h.machine(&instance, "m1").await["retcode"], 143);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_machine_that_succeeds_on_its_second_attempt_ends_the_run_with_0() {
+    let h = Harness::start(&job("j", "[m1]", "  retries: 3\n  retry_delay: 10\n")).await;
+    let instance = fire(&h).await;
+    let mut w = h.wrapper(&instance, "m1").await;
+    w.connect_and_start().await;
+    w.complete(1).await;
+    let mut w = next_attempt(&h, &instance).await;
+    w.complete(0).await;
+    sleep(60 * SEC).await;
+    assert!(h.launcher.take_started().is_empty());
+    let run = h.run_view(&instance).await;
+    assert_eq!(run["success"], true);
+    assert_eq!(run["machines"]["m1"]["retcode"], 0);
+    assert_eq!(run["machines"]["m1"]["attempt"], 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_final_result_is_the_last_attempts_and_a_late_wrapper_cannot_change_it() {
+    let h = Harness::start(&job("j", "[m1]", "  retries: 1\n  retry_delay: 10\n")).await;
+    let instance = fire(&h).await;
+    let mut first = h.wrapper(&instance, "m1").await;
+    first.connect_and_start().await;
+    let first_token = first.token.clone();
+    first.complete(1).await;
+    let mut second = next_attempt(&h, &instance).await;
+    // The first attempt's wrapper speaks again: on its old connection, and on a new one with
+    // its old credential. Neither is heard.
+    first.send_connect().await;
+    assert_eq!(first.error_code().await, Some(ErrorCode::Unauthorized));
+    let mut stale = h.wrapper(&instance, "m1").await;
+    stale.token = first_token;
+    stale.send_connect().await;
+    assert_eq!(stale.error_code().await, Some(ErrorCode::Unauthorized));
+    second.complete(3).await;
+    let run = h.run_view(&instance).await;
+    assert_eq!(run["machines"]["m1"]["retcode"], 3);
+    assert_eq!(run["machines"]["m1"]["attempt"], 2);
+    assert_eq!(run["success"], false);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_machine_waiting_for_its_retry_is_killed_before_it_starts() {
+    let h = Harness::start(&job("j", "[m1]", "  retries: 2\n  retry_delay: 10\n")).await;
+    let instance = fire(&h).await;
+    let mut w = h.wrapper(&instance, "m1").await;
+    w.connect_and_start().await;
+    w.complete(1).await;
+    h.kill(&instance).await;
+    sleep(30 * SEC).await;
+    assert!(h.launcher.take_started().is_empty());
+    let run = h.run_view(&instance).await;
+    assert_eq!(run["machines"]["m1"]["retcode"], 143);
+    assert_ne!(run["ended"], Value::Null);
+}
