@@ -405,3 +405,102 @@ async fn a_machine_waiting_for_its_retry_is_killed_before_it_starts() {
     assert_eq!(run["machines"]["m1"]["retcode"], 143);
     assert_ne!(run["ended"], Value::Null);
 }
+
+const MINIMAL: &str = "  min: 0\n  hour: '*'\n  dom: '*'\n  mon: '*'\n  dow: '*'\n  targets: 'web*'\n  command: 'true'\n  wrapper_path: /usr/local/bin/sp-wrapper\n";
+
+/// Loads a directory holding one `jobs.yaml`; returns the config and its error lines.
+fn load_jobs(
+    text: &str,
+) -> (
+    saltpeter_master::config::Config,
+    Vec<String>,
+    std::path::PathBuf,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("jobs.yaml");
+    std::fs::write(&path, text).unwrap();
+    let config = saltpeter_master::config::Config::load(dir.path());
+    let errors = config
+        .problems
+        .iter()
+        .filter(|p| p.is_error())
+        .map(ToString::to_string)
+        .collect();
+    (config, errors, path)
+}
+
+#[test]
+fn the_recovery_keys_are_read_and_default_to_the_original_behaviour() {
+    use saltpeter_master::config::recovery::{CatchUp, RetryCause, RetryOn};
+    let (config, errors, _) = load_jobs(&format!(
+        "plain:\n{MINIMAL}tuned:\n{MINIMAL}  catch_up: last\n  starting_deadline: 120\n  \
+         missed_limit: 7\n  retries: 3\n  retry_delay: 5\n  retry_on: [timeout, exit, 42]\n"
+    ));
+    assert!(errors.is_empty(), "{errors:?}");
+    let plain = &config.job("plain").unwrap().recovery;
+    assert_eq!(plain.catch_up, CatchUp::None);
+    assert_eq!(plain.retries, 0);
+    assert_eq!(plain.retry_on, RetryOn::AnyFailure);
+    assert_eq!(plain.missed_limit, 100);
+    let tuned = &config.job("tuned").unwrap().recovery;
+    assert_eq!(tuned.catch_up, CatchUp::Last);
+    assert_eq!(tuned.starting_deadline, Duration::from_secs(120));
+    assert_eq!(tuned.missed_limit, 7);
+    assert_eq!(tuned.retries, 3);
+    assert_eq!(tuned.retry_delay, Duration::from_secs(5));
+    assert_eq!(
+        tuned.retry_on,
+        RetryOn::Listed(vec![
+            RetryCause::Exit,
+            RetryCause::Code(42),
+            RetryCause::Code(124)
+        ])
+    );
+    // No "unknown key" warnings for the new keys.
+    assert!(
+        config
+            .problems
+            .iter()
+            .all(|p| p.key.as_deref() != Some("retries"))
+    );
+}
+
+#[test]
+fn bad_recovery_values_skip_the_job_with_file_and_line() {
+    let (config, errors, path) = load_jobs(&format!(
+        "a:\n{MINIMAL}  retries: 11\nb:\n{MINIMAL}  catch_up: always\nc:\n{MINIMAL}  \
+         retry_on: [exit, sometimes]\nd:\n{MINIMAL}  starting_deadline: 0\n"
+    ));
+    for job in ["a", "b", "c", "d"] {
+        assert!(config.job(job).is_none(), "{job} must be skipped");
+    }
+    let p = path.display();
+    for expected in [
+        format!("{p}:10: job \"a\": key \"retries\": expected 0 to 10, got 11"),
+        format!("{p}:20: job \"b\": key \"catch_up\": expected none or last, got \"always\""),
+        format!(
+            "{p}:30: job \"c\": key \"retry_on\": expected exit, no_heartbeat, not_started, timeout, error, killed or an exit code from 1 to 255, got \"sometimes\""
+        ),
+        format!("{p}:40: job \"d\": key \"starting_deadline\": expected 1 to 86400 seconds, got 0"),
+    ] {
+        assert!(errors.contains(&expected), "{expected}\nnot in {errors:?}");
+    }
+}
+
+proptest::proptest! {
+    #[test]
+    fn any_retries_value_loads_without_panicking(n in proptest::prelude::any::<i64>()) {
+        let (config, errors, _) = load_jobs(&format!("a:\n{MINIMAL}  retries: {n}\n"));
+        let loaded = config.job("a").map(|j| j.recovery.retries);
+        if (0..=10).contains(&n) {
+            proptest::prop_assert_eq!(loaded, Some(n as u32));
+        } else {
+            proptest::prop_assert_eq!(loaded, None);
+            proptest::prop_assert!(
+                errors.iter().any(|e| e.contains("key \"retries\"")),
+                "{:?}",
+                errors
+            );
+        }
+    }
+}

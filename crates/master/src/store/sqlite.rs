@@ -1184,4 +1184,69 @@ mod tests {
         let actors: Vec<&str> = page.iter().map(|e| e.actor.as_str()).collect();
         assert_eq!(actors, ["a2"]);
     }
+
+    #[test]
+    fn a_schema_6_store_reads_its_runs_as_first_attempts_after_schema_7() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("saltpeter.db");
+        {
+            let conn = Connection::open(&path).expect("open");
+            for m in [
+                MIGRATION_1,
+                MIGRATION_2,
+                MIGRATION_3,
+                MIGRATION_4,
+                MIGRATION_5,
+                MIGRATION_6,
+            ] {
+                conn.execute_batch(m).expect("schema");
+            }
+            conn.pragma_update(None, "user_version", 6)
+                .expect("version");
+            conn.execute_batch(
+                "INSERT INTO runs (instance, job, grp, started, ended, success, killed, token,
+                    resolving, maintenance, pending_batches)
+                 VALUES ('j_1', 'j', 'g', '2026-06-01T12:00:00.000000+00:00',
+                    '2026-06-01T12:00:05.000000+00:00', 1, 0, 't', 0, '[]', '[]');
+                 INSERT INTO machines (instance, machine, status, retcode, launched, started,
+                    kill_requested, modern)
+                 VALUES ('j_1', 'm1', 'success', 0, 1, 1, 0, 1);",
+            )
+            .expect("rows");
+        }
+        // The runs are older than the default age limit by the real clock; keep them.
+        let keep = Retention {
+            max_age_days: u32::MAX,
+            ..Retention::default()
+        };
+        let mut db = Db::open(&path, keep).expect("migrate");
+        let version: i64 = db
+            .conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .expect("version");
+        assert_eq!(version, 7);
+        let view = db.run_view("j_1").expect("view").expect("the run is there");
+        assert_eq!(view.missed, None);
+        let m1 = view.machines.get("m1").expect("m1");
+        assert_eq!((m1.attempt, m1.attempts.len(), m1.retcode), (1, 0, Some(0)));
+        let slot = OffsetDateTime::from_unix_timestamp(1_780_315_200).expect("time");
+        db.apply(vec![StoreOp::Missed(super::super::MissedRecord::one(
+            "j",
+            "g",
+            slot,
+            super::super::MissedReason::Overlap,
+        ))]);
+        let page = db.runs_page("j", None, 10).expect("page");
+        let kinds: Vec<(&str, Option<&str>, Option<u64>)> = page
+            .iter()
+            .map(|r| (r.instance.as_str(), r.missed.as_deref(), r.missed_count))
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                ("j_missed_1780315200", Some("overlap"), Some(1)),
+                ("j_1", None, None)
+            ]
+        );
+    }
 }
