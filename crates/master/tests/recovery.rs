@@ -318,17 +318,27 @@ async fn retries_stop_after_n_with_attempts_numbered_in_the_history() {
 
 #[tokio::test(start_paused = true)]
 async fn a_kill_143_is_never_retried_by_default() {
-    let h = Harness::start(&job("j", "[m1]", "  retries: 2\n  retry_delay: 10\n")).await;
-    let instance = fire(&h).await;
-    let mut w = h.wrapper(&instance, "m1").await;
-    w.connect_and_start().await;
-    w.complete_with(143, "killed").await;
-    sleep(30 * SEC).await;
-    assert!(h.launcher.take_started().is_empty());
+    let h = Harness::start(&job("j", "[m1, m2]", "  retries: 2\n  retry_delay: 10\n")).await;
+    let instance = h.run("j").await;
+    let mut started = h.launcher.take_started();
+    started.sort();
+    assert_eq!(started, vec!["m1", "m2"]);
+    let mut w1 = h.wrapper(&instance, "m1").await;
+    let mut w2 = h.wrapper(&instance, "m2").await;
+    w1.connect_and_start().await;
+    w2.connect_and_start().await;
+    w1.complete(1).await;
+    w2.complete_with(143, "killed").await;
+    sleep(10 * SEC + Duration::from_millis(1)).await;
+    assert_eq!(
+        h.launcher.take_started(),
+        vec!["m1"],
+        "only the exit 1 is retried"
+    );
     let run = h.run_view(&instance).await;
-    assert_eq!(run["machines"]["m1"]["retcode"], 143);
-    assert_eq!(run["machines"]["m1"]["attempt"], 1);
-    assert_ne!(run["ended"], Value::Null);
+    assert_eq!(run["machines"]["m2"]["retcode"], 143);
+    assert_eq!(run["machines"]["m2"]["attempt"], 1);
+    assert_eq!(run["machines"]["m1"]["attempt"], 2);
 }
 
 #[tokio::test(start_paused = true)]
@@ -336,18 +346,27 @@ async fn an_operators_kill_stops_retries_even_when_143_is_listed() {
     let h = Harness::start(&job(
         "j",
         "[m1]",
-        "  retries: 2\n  retry_delay: 10\n  retry_on: [exit, 143]\n",
+        "  retries: 3\n  retry_delay: 10\n  retry_on: [exit, 143]\n",
     ))
     .await;
     let instance = fire(&h).await;
     let mut w = h.wrapper(&instance, "m1").await;
     w.connect_and_start().await;
+    // Killed on the machine, not by an operator: 143 is listed, so it is retried.
+    w.complete_with(143, "killed").await;
+    let mut w = next_attempt(&h, &instance).await;
     h.kill(&instance).await;
     assert!(w.saw_kill());
     w.complete_with(143, "killed").await;
     sleep(30 * SEC).await;
-    assert!(h.launcher.take_started().is_empty());
-    assert_eq!(h.machine(&instance, "m1").await["retcode"], 143);
+    assert!(
+        h.launcher.take_started().is_empty(),
+        "no attempt after the kill"
+    );
+    let run = h.run_view(&instance).await;
+    assert_eq!(run["machines"]["m1"]["retcode"], 143);
+    assert_eq!(run["machines"]["m1"]["attempt"], 2);
+    assert_ne!(run["ended"], Value::Null);
 }
 
 #[tokio::test(start_paused = true)]
