@@ -392,7 +392,7 @@ async function drawTimeline(svg, hours) {
       bar.append(node("title", {}, r.job_instance + "\n" + new Date(r.timestamp).toLocaleString() +
         "\n" + what + " · " + r.machines + " machine(s), " + r.failed + " failed" +
         (r.end ? "\n" + duration((new Date(r.end) - new Date(r.timestamp)) / 1000) : "")));
-      bar.addEventListener("click", () => { location.hash = "#/run/" + encodeURIComponent(r.job_instance); });
+      if (r.msg_type !== "missed") bar.addEventListener("click", () => { location.hash = "#/run/" + encodeURIComponent(r.job_instance); });
       svg.append(bar);
     }
   });
