@@ -91,6 +91,26 @@ async fn a_master_down_across_three_slots_records_three_missed_slots() {
         h.launcher.take_started().is_empty(),
         "no catch-up by default"
     );
+    let query = saltpeter_master::engine::TimelineQuery {
+        start: datetime!(2026-06-01 11:00 UTC),
+        end: datetime!(2026-06-01 12:00 UTC),
+        job: Some("j".into()),
+        limit: 100,
+    };
+    let timeline = h
+        .engine
+        .ask(|reply| {
+            saltpeter_master::engine::ApiRequest::Ui(
+                saltpeter_master::engine::UiRequest::Timeline { query, reply },
+            )
+        })
+        .await
+        .unwrap();
+    let kinds: Vec<(&str, Option<&str>, Option<i64>)> = timeline
+        .iter()
+        .map(|e| (e.msg_type, e.missed.as_deref(), e.ret_code))
+        .collect();
+    assert_eq!(kinds, vec![("missed", Some("master_down"), None); 3]);
     // The next slot is on time and fires as usual; nothing more is missed.
     sleep(31 * SEC).await;
     assert_eq!(h.launcher.take_started(), vec!["m1"]);
