@@ -543,3 +543,45 @@ proptest::proptest! {
         }
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn after_a_restart_the_current_attempt_resumes_with_its_own_sequence() {
+    let data = tempfile::tempdir().unwrap();
+    let yaml = job("j", "[m1]", "  retries: 1\n  retry_delay: 10\n");
+    let (instance, token) = {
+        let h = Harness::restart(&yaml, data.path()).await;
+        let instance = fire(&h).await;
+        let mut first = h.wrapper(&instance, "m1").await;
+        first.connect_and_start().await;
+        assert_eq!(first.output(0, "one ").await, Reply::Ack(0));
+        assert_eq!(first.output(1, "two ").await, Reply::Ack(1));
+        first.complete(1).await;
+        sleep(10 * SEC + Duration::from_millis(1)).await;
+        assert_eq!(h.launcher.take_started(), vec!["m1"]);
+        let mut second = h.wrapper(&instance, "m1").await;
+        assert_eq!(
+            second.connect().await,
+            Some(-1),
+            "a new attempt holds nothing yet"
+        );
+        second.start().await;
+        assert_eq!(second.output(0, "three").await, Reply::Ack(0));
+        (instance, second.token.clone())
+        // The engine is dropped here: the "crash".
+    };
+    let h = Harness::restart(&yaml, data.path()).await;
+    let mut second = h.wrapper(&instance, "m1").await;
+    second.token = token;
+    assert_eq!(
+        second.connect().await,
+        Some(0),
+        "the second attempt's own sequence, not the first's"
+    );
+    assert_eq!(second.output(1, " four").await, Reply::Ack(1));
+    second.complete(0).await;
+    let run = h.run_view(&instance).await;
+    assert_eq!(run["machines"]["m1"]["attempt"], 2);
+    assert_eq!(run["machines"]["m1"]["retcode"], 0);
+    let output = run["machines"]["m1"]["output"].as_str().unwrap();
+    assert!(output.ends_with("three four"), "{output:?}");
+}

@@ -976,7 +976,10 @@ fn apply_one(
             }
         }
         StoreOp::Missed(m) => super::recovery::write_missed(tx, &m)?,
-        StoreOp::Attempt(a) => super::recovery::write_attempt(tx, &a)?,
+        StoreOp::Attempt(a) => {
+            super::recovery::write_attempt(tx, &a)?;
+            outputs.restart_sequence(tx, &a.instance, &a.machine, retention)?;
+        }
         StoreOp::Notify(_) | StoreOp::Query(_) | StoreOp::Prune => {}
     }
     Ok(())
