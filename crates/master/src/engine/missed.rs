@@ -33,8 +33,9 @@ use crate::store::{MissedReason, MissedRecord, StoreOp};
 pub const ON_TIME: Duration = Duration::from_secs(60);
 
 /// The most slots counted (not recorded) beyond a job's `missed_limit` in one scan; past it,
-/// the summary's count is a lower bound and says so.
-pub const COUNT_WALK: usize = 10_000;
+/// the summary's count is a lower bound and says so. Small, because a stall ends with every
+/// job's scan on the engine's thread at once.
+pub const COUNT_WALK: usize = 1_000;
 
 /// Capacity of the event sink's queue; events beyond it are dropped (and logged), so a slow
 /// subscriber never holds up the engine.

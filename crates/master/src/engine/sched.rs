@@ -4,6 +4,9 @@
 //! computed strictly after both the slot and the current second, so slots missed during a slow
 //! step collapse into the one fire and nothing from before start-up is caught up (reference
 //! §4.8, the "prev trick", without its 50 ms polling).
+//!
+//! What becomes of the slots such a step passed over (recorded as missed, the latest maybe
+//! caught up) is decided in `missed.rs`, before the due slot fires.
 
 use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
