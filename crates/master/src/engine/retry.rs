@@ -91,7 +91,8 @@ impl Engine {
         };
         m.attempts.push(record.clone());
         // The next attempt starts with a clean slate: no result, no sequence state (its
-        // wrapper numbers output from 0), no connection and no credential proven yet.
+        // wrapper numbers output from 0) and no connection. `authenticated` stays: a machine a
+        // credentialed wrapper spoke for is never left to a legacy client, whatever attempt.
         m.status = MachineStatus::Pending;
         m.retcode = None;
         m.cause = None;
@@ -102,7 +103,6 @@ impl Engine {
         m.wrapper_pid = None;
         m.next_seq = 0;
         m.durable_next_seq = 0;
-        m.authenticated = false;
         m.modern = false;
         let old_conn = m.conn.take();
         m.clock = MachineClock::default();
