@@ -334,6 +334,26 @@ async fn retries_stop_after_n_with_attempts_numbered_in_the_history() {
         })
         .collect();
     assert_eq!(retries, vec![23, 33]);
+    // The dashboard's view says "attempt 3/3".
+    let query = saltpeter_master::engine::RunOutputQuery {
+        instance: instance.clone(),
+        from: Default::default(),
+        machine: None,
+        max_bytes: 0,
+    };
+    let live = h
+        .engine
+        .ask(|reply| {
+            saltpeter_master::engine::ApiRequest::Ui(
+                saltpeter_master::engine::UiRequest::RunOutput { query, reply },
+            )
+        })
+        .await
+        .unwrap()
+        .unwrap();
+    let live = serde_json::to_value(live).unwrap();
+    assert_eq!(live["machines"]["m1"]["attempt"], 3);
+    assert_eq!(live["machines"]["m1"]["max_attempts"], 3);
 }
 
 #[tokio::test(start_paused = true)]
