@@ -173,6 +173,9 @@ pub struct JobSpec {
     pub lockfile: Option<String>,
     /// `timezone`: IANA zone the schedule is evaluated in; UTC when absent.
     pub timezone: Option<String>,
+    /// `catch_up`, `starting_deadline`, `missed_limit`, `retries`, `retry_delay`, `retry_on`:
+    /// what happens to missed slots and failed machines (see `recovery.rs`).
+    pub recovery: super::recovery::Recovery,
     /// Keys this version does not know, as JSON, kept so the UI can show them.
     pub extra: serde_json::Map<String, serde_json::Value>,
     /// Where the job is defined.
@@ -328,7 +331,9 @@ pub(crate) fn parse_job(
                 "defined more than once; the last one is used",
             );
         }
-        let known = KNOWN_KEYS.contains(&key.as_str()) || MORE_KNOWN_KEYS.contains(&key.as_str());
+        let known = KNOWN_KEYS.contains(&key.as_str())
+            || MORE_KNOWN_KEYS.contains(&key.as_str())
+            || super::recovery::KEYS.contains(&key.as_str());
         if !known {
             ctx.warn(
                 Some(k),
@@ -594,6 +599,10 @@ pub(crate) fn parse_job(
         }),
     };
 
+    let recovery = super::recovery::parse(&keys, |node, key, msg| {
+        ctx.error(Some(node), key, msg);
+    });
+
     if let Some(node) = keys.get("group") {
         let given = node.scalar_text().unwrap_or_default();
         if given != group {
@@ -647,6 +656,7 @@ pub(crate) fn parse_job(
             saltpeter_server_host,
             lockfile,
             timezone,
+            recovery,
             extra,
             source: JobSource {
                 file: file.to_owned(),

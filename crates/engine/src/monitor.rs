@@ -68,6 +68,8 @@ enum Due {
         line: String,
     },
     ResendKill,
+    /// The machine's next attempt is due (see `retry.rs`).
+    Relaunch,
     Nothing,
 }
 
@@ -84,6 +86,14 @@ fn evaluate(
     hb_timeout: Duration,
 ) -> (Due, Option<Instant>) {
     let c = &m.clock;
+    // Retries: a machine waiting for its next attempt has only that deadline.
+    if let Some(at) = m.retry_at.filter(|_| !m.ended()) {
+        return if now >= at {
+            (Due::Relaunch, None)
+        } else {
+            (Due::Nothing, Some(at))
+        };
+    }
     let Some(launched) = c.launched else {
         return (Due::Nothing, None);
     };
@@ -230,6 +240,7 @@ impl Engine {
             match due {
                 Due::Nothing => {}
                 Due::ResendKill => self.send_kill(&instance, &machine),
+                Due::Relaunch => self.relaunch(&instance, &machine),
                 Due::Verdict {
                     retcode,
                     cause,

@@ -1,6 +1,7 @@
 //! The scenarios of the master core with the local launcher: the seed document's two test
 //! procedures (a killed wrapper is marked 253 within 16 s; a 40 s job ends 0 with a heartbeat
-//! every 5 s), plus timeout, kill, overlap, maintenance and a broken job file; and, against a
+//! every 5 s), plus timeout, kill, overlap, maintenance, a broken job file and a retried
+//! machine; and, against a
 //! second master that has tokens, the access scenarios of `access.rs`.
 
 use std::path::Path;
@@ -49,6 +50,12 @@ pub fn local() -> Result<Vec<Outcome>> {
         job("kill_143", "  targets: [e2e-k1, e2e-k2]\n  command: sleep 120"),
         job("overlap", "  targets: [e2e-o]\n  command: sleep 30"),
         job("maint", "  targets: [e2e-m1, e2e-m2]\n  command: echo hi from $SP_MACHINE_ID"),
+        job(
+            "retry",
+            "  targets: [e2e-r]\n  command: 'if [ -e @DIR@/retry-marker ]; then echo second try; \
+             else touch @DIR@/retry-marker; echo first try; exit 3; fi'\n  retries: 2\n  \
+             retry_delay: 1",
+        ),
     ]
     .concat();
     let files = [
@@ -77,6 +84,7 @@ pub fn local() -> Result<Vec<Outcome>> {
             "a broken job file keeps the last good job running",
             broken_file,
         ),
+        ("a failed attempt is retried with a fresh wrapper", retry),
     ];
     type AccessScenario = fn(&access::AccessMaster) -> Result<String>;
     let access_scenarios: Vec<(&str, AccessScenario)> = vec![
@@ -311,6 +319,48 @@ fn kill(m: &Master) -> Result<String> {
     Ok(format!(
         "143 on both machines {:.2} s after the request",
         took.as_secs_f64()
+    ))
+}
+
+fn retry(m: &Master) -> Result<String> {
+    let started = Instant::now();
+    let instance = m.run_job("retry")?;
+    let run = m.wait_run(&instance, Duration::from_secs(60), all_ended)?;
+    let mach = machine(&run, "e2e-r");
+    ensure!(
+        mach["retcode"] == 0 && mach["attempt"] == 2,
+        "expected 0 on attempt 2, got {} on attempt {} ({})",
+        mach["retcode"],
+        mach["attempt"],
+        mach["output"]
+    );
+    ensure!(
+        mach["attempts"][0]["retcode"] == 3,
+        "the first attempt's 3 is not kept: {}",
+        mach["attempts"]
+    );
+    let output = mach["output"].as_str().unwrap_or_default();
+    ensure!(
+        output.contains("first try")
+            && output.contains("[Attempt 2/3]")
+            && output.contains("second try"),
+        "both attempts' output expected: {output:?}"
+    );
+    ensure!(run["success"] == true, "the run must count as a success");
+    let path = m.dir.join("log/retry.log");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut log = String::new();
+    while Instant::now() < deadline && !log.contains("starting attempt 2/3") {
+        log = std::fs::read_to_string(&path).unwrap_or_default();
+        sleep(Duration::from_millis(50));
+    }
+    ensure!(
+        log.contains("attempt 1/3") && log.contains("starting attempt 2/3"),
+        "attempts not in the job log: {log:?}"
+    );
+    Ok(format!(
+        "exit 3, then 0 on attempt 2, {:.2} s in all",
+        started.elapsed().as_secs_f64()
     ))
 }
 
