@@ -254,7 +254,8 @@ impl Engine {
         );
         match self.fire(name, None) {
             Ok(instance) => {
-                tracing::info!(job = %name, slot = %saltpeter_store::rfc3339(latest), %instance, "Caught up a missed slot.");
+                // Debug only: the wiring's event consumer logs the event itself at info level.
+                tracing::debug!(job = %name, slot = %saltpeter_store::rfc3339(latest), %instance, "Caught up a missed slot.");
                 self.emit(EngineEvent::CaughtUp {
                     job: name.to_owned(),
                     slot: latest,
@@ -332,7 +333,8 @@ impl Engine {
                 reason.as_str()
             )
         };
-        tracing::info!(job = %name, slot = %when, reason = reason.as_str(), count, "Missed slot.");
+        // Debug only: the wiring's event consumer logs the event itself at info level.
+        tracing::debug!(job = %name, slot = %when, reason = reason.as_str(), count, "Missed slot.");
         self.log_note(name, text);
         self.store.push(StoreOp::Missed(record));
         self.emit(EngineEvent::Missed {

@@ -119,7 +119,8 @@ impl Engine {
             // it is refused instead of landing on the next attempt.
             c.bound = None;
         }
-        tracing::info!(job = %job.name, %instance, %machine, retcode, attempt, next, "Machine failed; retrying.");
+        // Debug only: the wiring's event consumer logs the event itself at info level.
+        tracing::debug!(job = %job.name, %instance, %machine, retcode, attempt, next, "Machine failed; retrying.");
         self.metrics.machine_result(&job.name, retcode);
         self.joblog.record(
             &self.logdir,

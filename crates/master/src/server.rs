@@ -202,7 +202,7 @@ pub async fn start(options: Options) -> Result<Running, StartError> {
     };
     let (db, restored) =
         saltpeter_store::Store::open(&s.data_dir, retention).map_err(StartError::Store)?;
-    let (engine, handle) = Engine::new(EngineParts {
+    let (mut engine, handle) = Engine::new(EngineParts {
         config: config_rx.clone(),
         launcher,
         joblog,
@@ -214,6 +214,15 @@ pub async fn start(options: Options) -> Result<Running, StartError> {
     })
     .map_err(StartError::Store)?;
     let mut tasks = tokio::task::JoinSet::new();
+    // The engine's events (missed slots, catch-ups, retries) go to every consumer of this
+    // fan-out; another consumer is one more `.with(...)`. Subscribed before the engine starts,
+    // so the slots its start-up scan finds missed are heard as well.
+    let (events_tx, events_rx) = saltpeter_engine::event_channel();
+    engine.set_event_sink(events_tx);
+    let events = crate::events::Fanout::default()
+        .with(crate::events::log)
+        .with(crate::events::count(handle.metrics().clone()));
+    tasks.spawn(events.run(events_rx));
     let engine_stopped = engine.run_on_own_thread().map_err(StartError::Engine)?;
     // Both listeners share one open-file budget (the open count in the metrics); each has its
     // own caps on pending connections.

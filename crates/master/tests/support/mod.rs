@@ -606,9 +606,24 @@ pub async fn start_server(
     Arc<FakeLauncher>,
     tempfile::TempDir,
 ) {
+    start_server_after(settings, jobs, |_| {}).await
+}
+
+/// [`start_server`], after `prepare` has seen the data directory (for example to leave in it
+/// what a master that stopped earlier would have left).
+pub async fn start_server_after(
+    settings: &str,
+    jobs: &str,
+    prepare: impl FnOnce(&std::path::Path),
+) -> (
+    saltpeter_master::server::Running,
+    Arc<FakeLauncher>,
+    tempfile::TempDir,
+) {
     use saltpeter_master::server::{self, Options};
     use tokio::net::TcpListener;
     let dir = tempfile::tempdir().unwrap();
+    prepare(&dir.path().join("data"));
     let conf = dir.path().join("conf");
     std::fs::create_dir_all(&conf).unwrap();
     let block = format!(
