@@ -8,6 +8,7 @@ mod flood;
 mod http;
 pub mod master;
 mod notify_env;
+mod recovery;
 mod restart;
 mod salt_env;
 mod salt_identity;
