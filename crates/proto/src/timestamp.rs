@@ -68,13 +68,9 @@ impl Timestamp {
         } else {
             input.into()
         };
-        // A time whose UTC equivalent leaves the years 0000..=9999 (such as
-        // `0000-01-01T00:00:00+00:01`) has no RFC 3339 form to print, so it is refused here
-        // rather than accepted and later written out in a form nothing reads back.
         OffsetDateTime::parse(&text, &Rfc3339)
             .ok()
             .and_then(Self::checked_new)
-            .filter(|t| (0..=9999).contains(&t.0.year()))
             .ok_or_else(err)
     }
 }
