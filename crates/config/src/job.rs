@@ -1,6 +1,6 @@
 //! One job definition: from its YAML mapping to a validated [`JobSpec`].
 //!
-//! Every key of reference 4.3 keeps its meaning and default, plus `timezone`. A job with any
+//! Every key of the original's job blocks keeps its meaning and default, plus `timezone`. A job with any
 //! error is skipped as a whole (the other jobs of the file still load); unknown keys are kept for
 //! the UI and reported as warnings.
 // Input from clients, files or wrappers reaches arithmetic here, so every operation that could
@@ -22,7 +22,7 @@ use super::problem::{ConfigProblem, Section, Severity};
 use super::raw::{Node, Value};
 use crate::schedule::{Field, Schedule, ScheduleError, ScheduleFields};
 
-/// The timeout the loader applies when a job has no `timeout` key (reference 4.3).
+/// The timeout the loader applies when a job has no `timeout` key, as the original did.
 pub(crate) const DEFAULT_TIMEOUT: Duration = Duration::from_secs(3600);
 
 /// The longest `timeout` a job may have: 365 days. The engine adds the timeout to the instant
@@ -193,7 +193,7 @@ impl JobSpec {
     }
 }
 
-/// Keys of reference 4.3 that have no effect; they are accepted with a warning.
+/// Keys of the original's job blocks that have no effect; they are accepted with a warning.
 const INERT_KEYS: [(&str, &str); 3] = [
     (
         "utc",

@@ -1,5 +1,5 @@
 //! The `saltpeter_maintenance` block: global maintenance and machines under maintenance
-//! (reference 4.5).
+//! (docs/COMPATIBILITY.md, "Job keys and settings").
 //!
 //! As in the original, a value of the wrong type is ignored (here with a warning) and, across
 //! files, each key is taken from the last file (sorted order) that sets it.

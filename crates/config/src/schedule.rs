@@ -2,7 +2,7 @@
 //!
 //! This module owns the meaning of a job's seven schedule keys (`sec`, `min`, `hour`, `dom`,
 //! `mon`, `dow`, `year`) and answers "when does this job fire next?". It follows the grammar of
-//! the Python `crontab` package 1.0.x that the original saltpeter used (reference section 4.7):
+//! the Python `crontab` package 1.0.x that the original saltpeter used (docs/COMPATIBILITY.md, "Schedules"):
 //!
 //! - ranges: sec 0-59, min 0-59, hour 0-23, dom 1-31, mon 1-12, dow 0-6 (7 is Sunday too),
 //!   year 1970-2099;
@@ -713,7 +713,7 @@ impl Schedule {
 
     /// The slot to fire for one scheduler step: the latest fire time in `(prev, now]`.
     ///
-    /// This is the original's "prev trick" (reference 4.8) as a function. The caller keeps
+    /// This is the original's "fire each slot once" rule (docs/COMPATIBILITY.md, "Schedules") as a function. The caller keeps
     /// `prev`, the `now` of its previous step (the start-up time at first), and calls this with
     /// the current time on every step. Because consecutive windows `(prev, now]` never overlap,
     /// every slot is fired at most once, whatever the step jitter; several slots inside one

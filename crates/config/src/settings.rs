@@ -1,5 +1,5 @@
-//! The `saltpeter_config` block: master-wide settings with the original's defaults (reference
-//! 4.4) and this version's additions.
+//! The `saltpeter_config` block: master-wide settings with the original's defaults
+//! (docs/COMPATIBILITY.md) and this version's additions.
 //!
 //! Each file's block is validated on its own into a `PartialSettings`; the blocks are then
 //! merged key by key in sorted file order, so a later file wins per key, deterministically. A bad

@@ -1,7 +1,7 @@
 //! Hot reload: file events trigger a debounced rescan; a slow periodic rescan catches missed
 //! events. The effective config is published through a `tokio::sync::watch` channel.
 //!
-//! The original re-read and re-parsed every file about twenty times a second (D-25). Here the
+//! The original re-read and re-parsed every file about twenty times a second (docs/COMPATIBILITY.md). Here the
 //! file system tells us when to look: `notify` (inotify on Linux) is only a trigger, never a
 //! source of truth, because its event semantics differ between platforms and editors (atomic
 //! renames, truncate-then-write, Kubernetes' `..data` symlink swap). After an event the watcher

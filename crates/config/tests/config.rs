@@ -296,47 +296,43 @@ fn a_bad_schedule_skips_only_that_job() {
     );
 }
 
+/// One bad key per case: the job is skipped and the error names the job, the key and why.
 #[test]
-fn a_year_in_the_past_is_an_error_not_a_crash() {
-    let dir = tempfile::tempdir().unwrap();
-    write(
-        dir.path(),
-        "jobs.yaml",
-        &format!("old:\n{MINIMAL}  year: 1999\nnever:\n{MINIMAL}  dom: 31\n  mon: feb\n"),
-    );
-    // The second job's duplicate keys override MINIMAL's (last wins, with a warning).
-    let config = load(dir.path());
-    assert!(config.jobs.is_empty());
-    let e = errors(&config);
-    assert!(
-        e.iter()
-            .any(|e| e.contains("job \"old\": key \"year\": the schedule can never fire again")),
-        "{e:?}"
-    );
-    assert!(
-        e.iter()
-            .any(|e| e.contains("job \"never\": key \"schedule\": the schedule can never fire")),
-        "{e:?}"
-    );
-}
-
-#[test]
-fn unknown_timezone_is_an_error_on_the_timezone_key() {
-    let dir = tempfile::tempdir().unwrap();
-    write(
-        dir.path(),
-        "jobs.yaml",
-        &format!("j:\n{MINIMAL}  timezone: Atlantis/Capital\n"),
-    );
-    let config = load(dir.path());
-    assert!(config.job("j").is_none());
-    assert!(
-        errors(&config)
-            .iter()
-            .any(|e| e.contains("key \"timezone\": unknown time zone \"Atlantis/Capital\"")),
-        "{:?}",
-        errors(&config)
-    );
+fn a_bad_value_skips_its_job_and_names_the_key() {
+    for (extra, job, needle) in [
+        (
+            "  year: 1999\n",
+            "old",
+            "job \"old\": key \"year\": the schedule can never fire again",
+        ),
+        // The duplicate keys override MINIMAL's (last wins, with a warning).
+        (
+            "  dom: 31\n  mon: feb\n",
+            "never",
+            "job \"never\": key \"schedule\": the schedule can never fire",
+        ),
+        (
+            "  timezone: Atlantis/Capital\n",
+            "zone",
+            "key \"timezone\": unknown time zone \"Atlantis/Capital\"",
+        ),
+        (
+            "  timeout: 1h\n",
+            "backup",
+            "job \"backup\": key \"timeout\": expected a whole number of seconds, got \"1h\"",
+        ),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        write(
+            dir.path(),
+            "jobs.yaml",
+            &format!("{job}:\n{MINIMAL}{extra}"),
+        );
+        let config = load(dir.path());
+        assert!(config.job(job).is_none(), "{job} was loaded");
+        let e = errors(&config);
+        assert!(e.iter().any(|e| e.contains(needle)), "{job}: {e:?}");
+    }
 }
 
 #[test]

@@ -2,7 +2,7 @@
 //! the "fire each slot once" scheduler helper.
 //!
 //! The property tests compare `Schedule` against a naive matcher written here from the grammar
-//! (reference 4.7), evaluated per value instead of expanding fields, and against a brute-force
+//! (docs/COMPATIBILITY.md, "Schedules"), evaluated per value instead of expanding fields, and against a brute-force
 //! search over seconds in UTC.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -598,7 +598,7 @@ fn fall_back_fixed_runs_once_interval_runs_in_both_passes() {
 }
 
 /// croner 4.0.3 loses the second pass of a fall-back hour when the year field ends that year
-/// and reports TimeSearchLimitExceeded (rust-stack.md 1.2). We must not panic, must return
+/// and reports TimeSearchLimitExceeded. We must not panic, must return
 /// None or a later time, and with our re-search we get the second pass too.
 #[test]
 fn regression_croner_year_field_at_fall_back() {

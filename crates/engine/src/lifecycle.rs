@@ -1,5 +1,5 @@
 //! A run's life: fire, resolve targets, launch batch after batch, conclude each machine, and
-//! evaluate the run (reference §4.9 and §4.13, with D-31, D-33 and D-34 fixed: state is per
+//! evaluate the run (docs/COMPATIBILITY.md, "Runs and their verdict", with the original's defects fixed: state is per
 //! instance, a launch failure fails only its own machine, a kill reaches every machine).
 
 use std::collections::BTreeMap;
@@ -100,7 +100,7 @@ impl Engine {
     }
 
     /// `<job>_<unix seconds>`, bumped past any id still known so two runs in one second stay
-    /// apart (D-28) while the id keeps the original's shape.
+    /// apart while the id keeps the original's shape.
     fn new_instance_id(&self, job: &str, wall: time::OffsetDateTime) -> String {
         let mut secs = wall.unix_timestamp();
         loop {
@@ -290,7 +290,7 @@ impl Engine {
         };
         let instance = instance.to_owned();
         if !job.use_wrapper {
-            // Legacy mode (reference 4.15): the launcher runs the command itself and reports
+            // Legacy mode (docs/COMPATIBILITY.md): the launcher runs the command itself and reports
             // its result at the end; see `on_direct`.
             let run = self.launcher.run_direct(request);
             self.report(run, move |outcome| Event::Finished { instance, outcome });
@@ -342,7 +342,7 @@ impl Engine {
                 continue;
             };
             m.clock.launch_problem = Some(reason.clone());
-            // Only this machine fails (D-33), and only if its wrapper has not started anyway.
+            // Only this machine fails (docs/COMPATIBILITY.md), and only if its wrapper has not started anyway.
             if m.clock.started.is_none() && !m.ended() {
                 let text = format!("Wrapper failed to start - {reason}\n");
                 self.append_output(instance, &machine, text);
@@ -495,7 +495,7 @@ impl Engine {
         }
     }
 
-    /// Kills every machine of a run that has not ended (D-31: all of them, connected or not).
+    /// Kills every machine of a run that has not ended (all of them, connected or not).
     pub(super) fn kill_run(&mut self, instance: &str) -> Result<(), ApiError> {
         let run = self
             .runs
@@ -558,8 +558,8 @@ impl Engine {
         self.save_machine(instance, machine);
     }
 
-    /// The wrapper's environment (reference §4.10). The job's `env` comes first so that it can
-    /// never override the variables saltpeter itself relies on (D-23).
+    /// The wrapper's environment (docs/COMPATIBILITY.md, "Salt invocation and legacy mode"). The job's `env` comes first so that it can
+    /// never override the variables saltpeter itself relies on.
     pub(super) fn wrapper_env(
         &self,
         job: &Arc<JobSpec>,

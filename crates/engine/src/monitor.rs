@@ -1,5 +1,5 @@
 //! The monitor: per-machine deadlines on the master's monotonic clock (the seed document's
-//! rules, with D-27, D-45 and D-47 fixed). A wrapper's timestamps never decide liveness.
+//! rules, without the original's defects: docs/COMPATIBILITY.md). A wrapper's timestamps never decide liveness.
 //!
 //! Rules for a machine that has not ended, in order of precedence:
 //! 1. Killed: no `complete` within [`KILL_GRACE`] of the kill request -> 143; the `kill` frame

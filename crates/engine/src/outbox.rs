@@ -6,7 +6,7 @@
 //! engine's own thread wakes its connection's task from outside the runtime, and tokio puts
 //! such wakes in its shared injection queue, which busy workers visit once per many polls.
 //! With 10,000 wrappers, the acks released by one slow commit waited there behind the reads
-//! for seconds (issue 7). Woken from a worker, a connection's task goes to that worker's own
+//! for seconds (docs/PERFORMANCE.md). Woken from a worker, a connection's task goes to that worker's own
 //! run queue, where reads and acks take turns and idle workers steal.
 //!
 //! Order is kept: every frame the engine sends passes through the one delivery task in the

@@ -2,8 +2,8 @@
 //! earliest one (capped, so a wall-clock step is noticed within [`MAX_SLEEP`]) and then fires
 //! every job whose slot has come. A slot fires once: after firing, the job's next slot is
 //! computed strictly after both the slot and the current second, so slots missed during a slow
-//! step collapse into the one fire and nothing from before start-up is caught up (reference
-//! §4.8, the "prev trick", without its 50 ms polling).
+//! step collapse into the one fire and nothing from before start-up is caught up (the original's
+//! rule, without its 50 ms polling; docs/COMPATIBILITY.md, "Schedules").
 //!
 //! What becomes of the slots such a step passed over (recorded as missed, the latest maybe
 //! caught up) is decided in `missed.rs`, before the due slot fires.

@@ -7,7 +7,7 @@
 //! an output read returns only the text after the reader's position (see
 //! [`OutputBuffer::read_from`](crate::runs::OutputBuffer::read_from)). Output positions are
 //! UTF-16 code units and belong to one run instance: a cursor for another instance reads from 0
-//! (D-41, D-42).
+//! (docs/COMPATIBILITY.md: output positions).
 //!
 //! The timeline is a [`TimelineQuery`] over plain [`TimelineEntry`] rows, so a durable store
 //! can answer the same query later; today the engine answers from the runs it keeps in memory
@@ -88,7 +88,7 @@ pub struct StatusSnapshot {
 pub struct RunningEntry {
     pub started: String,
     pub name: String,
-    /// Machines that have not ended (D-32: a 253 or 254 leaves this list at once).
+    /// Machines that have not ended (a 253 or 254 leaves this list at once).
     pub machines: Vec<String>,
     pub(crate) stop_signal: bool,
 }
@@ -111,7 +111,7 @@ pub struct JobSnapshot {
     pub outputs: Vec<MachineOutput>,
 }
 
-/// The `data` of a `details` message (reference 6.2, with RFC 3339 times everywhere, D-40).
+/// The `data` of a `details` message (docs/COMPATIBILITY.md, "The UI protocol"), with RFC 3339 times everywhere.
 #[derive(Clone, Debug, Serialize)]
 pub struct DetailsData {
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -133,7 +133,7 @@ pub struct DetailsData {
 }
 
 /// One machine in `details.data.results`. Unknown times and a running machine's `retcode` are
-/// `""`, which is what the React UI tests for (reference 6.6 item 3).
+/// `""`, which is what the React UI tests for (docs/COMPATIBILITY.md, "The UI protocol").
 #[derive(Clone, Debug, Serialize)]
 pub struct ResultEntry {
     /// Always empty: output travels in `output_chunk` messages.

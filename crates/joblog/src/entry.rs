@@ -59,7 +59,7 @@ pub enum LogEntry {
         code: i64,
         at: OffsetDateTime,
     },
-    /// A run ended, with its verdict (reference §4.13): machines with a result, how many of
+    /// A run ended, with its verdict (docs/COMPATIBILITY.md, "Runs and their verdict"): machines with a result, how many of
     /// them failed, and whether the run counts as a success (a killed run never does).
     End {
         job: String,

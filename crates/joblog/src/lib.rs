@@ -150,7 +150,7 @@ type Key = (String, String);
 
 /// Output is buffered per machine before it reaches the spool: written as it came, 10,000
 /// machines printing once a second cost a write each, most of the log thread's time
-/// (issue 7). A machine whose output stays small and short-lived never reaches the spool:
+/// (docs/PERFORMANCE.md). A machine whose output stays small and short-lived never reaches the spool:
 /// its result block comes from the buffer.
 struct Writer {
     spools: spool::RunSpools,
@@ -178,7 +178,7 @@ impl Writer {
     }
 
     fn write(&mut self, dir: &Path, entry: LogEntry) -> io::Result<()> {
-        // Shipped before the file is written, whether or not that works (reference D-35);
+        // Shipped before the file is written, whether or not that works (docs/COMPATIBILITY.md);
         // a machine's result is shipped with its output, below.
         if let Some(ship) = &mut self.ship
             && !matches!(

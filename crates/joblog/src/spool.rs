@@ -5,7 +5,7 @@
 //! machines meant 10,000 file creations the first time their buffers were written and an
 //! open and close per write after (only so many descriptors stay open); those bursts took
 //! the log thread to 50-75% of a core every 30 s and pushed the master's ack p99 past a
-//! second (issue 7). Here a flush is one append to a file that stays open.
+//! second (docs/PERFORMANCE.md). Here a flush is one append to a file that stays open.
 //!
 //! Each record names its machine (`u16` name length, `u32` data length, both little-endian,
 //! then the name and the data), so a spool left by a master that stopped is read back once,

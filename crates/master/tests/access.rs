@@ -16,10 +16,9 @@ use saltpeter_config::access::{hash_token, hex};
 use saltpeter_master::cli;
 use saltpeter_master::server::Running;
 use serde_json::Value;
+use support::raw::{self, Answer, Ws, recv_type};
 use support::{FakeLauncher, job};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_tungstenite::tungstenite::Message;
 
 const VIEWER: &str = "spt_viewer_secret";
 const OPERATOR: &str = "spt_operator_secret";
@@ -42,27 +41,6 @@ async fn start(extra_settings: &str) -> (Running, Arc<FakeLauncher>, tempfile::T
     support::start_server(extra_settings, &jobs).await
 }
 
-/// One HTTP answer: status, header lines (lower-case names) and body.
-#[derive(Debug)]
-struct Answer {
-    status: u16,
-    head: String,
-    body: String,
-}
-
-impl Answer {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.head.lines().find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            k.eq_ignore_ascii_case(name).then(|| v.trim())
-        })
-    }
-
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.body).unwrap_or(Value::Null)
-    }
-}
-
 /// One raw HTTP/1.1 request with a `Host` (the API's address unless given) and a bearer token.
 async fn call(
     r: &Running,
@@ -71,85 +49,20 @@ async fn call(
     token: Option<&str>,
     host: Option<&str>,
 ) -> Answer {
-    let mut s = tokio::net::TcpStream::connect(r.api_addr).await.unwrap();
-    let host = host.map_or_else(|| r.api_addr.to_string(), str::to_owned);
-    let auth = token
-        .map(|t| format!("Authorization: Bearer {t}\r\n"))
-        .unwrap_or_default();
-    let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {host}\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"
-    );
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut raw = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut raw))
-        .await
-        .unwrap()
-        .unwrap();
-    let text = String::from_utf8_lossy(&raw).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap();
-    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
-    let body = if head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
-        dechunk(body)
-    } else {
-        body.to_owned()
-    };
-    Answer {
-        status,
-        head: head.to_owned(),
-        body,
+    let mut headers = Vec::new();
+    if let Some(t) = token {
+        headers.push(format!("Authorization: Bearer {t}"));
     }
-}
-
-fn dechunk(mut body: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, rest)) = body.split_once("\r\n") {
-        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
-        if n == 0 || rest.len() < n {
-            break;
-        }
-        out.push_str(&rest[..n]);
-        body = rest[n..].trim_start_matches("\r\n");
+    if let Some(h) = host {
+        headers.push(format!("Host: {h}"));
     }
-    out
+    let headers: Vec<&str> = headers.iter().map(String::as_str).collect();
+    raw::request(r.api_addr, method, path, &headers).await
 }
-
-type Ws =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 async fn ws(r: &Running, query: &str, host: Option<&str>) -> Result<Ws, u16> {
-    let mut req = format!("ws://{}/ws{query}", r.api_addr)
-        .into_client_request()
-        .unwrap();
-    if let Some(h) = host {
-        req.headers_mut()
-            .insert("Host", tungstenite::http::HeaderValue::from_str(h).unwrap());
-    }
-    match tokio_tungstenite::connect_async(req).await {
-        Ok((ws, _)) => Ok(ws),
-        Err(tungstenite::Error::Http(resp)) => Err(resp.status().as_u16()),
-        Err(e) => panic!("unexpected WebSocket error {e}"),
-    }
-}
-
-/// The next message of the given type, skipping others (bounded).
-async fn recv_type(ws: &mut Ws, kind: &str) -> Value {
-    for _ in 0..30 {
-        let frame = tokio::time::timeout(Duration::from_secs(5), ws.next())
-            .await
-            .expect("no message within 5 s")
-            .expect("socket closed")
-            .unwrap();
-        if let Message::Text(t) = frame {
-            let m: Value = serde_json::from_str(t.as_str()).unwrap();
-            if m["type"] == kind {
-                return m;
-            }
-        }
-    }
-    panic!("no {kind} message among the next 30");
+    let headers: Vec<(&str, &str)> = host.map(|h| ("Host", h)).into_iter().collect();
+    raw::ws_with(r.api_addr, query, &headers).await
 }
 
 /// Every read path, with one existing run to read about.

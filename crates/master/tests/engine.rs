@@ -152,7 +152,7 @@ async fn a_failed_launch_fails_only_its_own_machine_at_once() {
             .contains("no such user: ghost"),
         "{b}"
     );
-    // The healthy machine is untouched (D-33) and can still start late.
+    // The healthy machine is untouched (docs/COMPATIBILITY.md: one failed launch failing every machine) and can still start late.
     sleep(10 * SEC).await;
     w.connect_and_start().await;
     w.complete(0).await;

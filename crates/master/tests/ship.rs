@@ -273,7 +273,7 @@ async fn every_log_event_becomes_a_document_of_the_original_shape_in_both_backen
     )
     .unwrap();
     let logdir: Arc<Path> = dir.path().join("logs").into();
-    // 23:30 at UTC-2 is 01:30 the next day in UTC: the index takes the UTC date (D-37).
+    // 23:30 at UTC-2 is 01:30 the next day in UTC: the index takes the UTC date (docs/COMPATIBILITY.md: index dates).
     let at = datetime!(2025-12-31 23:30 -2);
     let (job, inst) = ("backup".to_owned(), "backup_1767231000".to_owned());
     let entries = vec![
@@ -406,7 +406,7 @@ async fn every_log_event_becomes_a_document_of_the_original_shape_in_both_backen
         assert_eq!(results.len(), 2);
         let m1 = results.iter().find(|d| d["machine"] == "m1").unwrap();
         assert_eq!(m1["return_code"], 0);
-        // The full output, carriage returns processed (§5.2).
+        // The full output, carriage returns processed.
         assert_eq!(m1["output"], "progress 100%\nline two\ntail");
         let m2 = results.iter().find(|d| d["machine"] == "m2").unwrap();
         assert_eq!(

@@ -19,7 +19,6 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::time::Duration;
 
-use futures_util::{SinkExt, StreamExt};
 use proptest::prelude::*;
 use proptest::test_runner::{Config as RunnerConfig, TestRunner};
 use saltpeter_config::job::MAX_TIMEOUT_SECS;
@@ -29,9 +28,8 @@ use saltpeter_master::server::Running;
 use saltpeter_web::ui::messages::{parse_command, parse_when};
 use saltpeter_web::ui::query;
 use serde_json::{Value, json};
+use support::raw::{self, Ws, recv, recv_type, send};
 use time::OffsetDateTime;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio_tungstenite::tungstenite::Message;
 
 const MINIMAL: &str = "  min: 0\n  hour: '*'\n  dom: '*'\n  mon: '*'\n  dow: '*'\n  targets: 'web*'\n  command: 'true'\n";
 
@@ -484,9 +482,6 @@ proptest! {
 // ---------------------------------------------------------------------------------------------
 // End to end: a running master refuses bad requests and carries on.
 
-type Ws =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
 fn jobs() -> String {
     support::job("j", "[m1]", "") + &support::job("idle", "[m1]", "")
 }
@@ -494,58 +489,12 @@ fn jobs() -> String {
 /// One HTTP/1.1 GET; returns status and body. A handler that panics closes the connection
 /// without an answer, which fails here.
 async fn get(r: &Running, path: &str) -> (u16, String) {
-    let mut s = tokio::net::TcpStream::connect(r.api_addr).await.unwrap();
-    let req = format!(
-        "GET {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
-        r.api_addr
-    );
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut raw = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut raw))
-        .await
-        .unwrap()
-        .unwrap();
-    let text = String::from_utf8_lossy(&raw).into_owned();
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .unwrap_or_else(|| panic!("no answer to {path}: {text:?}"));
-    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
-    (status, body.to_owned())
+    let answer = raw::request(r.api_addr, "GET", path, &[]).await;
+    (answer.status, answer.body)
 }
 
 async fn ws(r: &Running) -> Ws {
-    let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/ws", r.api_addr))
-        .await
-        .unwrap();
-    ws
-}
-
-async fn recv(ws: &mut Ws) -> Value {
-    loop {
-        let frame = tokio::time::timeout(Duration::from_secs(10), ws.next())
-            .await
-            .expect("no message within 10 s")
-            .expect("socket closed")
-            .unwrap();
-        if let Message::Text(t) = frame {
-            return serde_json::from_str(t.as_str()).unwrap();
-        }
-    }
-}
-
-/// The next message of `kind`, skipping others (bounded).
-async fn recv_type(ws: &mut Ws, kind: &str) -> Value {
-    for _ in 0..50 {
-        let m = recv(ws).await;
-        if m["type"] == kind {
-            return m;
-        }
-    }
-    panic!("no {kind} message among the next 50");
-}
-
-async fn send(ws: &mut Ws, text: &str) {
-    ws.send(Message::text(text)).await.unwrap();
+    raw::ws_with(r.api_addr, "", &[]).await.unwrap()
 }
 
 #[tokio::test]

@@ -110,7 +110,7 @@ async fn a_run_streams_status_then_chunks_then_details_with_utf16_positions() {
     let done = b.tick(&h).await;
     insta::assert_json_snapshot!("finished_status_and_details", done, { "[].sp_version" => "[version]" });
 
-    // A new run of the same job starts over at position 0 (D-41).
+    // A new run of the same job starts over at position 0 (docs/COMPATIBILITY.md: output positions).
     let second_instance = h.run("j").await;
     assert_ne!(second_instance, instance);
     let mut w = h.wrapper(&second_instance, "m1").await;

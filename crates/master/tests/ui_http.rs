@@ -8,19 +8,14 @@
 mod support;
 
 use std::sync::Arc;
-use std::time::Duration;
 
-use futures_util::{SinkExt, StreamExt};
+use futures_util::SinkExt;
 use saltpeter_master::cli;
 use saltpeter_master::server::Running;
 use serde_json::{Value, json};
+use support::raw::{self, Ws, recv, recv_type, send};
 use support::{FakeLauncher, job};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::{self, Message};
-
-type Ws =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+use tokio_tungstenite::tungstenite::Message;
 
 async fn start(extra_settings: &str) -> (Running, Arc<FakeLauncher>, tempfile::TempDir) {
     let jobs = job("j", "[m1]", "  env:\n    SECRET: hunter2\n") + &job("idle", "[m1]", "");
@@ -29,67 +24,12 @@ async fn start(extra_settings: &str) -> (Running, Arc<FakeLauncher>, tempfile::T
 
 /// One raw HTTP/1.1 request with extra header lines; returns status and body.
 async fn http(r: &Running, method: &str, path: &str, headers: &[&str]) -> (u16, String) {
-    let mut s = tokio::net::TcpStream::connect(r.api_addr).await.unwrap();
-    let extra: String = headers.iter().map(|h| format!("{h}\r\n")).collect();
-    let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {}\r\n{extra}Content-Length: 0\r\nConnection: close\r\n\r\n",
-        r.api_addr
-    );
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut raw = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut raw))
-        .await
-        .unwrap()
-        .unwrap();
-    let text = String::from_utf8_lossy(&raw).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap();
-    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
-    (status, body.to_owned())
+    let answer = raw::request(r.api_addr, method, path, headers).await;
+    (answer.status, answer.body)
 }
 
 async fn ws_with(r: &Running, query: &str, headers: &[(&str, &str)]) -> Result<Ws, u16> {
-    let mut req = format!("ws://{}/ws{query}", r.api_addr)
-        .into_client_request()
-        .unwrap();
-    for (k, v) in headers {
-        req.headers_mut().insert(
-            tungstenite::http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
-            tungstenite::http::HeaderValue::from_str(v).unwrap(),
-        );
-    }
-    match tokio_tungstenite::connect_async(req).await {
-        Ok((ws, _)) => Ok(ws),
-        Err(tungstenite::Error::Http(resp)) => Err(resp.status().as_u16()),
-        Err(e) => panic!("unexpected WebSocket error {e}"),
-    }
-}
-
-async fn recv(ws: &mut Ws) -> Value {
-    loop {
-        let frame = tokio::time::timeout(Duration::from_secs(5), ws.next())
-            .await
-            .expect("no message within 5 s")
-            .expect("socket closed")
-            .unwrap();
-        if let Message::Text(t) = frame {
-            return serde_json::from_str(t.as_str()).unwrap();
-        }
-    }
-}
-
-/// The next message of the given type, skipping others (bounded).
-async fn recv_type(ws: &mut Ws, kind: &str) -> Value {
-    for _ in 0..20 {
-        let m = recv(ws).await;
-        if m["type"] == kind {
-            return m;
-        }
-    }
-    panic!("no {kind} message among the next 20");
-}
-
-async fn send(ws: &mut Ws, text: &str) {
-    ws.send(Message::text(text)).await.unwrap();
+    raw::ws_with(r.api_addr, query, headers).await
 }
 
 #[tokio::test]
@@ -229,7 +169,7 @@ async fn legacy_paths_metrics_and_the_dashboard_are_served() {
         .as_str()
         .unwrap()
         .to_owned();
-    // D-44: a running instance never makes /running fail.
+    // A running instance never makes /running fail (docs/COMPATIBILITY.md).
     let (status, body) = http(&r, "GET", "/running", &[]).await;
     assert_eq!(status, 200);
     let running: Value = serde_json::from_str(&body).unwrap();

@@ -286,7 +286,7 @@ pub struct Gauges {
     pub wrappers_connected: u64,
     /// Tasks waiting in the main runtime's shared (injection) queue: woken from outside its
     /// workers, or spilled from a worker's full run queue. A standing backlog here means
-    /// connection tasks wait their turn far longer than the work they do (issue 7).
+    /// connection tasks wait their turn far longer than the work they do (docs/PERFORMANCE.md).
     pub runtime_injection_queue: u64,
     /// Every configured job's times.
     pub jobs: Vec<JobTimes>,

@@ -1,4 +1,4 @@
-//! Messages the master sends to a wrapper (reference §2.4), with our additive extensions.
+//! Messages the master sends to a wrapper (docs/PROTOCOL.md), with our additive extensions.
 
 use serde::{Deserialize, Serialize};
 

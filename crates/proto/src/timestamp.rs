@@ -11,7 +11,7 @@ use std::fmt;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use time::format_description::well_known::Rfc3339;
-use time::{OffsetDateTime, PrimitiveDateTime, UtcOffset};
+use time::{OffsetDateTime, UtcOffset};
 
 /// A point in time as carried on the wire, normalised to UTC.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -27,23 +27,19 @@ pub struct TimestampError {
 impl Timestamp {
     /// Wraps a time, converting it to UTC.
     ///
-    /// A time whose UTC equivalent falls outside the years -9999..=9999 (such as
-    /// `9999-12-31T23:59:59-01:00`) is clamped to the nearest representable instant:
-    /// `OffsetDateTime::to_offset` would panic on it, and formatting must stay total.
-    /// [`Timestamp::parse`] rejects such input instead of clamping it.
+    /// A time whose UTC equivalent falls outside the years RFC 3339 can spell (0000..=9999,
+    /// such as `9999-12-31T23:59:59-01:00`) is clamped to the nearest spellable instant:
+    /// `OffsetDateTime::to_offset` would panic on some of them, and what is printed must
+    /// parse back. [`Timestamp::parse`] rejects such input instead of clamping it.
     pub fn new(at: OffsetDateTime) -> Self {
-        Self(at.checked_to_offset(UtcOffset::UTC).unwrap_or_else(|| {
-            if at.year() > 0 {
-                PrimitiveDateTime::MAX.assume_utc()
-            } else {
-                PrimitiveDateTime::MIN.assume_utc()
-            }
-        }))
+        Self::checked_new(at).unwrap_or(if at.year() > 0 { LATEST } else { EARLIEST })
     }
 
-    /// Wraps a time if its UTC equivalent is representable.
+    /// Wraps a time if its UTC equivalent is within the years RFC 3339 can spell.
     pub fn checked_new(at: OffsetDateTime) -> Option<Self> {
-        at.checked_to_offset(UtcOffset::UTC).map(Self)
+        at.checked_to_offset(UtcOffset::UTC)
+            .filter(|utc| (0..=9999).contains(&utc.year()))
+            .map(Self)
     }
 
     /// The current wall-clock time. Only for stamping outgoing messages.
@@ -74,6 +70,10 @@ impl Timestamp {
             .ok_or_else(err)
     }
 }
+
+/// The first and last instants RFC 3339 can spell, in UTC.
+const EARLIEST: Timestamp = Timestamp(time::macros::datetime!(0000-01-01 00:00:00 UTC));
+const LATEST: Timestamp = Timestamp(time::macros::datetime!(9999-12-31 23:59:59.999_999 UTC));
 
 impl fmt::Display for Timestamp {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -120,6 +120,29 @@ impl<'de> Deserialize<'de> for Timestamp {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn times_whose_utc_year_rfc_3339_cannot_spell_are_refused_or_clamped() {
+        // Each parses as RFC 3339, but its UTC instant falls before year 0 or after 9999,
+        // where the printed form would not parse back.
+        for text in ["0000-01-01T00:00:00.5+00:01", "9999-12-31T23:59:59-01:00"] {
+            assert!(Timestamp::parse(text).is_err(), "{text}");
+        }
+        let early = OffsetDateTime::parse("0000-01-01T00:00:00+00:01", &Rfc3339).unwrap();
+        let late = OffsetDateTime::parse("9999-12-31T23:59:59-01:00", &Rfc3339).unwrap();
+        for at in [early, late] {
+            let clamped = Timestamp::new(at).to_string();
+            assert!(Timestamp::parse(&clamped).is_ok(), "{clamped}");
+        }
+        assert_eq!(
+            Timestamp::new(early).to_string(),
+            "0000-01-01T00:00:00.000000+00:00"
+        );
+        assert_eq!(
+            Timestamp::new(late).to_string(),
+            "9999-12-31T23:59:59.999999+00:00"
+        );
+    }
 
     #[test]
     fn accepts_every_spelling_the_original_and_newer_pythons_emit() {

@@ -1,4 +1,4 @@
-//! Messages a wrapper sends to the master (reference §2.3), with our additive extensions.
+//! Messages a wrapper sends to the master (docs/PROTOCOL.md), with our additive extensions.
 
 use serde::{Deserialize, Serialize};
 
@@ -61,7 +61,7 @@ impl WrapperMessage {
     }
 }
 
-/// Fields common to every wrapper message (reference §2.2).
+/// Fields common to every wrapper message (docs/PROTOCOL.md).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Envelope {
     /// `SP_JOB_NAME`.

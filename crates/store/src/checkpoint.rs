@@ -2,7 +2,7 @@
 //! connection copies the WAL back into the database file, and now and then starts the WAL over.
 //!
 //! Why a thread: a checkpoint copies pages and waits for two fsyncs; done by the committing
-//! thread (SQLite's automatic checkpoint), that wait held every ack of the batch (issue 7:
+//! thread (SQLite's automatic checkpoint), that wait held every ack of the batch (docs/PERFORMANCE.md:
 //! those were the slowest commits). PASSIVE checkpoints run beside the writer and never block it.
 //!
 //! Why the restart needs the writer: SQLite only starts the WAL over when a write begins while

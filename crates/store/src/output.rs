@@ -155,7 +155,7 @@ impl OutputBuffer {
 /// Where a reader of an [`OutputBuffer`] stands after [`OutputBuffer::read_from`].
 ///
 /// Positions count UTF-16 code units from the start of the machine's output, as JavaScript
-/// counts string lengths, so a browser can compare them with what it holds (D-42).
+/// counts string lengths, so a browser can compare them with what it holds.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct OutputRead {
     /// Where `text` starts.

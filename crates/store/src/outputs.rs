@@ -4,7 +4,7 @@
 //! Why two steps: output is read per machine, so the `output` table is indexed by (instance,
 //! machine, idx). Inserting every message there puts each one on a different B-tree page when
 //! thousands of machines print at once, and every such page is rewritten into the WAL at
-//! commit: 10,000 machines printing once a second made each group commit take ~0.5 s (issue 7).
+//! commit: 10,000 machines printing once a second made each group commit take ~0.5 s (docs/PERFORMANCE.md).
 //! The journal is keyed by a growing id, so a batch of messages from 10,000 machines lands on a
 //! few consecutive pages. Each machine's unfolded messages stay in memory too, and are written
 //! as one chunk when the machine has 64 KiB pending, when its oldest pending message is a
@@ -52,7 +52,7 @@ const JOURNAL_DELETE_ROWS: i64 = 1024;
 /// machine's oldest pending message is from about the same second, so the floor stays there
 /// until the last of them folds, then leaps a whole budget's worth. At 10,000 machines that was
 /// one DELETE of ~140,000 rows every ~16 s, holding its commit (and every ack in it) ~150 ms
-/// (issue 7). In steps the backlog goes within a few dozen batches at ~2 ms each.
+/// (docs/PERFORMANCE.md). In steps the backlog goes within a few dozen batches at ~2 ms each.
 const JOURNAL_DELETE_MAX_ROWS: i64 = 2048;
 
 type Key = (String, String);

@@ -57,7 +57,7 @@ async fn upgrade(
         .max_frame_size(MAX_FRAME_BYTES)
         // tungstenite zero-fills up to this much of its input buffer on every read (and keeps
         // it resident): the 128 KiB default cost 10,000 wrappers 1.3 GB and a memset of 128 KiB
-        // per 200-byte message (issue 7). Larger frames still arrive whole over several reads.
+        // per 200-byte message (docs/PERFORMANCE.md). Larger frames still arrive whole over several reads.
         .read_buffer_size(READ_BUFFER)
         .on_upgrade(move |socket| serve(socket, peer, shared, admission))
 }
@@ -78,7 +78,7 @@ async fn serve(
         return;
     }
     // One task reads and writes: a second task per connection (and the lock a split socket
-    // shares) cost a wake-up and a run-queue wait per ack with ten thousand wrappers (issue 7).
+    // shares) cost a wake-up and a run-queue wait per ack with ten thousand wrappers (docs/PERFORMANCE.md).
     // Reading the next frame is cancel-safe, so writing an ack in between loses nothing.
     // The handshake deadline is one timer for the connection, polled only while it matters.
     let mut handshaking = admission.as_ref().is_some_and(|a| a.is_pending());

@@ -1,7 +1,7 @@
 //! The job's process: spawning `/bin/sh -c 'eval "$SP_COMMAND"'` in its own process group with its
 //! output on one pipe, reaping (the wrapper is a child subreaper, so orphans of the job end
 //! up here), and the termination sequence: SIGTERM to the whole group, a grace period,
-//! SIGKILL to the group (defects D-06, D-07).
+//! SIGKILL to the group (docs/COMPATIBILITY.md: kills that missed the process group).
 //!
 //! Processes are reaped with `waitpid(-1)`, not through `std::process::Child`, because as a
 //! subreaper the wrapper also inherits the job's orphans and must reap those too.

@@ -1,10 +1,11 @@
 //! Reading the job's output: the pipe reader, the incremental UTF-8 decoder and the batcher.
 //!
 //! The reader drains the pipe continuously whatever the connection state, so the job never
-//! blocks on a full pipe (defect D-10) and is never throttled by a read cadence (D-11). Bytes
+//! blocks on a full pipe and is never throttled by a read cadence (docs/COMPATIBILITY.md:
+//! blocked, throttled or garbled output). Bytes
 //! are decoded incrementally: a character split across two reads stays whole, and invalid
 //! bytes become U+FFFD exactly as `String::from_utf8_lossy` would replace them over the whole
-//! stream (D-12). Text is cut into messages of at most [`OUTPUT_CHUNK_BYTES`] bytes, flushed
+//! stream. Text is cut into messages of at most [`OUTPUT_CHUNK_BYTES`] bytes, flushed
 //! every output interval or as soon as a full chunk is buffered.
 
 use std::time::Duration;

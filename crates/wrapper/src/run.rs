@@ -24,7 +24,7 @@ use crate::output::{self, PumpEnd};
 use crate::session::Completion;
 
 /// How long the output pipe is still read after the job's shell exited, for processes it
-/// left in the background that keep the pipe open (defect D-13).
+/// left in the background that keep the pipe open (docs/COMPATIBILITY.md: background children holding the pipe).
 const DRAIN_GRACE: Duration = Duration::from_secs(2);
 /// How long delivery of `complete` is retried (the run's result matters more than a quick
 /// exit).

@@ -4,7 +4,7 @@
 //!
 //! Rules (fixed with the master, see docs/PROTOCOL.md):
 //! - Every connection starts with `connect`; its ack carries `last_seq`, the highest seq the
-//!   master holds, and sending resumes right after it: no gap, no duplicate (defect D-08).
+//!   master holds, and sending resumes right after it: no gap, no duplicate (docs/COMPATIBILITY.md: broken reconnects).
 //! - `start` follows until it has been acked once, on any connection.
 //! - Up to [`WINDOW`] outputs may be in flight; acks are cumulative; `nack{expected_seq}`
 //!   rewinds to `expected_seq`.

@@ -9,7 +9,7 @@
 //!   emulator's own thread is there from the start, and qemu's fork emulation takes care of it.
 //! - The `pre_exec` closure calls only async-signal-safe system calls (setgroups, setgid,
 //!   setuid, prctl, getppid) and allocates nothing; the user and group list are resolved
-//!   beforehand in the parent (rust-stack.md §1.10).
+//!   beforehand in the parent: after `fork` only async-signal-safe calls are allowed.
 
 #![allow(unsafe_code)]
 
@@ -47,7 +47,7 @@ pub fn thread_count() -> usize {
 /// Detaches from the caller with the classic double fork: fork, `setsid` in the child, fork
 /// again so the daemon is not a session leader and can never reacquire a terminal, then
 /// `chdir("/")` and stdio on `/dev/null`. A pipe opened first lets the daemon tell the
-/// invoking process whether the job really started (rust-stack.md §1.10, pitfall 7).
+/// invoking process whether the job really started (a failed `exec` must not look like a started job).
 ///
 /// Must be called before the wrapper starts any thread: `threads_at_start` is
 /// [`thread_count`] read first thing in `main`, and more threads than that are refused.

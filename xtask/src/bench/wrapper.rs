@@ -1,5 +1,5 @@
 //! `cargo xtask bench wrapper`: resident memory, throughput and start-up latency of
-//! `sp-wrapper` (issue 2 §5), measured against a discard master that acks everything at once.
+//! `sp-wrapper`, measured against a discard master that acks everything at once.
 //!
 //! The discard master is a minimal WebSocket server on plain threads (handshake, frame
 //! parsing, acks), so the benchmark needs no async runtime and xtask stays dependency-light.
@@ -21,7 +21,7 @@ const STREAM_BYTES: u64 = 1 << 30;
 /// Runs behind the start-up latency median.
 const LATENCY_RUNS: usize = 20;
 
-/// Targets from issue 2 §5.
+/// What the wrapper must stay within on a minion (docs/PERFORMANCE.md).
 const TARGET_RSS_KIB: u64 = 8 * 1024;
 const TARGET_MB_S: f64 = 200.0;
 const TARGET_RETURN: Duration = Duration::from_millis(20);

@@ -42,7 +42,7 @@ use super::master::{binary, target_dir, workspace_root};
 pub const MINIONS: [(&str, &str); 3] =
     [("minion-a", "web"), ("minion-b", "web"), ("minion-c", "db")];
 
-/// The original wrapper release the compatibility scenario runs. 0.9.31 (the reference) is not
+/// The original wrapper release the compatibility scenario runs. 0.9.31 (the release docs/COMPATIBILITY.md describes) is not
 /// on PyPI. 0.9.32 speaks the same protocol but cannot finish a job: its main loop reads
 /// `retcode` before anything assigns it (only its kill path does), so every normal run dies with
 /// "cannot access local variable 'retcode'" right after `start` (seen here: 253 after 15 s).

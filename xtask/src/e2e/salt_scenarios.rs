@@ -1,4 +1,4 @@
-//! The Salt scenarios (issue 4 §2): `sp-master` with `launcher: salt` driving a real
+//! The Salt scenarios: `sp-master` with `launcher: salt` driving a real
 //! salt-master and three real salt-minions ([`super::salt_env`]), each scenario printing what
 //! it measured. Three masters share the one Salt installation:
 //!

@@ -55,7 +55,7 @@ pub struct StartRequest {
 pub type StartOutcome = Vec<(String, Result<(), String>)>;
 
 /// The result of running a job's command without a wrapper (legacy mode, `use_wrapper:
-/// false`, reference 4.15): the command's exit code and its output, known only at the end.
+/// false`): the command's exit code and its output, known only at the end.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DirectResult {
     pub retcode: i64,

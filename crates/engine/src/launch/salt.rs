@@ -1,5 +1,5 @@
 //! The Salt launcher (`launcher: salt`): drives the `salt` command line on the Salt master
-//! host, as the original drove Salt's `LocalClient` (reference 4.9, 4.10, 4.15).
+//! host, as the original drove Salt's `LocalClient` (docs/COMPATIBILITY.md, "Salt invocation and legacy mode").
 //!
 //! What it owns:
 //! - building every `salt` invocation. The command line is only `salt --args-stdin`; every
@@ -11,7 +11,7 @@
 //!   command line would silently fall back to their defaults.
 //! - encoding keyword arguments as one YAML flow mapping tagged `__kwarg__` (Salt's own
 //!   convention for keyword arguments passed as data), with every string double-quoted and
-//!   escaped to ASCII, so Salt's YAML re-parsing of CLI arguments (D-23) cannot alter a value,
+//!   escaped to ASCII, so Salt's YAML re-parsing of CLI arguments cannot alter a value,
 //!   a `#` cannot start a comment, and no line break can split a stdin line.
 //! - reading Salt's replies: JSON documents, one per minion (`--out=json --out-indent=-1`),
 //!   among whatever else Salt prints (warnings, "No minions matched", a bare JSON string when
@@ -49,7 +49,7 @@ use saltpeter_config::{JobSpec, Settings, TargetType};
 /// whether they still run the job.
 const PROCESS_GRACE: Duration = Duration::from_secs(60);
 
-/// The prefix of the 255 verdict for a minion that did not answer `test.ping` (reference 4.9).
+/// The prefix of the 255 verdict for a minion that did not answer `test.ping`.
 pub(crate) const NOT_RESPONDING: &str = "Target did not respond";
 
 /// Why a `salt` invocation gave no usable answer.
@@ -168,7 +168,7 @@ impl SaltLauncher {
     }
 
     /// The stdin lines that run the job's command itself with `cmd.run_all` (legacy mode,
-    /// `use_wrapper: false`, reference 4.15): the job's `env` plus the two variables the
+    /// `use_wrapper: false`): the job's `env` plus the two variables the
     /// original passed, `cwd`, `runas` and the job's timeout. The command is a `cmd.run_all`
     /// argument, so it travels on stdin and in Salt's payload, never in the master's argv; on
     /// the minion Salt runs it with the shell, as the original did.
@@ -605,7 +605,7 @@ fn run_all_return(answer: Option<&Value>, said: &str) -> Result<(i64, String, St
 }
 
 /// Per-machine launch results from the `cmd.run_all` reply: exit 0 is a launch; anything
-/// else fails that machine only (D-33), with Salt's or the wrapper's own words.
+/// else fails that machine only (docs/COMPATIBILITY.md), with Salt's or the wrapper's own words.
 pub(crate) fn start_outcome(machines: &[String], out: &SaltOutput) -> StartOutcome {
     let reply = parse_reply(&out.stdout);
     let said = salt_said(out, &reply);

@@ -1,4 +1,4 @@
-//! The search document of reference §5.3, built from job-log entries, and the daily index name
+//! The search document of the original (docs/COMPATIBILITY.md, "Job log and search documents"), built from job-log entries, and the daily index name
 //! it goes to.
 
 use std::io::{self, BufReader, Read, Write};
@@ -20,7 +20,7 @@ pub struct Document {
     pub timestamp: String,
     pub(crate) return_code: i64,
     pub machine: String,
-    /// Carriage-return processed (§5.2).
+    /// Carriage-return processed.
     pub output: String,
     pub msg_type: String,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -48,7 +48,7 @@ impl Document {
     }
 
     /// `<prefix>-YYYY.MM.DD` by the event's UTC date (the original used the master's local date
-    /// at write time, reference D-37).
+    /// at write time; docs/COMPATIBILITY.md).
     pub fn index(&self, prefix: &str) -> String {
         // `timestamp` always starts with `YYYY-MM-DD` because `rfc3339` wrote it.
         let date = self.timestamp.get(..10).unwrap_or("1970-01-01");

@@ -1,5 +1,5 @@
-//! Shipping every job-log event to Elasticsearch and/or OpenSearch (issue 6 §3, reference
-//! §5.3): owns the on-disk queues under `<data_dir>/ship/` and one sender thread per backend.
+//! Shipping every job-log event to Elasticsearch and/or OpenSearch (docs/COMPATIBILITY.md,
+//! "Job log and search documents"): owns the on-disk queues under `<data_dir>/ship/` and one sender thread per backend.
 //!
 //! The job-log thread turns each entry into a [`Document`] ([`LogShipper::record`]) and
 //! appends it to every backend's queue; that is a short file append, never a network wait, so

@@ -33,13 +33,13 @@ fn engine_gone() -> Response {
     )
 }
 
-/// `GET /config`: as the `config` message, with `env` values redacted (D-02).
+/// `GET /config`: as the `config` message, with `env` values redacted.
 pub(super) async fn config(State(ctx): State<UiContext>) -> Response {
     let config = ctx.config.borrow().clone();
     axum::Json(config_body(&config)).into_response()
 }
 
-/// `GET /running`: the `running` map of `status`, RFC 3339 times (never a 500, D-44).
+/// `GET /running`: the `running` map of `status`, RFC 3339 times (never a 500; docs/COMPATIBILITY.md).
 pub(super) async fn running(State(ctx): State<UiContext>) -> Response {
     let snapshot = ctx
         .engine

@@ -1,5 +1,5 @@
-//! The UI WebSocket protocol of saltpeter-ui 3.2.0 (reference 6.1-6.5): the commands a browser
-//! sends, parsed strictly (a malformed one is an error reply, never a crash: D-26), and the
+//! The UI WebSocket protocol of saltpeter-ui 3.2.0 (docs/COMPATIBILITY.md, "The UI protocol"): the commands a browser
+//! sends, parsed strictly (a malformed one is an error reply, never a crash), and the
 //! messages it receives, built as JSON with the original's shapes and this version's fixes
 //! (RFC 3339 with `T`, `env` redacted, `timeline` typed).
 // Input from clients, files or wrappers reaches arithmetic here, so every operation that could
@@ -237,7 +237,7 @@ pub(crate) fn config_body(config: &Config) -> Value {
             "machines": config.maintenance.machines.iter().collect::<Vec<_>>(),
         },
         "serial": config.serial,
-        // Search URLs may carry credentials and the token is a secret (D-02): not shown.
+        // Search URLs may carry credentials and the token is a secret: not shown.
         "saltpeter_config": {
             "launcher": match s.launcher {
                 saltpeter_config::Launcher::Local => "local",
@@ -297,7 +297,7 @@ pub(crate) fn chunk_message(c: &Chunk<'_>) -> Value {
 }
 
 /// `{"type":"timeline","timeline":{"id","content","serial"}}`, answered for every request id
-/// (D-39).
+/// (docs/COMPATIBILITY.md: the timeline answer).
 pub fn timeline_message(id: &str, content: &[TimelineEntry], serial: f64) -> Value {
     json!({ "type": "timeline", "timeline": timeline_body(id, content, serial) })
 }

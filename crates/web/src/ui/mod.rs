@@ -3,7 +3,7 @@
 //! at `/`, and the Host, token, role and Origin checks and security headers that guard all
 //! of it.
 //!
-//! - [`messages`]: commands and message shapes of the UI protocol (reference 6.1-6.5);
+//! - [`messages`]: commands and message shapes of the UI protocol (docs/COMPATIBILITY.md);
 //! - [`query`]: what clients ask for (query parameters, subscriptions), checked against the
 //!   configured caps;
 //! - [`ws`]: one task per browser connection;

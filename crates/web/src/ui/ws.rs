@@ -4,7 +4,7 @@
 //! [`OutputCursor`] (run instance and UTF-16 position). Every [`TICK`] (and right after a
 //! `subscribe`, `run` or kill) it asks the engine for one [`UiSnapshot`] and sends, in order:
 //! `config` when the config serial changed, `status`, then per subscribed job its new
-//! `output_chunk`s followed by `details` (reference 6.2, 6.3 and 6.6). Waiting on the socket
+//! `output_chunk`s followed by `details` (docs/COMPATIBILITY.md, "The UI protocol"). Waiting on the socket
 //! happens here, never in the engine.
 //!
 //! A connection with no frame from the browser for `ui_idle_timeout` is closed. The task pings
@@ -84,7 +84,7 @@ pub(crate) async fn serve(socket: WebSocket, ctx: UiContext, caller: Caller) {
 
 impl Connection {
     async fn run(&mut self) -> Result<(), Gone> {
-        // `config` must be the first message (reference 6.5), then a `status`.
+        // `config` must be the first message (docs/COMPATIBILITY.md, "The UI protocol"), then a `status`.
         self.refresh(true).await?;
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -387,9 +387,9 @@ enum Failure {
 ///
 /// - A job whose newest run replaced one the browser saw running in the previous `status` gets
 ///   an interim `status` without the new run first: the React UI clears a machine's output
-///   only when it sees the machine go from not running to running (reference 6.6 item 1).
+///   only when it sees the machine go from not running to running (docs/COMPATIBILITY.md, "The UI protocol").
 /// - `status` comes before any `output_chunk`, and a job's chunks before its `details`.
-/// - A cursor for another run instance starts at 0 (D-41); positions are UTF-16 units (D-42).
+/// - A cursor for another run instance starts at 0; positions are UTF-16 units (docs/COMPATIBILITY.md: output positions).
 /// - A reader that fell into the dropped middle of a long output gets a marker, then the tail.
 pub fn plan(
     subs: &mut BTreeMap<String, BTreeMap<String, OutputCursor>>,
