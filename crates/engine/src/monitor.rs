@@ -200,10 +200,13 @@ impl Engine {
             return;
         };
         let (_, next) = evaluate(m, now, timeout, hb);
-        // Something may already be due: check right away.
+        // Something may already be due: check right away. That includes a retry that is due
+        // at once (`retry_delay: 0`, or one restored after a restart), for which `evaluate`
+        // reports no later deadline and the machine has no launch yet.
         let next = next
             .map(|n| n.max(now))
-            .or_else(|| m.clock.launched.filter(|_| !m.ended()).map(|_| now));
+            .or_else(|| m.clock.launched.filter(|_| !m.ended()).map(|_| now))
+            .or_else(|| m.retry_at.filter(|_| !m.ended()).map(|at| at.max(now)));
         if let Some(at) = next
             && m.clock.armed.is_none_or(|armed| at < armed)
         {

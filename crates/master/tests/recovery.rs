@@ -287,6 +287,27 @@ async fn next_attempt(h: &Harness, instance: &str) -> FakeWrapper {
     w
 }
 
+/// `retry_delay: 0` launches the next attempt at once: the retry is due when it is armed.
+#[tokio::test(start_paused = true)]
+async fn a_zero_retry_delay_relaunches_at_once() {
+    let h = Harness::start(&job("j", "[m1]", "  retries: 1\n  retry_delay: 0\n")).await;
+    let instance = fire(&h).await;
+    let mut w = h.wrapper(&instance, "m1").await;
+    w.connect_and_start().await;
+    w.complete(3).await;
+    sleep(Duration::from_millis(1)).await;
+    assert_eq!(h.launcher.take_started(), vec!["m1"], "relaunched at once");
+    let mut w = h.wrapper(&instance, "m1").await;
+    w.connect_and_start().await;
+    w.complete(3).await;
+    let m = h.machine(&instance, "m1").await;
+    assert_eq!(
+        (m["attempt"].as_u64(), m["retcode"].as_i64()),
+        (Some(2), Some(3))
+    );
+    assert_eq!(h.run_view(&instance).await["success"], false);
+}
+
 #[tokio::test(start_paused = true)]
 async fn retries_stop_after_n_with_attempts_numbered_in_the_history() {
     let h = Harness::start(&job("j", "[m1]", "  retries: 2\n  retry_delay: 10\n")).await;
@@ -597,6 +618,39 @@ async fn after_a_restart_the_current_attempt_resumes_with_its_own_sequence() {
     assert_eq!(run["machines"]["m1"]["retcode"], 0);
     let output = run["machines"]["m1"]["output"].as_str().unwrap();
     assert!(output.ends_with("three four"), "{output:?}");
+}
+
+/// A machine that was waiting for its next attempt when the master stopped gets it as soon as
+/// the master is back.
+#[tokio::test(start_paused = true)]
+async fn a_retry_pending_at_a_restart_is_launched_when_the_master_is_back() {
+    let data = tempfile::tempdir().unwrap();
+    let yaml = job("j", "[m1]", "  retries: 1\n  retry_delay: 600\n");
+    let instance = {
+        let h = Harness::restart(&yaml, data.path()).await;
+        let instance = fire(&h).await;
+        let mut first = h.wrapper(&instance, "m1").await;
+        first.connect_and_start().await;
+        first.complete(1).await;
+        assert_eq!(h.machine(&instance, "m1").await["attempt"], 2);
+        instance
+        // The engine is dropped here, long before the retry is due.
+    };
+    let h = Harness::restart(&yaml, data.path()).await;
+    sleep(Duration::from_millis(1)).await;
+    assert_eq!(
+        h.launcher.take_started(),
+        vec!["m1"],
+        "relaunched on restart"
+    );
+    let mut second = h.wrapper(&instance, "m1").await;
+    second.connect_and_start().await;
+    second.complete(0).await;
+    let m = h.machine(&instance, "m1").await;
+    assert_eq!(
+        (m["attempt"].as_u64(), m["retcode"].as_i64()),
+        (Some(2), Some(0))
+    );
 }
 
 /// The whole wiring (`server::start`, real clock): the slots a stopped master passed over are
