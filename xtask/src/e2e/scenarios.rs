@@ -342,6 +342,8 @@ fn retry(m: &Master) -> Result<String> {
     let used_up = m.run_job("retry_n")?;
     let killed = m.run_job("retry_kill")?;
     let instance = m.run_job("retry")?;
+    // The kill first: a check that fails later must not leave its `sleep 120` behind.
+    let killed = kill_not_retried(m, &killed)?;
     let run = m.wait_run(&instance, Duration::from_secs(60), all_ended)?;
     let mach = machine(&run, "e2e-r");
     ensure!(
@@ -376,7 +378,6 @@ fn retry(m: &Master) -> Result<String> {
         "attempts not in the job log: {log:?}"
     );
     let used_up = retries_used_up(m, &used_up)?;
-    let killed = kill_not_retried(m, &killed)?;
     Ok(format!(
         "exit 3, then 0 on attempt 2; {used_up}; {killed}; {:.2} s in all",
         started.elapsed().as_secs_f64()
