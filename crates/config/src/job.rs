@@ -179,6 +179,9 @@ pub struct JobSpec {
     /// `warn_after`: a run still going this long after it started raises one
     /// `running_too_long` notification; none when absent, `null` or `0`.
     pub warn_after: Option<Duration>,
+    /// `catch_up`, `starting_deadline`, `missed_limit`, `retries`, `retry_delay`, `retry_on`:
+    /// what happens to missed slots and failed machines (see `recovery.rs`).
+    pub recovery: super::recovery::Recovery,
     /// Keys this version does not know, as JSON, kept so the UI can show them.
     pub extra: serde_json::Map<String, serde_json::Value>,
     /// Where the job is defined.
@@ -334,7 +337,9 @@ pub(crate) fn parse_job(
                 "defined more than once; the last one is used",
             );
         }
-        let known = KNOWN_KEYS.contains(&key.as_str()) || MORE_KNOWN_KEYS.contains(&key.as_str());
+        let known = KNOWN_KEYS.contains(&key.as_str())
+            || MORE_KNOWN_KEYS.contains(&key.as_str())
+            || super::recovery::KEYS.contains(&key.as_str());
         if !known {
             ctx.warn(
                 Some(k),
@@ -624,6 +629,9 @@ pub(crate) fn parse_job(
             None
         }),
     };
+    let recovery = super::recovery::parse(&keys, |node, key, msg| {
+        ctx.error(Some(node), key, msg);
+    });
 
     if let Some(node) = keys.get("group") {
         let given = node.scalar_text().unwrap_or_default();
@@ -680,6 +688,7 @@ pub(crate) fn parse_job(
             timezone,
             notify,
             warn_after,
+            recovery,
             extra,
             source: JobSource {
                 file: file.to_owned(),

@@ -10,6 +10,8 @@
 //! Layout, lowest level first:
 //! - `raw`: YAML text to a tree of values with line and column, and the YAML 1.1 notes;
 //! - [`job`], [`settings`], `maintenance`: each section validated into typed values;
+//! - [`recovery`]: what a job does about missed slots and failed machines (`catch_up`,
+//!   `retries` and their companions);
 //! - [`access`]: named tokens and their roles, public host names, `/metrics` exposure;
 //! - `limits`: the caps on what API and UI clients control (part of the settings);
 //! - `dir`: a directory, file by file, keeping every file's last good version;
@@ -39,6 +41,7 @@ mod maintenance;
 pub mod notify;
 mod problem;
 mod raw;
+pub mod recovery;
 pub mod schedule;
 pub mod settings;
 mod store_url;

@@ -21,9 +21,11 @@ mod clock;
 mod identity;
 pub mod launch;
 mod lifecycle;
+mod missed;
 mod monitor;
 mod outbox;
 mod persist;
+mod retry;
 mod runs;
 mod sched;
 mod ui;
@@ -44,6 +46,7 @@ use tokio_util::sync::CancellationToken;
 pub use api::{ApiError, ApiRequest, JobSummary};
 pub use clock::Clock;
 pub use identity::Identity;
+pub use missed::{EngineEvent, event_channel};
 pub use ui::*;
 
 use crate::launch::{DirectOutcome, Launcher, Resolution, StartOutcome};
@@ -232,6 +235,8 @@ pub struct Engine {
     /// The latest configuration the engine took in: when, and whether it loaded without
     /// errors (the reload signals of `/metrics`).
     config_taken: Option<(time::OffsetDateTime, bool)>,
+    /// Where [`EngineEvent`]s go, once someone subscribed (see `missed.rs`).
+    events: Option<mpsc::Sender<EngineEvent>>,
 }
 
 /// What the engine remembers about a job between runs. It differs from the store's
@@ -312,6 +317,7 @@ impl Engine {
             spawner: tokio::runtime::Handle::current(),
             verifiers: Arc::new(tokio::sync::Semaphore::new(VERIFIERS)),
             config_taken: None,
+            events: None,
         };
         for name in config.jobs.keys() {
             engine.jobs.entry(name.clone()).or_default();
@@ -356,6 +362,9 @@ impl Engine {
         let mut fire_at = None;
         // Once the watcher is gone the engine keeps serving on the last config it had.
         let mut config_open = true;
+        // Missed slots: what the master missed while it was down, now that a subscriber may
+        // have been set.
+        self.scan_missed_at_start();
         loop {
             // Whatever the last turn sent goes out before this thread waits again.
             self.outbox.flush();

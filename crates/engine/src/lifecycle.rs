@@ -220,7 +220,7 @@ impl Engine {
         let launched_unfinished = run
             .machines
             .values()
-            .any(|m| !m.ended() && m.clock.launched.is_some());
+            .any(|m| !m.ended() && (m.clock.launched.is_some() || m.retry_at.is_some()));
         if launched_unfinished {
             return;
         }
@@ -405,6 +405,10 @@ impl Engine {
         retcode: i64,
         cause: Cause,
     ) -> bool {
+        // Retries: a result the job retries is kept as an attempt instead (see `retry.rs`).
+        if self.retry_instead(instance, machine, retcode, cause) {
+            return true;
+        }
         let wall = self.clock.wall();
         let Some(run) = self.runs.get_mut(instance) else {
             return false;
@@ -556,7 +560,7 @@ impl Engine {
 
     /// The wrapper's environment (docs/COMPATIBILITY.md, "Salt invocation and legacy mode"). The job's `env` comes first so that it can
     /// never override the variables saltpeter itself relies on.
-    fn wrapper_env(
+    pub(super) fn wrapper_env(
         &self,
         job: &Arc<JobSpec>,
         instance: &str,

@@ -68,6 +68,8 @@ enum Due {
         line: String,
     },
     ResendKill,
+    /// The machine's next attempt is due (see `retry.rs`).
+    Relaunch,
     Nothing,
 }
 
@@ -84,6 +86,14 @@ fn evaluate(
     hb_timeout: Duration,
 ) -> (Due, Option<Instant>) {
     let c = &m.clock;
+    // Retries: a machine waiting for its next attempt has only that deadline.
+    if let Some(at) = m.retry_at.filter(|_| !m.ended()) {
+        return if now >= at {
+            (Due::Relaunch, None)
+        } else {
+            (Due::Nothing, Some(at))
+        };
+    }
     let Some(launched) = c.launched else {
         return (Due::Nothing, None);
     };
@@ -190,10 +200,13 @@ impl Engine {
             return;
         };
         let (_, next) = evaluate(m, now, timeout, hb);
-        // Something may already be due: check right away.
+        // Something may already be due: check right away. That includes a retry that is due
+        // at once (`retry_delay: 0`, or one restored after a restart), for which `evaluate`
+        // reports no later deadline and the machine has no launch yet.
         let next = next
             .map(|n| n.max(now))
-            .or_else(|| m.clock.launched.filter(|_| !m.ended()).map(|_| now));
+            .or_else(|| m.clock.launched.filter(|_| !m.ended()).map(|_| now))
+            .or_else(|| m.retry_at.filter(|_| !m.ended()).map(|at| at.max(now)));
         if let Some(at) = next
             && m.clock.armed.is_none_or(|armed| at < armed)
         {
@@ -230,6 +243,7 @@ impl Engine {
             match due {
                 Due::Nothing => {}
                 Due::ResendKill => self.send_kill(&instance, &machine),
+                Due::Relaunch => self.relaunch(&instance, &machine),
                 Due::Verdict {
                     retcode,
                     cause,

@@ -212,6 +212,7 @@ impl Engine {
                 let mut m = MachineRun::new();
                 apply_record(&mut m, &restored_machine.record);
                 m.output = restored_machine.output;
+                m.attempts = restored_machine.attempts;
                 m.next_seq = restored_machine.next_seq;
                 m.durable_next_seq = restored_machine.next_seq;
                 let r = &restored_machine.record;
@@ -221,6 +222,10 @@ impl Engine {
                     m.clock.started = r.started.then_some(now);
                     m.clock.last_beat = r.started.then_some(now);
                     m.clock.kill_requested = r.kill_requested.then_some(now);
+                    // Retries: a machine that was waiting for its next attempt gets it now.
+                    if !r.launched && !m.attempts.is_empty() {
+                        m.retry_at = Some(now);
+                    }
                 }
                 run.machines.insert(r.machine.clone(), m);
             }

@@ -4,6 +4,9 @@
 //! computed strictly after both the slot and the current second, so slots missed during a slow
 //! step collapse into the one fire and nothing from before start-up is caught up (the original's
 //! rule, without its 50 ms polling; docs/COMPATIBILITY.md, "Schedules").
+//!
+//! What becomes of the slots such a step passed over (recorded as missed, the latest maybe
+//! caught up) is decided in `missed.rs`, before the due slot fires.
 
 use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
@@ -115,12 +118,18 @@ impl Engine {
         let now = self.clock.wall();
         let config = self.config.clone();
         for (job, slot) in self.scheduler.take_due(&config, now) {
+            // Missed slots: a late or stalled slot is recorded (and maybe caught up) there.
+            let Some(slot) = self.plan_due_slot(&job, slot, now) else {
+                continue;
+            };
             if let Some(state) = self.jobs.get_mut(&job) {
                 state.last_fired = Some(slot);
             }
             self.save_job(&job);
             if let Err(error) = self.fire(&job, None) {
                 tracing::debug!(%job, %error, "Scheduled run not started.");
+                // Missed slots: overlap and maintenance refusals are recorded.
+                self.on_fire_refused(&job, slot);
             }
         }
     }

@@ -238,6 +238,12 @@ pub struct MachineLive {
     pub(crate) duration: Option<f64>,
     pub wrapper_version: Option<String>,
     pub output: OutputRead,
+    /// The current (or final) attempt, when the job retries (`retries` above 0).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<u32>,
+    /// How many attempts the job allows, when it retries.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_attempts: Option<u32>,
 }
 
 impl Engine {
@@ -459,6 +465,7 @@ impl Engine {
         } else {
             query.max_bytes
         };
+        let retries = run.job.recovery.retries;
         let machines = run
             .machines
             .iter()
@@ -484,6 +491,8 @@ impl Engine {
                     duration,
                     wrapper_version: m.wrapper_version.clone(),
                     output: m.output.read_from(from, max),
+                    attempt: (retries > 0).then(|| m.attempt()),
+                    max_attempts: (retries > 0).then(|| retries.saturating_add(1)),
                 };
                 (name.clone(), live)
             })
@@ -572,6 +581,7 @@ fn timeline_entry(run: &Run) -> TimelineEntry {
         success: run.success,
         machines: run.machines.len(),
         failed,
+        missed: None,
     }
 }
 

@@ -117,8 +117,10 @@ impl Engine {
         let allow_legacy = self.config.settings.allow_legacy_wrappers;
         let run = self.run_mut(instance).ok_or(Refusal::JobNotFound)?;
         let identity = run.identity;
-        let secret = run.token.clone();
-        let authenticated = live_machine(run, instance, machine)?.authenticated;
+        let live = live_machine(run, instance, machine)?;
+        let (authenticated, attempt) = (live.authenticated, live.attempt());
+        // Retries: each attempt proves itself with its own secret.
+        let secret = super::retry::attempt_secret(&run.token, instance, machine, attempt);
         let Some(token) = &connect.token else {
             if !allow_legacy {
                 return Err(Refusal::Unauthorized(

@@ -10,9 +10,12 @@
 //! - [`server`]: builds the store, engine, job log, watcher and listeners and runs them; shared
 //!   by `main` and the integration tests.
 //! - [`cli`]: subcommands that talk to a running master.
+//! - `events`: the consumers of the engine's events (a log line, the `/metrics` counters),
+//!   started by [`server`].
 //!
 //! See `docs/ARCHITECTURE.md` for how the pieces talk to each other.
 
 pub mod cli;
+mod events;
 pub mod notifier;
 pub mod server;

@@ -626,6 +626,8 @@ own:
             output: String::new(),
             output_bytes: 0,
             output_omitted_bytes: 0,
+            attempt: 1,
+            attempts: Vec::new(),
         };
         let view = RunView {
             instance: "backup_1".into(),
@@ -636,6 +638,7 @@ own:
             success: Some(false),
             killed: false,
             maintenance: Vec::new(),
+            missed: None,
             machines: [
                 ("a", machine(Some(0), Some("exit"))),
                 ("b", machine(Some(253), Some("heartbeat_lost"))),

@@ -308,7 +308,7 @@ pub async fn start(options: Options) -> Result<Running, StartError> {
         outbox: Arc::clone(&outbox),
         deliverer: parking_lot::Mutex::new(Some(deliverer)),
     });
-    let (engine, handle) = Engine::new(EngineParts {
+    let (mut engine, handle) = Engine::new(EngineParts {
         config: config_rx.clone(),
         launcher,
         joblog,
@@ -320,6 +320,24 @@ pub async fn start(options: Options) -> Result<Running, StartError> {
     })
     .map_err(StartError::Store)?;
     let mut tasks = tokio::task::JoinSet::new();
+    // The engine's events (missed slots, catch-ups, retries) go to every consumer of this
+    // fan-out; another consumer is one more `.with(...)`. Subscribed before the engine starts,
+    // so the slots its start-up scan finds missed are heard as well.
+    let (events_tx, events_rx) = saltpeter_engine::event_channel();
+    engine.set_event_sink(events_tx);
+    let missed_to_notifier = NotifierHandle::new(seen_tx.clone());
+    let events = crate::events::Fanout::default()
+        .with(crate::events::log)
+        .with(crate::events::count(handle.metrics().clone()))
+        .with(move |event| {
+            if let saltpeter_engine::EngineEvent::Missed {
+                job, slot, reason, ..
+            } = event
+            {
+                missed_to_notifier.missed(job, *slot, reason.as_str());
+            }
+        });
+    tasks.spawn(events.run(events_rx));
     let engine_stopped = engine.run_on_own_thread().map_err(StartError::Engine)?;
     let api_base = {
         let scheme = if tls.api.is_some() { "https" } else { "http" };

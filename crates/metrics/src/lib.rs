@@ -4,16 +4,17 @@
 //! cover every series the master exports, with no extra crate to build on CI's two cores.
 //!
 //! Ownership: the engine is the only writer (one-line increments at the call sites in
-//! `engine/`), except for the store's two series, which the store thread writes, and the
+//! `engine/`), except for the store's two series, which the store thread writes, the
 //! connection series in [`Listeners`], which the listeners (`listen.rs`) and the UI socket
-//! tasks write; the API reads at scrape time. Counters only ever grow. Gauges that are cheap for
+//! tasks write, and the missed-slot and retry series, which the master's consumer of the
+//! engine's events writes (`events.rs` in `sp-master`); the API reads at scrape time. Counters only ever grow. Gauges that are cheap for
 //! the engine to count on demand (runs and machines running, wrappers connected) are not kept
 //! here: the `/metrics` handler asks the engine for a [`Gauges`] snapshot and passes it to
 //! [`Metrics::render`].
 //!
 //! Labels stay bounded: `job` takes values from the job files (plus jobs since removed, which
-//! only grow with the number of distinct names ever configured) and `code` is an exit code in
-//! 0..=255 or `other`. No instance id or machine name is ever a label.
+//! only grow with the number of distinct names ever configured), `code` is an exit code in
+//! 0..=255 or `other`, and a missed slot's `reason` is one of three names. No instance id or machine name is ever a label.
 
 // What no other crate uses is `pub(crate)`, so the compiler reports it once nothing calls it.
 #![warn(unreachable_pub)]
@@ -108,6 +109,9 @@ pub struct Metrics {
     runs_started: Mutex<BTreeMap<String, u64>>,
     runs_finished: Mutex<BTreeMap<(String, RunResult), u64>>,
     machine_results: Mutex<BTreeMap<(String, String), u64>>,
+    /// Keyed by job and reason (`master_down`, `overlap`, `maintenance`).
+    missed_slots: Mutex<BTreeMap<(String, &'static str), u64>>,
+    retries: Mutex<BTreeMap<String, u64>>,
     heartbeat_timeouts: AtomicU64,
     launch_failures: AtomicU64,
     output_bytes: AtomicU64,
@@ -347,6 +351,19 @@ impl Metrics {
             .or_default() += 1;
     }
 
+    /// `count` cron slots of a job did not run, for `reason`. The reason is one of a fixed set
+    /// of names, so the label stays bounded.
+    pub fn missed_slots(&self, job: &str, reason: &'static str, count: u64) {
+        let mut map = self.missed_slots.lock();
+        let n = map.entry((job.to_owned(), reason)).or_default();
+        *n = n.saturating_add(count);
+    }
+
+    /// A machine's attempt failed and the machine will be launched again.
+    pub fn retry(&self, job: &str) {
+        *self.retries.lock().entry(job.to_owned()).or_default() += 1;
+    }
+
     /// The monitor marked a machine 253.
     pub fn heartbeat_timeout(&self) {
         self.heartbeat_timeouts.fetch_add(1, Ordering::Relaxed);
@@ -464,6 +481,23 @@ impl Metrics {
                     *n,
                 )
             }),
+        );
+        counter_map(
+            &mut out,
+            "saltpeter_missed_slots_total",
+            "Cron slots that did not run, by job and reason (master_down, overlap, maintenance).",
+            self.missed_slots.lock().iter().map(|((job, reason), n)| {
+                (vec![("job_name", job.as_str()), ("reason", *reason)], *n)
+            }),
+        );
+        counter_map(
+            &mut out,
+            "saltpeter_retries_total",
+            "Failed machine attempts that were retried, by job.",
+            self.retries
+                .lock()
+                .iter()
+                .map(|(job, n)| (vec![("job_name", job.as_str())], *n)),
         );
         scalar(
             &mut out,
@@ -648,6 +682,9 @@ mod tests {
         m.run_finished("backup", RunResult::Killed);
         m.machine_result("backup", 143);
         m.machine_result("backup", -9);
+        m.missed_slots("backup", "master_down", 1);
+        m.missed_slots("backup", "master_down", 3);
+        m.retry("backup");
         m.heartbeat_timeout();
         m.launch_failure();
         m.output(10);
@@ -681,6 +718,8 @@ mod tests {
             "saltpeter_runs_finished_total{job_name=\"backup\",result=\"killed\"} 1",
             "saltpeter_machine_results_total{job_name=\"backup\",code=\"143\"} 1",
             "saltpeter_machine_results_total{job_name=\"backup\",code=\"other\"} 1",
+            "saltpeter_missed_slots_total{job_name=\"backup\",reason=\"master_down\"} 4",
+            "saltpeter_retries_total{job_name=\"backup\"} 1",
             "saltpeter_job_last_success_timestamp_seconds{job_name=\"backup\"} 1796500000",
             "saltpeter_job_last_run_timestamp_seconds{job_name=\"backup\"} 1796520000",
             "saltpeter_job_next_run_timestamp_seconds{job_name=\"backup\"} 1796523600",

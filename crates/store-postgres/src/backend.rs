@@ -39,9 +39,9 @@ use std::time::{Duration, Instant};
 use deadpool_postgres::Transaction;
 use saltpeter_proto::{Cause, Timestamp};
 use saltpeter_store::{
-    Backend, JobRecord, MachineRecord, MachineStatus, Notice, OutputBuffer, OutputRange, Query,
-    Restored, RestoredMachine, Retention, RunRecord, RunSummary, RunView, StoreError, StoreOp,
-    TimelineEntry, TimelineQuery, audit::AuditEntry,
+    AttemptRecord, Backend, JobRecord, MachineRecord, MachineStatus, Notice, OutputBuffer,
+    OutputRange, Query, Restored, RestoredMachine, Retention, RunRecord, RunSummary, RunView,
+    StoreError, StoreOp, TimelineEntry, TimelineQuery, audit::AuditEntry,
 };
 use time::OffsetDateTime;
 use tokio_postgres::types::ToSql;
@@ -577,6 +577,62 @@ impl State {
                     self.trim_audit(tx).await?;
                 }
             }
+            StoreOp::Missed(m) => {
+                self.fence(tx, Some(&m.job), fenced).await?;
+                self.exec(
+                    tx,
+                    "INSERT INTO runs (instance, job, grp, started, ended, success, killed, token,
+                                       resolving, maintenance, pending_batches, missed,
+                                       missed_count)
+                     VALUES ($1, $2, $3, $4, $4, NULL, FALSE, '', FALSE, '[]', '[]', $5, $6)
+                     ON CONFLICT (instance) DO NOTHING",
+                    &[
+                        &m.instance,
+                        &m.job,
+                        &m.group,
+                        &m.slot,
+                        &m.reason.as_str(),
+                        &i64::try_from(m.count).unwrap_or(i64::MAX),
+                    ],
+                )
+                .await?;
+            }
+            StoreOp::Attempt(a) => {
+                let job = self.run_jobs.get(&a.instance).cloned();
+                self.fence(tx, job.as_deref(), fenced).await?;
+                self.exec(
+                    tx,
+                    "INSERT INTO attempts (instance, machine, attempt, retcode, cause, starttime,
+                                           endtime)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7)
+                     ON CONFLICT (instance, machine, attempt) DO UPDATE SET retcode = $4,
+                        cause = $5, starttime = $6, endtime = $7",
+                    &[
+                        &a.instance,
+                        &a.machine,
+                        &i64::from(a.attempt),
+                        &a.retcode,
+                        &a.cause.map(Cause::as_str),
+                        &a.starttime,
+                        &a.endtime,
+                    ],
+                )
+                .await?;
+                // The next attempt numbers its output from 0 again: forget the sequence held
+                // for this batch, so the batch's end does not write the old one back.
+                if let Some(state) = self
+                    .outputs
+                    .get_mut(&(a.instance.clone(), a.machine.clone()))
+                {
+                    state.next_seq = None;
+                }
+                self.exec(
+                    tx,
+                    "UPDATE machines SET next_seq = 0 WHERE instance = $1 AND machine = $2",
+                    &[&a.instance, &a.machine],
+                )
+                .await?;
+            }
             StoreOp::Prune => self.prune(tx).await?,
             StoreOp::Notify(_) | StoreOp::Query(_) => {}
         }
@@ -761,6 +817,8 @@ impl State {
                  ), machines AS (
                     DELETE FROM machines WHERE instance IN (SELECT instance FROM doomed)
                     RETURNING 1
+                 ), replaced AS (
+                    DELETE FROM attempts WHERE instance IN (SELECT instance FROM doomed)
                  ), gone AS (
                     DELETE FROM runs WHERE instance IN (SELECT instance FROM doomed) RETURNING 1
                  )
@@ -815,11 +873,13 @@ impl State {
                 for row in rows {
                     let run = run_from_row(&row)?;
                     let mut machines = Vec::new();
+                    let mut attempts = s.attempts_of(tx, &run.instance).await?;
                     for (record, next_seq, dropped) in s.machines_of(tx, &run.instance).await? {
                         let output = s
                             .output_buffer(tx, &record.instance, &record.machine, dropped)
                             .await?;
                         machines.push(RestoredMachine {
+                            attempts: attempts.remove(&record.machine).unwrap_or_default(),
                             record,
                             output,
                             next_seq,
@@ -1035,8 +1095,8 @@ impl State {
         let rows = self
             .query(
                 tx,
-                "SELECT instance, job, started, ended, success, killed FROM runs
-                 WHERE job = $1 AND ($2::TIMESTAMPTZ IS NULL OR started < $2)
+                "SELECT instance, job, started, ended, success, killed, missed, missed_count
+                 FROM runs WHERE job = $1 AND ($2::TIMESTAMPTZ IS NULL OR started < $2)
                  ORDER BY started DESC LIMIT $3",
                 &[&job, &before, &limit],
             )
@@ -1062,6 +1122,12 @@ impl State {
                 success: r.try_get(4)?,
                 killed: r.try_get(5)?,
                 machines,
+                missed: r.try_get(6)?,
+                missed_count: r
+                    .try_get::<_, Option<String>>(6)?
+                    .map(|_| r.try_get::<_, i64>(7))
+                    .transpose()?
+                    .map(|n| u64::try_from(n).unwrap_or(0)),
             });
         }
         Ok(out)
@@ -1077,7 +1143,7 @@ impl State {
         let rows = self
             .query(
                 tx,
-                "SELECT instance, job, grp, started, ended, success FROM runs
+                "SELECT instance, job, grp, started, ended, success, missed FROM runs
                  WHERE ($1::TEXT IS NULL OR job = $1) AND started <= $2
                     AND (ended IS NULL OR ended >= $3)
                  ORDER BY started DESC, instance DESC LIMIT $4",
@@ -1110,11 +1176,15 @@ impl State {
                     .find(|c| *c != 0)
                     .unwrap_or(i64::from(success == Some(false)))
             });
+            // A missed slot is its own kind of entry: it neither succeeded nor failed.
+            let missed: Option<String> = r.try_get(6)?;
+            let ret_code = if missed.is_some() { None } else { ret_code };
             out.push(TimelineEntry {
                 cron: r.try_get(1)?,
                 group: r.try_get(2)?,
                 job_instance: instance,
-                msg_type: "run",
+                msg_type: if missed.is_some() { "missed" } else { "run" },
+                missed,
                 timestamp: ts(r.try_get(3)?),
                 end: ended.map(ts),
                 ret_code,
@@ -1122,6 +1192,39 @@ impl State {
                 machines: codes.len(),
                 failed,
             });
+        }
+        Ok(out)
+    }
+
+    /// The attempts retries replaced for a run's machines, oldest first per machine.
+    async fn attempts_of(
+        &self,
+        tx: &Transaction<'_>,
+        instance: &str,
+    ) -> Result<BTreeMap<String, Vec<AttemptRecord>>> {
+        let rows = self
+            .query(
+                tx,
+                "SELECT machine, attempt, retcode, cause, starttime, endtime FROM attempts
+                 WHERE instance = $1 ORDER BY machine, attempt",
+                &[&instance],
+            )
+            .await?;
+        let mut out: BTreeMap<String, Vec<AttemptRecord>> = BTreeMap::new();
+        for r in rows {
+            let machine: String = r.try_get(0)?;
+            let record = AttemptRecord {
+                instance: instance.to_owned(),
+                machine: machine.clone(),
+                attempt: u32::try_from(r.try_get::<_, i64>(1)?).unwrap_or(0),
+                retcode: r.try_get(2)?,
+                cause: r
+                    .try_get::<_, Option<String>>(3)?
+                    .and_then(|c| serde_json::from_value(serde_json::Value::String(c)).ok()),
+                starttime: r.try_get(4)?,
+                endtime: r.try_get(5)?,
+            };
+            out.entry(machine).or_default().push(record);
         }
         Ok(out)
     }
@@ -1139,12 +1242,24 @@ impl State {
         };
         let run = run_from_row(&row)?;
         let mut machines = BTreeMap::new();
+        let mut attempts = self.attempts_of(tx, instance).await?;
         for (record, _next_seq, dropped) in self.machines_of(tx, instance).await? {
             let output = self
                 .output_buffer(tx, instance, &record.machine, dropped)
                 .await?;
-            machines.insert(record.machine.clone(), record.view(&output));
+            let replaced = attempts.remove(&record.machine).unwrap_or_default();
+            machines.insert(record.machine.clone(), record.view(&output, &replaced));
         }
+        let missed: Option<String> = self
+            .query_opt(
+                tx,
+                "SELECT missed FROM runs WHERE instance = $1",
+                &[&instance],
+            )
+            .await?
+            .map(|r| r.try_get(0))
+            .transpose()?
+            .flatten();
         Ok(Some(RunView {
             instance: run.instance,
             job: run.job,
@@ -1155,6 +1270,7 @@ impl State {
             killed: run.killed,
             maintenance: run.maintenance,
             machines,
+            missed,
         }))
     }
 

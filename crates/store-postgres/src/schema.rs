@@ -25,7 +25,7 @@
 use crate::{Database, Error, Result};
 
 /// The newest schema this build knows.
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
 /// The advisory lock key under which migrations run (the bytes of "spmigrat"), the same for
 /// every saltpeter release so that old and new masters exclude each other too.
@@ -143,7 +143,23 @@ CREATE TABLE slot_claims (
 ALTER TABLE runs ADD COLUMN epoch BIGINT;
 ";
 
-const MIGRATIONS: [&str; 2] = [MIGRATION_1, MIGRATION_2];
+/// Missed slots on `runs` and the attempts retries replaced, as the SQLite store's version 7.
+const MIGRATION_3: &str = "
+ALTER TABLE runs ADD COLUMN missed TEXT;
+ALTER TABLE runs ADD COLUMN missed_count BIGINT NOT NULL DEFAULT 0;
+CREATE TABLE attempts (
+    instance TEXT NOT NULL,
+    machine TEXT NOT NULL,
+    attempt BIGINT NOT NULL,
+    retcode BIGINT,
+    cause TEXT,
+    starttime TIMESTAMPTZ,
+    endtime TIMESTAMPTZ,
+    PRIMARY KEY (instance, machine, attempt)
+);
+";
+
+const MIGRATIONS: [&str; 3] = [MIGRATION_1, MIGRATION_2, MIGRATION_3];
 
 /// Brings the schema to [`SCHEMA_VERSION`] and returns the version found before. Safe to call
 /// from any number of masters at once, and again at every start.

@@ -12,7 +12,7 @@
 
 use saltpeter_store::audit::{Action, Actor, AuditEntry, AuditRecord};
 use saltpeter_store::{
-    Backend, JobRecord, MachineRecord, MachineStatus, Notice, OutputRange, Query, Restored,
+    AttemptRecord, Backend, MissedReason, MissedRecord, JobRecord, MachineRecord, MachineStatus, Notice, OutputRange, Query, Restored,
     Retention, RunRecord, RunSummary, Store, StoreOp, TimelineEntry, TimelineQuery,
 };
 use saltpeter_store_postgres::{Database, PgBackend, PostgresUrl};
@@ -37,7 +37,7 @@ struct Fresh {
 
 /// Every case, each on a store of its own from `make`.
 fn backend_suite(make: impl Fn(&str) -> Fresh) {
-    let cases: [(&str, Case); 10] = [
+    let cases: [(&str, Case); 11] = [
         ("restore", an_unfinished_run_comes_back_after_a_reopen),
         (
             "retention",
@@ -62,6 +62,10 @@ fn backend_suite(make: impl Fn(&str) -> Fresh) {
         (
             "bad_op",
             an_op_the_database_refuses_does_not_take_its_batch_with_it,
+        ),
+        (
+            "recovery",
+            missed_slots_and_replaced_attempts_are_history_and_come_back,
         ),
     ];
     for (name, case) in cases {
@@ -633,4 +637,45 @@ fn an_op_the_database_refuses_does_not_take_its_batch_with_it(open: Open<'_>) {
     let m = &restored.runs[0].1[0];
     assert_eq!(m.output.text(), "kept\nafter\n");
     assert_eq!(m.next_seq, 2);
+}
+
+fn missed_slots_and_replaced_attempts_are_history_and_come_back(open: Open<'_>) {
+    let slot = recent() - time::Duration::minutes(5);
+    {
+        let (mut db, _) = open(Retention::default());
+        db.apply(vec![
+            StoreOp::Missed(MissedRecord::one("j", "g", slot, MissedReason::MasterDown)),
+            // The same slot again (a second scan) leaves the first record as it was.
+            StoreOp::Missed(MissedRecord::one("j", "g", slot, MissedReason::Overlap)),
+            StoreOp::Run(run("j_1", false)),
+            StoreOp::Machine(machine("j_1", "m1")),
+            output("j_1", "m1", 0, "first try\n"),
+            StoreOp::Attempt(AttemptRecord {
+                instance: "j_1".into(),
+                machine: "m1".into(),
+                attempt: 1,
+                retcode: Some(3),
+                cause: None,
+                starttime: Some(datetime!(2026-01-01 00:00:01 UTC)),
+                endtime: Some(datetime!(2026-01-01 00:00:02 UTC)),
+            }),
+        ]);
+        // The second attempt numbers its output from 0 again.
+        db.apply(vec![output("j_1", "m1", 0, "second try\n")]);
+        let page = runs_page(&mut *db, None, 10);
+        let missed: Vec<_> = page
+            .iter()
+            .filter(|r| r.missed.is_some())
+            .map(|r| (r.missed.as_deref(), r.missed_count))
+            .collect();
+        assert_eq!(missed, [(Some("master_down"), Some(1))]);
+    }
+    let (_db, restored) = open(Retention::default());
+    let (r, machines) = &restored.runs[0];
+    assert_eq!(r.instance, "j_1");
+    let m = &machines[0];
+    assert_eq!(m.attempts.len(), 1, "the replaced attempt comes back");
+    assert_eq!((m.attempts[0].attempt, m.attempts[0].retcode), (1, Some(3)));
+    assert_eq!(m.next_seq, 1, "the sequence of the second attempt");
+    assert_eq!(m.output.text(), "first try\nsecond try\n");
 }

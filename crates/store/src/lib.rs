@@ -27,6 +27,7 @@ mod checkpoint;
 mod notify_outbox;
 pub mod output;
 mod outputs;
+mod recovery;
 mod sqlite;
 mod view;
 
@@ -43,8 +44,11 @@ use saltpeter_metrics::Metrics;
 pub use checkpoint::WalTuning;
 pub use notify_outbox::SqliteOutbox;
 pub use output::OutputBuffer;
+pub use recovery::{AttemptRecord, AttemptView, MissedReason, MissedRecord};
 pub use sqlite::{Db, Retention, StoreError};
-pub use view::{MachineStatus, MachineView, RunView, TimelineEntry, TimelineQuery, rfc3339};
+pub use view::{
+    MachineStatus, MachineView, RunView, TimelineEntry, TimelineQuery, attempt_number, rfc3339,
+};
 
 /// Identifies one wrapper connection for the engine's lifetime; the store carries it through
 /// so an ack reaches the connection that sent the output.
@@ -162,6 +166,8 @@ pub enum Notice {
 #[derive(Debug)]
 pub struct RestoredMachine {
     pub record: MachineRecord,
+    /// Attempts a retry replaced, oldest first (empty before any retry).
+    pub attempts: Vec<AttemptRecord>,
     pub output: OutputBuffer,
     pub next_seq: u64,
 }
@@ -186,6 +192,12 @@ pub struct RunSummary {
     pub killed: bool,
     /// machine -> retcode (null while running).
     pub machines: std::collections::BTreeMap<String, Option<i64>>,
+    /// For a missed slot: why it did not run (`master_down`, `overlap`, `maintenance`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub missed: Option<String>,
+    /// For a missed slot: how many slots the row stands for (more than 1 for a summary).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub missed_count: Option<u64>,
 }
 
 /// A byte range of a machine's stored output.
@@ -249,6 +261,10 @@ pub enum StoreOp {
     Query(Query),
     /// Applies the retention policy now.
     Prune,
+    /// Records a missed slot in the job's history.
+    Missed(MissedRecord),
+    /// Keeps the result of an attempt that a retry replaces.
+    Attempt(AttemptRecord),
 }
 
 /// Handle to the store.

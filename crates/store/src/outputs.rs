@@ -221,6 +221,31 @@ impl Outputs {
         Ok(())
     }
 
+    /// A retry starts a machine's sequence over (its next wrapper numbers output from 0): the
+    /// output pending under the old numbering is folded first, so neither the totals written
+    /// at the end of the batch nor a recovery from the journal count its numbers again, and
+    /// then the stored sequence goes back to 0.
+    pub(super) fn restart_sequence(
+        &mut self,
+        tx: &Transaction<'_>,
+        instance: &str,
+        machine: &str,
+        retention: Retention,
+    ) -> Result<(), StoreError> {
+        self.fold_run(tx, instance, Some(machine), retention)?;
+        if let Some(state) = self
+            .machines
+            .get_mut(&(instance.to_owned(), machine.to_owned()))
+        {
+            state.next_seq = None;
+        }
+        tx.execute(
+            "UPDATE machines SET next_seq = 0 WHERE instance = ?1 AND machine = ?2",
+            params![instance, machine],
+        )?;
+        Ok(())
+    }
+
     /// Queues a finished run's machines to be folded in the next batches and then forgotten.
     /// Until then their journal rows stay, so a crash in between loses nothing, and a query
     /// folds what it asks for first, as for a running machine.

@@ -68,7 +68,7 @@ impl Default for Retention {
     }
 }
 
-const SCHEMA_VERSION: i64 = 6;
+const SCHEMA_VERSION: i64 = 7;
 
 const MIGRATION_1: &str = "
 CREATE TABLE runs (
@@ -344,6 +344,12 @@ impl Db {
             tx.pragma_update(None, "user_version", 6)?;
             tx.commit()?;
         }
+        if version < 7 {
+            let tx = self.conn.transaction()?;
+            tx.execute_batch(super::recovery::MIGRATION_7)?;
+            tx.pragma_update(None, "user_version", 7)?;
+            tx.commit()?;
+        }
         Ok(())
     }
 }
@@ -374,10 +380,12 @@ impl Backend for Db {
         };
         for run in runs {
             let machines = self.machines_of(&run.instance)?;
+            let mut attempts = super::recovery::attempts_of(&self.conn, &run.instance)?;
             let mut restored_machines = Vec::new();
             for (record, next_seq, dropped) in machines {
                 let output = self.output_buffer(&record.instance, &record.machine, dropped)?;
                 restored_machines.push(RestoredMachine {
+                    attempts: attempts.remove(&record.machine).unwrap_or_default(),
                     record,
                     output,
                     next_seq,
@@ -605,7 +613,7 @@ impl Db {
         limit: usize,
     ) -> Result<Vec<RunSummary>, StoreError> {
         let mut stmt = self.conn.prepare_cached(
-            "SELECT instance, job, started, ended, success, killed FROM runs
+            "SELECT instance, job, started, ended, success, killed, missed, missed_count FROM runs
              WHERE job = ?1 AND (?2 IS NULL OR started < ?2)
              ORDER BY started DESC LIMIT ?3",
         )?;
@@ -619,6 +627,12 @@ impl Db {
                     success: r.get(4)?,
                     killed: r.get(5)?,
                     machines: BTreeMap::new(),
+                    missed: r.get(6)?,
+                    missed_count: r
+                        .get::<_, Option<String>>(6)?
+                        .map(|_| r.get::<_, i64>(7))
+                        .transpose()?
+                        .map(|n| u64::try_from(n).unwrap_or(0)),
                 })
             })?
             .collect::<Result<_, _>>()?;
@@ -641,11 +655,19 @@ impl Db {
         query: &crate::TimelineQuery,
     ) -> Result<Vec<crate::TimelineEntry>, StoreError> {
         let mut stmt = self.conn.prepare_cached(
-            "SELECT instance, job, grp, started, ended, success FROM runs
+            "SELECT instance, job, grp, started, ended, success, missed FROM runs
              WHERE (?1 IS NULL OR job = ?1) AND started <= ?2 AND (ended IS NULL OR ended >= ?3)
              ORDER BY started DESC, instance DESC LIMIT ?4",
         )?;
-        type Row = (String, String, String, String, Option<String>, Option<bool>);
+        type Row = (
+            String,
+            String,
+            String,
+            String,
+            Option<String>,
+            Option<bool>,
+            Option<String>,
+        );
         let rows: Vec<Row> = stmt
             .query_map(
                 params![
@@ -662,6 +684,7 @@ impl Db {
                         r.get(3)?,
                         r.get(4)?,
                         r.get(5)?,
+                        r.get(6)?,
                     ))
                 },
             )?
@@ -670,7 +693,7 @@ impl Db {
             .conn
             .prepare_cached("SELECT retcode FROM machines WHERE instance = ?1 ORDER BY machine")?;
         let mut out = Vec::with_capacity(rows.len());
-        for (instance, job, group, started, ended, success) in rows.into_iter().rev() {
+        for (instance, job, group, started, ended, success, missed) in rows.into_iter().rev() {
             let machine_codes: Vec<Option<i64>> = codes
                 .query_map([&instance], |r| r.get(0))?
                 .collect::<Result<_, _>>()?;
@@ -685,14 +708,17 @@ impl Db {
                     .find(|c| *c != 0)
                     .unwrap_or(i64::from(success == Some(false)))
             });
+            // A missed slot is its own kind of entry: it neither succeeded nor failed.
+            let ret_code = if missed.is_some() { None } else { ret_code };
             out.push(crate::TimelineEntry {
                 cron: job,
                 group,
                 job_instance: instance,
-                msg_type: "run",
+                msg_type: if missed.is_some() { "missed" } else { "run" },
                 timestamp: started,
                 end: ended,
                 ret_code,
+                missed,
                 success,
                 machines: machine_codes.len(),
                 failed,
@@ -713,9 +739,11 @@ impl Db {
             .optional()?;
         let Some(run) = run else { return Ok(None) };
         let mut machines = BTreeMap::new();
+        let mut attempts = super::recovery::attempts_of(&self.conn, instance)?;
         for (record, _next_seq, dropped) in self.machines_of(instance)? {
             let output = self.output_buffer(instance, &record.machine, dropped)?;
-            machines.insert(record.machine.clone(), record.view(&output));
+            let replaced = attempts.remove(&record.machine).unwrap_or_default();
+            machines.insert(record.machine.clone(), record.view(&output, &replaced));
         }
         Ok(Some(RunView {
             instance: run.instance,
@@ -727,6 +755,7 @@ impl Db {
             killed: run.killed,
             maintenance: run.maintenance,
             machines,
+            missed: super::recovery::missed_of(&self.conn, instance)?.map(|(reason, _)| reason),
         }))
     }
 
@@ -933,6 +962,11 @@ fn apply_one(
                 trim_audit(tx, crate::audit::MAX_ROWS)?;
             }
         }
+        StoreOp::Missed(m) => super::recovery::write_missed(tx, &m)?,
+        StoreOp::Attempt(a) => {
+            super::recovery::write_attempt(tx, &a)?;
+            outputs.restart_sequence(tx, &a.instance, &a.machine, retention)?;
+        }
         StoreOp::Notify(_) | StoreOp::Query(_) | StoreOp::Prune => {}
     }
     Ok(())
@@ -981,6 +1015,7 @@ fn prune(tx: &Transaction<'_>, retention: Retention) -> Result<(), StoreError> {
         "DELETE FROM machines WHERE instance IN (SELECT instance FROM doomed)",
         [],
     )?;
+    super::recovery::prune_doomed(tx)?;
     let runs = tx.execute(
         "DELETE FROM runs WHERE instance IN (SELECT instance FROM doomed)",
         [],
@@ -1138,5 +1173,70 @@ mod tests {
         let page = db.audit_page(None, 10).expect("page");
         let actors: Vec<&str> = page.iter().map(|e| e.actor.as_str()).collect();
         assert_eq!(actors, ["a2"]);
+    }
+
+    #[test]
+    fn a_schema_6_store_reads_its_runs_as_first_attempts_after_schema_7() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("saltpeter.db");
+        {
+            let conn = Connection::open(&path).expect("open");
+            for m in [
+                MIGRATION_1,
+                MIGRATION_2,
+                MIGRATION_3,
+                MIGRATION_4,
+                MIGRATION_5,
+                MIGRATION_6,
+            ] {
+                conn.execute_batch(m).expect("schema");
+            }
+            conn.pragma_update(None, "user_version", 6)
+                .expect("version");
+            conn.execute_batch(
+                "INSERT INTO runs (instance, job, grp, started, ended, success, killed, token,
+                    resolving, maintenance, pending_batches)
+                 VALUES ('j_1', 'j', 'g', '2026-06-01T12:00:00.000000+00:00',
+                    '2026-06-01T12:00:05.000000+00:00', 1, 0, 't', 0, '[]', '[]');
+                 INSERT INTO machines (instance, machine, status, retcode, launched, started,
+                    kill_requested, modern)
+                 VALUES ('j_1', 'm1', 'success', 0, 1, 1, 0, 1);",
+            )
+            .expect("rows");
+        }
+        // The runs are older than the default age limit by the real clock; keep them.
+        let keep = Retention {
+            max_age_days: u32::MAX,
+            ..Retention::default()
+        };
+        let mut db = Db::open(&path, keep).expect("migrate");
+        let version: i64 = db
+            .conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .expect("version");
+        assert_eq!(version, 7);
+        let view = db.run_view("j_1").expect("view").expect("the run is there");
+        assert_eq!(view.missed, None);
+        let m1 = view.machines.get("m1").expect("m1");
+        assert_eq!((m1.attempt, m1.attempts.len(), m1.retcode), (1, 0, Some(0)));
+        let slot = OffsetDateTime::from_unix_timestamp(1_780_315_200).expect("time");
+        db.apply(vec![StoreOp::Missed(super::super::MissedRecord::one(
+            "j",
+            "g",
+            slot,
+            super::super::MissedReason::Overlap,
+        ))]);
+        let page = db.runs_page("j", None, 10).expect("page");
+        let kinds: Vec<(&str, Option<&str>, Option<u64>)> = page
+            .iter()
+            .map(|r| (r.instance.as_str(), r.missed.as_deref(), r.missed_count))
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                ("j_missed_1780315200", Some("overlap"), Some(1)),
+                ("j_1", None, None)
+            ]
+        );
     }
 }

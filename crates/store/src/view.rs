@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 use time::OffsetDateTime;
 
-use crate::{MachineRecord, OutputBuffer};
+use crate::{AttemptRecord, AttemptView, MachineRecord, OutputBuffer};
 
 /// Where a machine is in its run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -40,6 +40,11 @@ pub struct MachineView {
     pub output: String,
     pub output_bytes: u64,
     pub output_omitted_bytes: u64,
+    /// The current (or final) attempt, 1 unless the job retried this machine.
+    pub attempt: u32,
+    /// The attempts a retry replaced, oldest first; absent when there were none.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub attempts: Vec<AttemptView>,
 }
 
 /// A run as the API shows it.
@@ -54,6 +59,9 @@ pub struct RunView {
     pub killed: bool,
     pub maintenance: Vec<String>,
     pub machines: BTreeMap<String, MachineView>,
+    /// For a missed slot: why it did not run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub missed: Option<String>,
 }
 
 /// Which runs a timeline shows. Plain data so that a store can answer it as well.
@@ -83,11 +91,15 @@ pub struct TimelineEntry {
     pub success: Option<bool>,
     pub machines: usize,
     pub failed: usize,
+    /// For a missed slot (`msg_type` `missed`): why it did not run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub missed: Option<String>,
 }
 
 impl MachineRecord {
-    /// The machine as the API shows it, with the output held for it.
-    pub fn view(&self, output: &OutputBuffer) -> MachineView {
+    /// The machine as the API shows it, with the output held for it and the attempts a retry
+    /// replaced (oldest first).
+    pub fn view(&self, output: &OutputBuffer, replaced: &[AttemptRecord]) -> MachineView {
         MachineView {
             status: self.status,
             retcode: self.retcode,
@@ -102,8 +114,17 @@ impl MachineRecord {
             output: output.text(),
             output_bytes: output.total_bytes(),
             output_omitted_bytes: output.omitted_bytes(),
+            attempt: attempt_number(replaced.len()),
+            attempts: replaced.iter().map(AttemptRecord::view).collect(),
         }
     }
+}
+
+/// The number of the attempt that follows `replaced` earlier ones: 1 for the first launch.
+pub fn attempt_number(replaced: usize) -> u32 {
+    u32::try_from(replaced)
+        .unwrap_or(u32::MAX)
+        .saturating_add(1)
 }
 
 /// RFC 3339 with `T` and `+00:00`, microsecond precision.

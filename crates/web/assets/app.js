@@ -300,7 +300,8 @@ async function refreshRun() {
         m.cause ? " (" + m.cause.replace(/_/g, " ") + ")" : ""),
       el("span", {}, "duration ", el("b", {}, duration(m.duration))),
       el("span", {}, "heartbeat ", el("b", {}, m.heartbeat_age === null ? "—" : duration(m.heartbeat_age) + " ago")),
-      m.wrapper_version ? el("span", {}, "wrapper ", el("b", {}, m.wrapper_version)) : null);
+      m.wrapper_version ? el("span", {}, "wrapper ", el("b", {}, m.wrapper_version)) : null,
+      m.max_attempts ? el("span", {}, "attempt ", el("b", { class: "attempt", "data-machine": name }, m.attempt + "/" + m.max_attempts)) : null);
     const kill = el("button", {
       class: "btn small danger", disabled: m.endtime ? "" : null,
       onclick: () => killMachine(view.instance, name),
@@ -336,6 +337,7 @@ $("#run-again").addEventListener("click", () => {
 // ---- timeline -------------------------------------------------------------------------------
 
 function barClass(r) {
+  if (r.msg_type === "missed") return "missed";
   if (!r.end) return "run";
   if (r.success) return "ok";
   return r.ret_code === 143 ? "kill" : "fail";
@@ -385,11 +387,12 @@ async function drawTimeline(svg, hours) {
         class: "bar " + barClass(r), x: x(s), y: y + 3, rx: 2, height: rowH - 8,
         width: Math.max(x(e) - x(s), 3),
       });
-      const what = r.end ? (r.success ? "success" : "exit " + r.ret_code) : "running";
+      const what = r.msg_type === "missed" ? "missed (" + String(r.missed).replace(/_/g, " ") + ")"
+        : r.end ? (r.success ? "success" : "exit " + r.ret_code) : "running";
       bar.append(node("title", {}, r.job_instance + "\n" + new Date(r.timestamp).toLocaleString() +
         "\n" + what + " · " + r.machines + " machine(s), " + r.failed + " failed" +
         (r.end ? "\n" + duration((new Date(r.end) - new Date(r.timestamp)) / 1000) : "")));
-      bar.addEventListener("click", () => { location.hash = "#/run/" + encodeURIComponent(r.job_instance); });
+      if (r.msg_type !== "missed") bar.addEventListener("click", () => { location.hash = "#/run/" + encodeURIComponent(r.job_instance); });
       svg.append(bar);
     }
   });

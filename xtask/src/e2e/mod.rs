@@ -9,6 +9,7 @@ mod http;
 pub mod master;
 mod notify;
 mod notify_env;
+mod recovery;
 mod restart;
 mod salt_env;
 mod salt_identity;

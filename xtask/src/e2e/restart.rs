@@ -1,7 +1,9 @@
 //! Restart scenarios: `kill -9` of `sp-master` while three machines stream output, then a
 //! restart after 5 s and, on a second master, after 25 s (longer than the heartbeat timeout).
 //! Every machine must end with its real exit code and byte-exact output, nobody may be marked
-//! 253, and a run killed through the API just before the crash must still end as 143.
+//! 253, and a run killed through the API just before the crash must still end as 143. Beside
+//! them, the missed-slot and catch-up scenario of `recovery.rs` stops and restarts a master
+//! of its own.
 //!
 //! The `postgres` group runs the first of these with `store: postgres://...`, against a
 //! throwaway PostgreSQL of its own (`xtask/src/postgres.rs`).
@@ -57,6 +59,7 @@ pub fn scenarios() -> Vec<Outcome> {
         let short = s.spawn(|| crash_and_restart(Duration::from_secs(5), true, None));
         let long = s.spawn(|| crash_and_restart(Duration::from_secs(25), false, None));
         let clean = s.spawn(signals_and_clean_stop);
+        let missed = s.spawn(super::recovery::missed_and_caught_up);
         let join = |h: std::thread::ScopedJoinHandle<'_, Result<String>>| {
             h.join()
                 .unwrap_or_else(|_| Err(anyhow::anyhow!("scenario panicked")))
@@ -65,6 +68,7 @@ pub fn scenarios() -> Vec<Outcome> {
             ("restart: kill -9 of sp-master, back after 5 s, nothing lost; a killed run stays 143".to_owned(), join(short)),
             ("restart: kill -9 of sp-master, back after 25 s, no false 253".to_owned(), join(long)),
             ("restart: SIGHUP rereads the config; SIGTERM stops cleanly with the job log written".to_owned(), join(clean)),
+            ("restart: slots missed while stopped are recorded (master_down); catch_up: last fires one within starting_deadline, not past it".to_owned(), join(missed)),
         ]
     })
 }

@@ -1,7 +1,9 @@
 //! The scenarios of the master core with the local launcher: the seed document's two test
 //! procedures (a killed wrapper is marked 253 within 16 s; a 40 s job ends 0 with a heartbeat
-//! every 5 s), plus timeout, kill, overlap, maintenance and a broken job file; and, against a
-//! second master that has tokens, the access scenarios of `access.rs`.
+//! every 5 s), plus timeout, kill, overlap, maintenance, a broken job file and retried
+//! machines (retried until one attempt succeeds, retried until the retries are used up, and a
+//! kill from the API that is not retried); and, against a second master that has tokens, the
+//! access scenarios of `access.rs`.
 
 use std::path::Path;
 use std::process::Command;
@@ -9,6 +11,7 @@ use std::thread::sleep;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
+use serde_json::Value;
 
 use super::Outcome;
 use super::access;
@@ -49,6 +52,22 @@ pub fn local() -> Result<Vec<Outcome>> {
         job("kill_143", "  targets: [e2e-k1, e2e-k2]\n  command: sleep 120"),
         job("overlap", "  targets: [e2e-o]\n  command: sleep 30"),
         job("maint", "  targets: [e2e-m1, e2e-m2]\n  command: echo hi from $SP_MACHINE_ID"),
+        job(
+            "retry",
+            "  targets: [e2e-r]\n  command: 'if [ -e @DIR@/retry-marker ]; then echo second try; \
+             else touch @DIR@/retry-marker; echo first try; exit 3; fi'\n  retries: 2\n  \
+             retry_delay: 1",
+        ),
+        job(
+            "retry_n",
+            "  targets: [e2e-rn]\n  command: 'echo try; exit 3'\n  retries: 2\n  retry_delay: 0",
+        ),
+        // 143 is listed, yet a kill by an operator is never retried.
+        job(
+            "retry_kill",
+            "  targets: [e2e-rk]\n  command: sleep 120\n  retries: 2\n  retry_delay: 0\n  \
+             retry_on: [exit, killed]",
+        ),
     ]
     .concat();
     let files = [
@@ -76,6 +95,10 @@ pub fn local() -> Result<Vec<Outcome>> {
         (
             "a broken job file keeps the last good job running",
             broken_file,
+        ),
+        (
+            "a failed attempt is retried with a fresh wrapper; retries stop at N; a kill (143) is not retried",
+            retry,
         ),
     ];
     type AccessScenario = fn(&access::AccessMaster) -> Result<String>;
@@ -312,6 +335,100 @@ fn kill(m: &Master) -> Result<String> {
         "143 on both machines {:.2} s after the request",
         took.as_secs_f64()
     ))
+}
+
+fn retry(m: &Master) -> Result<String> {
+    let started = Instant::now();
+    let used_up = m.run_job("retry_n")?;
+    let killed = m.run_job("retry_kill")?;
+    let instance = m.run_job("retry")?;
+    // The kill first: a check that fails later must not leave its `sleep 120` behind.
+    let killed = kill_not_retried(m, &killed)?;
+    let run = m.wait_run(&instance, Duration::from_secs(60), all_ended)?;
+    let mach = machine(&run, "e2e-r");
+    ensure!(
+        mach["retcode"] == 0 && mach["attempt"] == 2,
+        "expected 0 on attempt 2, got {} on attempt {} ({})",
+        mach["retcode"],
+        mach["attempt"],
+        mach["output"]
+    );
+    ensure!(
+        mach["attempts"][0]["retcode"] == 3,
+        "the first attempt's 3 is not kept: {}",
+        mach["attempts"]
+    );
+    let output = mach["output"].as_str().unwrap_or_default();
+    ensure!(
+        output.contains("first try")
+            && output.contains("[Attempt 2/3]")
+            && output.contains("second try"),
+        "both attempts' output expected: {output:?}"
+    );
+    ensure!(run["success"] == true, "the run must count as a success");
+    let path = m.dir.join("log/retry.log");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut log = String::new();
+    while Instant::now() < deadline && !log.contains("starting attempt 2/3") {
+        log = std::fs::read_to_string(&path).unwrap_or_default();
+        sleep(Duration::from_millis(50));
+    }
+    ensure!(
+        log.contains("attempt 1/3") && log.contains("starting attempt 2/3"),
+        "attempts not in the job log: {log:?}"
+    );
+    let used_up = retries_used_up(m, &used_up)?;
+    Ok(format!(
+        "exit 3, then 0 on attempt 2; {used_up}; {killed}; {:.2} s in all",
+        started.elapsed().as_secs_f64()
+    ))
+}
+
+/// A machine that always fails ends with its last attempt's code once `retries: 2` are used.
+fn retries_used_up(m: &Master, instance: &str) -> Result<String> {
+    let run = m.wait_run(instance, Duration::from_secs(60), all_ended)?;
+    let mach = machine(&run, "e2e-rn");
+    let earlier: Vec<&Value> = mach["attempts"]
+        .as_array()
+        .map(|a| a.iter().map(|x| &x["retcode"]).collect())
+        .unwrap_or_default();
+    ensure!(
+        mach["retcode"] == 3 && mach["attempt"] == 3 && earlier == [3, 3],
+        "expected 3 on attempt 3 after two 3s, got {} on attempt {} after {:?}",
+        mach["retcode"],
+        mach["attempt"],
+        earlier
+    );
+    let output = mach["output"].as_str().unwrap_or_default();
+    ensure!(
+        output.contains("[Attempt 3/3]") && !output.contains("[Attempt 4/"),
+        "attempt 3 of 3 expected to be the last: {output:?}"
+    );
+    ensure!(run["success"] == false, "the run must count as a failure");
+    Ok("3 on all 3 attempts, then no more".into())
+}
+
+/// A machine killed through the API ends 143 on its first attempt even though its job lists
+/// 143 in `retry_on`.
+fn kill_not_retried(m: &Master, instance: &str) -> Result<String> {
+    m.wait_run(instance, Duration::from_secs(20), |r| {
+        machine(r, "e2e-rk")["status"] == "running"
+    })?;
+    let r = super::http::post(
+        m.api,
+        &format!("/api/v1/runs/{instance}/machines/e2e-rk/kill"),
+    )?;
+    ensure!(r.status == 202, "kill: HTTP {} {}", r.status, r.body);
+    let run = m.wait_run(instance, Duration::from_secs(40), all_ended)?;
+    let mach = machine(&run, "e2e-rk");
+    ensure!(
+        mach["retcode"] == 143 && mach["attempt"] == 1 && mach.get("attempts").is_none(),
+        "expected 143 on attempt 1 with no earlier attempt, got {} on attempt {} after {}",
+        mach["retcode"],
+        mach["attempt"],
+        mach["attempts"]
+    );
+    Ok("the machine killed through the API ended 143 on attempt 1, not retried".into())
 }
 
 fn overlap(m: &Master) -> Result<String> {

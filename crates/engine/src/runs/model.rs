@@ -47,6 +47,11 @@ pub(crate) struct MachineRun {
     pub authenticated: bool,
     /// Monotonic bookkeeping for the monitor.
     pub clock: MachineClock,
+    /// Earlier attempts that a retry replaced, oldest first; the current attempt's number is
+    /// one more than their count (see `retry.rs`).
+    pub attempts: Vec<saltpeter_store::AttemptRecord>,
+    /// When the next attempt is due, while the machine waits for its retry.
+    pub retry_at: Option<Instant>,
 }
 
 /// The monotonic instants the monitor judges a machine by. Never derived from wrapper
@@ -92,7 +97,14 @@ impl MachineRun {
             modern: false,
             authenticated: false,
             clock: MachineClock::default(),
+            attempts: Vec::new(),
+            retry_at: None,
         }
+    }
+
+    /// The current attempt's number, 1 for the first launch.
+    pub(crate) fn attempt(&self) -> u32 {
+        saltpeter_store::attempt_number(self.attempts.len())
     }
 
     /// Whether the machine has a final result.
@@ -114,6 +126,7 @@ impl MachineRun {
             MachineStatus::Failed
         };
         self.conn = None;
+        self.retry_at = None;
         true
     }
 
@@ -132,6 +145,12 @@ impl MachineRun {
             output: self.output.text(),
             output_bytes: self.output.total_bytes(),
             output_omitted_bytes: self.output.omitted_bytes(),
+            attempt: self.attempt(),
+            attempts: self
+                .attempts
+                .iter()
+                .map(saltpeter_store::AttemptRecord::view)
+                .collect(),
         }
     }
 }
@@ -187,6 +206,7 @@ impl Run {
                 .iter()
                 .map(|(k, m)| (k.clone(), m.view()))
                 .collect(),
+            missed: None,
         }
     }
 

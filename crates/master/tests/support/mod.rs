@@ -14,7 +14,8 @@ use saltpeter_config::{Config, JobSpec};
 use saltpeter_engine::Clock;
 use saltpeter_engine::launch::{BoxFuture, Launcher, Resolution, StartOutcome, StartRequest};
 use saltpeter_engine::{
-    ApiRequest, ConnId, Engine, EngineHandle, EngineParts, Event, Outbound, StoreParts,
+    ApiRequest, ConnId, Engine, EngineEvent, EngineHandle, EngineParts, Event, Outbound,
+    StoreParts, event_channel,
 };
 use saltpeter_joblog::JobLog;
 use saltpeter_proto::*;
@@ -122,6 +123,8 @@ pub struct Harness {
     config: Option<watch::Sender<Arc<Config>>>,
     next_conn: std::sync::atomic::AtomicU64,
     shutdown: CancellationToken,
+    /// What the engine told its event subscriber.
+    events: Mutex<mpsc::Receiver<EngineEvent>>,
 }
 
 impl Drop for Harness {
@@ -162,11 +165,11 @@ impl Harness {
         let (store, restored) = match data_dir {
             None => Store::inline_memory().unwrap(),
             Some(dir) => {
-                let (db, restored) = Store::open(dir, Default::default()).unwrap();
+                let (db, restored) = Store::open(dir, kept()).unwrap();
                 (Store::inline(db), restored)
             }
         };
-        let (engine, handle) = Engine::new(EngineParts {
+        let (mut engine, handle) = Engine::new(EngineParts {
             config: config_rx,
             launcher: launcher.clone(),
             joblog: JobLog::start(dir.path().join("spool")).unwrap(),
@@ -177,6 +180,8 @@ impl Harness {
             store: StoreParts::Ready(store, restored),
         })
         .unwrap();
+        let (events_tx, events) = event_channel();
+        engine.set_event_sink(events_tx);
         tokio::spawn(engine.run());
         Harness {
             engine: handle,
@@ -185,7 +190,47 @@ impl Harness {
             config: Some(config_tx),
             next_conn: 1.into(),
             shutdown,
+            events: Mutex::new(events),
         }
+    }
+
+    /// The events the engine sent its subscriber since the last call.
+    pub fn take_events(&self) -> Vec<EngineEvent> {
+        let mut rx = self.events.lock();
+        std::iter::from_fn(|| rx.try_recv().ok()).collect()
+    }
+
+    /// A job's history from the store, newest first, as the API returns it.
+    pub async fn history(&self, job: &str) -> Vec<Value> {
+        let job = job.to_owned();
+        let page = self
+            .engine
+            .ask(|reply| {
+                ApiRequest::Store(saltpeter_store::Query::Runs {
+                    job,
+                    before: None,
+                    limit: 1000,
+                    reply,
+                })
+            })
+            .await
+            .unwrap()
+            .unwrap();
+        page.iter()
+            .map(|r| serde_json::to_value(r).unwrap())
+            .collect()
+    }
+
+    /// A run as the store holds it.
+    pub async fn stored_run(&self, instance: &str) -> Value {
+        let instance = instance.to_owned();
+        let view = self
+            .engine
+            .ask(|reply| ApiRequest::Store(saltpeter_store::Query::Run { instance, reply }))
+            .await
+            .unwrap()
+            .unwrap();
+        serde_json::to_value(view.expect("no such run")).unwrap()
     }
 
     /// Drops the config channel's sender, as when the watcher stops.
@@ -527,6 +572,27 @@ impl FakeWrapper {
     }
 }
 
+/// Retention that keeps every run: the paused wall clock is in the past of the real one, by
+/// which the store ages runs.
+fn kept() -> saltpeter_store::Retention {
+    saltpeter_store::Retention {
+        max_age_days: u32::MAX,
+        ..Default::default()
+    }
+}
+
+/// Writes a job's last fired slot into the store in `data_dir`, as a master that stopped
+/// after firing it would have left it.
+pub fn seed_last_fired(data_dir: &std::path::Path, job: &str, at: time::OffsetDateTime) {
+    use saltpeter_store::{Backend, JobRecord, StoreOp};
+    let (mut db, _) = Store::open(data_dir, kept()).unwrap();
+    db.apply(vec![StoreOp::Job(JobRecord {
+        name: job.into(),
+        last_fired: Some(at),
+        ..JobRecord::default()
+    })]);
+}
+
 /// The actor of acts the tests ask the engine for directly.
 pub fn tester() -> saltpeter_store::audit::Actor {
     saltpeter_store::audit::Actor::remote("tester", None)
@@ -542,9 +608,24 @@ pub async fn start_server(
     Arc<FakeLauncher>,
     tempfile::TempDir,
 ) {
+    start_server_after(settings, jobs, |_| {}).await
+}
+
+/// [`start_server`], after `prepare` has seen the data directory (for example to leave in it
+/// what a master that stopped earlier would have left).
+pub async fn start_server_after(
+    settings: &str,
+    jobs: &str,
+    prepare: impl FnOnce(&std::path::Path),
+) -> (
+    saltpeter_master::server::Running,
+    Arc<FakeLauncher>,
+    tempfile::TempDir,
+) {
     use saltpeter_master::server::{self, Options};
     use tokio::net::TcpListener;
     let dir = tempfile::tempdir().unwrap();
+    prepare(&dir.path().join("data"));
     let conf = dir.path().join("conf");
     std::fs::create_dir_all(&conf).unwrap();
     let block = format!(

@@ -60,6 +60,7 @@ pub(super) async fn running(State(ctx): State<UiContext>) -> Response {
 /// `start_date`..`end_date` (default: the last day), optionally of one `job`.
 pub(super) async fn timeline(
     State(ctx): State<UiContext>,
+    uri: axum::http::Uri,
     Query(q): Query<HashMap<String, String>>,
 ) -> Response {
     let now = time::OffsetDateTime::now_utc();
@@ -68,13 +69,17 @@ pub(super) async fn timeline(
         Ok(query) => query,
         Err(e) => return error(StatusCode::BAD_REQUEST, e.0),
     };
-    let Some(content) = ctx
+    let Some(mut content) = ctx
         .engine
         .ask(|reply| ApiRequest::Ui(UiRequest::Timeline { query, reply }))
         .await
     else {
         return engine_gone();
     };
+    // Missed slots: only the new API shows them; the original UI's `/timeline` knows runs only.
+    if !uri.path().starts_with("/api/") {
+        content.retain(|e| e.missed.is_none());
+    }
     let id = q.get("id").map_or("", String::as_str);
     let serial = now.unix_timestamp_nanos() as f64 / 1e9;
     axum::Json(messages::timeline_body(id, &content, serial)).into_response()

@@ -311,10 +311,12 @@ impl Connection {
                     job: None,
                     limit: limits.timeline_max_rows,
                 };
-                let content = engine
+                let mut content = engine
                     .ask(|reply| ApiRequest::Ui(UiRequest::Timeline { query, reply }))
                     .await
                     .ok_or(Failure::Gone)?;
+                // Missed slots: the original UI protocol's timeline holds runs only.
+                content.retain(|e| e.missed.is_none());
                 let serial = now.unix_timestamp_nanos() as f64 / 1e9;
                 self.send(&messages::timeline_message(&id, &content, serial))
                     .await
