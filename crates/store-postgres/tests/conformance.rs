@@ -12,8 +12,9 @@
 
 use saltpeter_store::audit::{Action, Actor, AuditEntry, AuditRecord};
 use saltpeter_store::{
-    AttemptRecord, Backend, MissedReason, MissedRecord, JobRecord, MachineRecord, MachineStatus, Notice, OutputRange, Query, Restored,
-    Retention, RunRecord, RunSummary, Store, StoreOp, TimelineEntry, TimelineQuery,
+    AttemptRecord, Backend, JobRecord, MachineRecord, MachineStatus, MissedReason, MissedRecord,
+    Notice, OutputRange, Query, Restored, Retention, RunRecord, RunSummary, Store, StoreOp,
+    TimelineEntry, TimelineQuery,
 };
 use saltpeter_store_postgres::{Database, PgBackend, PostgresUrl};
 use time::OffsetDateTime;
