@@ -4,7 +4,8 @@
 //! `starting_deadline: 3`) on seconds 0, 6, ...; `soon` (the same keys) on seconds 3, 9, ....
 //! The master comes back 3.2 s after `late`'s missed slot, past its deadline, and 0.2 s after
 //! `soon`'s, within it: `soon` fires its slot late, `late` and `plain` record theirs as missed
-//! (`master_down`) in the API's history and in `/metrics`.
+//! (`master_down`) in the API's history and in `/metrics`, and a webhook that verifies every
+//! signature hears one `missed` notification for each of them (none for `soon`).
 
 use std::thread::sleep;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -14,6 +15,7 @@ use serde_json::Value;
 
 use super::http;
 use super::master::{Master, target_dir};
+use super::notify_env::WebhookReceiver;
 
 /// Seconds between two slots of a job.
 const PERIOD: i64 = 6;
@@ -21,12 +23,17 @@ const PERIOD: i64 = 6;
 /// while `soon`'s missed slot (3 s later) is still within its own.
 const BACK_AFTER: f64 = 3.2;
 
-fn config() -> Vec<(&'static str, String)> {
-    let settings = "saltpeter_config:\n  launcher: local\n  logdir: '@DIR@/log'\n  \
+/// The webhook's shared secret.
+const SECRET: &str = "e2e-missed-secret";
+
+fn config(hook: &str) -> Vec<(&'static str, String)> {
+    let settings = format!(
+        "saltpeter_config:\n  launcher: local\n  logdir: '@DIR@/log'\n  \
          data_dir: '@DIR@/data'\n  default_wrapper_logdir: '@DIR@/wlog'\n  \
          api_ws_bind_addr: 127.0.0.1\n  api_ws_port: 0\n  machines_ws_bind_addr: 127.0.0.1\n  \
-         machines_ws_port: 0\n"
-        .to_owned();
+         machines_ws_port: 0\n  notify:\n    - webhook: {hook}\n      secret: {SECRET}\n      \
+         on: [missed]\n"
+    );
     let job = |name: &str, sec: &str, extra: &str| {
         format!(
             "{name}:\n  sec: '{sec}'\n  min: '*'\n  hour: '*'\n  dom: '*'\n  mon: '*'\n  \
@@ -98,7 +105,8 @@ pub fn missed_and_caught_up() -> Result<String> {
         .join(format!("missed-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
-    let mut master = Master::start(&dir, &config())?;
+    let hook = WebhookReceiver::start(Some(SECRET.to_owned()), Vec::new())?;
+    let mut master = Master::start(&dir, &config(&hook.url("/missed")))?;
 
     // Wait for a slot of `soon` (second 3 mod 6) whose run has ended, after `plain` and
     // `late` have fired once, and early enough in its period to stop before the next slot.
@@ -205,10 +213,43 @@ pub fn missed_and_caught_up() -> Result<String> {
         master.log().contains("Caught up a missed slot."),
         "the catch-up is not in the master's log"
     );
+    // One signed `missed` notification for each of `plain` and `late`, none for `soon`.
+    let got = hook.wait_for(2, Duration::from_secs(20));
+    sleep(Duration::from_secs(1));
+    let got = if hook.received().len() > got.len() {
+        hook.received()
+    } else {
+        got
+    };
+    let mut heard: Vec<(String, String)> = got
+        .iter()
+        .map(|r| {
+            let body: Value = serde_json::from_slice(&r.body).unwrap_or(Value::Null);
+            (
+                body["event"].as_str().unwrap_or_default().to_owned(),
+                body["job"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect();
+    heard.sort();
+    ensure!(
+        heard
+            == [
+                ("missed".to_owned(), "late".to_owned()),
+                ("missed".to_owned(), "plain".to_owned())
+            ],
+        "webhook heard {heard:?}"
+    );
+    ensure!(
+        got.iter().all(|r| r.signature_valid == Some(true)),
+        "a missed notification's signature does not verify"
+    );
+    hook.stop();
     Ok(format!(
         "stopped {stopped_after:.1} s after soon's slot, down over one slot of each job; back {:.1} s after soon's slot (ready in {:.2} s): \
          soon caught it up as {caught_up}, late ({:.1} s, past its 3 s deadline) and plain \
-         recorded it as missed (master_down) in the history and /metrics; {:.1} s in all",
+         recorded it as missed (master_down) in the history and /metrics, and one signed \
+         `missed` notification each; {:.1} s in all",
         relaunched - soon_missed as f64,
         ready_after,
         relaunched - missed_slot as f64,

@@ -68,7 +68,7 @@ pub fn scenarios() -> Vec<Outcome> {
             ("restart: kill -9 of sp-master, back after 5 s, nothing lost; a killed run stays 143".to_owned(), join(short)),
             ("restart: kill -9 of sp-master, back after 25 s, no false 253".to_owned(), join(long)),
             ("restart: SIGHUP rereads the config; SIGTERM stops cleanly with the job log written".to_owned(), join(clean)),
-            ("restart: slots missed while stopped are recorded (master_down); catch_up: last fires one within starting_deadline, not past it".to_owned(), join(missed)),
+            ("restart: slots missed while stopped are recorded (master_down) and notified; catch_up: last fires one within starting_deadline, not past it".to_owned(), join(missed)),
         ]
     })
 }
