@@ -263,15 +263,12 @@ async fn kill_run(
     Path(instance): Path<String>,
 ) -> Result<Response, Failure> {
     let by = actor(caller);
-    engine
-        .ask(|reply| ApiRequest::KillRun {
-            instance,
-            by,
-            reply,
-        })
-        .await
-        .ok_or_else(engine_gone)??;
-    Ok((StatusCode::ACCEPTED, Json(json!({ "killing": true }))).into_response())
+    kill(&engine, |reply| ApiRequest::KillRun {
+        instance,
+        by,
+        reply,
+    })
+    .await
 }
 
 async fn kill_machine(
@@ -280,14 +277,23 @@ async fn kill_machine(
     Path((instance, machine)): Path<(String, String)>,
 ) -> Result<Response, Failure> {
     let by = actor(caller);
-    engine
-        .ask(|reply| ApiRequest::KillMachine {
-            instance,
-            machine,
-            by,
-            reply,
-        })
-        .await
-        .ok_or_else(engine_gone)??;
+    kill(&engine, |reply| ApiRequest::KillMachine {
+        instance,
+        machine,
+        by,
+        reply,
+    })
+    .await
+}
+
+/// Asks the engine for a kill and answers 202 once it has taken it.
+async fn kill<E>(
+    engine: &EngineHandle,
+    request: impl FnOnce(tokio::sync::oneshot::Sender<Result<(), E>>) -> ApiRequest,
+) -> Result<Response, Failure>
+where
+    Failure: From<E>,
+{
+    engine.ask(request).await.ok_or_else(engine_gone)??;
     Ok((StatusCode::ACCEPTED, Json(json!({ "killing": true }))).into_response())
 }
