@@ -665,12 +665,18 @@ async fn a_full_queue_drops_the_oldest_documents_and_counts_them() {
     wait_for(10, "the rest of the queue", || shipper.drained()).await;
     let stats = shipper.stats("elasticsearch").unwrap();
     let got = instances(&accepted(&es.requests(), |_| true));
+    // Every document is counted once: delivered, or dropped for space. A batch the sender
+    // had taken before its segment was dropped may still go out (it was not lost after all),
+    // so besides the newest documents the backend may get one older batch, in order.
     assert_eq!(stats.delivered + stats.dropped_full, 100, "{stats:?}");
-    // What is left is the newest documents, in order.
-    let first = 100 - got.len();
-    let want: Vec<String> = (first..100).map(|n| format!("j_{n}")).collect();
-    assert_eq!(got, want);
     assert_eq!(got.len() as u64, stats.delivered);
+    let numbers: Vec<usize> = got
+        .iter()
+        .map(|i| i.trim_start_matches("j_").parse().unwrap())
+        .collect();
+    assert!(numbers.windows(2).all(|w| w[0] < w[1]), "{got:?}");
+    let newest: Vec<usize> = (84..100).collect();
+    assert!(numbers.ends_with(&newest), "{got:?}");
     stop(shipper).await;
 }
 

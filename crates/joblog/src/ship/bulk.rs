@@ -33,6 +33,7 @@ pub(super) fn run(lane: &Lane, client: &Client, options: &ShipOptions) {
             return;
         };
         let outcome = post(client, &batch.items);
+        let batch_len = batch.items.len();
         let mut state = lane.state.lock();
         match outcome {
             Outcome::Items(results) => {
@@ -73,7 +74,7 @@ pub(super) fn run(lane: &Lane, client: &Client, options: &ShipOptions) {
                         }
                     }
                 }
-                ack(lane, &mut state, &batch.end);
+                settle(lane, &mut state, &batch.end, batch_len);
                 batch_docs = options.batch_docs.max(1);
                 if !retry {
                     backoff.reset();
@@ -98,7 +99,7 @@ pub(super) fn run(lane: &Lane, client: &Client, options: &ShipOptions) {
                     documents = batch.items.len(),
                     "The search backend refused a bulk request; its documents are dropped."
                 );
-                ack(lane, &mut state, &batch.end);
+                settle(lane, &mut state, &batch.end, batch_len);
                 continue;
             }
             Outcome::Retry(reason) => {
@@ -119,8 +120,8 @@ pub(super) fn run(lane: &Lane, client: &Client, options: &ShipOptions) {
     }
 }
 
-fn ack(lane: &Lane, state: &mut super::LaneState, end: &super::queue::Cursor) {
-    if let Err(error) = state.queue.ack(*end) {
+fn settle(lane: &Lane, state: &mut super::LaneState, end: &super::queue::Cursor, items: usize) {
+    if let Err(error) = state.queue.settle(*end, items) {
         // The batch is done either way; a stale cursor only means a resend, which the
         // document ids make harmless.
         tracing::warn!(backend = %lane.name, %error, "Could not record shipping progress.");

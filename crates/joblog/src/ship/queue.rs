@@ -222,6 +222,18 @@ impl Queue {
         write_cursor(&self.dir, self.cursor)
     }
 
+    /// Settles a batch of `items` items that ended at `end`. When its segment was dropped for
+    /// space while the batch was in flight, the drop counted the batch's items as lost,
+    /// though each of them has had its outcome (delivered, requeued or refused): they leave
+    /// the dropped count again, so every document is counted once.
+    pub(super) fn settle(&mut self, end: Cursor, items: usize) -> io::Result<()> {
+        if end <= self.cursor {
+            self.dropped = self.dropped.saturating_sub(items as u64);
+            return Ok(());
+        }
+        self.ack(end)
+    }
+
     /// Whether anything is waiting past the cursor.
     pub(super) fn is_empty(&mut self) -> bool {
         self.settle_cursor();
@@ -407,6 +419,34 @@ mod tests {
             q.ack(b.end).unwrap();
         }
         assert_eq!(got, ["id4", "id5", "id6", "id7", "id8", "id9"]);
+    }
+
+    #[test]
+    fn a_batch_whose_segment_was_dropped_in_flight_is_counted_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let line = serde_json::to_vec(&item(0)).unwrap().len() as u64 + 1;
+        // Two items per segment, room for six.
+        let mut q = Queue::open(dir.path().join("q"), line * 6, line * 2).unwrap();
+        for n in 0..4 {
+            q.push(&item(n)).unwrap();
+        }
+        // The sender takes the oldest segment's two items; while they are in flight the queue
+        // fills and drops that very segment.
+        let in_flight = q.read(100, u64::MAX).unwrap();
+        assert_eq!(ids(&in_flight), ["id0", "id1"]);
+        for n in 4..8 {
+            q.push(&item(n)).unwrap();
+        }
+        assert_eq!(q.dropped, 2, "the in-flight segment went for space");
+        // The request succeeded after all: its items were delivered, not lost.
+        q.settle(in_flight.end, in_flight.items.len()).unwrap();
+        assert_eq!(q.dropped, 0);
+        let next = q.read(100, u64::MAX).unwrap();
+        assert_eq!(
+            ids(&next),
+            ["id2", "id3"],
+            "the cursor went on past the dropped segment"
+        );
     }
 
     #[test]
