@@ -94,8 +94,14 @@ fn channel(kind: &str, target: String, secret: Option<String>) -> Channel {
 
 impl SqliteOutbox {
     /// Opens the outbox in the database at `path` (the store's `saltpeter.db`, which
-    /// `Store::open` created private and in WAL mode), creating its table if missing.
+    /// `Store::open` created private and in WAL mode, or a file of its own beside a PostgreSQL
+    /// store), creating its table if missing. A missing file is created private first: SQLite
+    /// gives its journal files the database file's mode.
     pub fn open(path: &Path) -> Result<Self, OutboxError> {
+        if let Some(dir) = path.parent() {
+            saltpeter_files::create_dir(dir).map_err(|e| OutboxError::Storage(e.to_string()))?;
+        }
+        saltpeter_files::open_append(path).map_err(|e| OutboxError::Storage(e.to_string()))?;
         let conn = Connection::open(path).map_err(storage)?;
         Self::setup(conn)
     }
@@ -378,6 +384,23 @@ mod tests {
     #[test]
     fn the_sqlite_outbox_passes_the_conformance_suite() {
         outbox_conformance(|| Box::new(SqliteOutbox::in_memory().expect("open")));
+    }
+
+    #[test]
+    fn an_outbox_file_of_its_own_is_created_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("data").join("notify-outbox.db");
+        let outbox = SqliteOutbox::open(&path).expect("open");
+        assert!(outbox.enqueue(sample("k1", 0)).expect("enqueue"));
+        let mode = std::fs::metadata(&path).expect("file").permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let dir_mode = std::fs::metadata(path.parent().expect("dir"))
+            .expect("dir")
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(dir_mode, 0o700);
     }
 
     #[test]
