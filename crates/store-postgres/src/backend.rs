@@ -98,7 +98,31 @@ struct State {
 pub struct PgBackend {
     /// Declared first so it is dropped first: its connections end before the runtime does.
     state: State,
-    runtime: tokio::runtime::Runtime,
+    runtime: OwnRuntime,
+}
+
+/// The backend's own runtime, shut down without waiting when the backend is dropped: a backend
+/// dropped inside an async context (a start-up that fails after the store opened) must not
+/// block there, and dropping a runtime would.
+struct OwnRuntime(Option<tokio::runtime::Runtime>);
+
+impl std::ops::Deref for OwnRuntime {
+    type Target = tokio::runtime::Runtime;
+
+    fn deref(&self) -> &Self::Target {
+        // Only `drop` takes it out.
+        self.0
+            .as_ref()
+            .expect("the runtime is present until the backend is dropped")
+    }
+}
+
+impl Drop for OwnRuntime {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
+        }
+    }
 }
 
 impl fmt::Debug for PgBackend {
@@ -147,7 +171,7 @@ impl PgBackend {
                         fences: None,
                         last_prune: None,
                     },
-                    runtime,
+                    runtime: OwnRuntime(Some(runtime)),
                 };
                 let restored = backend.restore()?;
                 Ok((backend, restored))

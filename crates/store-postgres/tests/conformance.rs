@@ -110,6 +110,27 @@ fn postgres_conforms() {
     });
 }
 
+/// A start-up that fails after the store opened drops the backend inside the master's async
+/// main; that must end the backend's runtime quietly, not panic.
+#[test]
+fn a_backend_dropped_inside_an_async_context_ends_quietly() {
+    let Some(url) = postgres_url() else { return };
+    let schema = format!("conf_drop_{}_{}", std::process::id(), nonce());
+    let _scoped = Schema::create(&url, &schema);
+    let sep = if url.contains('?') { '&' } else { '?' };
+    let scoped_url =
+        PostgresUrl::parse(&format!("{url}{sep}options=-c%20search_path%3D{schema}")).unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let (db, _) = PgBackend::open(&scoped_url, Retention::default()).unwrap();
+        drop(db);
+    });
+}
+
 /// The server's URL, `None` (after saying so) when there is none and CI is not set.
 fn postgres_url() -> Option<String> {
     match std::env::var(URL_ENV) {
