@@ -272,28 +272,6 @@ fn ts(at: OffsetDateTime) -> String {
     Timestamp::new(at).to_string()
 }
 
-fn status_str(s: MachineStatus) -> &'static str {
-    match s {
-        MachineStatus::Pending => "pending",
-        MachineStatus::Running => "running",
-        MachineStatus::Success => "success",
-        MachineStatus::Failed => "failed",
-    }
-}
-
-fn parse_status(s: &str) -> MachineStatus {
-    match s {
-        "running" => MachineStatus::Running,
-        "success" => MachineStatus::Success,
-        "failed" => MachineStatus::Failed,
-        _ => MachineStatus::Pending,
-    }
-}
-
-fn parse_cause(s: Option<String>) -> Option<Cause> {
-    s.and_then(|c| serde_json::from_value(serde_json::Value::String(c)).ok())
-}
-
 /// A count or size from the database, where a negative value (a corrupt row) counts as zero.
 fn unsigned(n: i64) -> u64 {
     u64::try_from(n).unwrap_or(0)
@@ -521,7 +499,7 @@ impl State {
                     &[
                         &m.instance,
                         &m.machine,
-                        &status_str(m.status),
+                        &m.status.as_str(),
                         &m.retcode,
                         &m.cause.map(Cause::as_str),
                         &m.late_retcode,
@@ -964,9 +942,9 @@ impl State {
                     MachineRecord {
                         instance: r.try_get(0)?,
                         machine: r.try_get(1)?,
-                        status: parse_status(r.try_get(2)?),
+                        status: MachineStatus::from_stored(r.try_get(2)?),
                         retcode: r.try_get(3)?,
-                        cause: parse_cause(r.try_get(4)?),
+                        cause: saltpeter_store::stored_cause(r.try_get(4)?),
                         late_retcode: r.try_get(5)?,
                         starttime: r.try_get(6)?,
                         endtime: r.try_get(7)?,
@@ -1242,9 +1220,7 @@ impl State {
                 machine: machine.clone(),
                 attempt: u32::try_from(r.try_get::<_, i64>(1)?).unwrap_or(0),
                 retcode: r.try_get(2)?,
-                cause: r
-                    .try_get::<_, Option<String>>(3)?
-                    .and_then(|c| serde_json::from_value(serde_json::Value::String(c)).ok()),
+                cause: saltpeter_store::stored_cause(r.try_get(3)?),
                 starttime: r.try_get(4)?,
                 endtime: r.try_get(5)?,
             };

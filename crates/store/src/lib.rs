@@ -48,6 +48,7 @@ pub use recovery::{AttemptRecord, AttemptView, MissedReason, MissedRecord};
 pub use sqlite::{Db, Retention, StoreError};
 pub use view::{
     MachineStatus, MachineView, RunView, TimelineEntry, TimelineQuery, attempt_number, rfc3339,
+    stored_cause,
 };
 
 /// Identifies one wrapper connection for the engine's lifetime; the store carries it through

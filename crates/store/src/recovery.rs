@@ -188,9 +188,7 @@ pub(super) fn attempts_of(
             machine: r.get(0)?,
             attempt: r.get(1)?,
             retcode: r.get(2)?,
-            cause: r
-                .get::<_, Option<String>>(3)?
-                .and_then(|c| serde_json::from_value(serde_json::Value::String(c)).ok()),
+            cause: crate::stored_cause(r.get(3)?),
             starttime: parse_ts(r.get(4)?),
             endtime: parse_ts(r.get(5)?),
         })

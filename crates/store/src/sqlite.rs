@@ -222,28 +222,6 @@ fn parse_ts(text: Option<String>) -> Option<OffsetDateTime> {
         .map(Timestamp::get)
 }
 
-fn status_str(s: MachineStatus) -> &'static str {
-    match s {
-        MachineStatus::Pending => "pending",
-        MachineStatus::Running => "running",
-        MachineStatus::Success => "success",
-        MachineStatus::Failed => "failed",
-    }
-}
-
-fn parse_status(s: &str) -> MachineStatus {
-    match s {
-        "running" => MachineStatus::Running,
-        "success" => MachineStatus::Success,
-        "failed" => MachineStatus::Failed,
-        _ => MachineStatus::Pending,
-    }
-}
-
-fn parse_cause(s: Option<String>) -> Option<Cause> {
-    s.and_then(|c| serde_json::from_value(serde_json::Value::String(c)).ok())
-}
-
 /// How often the store applies the retention policy on its own.
 const PRUNE_EVERY: std::time::Duration = std::time::Duration::from_secs(3600);
 
@@ -493,9 +471,9 @@ impl Db {
                 MachineRecord {
                     instance: r.get(0)?,
                     machine: r.get(1)?,
-                    status: parse_status(&r.get::<_, String>(2)?),
+                    status: MachineStatus::from_stored(&r.get::<_, String>(2)?),
                     retcode: r.get(3)?,
-                    cause: parse_cause(r.get(4)?),
+                    cause: crate::stored_cause(r.get(4)?),
                     late_retcode: r.get(5)?,
                     starttime: parse_ts(r.get(6)?),
                     endtime: parse_ts(r.get(7)?),
@@ -898,7 +876,7 @@ fn apply_one(
             .execute(params![
                 m.instance,
                 m.machine,
-                status_str(m.status),
+                m.status.as_str(),
                 m.retcode,
                 m.cause.map(Cause::as_str),
                 m.late_retcode,

@@ -23,6 +23,35 @@ pub enum MachineStatus {
     Failed,
 }
 
+impl MachineStatus {
+    /// The spelling every backend stores (the API's too).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MachineStatus::Pending => "pending",
+            MachineStatus::Running => "running",
+            MachineStatus::Success => "success",
+            MachineStatus::Failed => "failed",
+        }
+    }
+
+    /// Reads a stored spelling; anything else reads as pending, as a row from a newer build
+    /// would be safest read.
+    pub fn from_stored(text: &str) -> Self {
+        match text {
+            "running" => MachineStatus::Running,
+            "success" => MachineStatus::Success,
+            "failed" => MachineStatus::Failed,
+            _ => MachineStatus::Pending,
+        }
+    }
+}
+
+/// Reads a stored cause (its wire spelling); one this build does not know reads as
+/// [`Cause::Unknown`].
+pub fn stored_cause(text: Option<String>) -> Option<saltpeter_proto::Cause> {
+    text.and_then(|c| serde_json::from_value(serde_json::Value::String(c)).ok())
+}
+
 /// A machine as the API shows it; `null` where unknown.
 #[derive(Clone, Debug, Serialize)]
 pub struct MachineView {
