@@ -18,6 +18,8 @@ use std::process::{Command, Stdio};
 use anyhow::{Context, Result, bail};
 
 use crate::e2e::master::target_dir;
+use crate::process::run_logged;
+use crate::process::{fresh_venv, pip_install};
 
 /// PyPI pins for the cross toolchain (its marker in the venv must match).
 const ZIG_PINS: [&str; 2] = ["ziglang==0.17.1", "cargo-zigbuild==0.24.1"];
@@ -25,31 +27,6 @@ const ZIG_PINS: [&str; 2] = ["ziglang==0.17.1", "cargo-zigbuild==0.24.1"];
 /// crates.io pins: (crate, version, the `--version` output that proves it is installed).
 pub const CARGO_DEB: (&str, &str) = ("cargo-deb", "3.8.0");
 pub const CARGO_GENERATE_RPM: (&str, &str) = ("cargo-generate-rpm", "0.21.1");
-
-/// Runs `cmd` with its output in `log`; on failure, shows the end of the log.
-pub fn run_logged(cmd: &mut Command, log: &Path, what: &str) -> Result<()> {
-    let out = fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-        .with_context(|| format!("opening {}", log.display()))?;
-    let status = cmd
-        .stdin(Stdio::null())
-        .stdout(out.try_clone()?)
-        .stderr(out)
-        .status()
-        .with_context(|| format!("could not run {what}"))?;
-    if !status.success() {
-        let text = fs::read_to_string(log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        let tail = lines[lines.len().saturating_sub(30)..].join("\n");
-        bail!(
-            "{what} failed ({status}); end of {}:\n{tail}",
-            log.display()
-        );
-    }
-    Ok(())
-}
 
 /// Stdout of a command that must succeed.
 pub fn output(cmd: &mut Command, what: &str) -> Result<String> {
@@ -94,25 +71,10 @@ pub fn zig_venv() -> Result<PathBuf> {
         "==> installing Zig and cargo-zigbuild into {} (PyPI)",
         dir.display()
     );
-    if dir.exists() {
-        fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
-    }
-    fs::create_dir_all(target_dir())?;
     let log = target_dir().join("dist-venv-install.log");
-    let _ = fs::remove_file(&log);
-    run_logged(
-        Command::new("python3").args(["-m", "venv"]).arg(&dir),
-        &log,
-        "python3 -m venv",
-    )?;
-    run_logged(
-        Command::new(bin.join("pip"))
-            .args(["install", "--disable-pip-version-check", "--no-input"])
-            .args(["--progress-bar", "off"])
-            .args(ZIG_PINS),
-        &log,
-        "pip install ziglang cargo-zigbuild",
-    )?;
+    let pip = fresh_venv(&dir, &log)?;
+    let pins: Vec<&std::ffi::OsStr> = ZIG_PINS.iter().map(std::ffi::OsStr::new).collect();
+    pip_install(&pip, &pins, &log, "pip install ziglang cargo-zigbuild")?;
     fs::write(&marker, wanted)?;
     Ok(bin)
 }

@@ -27,7 +27,7 @@ use anyhow::{Context, Result, bail, ensure};
 use parking_lot::Mutex;
 
 use super::master::target_dir;
-use super::salt_env::{self, Daemon, Venv, free_port, run_logged};
+use super::salt_env::{self, Daemon, Venv, free_port};
 
 /// The mail sink's packages, pinned like the Salt venv's (attrs, its other dependency, is
 /// already there).
@@ -50,14 +50,8 @@ pub fn ensure_aiosmtpd(venv: &Venv) -> Result<()> {
     }
     let log = target_dir().join("aiosmtpd-install.log");
     let _ = fs::remove_file(&log);
-    run_logged(
-        Command::new(venv.bin("pip"))
-            .args(["install", "--disable-pip-version-check", "--no-input"])
-            .args(["--progress-bar", "off"])
-            .args(AIOSMTPD),
-        &log,
-        "pip install aiosmtpd",
-    )?;
+    let pins: Vec<&std::ffi::OsStr> = AIOSMTPD.iter().map(std::ffi::OsStr::new).collect();
+    crate::process::pip_install(&venv.bin("pip"), &pins, &log, "pip install aiosmtpd")?;
     fs::write(&marker, wanted)?;
     Ok(())
 }

@@ -37,6 +37,7 @@ use anyhow::{Context, Result, bail, ensure};
 use serde_json::Value;
 
 use super::master::{binary, target_dir, workspace_root};
+use crate::process::{fresh_venv, pip_install};
 
 /// The minions every Salt scenario may target, with the grain `sp_role` each carries.
 pub const MINIONS: [(&str, &str); 3] =
@@ -76,27 +77,6 @@ impl Venv {
     }
 }
 
-pub(super) fn run_logged(cmd: &mut Command, log: &Path, what: &str) -> Result<()> {
-    let out = fs::OpenOptions::new().create(true).append(true).open(log)?;
-    let status = cmd
-        .stdin(Stdio::null())
-        .stdout(out.try_clone()?)
-        .stderr(out)
-        .status()
-        .with_context(|| format!("could not run {what}"))?;
-    if !status.success() {
-        let text = fs::read_to_string(log).unwrap_or_default();
-        let tail: Vec<&str> = text.lines().rev().take(25).collect();
-        let tail: Vec<&str> = tail.into_iter().rev().collect();
-        bail!(
-            "{what} failed ({status}); end of {}:\n{}",
-            log.display(),
-            tail.join("\n")
-        );
-    }
-    Ok(())
-}
-
 /// Makes sure the venv exists and works; installs it when it does not.
 pub fn ensure_venv() -> Result<Venv> {
     let started = Instant::now();
@@ -130,39 +110,17 @@ pub fn ensure_venv() -> Result<Venv> {
         "==> installing Salt into {} (PyPI; a few minutes the first time)",
         dir.display()
     );
-    if dir.exists() {
-        fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
-    }
-    fs::create_dir_all(target_dir())?;
     let log = target_dir().join("salt-venv-install.log");
-    let _ = fs::remove_file(&log);
-    run_logged(
-        Command::new("python3").args(["-m", "venv"]).arg(&dir),
-        &log,
-        "python3 -m venv",
-    )?;
-    let pip = dir.join("bin/pip");
-    let quiet = [
-        "--disable-pip-version-check",
-        "--no-input",
-        "--progress-bar",
-        "off",
-    ];
-    run_logged(
-        Command::new(&pip)
-            .arg("install")
-            .args(quiet)
-            .arg("-r")
-            .arg(&requirements),
+    let pip = fresh_venv(&dir, &log)?;
+    pip_install(
+        &pip,
+        &["-r".as_ref(), requirements.as_os_str()],
         &log,
         "pip install -r xtask/salt-e2e-requirements.txt",
     )?;
-    run_logged(
-        Command::new(&pip)
-            .arg("install")
-            .args(quiet)
-            .arg("--no-deps")
-            .arg(ORIGINAL_WRAPPER),
+    pip_install(
+        &pip,
+        &["--no-deps".as_ref(), ORIGINAL_WRAPPER.as_ref()],
         &log,
         "pip install --no-deps saltpeter",
     )?;
