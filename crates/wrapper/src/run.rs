@@ -221,6 +221,9 @@ async fn controller(cfg: Config, mut lock: LockState, mut ready: PipeWriter) -> 
         }
     };
     log.info(describe(&completion));
+    // The job is over, so the overlap lock goes before the master hears of it: a master that
+    // retries or starts the next run the moment `complete` arrives must find the lock free.
+    drop(lock);
 
     let stopping = completion.cause == Cause::WrapperTerminated;
     let within = if stopping {
@@ -270,7 +273,6 @@ async fn controller(cfg: Config, mut lock: LockState, mut ready: PipeWriter) -> 
         }
         Err(e) => log.info(format!("The link task failed: {e}")),
     }
-    drop(lock);
     ExitCode::SUCCESS
 }
 

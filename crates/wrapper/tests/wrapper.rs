@@ -418,6 +418,35 @@ async fn lock_conflict_reports_254_through_the_protocol() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_lock_is_free_once_complete_is_sent() {
+    // A master may launch the next attempt the moment `complete` arrives; that attempt must
+    // not find the lock still held by a wrapper that is waiting for its ack.
+    let mut master = TestMaster::start(Behaviour {
+        silent_on_complete: true,
+        ..Behaviour::default()
+    })
+    .await;
+    let mut run = Run::new("lockfree", &master.url(), "exit 3");
+    let lockfile = run.path("job.lock");
+    run.set("SP_ALLOW_OVERLAP", "false")
+        .set("SP_LOCKFILE", lockfile.to_str().unwrap());
+    run.launch_ok();
+    let complete = master.wait_complete(LIMIT).await;
+    assert_eq!(complete.retcode, Some(3));
+    let pid = wrapper_pid(&master);
+    assert!(common::alive(pid), "the wrapper must still be delivering");
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&lockfile)
+        .unwrap();
+    let taken = file.try_lock();
+    common::kill_started(pid, "sp-wrapper");
+    assert!(taken.is_ok(), "the lock is still held: {taken:?}");
+    wait_wrapper_exit(pid, Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_link_planted_at_the_lock_path_is_refused_and_its_target_untouched() {
     let mut master = TestMaster::start(Behaviour::default()).await;
     let mut run = Run::new("locklink", &master.url(), "touch ran");

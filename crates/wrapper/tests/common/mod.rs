@@ -34,6 +34,8 @@ pub struct Behaviour {
     pub reject_complete: bool,
     /// Answer `start` with `JOB_NOT_FOUND`.
     pub reject_start: bool,
+    /// Record `complete` but never answer it, so the wrapper stays in delivery.
+    pub silent_on_complete: bool,
     /// Speak TLS (`wss://`) with this configuration.
     pub tls: Option<std::sync::Arc<saltpeter_tls::rustls::ServerConfig>>,
 }
@@ -342,6 +344,8 @@ fn handle(
         WrapperMessage::Complete(c) => {
             if state.behaviour.reject_complete {
                 Reply::Send(MasterMessage::Error(ErrorReply::job_not_found()))
+            } else if state.behaviour.silent_on_complete {
+                Reply::None
             } else {
                 Reply::Send(ack(AckType::Complete, c.seq, None))
             }
