@@ -66,6 +66,7 @@ pub const ALLOWED: &[(&str, &[&str])] = &[
             "saltpeter-store",
             "saltpeter-engine",
             "saltpeter-notify",
+            "saltpeter-http",
         ],
     ),
     (

@@ -165,6 +165,10 @@ pub struct Settings {
     /// `tls_ca`: the CA file wrappers verify an operator's certificate with, as a path on the
     /// minions (`SP_TLS_CA`); default none, the minions' system roots.
     pub tls_ca: Option<String>,
+    /// `cluster_api_url`: where the other masters of a cluster reach this master's API to
+    /// forward an operator's request (`http://` or `https://`, host and port); default the
+    /// API's scheme with the host wrappers are given and the API's port.
+    pub cluster_api_url: Option<String>,
     /// `allow_plaintext`: let a listener bound beyond loopback run without TLS; default
     /// false (the master refuses to start so).
     pub allow_plaintext: bool,
@@ -238,6 +242,7 @@ impl Default for Settings {
             tls_cert: None,
             tls_key: None,
             tls_ca: None,
+            cluster_api_url: None,
             allow_plaintext: false,
             ship_ca: None,
             notify: Vec::new(),
@@ -297,6 +302,7 @@ pub(crate) struct PartialSettings {
     tls_cert: Option<Option<PathBuf>>,
     tls_key: Option<Option<PathBuf>>,
     tls_ca: Option<Option<String>>,
+    cluster_api_url: Option<Option<String>>,
     allow_plaintext: Option<bool>,
     ship_ca: Option<Option<PathBuf>>,
     notify: Option<Vec<saltpeter_notify::Rule>>,
@@ -307,6 +313,19 @@ pub(crate) struct PartialSettings {
 
 fn text(node: &Node) -> Result<String, String> {
     node.as_text()
+}
+
+/// An `http://` or `https://` URL with a host.
+fn http_url(node: &Node) -> Result<String, String> {
+    let t = node.as_text()?;
+    let rest = t
+        .strip_prefix("http://")
+        .or_else(|| t.strip_prefix("https://"))
+        .ok_or_else(|| format!("{t:?} must start with http:// or https://"))?;
+    if rest.trim_end_matches('/').is_empty() || rest.contains(char::is_whitespace) {
+        return Err(format!("{t:?} needs a host (and port) after the scheme"));
+    }
+    Ok(t.trim_end_matches('/').to_owned())
 }
 
 fn non_empty(node: &Node) -> Result<String, String> {
@@ -531,6 +550,7 @@ pub(crate) fn parse_settings(
             "tls_cert" => set!(tls_cert, path),
             "tls_key" => set!(tls_key, path),
             "tls_ca" => set!(tls_ca, |n: &Node| optional(n, non_empty)),
+            "cluster_api_url" => set!(cluster_api_url, |n: &Node| optional(n, http_url)),
             "allow_plaintext" => set!(allow_plaintext, Node::as_bool),
             "ship_ca" => set!(ship_ca, path),
             "notify" | "smtp" | "notify_delivery" => {
@@ -660,6 +680,7 @@ impl Settings {
             tls_cert,
             tls_key,
             tls_ca,
+            cluster_api_url,
             allow_plaintext,
             ship_ca,
             notify,

@@ -16,6 +16,12 @@ pub enum ApiError {
     NotFound(String),
     #[error("{0}")]
     Conflict(String),
+    /// Another master acts for the job (with several masters): the request belongs there.
+    #[error("job {job} is held by master {}", holder.as_ref().map_or("(none at the moment)", |h| h.id.as_str()))]
+    Elsewhere {
+        job: String,
+        holder: Option<crate::MasterRef>,
+    },
 }
 
 /// A request from the API, with where to send the answer.
@@ -50,6 +56,13 @@ pub enum ApiRequest {
         action: Action,
         detail: Option<String>,
     },
+    /// The master that acts for `job` when it is another one (with several masters).
+    HolderOf {
+        job: String,
+        reply: oneshot::Sender<Option<crate::MasterRef>>,
+    },
+    /// Who this master is among several, and who holds which job.
+    Cluster(oneshot::Sender<Option<ClusterStatus>>),
     /// Queries of the UI, the dashboard, the CLI and `/metrics` (see `engine/ui.rs`).
     Ui(super::UiRequest),
     /// A history query, forwarded to the store behind every write queued before it.
@@ -69,6 +82,19 @@ pub struct JobSummary {
     pub last_success: Option<bool>,
     pub running: Vec<String>,
     pub overlap: bool,
+    /// With several masters: the id of the master that holds the job (absent with one).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub master: Option<String>,
+}
+
+/// `GET /api/v1/cluster`: this master, the live ones, and who holds each job.
+#[derive(Clone, Debug, Serialize)]
+pub struct ClusterStatus {
+    pub master: String,
+    pub masters: Vec<crate::MasterRef>,
+    pub holders: std::collections::BTreeMap<String, String>,
+    /// The jobs this master acts for now.
+    pub held: Vec<String>,
 }
 
 impl Engine {
@@ -79,6 +105,15 @@ impl Engine {
                 let _ = reply.send(self.job_summaries());
             }
             ApiRequest::RunNow { job, by, reply } => {
+                if !self.acts_for(&job) && self.config.jobs.contains_key(&job) {
+                    let holder = self
+                        .cluster
+                        .as_ref()
+                        .and_then(|c| c.other_holder(&job))
+                        .cloned();
+                    let _ = reply.send(Err(ApiError::Elsewhere { job, holder }));
+                    return;
+                }
                 let result = self.fire(&job, Some(&by));
                 let instance = result.as_ref().ok().cloned();
                 self.audit(Action::Run, by, Some(job), instance, None, &result);
@@ -127,6 +162,17 @@ impl Engine {
                     &result,
                 );
                 let _ = reply.send(result);
+            }
+            ApiRequest::HolderOf { job, reply } => {
+                let holder = self
+                    .cluster
+                    .as_ref()
+                    .and_then(|c| c.other_holder(&job))
+                    .cloned();
+                let _ = reply.send(holder);
+            }
+            ApiRequest::Cluster(reply) => {
+                let _ = reply.send(self.cluster_status());
             }
             ApiRequest::Note { by, action, detail } => {
                 tracing::info!(actor = %by, action = action.as_str(), "Recorded in the audit trail.");
@@ -214,8 +260,35 @@ impl Engine {
                     last_success: state.and_then(|s| s.last_success),
                     running: state.map(|s| s.running.clone()).unwrap_or_default(),
                     overlap: state.is_some_and(|s| s.overlap),
+                    master: self
+                        .cluster
+                        .as_ref()
+                        .and_then(|c| c.holder_id(&job.name))
+                        .map(str::to_owned),
                 }
             })
             .collect()
+    }
+
+    fn cluster_status(&self) -> Option<ClusterStatus> {
+        let c = self.cluster.as_ref()?;
+        let mut held: Vec<String> = self
+            .config
+            .jobs
+            .keys()
+            .filter(|j| self.acts_for(j))
+            .cloned()
+            .collect();
+        held.sort();
+        let mut holders = c.holders().clone();
+        for job in &held {
+            holders.insert(job.clone(), c.master_id().to_owned());
+        }
+        Some(ClusterStatus {
+            master: c.master_id().to_owned(),
+            masters: c.masters().to_vec(),
+            holders,
+            held,
+        })
     }
 }

@@ -18,6 +18,7 @@
 
 mod api;
 mod clock;
+mod cluster;
 mod identity;
 pub mod launch;
 mod lifecycle;
@@ -43,8 +44,9 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
 
-pub use api::{ApiError, ApiRequest, JobSummary};
+pub use api::{ApiError, ApiRequest, ClusterStatus, JobSummary};
 pub use clock::Clock;
+pub use cluster::{ClaimResult, ClusterParts, ClusterView, MasterRef, SlotClaims, SlotKind};
 pub use identity::Identity;
 pub use missed::{EngineEvent, event_channel};
 pub use ui::*;
@@ -126,6 +128,20 @@ pub enum Event {
         connect: saltpeter_proto::Connect,
         result: Result<(), crate::identity::IdentityError>,
     },
+    /// A pass of the coordination among masters (only with several masters).
+    Cluster(ClusterView),
+    /// The store loaded a gained job's state.
+    TakenOver {
+        job: String,
+        result: Result<Restored, saltpeter_store::StoreError>,
+    },
+    /// The database answered a slot claim.
+    SlotClaimed {
+        job: String,
+        slot: time::OffsetDateTime,
+        kind: cluster::SlotKind,
+        won: ClaimResult,
+    },
 }
 
 /// Sends events to the engine.
@@ -170,6 +186,9 @@ pub struct EngineParts {
     pub shutdown: CancellationToken,
     /// Where durable state goes; see [`Engine::new`] for how it is started.
     pub store: StoreParts,
+    /// With several masters on one database: this master's id and its slot claims. The
+    /// engine then acts for no job until the coordination gives it one.
+    pub cluster: Option<ClusterParts>,
 }
 
 /// The store, either still to be started on the engine's channel (production: a thread) or
@@ -237,6 +256,8 @@ pub struct Engine {
     config_taken: Option<(time::OffsetDateTime, bool)>,
     /// Where [`EngineEvent`]s go, once someone subscribed (see `missed.rs`).
     events: Option<mpsc::Sender<EngineEvent>>,
+    /// The jobs this master holds among several; `None` with one master (see `cluster.rs`).
+    cluster: Option<cluster::Cluster>,
 }
 
 /// What the engine remembers about a job between runs. It differs from the store's
@@ -318,6 +339,7 @@ impl Engine {
             verifiers: Arc::new(tokio::sync::Semaphore::new(VERIFIERS)),
             config_taken: None,
             events: None,
+            cluster: parts.cluster.map(cluster::Cluster::new),
         };
         for name in config.jobs.keys() {
             engine.jobs.entry(name.clone()).or_default();
@@ -482,6 +504,14 @@ impl Engine {
                 connect,
                 result,
             } => self.on_verified(conn, connect, result),
+            Event::Cluster(view) => self.on_cluster(view),
+            Event::TakenOver { job, result } => self.on_taken_over(&job, result),
+            Event::SlotClaimed {
+                job,
+                slot,
+                kind,
+                won,
+            } => self.on_slot_claimed(&job, slot, kind, won),
         }
         self.drain_inline_notices();
     }

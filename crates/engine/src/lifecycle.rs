@@ -582,6 +582,11 @@ impl Engine {
             ),
             None => self.machines_url.clone(),
         };
+        let cluster = self
+            .cluster
+            .as_ref()
+            .map(|c| crate::cluster::wrapper_env(c, &url))
+            .unwrap_or_default();
         let mut put = |k: &str, v: String| env.push((k.to_owned(), v));
         match url.strip_prefix("wss://") {
             // The original wrapper reads only SP_WEBSOCKET_URL and speaks only ws://; while it
@@ -632,7 +637,13 @@ impl Engine {
             put("SP_USER", v.clone());
         }
         for (k, v) in &self.wrapper_env {
-            put(k, v.clone());
+            // A cluster's list of certificates replaces this master's own one.
+            if !cluster.iter().any(|(ck, _)| ck == k) {
+                put(k, v.clone());
+            }
+        }
+        for (k, v) in cluster {
+            put(&k, v);
         }
         env
     }
@@ -667,4 +678,5 @@ const RESERVED: &[&str] = &[
     "SP_WEBSOCKET_URL_TLS",
     "SP_TLS_FINGERPRINT",
     "SP_TLS_CA",
+    "SP_WEBSOCKET_URLS",
 ];

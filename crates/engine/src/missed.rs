@@ -178,14 +178,29 @@ impl Engine {
             .collect();
         jobs.sort();
         for (name, floor) in jobs {
-            let Some(job) = self.config.jobs.get(&name).cloned() else {
-                continue;
-            };
-            let Some(latest) = latest_in(&job.schedule, floor, now) else {
-                continue;
-            };
-            self.missed_window(&name, floor, latest, now);
+            self.scan_missed_since(&name, floor, now, None);
         }
+    }
+
+    /// Records the slots of `name` after `floor` up to `now` as missed (the latest maybe caught
+    /// up): after a restart, or when this master takes a job over from another. `late_ok`
+    /// fires the latest slot late whatever the job's policy when it is at most that old: a
+    /// job handed from one master to the next waits for a renewal period, which is not a
+    /// master being down.
+    pub(super) fn scan_missed_since(
+        &mut self,
+        name: &str,
+        floor: OffsetDateTime,
+        now: OffsetDateTime,
+        late_ok: Option<Duration>,
+    ) {
+        let Some(job) = self.config.jobs.get(name).cloned() else {
+            return;
+        };
+        let Some(latest) = latest_in(&job.schedule, floor, now) else {
+            return;
+        };
+        self.missed_window(name, floor, latest, now, late_ok);
     }
 
     /// The scheduler found `slot` of `name` due at `now`. Returns the slot the caller fires
@@ -214,7 +229,7 @@ impl Engine {
             self.record_missed(name, before, until, MissedReason::MasterDown);
             return Some(latest);
         }
-        self.missed_window(name, before, latest, now);
+        self.missed_window(name, before, latest, now, None);
         None
     }
 
@@ -227,11 +242,13 @@ impl Engine {
         after: OffsetDateTime,
         latest: OffsetDateTime,
         now: OffsetDateTime,
+        late_ok: Option<Duration>,
     ) -> Option<OffsetDateTime> {
         let job = self.config.jobs.get(name).cloned()?;
         let policy = &job.recovery;
-        let catch_up =
-            policy.catch_up == CatchUp::Last && within(latest, now, policy.starting_deadline);
+        let catch_up = (policy.catch_up == CatchUp::Last
+            && within(latest, now, policy.starting_deadline))
+            || late_ok.is_some_and(|w| within(latest, now, w));
         let until = if catch_up {
             latest.checked_sub(time::Duration::SECOND).unwrap_or(latest)
         } else {
@@ -245,6 +262,16 @@ impl Engine {
         if !catch_up {
             return None;
         }
+        if self.cluster.is_some() {
+            self.claim_then_fire(name, latest, crate::cluster::SlotKind::CatchUp);
+        } else {
+            self.fire_catch_up(name, latest);
+        }
+        Some(latest)
+    }
+
+    /// Fires the missed slot `latest` of `name` late (`catch_up: last`).
+    pub(super) fn fire_catch_up(&mut self, name: &str, latest: OffsetDateTime) {
         self.log_note(
             name,
             format!(
@@ -267,7 +294,6 @@ impl Engine {
                 self.on_fire_refused(name, latest);
             }
         }
-        Some(latest)
     }
 
     /// Records the slots of `name` in `(after, until]` as missed for `reason`, within the

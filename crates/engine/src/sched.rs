@@ -107,6 +107,23 @@ impl Scheduler {
         due
     }
 
+    /// Queues `name` at its first slot after `after`, whatever was queued for it: a job this
+    /// master just took over starts from the slot its last holder fired.
+    pub(crate) fn restart_job(&mut self, config: &Config, name: &str, after: OffsetDateTime) {
+        if let Some(old) = self.next.remove(name) {
+            self.queue.remove(&(old, name.to_owned()));
+        }
+        let Some(job) = config.jobs.get(name) else {
+            return;
+        };
+        if let Some(slot) = job.schedule.next_after(after) {
+            self.next.insert(name.to_owned(), slot);
+            self.queue.insert((slot, name.to_owned()));
+        }
+        self.cron_lines
+            .insert(name.to_owned(), job.schedule.cron_line());
+    }
+
     /// The queued next slot of a job.
     pub(crate) fn next_of(&self, job: &str) -> Option<OffsetDateTime> {
         self.next.get(job).copied()
@@ -118,19 +135,32 @@ impl Engine {
         let now = self.clock.wall();
         let config = self.config.clone();
         for (job, slot) in self.scheduler.take_due(&config, now) {
+            // Another master fires the slots of the jobs it holds.
+            if !self.acts_for(&job) {
+                continue;
+            }
             // Missed slots: a late or stalled slot is recorded (and maybe caught up) there.
             let Some(slot) = self.plan_due_slot(&job, slot, now) else {
                 continue;
             };
-            if let Some(state) = self.jobs.get_mut(&job) {
-                state.last_fired = Some(slot);
+            if self.cluster.is_some() {
+                self.claim_then_fire(&job, slot, crate::cluster::SlotKind::OnTime);
+            } else {
+                self.fire_slot(&job, slot);
             }
-            self.save_job(&job);
-            if let Err(error) = self.fire(&job, None) {
-                tracing::debug!(%job, %error, "Scheduled run not started.");
-                // Missed slots: overlap and maintenance refusals are recorded.
-                self.on_fire_refused(&job, slot);
-            }
+        }
+    }
+
+    /// Fires a due slot of `job` (claimed first when there are several masters).
+    pub(super) fn fire_slot(&mut self, job: &str, slot: OffsetDateTime) {
+        if let Some(state) = self.jobs.get_mut(job) {
+            state.last_fired = Some(state.last_fired.map_or(slot, |f| f.max(slot)));
+        }
+        self.save_job(job);
+        if let Err(error) = self.fire(job, None) {
+            tracing::debug!(%job, %error, "Scheduled run not started.");
+            // Missed slots: overlap and maintenance refusals are recorded.
+            self.on_fire_refused(job, slot);
         }
     }
 }

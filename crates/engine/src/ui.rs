@@ -198,6 +198,9 @@ pub struct JobRow {
     pub overlap: bool,
     /// Machines of this job currently under maintenance.
     pub maintenance: Vec<String>,
+    /// With several masters: the id of the master that holds the job (absent with one).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub master: Option<String>,
 }
 
 /// Which run and from where.
@@ -442,6 +445,11 @@ impl Engine {
                         .into_iter()
                         .filter(|n| maintenance.machines.contains(n))
                         .collect(),
+                    master: self
+                        .cluster
+                        .as_ref()
+                        .and_then(|c| c.holder_id(&job.name))
+                        .map(str::to_owned),
                 }
             })
             .collect();

@@ -36,14 +36,17 @@ enum Refusal {
     Unauthorized(String),
     /// The message names something that does not fit the run.
     BadRequest(String),
+    /// Another master holds the run's job now (or this one is still loading it).
+    NotHolder(String),
 }
 
 impl Engine {
     pub(super) fn on_wrapper(&mut self, conn: ConnId, msg: WrapperMessage, received: Instant) {
         let env = msg.envelope();
         let (instance, machine) = (env.job_instance.clone(), env.machine.clone());
+        let job = env.job_name.clone();
         let result = match msg {
-            WrapperMessage::Hello(_) => self.on_hello(conn, &instance),
+            WrapperMessage::Hello(_) => self.on_hello(conn, &job, &instance),
             WrapperMessage::Connect(connect) => self.on_connect(conn, connect),
             _ if self.conns.get(&conn).is_some_and(|c| c.verifying) => {
                 // Our wrapper sends nothing before its connect is acknowledged but a heartbeat
@@ -70,6 +73,10 @@ impl Engine {
             }
             Refusal::Unauthorized(why) => (ErrorCode::Unauthorized, why, true),
             Refusal::BadRequest(why) => (ErrorCode::BadRequest, why, false),
+            Refusal::NotHolder(job) => {
+                let reply = ErrorReply::not_holder(&job);
+                (reply.code, reply.message, true)
+            }
         };
         let peer = self.conns.get(&conn).map(|c| c.peer);
         tracing::warn!(conn, ?peer, %instance, %machine, ?code, %message, "Rejected a wrapper message.");
@@ -88,10 +95,20 @@ impl Engine {
         );
     }
 
+    /// The refusal for a run this master does not know: with several masters, a run of a job
+    /// it does not act for may well be alive on another one.
+    fn unknown_run(&self, job: &str) -> Refusal {
+        if self.acts_for(job) {
+            Refusal::JobNotFound
+        } else {
+            Refusal::NotHolder(job.to_owned())
+        }
+    }
+
     /// `hello`: a fresh challenge for this connection, which its `connect` must sign.
-    fn on_hello(&mut self, conn: ConnId, instance: &str) -> Result<(), Refusal> {
+    fn on_hello(&mut self, conn: ConnId, job: &str, instance: &str) -> Result<(), Refusal> {
         if self.run_mut(instance).is_none() {
-            return Err(Refusal::JobNotFound);
+            return Err(self.unknown_run(job));
         }
         let nonce = new_nonce();
         let Some(c) = self.conns.get_mut(&conn) else {
@@ -115,6 +132,9 @@ impl Engine {
         let env = &connect.envelope;
         let (instance, machine) = (env.job_instance.as_str(), env.machine.as_str());
         let allow_legacy = self.config.settings.allow_legacy_wrappers;
+        if self.run_mut(instance).is_none() {
+            return Err(self.unknown_run(&env.job_name));
+        }
         let run = self.run_mut(instance).ok_or(Refusal::JobNotFound)?;
         let identity = run.identity;
         let live = live_machine(run, instance, machine)?;

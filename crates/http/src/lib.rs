@@ -43,6 +43,8 @@ pub struct Client {
     basic: Option<String>,
     timeout: Duration,
     ca: Option<PathBuf>,
+    /// Headers sent with every request besides the credentials.
+    extra: Vec<(String, String)>,
     agent: ureq::Agent,
 }
 
@@ -110,6 +112,7 @@ impl Client {
             basic,
             timeout,
             ca: None,
+            extra: Vec::new(),
             agent: agent(timeout, None)?,
         })
     }
@@ -120,6 +123,12 @@ impl Client {
         self.ca = path.map(Path::to_owned);
         self.agent = agent(self.timeout, self.ca.as_deref())?;
         Ok(self)
+    }
+
+    /// Sends `name: value` with every request.
+    pub fn with_header(mut self, name: &str, value: &str) -> Self {
+        self.extra.push((name.to_owned(), value.to_owned()));
+        self
     }
 
     /// Sets the overall timeout of a request, connect included (default 30 s).
@@ -175,6 +184,9 @@ impl Client {
         }
         if let Some(t) = content_type {
             request = request.header("Content-Type", t);
+        }
+        for (name, value) in &self.extra {
+            request = request.header(name.as_str(), value.as_str());
         }
         let request = request
             .body(body)

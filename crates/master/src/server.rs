@@ -59,6 +59,9 @@ pub struct Running {
     pub notifier: NotifierHandle,
     /// The notifier's task; it ends once the job log has stopped and `notifier` is dropped.
     pub notifier_task: tokio::task::JoinHandle<()>,
+    /// With several masters: the coordination task and what stops it, after the engine, so
+    /// the store's last writes are made under leases still held.
+    pub cluster: Option<(CancellationToken, tokio::task::JoinHandle<()>)>,
 }
 
 /// The durable outbox and the deliverer thread that sends from it, shared by the notifier
@@ -121,6 +124,10 @@ impl Running {
         self.shutdown.cancel();
         if self.engine_stopped.await.is_err() {
             tracing::error!("The engine thread ended without reporting; it may have panicked.");
+        }
+        if let Some((stop, task)) = self.cluster.take() {
+            stop.cancel();
+            let _ = task.await;
         }
         // The job log has stopped, so its tap is gone; with this handle dropped too, the
         // notifier queues what it heard last and ends. Then the deliverer stops: after the
@@ -281,12 +288,51 @@ pub async fn start(options: Options) -> Result<Running, StartError> {
         head_bytes: s.retention_output_head_bytes,
         tail_bytes: s.retention_output_tail_bytes,
     };
-    let (db, restored) = open_store(s, retention)?;
+    let api_base = {
+        let scheme = if tls.api.is_some() { "https" } else { "http" };
+        let host = if api_addr.ip().is_unspecified() {
+            s.default_saltpeter_server_host.clone()
+        } else {
+            match api_addr.ip() {
+                std::net::IpAddr::V6(ip) => format!("[{ip}]"),
+                ip => ip.to_string(),
+            }
+        };
+        format!("{scheme}://{host}:{}", api_addr.port())
+    };
+    // With PostgreSQL this master joins the others on the database before its store opens, so
+    // every write the store makes is fenced by a lease.
+    let joining =
+        match &s.store {
+            Some(url) => {
+                let url = saltpeter_store_postgres::PostgresUrl::parse(url.expose())
+                    .map_err(|e| StartError::Config(format!("store: {e}")))?;
+                let advertised = saltpeter_store_postgres::Advertised {
+                    machines_url: machines_url.clone(),
+                    api_url: s
+                        .cluster_api_url
+                        .clone()
+                        .unwrap_or_else(|| api_base.clone()),
+                    tls_fingerprint: tls.fingerprint.map(|f| f.to_string()),
+                };
+                Some(crate::cluster::join(&url, advertised).await.map_err(|e| {
+                    StartError::Config(format!("store: cannot join the cluster: {e}"))
+                })?)
+            }
+            None => None,
+        };
+    let (db, restored) = open_store(s, retention, joining.as_ref().map(|j| j.hook.clone()))?;
     // What the notifier needs of the restored state: each job's last outcome and the runs
     // still going.
     let seed_jobs = restored.jobs.clone();
     let seed_runs: Vec<saltpeter_store::RunRecord> =
         restored.runs.iter().map(|(r, _)| r.clone()).collect();
+    // In a cluster the engine starts with no job: each one's state comes with its lease.
+    let restored = if joining.is_some() {
+        saltpeter_store::Restored::default()
+    } else {
+        restored
+    };
     let outbox: Arc<dyn Outbox> = Arc::new(
         saltpeter_store::SqliteOutbox::open(&outbox_path(s))
             .map_err(|e| StartError::Notify(e.to_string()))?,
@@ -317,6 +363,7 @@ pub async fn start(options: Options) -> Result<Running, StartError> {
         wrapper_env: tls.wrapper_env.clone(),
         shutdown: shutdown.clone(),
         store: StoreParts::Open(db, restored),
+        cluster: joining.as_ref().map(|j| j.parts.clone()),
     })
     .map_err(StartError::Store)?;
     let mut tasks = tokio::task::JoinSet::new();
@@ -339,18 +386,11 @@ pub async fn start(options: Options) -> Result<Running, StartError> {
         });
     tasks.spawn(events.run(events_rx));
     let engine_stopped = engine.run_on_own_thread().map_err(StartError::Engine)?;
-    let api_base = {
-        let scheme = if tls.api.is_some() { "https" } else { "http" };
-        let host = if api_addr.ip().is_unspecified() {
-            s.default_saltpeter_server_host.clone()
-        } else {
-            match api_addr.ip() {
-                std::net::IpAddr::V6(ip) => format!("[{ip}]"),
-                ip => ip.to_string(),
-            }
-        };
-        format!("{scheme}://{host}:{}", api_addr.port())
-    };
+    let cluster = joining.map(|joining| {
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(joining.run(handle.clone(), config_rx.clone(), stop.clone()));
+        (stop, task)
+    });
     let mut notifier = Notifier::new(
         config_rx.clone(),
         Arc::clone(&outbox),
@@ -425,6 +465,7 @@ pub async fn start(options: Options) -> Result<Running, StartError> {
         notifications,
         notifier: NotifierHandle::new(seen_tx),
         notifier_task,
+        cluster,
     })
 }
 
@@ -443,6 +484,7 @@ fn outbox_path(s: &saltpeter_config::Settings) -> std::path::PathBuf {
 fn open_store(
     s: &saltpeter_config::Settings,
     retention: saltpeter_store::Retention,
+    fences: Option<saltpeter_store_postgres::FenceHook>,
 ) -> Result<(Box<dyn saltpeter_store::Backend>, saltpeter_store::Restored), StartError> {
     match &s.store {
         None => {
@@ -454,8 +496,11 @@ fn open_store(
         Some(url) => {
             let url = saltpeter_store_postgres::PostgresUrl::parse(url.expose())
                 .map_err(|e| StartError::Config(format!("store: {e}")))?;
-            let (db, restored) = saltpeter_store_postgres::PgBackend::open(&url, retention)
+            let (mut db, restored) = saltpeter_store_postgres::PgBackend::open(&url, retention)
                 .map_err(StartError::Store)?;
+            if let Some(hook) = fences {
+                db = db.with_fences(hook);
+            }
             tracing::info!(url = %url.redacted(), "Store: PostgreSQL.");
             Ok((Box::new(db), restored))
         }

@@ -103,6 +103,9 @@ pub enum ErrorCode {
     Unauthorized,
     /// The frame could not be decoded or is too large (our extension).
     BadRequest,
+    /// This master does not hold the run's job at the moment (several masters share the
+    /// work); the wrapper tries another master (our extension).
+    NotHolder,
     #[serde(other)]
     Unknown,
 }
@@ -122,6 +125,17 @@ impl ErrorReply {
         Self {
             code: ErrorCode::JobNotFound,
             message: String::from("Job no longer exists on server (stopped or restarted)"),
+            timestamp: None,
+        }
+    }
+
+    /// The answer of a master that does not hold `job` now: the wrapper should try another.
+    pub fn not_holder(job: &str) -> Self {
+        Self {
+            code: ErrorCode::NotHolder,
+            message: format!(
+                "This master does not hold job {job} at the moment; try another master"
+            ),
             timestamp: None,
         }
     }

@@ -636,7 +636,7 @@ impl State {
                 .await?;
             }
             StoreOp::Prune => self.prune(tx).await?,
-            StoreOp::Notify(_) | StoreOp::Query(_) => {}
+            StoreOp::Notify(_) | StoreOp::Query(_) | StoreOp::ForgetJob(_) => {}
         }
         Ok(())
     }
@@ -999,6 +999,9 @@ impl State {
         // A dropped receiver means the asker went away; nothing to do.
         let fail = |e: Error| store_error(e);
         match query {
+            Query::Takeover { reply, .. } => {
+                let _ = reply.send(Err(StoreError::Backend("takeover is not supported".into())));
+            }
             Query::Runs {
                 job,
                 before,

@@ -241,6 +241,12 @@ pub enum Query {
         query: crate::TimelineQuery,
         reply: oneshot::Sender<Result<Vec<crate::TimelineEntry>, StoreError>>,
     },
+    /// The unfinished runs of one job and its record, as `restore` gives them, for a master
+    /// that just took the job over.
+    Takeover {
+        job: String,
+        reply: oneshot::Sender<Result<Restored, StoreError>>,
+    },
 }
 
 /// One unit of work for the store, applied in order.
@@ -266,6 +272,8 @@ pub enum StoreOp {
     Missed(MissedRecord),
     /// Keeps the result of an attempt that a retry replaces.
     Attempt(AttemptRecord),
+    /// This master lost the job: drop what is kept in memory for its runs.
+    ForgetJob(String),
 }
 
 /// Handle to the store.

@@ -420,7 +420,10 @@ impl Db {
                     Query::Output {
                         instance, machine, ..
                     } => Some((instance, Some(machine.as_str()))),
-                    Query::Runs { .. } | Query::Timeline { .. } | Query::Audit { .. } => None,
+                    Query::Runs { .. }
+                    | Query::Timeline { .. }
+                    | Query::Audit { .. }
+                    | Query::Takeover { .. } => None,
                 };
                 if let Some((instance, machine)) = target {
                     self.outputs
@@ -523,6 +526,9 @@ impl Db {
     fn answer(&mut self, query: Query) {
         // A dropped receiver means the asker went away; nothing to do.
         match query {
+            Query::Takeover { reply, .. } => {
+                let _ = reply.send(Err(StoreError::Backend("takeover is not supported".into())));
+            }
             Query::Runs {
                 job,
                 before,
@@ -945,7 +951,7 @@ fn apply_one(
             super::recovery::write_attempt(tx, &a)?;
             outputs.restart_sequence(tx, &a.instance, &a.machine, retention)?;
         }
-        StoreOp::Notify(_) | StoreOp::Query(_) | StoreOp::Prune => {}
+        StoreOp::Notify(_) | StoreOp::Query(_) | StoreOp::Prune | StoreOp::ForgetJob(_) => {}
     }
     Ok(())
 }

@@ -154,6 +154,7 @@ function renderJobs() {
       : document.createTextNode(when(j.last_run));
     const name = el("td", {}, el("b", {}, j.name));
     if (j.maintenance.length) name.append(" ", el("span", { class: "pill kill", title: j.maintenance.join(", ") }, "maintenance"));
+    if (j.master) name.append(" ", el("span", { class: "pill", title: "The master that runs this job (several share the work)" }, "on " + j.master));
     if (j.overlap) name.append(" ", el("span", { class: "pill kill", title: "The last attempt was refused: a run was still going" }, "overlap"));
     const actions = el("td", {},
       el("button", { class: "btn small run", "data-job": j.name, onclick: () => runNow(j.name) }, "Run now"), " ");

@@ -15,13 +15,14 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::extract::{FromRef, Path, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use serde_json::json;
 use tokio::sync::watch;
 
+use crate::forward;
 use crate::ui::UiContext;
 use crate::ui::auth::Caller;
 use crate::ui::query::{self, QueryError};
@@ -35,6 +36,7 @@ pub fn router(engine: EngineHandle, config: watch::Receiver<Arc<Config>>) -> Rou
         .route("/healthz", get(healthz))
         .route("/version", get(version))
         .route("/api/v1/audit", get(audit))
+        .route("/api/v1/cluster", get(cluster))
         .route("/api/v1/jobs", get(list_jobs))
         .route("/api/v1/jobs/{job}/run", post(run_now))
         .route("/api/v1/jobs/{job}/runs", get(job_runs))
@@ -78,6 +80,9 @@ impl From<ApiError> for Failure {
         match e {
             ApiError::NotFound(m) => Failure(StatusCode::NOT_FOUND, m),
             ApiError::Conflict(m) => Failure(StatusCode::CONFLICT, m),
+            e @ ApiError::Elsewhere { .. } => {
+                Failure(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+            }
         }
     }
 }
@@ -128,6 +133,17 @@ async fn audit(
     Ok(Json(json!({ "entries": entries, "next_before": next })).into_response())
 }
 
+/// `GET /api/v1/cluster`: with several masters, this one's id, the live masters and who
+/// holds each job; 404 with one master.
+async fn cluster(State(engine): State<EngineHandle>) -> Result<Response, Failure> {
+    let status = engine
+        .ask(ApiRequest::Cluster)
+        .await
+        .ok_or_else(engine_gone)?
+        .ok_or_else(|| Failure(StatusCode::NOT_FOUND, "this master runs alone".into()))?;
+    Ok(Json(status).into_response())
+}
+
 async fn version() -> Json<serde_json::Value> {
     Json(json!({ "version": env!("CARGO_PKG_VERSION") }))
 }
@@ -141,16 +157,47 @@ async fn list_jobs(State(engine): State<EngineHandle>) -> Result<Response, Failu
 }
 
 async fn run_now(
-    State(engine): State<EngineHandle>,
+    State(ctx): State<UiContext>,
     caller: Option<Extension<Caller>>,
+    headers: HeaderMap,
     Path(job): Path<String>,
 ) -> Result<Response, Failure> {
     let by = actor(caller);
-    let instance = engine
+    let path = format!("/api/v1/jobs/{job}/run");
+    let answer = ctx
+        .engine
         .ask(|reply| ApiRequest::RunNow { job, by, reply })
         .await
-        .ok_or_else(engine_gone)??;
-    Ok((StatusCode::ACCEPTED, Json(json!({ "instance": instance }))).into_response())
+        .ok_or_else(engine_gone)?;
+    match answer {
+        Ok(instance) => {
+            Ok((StatusCode::ACCEPTED, Json(json!({ "instance": instance }))).into_response())
+        }
+        Err(ApiError::Elsewhere { job, holder }) => {
+            Ok(elsewhere(&ctx, &job, holder, path, &headers).await)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// A request for a job another master holds goes there (once), with the caller's token.
+async fn elsewhere(
+    ctx: &UiContext,
+    job: &str,
+    holder: Option<saltpeter_engine::MasterRef>,
+    path: String,
+    headers: &HeaderMap,
+) -> Response {
+    match holder {
+        Some(holder) if !forward::was_forwarded(headers) => {
+            // With TLS the masters share one certificate, which then pins each of them.
+            let ca = ctx.config.borrow().settings.tls_cert.clone();
+            forward::post(&holder, path, headers, ca).await
+        }
+        _ => forward::unavailable(format!(
+            "no master acts for job {job} here at the moment; try again in a few seconds"
+        )),
+    }
 }
 
 async fn get_run(
@@ -258,32 +305,80 @@ async fn machine_output(
 }
 
 async fn kill_run(
-    State(engine): State<EngineHandle>,
+    State(ctx): State<UiContext>,
     caller: Option<Extension<Caller>>,
+    headers: HeaderMap,
     Path(instance): Path<String>,
 ) -> Result<Response, Failure> {
     let by = actor(caller);
-    kill(&engine, |reply| ApiRequest::KillRun {
+    let path = format!("/api/v1/runs/{instance}/kill");
+    let run = instance.clone();
+    let answer = kill(&ctx.engine, |reply| ApiRequest::KillRun {
         instance,
         by,
         reply,
     })
-    .await
+    .await;
+    kill_elsewhere(&ctx, answer, &run, path, &headers).await
 }
 
 async fn kill_machine(
-    State(engine): State<EngineHandle>,
+    State(ctx): State<UiContext>,
     caller: Option<Extension<Caller>>,
+    headers: HeaderMap,
     Path((instance, machine)): Path<(String, String)>,
 ) -> Result<Response, Failure> {
     let by = actor(caller);
-    kill(&engine, |reply| ApiRequest::KillMachine {
+    let path = format!("/api/v1/runs/{instance}/machines/{machine}/kill");
+    let run = instance.clone();
+    let answer = kill(&ctx.engine, |reply| ApiRequest::KillMachine {
         instance,
         machine,
         by,
         reply,
     })
-    .await
+    .await;
+    kill_elsewhere(&ctx, answer, &run, path, &headers).await
+}
+
+/// A kill of a run this master does not have: with several masters, the run may be going on
+/// another one, which the shared store names through the run's job.
+async fn kill_elsewhere(
+    ctx: &UiContext,
+    answer: Result<Response, Failure>,
+    instance: &str,
+    path: String,
+    headers: &HeaderMap,
+) -> Result<Response, Failure> {
+    let Err(Failure(StatusCode::NOT_FOUND, message)) = answer else {
+        return answer;
+    };
+    let not_found = || Failure(StatusCode::NOT_FOUND, message.clone());
+    let wanted = instance.to_owned();
+    let stored = ctx
+        .engine
+        .ask(|reply| {
+            ApiRequest::Store(Query::Run {
+                instance: wanted,
+                reply,
+            })
+        })
+        .await
+        .and_then(Result::ok)
+        .flatten();
+    let Some(run) = stored.filter(|r| r.ended.is_none()) else {
+        return Err(not_found());
+    };
+    let job = run.job.clone();
+    let holder = ctx
+        .engine
+        .ask(|reply| ApiRequest::HolderOf { job, reply })
+        .await
+        .flatten();
+    if holder.is_none() {
+        return Err(not_found());
+    }
+    Ok(elsewhere(ctx, &run.job, holder, path, headers).await)
 }
 
 /// Asks the engine for a kill and answers 202 once it has taken it.

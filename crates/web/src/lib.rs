@@ -16,6 +16,7 @@
 
 pub mod api;
 pub mod endpoint;
+mod forward;
 pub mod listen;
 pub mod notifications;
 pub mod tls;

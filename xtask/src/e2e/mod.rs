@@ -4,6 +4,7 @@
 
 mod access;
 mod browser;
+mod cluster;
 mod flood;
 mod http;
 pub mod master;
@@ -41,9 +42,9 @@ pub fn run(args: &[String]) -> Result<()> {
     let with_salt = !args.iter().any(|a| a == "--no-salt");
     // The notification group's mail sink comes from PyPI too.
     let with_pypi = with_salt;
-    // `--only GROUP` (local, salt, restart, postgres, browser, flood, notify, notify-env) runs
-    // one group, for quick
-    // iteration; `local` includes the flood, which runs alone after the other groups.
+    // `--only GROUP` (local, salt, restart, postgres, cluster, browser, flood, notify,
+    // notify-env) runs one group, for quick iteration; `local` includes the flood, which runs
+    // alone after the other groups.
     let only = args
         .iter()
         .position(|a| a == "--only")
@@ -51,10 +52,11 @@ pub fn run(args: &[String]) -> Result<()> {
         .cloned();
     let wanted = |group: &str| only.as_deref().is_none_or(|o| o == group);
     let with_salt = with_salt && wanted("salt");
-    let (local, salt, restart, postgres) = std::thread::scope(|s| {
+    let (local, salt, restart, postgres, cluster) = std::thread::scope(|s| {
         let salt = with_salt.then(|| s.spawn(salt_scenarios::salt));
         let restart = wanted("restart").then(|| s.spawn(restart::scenarios));
         let postgres = wanted("postgres").then(|| s.spawn(restart::postgres_scenarios));
+        let cluster = wanted("cluster").then(|| s.spawn(cluster::scenarios));
         let local = if wanted("local") {
             scenarios::local()
         } else {
@@ -65,6 +67,7 @@ pub fn run(args: &[String]) -> Result<()> {
             salt.map(|h| h.join()),
             restart.map(|h| h.join()),
             postgres.map(|h| h.join()),
+            cluster.map(|h| h.join()),
         )
     });
     let mut outcomes: Vec<Outcome> = local?;
@@ -82,6 +85,14 @@ pub fn run(args: &[String]) -> Result<()> {
         Some(Err(_)) => outcomes.push((
             "postgres".into(),
             Err(anyhow::anyhow!("the postgres group panicked")),
+        )),
+    }
+    match cluster {
+        None => {}
+        Some(Ok(cluster)) => outcomes.extend(cluster),
+        Some(Err(_)) => outcomes.push((
+            "cluster".into(),
+            Err(anyhow::anyhow!("the cluster group panicked")),
         )),
     }
     match salt {

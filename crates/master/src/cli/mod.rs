@@ -119,6 +119,10 @@ pub fn status(client: &Client, json_out: bool) -> Result<Code> {
         if job["maintenance"].as_array().is_some_and(|m| !m.is_empty()) {
             name.push_str(" (maint.)");
         }
+        // Among several masters, the one that runs the job.
+        if let Some(master) = job["master"].as_str() {
+            name.push_str(&format!(" @{master}"));
+        }
         rows.push([
             name,
             text(job, "group").to_owned(),

@@ -143,7 +143,38 @@ impl Harness {
         Self::start_with(yaml, Some(data_dir)).await
     }
 
+    /// Starts an engine as one master among several, on the store in `data_dir` (fresh
+    /// when `None`): it holds no job until [`Harness::cluster`] gives it one.
+    pub async fn start_cluster(
+        yaml: &str,
+        data_dir: Option<&std::path::Path>,
+        claims: Arc<FakeClaims>,
+    ) -> Harness {
+        let parts = saltpeter_engine::ClusterParts {
+            master_id: "m-self".into(),
+            claims,
+        };
+        Self::start_full(yaml, data_dir, Some(parts)).await
+    }
+
+    /// Tells the engine about a pass of the coordination and lets it load what it gained.
+    pub async fn cluster(&self, view: saltpeter_engine::ClusterView) {
+        assert!(self.engine.send(Event::Cluster(view)).await);
+        // The takeover query is answered by the inline store on the engine's next turn.
+        for _ in 0..5 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
     async fn start_with(yaml: &str, data_dir: Option<&std::path::Path>) -> Harness {
+        Self::start_full(yaml, data_dir, None).await
+    }
+
+    async fn start_full(
+        yaml: &str,
+        data_dir: Option<&std::path::Path>,
+        cluster: Option<saltpeter_engine::ClusterParts>,
+    ) -> Harness {
         let dir = tempfile::tempdir().unwrap();
         let conf = dir.path().join("conf");
         std::fs::create_dir_all(&conf).unwrap();
@@ -169,6 +200,12 @@ impl Harness {
                 (Store::inline(db), restored)
             }
         };
+        // As in the master: among several, the engine loads a job's state when it gains it.
+        let restored = if cluster.is_some() {
+            saltpeter_store::Restored::default()
+        } else {
+            restored
+        };
         let (mut engine, handle) = Engine::new(EngineParts {
             config: config_rx,
             launcher: launcher.clone(),
@@ -178,6 +215,7 @@ impl Harness {
             wrapper_env: Vec::new(),
             shutdown: shutdown.clone(),
             store: StoreParts::Ready(store, restored),
+            cluster,
         })
         .unwrap();
         let (events_tx, events) = event_channel();
@@ -329,6 +367,31 @@ impl Harness {
             skew: 0,
             kills: 0,
         }
+    }
+}
+
+/// Slot claims as a database would answer them: every slot once, to whoever asks first;
+/// `taken` lists slots another master already claimed.
+#[derive(Debug, Default)]
+pub struct FakeClaims {
+    pub claimed: Mutex<Vec<(String, time::OffsetDateTime)>>,
+    pub taken: Mutex<Vec<(String, time::OffsetDateTime)>>,
+}
+
+impl saltpeter_engine::SlotClaims for FakeClaims {
+    fn claim(
+        &self,
+        job: &str,
+        slot: time::OffsetDateTime,
+    ) -> std::pin::Pin<
+        Box<dyn std::future::Future<Output = saltpeter_engine::ClaimResult> + Send + 'static>,
+    > {
+        let key = (job.to_owned(), slot);
+        let won = !self.taken.lock().contains(&key) && !self.claimed.lock().contains(&key);
+        if won {
+            self.claimed.lock().push(key);
+        }
+        Box::pin(async move { Ok(won) })
     }
 }
 
