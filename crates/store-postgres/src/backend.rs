@@ -30,6 +30,16 @@
 //! [`crate::lease::begin_fenced`]), so the whole batch's writes for that job commit under that
 //! epoch or not at all, and new runs record the epoch they were started under. Without a hook
 //! (one master) writes are plain.
+//!
+//! **Takeover.** What the backend keeps in memory about a run (its job, for the fence, and
+//! its machines' output totals) is only true while no other master writes for the job. A
+//! master that gains a job sends `Query::Takeover`: the backend drops what it knew of the job,
+//! reads the job's unfinished runs as `restore` does, and makes them its active runs, so the
+//! next output for a machine is numbered and counted after what the previous holder
+//! committed. A master that loses a job sends `StoreOp::ForgetJob`, which drops the same
+//! bookkeeping and writes nothing. Both act in their place in the batch: the writes queued
+//! before them are committed first, so that a takeover reads them and no totals wait to be
+//! written for a forgotten machine.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
@@ -205,44 +215,31 @@ impl Backend for PgBackend {
         let mut notices = Vec::new();
         let mut queries = Vec::new();
         let mut writes = Vec::with_capacity(batch.len());
+        let mut stored = true;
         for op in batch {
             match op {
                 StoreOp::Notify(n) => notices.push(n),
+                // A takeover reads what the ops before it wrote, and the ops after it continue
+                // from what it loaded: the writes queued so far are committed first. Takeovers
+                // are rare (a lease changing hands), so splitting a batch here costs nothing
+                // in the common case.
+                StoreOp::Query(Query::Takeover { job, reply }) => {
+                    stored &= state.commit(runtime, &std::mem::take(&mut writes));
+                    let restored = runtime.block_on(state.takeover(&job));
+                    let _ = reply.send(restored.map_err(store_error));
+                }
                 StoreOp::Query(q) => queries.push(q),
+                // The job's machines' totals are written before their bookkeeping goes, so
+                // committing what came before is part of forgetting.
+                StoreOp::ForgetJob(job) => {
+                    stored &= state.commit(runtime, &std::mem::take(&mut writes));
+                    state.forget_job(&job);
+                }
                 op => writes.push(op),
             }
         }
-        let mut lease_lost = false;
-        if !writes.is_empty()
-            && let Err(error) = runtime.block_on(state.write(&writes))
-        {
-            state.lost_batch();
-            tracing::warn!(%error, ops = writes.len(), "A store batch failed; applying its ops one by one.");
-            for op in &writes {
-                match runtime.block_on(state.write(std::slice::from_ref(op))) {
-                    Ok(()) => {}
-                    Err(error) if error.is_lost_lease() => {
-                        // Another master holds the job now: its wrappers must not drop what
-                        // this master could not store, so nothing of the batch is acked and
-                        // they resend to whoever holds the job.
-                        state.lost_batch();
-                        tracing::warn!(%error, "Not stored: the job's lease is lost.");
-                        lease_lost = true;
-                    }
-                    Err(error) if skippable(&error) => {
-                        state.lost_batch();
-                        tracing::error!(%error, "Could not store an update.");
-                    }
-                    Err(error) => {
-                        state.lost_batch();
-                        tracing::error!(%error, "Could not commit to the store; nothing of this batch is acked.");
-                        notices.clear();
-                        break;
-                    }
-                }
-            }
-        }
-        if lease_lost {
+        stored &= state.commit(runtime, &writes);
+        if !stored {
             notices.clear();
         }
         // Queries run after the batch's writes, so they see them.
@@ -366,6 +363,79 @@ impl State {
         params: &[Param<'_>],
     ) -> Result<Option<tokio_postgres::Row>> {
         Ok(self.query(tx, sql, params).await?.into_iter().next())
+    }
+
+    /// Applies `writes` in one transaction, or one op per transaction once that fails: an op
+    /// the server refuses is logged and skipped. Returns whether the notices queued with them
+    /// may go out: not when a job's lease was lost (its wrappers must resend to whoever holds
+    /// the job now) nor when the database itself failed.
+    fn commit(&mut self, runtime: &tokio::runtime::Runtime, writes: &[StoreOp]) -> bool {
+        if writes.is_empty() {
+            return true;
+        }
+        let Err(error) = runtime.block_on(self.write(writes)) else {
+            return true;
+        };
+        self.lost_batch();
+        tracing::warn!(%error, ops = writes.len(), "A store batch failed; applying its ops one by one.");
+        let mut stored = true;
+        for op in writes {
+            match runtime.block_on(self.write(std::slice::from_ref(op))) {
+                Ok(()) => {}
+                Err(error) if error.is_lost_lease() => {
+                    // Another master holds the job now: its wrappers must not drop what this
+                    // master could not store, so nothing of the batch is acked and they
+                    // resend to whoever holds the job.
+                    self.lost_batch();
+                    tracing::warn!(%error, "Not stored: the job's lease is lost.");
+                    stored = false;
+                }
+                Err(error) if skippable(&error) => {
+                    self.lost_batch();
+                    tracing::error!(%error, "Could not store an update.");
+                }
+                Err(error) => {
+                    self.lost_batch();
+                    tracing::error!(%error, "Could not commit to the store; nothing of this batch is acked.");
+                    return false;
+                }
+            }
+        }
+        stored
+    }
+
+    /// Drops what this backend keeps about `job`'s active runs: which job each belongs to
+    /// (so no write for them carries a fence any longer) and their machines' output
+    /// bookkeeping, which is read again from the database when next needed. Called between
+    /// transactions, when no totals are waiting to be written.
+    fn forget_job(&mut self, job: &str) {
+        let instances: HashSet<String> = self
+            .run_jobs
+            .iter()
+            .filter(|(_, j)| *j == job)
+            .map(|(instance, _)| instance.clone())
+            .collect();
+        self.run_jobs.retain(|_, j| j != job);
+        self.outputs
+            .retain(|(instance, _), _| !instances.contains(instance));
+    }
+
+    /// Loads `job`'s unfinished runs and its record as another master left them, and makes
+    /// them this backend's active runs of the job, as [`State::restore`] does for all jobs.
+    /// What the backend knew of the job before is dropped first, so after an error it knows
+    /// nothing of it (as after [`StoreOp::ForgetJob`]) rather than something stale.
+    async fn takeover(&mut self, job: &str) -> Result<Restored> {
+        self.forget_job(job);
+        let restored = self.read(async |s, tx| s.load(tx, Some(job)).await).await?;
+        for (run, _) in &restored.runs {
+            // Bookkeeping of a run this backend knew under no job (output for a run it never
+            // saw start) is dropped too: the output of a taken-over run continues from the
+            // database.
+            self.outputs
+                .retain(|(instance, _), _| *instance != run.instance);
+            self.run_jobs.insert(run.instance.clone(), run.job.clone());
+        }
+        Ok(restored)
     }
 
     /// After a failed transaction the in-memory totals may be ahead of the database: forget
@@ -636,6 +706,7 @@ impl State {
                 .await?;
             }
             StoreOp::Prune => self.prune(tx).await?,
+            // `PgBackend::apply` handles these itself, in their place in the batch.
             StoreOp::Notify(_) | StoreOp::Query(_) | StoreOp::ForgetJob(_) => {}
         }
         Ok(())
@@ -862,61 +933,66 @@ impl State {
     }
 
     async fn restore(&mut self) -> Result<Restored> {
-        let restored = self
-            .read(async |s, tx| {
-                let mut restored = Restored::default();
-                let rows = s
-                    .query(
-                        tx,
-                        &format!("SELECT {RUN_COLUMNS} FROM runs WHERE ended IS NULL"),
-                        &[],
-                    )
-                    .await?;
-                for row in rows {
-                    let run = run_from_row(&row)?;
-                    let mut machines = Vec::new();
-                    let mut attempts = s.attempts_of(tx, &run.instance).await?;
-                    for (record, next_seq, dropped) in s.machines_of(tx, &run.instance).await? {
-                        let output = s
-                            .output_buffer(tx, &record.instance, &record.machine, dropped)
-                            .await?;
-                        machines.push(RestoredMachine {
-                            attempts: attempts.remove(&record.machine).unwrap_or_default(),
-                            record,
-                            output,
-                            next_seq,
-                        });
-                    }
-                    restored.runs.push((run, machines));
-                }
-                let rows = s
-                    .query(
-                        tx,
-                        "SELECT name, last_run, last_success, last_failed, last_total, last_fired,
-                            last_success_at FROM jobs",
-                        &[],
-                    )
-                    .await?;
-                for r in rows {
-                    restored.jobs.push(JobRecord {
-                        name: r.try_get(0)?,
-                        last_run: r.try_get(1)?,
-                        last_success: r.try_get(2)?,
-                        last_failed: usize::try_from(r.try_get::<_, i64>(3)?).unwrap_or(0),
-                        last_total: usize::try_from(r.try_get::<_, i64>(4)?).unwrap_or(0),
-                        last_fired: r.try_get(5)?,
-                        last_success_at: r.try_get(6)?,
-                    });
-                }
-                Ok(restored)
-            })
-            .await?;
+        let restored = self.read(async |s, tx| s.load(tx, None).await).await?;
         self.outputs.clear();
         self.run_jobs = restored
             .runs
             .iter()
             .map(|(run, _)| (run.instance.clone(), run.job.clone()))
             .collect();
+        Ok(restored)
+    }
+
+    /// The runs that have not ended, with their machines, and the jobs' state: of every job,
+    /// or of `job` alone (a takeover).
+    async fn load(&self, tx: &Transaction<'_>, job: Option<&str>) -> Result<Restored> {
+        let mut restored = Restored::default();
+        let rows = self
+            .query(
+                tx,
+                &format!(
+                    "SELECT {RUN_COLUMNS} FROM runs
+                     WHERE ended IS NULL AND ($1::TEXT IS NULL OR job = $1)"
+                ),
+                &[&job],
+            )
+            .await?;
+        for row in rows {
+            let run = run_from_row(&row)?;
+            let mut machines = Vec::new();
+            let mut attempts = self.attempts_of(tx, &run.instance).await?;
+            for (record, next_seq, dropped) in self.machines_of(tx, &run.instance).await? {
+                let output = self
+                    .output_buffer(tx, &record.instance, &record.machine, dropped)
+                    .await?;
+                machines.push(RestoredMachine {
+                    attempts: attempts.remove(&record.machine).unwrap_or_default(),
+                    record,
+                    output,
+                    next_seq,
+                });
+            }
+            restored.runs.push((run, machines));
+        }
+        let rows = self
+            .query(
+                tx,
+                "SELECT name, last_run, last_success, last_failed, last_total, last_fired,
+                    last_success_at FROM jobs WHERE $1::TEXT IS NULL OR name = $1",
+                &[&job],
+            )
+            .await?;
+        for r in rows {
+            restored.jobs.push(JobRecord {
+                name: r.try_get(0)?,
+                last_run: r.try_get(1)?,
+                last_success: r.try_get(2)?,
+                last_failed: usize::try_from(r.try_get::<_, i64>(3)?).unwrap_or(0),
+                last_total: usize::try_from(r.try_get::<_, i64>(4)?).unwrap_or(0),
+                last_fired: r.try_get(5)?,
+                last_success_at: r.try_get(6)?,
+            });
+        }
         Ok(restored)
     }
 
@@ -999,8 +1075,12 @@ impl State {
         // A dropped receiver means the asker went away; nothing to do.
         let fail = |e: Error| store_error(e);
         match query {
+            // `PgBackend::apply` answers a takeover in its place in the batch, since it changes
+            // what the backend holds; this arm is never reached, but says so if it were.
             Query::Takeover { reply, .. } => {
-                let _ = reply.send(Err(StoreError::Backend("takeover is not supported".into())));
+                let _ = reply.send(Err(StoreError::Backend(
+                    "a takeover must be answered in order with the writes".into(),
+                )));
             }
             Query::Runs {
                 job,

@@ -3,17 +3,25 @@
 //! or renew its own, and forget every lease it can no longer act on.
 //!
 //! The coordinator owns no task and no timer: the master calls [`Coordinator::tick`] on its
-//! renewal period and reads [`Coordinator::held`] before acting for a job. A tick that fails
-//! (the database is unreachable) changes nothing, but leases still run out by the master's own
-//! monotonic clock: [`Coordinator::expire`] drops them, so a partitioned master goes quiet
-//! before another can take over, with or without a successful tick.
+//! renewal period and reads [`Coordinator::held`] (or [`Coordinator::fence`], the token its
+//! writes for a job carry) before acting for a job. A tick that fails (the database is
+//! unreachable) changes nothing, but leases still run out by the master's own monotonic clock:
+//! [`Coordinator::expire`] drops them, so a partitioned master goes quiet before another can
+//! take over, with or without a successful tick.
+//!
+//! Each successful pass also keeps what the master tells wrappers and API clients about the
+//! others: the live masters with what each advertises ([`Coordinator::masters`]) and who holds
+//! every job ([`Coordinator::holders`], read in one query per pass). Both are as of the last
+//! successful pass, so they can be a few seconds old; the lease, not this view, decides who
+//! acts.
 
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
 use crate::assign::jobs_for;
 use crate::lease::{
-    DEFAULT_LEASE_TTL, DEFAULT_MASTER_TTL, DEFAULT_RENEW_EVERY, DEFAULT_STOP_MARGIN, Lease,
+    Advertised, DEFAULT_LEASE_TTL, DEFAULT_MASTER_TTL, DEFAULT_RENEW_EVERY, DEFAULT_STOP_MARGIN,
+    Fence, Lease, MasterInfo,
 };
 use crate::{Database, Result};
 
@@ -23,8 +31,8 @@ use crate::{Database, Result};
 pub struct Settings {
     /// This master's id, unique per process start.
     pub master_id: String,
-    /// Where wrappers and API clients reach this master.
-    pub address: String,
+    /// Where wrappers, other masters and API clients reach this master.
+    pub advertised: Advertised,
     pub lease_ttl: Duration,
     /// How often the master should call [`Coordinator::tick`].
     pub renew_every: Duration,
@@ -33,11 +41,11 @@ pub struct Settings {
 }
 
 impl Settings {
-    /// The default timings for `master_id` at `address`.
-    pub fn new(master_id: impl Into<String>, address: impl Into<String>) -> Self {
+    /// The default timings for `master_id`, reached where `advertised` says.
+    pub fn new(master_id: impl Into<String>, advertised: Advertised) -> Self {
         Self {
             master_id: master_id.into(),
-            address: address.into(),
+            advertised,
             lease_ttl: DEFAULT_LEASE_TTL,
             renew_every: DEFAULT_RENEW_EVERY,
             stop_margin: DEFAULT_STOP_MARGIN,
@@ -64,18 +72,24 @@ pub struct Coordinator {
     settings: Settings,
     jobs: Vec<String>,
     held: BTreeMap<String, Lease>,
+    /// The live masters as of the last successful pass, by id.
+    masters: Vec<MasterInfo>,
+    /// Job to the id of the master holding its lease, as of the last successful pass.
+    holders: BTreeMap<String, String>,
 }
 
 impl Coordinator {
     /// Registers this master and returns its coordinator, holding nothing yet.
     pub async fn start(db: Database, settings: Settings) -> Result<Self> {
-        db.register_master(&settings.master_id, &settings.address)
+        db.register_master(&settings.master_id, &settings.advertised)
             .await?;
         Ok(Self {
             db,
             settings,
             jobs: Vec::new(),
             held: BTreeMap::new(),
+            masters: Vec::new(),
+            holders: BTreeMap::new(),
         })
     }
 
@@ -105,6 +119,25 @@ impl Coordinator {
             .filter(|l| l.may_act(self.settings.stop_margin))
     }
 
+    /// The fence this master's writes for `job` carry, if it holds the job's lease and may
+    /// still act on it; `None` otherwise.
+    pub fn fence(&self, job: &str) -> Option<Fence> {
+        self.lease(job).map(Lease::fence)
+    }
+
+    /// The live masters (this one included), by id, with what each advertises, as of the last
+    /// successful pass; empty before the first.
+    pub fn masters(&self) -> &[MasterInfo] {
+        &self.masters
+    }
+
+    /// Who holds each job (job to master id), for every job with an unexpired lease, as of the
+    /// last successful pass; empty before the first. A job absent here has no holder: it is
+    /// between masters, or no master has it in its configuration.
+    pub fn holders(&self) -> &BTreeMap<String, String> {
+        &self.holders
+    }
+
     /// Drops the leases past their acting deadline by this master's clock.
     pub fn expire(&mut self) -> Vec<String> {
         let margin = self.settings.stop_margin;
@@ -130,15 +163,10 @@ impl Coordinator {
         let s = &self.settings;
         if !self.db.heartbeat(&s.master_id).await? {
             // Another master found this one dead and removed it: join again.
-            self.db.register_master(&s.master_id, &s.address).await?;
+            self.db.register_master(&s.master_id, &s.advertised).await?;
         }
-        let live: Vec<String> = self
-            .db
-            .live_masters(s.master_ttl)
-            .await?
-            .into_iter()
-            .map(|m| m.id)
-            .collect();
+        let masters = self.db.live_masters(s.master_ttl).await?;
+        let live: Vec<&str> = masters.iter().map(|m| m.id.as_str()).collect();
         let mine: HashSet<&str> =
             jobs_for(&s.master_id, self.jobs.iter().map(String::as_str), &live)
                 .into_iter()
@@ -181,6 +209,17 @@ impl Coordinator {
                 }
             }
         }
+        // Read after this pass's own acquisitions and releases, so this master's part is
+        // current; the others' is as of their last pass.
+        let holders = self
+            .db
+            .leases()
+            .await?
+            .into_iter()
+            .map(|l| (l.job, l.owner))
+            .collect();
+        self.masters = masters;
+        self.holders = holders;
         Ok(changes)
     }
 

@@ -1,11 +1,13 @@
 //! Master membership and job leases: which master acts for which job, and the epoch that
 //! fences every write it makes for that job.
 //!
-//! **Membership.** Each master registers a row in `masters` (its id, the address wrappers
-//! and the API reach it at) and heartbeats it. A master is live while its heartbeat is
-//! younger than a TTL judged by the database's clock. A master id must be unique per process
-//! start (host name plus a start nonce, say), so that a restarted master is not mistaken for
-//! the one that died.
+//! **Membership.** Each master registers a row in `masters` with its id and what it
+//! [`Advertised`]: where wrappers reach its machines endpoint, where other masters and API
+//! clients reach its HTTP API, and the fingerprint of its certificate when it made that
+//! certificate itself (so wrappers sent to it can pin it). It heartbeats the row. A master is
+//! live while its heartbeat is younger than a TTL judged by the database's clock. A master id
+//! must be unique per process start (host name plus a start nonce, say), so that a restarted
+//! master is not mistaken for the one that died.
 //!
 //! **Leases.** A job is run by the master holding its row in `job_leases`. The row is taken
 //! or renewed atomically by [`Database::acquire_or_renew`]: the owner renews it while it is
@@ -95,12 +97,31 @@ pub struct Fence {
     pub epoch: Epoch,
 }
 
+/// Where a master can be reached, as it registers itself in `masters`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Advertised {
+    /// Where wrappers reach this master's machines endpoint (`ws://` or `wss://`).
+    pub machines_url: String,
+    /// Where other masters and API clients reach this master's HTTP API.
+    pub api_url: String,
+    /// The SHA-256 fingerprint of this master's certificate when the master generated it
+    /// itself, for wrappers to pin; `None` when its certificate is signed by a CA the
+    /// wrappers trust, or when it does not speak TLS.
+    pub tls_fingerprint: Option<String>,
+}
+
 /// A master as the `masters` table knows it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MasterInfo {
     pub id: String,
-    /// Where wrappers and API clients reach this master.
-    pub address: String,
+    /// Where wrappers reach this master (the table's `address` column, named before the API's
+    /// URL was stored beside it).
+    pub machines_url: String,
+    /// Where other masters and API clients reach this master's HTTP API; empty for a master
+    /// that registered before schema version 4 recorded it.
+    pub api_url: String,
+    /// The fingerprint wrappers pin to reach this master, if its certificate is its own.
+    pub tls_fingerprint: Option<String>,
     pub started_at: OffsetDateTime,
     pub heartbeat_at: OffsetDateTime,
 }
@@ -122,16 +143,24 @@ fn millis(what: &'static str, d: Duration) -> Result<i64> {
 }
 
 impl Database {
-    /// Adds this master to `masters`, or refreshes its row, with a fresh heartbeat.
-    pub async fn register_master(&self, id: &str, address: &str) -> Result<()> {
+    /// Adds this master to `masters`, or refreshes its row, with a fresh heartbeat and what it
+    /// advertises now.
+    pub async fn register_master(&self, id: &str, advertised: &Advertised) -> Result<()> {
         self.timed(async {
             self.client()
                 .await?
                 .execute(
-                    "INSERT INTO masters (id, address) VALUES ($1, $2)
+                    "INSERT INTO masters (id, address, api_url, tls_fingerprint)
+                     VALUES ($1, $2, $3, $4)
                      ON CONFLICT (id) DO UPDATE
-                     SET address = EXCLUDED.address, heartbeat_at = now()",
-                    &[&id, &address],
+                     SET address = EXCLUDED.address, api_url = EXCLUDED.api_url,
+                         tls_fingerprint = EXCLUDED.tls_fingerprint, heartbeat_at = now()",
+                    &[
+                        &id,
+                        &advertised.machines_url,
+                        &advertised.api_url,
+                        &advertised.tls_fingerprint,
+                    ],
                 )
                 .await?;
             Ok(())
@@ -184,7 +213,8 @@ impl Database {
                 .client()
                 .await?
                 .query(
-                    "SELECT id, address, started_at, heartbeat_at FROM masters
+                    "SELECT id, address, api_url, tls_fingerprint, started_at, heartbeat_at
+                     FROM masters
                      WHERE heartbeat_at > now() - $1::BIGINT * INTERVAL '1 millisecond'
                      ORDER BY id",
                     &[&ttl],
@@ -194,9 +224,11 @@ impl Database {
                 .map(|r| {
                     Ok(MasterInfo {
                         id: r.try_get(0)?,
-                        address: r.try_get(1)?,
-                        started_at: r.try_get(2)?,
-                        heartbeat_at: r.try_get(3)?,
+                        machines_url: r.try_get(1)?,
+                        api_url: r.try_get(2)?,
+                        tls_fingerprint: r.try_get(3)?,
+                        started_at: r.try_get(4)?,
+                        heartbeat_at: r.try_get(5)?,
                     })
                 })
                 .collect()
@@ -276,6 +308,35 @@ impl Database {
                 )
                 .await?;
             Ok(n == 1)
+        })
+        .await
+    }
+
+    /// Every lease that has not expired by the database's clock, by job, in one query: who
+    /// holds which job, for a coordinator's pass. Released leases are expired, so they are
+    /// not among them.
+    pub async fn leases(&self) -> Result<Vec<LeaseRow>> {
+        self.timed(async {
+            let rows = self
+                .client()
+                .await?
+                .query(
+                    "SELECT job, owner, epoch, expires_at FROM job_leases
+                     WHERE expires_at > now() ORDER BY job",
+                    &[],
+                )
+                .await?;
+            rows.iter()
+                .map(|r| {
+                    Ok(LeaseRow {
+                        job: r.try_get(0)?,
+                        owner: r.try_get(1)?,
+                        epoch: Epoch(r.try_get(2)?),
+                        expires_at: r.try_get(3)?,
+                        valid: true,
+                    })
+                })
+                .collect()
         })
         .await
     }

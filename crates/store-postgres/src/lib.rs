@@ -10,12 +10,14 @@
 //! - [`url`]: the validated `store:` URL (`sslmode`, a password that never reaches a log).
 //! - [`schema`]: migrations, run under an advisory lock so masters starting together do not
 //!   race; the tables are those of the SQLite store, translated, plus the coordination tables.
-//! - [`lease`]: master membership (`masters`) and job leases (`job_leases`) with an epoch, the
-//!   fencing token that every write for a job's runs carries.
+//! - [`lease`]: master membership (`masters`, with the URLs and certificate fingerprint each
+//!   master [`Advertised`]) and job leases (`job_leases`) with an epoch, the fencing token that
+//!   every write for a job's runs carries.
 //! - [`assign`]: which jobs each live master should try to hold (rendezvous hashing).
 //! - [`slots`]: one row per fired cron slot, so a slot fires once across all masters.
 //! - [`coordinator`]: one master's pass over the above (heartbeat, leases to take, renew and
-//!   release), to run on the renewal period.
+//!   release), to run on the renewal period; it keeps the live masters and who holds each job
+//!   as of its last pass, and the fence of each job it may act on.
 //!
 //! Expiry is always judged by the database's clock (`now()`), never by a master's wall
 //! clock; a master bounds its own acting time with its monotonic clock (see [`lease`]).
@@ -40,7 +42,7 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 
 pub use backend::{FenceHook, PgBackend};
 pub use error::{Error, Result};
-pub use lease::{Epoch, Fence, Lease, MasterInfo};
+pub use lease::{Advertised, Epoch, Fence, Lease, MasterInfo};
 pub use url::{PostgresUrl, SslMode, UrlError};
 
 /// How long one round trip to the database may take before the store gives up on it. A

@@ -15,7 +15,10 @@
 //!   which the store assigns itself, stay plain keys.
 //!
 //! The second version adds the coordination of several masters: `masters`, `job_leases`,
-//! `slot_claims`, and the epoch under which each run was started (see [`crate::lease`]).
+//! `slot_claims`, and the epoch under which each run was started (see [`crate::lease`]). The
+//! third adds missed slots and the attempts retries replaced, as the SQLite store's version 7.
+//! The fourth adds what a master advertises beside its machines URL (`masters.api_url`,
+//! `masters.tls_fingerprint`).
 //!
 //! PostgreSQL's versions count on their own (table `schema_version`), independent of SQLite's
 //! `user_version`. All pending migrations run in one transaction that first takes a
@@ -159,7 +162,16 @@ CREATE TABLE attempts (
 );
 ";
 
-const MIGRATIONS: [&str; 3] = [MIGRATION_1, MIGRATION_2, MIGRATION_3];
+/// What each master advertises beside its machines URL (the `address` column): its HTTP API's
+/// URL and the fingerprint wrappers pin when its certificate is self-generated. The column
+/// `address` keeps its name, so that a master of the previous release still running while
+/// another migrates goes on registering (the new columns have defaults).
+const MIGRATION_4: &str = "
+ALTER TABLE masters ADD COLUMN api_url TEXT NOT NULL DEFAULT '';
+ALTER TABLE masters ADD COLUMN tls_fingerprint TEXT;
+";
+
+const MIGRATIONS: [&str; 4] = [MIGRATION_1, MIGRATION_2, MIGRATION_3, MIGRATION_4];
 
 /// Brings the schema to [`SCHEMA_VERSION`] and returns the version found before. Safe to call
 /// from any number of masters at once, and again at every start.

@@ -2,8 +2,10 @@
 //! directory) and PostgreSQL (a schema of its own per case in the server named by
 //! `SALTPETER_TEST_POSTGRES`). Whatever the engine and the API rely on (restore after a
 //! restart, output appended and read back, retention of output, runs and audit entries, history
-//! pages, the timeline) must hold for both; [`backend_suite`] takes a way to make a fresh store
-//! and runs every case on it.
+//! pages, the timeline, a takeover of one job's unfinished runs) must hold for both;
+//! [`backend_suite`] takes a way to make a fresh store and runs every case on it. Two more
+//! tests hand a job back and forth between two PostgreSQL backends on one database, as two
+//! masters do; a SQLite store has one master, so they have no SQLite twin.
 //!
 //! Without `SALTPETER_TEST_POSTGRES` the PostgreSQL run skips with a message, except under CI,
 //! where it fails.
@@ -38,7 +40,7 @@ struct Fresh {
 
 /// Every case, each on a store of its own from `make`.
 fn backend_suite(make: impl Fn(&str) -> Fresh) {
-    let cases: [(&str, Case); 11] = [
+    let cases: [(&str, Case); 13] = [
         ("restore", an_unfinished_run_comes_back_after_a_reopen),
         (
             "retention",
@@ -68,6 +70,11 @@ fn backend_suite(make: impl Fn(&str) -> Fresh) {
             "recovery",
             missed_slots_and_replaced_attempts_are_history_and_come_back,
         ),
+        (
+            "takeover",
+            a_takeover_returns_only_the_jobs_unfinished_runs_as_written,
+        ),
+        ("takeover_output", output_continues_after_a_takeover),
     ];
     for (name, case) in cases {
         let fresh = make(name);
@@ -129,6 +136,190 @@ fn a_backend_dropped_inside_an_async_context_ends_quietly() {
         let (db, _) = PgBackend::open(&scoped_url, Retention::default()).unwrap();
         drop(db);
     });
+}
+
+/// A schema of its own for one test, and the URL that works in it.
+fn scoped(url: &str, test: &str) -> (Schema, PostgresUrl) {
+    let schema = format!("conf_{test}_{}_{}", std::process::id(), nonce());
+    let scoped = Schema::create(url, &schema);
+    let sep = if url.contains('?') { '&' } else { '?' };
+    let scoped_url =
+        PostgresUrl::parse(&format!("{url}{sep}options=-c%20search_path%3D{schema}")).unwrap();
+    (scoped, scoped_url)
+}
+
+/// Writes output lines `seqs` of machine m1 of `instance`, one batch each (as wrappers send
+/// them), and appends them to `expected`; returns whether every batch's notice came back.
+fn write_lines(
+    db: &mut dyn Backend,
+    instance: &str,
+    seqs: std::ops::Range<u64>,
+    expected: &mut String,
+) -> bool {
+    let mut acked = true;
+    for seq in seqs {
+        let text = format!("line {seq}\n");
+        expected.push_str(&text);
+        let notices = db.apply(vec![
+            output(instance, "m1", seq, &text),
+            StoreOp::Notify(Notice::Output {
+                instance: instance.into(),
+                machine: "m1".into(),
+                seq: Some(seq),
+                conn: 1,
+                received: None,
+            }),
+        ]);
+        acked &= notices.len() == 1;
+    }
+    acked
+}
+
+/// Two masters on one database hand a job back and forth under its lease: after a takeover the
+/// new holder's output continues exactly after what the previous holder committed, its writes
+/// for the taken-over run carry its fence, and a holder cut off from the job writes nothing.
+#[test]
+fn postgres_output_continues_across_masters_that_take_a_job_over() {
+    use saltpeter_store_postgres::Fence;
+    use std::collections::HashMap;
+    use std::sync::Arc;
+
+    let Some(url) = postgres_url() else { return };
+    let (_scoped, url) = scoped(&url, "handover");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    // Each master's current fence on job `j`, as its lease coordination would hand it over.
+    let fences: Arc<parking_lot::Mutex<HashMap<&str, Fence>>> = Arc::default();
+    let hook = |master: &'static str| {
+        let fences = fences.clone();
+        Arc::new(move |job: &str| {
+            (job == "j")
+                .then(|| fences.lock().get(master).cloned())
+                .flatten()
+        })
+    };
+    // b opens while the database is empty, so only the takeover tells it about the run.
+    let (a, _) = PgBackend::open(&url, Retention::default()).unwrap();
+    let (b, _) = PgBackend::open(&url, Retention::default()).unwrap();
+    let mut a = a.with_fences(hook("a"));
+    let mut b = b.with_fences(hook("b"));
+    let db = runtime.block_on(Database::connect(&url, 1)).unwrap();
+    let ttl = std::time::Duration::from_secs(60);
+    let hand_to = |from: &str, to: &'static str| {
+        if !from.is_empty() {
+            assert!(runtime.block_on(db.release("j", from)).unwrap());
+        }
+        let lease = runtime
+            .block_on(db.acquire_or_renew("j", to, ttl))
+            .unwrap()
+            .unwrap();
+        fences.lock().insert(to, lease.fence());
+    };
+
+    hand_to("", "a");
+    let mut expected = String::new();
+    a.apply(vec![
+        StoreOp::Run(run("j_1", false)),
+        StoreOp::Machine(machine("j_1", "m1")),
+        StoreOp::Run(run_of("k", "k_1")),
+        StoreOp::Machine(machine("k_1", "m1")),
+        output("k_1", "m1", 0, "k0\n"),
+    ]);
+    assert!(write_lines(&mut a, "j_1", 0..3, &mut expected));
+
+    // b takes the job over from a, which is cut off and learns nothing.
+    hand_to("a", "b");
+    let restored = takeover(&mut b, "j");
+    let runs: Vec<&str> = restored
+        .runs
+        .iter()
+        .map(|(r, _)| r.instance.as_str())
+        .collect();
+    assert_eq!(runs, ["j_1"]);
+    let m = &restored.runs[0].1[0];
+    assert_eq!((m.next_seq, m.output.text()), (3, expected.clone()));
+    assert!(write_lines(&mut b, "j_1", 3..6, &mut expected));
+    assert!(
+        !write_lines(&mut a, "j_1", 3..4, &mut String::new()),
+        "a's lease is gone: nothing of it is stored or acked"
+    );
+
+    // And back to a, which counted this machine's output before: the takeover alone must set
+    // that right. b is cut off in turn, its fence stale.
+    hand_to("b", "a");
+    let restored = takeover(&mut a, "j");
+    let m = &restored.runs[0].1[0];
+    assert_eq!((m.next_seq, m.output.text()), (6, expected.clone()));
+    assert!(write_lines(&mut a, "j_1", 6..9, &mut expected));
+    assert!(
+        !write_lines(&mut b, "j_1", 6..7, &mut String::new()),
+        "b's writes for the run it took over carry its fence, which is stale now"
+    );
+    // The takeover left a's other job as it was.
+    a.apply(vec![output("k_1", "m1", 1, "k1\n")]);
+
+    for db in [&mut a, &mut b] {
+        let range = range_of(db, "j_1", "m1", 0, None);
+        assert_eq!(range.total_bytes, expected.len() as u64);
+        assert_eq!(range.text, expected);
+        assert_eq!(range_of(db, "k_1", "m1", 0, None).text, "k0\nk1\n");
+    }
+    let m = &takeover(&mut b, "j").runs[0].1[0];
+    assert_eq!((m.next_seq, m.output.text()), (9, expected));
+}
+
+/// Output bookkeeping left stale by another master's writes must not be used: with a small
+/// retention, the chunks a stale writer would number and trim are gone already, so nothing
+/// in the database refuses its writes. After a takeover, or after forgetting the job, a
+/// master's output must be stored exactly as one master writing it all would have stored it.
+#[test]
+fn postgres_retention_counts_from_what_the_previous_holder_kept() {
+    let Some(url) = postgres_url() else { return };
+    let (_scoped, url) = scoped(&url, "handover_retention");
+    // Each line is 7 bytes: the first fills the head, and the tail keeps one line.
+    let retention = Retention {
+        head_bytes: 7,
+        tail_bytes: 8,
+        ..Retention::default()
+    };
+    let (mut a, _) = PgBackend::open(&url, retention).unwrap();
+    a.apply(vec![
+        StoreOp::Run(run("j_1", false)),
+        StoreOp::Machine(machine("j_1", "m1")),
+        // The same lines from one master that never hands its job over, to compare with.
+        StoreOp::Run(run_of("r", "r_1")),
+        StoreOp::Machine(machine("r_1", "m1")),
+    ]);
+    let (mut b, _) = PgBackend::open(&url, retention).unwrap();
+    let mut expected = String::new();
+    write_lines(&mut a, "j_1", 0..3, &mut expected);
+    // b takes the job over from a cut-off a; later a takes it back, told nothing in between.
+    takeover(&mut b, "j");
+    write_lines(&mut b, "j_1", 3..6, &mut expected);
+    b.apply(vec![StoreOp::ForgetJob("j".into())]);
+    takeover(&mut a, "j");
+    write_lines(&mut a, "j_1", 6..9, &mut expected);
+    // b forgot the job: even a write it makes without taking the job over again counts from
+    // what the database holds, not from what b counted before.
+    write_lines(&mut b, "j_1", 9..10, &mut expected);
+    write_lines(&mut a, "r_1", 0..10, &mut String::new());
+
+    for db in [&mut a, &mut b] {
+        let got = range_of(db, "j_1", "m1", 0, None);
+        let want = range_of(db, "r_1", "m1", 0, None);
+        assert_eq!(
+            (got.text, got.total_bytes, got.dropped_bytes),
+            (want.text, want.total_bytes, want.dropped_bytes)
+        );
+    }
+    let want = range_of(&mut a, "r_1", "m1", 0, None);
+    assert_eq!(want.total_bytes, expected.len() as u64);
+    assert_eq!(
+        want.text,
+        "line 0\n\n[... 56 bytes dropped by retention ...]\nline 9\n"
+    );
 }
 
 /// The server's URL, `None` (after saying so) when there is none and CI is not set.
@@ -270,6 +461,15 @@ fn range_of(
         reply: tx,
     })]);
     rx.try_recv().unwrap().unwrap().unwrap()
+}
+
+fn takeover(db: &mut dyn Backend, job: &str) -> Restored {
+    let (tx, mut rx) = oneshot::channel();
+    db.apply(vec![StoreOp::Query(Query::Takeover {
+        job: job.into(),
+        reply: tx,
+    })]);
+    rx.try_recv().unwrap().unwrap()
 }
 
 fn runs_page(db: &mut dyn Backend, before: Option<String>, limit: usize) -> Vec<RunSummary> {
@@ -700,4 +900,160 @@ fn missed_slots_and_replaced_attempts_are_history_and_come_back(open: Open<'_>) 
     assert_eq!((m.attempts[0].attempt, m.attempts[0].retcode), (1, Some(3)));
     assert_eq!(m.next_seq, 1, "the sequence of the second attempt");
     assert_eq!(m.output.text(), "first try\nsecond try\n");
+}
+
+/// A run of another job than `j`.
+fn run_of(job: &str, instance: &str) -> RunRecord {
+    RunRecord {
+        job: job.into(),
+        ..run(instance, false)
+    }
+}
+
+fn a_takeover_returns_only_the_jobs_unfinished_runs_as_written(open: Open<'_>) {
+    let (mut db, _) = open(Retention::default());
+    db.apply(vec![
+        StoreOp::Run(run("j_0", true)),
+        StoreOp::Run(run("j_1", false)),
+        StoreOp::Run(run_of("k", "k_1")),
+        StoreOp::Machine(machine("j_1", "m1")),
+        StoreOp::Machine(machine("j_1", "m2")),
+        StoreOp::Machine(machine("k_1", "m1")),
+        output("k_1", "m1", 0, "other job\n"),
+        StoreOp::Job(JobRecord {
+            name: "j".into(),
+            last_total: 2,
+            last_fired: Some(recent()),
+            ..JobRecord::default()
+        }),
+        StoreOp::Job(JobRecord {
+            name: "k".into(),
+            ..JobRecord::default()
+        }),
+    ]);
+    // Output in batches of its own, as wrappers send it; m2 is retried, and its second
+    // attempt numbers its output from 0 again.
+    for (seq, line) in ["one\n", "two é\n", "three\n"].iter().enumerate() {
+        db.apply(vec![output("j_1", "m1", seq as u64, line)]);
+    }
+    db.apply(vec![output("j_1", "m2", 0, "first try\n")]);
+    db.apply(vec![StoreOp::Attempt(AttemptRecord {
+        instance: "j_1".into(),
+        machine: "m2".into(),
+        attempt: 1,
+        retcode: Some(3),
+        cause: None,
+        starttime: Some(datetime!(2026-01-01 00:00:01 UTC)),
+        endtime: Some(datetime!(2026-01-01 00:00:02 UTC)),
+    })]);
+    db.apply(vec![output("j_1", "m2", 0, "second try\n")]);
+
+    let restored = takeover(&mut *db, "j");
+    let runs: Vec<&str> = restored
+        .runs
+        .iter()
+        .map(|(r, _)| r.instance.as_str())
+        .collect();
+    assert_eq!(runs, ["j_1"], "only the job's unfinished runs");
+    let (r, machines) = &restored.runs[0];
+    assert_eq!((r.job.as_str(), r.token.as_str()), ("j", "secret"));
+    let got: Vec<(&str, String, u64, usize)> = machines
+        .iter()
+        .map(|m| {
+            (
+                m.record.machine.as_str(),
+                m.output.text(),
+                m.next_seq,
+                m.attempts.len(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("m1", "one\ntwo é\nthree\n".to_owned(), 3, 0),
+            ("m2", "first try\nsecond try\n".to_owned(), 1, 1),
+        ]
+    );
+    assert!(machines[0].record.kill_requested && machines[0].record.authenticated);
+    let jobs: Vec<(&str, usize)> = restored
+        .jobs
+        .iter()
+        .map(|j| (j.name.as_str(), j.last_total))
+        .collect();
+    assert_eq!(jobs, [("j", 2)], "the job's record and no other");
+    assert_eq!(restored.jobs[0].last_fired, Some(recent()));
+
+    // A job with nothing stored: no runs, no record.
+    let nothing = takeover(&mut *db, "never");
+    assert!(nothing.runs.is_empty() && nothing.jobs.is_empty());
+    // The other job is as it was, and so is the taken-over job's history.
+    let restored = takeover(&mut *db, "k");
+    assert_eq!(restored.runs.len(), 1);
+    assert_eq!(restored.runs[0].1[0].output.text(), "other job\n");
+    assert_eq!(runs_page(&mut *db, None, 10).len(), 2);
+}
+
+fn output_continues_after_a_takeover(open: Open<'_>) {
+    let (mut db, _) = open(Retention::default());
+    db.apply(vec![
+        StoreOp::Run(run("j_1", false)),
+        StoreOp::Machine(machine("j_1", "m1")),
+        StoreOp::Run(run_of("k", "k_1")),
+        StoreOp::Machine(machine("k_1", "m1")),
+    ]);
+    let mut expected = String::new();
+    let mut other = String::new();
+    fn line(seq: u64, expected: &mut String) -> String {
+        let text = format!("line {seq}\n");
+        expected.push_str(&text);
+        text
+    }
+    for seq in 0..5 {
+        let j = line(seq, &mut expected);
+        let k = line(seq, &mut other);
+        db.apply(vec![
+            output("j_1", "m1", seq, &j),
+            output("k_1", "m1", seq, &k),
+        ]);
+    }
+    // This master lost the job and gained it back; the other job's output goes on meanwhile,
+    // and the ops of the takeover's own batch go before and after it in order.
+    db.apply(vec![StoreOp::ForgetJob("j".into())]);
+    let k = line(5, &mut other);
+    db.apply(vec![output("k_1", "m1", 5, &k)]);
+    let j = line(5, &mut expected);
+    let (tx, mut rx) = oneshot::channel();
+    db.apply(vec![
+        output("j_1", "m1", 5, &j),
+        StoreOp::Query(Query::Takeover {
+            job: "j".into(),
+            reply: tx,
+        }),
+        output("j_1", "m1", 6, &line(6, &mut expected)),
+    ]);
+    let restored = rx.try_recv().unwrap().unwrap();
+    let m = &restored.runs[0].1[0];
+    assert_eq!(m.next_seq, 6, "the takeover saw the write before it");
+    assert_eq!(m.output.text(), expected.strip_suffix("line 6\n").unwrap());
+    for seq in 7..10 {
+        let j = line(seq, &mut expected);
+        let k = line(seq, &mut other);
+        db.apply(vec![
+            output("j_1", "m1", seq, &j),
+            output("k_1", "m1", seq, &k),
+        ]);
+    }
+    let range = range_of(&mut *db, "j_1", "m1", 0, None);
+    assert_eq!(range.total_bytes, expected.len() as u64);
+    assert_eq!(range.text, expected);
+    assert_eq!(range_of(&mut *db, "k_1", "m1", 0, None).text, other);
+    drop(db);
+    let (_, restored) = open(Retention::default());
+    let j = restored
+        .runs
+        .iter()
+        .find(|(r, _)| r.instance == "j_1")
+        .unwrap();
+    assert_eq!((j.1[0].next_seq, j.1[0].output.text()), (10, expected));
 }

@@ -8,13 +8,13 @@
 
 #![allow(clippy::unwrap_used)] // Tests fail loudly by design.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use saltpeter_store_postgres::assign::owner_of;
 use saltpeter_store_postgres::lease::begin_fenced;
 use saltpeter_store_postgres::schema::{self, SCHEMA_VERSION};
-use saltpeter_store_postgres::{Database, Epoch, Error, PostgresUrl};
+use saltpeter_store_postgres::{Advertised, Database, Epoch, Error, PostgresUrl};
 use time::OffsetDateTime;
 
 const URL_ENV: &str = "SALTPETER_TEST_POSTGRES";
@@ -71,6 +71,16 @@ async fn migrated(test: &str) -> Option<Database> {
     Some(db)
 }
 
+/// What master `id` advertises in these tests: `wss://<id>:8889`, `https://<id>:8888`, and a
+/// fingerprint for m2 only (as if it alone made its own certificate).
+fn advertised(id: &str) -> Advertised {
+    Advertised {
+        machines_url: format!("wss://{id}:8889"),
+        api_url: format!("https://{id}:8888"),
+        tls_fingerprint: (id == "m2").then(|| format!("sha256:{id}")),
+    }
+}
+
 /// Tries to take `job` for `master` until it succeeds, for at most `within`.
 async fn acquire_within(
     db: &Database,
@@ -104,6 +114,7 @@ async fn migrations_are_idempotent_and_safe_to_run_concurrently() {
     assert_eq!(found, [0, SCHEMA_VERSION]);
     assert_eq!(schema::migrate(&db).await.unwrap(), SCHEMA_VERSION);
     assert_eq!(schema::version(&db).await.unwrap(), SCHEMA_VERSION);
+    assert_eq!(SCHEMA_VERSION, 4);
 
     // The translated tables take what the SQLite store writes: times, flags, output bytes
     // with a NUL, which PostgreSQL's TEXT would refuse.
@@ -141,6 +152,57 @@ async fn migrations_are_idempotent_and_safe_to_run_concurrently() {
     );
     assert_eq!(row.get::<_, String>(1), "run_token");
     assert_eq!(row.get::<_, i32>(2), 3);
+}
+
+/// A database at schema version 3, with a master registered by that release, moves to version
+/// 4: the master's row stays and reads with an empty API URL and no fingerprint, and a master
+/// of the previous release, which names only the `address` column, can still register.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_schema_3_database_gains_what_masters_advertise() {
+    let Some(db) = migrated("migrate_4").await else {
+        return;
+    };
+    let client = db.client().await.unwrap();
+    // Back to version 3 as it was: the two columns of version 4 did not exist.
+    client
+        .batch_execute(
+            "ALTER TABLE masters DROP COLUMN api_url, DROP COLUMN tls_fingerprint;
+             DELETE FROM schema_version WHERE version = 4;
+             INSERT INTO masters (id, address) VALUES ('old', 'wss://old:8889');",
+        )
+        .await
+        .unwrap();
+    assert_eq!(schema::version(&db).await.unwrap(), 3);
+    assert_eq!(schema::migrate(&db).await.unwrap(), 3);
+    assert_eq!(schema::version(&db).await.unwrap(), 4);
+    client
+        .execute(
+            "INSERT INTO masters (id, address) VALUES ('old2', 'wss://old2:8889')",
+            &[],
+        )
+        .await
+        .unwrap();
+    db.register_master("m2", &advertised("m2")).await.unwrap();
+    let live = db.live_masters(Duration::from_secs(10)).await.unwrap();
+    let rows: Vec<(&str, &str, &str, Option<&str>)> = live
+        .iter()
+        .map(|m| {
+            (
+                m.id.as_str(),
+                m.machines_url.as_str(),
+                m.api_url.as_str(),
+                m.tls_fingerprint.as_deref(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        rows,
+        [
+            ("m2", "wss://m2:8889", "https://m2:8888", Some("sha256:m2")),
+            ("old", "wss://old:8889", "", None),
+            ("old2", "wss://old2:8889", "", None),
+        ]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -295,13 +357,29 @@ async fn live_masters_follow_heartbeats_and_deregistering_frees_leases() {
     let Some(db) = migrated("members").await else {
         return;
     };
-    for (id, address) in [("m1", "10.0.0.1:8080"), ("m2", "10.0.0.2:8080")] {
-        db.register_master(id, address).await.unwrap();
+    for id in ["m1", "m2"] {
+        db.register_master(id, &advertised(id)).await.unwrap();
     }
     let live = db.live_masters(Duration::from_secs(10)).await.unwrap();
     let ids: Vec<&str> = live.iter().map(|m| m.id.as_str()).collect();
     assert_eq!(ids, ["m1", "m2"]);
-    assert_eq!(live[0].address, "10.0.0.1:8080");
+    let shown = |m: &saltpeter_store_postgres::MasterInfo| Advertised {
+        machines_url: m.machines_url.clone(),
+        api_url: m.api_url.clone(),
+        tls_fingerprint: m.tls_fingerprint.clone(),
+    };
+    assert_eq!(shown(&live[0]), advertised("m1"));
+    assert_eq!(shown(&live[1]), advertised("m2"));
+    // Registering again (a master that was found dead and joins again) updates what it
+    // advertises, a fingerprint removed included.
+    let moved = Advertised {
+        machines_url: "wss://m2.example:8889".into(),
+        api_url: "https://m2.example:8888".into(),
+        tls_fingerprint: None,
+    };
+    db.register_master("m2", &moved).await.unwrap();
+    let live = db.live_masters(Duration::from_secs(10)).await.unwrap();
+    assert_eq!(shown(&live[1]), moved);
 
     tokio::time::sleep(Duration::from_millis(600)).await;
     assert!(db.heartbeat("m2").await.unwrap());
@@ -313,17 +391,42 @@ async fn live_masters_follow_heartbeats_and_deregistering_frees_leases() {
         .await
         .unwrap()
         .unwrap();
+    // Leases that are over are nobody's: one released, one run out.
+    db.acquire_or_renew("released", "m1", Duration::from_secs(30))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(db.release("released", "m1").await.unwrap());
+    db.acquire_or_renew("ran_out", "m1", Duration::from_millis(1))
+        .await
+        .unwrap()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let holders = async || -> Vec<(String, String, Epoch)> {
+        db.leases()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|l| {
+                assert!(l.valid);
+                (l.job, l.owner, l.epoch)
+            })
+            .collect()
+    };
+    assert_eq!(holders().await, [("j".into(), "m2".into(), Epoch(1))]);
     db.deregister_master("m2").await.unwrap();
     assert!(
         !db.heartbeat("m2").await.unwrap(),
         "a removed master must register again"
     );
+    assert_eq!(holders().await, []);
     let taken = db.acquire_or_renew("j", "m1", TTL).await.unwrap().unwrap();
     assert_eq!(
         taken.epoch,
         Epoch(2),
         "the leases of a leaving master are free at once"
     );
+    assert_eq!(holders().await, [("j".into(), "m1".into(), Epoch(2))]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -333,7 +436,7 @@ async fn jobs_spread_over_live_masters_and_only_a_dead_masters_jobs_move() {
     };
     let jobs: Vec<String> = (0..100).map(|i| format!("job-{i:03}")).collect();
     for m in ["m-a", "m-b", "m-c"] {
-        db.register_master(m, "addr").await.unwrap();
+        db.register_master(m, &advertised(m)).await.unwrap();
     }
     let live_ids = |live: Vec<saltpeter_store_postgres::MasterInfo>| -> Vec<String> {
         live.into_iter().map(|m| m.id).collect()
@@ -587,11 +690,24 @@ async fn a_server_that_never_answers_fails_the_connection_within_its_timeout() {
     hold.abort();
 }
 
-/// Runs one master's coordinator, ticking every `renew_every`, publishing the jobs it may act
-/// on after each pass, until told to stop (then it leaves cleanly) or aborted (a crash).
+/// What one master's coordinator showed after its last pass.
+#[derive(Clone, Debug, Default)]
+struct View {
+    /// The jobs it may act on.
+    held: HashSet<String>,
+    /// The ids of the live masters it read.
+    masters: Vec<String>,
+    /// Whom it saw holding each job.
+    holders: BTreeMap<String, String>,
+    /// The API URL it read for each live master.
+    api_urls: Vec<String>,
+}
+
+/// Runs one master's coordinator, ticking every `renew_every`, publishing what it shows after
+/// each pass, until told to stop (then it leaves cleanly) or aborted (a crash).
 fn run_master(
     coordinator: saltpeter_store_postgres::coordinator::Coordinator,
-    held: tokio::sync::watch::Sender<HashSet<String>>,
+    view: tokio::sync::watch::Sender<View>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> tokio::task::JoinHandle<()> {
     let mut coordinator = coordinator;
@@ -599,15 +715,34 @@ fn run_master(
         let every = coordinator.settings().renew_every;
         loop {
             coordinator.tick().await.unwrap();
-            held.send_replace(coordinator.held().map(|l| l.job.clone()).collect());
+            view.send_replace(View {
+                held: coordinator.held().map(|l| l.job.clone()).collect(),
+                masters: coordinator.masters().iter().map(|m| m.id.clone()).collect(),
+                holders: coordinator.holders().clone(),
+                api_urls: coordinator
+                    .masters()
+                    .iter()
+                    .map(|m| m.api_url.clone())
+                    .collect(),
+            });
             tokio::select! {
                 _ = tokio::time::sleep(every) => {}
                 _ = stop.changed() => break,
             }
         }
-        held.send_replace(HashSet::new());
+        view.send_replace(View::default());
         coordinator.shutdown().await.unwrap();
     })
+}
+
+/// Waits until `done` holds, for at most `within`; says `what` did not happen otherwise.
+async fn eventually(within: Duration, what: &str, mut done: impl FnMut() -> bool) -> Duration {
+    let started = Instant::now();
+    while !done() {
+        assert!(started.elapsed() < within, "{what} within {within:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    started.elapsed()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -618,26 +753,29 @@ async fn coordinators_spread_jobs_and_take_over_a_dead_masters_within_the_bound(
     };
     let jobs: Vec<String> = (0..30).map(|i| format!("job-{i:02}")).collect();
     let all: HashSet<String> = jobs.iter().cloned().collect();
+    let ids = ["m1", "m2", "m3"];
     let mut views = Vec::new();
     let mut stops = Vec::new();
     let mut tasks = Vec::new();
     // Register all three before any pass, so the first passes agree on who is live.
     let mut coordinators = Vec::new();
-    for id in ["m1", "m2", "m3"] {
-        let mut settings = Settings::new(id, format!("{id}:8080"));
+    for id in ids {
+        let mut settings = Settings::new(id, advertised(id));
         settings.lease_ttl = TTL;
         settings.renew_every = Duration::from_millis(200);
         settings.stop_margin = Duration::from_millis(200);
         settings.master_ttl = TTL;
         let mut c = Coordinator::start(db.clone(), settings).await.unwrap();
+        assert!(c.masters().is_empty() && c.holders().is_empty());
+        assert_eq!(c.fence("job-00"), None, "nothing is held before a pass");
         c.set_jobs(jobs.clone());
         coordinators.push(c);
     }
     for c in coordinators {
-        let (held_tx, held_rx) = tokio::sync::watch::channel(HashSet::new());
+        let (view_tx, view_rx) = tokio::sync::watch::channel(View::default());
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        tasks.push(run_master(c, held_tx, stop_rx));
-        views.push(held_rx);
+        tasks.push(run_master(c, view_tx, stop_rx));
+        views.push(view_rx);
         stops.push(stop_tx);
     }
     // Waits until the masters in `alive` hold every job between them, each job once.
@@ -647,8 +785,10 @@ async fn coordinators_spread_jobs_and_take_over_a_dead_masters_within_the_bound(
         async move {
             let started = Instant::now();
             loop {
-                let sets: Vec<HashSet<String>> =
-                    alive.iter().map(|i| views[*i].borrow().clone()).collect();
+                let sets: Vec<HashSet<String>> = alive
+                    .iter()
+                    .map(|i| views[*i].borrow().held.clone())
+                    .collect();
                 let total: usize = sets.iter().map(HashSet::len).sum();
                 let union: HashSet<&String> = sets.iter().flatten().collect();
                 assert_eq!(total, union.len(), "a job is held by two masters: {sets:?}");
@@ -660,15 +800,43 @@ async fn coordinators_spread_jobs_and_take_over_a_dead_masters_within_the_bound(
             }
         }
     };
+    // Whether every master in `alive` sees exactly `alive` as the live masters and names, for
+    // every job, the master that holds it by its own account.
+    let agree = |alive: &[usize]| {
+        let shown: Vec<View> = alive.iter().map(|i| views[*i].borrow().clone()).collect();
+        let live: Vec<String> = alive.iter().map(|i| ids[*i].to_owned()).collect();
+        let mut truth = BTreeMap::new();
+        for (i, view) in alive.iter().zip(&shown) {
+            for job in &view.held {
+                truth.insert(job.clone(), ids[*i].to_owned());
+            }
+        }
+        truth.len() == all.len()
+            && shown
+                .iter()
+                .all(|v| v.masters == live && v.holders == truth)
+    };
     let (_, sets) = converge(vec![0, 1, 2], 3 * TTL).await;
     for set in &sets {
         assert!((4..=18).contains(&set.len()), "uneven: {sets:?}");
     }
     let m3_jobs = sets[2].clone();
+    eventually(3 * TTL, "the three masters agree on who holds what", || {
+        agree(&[0, 1, 2])
+    })
+    .await;
+    assert_eq!(
+        views[0].borrow().api_urls,
+        ["https://m1:8888", "https://m2:8888", "https://m3:8888"]
+    );
 
     // m3 crashes: no release, no deregistration. Its leases must run out and move, within a
     // TTL and a few passes (the scaled version of 13 s with the default timings).
     tasks[2].abort();
+    assert!(
+        views[0].borrow().masters.contains(&"m3".to_owned()),
+        "m3 was live at m1's last pass"
+    );
     let (took, after) = converge(vec![0, 1], 3 * TTL).await;
     assert!(
         took >= TTL / 2,
@@ -687,12 +855,24 @@ async fn coordinators_spread_jobs_and_take_over_a_dead_masters_within_the_bound(
     for job in &m3_jobs {
         assert_eq!(db.lease_of(job).await.unwrap().unwrap().epoch, Epoch(2));
     }
+    // m3 is gone from the others' view once its heartbeat is older than the TTL, and they
+    // name the new holders of its jobs.
+    eventually(3 * TTL, "m1 and m2 see m3 gone and its jobs moved", || {
+        agree(&[0, 1])
+    })
+    .await;
+    for view in [&views[0], &views[1]] {
+        let view = view.borrow();
+        for job in &m3_jobs {
+            assert_ne!(view.holders[job], "m3", "{job}");
+        }
+    }
 
     // m1 leaves cleanly: m2 takes everything without waiting for leases to expire.
     let left = Instant::now();
     stops[0].send_replace(true);
     let deadline = Instant::now() + 3 * TTL;
-    while views[1].borrow().len() < all.len() {
+    while views[1].borrow().held.len() < all.len() {
         assert!(Instant::now() < deadline, "m2 did not take m1's jobs");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -701,10 +881,43 @@ async fn coordinators_spread_jobs_and_take_over_a_dead_masters_within_the_bound(
         "{:?}",
         left.elapsed()
     );
+    eventually(3 * TTL, "m2 sees itself alone, holding every job", || {
+        agree(&[1])
+    })
+    .await;
     stops[1].send_replace(true);
     for t in tasks.into_iter().take(2) {
         t.await.unwrap();
     }
+}
+
+/// A coordinator's fence is its lease's token while it may act on the job, and nothing once
+/// its own clock says the lease may have run out, before any pass notices.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_fences_only_what_it_may_act_on() {
+    use saltpeter_store_postgres::coordinator::{Coordinator, Settings};
+    let Some(db) = migrated("coord_fence").await else {
+        return;
+    };
+    let mut settings = Settings::new("m1", advertised("m1"));
+    settings.lease_ttl = TTL;
+    settings.stop_margin = Duration::from_millis(200);
+    let mut c = Coordinator::start(db.clone(), settings).await.unwrap();
+    c.set_jobs(["backup".to_owned()]);
+    let changes = c.tick().await.unwrap();
+    assert_eq!(changes.gained.len(), 1);
+    let fence = c.fence("backup").unwrap();
+    assert_eq!(fence, changes.gained[0].fence());
+    assert_eq!((fence.master.as_str(), fence.epoch), ("m1", Epoch(1)));
+    assert_eq!(c.fence("other"), None, "a job it does not hold");
+    assert_eq!(c.holders().get("backup").map(String::as_str), Some("m1"));
+    assert_eq!(c.masters().len(), 1);
+    assert_eq!(c.masters()[0].tls_fingerprint, None);
+    // No pass for longer than the lease minus the margin: the master must stop by itself.
+    tokio::time::sleep(TTL - Duration::from_millis(150)).await;
+    assert_eq!(c.fence("backup"), None);
+    // The view of the last successful pass stays until the next one.
+    assert_eq!(c.holders().get("backup").map(String::as_str), Some("m1"));
 }
 
 /// The store backend under a fence: a run's writes carry the epoch of the job's lease, and once

@@ -16,6 +16,10 @@
 //! still lose.
 //!
 //! Queries (history, output ranges) travel the same channel, so they see every earlier write.
+//! When several masters share one database (the PostgreSQL backend), a master that gains a job
+//! asks [`Query::Takeover`] for that job's unfinished runs, as [`Backend::restore`] returns
+//! them at start-up, and one that loses a job sends [`StoreOp::ForgetJob`] so that its backend
+//! keeps nothing stale about it.
 //! Tests use [`Store::inline_memory`], which applies ops on the caller's thread against an
 //! in-memory database: deterministic under tokio's paused clock.
 
@@ -241,8 +245,12 @@ pub enum Query {
         query: crate::TimelineQuery,
         reply: oneshot::Sender<Result<Vec<crate::TimelineEntry>, StoreError>>,
     },
-    /// The unfinished runs of one job and its record, as `restore` gives them, for a master
-    /// that just took the job over.
+    /// What [`Backend::restore`] returns, for one job: its unfinished runs (machines, attempts,
+    /// output and `next_seq` as stored, whoever wrote them) and its [`JobRecord`] in
+    /// `Restored::jobs` (none if it never ran). A master sends this when it gains a job that
+    /// another master held. Once answered, the backend treats those runs as active exactly as
+    /// after a restore: later ops for them continue from what the database holds, not from
+    /// what this backend remembered of the job before. Other jobs are left as they are.
     Takeover {
         job: String,
         reply: oneshot::Sender<Result<Restored, StoreError>>,
@@ -272,7 +280,9 @@ pub enum StoreOp {
     Missed(MissedRecord),
     /// Keeps the result of an attempt that a retry replaces.
     Attempt(AttemptRecord),
-    /// This master lost the job: drop what is kept in memory for its runs.
+    /// This master no longer holds the job (another master took it, or it was released): the
+    /// backend drops what it keeps in memory about the job's active runs, so nothing stale is
+    /// used if the job comes back ([`Query::Takeover`] reloads it). Writes nothing.
     ForgetJob(String),
 }
 

@@ -339,7 +339,25 @@ impl Backend for Db {
     fn apply(&mut self, batch: Vec<StoreOp>) -> Vec<Notice> {
         let gate = self.gate.clone();
         let held = gate.lock();
-        let notices = self.apply_held(batch);
+        // Other queries are answered once the whole batch is committed; a takeover is
+        // answered in its place, as on every backend: it reads the ops queued before it and
+        // none after. So a batch is committed in parts, ending at each takeover (which come
+        // only when a job changes hands).
+        let mut notices = Vec::new();
+        let mut part = Vec::with_capacity(batch.len());
+        let mut split = false;
+        for op in batch {
+            let ends_part = matches!(op, StoreOp::Query(Query::Takeover { .. }));
+            part.push(op);
+            if ends_part {
+                notices.extend(self.apply_held(std::mem::take(&mut part)));
+                split = true;
+            }
+        }
+        // An empty batch still does a batch's background work (folds, journal deletion).
+        if !part.is_empty() || !split {
+            notices.extend(self.apply_held(part));
+        }
         // Fair: a checkpoint thread waiting to restart the WAL goes before the next batch.
         parking_lot::MutexGuard::unlock_fair(held);
         notices
@@ -347,13 +365,23 @@ impl Backend for Db {
 
     /// Loads the runs that had not ended and every job's state.
     fn restore(&mut self) -> Result<Restored, StoreError> {
+        self.load(None)
+    }
+}
+
+impl Db {
+    /// The runs that had not ended, with their machines, and the jobs' state: of every job, or
+    /// of `job` alone (a takeover). Output that is still pending in the journal must have been
+    /// folded first: this reads the chunks.
+    fn load(&self, job: Option<&str>) -> Result<Restored, StoreError> {
         let mut restored = Restored::default();
         let runs: Vec<RunRecord> = {
-            let mut stmt = self.conn.prepare(
+            let mut stmt = self.conn.prepare_cached(
                 "SELECT instance, job, grp, started, ended, success, killed, token, resolving,
-                        maintenance, pending_batches, identity FROM runs WHERE ended IS NULL",
+                        maintenance, pending_batches, identity FROM runs
+                 WHERE ended IS NULL AND (?1 IS NULL OR job = ?1)",
             )?;
-            stmt.query_map([], run_from_row)?
+            stmt.query_map([job], run_from_row)?
                 .collect::<Result<_, _>>()?
         };
         for run in runs {
@@ -371,12 +399,12 @@ impl Backend for Db {
             }
             restored.runs.push((run, restored_machines));
         }
-        let mut stmt = self.conn.prepare(
+        let mut stmt = self.conn.prepare_cached(
             "SELECT name, last_run, last_success, last_failed, last_total, last_fired, \
-             last_success_at FROM jobs",
+             last_success_at FROM jobs WHERE ?1 IS NULL OR name = ?1",
         )?;
         restored.jobs = stmt
-            .query_map([], |r| {
+            .query_map([job], |r| {
                 Ok(JobRecord {
                     name: r.get(0)?,
                     last_run: parse_ts(r.get(1)?),
@@ -415,19 +443,25 @@ impl Db {
             }
             // Queries read the `output` table: what they ask for is folded into it first.
             for q in &queries {
-                let target = match q {
-                    Query::Run { instance, .. } => Some((instance, None)),
+                match q {
+                    Query::Run { instance, .. } => {
+                        self.outputs.fold_run(&tx, instance, None, self.retention)?;
+                    }
                     Query::Output {
                         instance, machine, ..
-                    } => Some((instance, Some(machine.as_str()))),
-                    Query::Runs { .. }
-                    | Query::Timeline { .. }
-                    | Query::Audit { .. }
-                    | Query::Takeover { .. } => None,
-                };
-                if let Some((instance, machine)) = target {
-                    self.outputs
-                        .fold_run(&tx, instance, machine, self.retention)?;
+                    } => {
+                        self.outputs
+                            .fold_run(&tx, instance, Some(machine), self.retention)?;
+                    }
+                    // Every machine of the job's unfinished runs, whose totals and sequence
+                    // are then written at the end of the batch, where the answer reads them.
+                    Query::Takeover { job, .. } => {
+                        for instance in unfinished_runs_of(&tx, job)? {
+                            self.outputs
+                                .fold_run(&tx, &instance, None, self.retention)?;
+                        }
+                    }
+                    Query::Runs { .. } | Query::Timeline { .. } | Query::Audit { .. } => {}
                 }
             }
             self.outputs.finish_batch(&tx, self.retention)?;
@@ -526,9 +560,6 @@ impl Db {
     fn answer(&mut self, query: Query) {
         // A dropped receiver means the asker went away; nothing to do.
         match query {
-            Query::Takeover { reply, .. } => {
-                let _ = reply.send(Err(StoreError::Backend("takeover is not supported".into())));
-            }
             Query::Runs {
                 job,
                 before,
@@ -542,6 +573,12 @@ impl Db {
             }
             Query::Timeline { query, reply } => {
                 let _ = reply.send(self.timeline(&query));
+            }
+            // One master owns a SQLite store and never shares its jobs, so its bookkeeping of
+            // the job's machines (`Outputs`) is already what the file holds: a takeover only
+            // reads, as a restore of that job would.
+            Query::Takeover { job, reply } => {
+                let _ = reply.send(self.load(Some(&job)));
             }
             Query::Audit {
                 before,
@@ -951,9 +988,23 @@ fn apply_one(
             super::recovery::write_attempt(tx, &a)?;
             outputs.restart_sequence(tx, &a.instance, &a.machine, retention)?;
         }
-        StoreOp::Notify(_) | StoreOp::Query(_) | StoreOp::Prune | StoreOp::ForgetJob(_) => {}
+        // A SQLite store belongs to one master, which never loses a job to another, and what
+        // it keeps in memory is per machine of an active run, not per job: each machine's
+        // output pending in the journal, which must still be folded into its chunks whoever
+        // acts for the job. Dropping it would strand that output, so there is nothing to
+        // forget.
+        StoreOp::ForgetJob(_) => {}
+        StoreOp::Notify(_) | StoreOp::Query(_) | StoreOp::Prune => {}
     }
     Ok(())
+}
+
+/// The runs of `job` that have not ended.
+fn unfinished_runs_of(tx: &Transaction<'_>, job: &str) -> Result<Vec<String>, StoreError> {
+    let mut stmt =
+        tx.prepare_cached("SELECT instance FROM runs WHERE ended IS NULL AND job = ?1")?;
+    let rows = stmt.query_map([job], |r| r.get(0))?;
+    Ok(rows.collect::<Result<_, _>>()?)
 }
 
 /// The start time before which finished runs are too old. Checked: `OffsetDateTime - Duration`
