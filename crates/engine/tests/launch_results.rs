@@ -248,6 +248,7 @@ async fn start_dyn(launcher: Arc<dyn Launcher>, jobs: &str) -> Running {
         wrapper_env: Vec::new(),
         shutdown: shutdown.clone(),
         store: StoreParts::Ready(store, restored),
+        cluster: None,
     })
     .unwrap();
     tokio::spawn(engine.run());

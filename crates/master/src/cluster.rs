@@ -205,7 +205,7 @@ fn view_of(coordinator: &Coordinator) -> ClusterView {
         .iter()
         .map(|m| MasterRef {
             id: m.id.clone(),
-            machines_url: m.address.clone(),
+            machines_url: m.machines_url.clone(),
             api_url: m.api_url.clone(),
         })
         .collect();

@@ -73,7 +73,9 @@ async fn a_master_acts_for_no_job_until_it_holds_one() {
     assert_eq!(claimed.len(), 1, "{claimed:?}");
     assert_eq!(claimed[0].0, "j");
     assert_eq!(h.launcher.take_started(), ["m1"]);
-    h.try_run("j").await.unwrap();
+    // Run by hand it is this master's own now: refused only because the slot's run is going.
+    let refused = h.try_run("j").await.unwrap_err();
+    assert!(refused.contains("still running"), "{refused}");
 }
 
 #[tokio::test(start_paused = true)]
@@ -96,14 +98,14 @@ async fn a_taken_over_run_resumes_from_its_durable_sequence_without_a_253() {
     let data = tempfile::tempdir().unwrap();
     let yaml = job("j", "[m1]", "");
     // The first holder: a run with two outputs stored, then it dies.
-    let instance = {
+    let (instance, token) = {
         let first = Harness::restart(&yaml, data.path()).await;
         let instance = first.run("j").await;
         let mut w = first.wrapper(&instance, "m1").await;
         w.connect_and_start().await;
         assert_eq!(w.output(0, "one\n").await, Reply::Ack(0));
         assert_eq!(w.output(1, "two\n").await, Reply::Ack(1));
-        instance
+        (instance, w.token.clone())
     };
     let claims = Arc::new(FakeClaims::default());
     let h = Harness::start_cluster(&yaml, Some(data.path()), claims).await;
@@ -116,6 +118,7 @@ async fn a_taken_over_run_resumes_from_its_durable_sequence_without_a_253() {
     // takeover, not at the last heartbeat the dead master saw.
     sleep(Duration::from_secs(14)).await;
     let mut w = h.wrapper(&instance, "m1").await;
+    w.token = token;
     assert_eq!(w.connect().await, Some(1));
     assert_eq!(w.output(2, "three\n").await, Reply::Ack(2));
     w.complete(7).await;

@@ -463,6 +463,22 @@ impl State {
         Ok(())
     }
 
+    /// The job of a run, for the fence its writes carry. A run this backend does not track
+    /// (it ended, or its job was forgotten when the lease was lost) is looked up in the
+    /// database when writes are fenced, so that no write of a cluster's master goes unfenced.
+    async fn job_for(&self, tx: &Transaction<'_>, instance: &str) -> Result<Option<String>> {
+        if let Some(job) = self.run_jobs.get(instance) {
+            return Ok(Some(job.clone()));
+        }
+        if self.fences.is_none() {
+            return Ok(None);
+        }
+        let row = self
+            .query_opt(tx, "SELECT job FROM runs WHERE instance = $1", &[&instance])
+            .await?;
+        row.map(|r| r.try_get::<_, String>(0)).transpose().map_err(Error::from)
+    }
+
     /// Checks, once per batch and job, that this master still holds the job's lease, and
     /// returns the epoch the job's writes carry (`None` without fencing).
     async fn fence(
@@ -552,7 +568,7 @@ impl State {
                 }
             }
             StoreOp::Machine(m) => {
-                let job = self.run_jobs.get(&m.instance).cloned();
+                let job = self.job_for(tx, &m.instance).await?;
                 self.fence(tx, job.as_deref(), fenced).await?;
                 self.exec(
                     tx,
@@ -595,7 +611,7 @@ impl State {
                 seq,
                 data,
             } => {
-                let job = self.run_jobs.get(instance).cloned();
+                let job = self.job_for(tx, instance).await?;
                 self.fence(tx, job.as_deref(), fenced).await?;
                 self.append(tx, (instance.clone(), machine.clone()), *seq, data)
                     .await?;
@@ -670,7 +686,7 @@ impl State {
                 .await?;
             }
             StoreOp::Attempt(a) => {
-                let job = self.run_jobs.get(&a.instance).cloned();
+                let job = self.job_for(tx, &a.instance).await?;
                 self.fence(tx, job.as_deref(), fenced).await?;
                 self.exec(
                     tx,

@@ -652,7 +652,9 @@ fn handle_frame(
                 ErrorCode::JobNotFound | ErrorCode::Unauthorized => {
                     Frame::Rejected(err.code, err.message)
                 }
-                ErrorCode::BadRequest | ErrorCode::Unknown => Frame::Continue { progress: false },
+                ErrorCode::BadRequest | ErrorCode::Unknown | ErrorCode::NotHolder => {
+                    Frame::Continue { progress: false }
+                }
             }
         }
     }
