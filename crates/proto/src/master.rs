@@ -103,6 +103,11 @@ pub enum ErrorCode {
     Unauthorized,
     /// The frame could not be decoded or is too large (our extension).
     BadRequest,
+    /// This master does not hold the job's lease now (our extension, for several masters on
+    /// one database): the wrapper should try another master. Sent in answer to `hello` or
+    /// `connect`, then the master closes the connection. Not terminal, unlike the codes
+    /// above: another master of the cluster holds the run, or will within a takeover.
+    NotHolder,
     #[serde(other)]
     Unknown,
 }
@@ -122,6 +127,18 @@ impl ErrorReply {
         Self {
             code: ErrorCode::JobNotFound,
             message: String::from("Job no longer exists on server (stopped or restarted)"),
+            timestamp: None,
+        }
+    }
+
+    /// `NOT_HOLDER` for `job`: this master does not hold the job now, so the wrapper should
+    /// try another master.
+    pub fn not_holder(job: &str) -> Self {
+        Self {
+            code: ErrorCode::NotHolder,
+            message: format!(
+                "This master does not hold job {job:?} now; try another master of the cluster"
+            ),
             timestamp: None,
         }
     }

@@ -652,7 +652,11 @@ fn handle_frame(
                 ErrorCode::JobNotFound | ErrorCode::Unauthorized => {
                     Frame::Rejected(err.code, err.message)
                 }
-                ErrorCode::BadRequest | ErrorCode::Unknown => Frame::Continue { progress: false },
+                // A master that does not hold the job closes the connection after saying so;
+                // the reconnect that follows is the answer for now.
+                ErrorCode::BadRequest | ErrorCode::NotHolder | ErrorCode::Unknown => {
+                    Frame::Continue { progress: false }
+                }
             }
         }
     }
