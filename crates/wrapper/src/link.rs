@@ -63,7 +63,8 @@ pub enum LinkInput {
 /// Fixed facts about this run that the link puts on the wire.
 #[derive(Clone, Debug)]
 pub struct LinkConfig {
-    pub url: String,
+    /// The masters to deliver to, the one that launched the wrapper first; never empty.
+    pub urls: Vec<String>,
     pub job_name: String,
     pub job_instance: String,
     pub machine: String,
@@ -306,7 +307,7 @@ pub async fn run(
                     }
                     Err(e) => {
                         if failures == 0 || log.debug_enabled() {
-                            log.info(format!("Cannot reach master at {}: {e}", cfg.url));
+                            log.info(format!("Cannot reach master at {}: {e}", cfg.urls.first().map_or("", String::as_str)));
                         }
                         retry_at = Some(Instant::now() + backoff(failures));
                         failures += 1;
@@ -317,7 +318,8 @@ pub async fn run(
                 if retry_at.is_some() && conn.is_none() && connecting.is_none()
                     && rejected.is_none() => {
                 retry_at = None;
-                connecting = Some(Box::pin(connect(cfg.url.clone(), cfg.tls.clone())));
+                let url = cfg.urls.first().cloned().unwrap_or_default();
+                connecting = Some(Box::pin(connect(url, cfg.tls.clone())));
             }
             () = sleep_until(ack_deadline.unwrap_or_else(Instant::now)), if ack_deadline.is_some() => {
                 log.info(format!("No ack from master in time ({:?}); reconnecting", session.phase()));
@@ -668,7 +670,7 @@ mod tests {
 
     fn beat(every: Duration) -> Beat {
         let cfg = LinkConfig {
-            url: String::from("ws://127.0.0.1:1"),
+            urls: vec![String::from("ws://127.0.0.1:1")],
             job_name: String::from("job"),
             job_instance: String::from("job_1"),
             machine: String::from("m1"),
