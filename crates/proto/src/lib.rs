@@ -8,8 +8,10 @@
 //! Compatibility: the message names, fields and types are those of the original Python
 //! saltpeter 0.9.31, so an old wrapper talks to a new master and vice versa. Our additions
 //! (`connect.protocol`, `connect.token`, `connect.wrapper_pid`, `connect.signature`, `hello`,
-//! `challenge`, `ack.last_seq`, `complete.cause`, `complete.signal`, the `UNAUTHORIZED` and
-//! `BAD_REQUEST` error codes) are optional on the wire and ignored by the original. Unknown fields are ignored on decode so both sides can grow.
+//! `challenge`, `ack.last_seq`, `complete.cause`, `complete.signal`, the `UNAUTHORIZED`, `BAD_REQUEST`
+//! and `NOT_HOLDER` error codes) are optional on the wire and ignored by the original. Unknown
+//! fields are ignored on decode, and an unknown error code decodes as `ErrorCode::Unknown`, so
+//! both sides can grow.
 
 #![forbid(unsafe_code)]
 

@@ -103,8 +103,10 @@ pub enum ErrorCode {
     Unauthorized,
     /// The frame could not be decoded or is too large (our extension).
     BadRequest,
-    /// This master does not hold the run's job at the moment (several masters share the
-    /// work); the wrapper tries another master (our extension).
+    /// This master does not hold the job's lease now (our extension, for several masters on
+    /// one database): the wrapper should try another master. Sent in answer to `hello` or
+    /// `connect`, then the master closes the connection. Not terminal, unlike the codes
+    /// above: another master of the cluster holds the run, or will within a takeover.
     NotHolder,
     #[serde(other)]
     Unknown,
@@ -129,12 +131,13 @@ impl ErrorReply {
         }
     }
 
-    /// The answer of a master that does not hold `job` now: the wrapper should try another.
+    /// `NOT_HOLDER` for `job`: this master does not hold the job now, so the wrapper should
+    /// try another master.
     pub fn not_holder(job: &str) -> Self {
         Self {
             code: ErrorCode::NotHolder,
             message: format!(
-                "This master does not hold job {job} at the moment; try another master"
+                "This master does not hold job {job:?} now; try another master of the cluster"
             ),
             timestamp: None,
         }

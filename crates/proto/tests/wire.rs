@@ -308,7 +308,45 @@ fn every_shape() -> Vec<(&'static str, String)> {
                 timestamp: None,
             })),
         ),
+        (
+            "error_not_holder",
+            m(MasterMessage::Error(ErrorReply::not_holder("backup"))),
+        ),
     ]
+}
+
+#[test]
+fn not_holder_is_its_own_code_and_readable_as_unknown_by_a_decoder_without_it() {
+    let line = r#"{"type":"error","code":"NOT_HOLDER","message":"elsewhere"}"#;
+    let MasterMessage::Error(e) = MasterMessage::decode(line).unwrap() else {
+        panic!("not an error")
+    };
+    assert_eq!(e.code, ErrorCode::NotHolder);
+    let reply = ErrorReply::not_holder("nightly \"db\"");
+    assert_eq!(reply.code, ErrorCode::NotHolder);
+    assert!(
+        reply.message.contains("nightly") && reply.message.contains("another master"),
+        "{}",
+        reply.message
+    );
+    // A decoder that predates the code, like ours for any code it does not know, must still
+    // read the frame as an error rather than reject it.
+    #[derive(serde::Deserialize, Debug, PartialEq)]
+    #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+    enum OldCode {
+        JobNotFound,
+        Unauthorized,
+        BadRequest,
+        #[serde(other)]
+        Unknown,
+    }
+    #[derive(serde::Deserialize)]
+    struct OldError {
+        code: OldCode,
+    }
+    let encoded = MasterMessage::Error(reply).encode();
+    let old: OldError = serde_json::from_str(&encoded).unwrap();
+    assert_eq!(old.code, OldCode::Unknown);
 }
 
 /// The identity extension's messages, one JSON object per line, in both directions.

@@ -1,6 +1,7 @@
 //! TLS trust shared by the master, the wrapper and the tools: the SHA-256 fingerprint of a
-//! certificate, the verifier that pins one, and the client configurations built from what a
-//! client was told to trust (a fingerprint, a CA file, or the system's roots).
+//! certificate, the verifier that pins one (or any of a few, one per master of a cluster), and
+//! the client configurations built from what a client was told to trust (fingerprints, a CA
+//! file, or the system's roots).
 //!
 //! Everything here uses rustls with the ring provider, passed explicitly rather than installed
 //! process-wide, so no part of a process depends on which one called first. This crate does no
@@ -107,6 +108,11 @@ pub enum Trust {
     /// Exactly the certificate with this fingerprint (the master's self-signed one); its name
     /// and dates are not checked, its handshake signature is.
     Pinned(Fingerprint),
+    /// Any certificate with one of these fingerprints, checked as [`Trust::Pinned`] checks
+    /// one: several masters sharing a database may each have a self-signed certificate of
+    /// their own, and a wrapper that fails over from one to another must accept each of them.
+    /// An empty list accepts nothing.
+    PinnedAny(Vec<Fingerprint>),
     /// Certificates issued by the CAs in this PEM file.
     CaFile(PathBuf),
     /// The system's root certificates.
@@ -121,6 +127,12 @@ pub fn client_config(trust: &Trust) -> Result<ClientConfig, TlsError> {
         Trust::Pinned(fingerprint) => builder
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(PinnedVerifier::new(*fingerprint)))
+            .with_no_client_auth(),
+        Trust::PinnedAny(fingerprints) => builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(PinnedVerifier::any_of(
+                fingerprints.clone(),
+            )))
             .with_no_client_auth(),
         Trust::CaFile(path) => builder
             .with_root_certificates(roots_from_file(path)?)
@@ -192,23 +204,29 @@ pub fn system_root_certs() -> Result<Vec<CertificateDer<'static>>, TlsError> {
     Ok(found.certs)
 }
 
-/// Accepts exactly one certificate, by its SHA-256 fingerprint, and checks the handshake's
-/// signatures as any verifier does, so a peer must hold that certificate's key and not just
-/// a copy of the certificate.
+/// Accepts exactly the certificates it was given, by their SHA-256 fingerprints (usually one),
+/// and checks the handshake's signatures as any verifier does, so a peer must hold that
+/// certificate's key and not just a copy of the certificate.
 ///
 /// The certificate's names and validity dates are not checked: the fingerprint already says
 /// which certificate the master has, whatever host name a wrapper was given for it, and the
 /// self-signed certificate is meant to stay in use for as long as its key does.
 #[derive(Debug)]
 pub struct PinnedVerifier {
-    fingerprint: Fingerprint,
+    fingerprints: Vec<Fingerprint>,
     algorithms: WebPkiSupportedAlgorithms,
 }
 
 impl PinnedVerifier {
+    /// Accepts the one certificate with `fingerprint`.
     pub fn new(fingerprint: Fingerprint) -> Self {
+        Self::any_of(vec![fingerprint])
+    }
+
+    /// Accepts a certificate with any of `fingerprints`; none if the list is empty.
+    pub fn any_of(fingerprints: Vec<Fingerprint>) -> Self {
         Self {
-            fingerprint,
+            fingerprints,
             algorithms: provider().signature_verification_algorithms,
         }
     }
@@ -225,7 +243,7 @@ impl ServerCertVerifier for PinnedVerifier {
     ) -> Result<ServerCertVerified, rustls::Error> {
         let seen = Fingerprint::of(end_entity.as_ref());
         // A fingerprint is public; comparing it in constant time protects nothing.
-        if seen == self.fingerprint {
+        if self.fingerprints.contains(&seen) {
             Ok(ServerCertVerified::assertion())
         } else {
             Err(rustls::Error::InvalidCertificate(
@@ -388,6 +406,28 @@ mod tests {
         let (other, _) = self_signed();
         let pin = Trust::Pinned(Fingerprint::of(other.as_ref()));
         let error = handshake(cert, key, &pin, "localhost").await.unwrap_err();
+        assert!(error.contains("invalid peer certificate"), "{error}");
+    }
+
+    #[tokio::test]
+    async fn a_certificate_matching_any_pin_of_a_list_is_accepted_and_none_other() {
+        let (cert, key) = self_signed();
+        let (other, _) = self_signed();
+        let (third, _) = self_signed();
+        let mine = Fingerprint::of(cert.as_ref());
+        let theirs = Fingerprint::of(other.as_ref());
+        let pins = Trust::PinnedAny(vec![theirs, mine]);
+        handshake(cert.clone(), key.clone_key(), &pins, "localhost")
+            .await
+            .unwrap();
+        let pins = Trust::PinnedAny(vec![theirs, Fingerprint::of(third.as_ref())]);
+        let error = handshake(cert.clone(), key.clone_key(), &pins, "localhost")
+            .await
+            .unwrap_err();
+        assert!(error.contains("invalid peer certificate"), "{error}");
+        let error = handshake(cert, key, &Trust::PinnedAny(Vec::new()), "localhost")
+            .await
+            .unwrap_err();
         assert!(error.contains("invalid peer certificate"), "{error}");
     }
 

@@ -5,7 +5,11 @@
 //! Parsing goes through a lookup function rather than the process environment directly,
 //! which keeps it testable without mutating the environment. It is total: any value of any
 //! variable gives either a validated [`Config`] or a [`ConfigError`] naming the variable.
-//! `SP_TLS_FINGERPRINT` and `SP_TLS_CA` say how a `wss://` master is verified.
+//!
+//! The masters to deliver to come from `SP_WEBSOCKET_URLS` (every master of a cluster, the one
+//! that launched the wrapper first), else from `SP_WEBSOCKET_URL_TLS` or `SP_WEBSOCKET_URL`
+//! (one master). `SP_TLS_FINGERPRINT` (one or several pinned certificates) and `SP_TLS_CA` say
+//! how a `wss://` master is verified.
 
 use std::ffi::{CString, OsString};
 use std::path::{Path, PathBuf};
@@ -21,6 +25,14 @@ use crate::lock::{self, LockPath};
 /// Default directory of the local log and the spool file (the original's default).
 pub const DEFAULT_LOGDIR: &str = "/var/log/sp_wrapper";
 
+/// The most URLs `SP_WEBSOCKET_URLS` may list. A cluster has a handful of masters; a longer
+/// list is a mistake upstream, and each URL costs a connection attempt per round of failover.
+pub const MAX_MASTER_URLS: usize = 16;
+
+/// The most certificates `SP_TLS_FINGERPRINT` may pin: one per master, as many as there may be
+/// masters.
+pub const MAX_FINGERPRINTS: usize = 16;
+
 /// The longest `SP_TIMEOUT` taken, ten years: a deadline is "now" plus the timeout, and a
 /// number of seconds near `u64::MAX` would overflow it and abort the wrapper mid-run.
 const MAX_TIMEOUT_SECS: u64 = 10 * 365 * 24 * 3600;
@@ -35,6 +47,12 @@ pub enum ConfigError {
         name: &'static str,
         value: String,
         reason: &'static str,
+    },
+    #[error("{name} lists {count} entries; at most {max} are allowed")]
+    TooMany {
+        name: &'static str,
+        count: usize,
+        max: usize,
     },
     #[error("SP_USER is set but empty; unset it to run the job as the wrapper's own user")]
     EmptyUser,
@@ -80,7 +98,9 @@ pub struct RunAs {
 /// Everything the wrapper needs to know, validated.
 #[derive(Clone, Debug)]
 pub struct Config {
-    pub websocket_url: String,
+    /// The masters' machines endpoints in the order the link tries them, without duplicates;
+    /// never empty. The first is the master that launched the wrapper.
+    pub websocket_urls: Vec<String>,
     pub job_name: String,
     pub job_instance: String,
     pub command: String,
@@ -104,11 +124,12 @@ pub struct Config {
     /// That key, loaded by [`Config::from_lookup`] while the wrapper is still root and has
     /// not forked.
     pub machine_key: Option<std::sync::Arc<crate::identity::MinionKey>>,
-    /// What a `wss://` master must present: `SP_TLS_FINGERPRINT` (pinned), else `SP_TLS_CA`
-    /// (a CA file), else the system's roots.
+    /// What a `wss://` master must present: `SP_TLS_FINGERPRINT` (pinned, one certificate or
+    /// any of several), else `SP_TLS_CA` (a CA file), else the system's roots.
     pub trust: Trust,
-    /// The TLS client configuration for a `wss://` URL, built from `trust` by
-    /// [`from_lookup`](Self::from_lookup); `None` for `ws://` (and from [`parse`](Self::parse)).
+    /// The TLS client configuration for the `wss://` URLs, built from `trust` by
+    /// [`from_lookup`](Self::from_lookup); `None` when every URL is `ws://` (and from
+    /// [`parse`](Self::parse)).
     pub tls: Option<Arc<ClientConfig>>,
 }
 
@@ -147,12 +168,12 @@ impl Config {
             let key = crate::identity::MinionKey::load(dir)?;
             cfg.machine_key = Some(std::sync::Arc::new(key));
         }
-        if cfg.websocket_url.starts_with("wss://") {
+        if let Some(url) = cfg.websocket_urls.iter().find(|u| u.starts_with("wss://")) {
             // Read the CA file or the system roots now, before the fork, so a minion that
             // lacks them says so to Salt at once instead of retrying in the background.
             let tls =
                 saltpeter_tls::client_config(&cfg.trust).map_err(|source| ConfigError::Tls {
-                    url: cfg.websocket_url.clone(),
+                    url: url.clone(),
                     source,
                 })?;
             cfg.tls = Some(Arc::new(tls));
@@ -186,37 +207,33 @@ impl Config {
                 .ok_or(ConfigError::Missing(name))
         };
 
-        // A master that also serves the original wrapper names its plain path in
-        // SP_WEBSOCKET_URL and its TLS one here; sp-wrapper always takes TLS when offered.
-        let websocket_url = match get("SP_WEBSOCKET_URL_TLS")?.filter(|v| !v.is_empty()) {
-            Some(url) => url,
-            None => required("SP_WEBSOCKET_URL")?,
+        // A master of a cluster names every master here, itself first. Only this wrapper
+        // reads the list; the original wrapper reads SP_WEBSOCKET_URL alone.
+        let listed = match get("SP_WEBSOCKET_URLS")? {
+            Some(list) => master_urls(&list)?,
+            None => Vec::new(),
+        };
+        let websocket_urls = if listed.is_empty() {
+            // A master that also serves the original wrapper names its plain path in
+            // SP_WEBSOCKET_URL and its TLS one here; sp-wrapper always takes TLS when offered.
+            let url = match get("SP_WEBSOCKET_URL_TLS")?.filter(|v| !v.is_empty()) {
+                Some(url) => url,
+                None => required("SP_WEBSOCKET_URL")?,
+            };
+            check_url("SP_WEBSOCKET_URL", &url)?;
+            vec![url]
+        } else {
+            listed
         };
         let job_name = required("SP_JOB_NAME")?;
         let job_instance = required("SP_JOB_INSTANCE")?;
         let command = required("SP_COMMAND")?;
 
-        if !(websocket_url.starts_with("ws://") || websocket_url.starts_with("wss://")) {
-            return Err(ConfigError::Invalid {
-                name: "SP_WEBSOCKET_URL",
-                value: websocket_url,
-                reason: "expected a ws:// or wss:// URL",
-            });
-        }
         let trust = match (
             get(saltpeter_tls::FINGERPRINT_ENV)?.filter(|v| !v.trim().is_empty()),
             get(saltpeter_tls::CA_ENV)?.filter(|v| !v.is_empty()),
         ) {
-            (Some(pin), _) => match Fingerprint::parse(&pin) {
-                Ok(f) => Trust::Pinned(f),
-                Err(_) => {
-                    return Err(ConfigError::Invalid {
-                        name: "SP_TLS_FINGERPRINT",
-                        value: pin,
-                        reason: "expected the SHA-256 of a certificate, 64 hexadecimal digits",
-                    });
-                }
-            },
+            (Some(pins), _) => pinned(&pins)?,
             (None, Some(ca)) => Trust::CaFile(PathBuf::from(ca)),
             (None, None) => Trust::SystemRoots,
         };
@@ -341,7 +358,7 @@ impl Config {
         };
 
         Ok(Self {
-            websocket_url,
+            websocket_urls,
             job_name,
             job_instance,
             command,
@@ -360,6 +377,87 @@ impl Config {
             trust,
             tls: None,
         })
+    }
+}
+
+/// Checks that `url` is a WebSocket URL. Anything more is left to the connection attempt,
+/// which reports a bad host or port in the log like an unreachable master.
+fn check_url(name: &'static str, url: &str) -> Result<(), ConfigError> {
+    if url.starts_with("ws://") || url.starts_with("wss://") {
+        Ok(())
+    } else {
+        Err(ConfigError::Invalid {
+            name,
+            value: url.to_owned(),
+            reason: "expected a ws:// or wss:// URL",
+        })
+    }
+}
+
+/// Parses `SP_WEBSOCKET_URLS`: URLs separated by commas, whitespace or both, each checked as
+/// `SP_WEBSOCKET_URL` is, at most [`MAX_MASTER_URLS`] of them, duplicates dropped (the first
+/// place kept, since the order is the order of trial). No entries at all gives an empty list,
+/// which the caller takes as "not set".
+fn master_urls(list: &str) -> Result<Vec<String>, ConfigError> {
+    let entries = list
+        .split(|c: char| c == ',' || c.is_whitespace())
+        .filter(|entry| !entry.is_empty());
+    let count = entries.clone().count();
+    if count > MAX_MASTER_URLS {
+        return Err(ConfigError::TooMany {
+            name: "SP_WEBSOCKET_URLS",
+            count,
+            max: MAX_MASTER_URLS,
+        });
+    }
+    let mut urls: Vec<String> = Vec::with_capacity(count);
+    for entry in entries {
+        check_url("SP_WEBSOCKET_URLS", entry)?;
+        if !urls.iter().any(|url| url == entry) {
+            urls.push(entry.to_owned());
+        }
+    }
+    Ok(urls)
+}
+
+/// Parses `SP_TLS_FINGERPRINT`: one SHA-256 fingerprint, or several separated by commas (each
+/// master of a cluster may have its own self-signed certificate), at most
+/// [`MAX_FINGERPRINTS`]. One gives [`Trust::Pinned`], as it always has; several give
+/// [`Trust::PinnedAny`]. Empty entries (a trailing comma) are skipped, but a value with no
+/// fingerprint at all is refused rather than taken for "trust the system's roots".
+fn pinned(value: &str) -> Result<Trust, ConfigError> {
+    let entries = value
+        .split(',')
+        .map(str::trim)
+        .filter(|entry| !entry.is_empty());
+    let count = entries.clone().count();
+    if count > MAX_FINGERPRINTS {
+        return Err(ConfigError::TooMany {
+            name: "SP_TLS_FINGERPRINT",
+            count,
+            max: MAX_FINGERPRINTS,
+        });
+    }
+    let mut pins: Vec<Fingerprint> = Vec::with_capacity(count);
+    for entry in entries {
+        let pin = Fingerprint::parse(entry).map_err(|_| ConfigError::Invalid {
+            name: "SP_TLS_FINGERPRINT",
+            value: entry.to_owned(),
+            reason: "expected the SHA-256 of a certificate, 64 hexadecimal digits (several \
+                     separated by commas)",
+        })?;
+        if !pins.contains(&pin) {
+            pins.push(pin);
+        }
+    }
+    match pins.as_slice() {
+        [] => Err(ConfigError::Invalid {
+            name: "SP_TLS_FINGERPRINT",
+            value: value.to_owned(),
+            reason: "expected the SHA-256 of a certificate, 64 hexadecimal digits",
+        }),
+        [one] => Ok(Trust::Pinned(*one)),
+        _ => Ok(Trust::PinnedAny(pins)),
     }
 }
 
@@ -476,6 +574,13 @@ mod tests {
         parse(&vars)
     }
 
+    /// [`with`] for values built at run time.
+    fn parse_owned(extra: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let mut vars: Vec<(&str, &str)> = BASE.to_vec();
+        vars.extend_from_slice(extra);
+        parse(&vars)
+    }
+
     #[test]
     fn tls_trust_comes_from_the_fingerprint_then_the_ca_then_the_system() {
         let pin = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
@@ -486,12 +591,160 @@ mod tests {
         ])
         .unwrap();
         // The TLS URL wins over the plain one a master offers the original wrapper.
-        assert_eq!(cfg.websocket_url, "wss://master:8889");
+        assert_eq!(cfg.websocket_urls, ["wss://master:8889"]);
         assert_eq!(cfg.trust, Trust::Pinned(Fingerprint::parse(pin).unwrap()));
         let cfg = with(&[("SP_TLS_CA", "/etc/ca.pem")]).unwrap();
         assert_eq!(cfg.trust, Trust::CaFile(PathBuf::from("/etc/ca.pem")));
         assert_eq!(with(&[]).unwrap().trust, Trust::SystemRoots);
         assert!(with(&[("SP_TLS_FINGERPRINT", "abc")]).is_err());
+    }
+
+    #[test]
+    fn the_master_list_splits_on_commas_and_whitespace_and_keeps_the_first_of_duplicates() {
+        let cfg = with(&[(
+            "SP_WEBSOCKET_URLS",
+            " wss://m1:8889,wss://m2:8889 , ws://m3:8889\twss://m1:8889\n,,wss://m4:8889,",
+        )])
+        .unwrap();
+        assert_eq!(
+            cfg.websocket_urls,
+            [
+                "wss://m1:8889",
+                "wss://m2:8889",
+                "ws://m3:8889",
+                "wss://m4:8889"
+            ]
+        );
+        // The list replaces the single URL, whichever of the two variables holds it.
+        let cfg = with(&[
+            ("SP_WEBSOCKET_URLS", "ws://m2:8889 ws://m1:8889"),
+            ("SP_WEBSOCKET_URL_TLS", "wss://m9:8889"),
+        ])
+        .unwrap();
+        assert_eq!(cfg.websocket_urls, ["ws://m2:8889", "ws://m1:8889"]);
+        // Set but listing nothing is as if unset: the single URL, with today's precedence.
+        for nothing in ["", " ", ", ,\n"] {
+            let cfg = with(&[("SP_WEBSOCKET_URLS", nothing)]).unwrap();
+            assert_eq!(cfg.websocket_urls, ["ws://master:8889"], "{nothing:?}");
+            let cfg = with(&[
+                ("SP_WEBSOCKET_URLS", nothing),
+                ("SP_WEBSOCKET_URL_TLS", "wss://master:8889"),
+            ])
+            .unwrap();
+            assert_eq!(cfg.websocket_urls, ["wss://master:8889"], "{nothing:?}");
+        }
+        // Without SP_WEBSOCKET_URL, the list alone is enough.
+        let vars: Vec<_> = BASE
+            .iter()
+            .filter(|(n, _)| *n != "SP_WEBSOCKET_URL")
+            .copied()
+            .chain([("SP_WEBSOCKET_URLS", "ws://m1:8889")])
+            .collect();
+        assert_eq!(parse(&vars).unwrap().websocket_urls, ["ws://m1:8889"]);
+    }
+
+    #[test]
+    fn the_master_list_refuses_a_bad_url_and_more_than_sixteen() {
+        for bad in [
+            "ws://m1:8889,http://m2:8889",
+            "m1:8889",
+            "wss://m1 ftp://m2",
+        ] {
+            let err = with(&[("SP_WEBSOCKET_URLS", bad)]).unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    ConfigError::Invalid {
+                        name: "SP_WEBSOCKET_URLS",
+                        ..
+                    }
+                ),
+                "{bad}: {err}"
+            );
+            assert!(err.to_string().contains("ws:// or wss://"), "{err}");
+        }
+        let urls = |n: usize| -> String {
+            (0..n)
+                .map(|i| format!("wss://m{i}:8889"))
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        let sixteen = urls(16);
+        let cfg = parse_owned(&[("SP_WEBSOCKET_URLS", &sixteen)]).unwrap();
+        assert_eq!(cfg.websocket_urls.len(), 16);
+        let seventeen = urls(17);
+        let err = parse_owned(&[("SP_WEBSOCKET_URLS", &seventeen)]).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ConfigError::TooMany {
+                    name: "SP_WEBSOCKET_URLS",
+                    count: 17,
+                    max: 16
+                }
+            ),
+            "{err}"
+        );
+        assert_eq!(
+            err.to_string(),
+            "SP_WEBSOCKET_URLS lists 17 entries; at most 16 are allowed"
+        );
+    }
+
+    #[test]
+    fn the_fingerprint_may_be_a_list_of_up_to_sixteen() {
+        let pins: Vec<String> = (0..17u8)
+            .map(|i| Fingerprint([i; 32]).to_string())
+            .collect();
+        let one = pins[0].clone();
+        let cfg = parse_owned(&[("SP_TLS_FINGERPRINT", &one)]).unwrap();
+        assert_eq!(cfg.trust, Trust::Pinned(Fingerprint([0; 32])));
+        // Several, with spaces and a duplicate, in either of the spellings one accepts.
+        let colons: Vec<String> = [2u8; 32].iter().map(|b| format!("{b:02X}")).collect();
+        let list = format!(
+            " {} ,{},{}, {},",
+            pins[0],
+            pins[1],
+            colons.join(":"),
+            pins[1]
+        );
+        let cfg = parse_owned(&[("SP_TLS_FINGERPRINT", &list)]).unwrap();
+        assert_eq!(
+            cfg.trust,
+            Trust::PinnedAny(vec![
+                Fingerprint([0; 32]),
+                Fingerprint([1; 32]),
+                Fingerprint([2; 32])
+            ])
+        );
+        // A list that names one certificate twice pins that one, as a single value does.
+        let twice = format!("{one},{one}");
+        let cfg = parse_owned(&[("SP_TLS_FINGERPRINT", &twice)]).unwrap();
+        assert_eq!(cfg.trust, Trust::Pinned(Fingerprint([0; 32])));
+        let sixteen = pins[..16].join(",");
+        let cfg = parse_owned(&[("SP_TLS_FINGERPRINT", &sixteen)]).unwrap();
+        assert!(matches!(cfg.trust, Trust::PinnedAny(ref p) if p.len() == 16));
+        let seventeen = pins.join(",");
+        let err = parse_owned(&[("SP_TLS_FINGERPRINT", &seventeen)]).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ConfigError::TooMany {
+                    name: "SP_TLS_FINGERPRINT",
+                    count: 17,
+                    max: 16
+                }
+            ),
+            "{err}"
+        );
+        // One bad entry spoils the list, and the message names it.
+        let bad = format!("{one},abc");
+        let err = parse_owned(&[("SP_TLS_FINGERPRINT", &bad)]).unwrap_err();
+        assert!(err.to_string().contains("SP_TLS_FINGERPRINT"), "{err}");
+        assert!(err.to_string().contains("\"abc\""), "{err}");
+        // Only separators: not a silent fallback to the system's roots.
+        assert!(with(&[("SP_TLS_FINGERPRINT", ",")]).is_err());
+        assert!(with(&[("SP_TLS_FINGERPRINT", " , ")]).is_err());
     }
 
     #[test]
@@ -679,7 +932,7 @@ mod tests {
         use super::*;
 
         /// Every variable `Config::from_lookup` asks for, with a valid value.
-        const VARS: [(&str, &str); 21] = [
+        const VARS: [(&str, &str); 22] = [
             ("SP_WEBSOCKET_URL", "ws://127.0.0.1:8889"),
             ("SP_JOB_NAME", "backup"),
             ("SP_JOB_INSTANCE", "backup_1766482300"),
@@ -702,14 +955,38 @@ mod tests {
             ("SP_SALT_PKI_DIR", "/nonexistent/sp-test/pki"),
             ("SP_WEBSOCKET_URL_TLS", "wss://127.0.0.1:8889"),
             (
+                "SP_WEBSOCKET_URLS",
+                "wss://127.0.0.1:8889, ws://127.0.0.1:8890 wss://[::1]:8889,wss://127.0.0.1:8889",
+            ),
+            (
                 "SP_TLS_FINGERPRINT",
-                "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855",
+                "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855, \
+                 E3:B0:C4:42:98:FC:1C:14:9A:FB:F4:C8:99:6F:B9:24:27:AE:41:E4:64:9B:93:4C:A4:95:99:1B:78:52:B8:55,\
+                 0000000000000000000000000000000000000000000000000000000000000000",
             ),
             ("SP_TLS_CA", "/nonexistent/sp-test-ca.pem"),
         ];
 
+        /// Sixteen and seventeen URLs and fingerprints: the edges of the two lists' caps.
+        fn long_lists() -> Vec<String> {
+            let urls = |n: usize| {
+                (0..n)
+                    .map(|i| format!("ws://127.0.0.1:{}", 9000 + i))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            };
+            let pins = |n: u8| {
+                (0..n)
+                    .map(|i| Fingerprint([i; 32]).to_string())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            };
+            vec![urls(16), urls(17), pins(16), pins(17)]
+        }
+
         /// Values that sit on the parser's edges, then arbitrary text and bytes.
         fn value() -> impl Strategy<Value = OsString> {
+            let lists = prop::sample::select(long_lists()).prop_map(OsString::from);
             let edges = prop::sample::select(vec![
                 "",
                 " ",
@@ -746,12 +1023,20 @@ mod tests {
                 "a\u{0}b",
                 "é€😀",
                 "salt_key",
+                ",",
+                " , \n",
+                "ws://a,ws://a",
+                "ws://a wss://b",
+                "wss://a,,http://b",
+                "ws://a\u{0}",
+                "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855,",
+                "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855,xyz",
             ])
             .prop_map(OsString::from);
             let text = prop::collection::vec(any::<char>(), 0..24)
                 .prop_map(|c| OsString::from(c.into_iter().collect::<String>()));
             let bytes = prop::collection::vec(any::<u8>(), 0..24).prop_map(OsString::from_vec);
-            prop_oneof![3 => edges, 1 => text, 1 => bytes]
+            prop_oneof![3 => edges, 1 => lists, 1 => text, 1 => bytes]
         }
 
         /// Each variable: its valid value, absent, or anything.
@@ -789,13 +1074,20 @@ mod tests {
         fn the_test_covers_every_variable_read() {
             let asked = std::cell::RefCell::new(Vec::new());
             // With and without SP_LOCKFILE: the runtime directory matters only without; and
-            // without the TLS URL, which hides the plain one.
-            for without in [None, Some("SP_LOCKFILE"), Some("SP_WEBSOCKET_URL_TLS")] {
+            // without the list of URLs, which hides the single ones, and without the TLS URL,
+            // which hides the plain one.
+            let withouts: [&[&str]; 4] = [
+                &[],
+                &["SP_LOCKFILE"],
+                &["SP_WEBSOCKET_URLS"],
+                &["SP_WEBSOCKET_URLS", "SP_WEBSOCKET_URL_TLS"],
+            ];
+            for without in withouts {
                 let env: Vec<Option<OsString>> = VARS
                     .iter()
                     .map(|(n, v)| match *n {
                         "SP_IDENTITY" => Some(OsString::from("salt_key")),
-                        _ => (Some(*n) != without).then(|| OsString::from(v)),
+                        _ => (!without.contains(n)).then(|| OsString::from(v)),
                     })
                     .collect();
                 // `root` resolves on any Unix; as a non-root user it is a refusal, also fine.
@@ -835,10 +1127,21 @@ mod tests {
                         prop_assert!(text.contains("SP_"), "{}", text);
                     }
                     Ok(cfg) => {
-                        let url = &cfg.websocket_url;
-                        prop_assert!(url.starts_with("ws://") || url.starts_with("wss://"));
+                        let urls = &cfg.websocket_urls;
+                        prop_assert!(!urls.is_empty() && urls.len() <= MAX_MASTER_URLS);
+                        for (i, url) in urls.iter().enumerate() {
+                            prop_assert!(url.starts_with("ws://") || url.starts_with("wss://"));
+                            // Only the single-URL variables may hold a separator, as before.
+                            let separator = url.contains(|c: char| c == ',' || c.is_whitespace());
+                            prop_assert!(urls.len() == 1 || !separator);
+                            prop_assert!(!urls[..i].contains(url), "{} twice", url);
+                        }
                         // A wss:// URL always comes with the TLS configuration to verify it.
-                        prop_assert_eq!(url.starts_with("wss://"), cfg.tls.is_some());
+                        let any_wss = urls.iter().any(|u| u.starts_with("wss://"));
+                        prop_assert_eq!(any_wss, cfg.tls.is_some());
+                        if let Trust::PinnedAny(pins) = &cfg.trust {
+                            prop_assert!(pins.len() >= 2 && pins.len() <= MAX_FINGERPRINTS);
+                        }
                         for field in [&cfg.job_name, &cfg.job_instance, &cfg.command, &cfg.machine] {
                             prop_assert!(!field.is_empty());
                         }

@@ -1,13 +1,20 @@
-//! The WebSocket link to the master: connecting with capped, fully jittered backoff (see
-//! [`crate::backoff`]), one writer task per
-//! connection that sends heartbeats on their own timer ahead of anything else, and the loop
-//! that drives [`Session`] with the master's replies and the job's output.
+//! The WebSocket link to the masters: connecting to one master of the list at a time, in the
+//! failover order of [`crate::masters`] with capped, fully jittered backoff between rounds (see
+//! [`crate::backoff`]), one writer task per connection that sends heartbeats on their own
+//! timer ahead of anything else, and the loop that drives [`Session`] with the master's
+//! replies and the job's output.
 //!
 //! The link never blocks the job: output arrives over a channel and goes straight into the
 //! [`Outbox`] (memory, then spool), whatever the connection state. It ends when `complete`
 //! is acknowledged, when the master refuses the run (`JOB_NOT_FOUND`, `UNAUTHORIZED`), when
 //! the delivery deadline passes, or when told to abort; it then hands back the outbox so that
 //! whatever was not delivered can be written to the local log.
+//!
+//! Several masters share one database and one run state, so the session does not care which
+//! master it talks to: every connection resumes after the `last_seq` its master acknowledges,
+//! and output leaves the outbox only once a master acknowledged it. A `NOT_HOLDER` answer
+//! (this master does not hold the job) is a failed attempt that moves on to the next master;
+//! `JOB_NOT_FOUND` and `UNAUTHORIZED` come only from the holder and stay terminal.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -31,6 +38,7 @@ use crate::backoff;
 use crate::encode;
 use crate::identity::MinionKey;
 use crate::log::Log;
+use crate::masters::{Masters, Next};
 use crate::outbox::{Chunk, Outbox};
 use crate::session::{Completion, Session};
 
@@ -63,7 +71,8 @@ pub enum LinkInput {
 /// Fixed facts about this run that the link puts on the wire.
 #[derive(Clone, Debug)]
 pub struct LinkConfig {
-    pub url: String,
+    /// The masters to deliver to, the one that launched the wrapper first; never empty.
+    pub urls: Vec<String>,
     pub job_name: String,
     pub job_instance: String,
     pub machine: String,
@@ -147,7 +156,13 @@ pub async fn run(
     let mut conn: Option<Conn> = None;
     let mut connecting: Option<Connecting> = None;
     let mut retry_at: Option<Instant> = Some(Instant::now());
-    let mut failures: u32 = 0;
+    let mut masters = Masters::new(cfg.urls.len());
+    // Whether the current connection's `connect` was acknowledged: a connection that worked
+    // is retried at the same master when it drops; one that never did counts as a failed
+    // attempt and moves on to the next.
+    let mut conn_worked = false;
+    // The master whose connection last worked, to log when delivery moves to another.
+    let mut last_worked: Option<usize> = None;
     let mut ack_deadline: Option<Instant> = None;
     let mut give_up_at: Option<Instant> = None;
     let mut input_open = true;
@@ -213,7 +228,15 @@ pub async fn run(
                                 None
                             }
                             Frame::Connected { send_start } => {
-                                failures = 0;
+                                let current = masters.current();
+                                let moved = last_worked.map_or(current != 0, |m| m != current);
+                                if moved {
+                                    let url = url_of(&cfg, current);
+                                    log.info(format!("Delivering to master {url}"));
+                                }
+                                masters.connected();
+                                conn_worked = true;
+                                last_worked = Some(current);
                                 ack_deadline = None;
                                 last_progress = Instant::now();
                                 if let Some(c) = conn.as_ref() {
@@ -237,6 +260,16 @@ pub async fn run(
                                 }
                                 None
                             }
+                            Frame::NotHolder => {
+                                // The master closes the connection after saying this; moving on
+                                // at once does not wait for that.
+                                conn = None;
+                                session.disconnected();
+                                ack_deadline = None;
+                                let why = "it does not hold the job";
+                                retry_at = Some(fail_over(&mut masters, &cfg, &log, why));
+                                None
+                            }
                             Frame::Rejected(code, message) => {
                                 // Terminal: no more connections. Output still arriving is
                                 // kept (spooled) until the run ends, so the local log gets
@@ -257,8 +290,12 @@ pub async fn run(
                     conn = None;
                     session.disconnected();
                     ack_deadline = None;
-                    retry_at = Some(Instant::now() + backoff(failures));
-                    failures += 1;
+                    retry_at = Some(if conn_worked {
+                        Instant::now() + backoff(masters.dropped())
+                    } else {
+                        let why = format!("{reason} before acknowledging connect");
+                        fail_over(&mut masters, &cfg, &log, &why)
+                    });
                 }
             }
             item = input.recv(), if accepting => match item {
@@ -286,7 +323,8 @@ pub async fn run(
                 connecting = None;
                 match res {
                     Ok(ws) => {
-                        log.debug("Connected to master");
+                        log.debug(format!("Connected to {}", url_of(&cfg, masters.current())));
+                        conn_worked = false;
                         let c = open_conn(ws, &cfg);
                         session.connected();
                         // With a machine key, `connect` waits for the challenge `hello` asks
@@ -305,11 +343,16 @@ pub async fn run(
                         conn = Some(c);
                     }
                     Err(e) => {
-                        if failures == 0 || log.debug_enabled() {
-                            log.info(format!("Cannot reach master at {}: {e}", cfg.url));
+                        // With one master, only the first failure in a row is worth a line: the
+                        // rest repeat it every few seconds for as long as the master is away.
+                        // With several, the switch to the next master is logged with the reason.
+                        let single = masters.count() == 1;
+                        if single && (masters.first_failure() || log.debug_enabled()) {
+                            let url = url_of(&cfg, masters.current());
+                            log.info(format!("Cannot reach master at {url}: {e}"));
                         }
-                        retry_at = Some(Instant::now() + backoff(failures));
-                        failures += 1;
+                        let why = format!("cannot reach it: {e}");
+                        retry_at = Some(fail_over(&mut masters, &cfg, &log, &why));
                     }
                 }
             }
@@ -317,15 +360,19 @@ pub async fn run(
                 if retry_at.is_some() && conn.is_none() && connecting.is_none()
                     && rejected.is_none() => {
                 retry_at = None;
-                connecting = Some(Box::pin(connect(cfg.url.clone(), cfg.tls.clone())));
+                let url = url_of(&cfg, masters.current()).to_owned();
+                connecting = Some(Box::pin(connect(url, cfg.tls.clone())));
             }
             () = sleep_until(ack_deadline.unwrap_or_else(Instant::now)), if ack_deadline.is_some() => {
                 log.info(format!("No ack from master in time ({:?}); reconnecting", session.phase()));
                 conn = None;
                 session.disconnected();
                 ack_deadline = None;
-                retry_at = Some(Instant::now() + backoff(failures));
-                failures += 1;
+                retry_at = Some(if conn_worked {
+                    Instant::now() + backoff(masters.dropped())
+                } else {
+                    fail_over(&mut masters, &cfg, &log, "no answer to connect in time")
+                });
             }
             () = sleep_until(give_up_at.unwrap_or_else(Instant::now)), if give_up_at.is_some() => {
                 break Delivery::GaveUp;
@@ -341,11 +388,57 @@ pub async fn run(
     }
 }
 
-/// The pause before reconnect attempt `failures + 1`: uniformly random up to 1 s, 2 s, 4 s,
-/// then 5 s, drawn anew each time so a fleet that lost its master at one instant does not
-/// come back at one instant.
+/// The pause after `failures` earlier pauses: uniformly random up to 1 s, 2 s, 4 s, then 5 s,
+/// drawn anew each time so a fleet that lost its master at one instant does not come back at
+/// one instant.
 fn backoff(failures: u32) -> Duration {
     backoff::delay(failures, rand::random::<f64>())
+}
+
+/// The URL of master `index`; the list is never empty, and the fallback only keeps this total.
+fn url_of(cfg: &LinkConfig, index: usize) -> &str {
+    cfg.urls.get(index).map_or("", String::as_str)
+}
+
+/// After a failed attempt at the current master: moves on to the next one and says when to
+/// try it. A switch to another master is logged with its reason, so the log shows where the
+/// wrapper looked for the job's holder and why it left each master.
+///
+/// Once a whole round has failed, later switches go to the debug level until a master
+/// acknowledges `connect`: while every master is away the same lines would otherwise repeat
+/// every few seconds for as long as the job runs, burying the events that matter, as the
+/// single master's "cannot reach" line is logged once for the same reason.
+fn fail_over(masters: &mut Masters, cfg: &LinkConfig, log: &Log, why: &str) -> Instant {
+    let from = masters.current();
+    let quiet = masters.rounds_failed() > 0;
+    let next = masters.attempt_failed();
+    let to = masters.current();
+    let pause = match next {
+        Next::Now => Duration::ZERO,
+        Next::Pause(pauses) => backoff(pauses),
+    };
+    if to != from {
+        let when = match next {
+            Next::Now => String::from("at once"),
+            Next::Pause(_) if quiet => format!("in {:.1} s", pause.as_secs_f64()),
+            Next::Pause(_) => format!(
+                "in {:.1} s, as every master of the list failed in this round (further switches \
+                 are logged at debug level until a master accepts the run)",
+                pause.as_secs_f64()
+            ),
+        };
+        let line = format!(
+            "Switching from master {} ({why}) to master {} {when}",
+            url_of(cfg, from),
+            url_of(cfg, to)
+        );
+        if quiet {
+            log.debug(line);
+        } else {
+            log.info(line);
+        }
+    }
+    Instant::now() + pause
 }
 
 async fn connect(
@@ -552,6 +645,8 @@ enum Frame {
     Challenge(String),
     /// The connect ack arrived: the connection is good; `start` is due if never acked.
     Connected { send_start: bool },
+    /// The master does not hold the job (`NOT_HOLDER`): try the next master.
+    NotHolder,
     /// The master refused the run.
     Rejected(ErrorCode, String),
 }
@@ -649,12 +744,15 @@ fn handle_frame(
         MasterMessage::Error(err) => {
             log.info(format!("Master reports {:?}: {}", err.code, err.message));
             match err.code {
+                // A master that does not hold the job answers NOT_HOLDER and never these two,
+                // and one that just took the job over answers NOT_HOLDER until it has loaded
+                // the job's runs. So these come from the holder, which knows the run: the run
+                // is gone, or this wrapper may not speak for it, whichever master is asked.
                 ErrorCode::JobNotFound | ErrorCode::Unauthorized => {
                     Frame::Rejected(err.code, err.message)
                 }
-                ErrorCode::BadRequest | ErrorCode::Unknown | ErrorCode::NotHolder => {
-                    Frame::Continue { progress: false }
-                }
+                ErrorCode::NotHolder => Frame::NotHolder,
+                ErrorCode::BadRequest | ErrorCode::Unknown => Frame::Continue { progress: false },
             }
         }
     }
@@ -666,7 +764,7 @@ mod tests {
 
     fn beat(every: Duration) -> Beat {
         let cfg = LinkConfig {
-            url: String::from("ws://127.0.0.1:1"),
+            urls: vec![String::from("ws://127.0.0.1:1")],
             job_name: String::from("job"),
             job_instance: String::from("job_1"),
             machine: String::from("m1"),

@@ -15,6 +15,7 @@ mod job;
 mod link;
 mod lock;
 mod log;
+mod masters;
 mod outbox;
 mod output;
 mod run;

@@ -118,7 +118,7 @@ async fn controller(cfg: Config, mut lock: LockState, mut ready: PipeWriter) -> 
         Err(_) => wrapper_pid,
     };
     let link_cfg = LinkConfig {
-        url: cfg.websocket_url.clone(),
+        urls: cfg.websocket_urls.clone(),
         job_name: cfg.job_name.clone(),
         job_instance: cfg.job_instance.clone(),
         machine: cfg.machine.clone(),

@@ -262,7 +262,7 @@ async fn fifty_megabytes_while_the_master_is_unreachable_arrive_after_it_returns
     );
 
     // The wrapper's memory stayed bounded although 50 MB waited for the master.
-    let wrapper = daemon_pid_from_log(&run).expect("wrapper pid in its log");
+    let wrapper = run.daemon_pid().expect("wrapper pid in its log");
     let hwm = vm_kib(wrapper, "VmHWM").expect("wrapper still running");
     assert!(hwm < 40 * 1024, "wrapper peak RSS {hwm} KiB");
 
@@ -277,17 +277,6 @@ async fn fifty_megabytes_while_the_master_is_unreachable_arrive_after_it_returns
     eprintln!(
         "50 MB written in {write_time:?} while the master was unreachable; peak RSS {hwm} KiB"
     );
-}
-
-/// The wrapper daemon's PID, from the `Starting job` line of its log.
-fn daemon_pid_from_log(run: &Run) -> Option<u32> {
-    let log = run.log_text();
-    log.split("wrapper pid ")
-        .nth(1)?
-        .split(')')
-        .next()?
-        .parse()
-        .ok()
 }
 
 fn vm_kib(pid: u32, field: &str) -> Option<u64> {
@@ -820,4 +809,187 @@ async fn over_wss_the_wrapper_delivers_to_the_pinned_certificate_only() {
     {
         common::kill_started(pid, "sp-wrapper");
     }
+}
+
+/// A `ws://` URL of a loopback port nothing listens on: connections to it are refused.
+fn closed_port_url() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind loopback");
+    let addr = listener.local_addr().expect("local addr");
+    drop(listener);
+    format!("ws://{addr}")
+}
+
+/// The lines the failover tests' jobs print, with pauses so that the run outlasts a switch.
+fn numbered_lines(count: usize, pause: &str) -> (String, String) {
+    let cmd = format!(
+        "i=0; while [ $i -lt {count} ]; do echo \"line $i\"; i=$((i+1)); sleep {pause}; done"
+    );
+    let expected = (0..count).map(|i| format!("line {i}\n")).collect();
+    (cmd, expected)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_master_that_does_not_hold_the_job_sends_the_wrapper_to_the_next_one() {
+    let mut elsewhere = TestMaster::start(Behaviour {
+        not_holder: true,
+        ..Behaviour::default()
+    })
+    .await;
+    // The holder drops a connection that worked mid-run: the wrapper must come back to it
+    // first, not start over at the master that does not hold the job.
+    let mut holder = TestMaster::start(Behaviour {
+        drop_after: vec![3],
+        ..Behaviour::default()
+    })
+    .await;
+    let (cmd, expected) = numbered_lines(40, "0.03");
+    let mut run = Run::new("notholder", &elsewhere.url(), &cmd);
+    let urls = format!("{}, {}", elsewhere.url(), holder.url());
+    run.set("SP_WEBSOCKET_URLS", &urls);
+    run.launch_ok();
+    holder.wait_complete(LIMIT).await;
+    assert_eq!(holder.seen.text(), expected);
+    assert_clean_stream(&holder);
+    assert_eq!(
+        holder.seen.connects.len(),
+        2,
+        "one reconnect after the drop"
+    );
+    assert_eq!(holder.seen.starts.len(), 1);
+    wait_wrapper_exit(wrapper_pid(&holder), Duration::from_secs(5)).await;
+    elsewhere.idle(Duration::from_millis(100)).await;
+    assert_eq!(
+        elsewhere.seen.connects.len(),
+        1,
+        "the master that does not hold the job is asked once"
+    );
+    assert!(elsewhere.seen.outputs.is_empty() && elsewhere.seen.starts.is_empty());
+    let log = run.log_text();
+    let switch = format!(
+        "Switching from master {} (it does not hold the job) to master {} at once",
+        elsewhere.url(),
+        holder.url()
+    );
+    assert!(log.contains(&switch), "{log}");
+    assert!(
+        log.contains(&format!("Delivering to master {}", holder.url())),
+        "{log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_first_master_sends_the_wrapper_to_the_next_one() {
+    let mut second = TestMaster::start(Behaviour::default()).await;
+    let dead = closed_port_url();
+    let run = {
+        let mut run = Run::new("firstdead", &dead, "printf 'one\\ntwo\\n'; exit 7");
+        run.set("SP_WEBSOCKET_URLS", &format!("{dead}\n{}", second.url()));
+        run
+    };
+    run.launch_ok();
+    let complete = second.wait_complete(LIMIT).await;
+    assert_eq!(second.seen.text(), "one\ntwo\n");
+    assert_eq!(complete.retcode, Some(7));
+    assert_clean_stream(&second);
+    assert_eq!(second.seen.connects.len(), 1);
+    wait_wrapper_exit(wrapper_pid(&second), Duration::from_secs(5)).await;
+    let log = run.log_text();
+    let switch = format!("Switching from master {dead} (cannot reach it: ");
+    assert!(log.contains(&switch), "{log}");
+    assert!(
+        log.contains(&format!("to master {} at once", second.url())),
+        "{log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_master_that_dies_mid_run_leaves_the_rest_to_the_next_one_without_loss() {
+    // The first master applies output 5 and dies before making it durable: it acked 0..=4
+    // only. The next master took the job over and holds what was durable, 0..=4, so the
+    // wrapper must resend 5, which it kept because no master acknowledged it.
+    let mut first = TestMaster::start(Behaviour {
+        vanish_after: Some(5),
+        ..Behaviour::default()
+    })
+    .await;
+    let mut next = TestMaster::start(Behaviour {
+        held_through: Some(4),
+        ..Behaviour::default()
+    })
+    .await;
+    let (cmd, expected) = numbered_lines(60, "0.03");
+    let mut run = Run::new("failover", &first.url(), &cmd);
+    run.set(
+        "SP_WEBSOCKET_URLS",
+        &format!("{},{}", first.url(), next.url()),
+    );
+    run.launch_ok();
+    let complete = next.wait_complete(LIMIT).await;
+    assert_eq!(complete.retcode, Some(0));
+    first.idle(Duration::from_millis(100)).await;
+
+    assert_eq!(first.seen.acked, [0, 1, 2, 3, 4]);
+    let resent: Vec<u64> = next.seen.outputs.iter().map(|o| o.0).collect();
+    let total = complete.seq.expect("complete carries its seq");
+    assert_eq!(
+        resent,
+        (5..total).collect::<Vec<_>>(),
+        "no gap, no duplicate"
+    );
+    assert!(next.seen.duplicates.is_empty() && next.seen.gaps.is_empty());
+    // What the two masters acknowledged is the whole output, each seq once.
+    let mut acked = first.seen.acked.clone();
+    acked.extend(&next.seen.acked);
+    assert_eq!(acked, (0..total).collect::<Vec<_>>());
+    let durable_first: String = first
+        .seen
+        .outputs
+        .iter()
+        .filter(|o| first.seen.acked.contains(&o.0))
+        .map(|o| o.2.as_str())
+        .collect();
+    assert_eq!(format!("{durable_first}{}", next.seen.text()), expected);
+    // `start` was acked by the first master and is not sent again.
+    assert_eq!((first.seen.starts.len(), next.seen.starts.len()), (1, 0));
+    wait_wrapper_exit(wrapper_pid(&first), Duration::from_secs(5)).await;
+    let log = run.log_text();
+    assert!(
+        log.contains(&format!(
+            "Switching from master {} (cannot reach it: ",
+            first.url()
+        )),
+        "{log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_wss_each_master_of_a_cluster_is_pinned_by_its_own_fingerprint() {
+    let (tls_a, pin_a) = self_signed_tls();
+    let (tls_b, pin_b) = self_signed_tls();
+    let mut elsewhere = TestMaster::start(Behaviour {
+        tls: Some(tls_a),
+        not_holder: true,
+        ..Behaviour::default()
+    })
+    .await;
+    let mut holder = TestMaster::start(Behaviour {
+        tls: Some(tls_b),
+        ..Behaviour::default()
+    })
+    .await;
+    let mut run = Run::new("pins", &elsewhere.tls_url(), "echo pinned twice");
+    run.set(
+        "SP_WEBSOCKET_URLS",
+        &format!("{} {}", elsewhere.tls_url(), holder.tls_url()),
+    )
+    .set("SP_TLS_FINGERPRINT", &format!("{pin_b}, {pin_a}"));
+    run.launch_ok();
+    holder.wait_complete(LIMIT).await;
+    assert_eq!(holder.seen.text(), "pinned twice\n");
+    assert_clean_stream(&holder);
+    wait_wrapper_exit(wrapper_pid(&holder), Duration::from_secs(5)).await;
+    elsewhere.idle(Duration::from_millis(100)).await;
+    // Both certificates were accepted: the first master got as far as `connect`.
+    assert_eq!(elsewhere.seen.connects.len(), 1);
+    assert_eq!(elsewhere.seen.tls_refused + holder.seen.tls_refused, 0);
 }

@@ -1,7 +1,9 @@
 //! A test master for the wrapper's integration tests: a real WebSocket server on loopback
 //! that speaks the protocol the way `sp-master` does (per-run seq state kept across sockets,
 //! `last_seq` in the connect ack, cumulative acks, nack on a gap), records everything it
-//! sees, and can misbehave on request (drop the socket mid-stream, accept late, kill).
+//! sees, and can misbehave on request (drop the socket mid-stream, accept late, kill). For
+//! failover between masters it can also refuse a job it does not hold (`NOT_HOLDER`), die
+//! mid-run for good, or start out holding the output another master made durable.
 //!
 //! Also helpers to launch the real `sp-wrapper` binary and to inspect processes.
 
@@ -14,7 +16,7 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use saltpeter_proto::{
-    Ack, AckType, Complete, Connect, ErrorReply, Kill, MasterMessage, Nack, NackType, Start,
+    Ack, AckType, Complete, Connect, ErrorReply, Hello, Kill, MasterMessage, Nack, NackType, Start,
     WrapperMessage,
 };
 use tokio::net::TcpListener;
@@ -38,6 +40,15 @@ pub struct Behaviour {
     pub silent_on_complete: bool,
     /// Speak TLS (`wss://`) with this configuration.
     pub tls: Option<std::sync::Arc<saltpeter_tls::rustls::ServerConfig>>,
+    /// Answer `hello` and `connect` with `NOT_HOLDER` and close, as a master of a cluster
+    /// that does not hold the job does.
+    pub not_holder: bool,
+    /// Apply the output with this seq without acking it, then close the socket and stop
+    /// listening for good, as a master that dies does (later connections are refused).
+    pub vanish_after: Option<u64>,
+    /// Start out holding every output up to and including this seq, as a master that took
+    /// the job over finds what its predecessor made durable in the shared database.
+    pub held_through: Option<u64>,
 }
 
 /// Any stream the test master serves WebSocket on: plain TCP or TLS.
@@ -60,6 +71,8 @@ pub enum Event {
     Duplicate(u64),
     /// An output beyond the next expected seq.
     Gap(u64),
+    /// The master acknowledged the output with this seq.
+    Acked(u64),
     Closed,
 }
 
@@ -79,6 +92,10 @@ pub struct Seen {
     pub outputs: Vec<(u64, String, String)>,
     pub duplicates: Vec<u64>,
     pub gaps: Vec<u64>,
+    /// Output seqs acknowledged, in the order the acks were sent.
+    pub acked: Vec<u64>,
+    /// `hello` messages received.
+    pub hellos: usize,
     pub complete: Option<(Instant, Complete)>,
 }
 
@@ -95,12 +112,14 @@ impl Seen {
             Event::Closed => self.closed += 1,
             Event::Duplicate(seq) => self.duplicates.push(seq),
             Event::Gap(seq) => self.gaps.push(seq),
+            Event::Acked(seq) => self.acked.push(seq),
             Event::Received(at, msg) => match msg {
                 WrapperMessage::Connect(c) => {
                     self.connects.push(c);
                     self.connect_times.push(at);
                 }
                 WrapperMessage::Start(s) => self.starts.push((at, s)),
+                WrapperMessage::Hello(_) => self.hellos += 1,
                 WrapperMessage::Heartbeat(_) => self.heartbeats.push(at),
                 WrapperMessage::Output(o) => {
                     self.outputs
@@ -228,7 +247,7 @@ async fn serve(
     mut cmds: mpsc::UnboundedReceiver<Cmd>,
 ) {
     let mut state = RunState {
-        next_seq: 0,
+        next_seq: behaviour.held_through.map_or(0, |seq| seq + 1),
         behaviour,
     };
     let mut pending_kill: Option<MasterMessage> = None;
@@ -288,7 +307,19 @@ async fn serve(
                                 break;
                             }
                         }
+                        Reply::SendAndClose(reply) => {
+                            if send(&mut tx, &reply).await {
+                                let _ = tx.send(Message::Close(None)).await;
+                            }
+                            break;
+                        }
                         Reply::Drop => break,
+                        Reply::Vanish => {
+                            let _ = events.send(Event::Closed);
+                            // Dropping the listener with the socket: later connections are
+                            // refused, as by a host whose master died.
+                            return;
+                        }
                     }
                 }
             }
@@ -300,7 +331,11 @@ async fn serve(
 enum Reply {
     None,
     Send(MasterMessage),
+    /// Send, then close the connection.
+    SendAndClose(MasterMessage),
     Drop,
+    /// Close the socket and stop listening for good.
+    Vanish,
 }
 
 fn handle(
@@ -310,6 +345,12 @@ fn handle(
 ) -> Reply {
     let now = Instant::now();
     let reply = match &msg {
+        WrapperMessage::Hello(Hello { envelope: h, .. })
+        | WrapperMessage::Connect(Connect { envelope: h, .. })
+            if state.behaviour.not_holder =>
+        {
+            Reply::SendAndClose(MasterMessage::Error(ErrorReply::not_holder(&h.job_name)))
+        }
         WrapperMessage::Connect(_) => {
             Reply::Send(ack(AckType::Connect, None, Some(state.next_seq as i64 - 1)))
         }
@@ -322,6 +363,7 @@ fn handle(
             let seq = out.seq.expect("our wrapper always numbers outputs");
             if seq < state.next_seq {
                 let _ = events.send(Event::Duplicate(seq));
+                let _ = events.send(Event::Acked(seq));
                 return Reply::Send(ack(AckType::Output, Some(seq), None));
             }
             if seq > state.next_seq {
@@ -339,6 +381,11 @@ fn handle(
                 let _ = events.send(Event::Received(now, msg));
                 return Reply::Drop;
             }
+            if state.behaviour.vanish_after == Some(seq) {
+                let _ = events.send(Event::Received(now, msg));
+                return Reply::Vanish;
+            }
+            let _ = events.send(Event::Acked(seq));
             Reply::Send(ack(AckType::Output, Some(seq), None))
         }
         WrapperMessage::Complete(c) => {
@@ -454,6 +501,17 @@ impl Run {
         (out, started.elapsed())
     }
 
+    /// The wrapper daemon's PID, from the `Starting job` line of its log.
+    pub fn daemon_pid(&self) -> Option<u32> {
+        let log = self.log_text();
+        log.split("wrapper pid ")
+            .nth(1)?
+            .split(')')
+            .next()?
+            .parse()
+            .ok()
+    }
+
     /// Launches and asserts the invoking process reported a successful start.
     pub fn launch_ok(&self) -> std::process::Output {
         let (out, _) = self.launch();
@@ -465,6 +523,19 @@ impl Run {
             String::from_utf8_lossy(&out.stderr)
         );
         out
+    }
+}
+
+impl Drop for Run {
+    /// Ends a wrapper daemon that outlived its test (one that failed before the daemon
+    /// exited), by the PID its log names: it would otherwise go on looking for its master for
+    /// minutes after the test is gone.
+    fn drop(&mut self) {
+        if let Some(pid) = self.daemon_pid()
+            && alive(pid)
+        {
+            kill_started(pid, "sp-wrapper");
+        }
     }
 }
 
