@@ -104,6 +104,11 @@ pub(crate) async fn join(url: &PostgresUrl, advertised: Advertised) -> Result<Jo
     let db = Database::connect(url, CONNECTIONS)
         .await
         .map_err(|e| e.to_string())?;
+    // The `masters` table may not exist yet on a fresh database; migrating is idempotent and
+    // serialised by an advisory lock, so every master may try.
+    saltpeter_store_postgres::schema::migrate(&db)
+        .await
+        .map_err(|e| e.to_string())?;
     let master_id = new_master_id();
     let coordinator = Coordinator::start(db.clone(), Settings::new(master_id.clone(), advertised))
         .await

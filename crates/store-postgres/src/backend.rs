@@ -476,7 +476,9 @@ impl State {
         let row = self
             .query_opt(tx, "SELECT job FROM runs WHERE instance = $1", &[&instance])
             .await?;
-        row.map(|r| r.try_get::<_, String>(0)).transpose().map_err(Error::from)
+        row.map(|r| r.try_get::<_, String>(0))
+            .transpose()
+            .map_err(Error::from)
     }
 
     /// Checks, once per batch and job, that this master still holds the job's lease, and

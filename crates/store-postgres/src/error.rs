@@ -15,7 +15,7 @@ pub enum Error {
     Build(#[from] deadpool_postgres::BuildError),
     #[error("no database connection: {0}")]
     Pool(#[from] deadpool_postgres::PoolError),
-    #[error("database error: {0}")]
+    #[error("database error: {}", db_detail(.0))]
     Db(#[from] tokio_postgres::Error),
     /// The database did not answer within the store's bound, as during a network partition.
     #[error("the database did not answer within {0:?}")]
@@ -41,6 +41,15 @@ impl Error {
     /// rather than by retrying.
     pub fn is_lost_lease(&self) -> bool {
         matches!(self, Self::LostLease { .. })
+    }
+}
+
+/// The driver's own text says only "db error" for what the server refused; the server's
+/// message (and its SQLSTATE) is what an operator needs.
+fn db_detail(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{} ({})", db.message(), db.code().code()),
+        None => e.to_string(),
     }
 }
 

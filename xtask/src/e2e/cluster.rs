@@ -125,14 +125,18 @@ fn expected_output(machine: &str) -> String {
 }
 
 pub fn scenarios() -> Vec<Outcome> {
-    let server = match crate::postgres::Postgres::start().context("starting a throwaway PostgreSQL")
-    {
-        Ok(s) => s,
-        Err(e) => return vec![("cluster: set-up".into(), Err(e))],
+    // Each scenario has a server of its own: masters on one database form one cluster, and a
+    // master without a job in its files would be given a share of the other scenario's jobs.
+    let on_own_server = |scenario: fn(&str) -> Result<String>| {
+        let server =
+            crate::postgres::Postgres::start().context("starting a throwaway PostgreSQL")?;
+        let said = scenario(&server.url);
+        drop(server);
+        said
     };
-    let outcomes = std::thread::scope(|s| {
-        let failover = s.spawn(|| failover(&server.url));
-        let slots = s.spawn(|| slots_across_crashes(&server.url));
+    std::thread::scope(|s| {
+        let failover = s.spawn(|| on_own_server(failover));
+        let slots = s.spawn(|| on_own_server(slots_across_crashes));
         let join = |h: std::thread::ScopedJoinHandle<'_, Result<String>>| {
             h.join()
                 .unwrap_or_else(|_| Err(anyhow::anyhow!("scenario panicked")))
@@ -141,14 +145,10 @@ pub fn scenarios() -> Vec<Outcome> {
             ("cluster: three masters; kill -9 of the holder mid-output; the new holder ends every machine exact, no 253; run and kill forwarded".to_owned(), join(failover)),
             ("cluster: a slot every 2 s while holders are killed and restarted in turn: each slot once (run or missed), none twice".to_owned(), join(slots)),
         ]
-    });
-    drop(server);
-    outcomes
+    })
 }
 
 fn failover(store: &str) -> Result<String> {
-    // Each scenario its own database schema would be cleaner; one database with distinct job
-    // names is enough, since leases and slots are per job.
     let mut masters = three_masters("failover", store, &failover_jobs())?;
     let holder = wait_holder(&masters[0], "stream", 3, None, Duration::from_secs(30))?;
     let h = index_of(&masters, &holder)?;
