@@ -1145,3 +1145,34 @@ fn connection_limits_have_defaults_parse_and_reject_zero() {
         );
     }
 }
+
+#[test]
+fn cluster_api_url_takes_an_http_url_and_names_a_bad_one() {
+    let dir = tempfile::tempdir().unwrap();
+    with_sp_wrapper(dir.path());
+    write(
+        dir.path(),
+        "a.yaml",
+        "saltpeter_config:\n  cluster_api_url: 'https://cron-a.example.net:8888/'\n",
+    );
+    let config = load(dir.path());
+    assert!(errors(&config).is_empty(), "{:?}", errors(&config));
+    assert_eq!(
+        config.settings.cluster_api_url.as_deref(),
+        Some("https://cron-a.example.net:8888")
+    );
+    for bad in ["ftp://cron-a:8888", "https://", "http://a b:1", "8888"] {
+        write(
+            dir.path(),
+            "a.yaml",
+            &format!("saltpeter_config:\n  cluster_api_url: '{bad}'\n"),
+        );
+        let config = load(dir.path());
+        let errors = errors(&config);
+        assert!(
+            errors.iter().any(|e| e.contains("cluster_api_url")),
+            "{bad}: {errors:?}"
+        );
+        assert_eq!(config.settings.cluster_api_url, None, "{bad}");
+    }
+}
