@@ -12,6 +12,11 @@ use std::time::{Duration, Instant};
 /// Sends SIGTERM to `child`, waits up to `grace` for it to exit, then kills it. Returns whether
 /// it left on its own within the grace.
 pub fn terminate(child: &mut Child, grace: Duration) -> bool {
+    // A child already reaped (a master killed with `kill -9` and waited for) has given up its
+    // PID, which the kernel may have handed to a process that is not ours.
+    if matches!(child.try_wait(), Ok(Some(_))) {
+        return true;
+    }
     let pid = child.id().to_string();
     let _ = Command::new("kill").args(["-TERM", &pid]).status();
     let deadline = Instant::now() + grace;

@@ -70,7 +70,7 @@ fn three_masters(name: &str, store: &str, jobs: &str) -> Result<Vec<Master>> {
 }
 
 /// `GET /api/v1/cluster` of a master.
-fn cluster_of(m: &Master) -> Result<Value> {
+pub(super) fn cluster_of(m: &Master) -> Result<Value> {
     let r = http::get(m.api, "/api/v1/cluster")?;
     ensure!(r.status == 200, "cluster: HTTP {} {}", r.status, r.body);
     Ok(r.body)

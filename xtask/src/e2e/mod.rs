@@ -12,6 +12,7 @@ mod notify;
 mod notify_env;
 mod recovery;
 mod restart;
+mod salt_cluster;
 mod salt_env;
 mod salt_identity;
 mod salt_scenarios;

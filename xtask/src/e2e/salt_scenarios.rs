@@ -1,6 +1,6 @@
 //! The Salt scenarios: `sp-master` with `launcher: salt` driving a real
 //! salt-master and three real salt-minions ([`super::salt_env`]), each scenario printing what
-//! it measured. Three masters share the one Salt installation:
+//! it measured. Several masters share the one Salt installation:
 //!
 //! - `main`: targeting (glob, list, compound), `number_of_targets`, `batch_size`, secrets kept
 //!   out of every argv, `kill -9` of one wrapper, an API kill, legacy mode (`use_wrapper:
@@ -11,7 +11,9 @@
 //!   the original Python wrapper (`saltpeter` 0.9.30 from PyPI, see
 //!   [`super::salt_env::ORIGINAL_WRAPPER`]) through Salt;
 //! - `nosalt`: a Salt config whose salt-master is not running, so every failure path reports
-//!   Salt's own words.
+//!   Salt's own words;
+//! - `ha1` and `ha2`: two masters on one throwaway PostgreSQL, started by their scenario
+//!   ([`super::salt_cluster`]), whose holder of the job is killed mid-run.
 //!
 //! Before any job runs, the wrapper is deployed the way a fleet gets it: `state.apply
 //! saltpeter.wrapper` of the repository's formula, from the salt-master's file server. A second
@@ -39,7 +41,7 @@ use super::master::{Master, binary, machine, target_dir};
 use super::salt_env::{MINIONS, RELEASE_VERSION, SaltEnv, ensure_venv};
 
 /// A job that never fires by itself; scenarios start runs through the API.
-fn job(name: &str, body: &str) -> String {
+pub(super) fn job(name: &str, body: &str) -> String {
     format!(
         "{name}:\n  sec: 0\n  min: 0\n  hour: 0\n  dom: 1\n  mon: 1\n  dow: '*'\n  year: 2099\n{body}\n"
     )
@@ -48,7 +50,7 @@ fn job(name: &str, body: &str) -> String {
 /// Settings for a master that launches through this Salt. The machines endpoint speaks TLS as
 /// it does by default beyond loopback, so wrappers reach it over `wss://` with the pinned
 /// self-signed certificate (or the operator's, where a scenario sets one).
-fn settings(salt: &SaltEnv, extra: &str) -> Result<String> {
+pub(super) fn settings(salt: &SaltEnv, extra: &str) -> Result<String> {
     Ok(format!(
         "saltpeter_config:\n  launcher: salt\n  salt_bin: '{}'\n  salt_config_dir: '{}'\n  \
          ping_timeout: 20\n  default_saltpeter_server_host: 127.0.0.1\n  default_wrapper_path: '{}'\n  \
@@ -245,7 +247,13 @@ pub fn salt() -> Result<Vec<Outcome>> {
     let (m, mt, ns, op) = (&main, &maint, &nosalt, &operator);
     let secret_ref = secret.as_str();
     let roots = salt.roots.clone();
+    let (salt_ref, ha_dir) = (&salt, dir.join("ha"));
     let phase1: Vec<Scenario<'_>> = vec![
+        // First: the longest, so its lane has the least else to do.
+        (
+            "salt: two masters on one PostgreSQL; kill -9 of the holder mid-output; the other ends every minion exact, no 253; run forwarded",
+            Box::new(move || super::salt_cluster::failover(salt_ref, &ha_dir)),
+        ),
         (
             "salt: glob targeting over wss:// pinned; ids not the host name; env passes Salt unchanged",
             Box::new(move || glob(m)),
@@ -496,7 +504,7 @@ fn plain_refused(m: &Master) -> Result<()> {
 }
 
 /// `text` without terminal colour sequences (the master's log may carry them).
-fn plain_text(text: &str) -> String {
+pub(super) fn plain_text(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     let mut in_escape = false;
     for c in text.chars() {
