@@ -69,6 +69,11 @@ pub struct ClusterView {
     pub fingerprints: Vec<String>,
     /// Job -> id of the master holding it, for every job with a live lease.
     pub holders: BTreeMap<String, String>,
+    /// For each job this master holds: the instant, on this process's monotonic clock, at
+    /// which it must stop acting for the job unless a later pass renews the lease. The engine
+    /// keeps these deadlines itself, so a coordination pass that hangs on an unreachable
+    /// database cannot keep it acting past its lease.
+    pub act_until: BTreeMap<String, tokio::time::Instant>,
 }
 
 /// The engine's part of the coordination, injected by the master.
@@ -101,6 +106,8 @@ pub(crate) struct Cluster {
     master_id: String,
     claims: Arc<dyn SlotClaims>,
     held: HashMap<String, Held>,
+    /// See [`ClusterView::act_until`].
+    act_until: HashMap<String, tokio::time::Instant>,
     masters: Vec<MasterRef>,
     fingerprints: Vec<String>,
     holders: BTreeMap<String, String>,
@@ -112,6 +119,7 @@ impl Cluster {
             master_id: parts.master_id,
             claims: parts.claims,
             held: HashMap::new(),
+            act_until: HashMap::new(),
             masters: Vec::new(),
             fingerprints: Vec::new(),
             holders: BTreeMap::new(),
@@ -120,6 +128,15 @@ impl Cluster {
 
     fn ready(&self, job: &str) -> bool {
         self.held.get(job) == Some(&Held::Ready)
+    }
+
+    /// The earliest instant at which a held job's lease runs out by this process's clock.
+    pub(crate) fn next_deadline(&self) -> Option<tokio::time::Instant> {
+        self.act_until
+            .iter()
+            .filter(|(job, _)| self.held.contains_key(*job))
+            .map(|(_, at)| *at)
+            .min()
     }
 
     /// The master holding `job`, when it is another one.
@@ -190,6 +207,7 @@ impl Engine {
         cluster.masters = view.masters;
         cluster.fingerprints = view.fingerprints;
         cluster.holders = view.holders;
+        cluster.act_until.extend(view.act_until);
         for job in view.lost {
             self.lose_job(&job);
         }
@@ -198,10 +216,31 @@ impl Engine {
         }
     }
 
+    /// A held lease ran out by this master's own clock before a pass renewed it (the
+    /// database is unreachable, or the pass is slow): stop acting for the job now, before
+    /// another master can take it.
+    pub(super) fn on_lease_deadlines(&mut self) {
+        let now = self.clock.instant();
+        let Some(cluster) = self.cluster.as_ref() else {
+            return;
+        };
+        let due: Vec<String> = cluster
+            .act_until
+            .iter()
+            .filter(|(job, at)| **at <= now && cluster.held.contains_key(*job))
+            .map(|(job, _)| job.clone())
+            .collect();
+        for job in due {
+            tracing::warn!(%job, "The job's lease runs out by this master's clock and was not renewed; stopping.");
+            self.lose_job(&job);
+        }
+    }
+
     fn lose_job(&mut self, job: &str) {
         let Some(cluster) = self.cluster.as_mut() else {
             return;
         };
+        cluster.act_until.remove(job);
         if cluster.held.remove(job).is_none() {
             return;
         }

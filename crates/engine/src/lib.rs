@@ -382,6 +382,8 @@ impl Engine {
         let mut monitor_at = None;
         let mut fire_sleep: Pin<Box<Sleep>> = Box::pin(tokio::time::sleep_until(far_future()));
         let mut fire_at = None;
+        let mut lease_sleep: Pin<Box<Sleep>> = Box::pin(tokio::time::sleep_until(far_future()));
+        let mut lease_at = None;
         // Once the watcher is gone the engine keeps serving on the last config it had.
         let mut config_open = true;
         // Missed slots: what the master missed while it was down, now that a subscriber may
@@ -403,6 +405,14 @@ impl Engine {
             if want != fire_at {
                 fire_at = want;
                 fire_sleep.as_mut().reset(want.unwrap_or_else(far_future));
+            }
+            let want = self
+                .cluster
+                .as_ref()
+                .and_then(cluster::Cluster::next_deadline);
+            if want != lease_at {
+                lease_at = want;
+                lease_sleep.as_mut().reset(want.unwrap_or_else(far_future));
             }
             tokio::select! {
                 biased;
@@ -429,6 +439,10 @@ impl Engine {
                 () = &mut monitor_sleep, if monitor_at.is_some() => {
                     monitor_at = None;
                     self.on_deadlines();
+                }
+                () = &mut lease_sleep, if lease_at.is_some() => {
+                    lease_at = None;
+                    self.on_lease_deadlines();
                 }
                 () = &mut fire_sleep, if fire_at.is_some() => {
                     if let Some(at) = fire_at {

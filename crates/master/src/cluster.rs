@@ -192,13 +192,22 @@ async fn pass(
     let changes = coordinator.tick().await?;
     let mut lost = changes.lost;
     lost.extend(coordinator.expire());
+    let margin = coordinator.settings().stop_margin;
+    let mut act_until = std::collections::BTreeMap::new();
     for lease in coordinator.held() {
         fences.set(lease.fence());
+        // The same deadline the coordinator's own `expire` keeps, on the engine's clock.
+        let at = lease
+            .valid_until
+            .checked_sub(margin)
+            .unwrap_or_else(std::time::Instant::now);
+        act_until.insert(lease.job.clone(), tokio::time::Instant::from_std(at));
     }
     let gained = changes.gained.into_iter().map(|l| l.job).collect();
     Ok(ClusterView {
         gained,
         lost,
+        act_until,
         ..view_of(coordinator)
     })
 }

@@ -165,3 +165,40 @@ async fn a_lost_job_s_runs_are_dropped_and_their_wrappers_sent_on() {
     assert!(h.take_events().is_empty());
     assert!(h.try_run("j").await.is_err());
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_lease_not_renewed_in_time_stops_the_master_by_its_own_clock() {
+    let claims = Arc::new(FakeClaims::default());
+    let h = Harness::start_cluster(&job("j", "[m1]", ""), None, claims).await;
+    let until = |secs| {
+        [(
+            "j".to_owned(),
+            tokio::time::Instant::now() + Duration::from_secs(secs),
+        )]
+        .into_iter()
+        .collect()
+    };
+    h.cluster(ClusterView {
+        act_until: until(8),
+        ..gained(&["j"])
+    })
+    .await;
+    let instance = h.run("j").await;
+    let mut w = h.wrapper(&instance, "m1").await;
+    w.connect_and_start().await;
+    // A pass renews the lease: the deadline moves on.
+    sleep(Duration::from_secs(5)).await;
+    h.cluster(ClusterView {
+        act_until: until(8),
+        ..gained(&[])
+    })
+    .await;
+    sleep(Duration::from_secs(5)).await;
+    w.heartbeat().await;
+    assert_eq!(h.machine(&instance, "m1").await["status"], "running");
+    // No pass comes any more (the database is unreachable): the master stops acting at its
+    // deadline without being told.
+    sleep(Duration::from_secs(4)).await;
+    assert_eq!(w.error_code().await, Some(ErrorCode::NotHolder));
+    assert!(h.try_run("j").await.is_err());
+}
