@@ -44,6 +44,27 @@ pub fn owner_of<'m, M: AsRef<str>>(job: &str, masters: &'m [M]) -> Option<&'m M>
 }
 
 /// The jobs among `jobs` that `me` should hold, given the live `masters` (which should
+/// include `me`) and, for each, the jobs its configuration has (`None`: every job). A job goes
+/// to the highest-scoring master that has it, so a job that only some masters' files have yet
+/// is never left to one that cannot run it.
+pub fn jobs_for_known<'j>(
+    me: &str,
+    jobs: impl IntoIterator<Item = &'j str>,
+    masters: &[(&str, Option<&std::collections::HashSet<&str>>)],
+) -> Vec<&'j str> {
+    jobs.into_iter()
+        .filter(|job| {
+            let able: Vec<&str> = masters
+                .iter()
+                .filter(|(_, known)| known.is_none_or(|k| k.contains(job)))
+                .map(|(id, _)| *id)
+                .collect();
+            owner_of(job, &able).is_some_and(|m| *m == me)
+        })
+        .collect()
+}
+
+/// The jobs among `jobs` that `me` should hold, given the live `masters` (which should
 /// include `me`).
 pub fn jobs_for<'j, M: AsRef<str>>(
     me: &str,
@@ -57,9 +78,47 @@ pub fn jobs_for<'j, M: AsRef<str>>(
 
 #[cfg(test)]
 mod tests {
-    use std::collections::HashMap;
+    use std::collections::{HashMap, HashSet};
 
     use super::*;
+
+    #[test]
+    fn a_job_goes_only_to_masters_whose_files_have_it() {
+        let jobs = jobs();
+        let all: HashSet<&str> = jobs.iter().map(String::as_str).collect();
+        // master-b has not loaded the last ten jobs yet; master-c never said (every job).
+        let fewer: HashSet<&str> = jobs.iter().take(90).map(String::as_str).collect();
+        let masters = [
+            ("master-a", Some(&all)),
+            ("master-b", Some(&fewer)),
+            ("master-c", None),
+        ];
+        let mut owners: HashMap<&str, &str> = HashMap::new();
+        for (me, _) in masters {
+            for job in jobs_for_known(me, jobs.iter().map(String::as_str), &masters) {
+                assert!(owners.insert(job, me).is_none(), "{job} has two owners");
+            }
+        }
+        assert_eq!(owners.len(), jobs.len(), "every job has an owner");
+        for job in jobs.iter().skip(90) {
+            assert_ne!(
+                owners[job.as_str()],
+                "master-b",
+                "{job} went to a master without it"
+            );
+        }
+        // Where every master has the job, the answer is plain rendezvous hashing.
+        let ids = ["master-a", "master-b", "master-c"];
+        for job in jobs.iter().take(90) {
+            assert_eq!(owners[job.as_str()], *owner_of(job, &ids).unwrap());
+        }
+        // Some of the last ten would have gone to master-b without the check.
+        assert!(
+            jobs.iter()
+                .skip(90)
+                .any(|j| *owner_of(j, &ids).unwrap() == "master-b")
+        );
+    }
 
     fn jobs() -> Vec<String> {
         (0..100).map(|i| format!("job-{i}")).collect()

@@ -18,7 +18,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
-use crate::assign::jobs_for;
+use crate::assign::jobs_for_known;
 use crate::lease::{
     Advertised, DEFAULT_LEASE_TTL, DEFAULT_MASTER_TTL, DEFAULT_RENEW_EVERY, DEFAULT_STOP_MARGIN,
     Fence, Lease, MasterInfo,
@@ -71,6 +71,9 @@ pub struct Coordinator {
     db: Database,
     settings: Settings,
     jobs: Vec<String>,
+    /// Whether `jobs` is recorded in this master's row (written once per change, not every
+    /// pass).
+    jobs_said: bool,
     held: BTreeMap<String, Lease>,
     /// The live masters as of the last successful pass, by id.
     masters: Vec<MasterInfo>,
@@ -87,6 +90,7 @@ impl Coordinator {
             db,
             settings,
             jobs: Vec::new(),
+            jobs_said: false,
             held: BTreeMap::new(),
             masters: Vec::new(),
             holders: BTreeMap::new(),
@@ -96,9 +100,13 @@ impl Coordinator {
     /// The jobs of the configuration, after a load or a reload. Jobs that are gone are
     /// released at the next pass.
     pub fn set_jobs(&mut self, jobs: impl IntoIterator<Item = String>) {
-        self.jobs = jobs.into_iter().collect();
-        self.jobs.sort();
-        self.jobs.dedup();
+        let mut jobs: Vec<String> = jobs.into_iter().collect();
+        jobs.sort();
+        jobs.dedup();
+        if jobs != self.jobs {
+            self.jobs = jobs;
+            self.jobs_said = false;
+        }
     }
 
     /// The settings this coordinator runs with.
@@ -164,11 +172,28 @@ impl Coordinator {
         if !self.db.heartbeat(&s.master_id).await? {
             // Another master found this one dead and removed it: join again.
             self.db.register_master(&s.master_id, &s.advertised).await?;
+            self.jobs_said = false;
+        }
+        if !self.jobs_said {
+            self.db.set_master_jobs(&s.master_id, &self.jobs).await?;
+            self.jobs_said = true;
         }
         let masters = self.db.live_masters(s.master_ttl).await?;
-        let live: Vec<&str> = masters.iter().map(|m| m.id.as_str()).collect();
+        let known: Vec<Option<HashSet<&str>>> = masters
+            .iter()
+            .map(|m| {
+                m.jobs
+                    .as_ref()
+                    .map(|jobs| jobs.iter().map(String::as_str).collect())
+            })
+            .collect();
+        let live: Vec<(&str, Option<&HashSet<&str>>)> = masters
+            .iter()
+            .zip(&known)
+            .map(|(m, k)| (m.id.as_str(), k.as_ref()))
+            .collect();
         let mine: HashSet<&str> =
-            jobs_for(&s.master_id, self.jobs.iter().map(String::as_str), &live)
+            jobs_for_known(&s.master_id, self.jobs.iter().map(String::as_str), &live)
                 .into_iter()
                 .collect();
         let to_release: Vec<String> = self

@@ -122,6 +122,9 @@ pub struct MasterInfo {
     pub api_url: String,
     /// The fingerprint wrappers pin to reach this master, if its certificate is its own.
     pub tls_fingerprint: Option<String>,
+    /// The jobs of this master's configuration; `None` for a master that has not said (one of
+    /// a release before the column existed), taken as knowing every job.
+    pub jobs: Option<Vec<String>>,
     pub started_at: OffsetDateTime,
     pub heartbeat_at: OffsetDateTime,
 }
@@ -185,6 +188,19 @@ impl Database {
         .await
     }
 
+    /// Records the jobs of this master's configuration, which the others read to assign each
+    /// job only among the masters that have it.
+    pub async fn set_master_jobs(&self, id: &str, jobs: &[String]) -> Result<()> {
+        self.timed(async {
+            self.client()
+                .await?
+                .execute("UPDATE masters SET jobs = $2 WHERE id = $1", &[&id, &jobs])
+                .await?;
+            Ok(())
+        })
+        .await
+    }
+
     /// Removes this master and lets go of all its leases at once, for a clean shutdown: the
     /// others can take its jobs at their next pass instead of after the leases expire.
     pub async fn deregister_master(&self, id: &str) -> Result<()> {
@@ -213,7 +229,7 @@ impl Database {
                 .client()
                 .await?
                 .query(
-                    "SELECT id, address, api_url, tls_fingerprint, started_at, heartbeat_at
+                    "SELECT id, address, api_url, tls_fingerprint, started_at, heartbeat_at, jobs
                      FROM masters
                      WHERE heartbeat_at > now() - $1::BIGINT * INTERVAL '1 millisecond'
                      ORDER BY id",
@@ -229,6 +245,7 @@ impl Database {
                         tls_fingerprint: r.try_get(3)?,
                         started_at: r.try_get(4)?,
                         heartbeat_at: r.try_get(5)?,
+                        jobs: r.try_get(6)?,
                     })
                 })
                 .collect()

@@ -171,7 +171,20 @@ ALTER TABLE masters ADD COLUMN api_url TEXT NOT NULL DEFAULT '';
 ALTER TABLE masters ADD COLUMN tls_fingerprint TEXT;
 ";
 
-const MIGRATIONS: [&str; 4] = [MIGRATION_1, MIGRATION_2, MIGRATION_3, MIGRATION_4];
+/// The jobs each master's configuration has, so that a job is assigned only among the masters
+/// that can run it (while a change of the job files reaches the hosts one after another).
+/// NULL, for a master that registered before this version, means "every job".
+const MIGRATION_5: &str = "
+ALTER TABLE masters ADD COLUMN jobs TEXT[];
+";
+
+const MIGRATIONS: [&str; 5] = [
+    MIGRATION_1,
+    MIGRATION_2,
+    MIGRATION_3,
+    MIGRATION_4,
+    MIGRATION_5,
+];
 
 /// Brings the schema to [`SCHEMA_VERSION`] and returns the version found before. Safe to call
 /// from any number of masters at once, and again at every start.

@@ -114,7 +114,7 @@ async fn migrations_are_idempotent_and_safe_to_run_concurrently() {
     assert_eq!(found, [0, SCHEMA_VERSION]);
     assert_eq!(schema::migrate(&db).await.unwrap(), SCHEMA_VERSION);
     assert_eq!(schema::version(&db).await.unwrap(), SCHEMA_VERSION);
-    assert_eq!(SCHEMA_VERSION, 4);
+    assert_eq!(SCHEMA_VERSION, 5);
 
     // The translated tables take what the SQLite store writes: times, flags, output bytes
     // with a NUL, which PostgreSQL's TEXT would refuse.
@@ -166,15 +166,15 @@ async fn a_schema_3_database_gains_what_masters_advertise() {
     // Back to version 3 as it was: the two columns of version 4 did not exist.
     client
         .batch_execute(
-            "ALTER TABLE masters DROP COLUMN api_url, DROP COLUMN tls_fingerprint;
-             DELETE FROM schema_version WHERE version = 4;
+            "ALTER TABLE masters DROP COLUMN api_url, DROP COLUMN tls_fingerprint, DROP COLUMN jobs;
+             DELETE FROM schema_version WHERE version >= 4;
              INSERT INTO masters (id, address) VALUES ('old', 'wss://old:8889');",
         )
         .await
         .unwrap();
     assert_eq!(schema::version(&db).await.unwrap(), 3);
     assert_eq!(schema::migrate(&db).await.unwrap(), 3);
-    assert_eq!(schema::version(&db).await.unwrap(), 4);
+    assert_eq!(schema::version(&db).await.unwrap(), SCHEMA_VERSION);
     client
         .execute(
             "INSERT INTO masters (id, address) VALUES ('old2', 'wss://old2:8889')",
@@ -184,6 +184,8 @@ async fn a_schema_3_database_gains_what_masters_advertise() {
         .unwrap();
     db.register_master("m2", &advertised("m2")).await.unwrap();
     let live = db.live_masters(Duration::from_secs(10)).await.unwrap();
+    // A master that has not said which jobs it has is taken as having every job.
+    assert!(live.iter().all(|m| m.jobs.is_none()));
     let rows: Vec<(&str, &str, &str, Option<&str>)> = live
         .iter()
         .map(|m| {
@@ -918,6 +920,57 @@ async fn a_coordinator_fences_only_what_it_may_act_on() {
     assert_eq!(c.fence("backup"), None);
     // The view of the last successful pass stays until the next one.
     assert_eq!(c.holders().get("backup").map(String::as_str), Some("m1"));
+}
+
+/// A job only some masters' files have goes to one of those, even when rendezvous hashing
+/// prefers a master without it; once that master loads the job too, the job may move there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_is_held_only_by_a_master_whose_files_have_it() {
+    use saltpeter_store_postgres::assign::owner_of;
+    use saltpeter_store_postgres::coordinator::{Coordinator, Settings};
+    let Some(db) = migrated("coord_known").await else {
+        return;
+    };
+    // A job that m2 would win among m1 and m2.
+    let job = (0..100)
+        .map(|i| format!("new-job-{i}"))
+        .find(|j| *owner_of(j, &["m1", "m2"]).unwrap() == "m2")
+        .unwrap();
+    let start = |id: &'static str| {
+        let db = db.clone();
+        async move {
+            let mut settings = Settings::new(id, advertised(id));
+            settings.lease_ttl = TTL;
+            settings.stop_margin = Duration::from_millis(200);
+            Coordinator::start(db, settings).await.unwrap()
+        }
+    };
+    let (mut m1, mut m2) = (start("m1").await, start("m2").await);
+    m1.set_jobs(["common".to_owned(), job.clone()]);
+    m2.set_jobs(["common".to_owned()]);
+    // Two rounds: the first registers what each has, the second assigns with it known.
+    for _ in 0..2 {
+        m1.tick().await.unwrap();
+        m2.tick().await.unwrap();
+    }
+    assert!(
+        m1.fence(&job).is_some(),
+        "m1, the only master with {job}, holds it: {:?}",
+        m1.masters()
+    );
+    assert!(m2.fence(&job).is_none());
+    assert_eq!(m2.holders().get(&job).map(String::as_str), Some("m1"));
+    let m2_row = m1.masters().iter().find(|m| m.id == "m2").unwrap();
+    assert_eq!(m2_row.jobs.as_deref(), Some(&["common".to_owned()][..]));
+    // m2 loads the job: m1 lets it go and m2 takes it.
+    m2.set_jobs(["common".to_owned(), job.clone()]);
+    for _ in 0..3 {
+        m2.tick().await.unwrap();
+        m1.tick().await.unwrap();
+    }
+    m2.tick().await.unwrap();
+    assert!(m2.fence(&job).is_some(), "m2 takes {job} once it has it");
+    assert!(m1.fence(&job).is_none());
 }
 
 /// The store backend under a fence: a run's writes carry the epoch of the job's lease, and once
