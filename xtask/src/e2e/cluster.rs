@@ -5,6 +5,9 @@
 //!   machine ends with its real exit code and byte-exact output, none is marked 253, and the
 //!   takeover time is measured (kill to the new holder naming itself). The run is started, and a
 //!   second run killed, through masters that do not hold the jobs: forwarded to the holder.
+//! - **A partition.** Two masters reach the database through relays; the holder's relay is
+//!   cut so its calls hang. The holder must stop acting for the job by its own clock before
+//!   the other master takes it; the run then ends exact on the other master.
 //! - **Slots across crashes.** A job fires every two seconds while the masters holding it are
 //!   killed and restarted in turn; afterwards every slot of the window appears exactly once in
 //!   the job's history, as a run or as a missed slot, and none twice.
@@ -52,6 +55,116 @@ fn ticking_jobs() -> String {
     "tick:\n  sec: '*/2'\n  min: '*'\n  hour: '*'\n  dom: '*'\n  mon: '*'\n  dow: '*'\n  \
      target_type: list\n  targets: [t1]\n  command: 'echo tick'\n"
         .to_owned()
+}
+
+/// `store` with its host and port replaced by `addr`.
+fn via(store: &str, addr: std::net::SocketAddr) -> Result<String> {
+    let (scheme, rest) = store.split_once("://").context("a URL")?;
+    let (userinfo, rest) = rest.rsplit_once('@').context("a URL with user")?;
+    let path = rest.find('/').map_or("", |i| &rest[i..]);
+    Ok(format!("{scheme}://{userinfo}@{addr}{path}"))
+}
+
+/// The TCP address of a `postgres://` URL's server.
+fn server_addr(store: &str) -> Result<std::net::SocketAddr> {
+    let rest = store.split_once("://").context("a URL")?.1;
+    let rest = rest.rsplit_once('@').map_or(rest, |(_, r)| r);
+    let host_port = rest.split(['/', '?']).next().unwrap_or_default();
+    host_port.parse().context("a numeric host:port")
+}
+
+/// Polls until `m`'s engine no longer acts for `job` (its `held` list lacks it).
+fn wait_not_acting(m: &Master, job: &str, limit: Duration) -> Result<Duration> {
+    let started = Instant::now();
+    loop {
+        if let Ok(c) = cluster_of(m)
+            && !c["held"]
+                .as_array()
+                .is_some_and(|h| h.iter().any(|j| j == job))
+        {
+            return Ok(started.elapsed());
+        }
+        ensure!(
+            started.elapsed() < limit,
+            "{} still acts for {job} after {limit:?}",
+            m.api
+        );
+        sleep(Duration::from_millis(100));
+    }
+}
+
+fn partition(store: &str) -> Result<String> {
+    let upstream = server_addr(store)?;
+    let relays = [
+        super::partition::Relay::start(upstream)?,
+        super::partition::Relay::start(upstream)?,
+    ];
+    let base = target_dir()
+        .join("e2e")
+        .join(format!("cluster-partition-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    let mut masters = Vec::new();
+    for (i, relay) in relays.iter().enumerate() {
+        let dir = base.join(format!("m{i}"));
+        std::fs::create_dir_all(&dir)?;
+        let url = via(store, relay.addr)?;
+        masters.push(Master::start(
+            &dir,
+            &config(free_port()?, &url, &failover_jobs()),
+        )?);
+    }
+    let holder = wait_holder(&masters[0], "stream", 2, None, Duration::from_secs(30))?;
+    let h = index_of(&masters, &holder)?;
+    let other = 1 - h;
+    let instance = masters[h].run_job("stream")?;
+    masters[h].wait_run(&instance, Duration::from_secs(30), |r| {
+        MACHINES.iter().all(|(m, _)| {
+            machine(r, m)["output"]
+                .as_str()
+                .is_some_and(|o| o.contains("line 10 "))
+        })
+    })?;
+    relays[h].cut();
+    let cut_at = Instant::now();
+    let stopped = wait_not_acting(&masters[h], "stream", Duration::from_secs(20))?;
+    let new_holder = wait_holder(
+        &masters[other],
+        "stream",
+        1,
+        Some(&holder),
+        Duration::from_secs(40),
+    )?;
+    let took_over = cut_at.elapsed();
+    ensure!(
+        stopped < took_over,
+        "the cut-off master stopped acting {:.1} s after the cut, after the other took over at {:.1} s",
+        stopped.as_secs_f64(),
+        took_over.as_secs_f64()
+    );
+    let run = masters[other].wait_run(&instance, Duration::from_secs(90), all_ended)?;
+    for (name, code) in MACHINES {
+        let m = machine(&run, name);
+        ensure!(
+            m["retcode"] == code,
+            "{name}: expected {code}, got {} (cause {})",
+            m["retcode"],
+            m["cause"]
+        );
+        ensure!(
+            m["output"].as_str() == Some(expected_output(name).as_str()),
+            "{name}: output differs after the partition:\n{}",
+            m["output"]
+        );
+    }
+    // Healed, the cut-off master comes back as a member.
+    relays[h].heal();
+    wait_holder(&masters[h], "stream", 2, None, Duration::from_secs(30))
+        .context("the healed master did not rejoin")?;
+    Ok(format!(
+        "holder {holder} cut off after line 10: it stopped acting {:.1} s after the cut, {new_holder} held the job {:.1} s after the cut; c1/c2/c3 ended 0/3/7 with {LINES} exact lines each; healed, it rejoined",
+        stopped.as_secs_f64(),
+        took_over.as_secs_f64()
+    ))
 }
 
 /// Three masters on `store`, each with its own directories and machines port.
@@ -137,6 +250,7 @@ pub fn scenarios() -> Vec<Outcome> {
     std::thread::scope(|s| {
         let failover = s.spawn(|| on_own_server(failover));
         let slots = s.spawn(|| on_own_server(slots_across_crashes));
+        let partition = s.spawn(|| on_own_server(partition));
         let join = |h: std::thread::ScopedJoinHandle<'_, Result<String>>| {
             h.join()
                 .unwrap_or_else(|_| Err(anyhow::anyhow!("scenario panicked")))
@@ -144,6 +258,7 @@ pub fn scenarios() -> Vec<Outcome> {
         vec![
             ("cluster: three masters; kill -9 of the holder mid-output; the new holder ends every machine exact, no 253; run and kill forwarded".to_owned(), join(failover)),
             ("cluster: a slot every 2 s while holders are killed and restarted in turn: each slot once (run or missed), none twice".to_owned(), join(slots)),
+            ("cluster: the holder cut off from the database stops acting before the other master takes over; the run ends exact there".to_owned(), join(partition)),
         ]
     })
 }

@@ -10,6 +10,7 @@ mod http;
 pub mod master;
 mod notify;
 mod notify_env;
+mod partition;
 mod recovery;
 mod restart;
 mod salt_cluster;
