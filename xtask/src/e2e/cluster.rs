@@ -22,7 +22,7 @@ use serde_json::Value;
 
 use super::Outcome;
 use super::http;
-use super::master::{Master, all_ended, machine, target_dir};
+use super::master::{Master, all_ended, expect_exact, machine, target_dir};
 
 const MACHINES: [(&str, i64); 3] = [("c1", 0), ("c2", 3), ("c3", 7)];
 /// Lines each machine prints, one every 0.2 s: about 16 s of output.
@@ -117,13 +117,8 @@ fn partition(store: &str) -> Result<String> {
     let h = index_of(&masters, &holder)?;
     let other = 1 - h;
     let instance = masters[h].run_job("stream")?;
-    masters[h].wait_run(&instance, Duration::from_secs(30), |r| {
-        MACHINES.iter().all(|(m, _)| {
-            machine(r, m)["output"]
-                .as_str()
-                .is_some_and(|o| o.contains("line 10 "))
-        })
-    })?;
+    let names: Vec<&str> = MACHINES.iter().map(|(m, _)| *m).collect();
+    masters[h].wait_output(&instance, &names, "line 10 ", Duration::from_secs(30))?;
     relays[h].cut();
     let cut_at = Instant::now();
     let stopped = wait_not_acting(&masters[h], "stream", Duration::from_secs(20))?;
@@ -142,20 +137,7 @@ fn partition(store: &str) -> Result<String> {
         took_over.as_secs_f64()
     );
     let run = masters[other].wait_run(&instance, Duration::from_secs(90), all_ended)?;
-    for (name, code) in MACHINES {
-        let m = machine(&run, name);
-        ensure!(
-            m["retcode"] == code,
-            "{name}: expected {code}, got {} (cause {})",
-            m["retcode"],
-            m["cause"]
-        );
-        ensure!(
-            m["output"].as_str() == Some(expected_output(name).as_str()),
-            "{name}: output differs after the partition:\n{}",
-            m["output"]
-        );
-    }
+    expect_exact(&run, &MACHINES, expected_output, "the partition")?;
     // Healed, the cut-off master comes back as a member.
     relays[h].heal();
     wait_holder(&masters[h], "stream", 2, None, Duration::from_secs(30))
@@ -270,13 +252,8 @@ fn failover(store: &str) -> Result<String> {
     let other = (h + 1) % 3;
     // Started through a master that does not hold the job: forwarded to the holder.
     let instance = masters[other].run_job("stream")?;
-    masters[h].wait_run(&instance, Duration::from_secs(30), |r| {
-        MACHINES.iter().all(|(m, _)| {
-            machine(r, m)["output"]
-                .as_str()
-                .is_some_and(|o| o.contains("line 10 "))
-        })
-    })?;
+    let names: Vec<&str> = MACHINES.iter().map(|(m, _)| *m).collect();
+    masters[h].wait_output(&instance, &names, "line 10 ", Duration::from_secs(30))?;
     masters[h].kill9()?;
     let killed_at = Instant::now();
     let new_holder = wait_holder(
@@ -289,20 +266,7 @@ fn failover(store: &str) -> Result<String> {
     let takeover = killed_at.elapsed();
     let n = index_of(&masters, &new_holder)?;
     let run = masters[n].wait_run(&instance, Duration::from_secs(90), all_ended)?;
-    for (name, code) in MACHINES {
-        let m = machine(&run, name);
-        ensure!(
-            m["retcode"] == code,
-            "{name}: expected {code}, got {} (cause {})",
-            m["retcode"],
-            m["cause"]
-        );
-        let got = m["output"].as_str().unwrap_or_default();
-        ensure!(
-            got == expected_output(name),
-            "{name}: output differs after the failover:\n{got}"
-        );
-    }
+    expect_exact(&run, &MACHINES, expected_output, "the failover")?;
     // A kill through a master that does not hold the job reaches the one that does.
     let sleepy_holder = wait_holder(&masters[n], "sleepy", 2, None, Duration::from_secs(20))?;
     let s = index_of(&masters, &sleepy_holder)?;

@@ -233,3 +233,47 @@ pub fn machine<'a>(run: &'a Value, name: &str) -> &'a Value {
 pub fn all_ended(run: &Value) -> bool {
     run["ended"].is_string()
 }
+
+/// Checks that every machine of `run` ended with its code in `want` and printed exactly what
+/// `expected` says; `after` names what happened to the run, for the message.
+pub fn expect_exact(
+    run: &Value,
+    want: &[(&str, i64)],
+    expected: impl Fn(&str) -> String,
+    after: &str,
+) -> Result<()> {
+    for (name, code) in want {
+        let m = machine(run, name);
+        anyhow::ensure!(
+            m["retcode"] == *code,
+            "{name}: expected {code}, got {} (cause {})",
+            m["retcode"],
+            m["cause"]
+        );
+        let got = m["output"].as_str().unwrap_or_default();
+        anyhow::ensure!(
+            got == expected(name),
+            "{name}: output differs after {after}:\n{got}"
+        );
+    }
+    Ok(())
+}
+
+impl Master {
+    /// Polls until every one of `machines` has printed a line containing `marker`.
+    pub fn wait_output(
+        &self,
+        instance: &str,
+        machines: &[&str],
+        marker: &str,
+        limit: Duration,
+    ) -> Result<Value> {
+        self.wait_run(instance, limit, |r| {
+            machines.iter().all(|m| {
+                machine(r, m)["output"]
+                    .as_str()
+                    .is_some_and(|o| o.contains(marker))
+            })
+        })
+    }
+}

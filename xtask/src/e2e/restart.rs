@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, ensure};
 
 use super::Outcome;
-use super::master::{Master, all_ended, machine, target_dir};
+use super::master::{Master, all_ended, expect_exact, machine, target_dir};
 
 const MACHINES: [(&str, i64); 3] = [("r1", 0), ("r2", 3), ("r3", 7)];
 /// Lines each machine prints, one every 0.25 s: about 20 s of output.
@@ -122,19 +122,8 @@ fn crash_and_restart(down: Duration, with_kill: bool, store: Option<&str>) -> Re
     master.relaunch().context("restarting sp-master")?;
     let back = crashed.elapsed();
     let run = master.wait_run(&instance, Duration::from_secs(90), all_ended)?;
-    for (name, code) in MACHINES {
-        let m = machine(&run, name);
-        ensure!(
-            m["retcode"] == code,
-            "{name}: expected {code}, got {} (cause {})",
-            m["retcode"],
-            m["cause"]
-        );
-        let got = m["output"].as_str().unwrap_or_default();
-        ensure!(
-            got == expected_output(name),
-            "{name}: output differs after the restart:\n{got}"
-        );
+    expect_exact(&run, &MACHINES, expected_output, "the restart")?;
+    for (name, _) in MACHINES {
         // The store holds the same bytes.
         let stored = super::http::get_text(
             master.api,
