@@ -265,6 +265,7 @@ impl Engine {
             }
         }
         self.store.push(StoreOp::ForgetJob(job.to_owned()));
+        self.metrics.lease_lost();
         tracing::warn!(%job, runs = running.len(), "Lost the job's lease; another master acts for it now.");
         self.log_note(
             job,
@@ -341,6 +342,7 @@ impl Engine {
         if let Some(floor) = floor.filter(|f| *f < now) {
             self.scan_missed_since(job, floor, now, Some(HANDOVER_GRACE));
         }
+        self.metrics.takeover();
         tracing::info!(%job, runs, "Took over the job; acting for it now.");
         self.log_note(
             job,

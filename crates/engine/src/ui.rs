@@ -564,6 +564,13 @@ impl Engine {
             runtime_injection_queue: self.spawner.metrics().global_queue_depth() as u64,
             jobs,
             config_reload: self.config_taken.map(|(at, ok)| (at.unix_timestamp(), ok)),
+            cluster: self
+                .cluster
+                .as_ref()
+                .map(|c| saltpeter_metrics::ClusterGauges {
+                    jobs_held: self.config.jobs.keys().filter(|j| self.acts_for(j)).count() as u64,
+                    masters_live: c.masters().len() as u64,
+                }),
         }
     }
 }

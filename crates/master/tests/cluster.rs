@@ -201,4 +201,19 @@ async fn a_lease_not_renewed_in_time_stops_the_master_by_its_own_clock() {
     sleep(Duration::from_secs(4)).await;
     assert_eq!(w.error_code().await, Some(ErrorCode::NotHolder));
     assert!(h.try_run("j").await.is_err());
+    // What `/metrics` says of it.
+    let gauges = h
+        .engine
+        .ask(|reply| ApiRequest::Ui(saltpeter_engine::UiRequest::Gauges(reply)))
+        .await
+        .unwrap();
+    let text = h.engine.metrics().render(&gauges);
+    for line in [
+        "saltpeter_cluster_jobs_held 0",
+        "saltpeter_cluster_masters_live 2",
+        "saltpeter_cluster_takeovers_total 1",
+        "saltpeter_cluster_leases_lost_total 1",
+    ] {
+        assert!(text.contains(line), "{line} missing from:\n{text}");
+    }
 }

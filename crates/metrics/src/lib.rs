@@ -115,6 +115,9 @@ pub struct Metrics {
     heartbeat_timeouts: AtomicU64,
     launch_failures: AtomicU64,
     output_bytes: AtomicU64,
+    /// Among several masters: jobs this master took over, and jobs it stopped acting for.
+    takeovers: AtomicU64,
+    leases_lost: AtomicU64,
     /// From a run's fire to each machine's `start`.
     pub fire_to_start: Histogram,
     /// How late the engine acted on its scheduler timer.
@@ -320,6 +323,15 @@ pub struct Gauges {
     pub jobs: Vec<JobTimes>,
     /// When the engine last took in a configuration, and whether it had no errors.
     pub config_reload: Option<(i64, bool)>,
+    /// Among several masters: the jobs this master acts for and the live masters it knows.
+    pub cluster: Option<ClusterGauges>,
+}
+
+/// What `/metrics` says of a master among several.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ClusterGauges {
+    pub jobs_held: u64,
+    pub masters_live: u64,
 }
 
 impl Metrics {
@@ -367,6 +379,17 @@ impl Metrics {
     /// The monitor marked a machine 253.
     pub fn heartbeat_timeout(&self) {
         self.heartbeat_timeouts.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// This master took a job over (gained its lease and loaded its runs).
+    pub fn takeover(&self) {
+        self.takeovers.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// This master stopped acting for a job (released, taken by another master, or run out
+    /// by its own clock).
+    pub fn lease_lost(&self) {
+        self.leases_lost.fetch_add(1, Ordering::Relaxed);
     }
 
     /// A launcher reported that a wrapper could not be started.
@@ -506,6 +529,36 @@ impl Metrics {
             "Machines marked 253 for want of a heartbeat.",
             self.heartbeat_timeouts.load(Ordering::Relaxed),
         );
+        if let Some(c) = gauges.cluster {
+            for (name, kind, help, value) in [
+                (
+                    "saltpeter_cluster_jobs_held",
+                    "gauge",
+                    "Jobs this master acts for (holds the lease of and has loaded).",
+                    c.jobs_held,
+                ),
+                (
+                    "saltpeter_cluster_masters_live",
+                    "gauge",
+                    "Live masters this one saw at its last coordination pass, itself included.",
+                    c.masters_live,
+                ),
+                (
+                    "saltpeter_cluster_takeovers_total",
+                    "counter",
+                    "Jobs this master took over from the database.",
+                    self.takeovers.load(Ordering::Relaxed),
+                ),
+                (
+                    "saltpeter_cluster_leases_lost_total",
+                    "counter",
+                    "Jobs this master stopped acting for (released, taken by another master, or run out by its own clock).",
+                    self.leases_lost.load(Ordering::Relaxed),
+                ),
+            ] {
+                scalar(&mut out, name, kind, help, value);
+            }
+        }
         scalar(
             &mut out,
             "saltpeter_launch_failures_total",
@@ -693,6 +746,9 @@ mod tests {
         m.fire_to_start.observe(Duration::from_secs(100));
         m.store_ops(7);
         m.store_commit.observe(Duration::from_millis(3));
+        m.takeover();
+        m.lease_lost();
+        m.lease_lost();
         let text = m.render(&Gauges {
             runs_running: 1,
             machines_running: 2,
@@ -712,6 +768,10 @@ mod tests {
                 },
             ],
             config_reload: Some((1_796_510_000, false)),
+            cluster: Some(ClusterGauges {
+                jobs_held: 5,
+                masters_live: 3,
+            }),
         });
         for line in [
             "saltpeter_runs_started_total{job_name=\"backup\"} 2",
@@ -728,6 +788,10 @@ mod tests {
             "saltpeter_config_last_reload_timestamp_seconds 1796510000",
             "# TYPE saltpeter_job_last_success_timestamp_seconds gauge",
             "saltpeter_heartbeat_timeouts_total 1",
+            "saltpeter_cluster_jobs_held 5",
+            "saltpeter_cluster_masters_live 3",
+            "saltpeter_cluster_takeovers_total 1",
+            "saltpeter_cluster_leases_lost_total 2",
             "saltpeter_launch_failures_total 1",
             "saltpeter_output_bytes_total 15",
             "saltpeter_machines_running 2",
