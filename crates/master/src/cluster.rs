@@ -137,41 +137,77 @@ pub(crate) async fn join(url: &PostgresUrl, advertised: Advertised) -> Result<Jo
 impl Joining {
     /// Runs the coordination until `shutdown`, then releases this master's leases so the
     /// others take its jobs at once rather than after the TTL.
+    /// Runs the first pass and waits (within `limit`) until the engine has loaded the jobs it
+    /// gained, so that a master reports itself ready only once it acts for its share.
+    pub(crate) async fn first_pass(
+        &mut self,
+        engine: &EngineHandle,
+        config: &watch::Receiver<Arc<Config>>,
+        limit: Duration,
+    ) {
+        let view = self.one_pass(config).await;
+        let mut wanted = view.gained.clone();
+        if !engine.send(Event::Cluster(view)).await {
+            return;
+        }
+        wanted.sort();
+        let loaded = async {
+            loop {
+                let held = engine
+                    .ask(saltpeter_engine::ApiRequest::Cluster)
+                    .await
+                    .flatten()
+                    .map(|status| status.held)
+                    .unwrap_or_default();
+                if wanted.iter().all(|job| held.binary_search(job).is_ok()) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        if tokio::time::timeout(limit, loaded).await.is_err() {
+            tracing::warn!(
+                "The jobs of the first coordination pass are still loading; starting anyway."
+            );
+        }
+    }
+
+    async fn one_pass(&mut self, config: &watch::Receiver<Arc<Config>>) -> ClusterView {
+        let jobs: Vec<String> = config.borrow().jobs.keys().cloned().collect();
+        self.coordinator.set_jobs(jobs);
+        match pass(&mut self.coordinator, &self.fences).await {
+            Ok(view) => view,
+            Err(error) => {
+                tracing::warn!(%error, "The coordination pass failed; leases run out on their own.");
+                ClusterView {
+                    lost: self.coordinator.expire(),
+                    ..view_of(&self.coordinator)
+                }
+            }
+        }
+    }
+
     pub(crate) async fn run(
-        self,
+        mut self,
         engine: EngineHandle,
         config: watch::Receiver<Arc<Config>>,
         shutdown: CancellationToken,
     ) {
-        let Joining {
-            mut coordinator,
-            fences,
-            ..
-        } = self;
-        let every = coordinator.settings().renew_every;
-        let mut ticker = tokio::time::interval(every);
+        let every = self.coordinator.settings().renew_every;
+        // The first pass was made at start (`first_pass`): the next is one period later.
+        let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => break,
                 _ = ticker.tick() => {}
             }
-            let jobs: Vec<String> = config.borrow().jobs.keys().cloned().collect();
-            coordinator.set_jobs(jobs);
-            let view = match pass(&mut coordinator, &fences).await {
-                Ok(view) => view,
-                Err(error) => {
-                    tracing::warn!(%error, "The coordination pass failed; leases run out on their own.");
-                    ClusterView {
-                        lost: coordinator.expire(),
-                        ..view_of(&coordinator)
-                    }
-                }
-            };
+            let view = self.one_pass(&config).await;
             if !engine.send(Event::Cluster(view)).await {
                 break;
             }
         }
+        let coordinator = self.coordinator;
         // Bounded: every database call has its own deadline.
         match tokio::time::timeout(Duration::from_secs(10), coordinator.shutdown()).await {
             Ok(Ok(())) => tracing::info!("Left the cluster; leases released."),

@@ -112,6 +112,10 @@ impl Notifications {
     }
 }
 
+/// How long a master of a cluster waits at start for the jobs of its first coordination pass to
+/// load, so that it is ready only once it acts for its share.
+const FIRST_PASS_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// How long [`Running::stop`] waits for the notifier to queue the last events it heard.
 const NOTIFIER_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 
@@ -386,11 +390,17 @@ pub async fn start(options: Options) -> Result<Running, StartError> {
         });
     tasks.spawn(events.run(events_rx));
     let engine_stopped = engine.run_on_own_thread().map_err(StartError::Engine)?;
-    let cluster = joining.map(|joining| {
-        let stop = CancellationToken::new();
-        let task = tokio::spawn(joining.run(handle.clone(), config_rx.clone(), stop.clone()));
-        (stop, task)
-    });
+    let cluster = match joining {
+        Some(mut joining) => {
+            joining
+                .first_pass(&handle, &config_rx, FIRST_PASS_WAIT)
+                .await;
+            let stop = CancellationToken::new();
+            let task = tokio::spawn(joining.run(handle.clone(), config_rx.clone(), stop.clone()));
+            Some((stop, task))
+        }
+        None => None,
+    };
     let mut notifier = Notifier::new(
         config_rx.clone(),
         Arc::clone(&outbox),
