@@ -49,6 +49,9 @@ const STOP_WITHIN: Duration = Duration::from_secs(15);
 pub struct Postgres {
     child: Child,
     dir: PathBuf,
+    /// The server's binaries (`psql` among them) and its TCP port.
+    bin: PathBuf,
+    port: u16,
     /// `postgres://saltpeter:PASSWORD@127.0.0.1:PORT/saltpeter?sslmode=disable`.
     pub url: String,
     /// The CA of the server's certificate, for tests of `sslmode=verify-full`.
@@ -103,26 +106,20 @@ impl Postgres {
         let mut server = Self {
             child,
             dir: dir.clone(),
+            bin: bin.clone(),
+            port,
             url: String::new(),
             ca: dir.join("ca.pem"),
         };
         // From here on the server's own drop removes the directory.
         guard.0 = None;
-        server.wait_ready(&bin, port)?;
+        server.wait_ready()?;
         let ready_took = t.elapsed();
 
         let password = random_hex(16)?;
-        server.psql(
-            &bin,
-            port,
-            &format!("CREATE ROLE {ROLE} LOGIN PASSWORD '{password}'"),
-        )?;
+        server.psql(&format!("CREATE ROLE {ROLE} LOGIN PASSWORD '{password}'"))?;
         // A statement of its own: CREATE DATABASE refuses to run inside a transaction block.
-        server.psql(
-            &bin,
-            port,
-            &format!("CREATE DATABASE {DATABASE} OWNER {ROLE}"),
-        )?;
+        server.psql(&format!("CREATE DATABASE {DATABASE} OWNER {ROLE}"))?;
         server.url =
             format!("postgres://{ROLE}:{password}@127.0.0.1:{port}/{DATABASE}?sslmode=disable");
         eprintln!(
@@ -136,7 +133,7 @@ impl Postgres {
     }
 
     /// Waits, bounded, until the server answers a query over its Unix socket.
-    fn wait_ready(&mut self, bin: &Path, port: u16) -> Result<()> {
+    fn wait_ready(&mut self) -> Result<()> {
         let deadline = Instant::now() + READY_WITHIN;
         loop {
             if let Some(status) = self.child.try_wait()? {
@@ -145,8 +142,8 @@ impl Postgres {
                     fs::read_to_string(self.dir.join("postgres.log")).unwrap_or_default()
                 );
             }
-            let listening = TcpStream::connect(("127.0.0.1", port)).is_ok();
-            if listening && self.psql(bin, port, "SELECT 1").is_ok() {
+            let listening = TcpStream::connect(("127.0.0.1", self.port)).is_ok();
+            if listening && self.psql("SELECT 1").is_ok() {
                 return Ok(());
             }
             if Instant::now() > deadline {
@@ -157,19 +154,43 @@ impl Postgres {
     }
 
     /// Runs SQL as the superuser over the Unix socket.
-    fn psql(&self, bin: &Path, port: u16, sql: &str) -> Result<()> {
-        let out = Command::new(bin.join("psql"))
+    fn psql(&self, sql: &str) -> Result<()> {
+        self.query(sql).map(drop)
+    }
+
+    /// Runs SQL as the superuser over the Unix socket and returns what it printed, unaligned
+    /// and without headers: one line per row, columns separated by a space. For figures about
+    /// the server (the statistics views), which the test role may not read in full.
+    pub fn query(&self, sql: &str) -> Result<String> {
+        let out = Command::new(self.bin.join("psql"))
             .arg("-h")
             .arg(&self.dir)
-            .args(["-p", &port.to_string(), "-U", "postgres", "-d", "postgres"])
-            .args(["-v", "ON_ERROR_STOP=1", "-q", "-c", sql])
+            .args([
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "postgres",
+                "-d",
+                "postgres",
+            ])
+            .args(["-v", "ON_ERROR_STOP=1", "-q", "-At", "-F", " ", "-c", sql])
             .stdin(Stdio::null())
             .output()
             .context("cannot run psql")?;
         if !out.status.success() {
             bail!("psql failed: {}", String::from_utf8_lossy(&out.stderr));
         }
-        Ok(())
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    }
+
+    /// The postmaster's process id: every other server process is its child.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The name of the database [`Postgres::url`] points at.
+    pub fn database(&self) -> &'static str {
+        DATABASE
     }
 }
 

@@ -24,6 +24,14 @@
 //! totals (bytes, dropped, next sequence) are kept in memory while its run is active and
 //! written once per batch in which they changed.
 //!
+//! **Statements per batch.** Every statement is a round trip to the server, and the batch's
+//! transaction holds its jobs' lease rows (see fencing) until it commits. One statement per
+//! message made a batch from 5,000 machines last over a second on two shared cores: acks
+//! waited for it, and the coordinator's renewals waited for the lease rows until leases ran
+//! out. So the chunk rows of a batch's consecutive messages are inserted by one statement
+//! (arrays unnested, flushed before any other op, so statements keep the ops' order), and the
+//! machines' totals by one more at the end of the batch.
+//!
 //! **Fencing.** When several masters share the database, each write for a job's runs must
 //! carry the job's lease ([`Fence`]). A [`FenceHook`] says which fence a job's writes carry;
 //! the first write of a batch for a job locks and checks its lease row (see
@@ -65,6 +73,11 @@ pub type FenceHook = Arc<dyn Fn(&str) -> Option<Fence> + Send + Sync>;
 /// How often the backend applies the retention policy on its own (as the SQLite backend).
 const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 
+/// The most chunk rows, and bytes of output, one insert carries: a statement stays well within
+/// the server's limits on a message, and a batch of large messages is sent in parts.
+const INSERT_ROWS: usize = 10_000;
+const INSERT_BYTES: usize = 16 << 20;
+
 /// Connections the backend's pool may open: one for the store thread, one spare for a
 /// connection that broke and is being replaced.
 const CONNECTIONS: usize = 2;
@@ -89,11 +102,45 @@ struct OutputState {
     dirty: bool,
 }
 
+/// Chunk rows not yet sent to the server, column by column (the arrays one insert unnests).
+#[derive(Debug, Default)]
+struct PendingChunks {
+    instance: Vec<String>,
+    machine: Vec<String>,
+    idx: Vec<i64>,
+    byte_offset: Vec<i64>,
+    head: Vec<bool>,
+    data: Vec<Vec<u8>>,
+    bytes: usize,
+}
+
+impl PendingChunks {
+    fn push(&mut self, key: &Key, idx: i64, byte_offset: i64, head: bool, data: &str) {
+        self.instance.push(key.0.clone());
+        self.machine.push(key.1.clone());
+        self.idx.push(idx);
+        self.byte_offset.push(byte_offset);
+        self.head.push(head);
+        self.data.push(data.as_bytes().to_vec());
+        self.bytes = self.bytes.saturating_add(data.len());
+    }
+
+    fn is_empty(&self) -> bool {
+        self.idx.is_empty()
+    }
+
+    fn is_full(&self) -> bool {
+        self.idx.len() >= INSERT_ROWS || self.bytes >= INSERT_BYTES
+    }
+}
+
 /// The state the store thread's batches work on.
 struct State {
     db: Database,
     retention: Retention,
     outputs: HashMap<Key, OutputState>,
+    /// Chunk rows of this transaction's latest messages, inserted together.
+    chunks: PendingChunks,
     /// Machines whose totals changed in this batch.
     dirty: Vec<Key>,
     /// Machines of runs that ended in this batch, forgotten once their totals are written.
@@ -175,6 +222,7 @@ impl PgBackend {
                         db,
                         retention,
                         outputs: HashMap::new(),
+                        chunks: PendingChunks::default(),
                         dirty: Vec::new(),
                         forget: Vec::new(),
                         run_jobs: HashMap::new(),
@@ -441,6 +489,7 @@ impl State {
     /// After a failed transaction the in-memory totals may be ahead of the database: forget
     /// them, so they are read again from what was committed.
     fn lost_batch(&mut self) {
+        self.chunks = PendingChunks::default();
         self.outputs.clear();
         self.dirty.clear();
         self.forget.clear();
@@ -452,9 +501,14 @@ impl State {
         let mut client = db.client().await?;
         let tx = db.timed(async { Ok(client.transaction().await?) }).await?;
         let mut fenced = HashSet::new();
+        self.chunks = PendingChunks::default();
         for op in ops {
+            if !matches!(op, StoreOp::Output { .. }) {
+                self.flush_chunks(&tx).await?;
+            }
             self.apply_one(&tx, op, &mut fenced).await?;
         }
+        self.flush_chunks(&tx).await?;
         self.flush_totals(&tx).await?;
         db.timed(async { Ok(tx.commit().await?) }).await?;
         for key in std::mem::take(&mut self.forget) {
@@ -804,20 +858,15 @@ impl State {
         if !std::mem::replace(&mut state.dirty, true) {
             self.dirty.push(key.clone());
         }
-        self.exec(
-            tx,
-            "INSERT INTO output (instance, machine, idx, byte_offset, head, data)
-             VALUES ($1, $2, $3, $4, $5, $6)",
-            &[
-                &key.0,
-                &key.1,
-                &idx,
-                &signed(at),
-                &in_head,
-                &data.as_bytes(),
-            ],
-        )
-        .await?;
+        self.chunks.push(&key, idx, signed(at), in_head, data);
+        let trim = self
+            .outputs
+            .get(&key)
+            .is_some_and(|s| s.tail_bytes > retention.tail_bytes && s.tail_chunks > 1);
+        // The chunk to trim may be among those not yet inserted.
+        if trim || self.chunks.is_full() {
+            self.flush_chunks(tx).await?;
+        }
         // The oldest tail chunks beyond the cap go, the newest message always stays.
         while let Some(from) = self
             .outputs
@@ -856,23 +905,57 @@ impl State {
 
     /// Writes the totals of every machine whose output changed in this batch.
     async fn flush_totals(&mut self, tx: &Transaction<'_>) -> Result<()> {
+        let (mut instance, mut machine) = (Vec::new(), Vec::new());
+        let (mut total, mut dropped, mut next_seq) = (Vec::new(), Vec::new(), Vec::new());
         for key in std::mem::take(&mut self.dirty) {
             let Some(state) = self.outputs.get_mut(&key) else {
                 continue;
             };
             state.dirty = false;
-            let total = signed(state.total);
-            let dropped = signed(state.dropped);
-            let next_seq = state.next_seq.take().map(signed);
-            self.exec(
-                tx,
-                "UPDATE machines SET output_bytes = $3, output_dropped = $4,
-                    next_seq = GREATEST(next_seq, COALESCE($5, next_seq))
-                 WHERE instance = $1 AND machine = $2",
-                &[&key.0, &key.1, &total, &dropped, &next_seq],
-            )
-            .await?;
+            total.push(signed(state.total));
+            dropped.push(signed(state.dropped));
+            next_seq.push(state.next_seq.take().map(signed));
+            instance.push(key.0);
+            machine.push(key.1);
         }
+        if instance.is_empty() {
+            return Ok(());
+        }
+        // Each machine is dirty once per batch, so no row is updated twice.
+        self.exec(
+            tx,
+            "UPDATE machines AS m SET output_bytes = u.total, output_dropped = u.dropped,
+                next_seq = GREATEST(m.next_seq, COALESCE(u.next_seq, m.next_seq))
+             FROM UNNEST($1::TEXT[], $2::TEXT[], $3::BIGINT[], $4::BIGINT[], $5::BIGINT[])
+                AS u(instance, machine, total, dropped, next_seq)
+             WHERE m.instance = u.instance AND m.machine = u.machine",
+            &[&instance, &machine, &total, &dropped, &next_seq],
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Inserts the chunk rows not yet sent, in one statement.
+    async fn flush_chunks(&mut self, tx: &Transaction<'_>) -> Result<()> {
+        if self.chunks.is_empty() {
+            return Ok(());
+        }
+        let c = std::mem::take(&mut self.chunks);
+        self.exec(
+            tx,
+            "INSERT INTO output (instance, machine, idx, byte_offset, head, data)
+             SELECT * FROM UNNEST($1::TEXT[], $2::TEXT[], $3::BIGINT[], $4::BIGINT[],
+                                  $5::BOOLEAN[], $6::BYTEA[])",
+            &[
+                &c.instance,
+                &c.machine,
+                &c.idx,
+                &c.byte_offset,
+                &c.head,
+                &c.data,
+            ],
+        )
+        .await?;
         Ok(())
     }
 

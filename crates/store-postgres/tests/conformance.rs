@@ -40,7 +40,7 @@ struct Fresh {
 
 /// Every case, each on a store of its own from `make`.
 fn backend_suite(make: impl Fn(&str) -> Fresh) {
-    let cases: [(&str, Case); 13] = [
+    let cases: [(&str, Case); 14] = [
         ("restore", an_unfinished_run_comes_back_after_a_reopen),
         (
             "retention",
@@ -53,6 +53,10 @@ fn backend_suite(make: impl Fn(&str) -> Fresh) {
         (
             "same_batch",
             totals_are_kept_when_the_last_output_and_the_end_share_a_batch,
+        ),
+        (
+            "interleaved",
+            interleaved_outputs_of_many_machines_in_one_batch_each_land_in_order,
         ),
         ("results", results_and_job_state_come_back_as_written),
         ("prune", old_runs_are_pruned_per_job),
@@ -626,6 +630,48 @@ fn totals_are_kept_when_the_last_output_and_the_end_share_a_batch(open: Open<'_>
     ]);
     let range = range_of(&mut *db, "j_1", "m1", 0, None);
     assert_eq!((range.total_bytes, range.text.as_str()), (8, "one\ntwo\n"));
+}
+
+/// One batch carrying the messages of several machines in turn, with another op between them
+/// and more messages than one statement carries (the PostgreSQL backend inserts a batch's
+/// chunks together): each machine's output, total and sequence are its own, in order.
+fn interleaved_outputs_of_many_machines_in_one_batch_each_land_in_order(open: Open<'_>) {
+    const LINES: u64 = 4_100;
+    let names = ["m1", "m2", "m3"];
+    let mut expected: Vec<String> = vec![String::new(); names.len()];
+    {
+        let (mut db, _) = open(Retention::default());
+        let mut ops = vec![StoreOp::Run(run("j_1", false))];
+        ops.extend(names.iter().map(|m| StoreOp::Machine(machine("j_1", m))));
+        for seq in 0..LINES {
+            for (i, name) in names.iter().enumerate() {
+                let line = format!("{name} {seq}\n");
+                expected[i].push_str(&line);
+                ops.push(output("j_1", name, seq, &line));
+            }
+            if seq == LINES / 2 {
+                let mut m2 = machine("j_1", "m2");
+                m2.last_heartbeat = Some(datetime!(2026-01-01 00:00:02 UTC));
+                ops.push(StoreOp::Machine(m2));
+            }
+        }
+        db.apply(ops);
+        for (i, name) in names.iter().enumerate() {
+            let range = range_of(&mut *db, "j_1", name, 0, None);
+            assert_eq!(range.total_bytes, expected[i].len() as u64, "{name}");
+            assert_eq!(range.text, expected[i], "{name}");
+        }
+    }
+    let (_, restored) = open(Retention::default());
+    let machines = &restored.runs[0].1;
+    for (i, name) in names.iter().enumerate() {
+        let m = machines
+            .iter()
+            .find(|m| m.record.machine == *name)
+            .unwrap_or_else(|| panic!("{name} restored"));
+        assert_eq!(m.next_seq, LINES, "{name}");
+        assert_eq!(m.output.text(), expected[i], "{name}");
+    }
 }
 
 fn results_and_job_state_come_back_as_written(open: Open<'_>) {

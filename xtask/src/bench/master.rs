@@ -1,6 +1,7 @@
 //! `cargo xtask bench master [--wrappers N,...] [--seconds S] [--restart [--no-jitter]] [--tls]
-//! [--no-append]`: one
-//! release `sp-master` against up to ten thousand simulated wrappers on this machine.
+//! [--postgres [--masters M]] [--no-append]`: one
+//! release `sp-master` (or several) against up to ten thousand simulated wrappers on this
+//! machine.
 //!
 //! It owns the scenarios, the measurements and the report. The master runs with `launcher:
 //! bench` (see `crates/engine/src/launch/bench.rs`): its start requests go to a file that
@@ -22,6 +23,11 @@
 //! pin its self-signed certificate as `sp-wrapper` does; the report adds the handshake rate
 //! at fan-out.
 //!
+//! With `--postgres`, only the fleet scenario runs, with the store in a throwaway PostgreSQL
+//! that xtask starts for each fleet size and stops by PID afterwards; `--masters M` runs M
+//! masters on that database, the fleet's jobs spread over them by their leases (see
+//! [`cluster`]). The report adds the PostgreSQL server's CPU and the database's load.
+//!
 //! xtask normally runs unoptimised; a debug load generator would take CPU from the master it
 //! measures, so the benchmark re-runs itself from a release build of xtask.
 
@@ -29,6 +35,7 @@
 // `sp-wrapper` does, and the file needs nothing but std.
 #[path = "../../../crates/wrapper/src/backoff.rs"]
 mod backoff;
+mod cluster;
 mod fleet;
 mod restart;
 mod stamped;
@@ -75,6 +82,9 @@ struct Args {
     jitter: bool,
     /// The machines endpoint speaks TLS and the simulated wrappers pin its certificate.
     tls: bool,
+    /// The fleet scenario's store is a throwaway PostgreSQL, shared by `masters` masters.
+    postgres: bool,
+    masters: usize,
 }
 
 /// Whether benchmark masters get `machines_tls: on` (set once from `--tls` before any master
@@ -89,6 +99,8 @@ fn parse_args(args: &[String]) -> Result<Args> {
         restart: false,
         jitter: true,
         tls: false,
+        postgres: false,
+        masters: 1,
     };
     let mut it = args.iter();
     while let Some(arg) = it.next() {
@@ -113,11 +125,24 @@ fn parse_args(args: &[String]) -> Result<Args> {
             // The wrapper's schedule before jitter, to compare against.
             "--no-jitter" => out.jitter = false,
             "--tls" => out.tls = true,
+            "--postgres" => out.postgres = true,
+            "--masters" => {
+                out.masters = it.next().context("--masters needs M")?.parse()?;
+                ensure!((1..=4).contains(&out.masters), "--masters: 1..=4");
+            }
             other => bail!(
-                "unexpected argument {other:?}; usage: cargo xtask bench master [--wrappers N,...] [--seconds S] [--restart [--no-jitter]] [--tls] [--no-append]"
+                "unexpected argument {other:?}; usage: cargo xtask bench master [--wrappers N,...] [--seconds S] [--restart [--no-jitter]] [--tls] [--postgres [--masters M]] [--no-append]"
             ),
         }
     }
+    ensure!(
+        out.masters == 1 || out.postgres,
+        "--masters needs --postgres: several masters share one PostgreSQL"
+    );
+    ensure!(
+        !(out.postgres && out.restart),
+        "--restart runs on SQLite only"
+    );
     Ok(out)
 }
 
@@ -158,10 +183,34 @@ pub fn run(args: &[String]) -> Result<()> {
         );
         return publish(&root, &parsed, &report);
     }
+    if parsed.postgres {
+        let store = Store::Postgres {
+            masters: parsed.masters,
+        };
+        let mut rows = Vec::new();
+        for &n in &parsed.sizes {
+            eprintln!(
+                "\n== {n} wrappers, {} s steady state, PostgreSQL, {} master(s) ==",
+                parsed.seconds, parsed.masters
+            );
+            let dir = scratch.join(format!("fleet-pg{}-{n}", parsed.masters));
+            let row = fleet_scenario(&bin, &dir, n, parsed.seconds, store)?;
+            eprintln!("{}", cluster::line(&row));
+            rows.push(row);
+        }
+        let report = cluster::report(&root, &parsed, &rows)?;
+        return publish(&root, &parsed, &report);
+    }
     let mut rows = Vec::new();
     for &n in &parsed.sizes {
         eprintln!("\n== {n} wrappers, {} s steady state ==", parsed.seconds);
-        let row = fleet_scenario(&bin, &scratch.join(format!("fleet-{n}")), n, parsed.seconds)?;
+        let row = fleet_scenario(
+            &bin,
+            &scratch.join(format!("fleet-{n}")),
+            n,
+            parsed.seconds,
+            Store::Sqlite,
+        )?;
         eprintln!("{}", row.line());
         rows.push(row);
     }
@@ -277,6 +326,21 @@ struct Row {
     failed: u64,
     /// With `--tls`: the fan-out's TLS handshakes.
     tls: Option<TlsFigures>,
+    /// Each master's share, in the order they started (one with SQLite). `cpu_pct` and
+    /// `hwm_kib` above are their sum and their largest.
+    masters: Vec<MasterShare>,
+    /// With `--postgres`: the server's CPU and the database's load over the window.
+    postgres: Option<cluster::DbFigures>,
+}
+
+/// One master's part of a fleet scenario.
+#[derive(Clone, Debug)]
+struct MasterShare {
+    cpu_pct: f64,
+    hwm_kib: u64,
+    /// The jobs it ran, and their wrappers.
+    jobs: usize,
+    wrappers: usize,
 }
 
 /// The TLS handshakes of a fan-out: how many, over how long (first to last completed), and
@@ -420,18 +484,20 @@ fn ms(d: Duration) -> f64 {
 }
 
 /// The settings every benchmark master gets: loopback, its own dirs, a kernel-chosen API
-/// port, and the machines port given (0: kernel-chosen too).
-fn settings(dir: &Path, machines_port: u16) -> String {
+/// port, the machines port given (0: kernel-chosen too), and the store (`None`: SQLite under
+/// its data dir).
+fn settings(dir: &Path, machines_port: u16, store: Option<&str>) -> String {
     format!(
         "saltpeter_config:\n  launcher: bench\n  logdir: '{d}/log'\n  data_dir: '{d}/data'\n  \
          api_ws_bind_addr: 127.0.0.1\n  api_ws_port: 0\n  \
-         machines_ws_bind_addr: 127.0.0.1\n  machines_ws_port: {machines_port}\n{tls}",
+         machines_ws_bind_addr: 127.0.0.1\n  machines_ws_port: {machines_port}\n{tls}{store}",
         d = dir.display(),
         tls = if TLS.load(std::sync::atomic::Ordering::Relaxed) {
             "  machines_tls: on\n"
         } else {
             ""
-        }
+        },
+        store = store.map_or_else(String::new, |url| format!("  store: '{url}'\n")),
     )
 }
 
@@ -447,37 +513,117 @@ fn manual_job(name: &str, targets: &[String]) -> String {
     s
 }
 
-fn fleet_scenario(bin: &Path, dir: &Path, n: usize, seconds: u64) -> Result<Row> {
-    let names: Vec<String> = (0..n).map(|i| format!("m{i:05}")).collect();
-    let master = MasterProc::start(bin, dir, &[("jobs.yaml", manual_job("fleet", &names))])?;
-    let mut starts = StartFile::new(master.data.join("bench-starts.jsonl"));
+/// Where the fleet scenario's masters keep their runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Store {
+    /// One master, SQLite under its data dir.
+    Sqlite,
+    /// `masters` masters on one throwaway PostgreSQL, which xtask starts and stops.
+    Postgres { masters: usize },
+}
+
+/// One run of the fleet scenario: which master fired it, and its instance.
+struct FleetRun {
+    master: usize,
+    instance: String,
+}
+
+fn fleet_scenario(bin: &Path, dir: &Path, n: usize, seconds: u64, store: Store) -> Result<Row> {
+    // Declared before the masters, so that it is dropped after them: a master that stops
+    // releases its leases in the database first.
+    let postgres = match store {
+        Store::Sqlite => None,
+        Store::Postgres { .. } => {
+            if dir.exists() {
+                fs::remove_dir_all(dir).with_context(|| format!("clearing {}", dir.display()))?;
+            }
+            Some(crate::postgres::Postgres::start().context("starting a throwaway PostgreSQL")?)
+        }
+    };
+    let layout = cluster::Layout::new(
+        n,
+        match store {
+            Store::Sqlite => 1,
+            Store::Postgres { masters } => masters,
+        },
+    )?;
+    let masters: Vec<MasterProc> = match &postgres {
+        None => vec![MasterProc::start(
+            bin,
+            dir,
+            &[("jobs.yaml", layout.yaml())],
+        )?],
+        Some(pg) => (0..layout.masters)
+            .map(|i| {
+                MasterProc::start_with_store(
+                    bin,
+                    &dir.join(format!("master{i}")),
+                    &[("jobs.yaml", layout.yaml())],
+                    &pg.url,
+                )
+            })
+            .collect::<Result<_>>()?,
+    };
+    // Which jobs each master runs: with PostgreSQL, some of those its leases gave it.
+    let plan: Vec<Vec<usize>> = match &postgres {
+        None => vec![vec![0]],
+        Some(_) => cluster::wait_split(&masters, &layout)?,
+    };
+    let mut starts: Vec<StartFile> = masters
+        .iter()
+        .map(|m| StartFile::new(m.data.join("bench-starts.jsonl")))
+        .collect();
     let mut fleet = Fleet::new()?;
     let stats = fleet.stats.clone();
 
-    // Fan-out: fire, then every wrapper connects, is accepted and has `start` acked.
-    let fired = SystemTime::now();
-    let instance = master.run_job("fleet")?;
-    let request = starts.next(Duration::from_secs(60))?;
-    ensure!(
-        request.instance == instance,
-        "start request for {}",
-        request.instance
-    );
-    ensure!(
-        request.machines.len() == n,
-        "{} machines in the request",
-        request.machines.len()
-    );
-    // Every 100th wrapper (offset by 50, so not the first to connect) will be stopped.
-    fleet.launch(&request, |i| {
-        if i % 100 == 50 {
-            Kind::Stoppable
-        } else {
-            Kind::Steady
+    // Fan-out: fire each job through the master that holds it, then every wrapper connects to
+    // the master that launched it, is accepted and has `start` acked.
+    let mut fired = Vec::new();
+    for (master, jobs) in plan.iter().enumerate() {
+        for &job in jobs {
+            let at = SystemTime::now();
+            let instance = masters[master].run_job(&layout.jobs[job].name)?;
+            fired.push((master, job, instance, at));
         }
-    })?;
-    let fanout = wait_started(&stats, n, &request)?;
-    let launcher = request.written.duration_since(fired).unwrap_or_default();
+    }
+    let mut runs = Vec::new();
+    let mut offset = 0;
+    let mut first_written: Option<SystemTime> = None;
+    let mut launcher = Duration::ZERO;
+    for (master, file) in starts.iter_mut().enumerate() {
+        let mine = fired.iter().filter(|f| f.0 == master).count();
+        for _ in 0..mine {
+            let request = file.next(Duration::from_secs(60))?;
+            let (_, job, _, at) = fired
+                .iter()
+                .find(|f| f.0 == master && f.2 == request.instance)
+                .with_context(|| format!("start request for {}", request.instance))?;
+            let expected = layout.jobs[*job].machines.len();
+            ensure!(
+                request.machines.len() == expected,
+                "{} machines in the request",
+                request.machines.len()
+            );
+            // Every 100th wrapper of the fleet (offset by 50, so not the first to connect)
+            // will be stopped.
+            fleet.launch_from(&request, offset, |i| {
+                if i % 100 == 50 {
+                    Kind::Stoppable
+                } else {
+                    Kind::Steady
+                }
+            })?;
+            offset += expected;
+            launcher = launcher.max(request.written.duration_since(*at).unwrap_or_default());
+            first_written = Some(first_written.map_or(request.written, |w| w.min(request.written)));
+            runs.push(FleetRun {
+                master,
+                instance: request.instance,
+            });
+        }
+    }
+    ensure!(offset == n, "{offset} machines in the start requests");
+    let fanout = wait_started(&stats, n, first_written.context("no start request")?)?;
     eprintln!(
         "  fan-out: {n} started {:.2} s after the start request (launcher {:.3} s)",
         fanout.as_secs_f64(),
@@ -495,12 +641,15 @@ fn fleet_scenario(bin: &Path, dir: &Path, n: usize, seconds: u64) -> Result<Row>
         );
     }
 
-    // Steady state.
+    // Steady state. With several masters the store commits and ack histograms are summed over
+    // them: each one's figures cover its own wrappers.
     sleep(WARM_UP);
-    let (cpu0, self0, busy0) = (master.cpu()?, own_cpu()?, machine_busy()?);
-    let commits0 = master.store_commits()?;
-    let acks0 = master.histogram("saltpeter_output_ack_seconds")?;
-    let written0 = master.histogram("saltpeter_output_ack_written_seconds")?;
+    let cpu_all = |ms: &[MasterProc]| ms.iter().map(MasterProc::cpu).collect::<Result<Vec<_>>>();
+    let (cpu0, self0, busy0) = (cpu_all(&masters)?, own_cpu()?, machine_busy()?);
+    let db0 = postgres.as_ref().map(cluster::DbSample::take).transpose()?;
+    let commits0 = sum_commits(&masters)?;
+    let acks0 = sum_histograms(&masters, "saltpeter_output_ack_seconds")?;
+    let written0 = sum_histograms(&masters, "saltpeter_output_ack_written_seconds")?;
     let (sent0, recv0) = (
         stats.sent.load(Ordering::Relaxed),
         stats.received.load(Ordering::Relaxed),
@@ -511,15 +660,20 @@ fn fleet_scenario(bin: &Path, dir: &Path, n: usize, seconds: u64) -> Result<Row>
     let mut queue_depths = Vec::new();
     while let Some(left) = window.checked_sub(t0.elapsed()).filter(|d| !d.is_zero()) {
         sleep(QUEUE_SAMPLE.min(left));
-        queue_depths.push(master.gauge("saltpeter_runtime_injection_queue_depth")?);
+        let mut depth = 0.0;
+        for master in &masters {
+            depth += master.gauge("saltpeter_runtime_injection_queue_depth")?;
+        }
+        queue_depths.push(depth);
     }
     stats.measuring.store(false, Ordering::Relaxed);
     let injection_queue = QueueDepth::of(&queue_depths);
     let wall = t0.elapsed().as_secs_f64();
-    let (cpu1, self1, busy1) = (master.cpu()?, own_cpu()?, machine_busy()?);
-    let commits1 = master.store_commits()?;
-    let acks1 = master.histogram("saltpeter_output_ack_seconds")?;
-    let written1 = master.histogram("saltpeter_output_ack_written_seconds")?;
+    let (cpu1, self1, busy1) = (cpu_all(&masters)?, own_cpu()?, machine_busy()?);
+    let db1 = postgres.as_ref().map(cluster::DbSample::take).transpose()?;
+    let commits1 = sum_commits(&masters)?;
+    let acks1 = sum_histograms(&masters, "saltpeter_output_ack_seconds")?;
+    let written1 = sum_histograms(&masters, "saltpeter_output_ack_written_seconds")?;
     let master_acks = MasterAcks::between(&acks0, &acks1);
     let master_written = MasterAcks::between(&written0, &written1);
     let commits = commits1.0 - commits0.0;
@@ -538,10 +692,21 @@ fn fleet_scenario(bin: &Path, dir: &Path, n: usize, seconds: u64) -> Result<Row>
     let pct = |p: f64| percentile(&lat, p);
     let task_p99 = percentile(&stats.task_latencies.take_sorted(), 0.99);
     let lateness_p99 = percentile(&stats.lateness.take_sorted(), 0.99);
-    let cpu_pct = (cpu1 - cpu0).as_secs_f64() / wall * 100.0;
+    let cpu_pcts: Vec<f64> = cpu1
+        .iter()
+        .zip(&cpu0)
+        .map(|(b, a)| (*b - *a).as_secs_f64() / wall * 100.0)
+        .collect();
+    let cpu_pct: f64 = cpu_pcts.iter().sum();
     let loadgen_cpu_pct = (self1 - self0).as_secs_f64() / wall * 100.0;
+    let postgres_figures = match (db0, db1) {
+        (Some(a), Some(b)) => Some(cluster::DbFigures::between(&a, &b)?),
+        _ => None,
+    };
+    let server_cpu_pct = postgres_figures.as_ref().map_or(0.0, |f| f.cpu_pct);
     let other_cpu_pct =
-        ((busy1 - busy0).as_secs_f64() / wall * 100.0 - cpu_pct - loadgen_cpu_pct).max(0.0);
+        ((busy1 - busy0).as_secs_f64() / wall * 100.0 - cpu_pct - loadgen_cpu_pct - server_cpu_pct)
+            .max(0.0);
     eprintln!(
         "  steady: master CPU {cpu_pct:.1}%, in {:.0}/s, out {:.0}/s, p99 {:.1} ms, \
          store {:.1} commits/s of {commit_ms:.1} ms ({slow_commits} over 50 ms), \
@@ -561,6 +726,9 @@ fn fleet_scenario(bin: &Path, dir: &Path, n: usize, seconds: u64) -> Result<Row>
         injection_queue.mean,
         injection_queue.max,
     );
+    if let Some(f) = &postgres_figures {
+        eprintln!("  {}", f.summary(&cpu_pcts));
+    }
 
     // Heartbeat verdicts: 1% go silent; wait past the timeout; nobody else may be judged.
     fleet.set_phase(Phase::StopSome);
@@ -576,7 +744,7 @@ fn fleet_scenario(bin: &Path, dir: &Path, n: usize, seconds: u64) -> Result<Row>
     let stopped: Vec<(String, SystemTime)> = stats.stopped.lock().clone();
     // The last stopped wrapper's heartbeat is at most 5 s old; 16 s after it plus a margin.
     sleep(Duration::from_secs(VERDICT_WINDOW.1 as u64 + 3));
-    let view = master.run_status(&instance)?;
+    let view = runs_status(&masters, &runs)?;
     let mut delays = Vec::new();
     let mut verdicts_ok = 0;
     for (name, beat) in &stopped {
@@ -597,18 +765,19 @@ fn fleet_scenario(bin: &Path, dir: &Path, n: usize, seconds: u64) -> Result<Row>
             eprintln!("  {name}: not 253 in time: {m}");
         }
     }
+    let names: Vec<&str> = layout.running(&plan).collect();
     let stopped_names: std::collections::HashSet<&str> =
         stopped.iter().map(|(n, _)| n.as_str()).collect();
     let judged_live = |view: &Value| {
         names
             .iter()
-            .filter(|n| !stopped_names.contains(n.as_str()))
-            .filter(|n| view["machines"][n.as_str()]["retcode"].as_i64() == Some(253))
+            .filter(|n| !stopped_names.contains(*n))
+            .filter(|n| view["machines"][**n]["retcode"].as_i64() == Some(253))
             .count()
     };
     let mut false_verdicts = judged_live(&view) + (stopped.len() - verdicts_ok);
 
-    // The rest complete; the run must end with every live machine at 0.
+    // The rest complete; every run must end with every live machine at 0.
     fleet.set_phase(Phase::Complete);
     let live = n - stopped.len();
     let done_by = Instant::now() + Duration::from_secs(120);
@@ -621,19 +790,29 @@ fn fleet_scenario(bin: &Path, dir: &Path, n: usize, seconds: u64) -> Result<Row>
         stats.completed.load(Ordering::Relaxed),
         stats.errors.lock().clone()
     );
-    let ended = master.wait_ended(&instance, Duration::from_secs(60))?;
+    let ended = runs_ended(&masters, &runs, Duration::from_secs(60))?;
     let after = judged_live(&ended);
     false_verdicts = false_verdicts.max(after + (stopped.len() - verdicts_ok));
     let not_zero = names
         .iter()
-        .filter(|n| !stopped_names.contains(n.as_str()))
-        .filter(|n| ended["machines"][n.as_str()]["retcode"].as_i64() != Some(0))
+        .filter(|n| !stopped_names.contains(*n))
+        .filter(|n| ended["machines"][**n]["retcode"].as_i64() != Some(0))
         .count();
     ensure!(
         not_zero == after,
         "{not_zero} live machines ended other than 0 (253: {after})"
     );
-    let hwm_kib = master.vm_kib("VmHWM")?;
+    let mut shares = Vec::new();
+    for (i, master) in masters.iter().enumerate() {
+        let jobs = plan.get(i).map_or(&[][..], Vec::as_slice);
+        shares.push(MasterShare {
+            cpu_pct: cpu_pcts.get(i).copied().unwrap_or(f64::NAN),
+            hwm_kib: master.vm_kib("VmHWM")?,
+            jobs: jobs.len(),
+            wrappers: jobs.iter().map(|j| layout.jobs[*j].machines.len()).sum(),
+        });
+    }
+    let hwm_kib = shares.iter().map(|s| s.hwm_kib).max().unwrap_or(0);
     fleet.wait_all(Duration::from_secs(10));
     let failed = stats.failed.load(Ordering::Relaxed);
     delays.sort_by(f64::total_cmp);
@@ -668,7 +847,66 @@ fn fleet_scenario(bin: &Path, dir: &Path, n: usize, seconds: u64) -> Result<Row>
         false_verdicts,
         failed,
         tls,
+        masters: shares,
+        postgres: postgres_figures,
     })
+}
+
+/// The store's commits, their seconds and the slow ones, summed over `masters`.
+fn sum_commits(masters: &[MasterProc]) -> Result<(f64, f64, f64)> {
+    let mut sum = (0.0, 0.0, 0.0);
+    for master in masters {
+        let (count, seconds, slow) = master.store_commits()?;
+        sum = (sum.0 + count, sum.1 + seconds, sum.2 + slow);
+    }
+    Ok(sum)
+}
+
+/// A histogram's cumulative buckets summed over `masters` (they all have the same bounds).
+fn sum_histograms(masters: &[MasterProc], name: &str) -> Result<Vec<(f64, f64)>> {
+    let mut sum: Vec<(f64, f64)> = Vec::new();
+    for master in masters {
+        let buckets = master.histogram(name)?;
+        if sum.is_empty() {
+            sum = buckets;
+        } else {
+            ensure!(
+                sum.len() == buckets.len(),
+                "{name}: the masters' buckets differ"
+            );
+            for ((_, total), (_, n)) in sum.iter_mut().zip(buckets) {
+                *total += n;
+            }
+        }
+    }
+    Ok(sum)
+}
+
+/// Every machine of `runs`, each asked of the master that runs it, as one view
+/// (`{"machines": {name: status}}`; machine names are unique across the fleet's jobs).
+fn runs_status(masters: &[MasterProc], runs: &[FleetRun]) -> Result<Value> {
+    merge_machines(
+        runs.iter()
+            .map(|r| masters[r.master].run_status(&r.instance)),
+    )
+}
+
+/// As [`runs_status`], once every run has ended (each waited for at most `limit`).
+fn runs_ended(masters: &[MasterProc], runs: &[FleetRun], limit: Duration) -> Result<Value> {
+    merge_machines(
+        runs.iter()
+            .map(|r| masters[r.master].wait_ended(&r.instance, limit)),
+    )
+}
+
+fn merge_machines(views: impl Iterator<Item = Result<Value>>) -> Result<Value> {
+    let mut machines = serde_json::Map::new();
+    for view in views {
+        if let Value::Object(m) = view?["machines"].take() {
+            machines.extend(m);
+        }
+    }
+    Ok(serde_json::json!({ "machines": machines }))
 }
 
 fn idle_and_stream(bin: &Path, dir: &Path, seconds: u64) -> Result<Idle> {
@@ -740,8 +978,9 @@ fn idle_and_stream(bin: &Path, dir: &Path, seconds: u64) -> Result<Idle> {
 }
 
 /// Waits (at most 180 s) until `n` wrappers have had `start` acknowledged; returns the
-/// fan-out, from the launcher writing the request to the last `start` ack.
-fn wait_started(stats: &fleet::Stats, n: usize, request: &fleet::StartRequest) -> Result<Duration> {
+/// fan-out, from the launcher writing the (first) start request, at `written`, to the last
+/// `start` ack.
+fn wait_started(stats: &fleet::Stats, n: usize, written: SystemTime) -> Result<Duration> {
     let deadline = Instant::now() + Duration::from_secs(180);
     while (stats.started.load(Ordering::Relaxed) as usize) < n {
         ensure!(
@@ -757,7 +996,7 @@ fn wait_started(stats: &fleet::Stats, n: usize, request: &fleet::StartRequest) -
         sleep(Duration::from_millis(5));
     }
     let last_ack = (*stats.last_start_ack.lock()).context("no start ack")?;
-    Ok(last_ack.duration_since(request.written).unwrap_or_default())
+    Ok(last_ack.duration_since(written).unwrap_or_default())
 }
 
 /// An entry's heading: when, at which commit (and whether the tree had changes), on which CPU.
@@ -978,6 +1217,16 @@ impl MasterProc {
         Self::start_on(bin, dir, files, 0)
     }
 
+    /// A master whose store is the PostgreSQL database at `url`.
+    fn start_with_store(
+        bin: &Path,
+        dir: &Path,
+        files: &[(&str, String)],
+        url: &str,
+    ) -> Result<Self> {
+        Self::start_in(bin, dir, files, 0, Some(url))
+    }
+
     /// A master whose machines endpoint listens on `machines_port` (0: the kernel's choice).
     /// A fixed port lets wrappers find a restarted master where they left the old one.
     fn start_on(
@@ -986,6 +1235,16 @@ impl MasterProc {
         files: &[(&str, String)],
         machines_port: u16,
     ) -> Result<Self> {
+        Self::start_in(bin, dir, files, machines_port, None)
+    }
+
+    fn start_in(
+        bin: &Path,
+        dir: &Path,
+        files: &[(&str, String)],
+        machines_port: u16,
+        store: Option<&str>,
+    ) -> Result<Self> {
         if dir.exists() {
             fs::remove_dir_all(dir).with_context(|| format!("clearing {}", dir.display()))?;
         }
@@ -993,7 +1252,10 @@ impl MasterProc {
         fs::create_dir_all(&conf)?;
         fs::create_dir_all(dir.join("log"))?;
         fs::create_dir_all(dir.join("data"))?;
-        fs::write(conf.join("settings.yaml"), settings(dir, machines_port))?;
+        fs::write(
+            conf.join("settings.yaml"),
+            settings(dir, machines_port, store),
+        )?;
         for (name, text) in files {
             fs::write(conf.join(name), text)?;
         }

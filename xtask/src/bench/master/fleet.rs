@@ -1,6 +1,7 @@
 //! The simulated fleet of `cargo xtask bench master`: N wrappers in one process, each a tokio
-//! task holding one WebSocket to the master's machines endpoint and speaking the real
-//! protocol (`connect` with the run token, `start`, a heartbeat every 5 s, an output every
+//! task holding one WebSocket to the machines endpoint of the master that launched it (the
+//! URL in its start request; with several masters, one fleet serves them all) and speaking
+//! the real protocol (`connect` with the run token, `start`, a heartbeat every 5 s, an output every
 //! second, `complete` once asked, each answered as the master answers a real wrapper).
 //! When asked to, a wrapper that loses its connection reconnects as `sp-wrapper` does: the
 //! wrapper's own backoff (full jitter, [`super::backoff`]), `connect` again, a heartbeat at
@@ -223,15 +224,34 @@ impl Fleet {
 
     /// Starts one simulated wrapper per machine of the request; `kind` picks each one's part.
     pub fn launch(&mut self, request: &StartRequest, kind: impl Fn(usize) -> Kind) -> Result<()> {
+        self.launch_from(request, 0, kind)
+    }
+
+    /// As [`Fleet::launch`], for a request whose machines are numbered from `offset` in the
+    /// whole fleet: several start requests (several jobs, several masters) make one fleet, so
+    /// `kind`, the source address and the timers' spread follow the fleet-wide number.
+    pub fn launch_from(
+        &mut self,
+        request: &StartRequest,
+        offset: usize,
+        kind: impl Fn(usize) -> Kind,
+    ) -> Result<()> {
         let addr = master_addr(&request.url)?;
         // `wss://`: the wrapper's own trust, the master's certificate pinned by fingerprint; one
-        // configuration for the whole fleet, as each real wrapper builds one for itself.
+        // configuration for the whole fleet, as each real wrapper builds one for itself. In a
+        // cluster the list names every master's certificate, as `SP_TLS_FINGERPRINT` does.
         let tls = if request.url.starts_with("wss://") {
-            let pin = request
+            let pins = request
                 .tls_fingerprint
                 .as_deref()
-                .context("a wss:// start request without the certificate's fingerprint")?;
-            let trust = saltpeter_tls::Trust::Pinned(saltpeter_tls::Fingerprint::parse(pin)?);
+                .context("a wss:// start request without the certificate's fingerprint")?
+                .split(',')
+                .map(saltpeter_tls::Fingerprint::parse)
+                .collect::<Result<Vec<_>, _>>()?;
+            let trust = match <[_; 1]>::try_from(pins) {
+                Ok([one]) => saltpeter_tls::Trust::Pinned(one),
+                Err(several) => saltpeter_tls::Trust::PinnedAny(several),
+            };
             Some(Arc::new(saltpeter_tls::client_config(&trust)?))
         } else {
             None
@@ -245,7 +265,8 @@ impl Fleet {
                 .build_hasher()
                 .finish()
         };
-        for (index, machine) in request.machines.iter().enumerate() {
+        for (i, machine) in request.machines.iter().enumerate() {
+            let index = offset + i;
             let sim = Sim {
                 index,
                 kind: kind(index),

@@ -130,7 +130,7 @@ pub fn scenario(bin: &Path, dir: &Path, n: usize, jitter: bool) -> Result<Row> {
         request.machines.len()
     );
     fleet.launch(&request, |_| Kind::Steady)?;
-    let fanout = wait_started(&stats, n, &request)?;
+    let fanout = wait_started(&stats, n, request.written)?;
     eprintln!("  fan-out: {n} started in {:.2} s", fanout.as_secs_f64());
     sleep(WARM_UP);
 
