@@ -550,26 +550,7 @@ impl State {
             return Ok(None);
         };
         if !fenced.contains(job) {
-            let row = self
-                .query_opt(
-                    tx,
-                    "SELECT epoch FROM job_leases
-                     WHERE job = $1 AND owner = $2 AND expires_at > now()
-                     FOR SHARE",
-                    &[&fence.job, &fence.master],
-                )
-                .await?;
-            let held = match row {
-                Some(row) => row.try_get::<_, i64>(0)? == fence.epoch.0,
-                None => false,
-            };
-            if !held {
-                return Err(Error::LostLease {
-                    job: fence.job,
-                    master: fence.master,
-                    epoch: fence.epoch,
-                });
-            }
+            self.db.timed(crate::lease::check_fence(tx, &fence)).await?;
             fenced.insert(job.to_owned());
         }
         Ok(Some(fence.epoch.0))

@@ -393,6 +393,15 @@ impl Database {
 /// takeover of the job waits for them.
 pub async fn begin_fenced<'c>(client: &'c mut Client, fence: &Fence) -> Result<Transaction<'c>> {
     let tx = client.transaction().await?;
+    // On an error, dropping the transaction rolls it back.
+    check_fence(&tx, fence).await?;
+    Ok(tx)
+}
+
+/// Locks the fence's lease row `FOR SHARE` inside `tx` and checks that `fence.master` holds
+/// it, unexpired, at `fence.epoch`; [`Error::LostLease`] otherwise. The one check every
+/// fenced write makes, whether it opens its own transaction or joins a store batch.
+pub(crate) async fn check_fence(tx: &Transaction<'_>, fence: &Fence) -> Result<()> {
     let row = tx
         .query_opt(
             "SELECT epoch FROM job_leases
@@ -405,15 +414,15 @@ pub async fn begin_fenced<'c>(client: &'c mut Client, fence: &Fence) -> Result<T
         Some(row) => row.try_get::<_, i64>(0)? == fence.epoch.0,
         None => false,
     };
-    if !held {
-        // Dropping the transaction rolls it back.
-        return Err(Error::LostLease {
+    if held {
+        Ok(())
+    } else {
+        Err(Error::LostLease {
             job: fence.job.clone(),
             master: fence.master.clone(),
             epoch: fence.epoch,
-        });
+        })
     }
-    Ok(tx)
 }
 
 impl Database {
