@@ -340,15 +340,6 @@ fn text(data: Vec<u8>) -> String {
     String::from_utf8(data).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
 }
 
-fn ceil_boundary(s: &str, mut at: usize) -> usize {
-    at = at.min(s.len());
-    // Ends at `s.len()` at the latest, which is a boundary.
-    while !s.is_char_boundary(at) {
-        at = at.saturating_add(1);
-    }
-    at
-}
-
 /// The start time before which finished runs are too old; every run is kept when the limit
 /// reaches past the calendar.
 fn age_cutoff(now: OffsetDateTime, max_age_days: u32) -> OffsetDateTime {
@@ -1476,25 +1467,11 @@ impl State {
                 &[&instance, &machine, &offset, &end],
             )
             .await?;
-        let mut out = String::new();
-        let mut cursor = offset;
-        for row in rows {
-            let at: i64 = row.try_get(0)?;
-            let data = text(row.try_get(1)?);
-            if at > cursor {
-                out.push_str(&format!(
-                    "\n[... {} bytes dropped by retention ...]\n",
-                    at.saturating_sub(cursor)
-                ));
-            }
-            let byte = |n: i64| usize::try_from(n.max(0)).unwrap_or(usize::MAX);
-            let from = ceil_boundary(&data, byte(cursor.max(at).saturating_sub(at)));
-            let to = ceil_boundary(&data, byte(end.saturating_sub(at)));
-            if let Some(piece) = data.get(from..to) {
-                out.push_str(piece);
-            }
-            cursor = at.saturating_add(i64::try_from(data.len()).unwrap_or(i64::MAX));
-        }
+        let chunks = rows
+            .iter()
+            .map(|row| Ok((row.try_get::<_, i64>(0)?, text(row.try_get(1)?))))
+            .collect::<Result<Vec<_>>>()?;
+        let out = saltpeter_store::output::join_range(chunks, offset, end);
         Ok(Some(OutputRange {
             text: out,
             total_bytes: unsigned(total),

@@ -265,6 +265,44 @@ fn floor_char_boundary(s: &str, mut at: usize) -> usize {
     at
 }
 
+/// Joins the stored chunks `(byte offset, text)` that overlap `[offset, end)`, in order, into
+/// that byte range of a machine's output, with a marker where retention dropped bytes. Both
+/// backends read ranges so. Offsets come from a table, so a corrupt row saturates rather than
+/// panics or wraps.
+pub fn join_range(
+    chunks: impl IntoIterator<Item = (i64, String)>,
+    offset: i64,
+    end: i64,
+) -> String {
+    let mut text = String::new();
+    let mut cursor = offset;
+    for (at, data) in chunks {
+        if at > cursor {
+            text.push_str(&format!(
+                "\n[... {} bytes dropped by retention ...]\n",
+                at.saturating_sub(cursor)
+            ));
+        }
+        let byte = |n: i64| usize::try_from(n.max(0)).unwrap_or(usize::MAX);
+        let from = ceil_char_boundary(&data, byte(cursor.max(at).saturating_sub(at)));
+        let to = ceil_char_boundary(&data, byte(end.saturating_sub(at)));
+        if let Some(piece) = data.get(from..to) {
+            text.push_str(piece);
+        }
+        cursor = at.saturating_add(i64::try_from(data.len()).unwrap_or(i64::MAX));
+    }
+    text
+}
+
+fn ceil_char_boundary(s: &str, mut at: usize) -> usize {
+    at = at.min(s.len());
+    // Ends at `s.len()` at the latest, which is a boundary.
+    while !s.is_char_boundary(at) {
+        at = at.saturating_add(1);
+    }
+    at
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -810,43 +810,18 @@ impl Db {
                AND byte_offset + length(CAST(data AS BLOB)) > ?3
              ORDER BY idx",
         )?;
-        let mut rows = stmt.query(params![instance, machine, offset, end])?;
-        let mut text = String::new();
-        let mut cursor = offset;
-        while let Some(row) = rows.next()? {
-            let at: i64 = row.get(0)?;
-            let data: String = row.get(1)?;
-            if at > cursor {
-                text.push_str(&format!(
-                    "\n[... {} bytes dropped by retention ...]\n",
-                    at.saturating_sub(cursor)
-                ));
-            }
-            // Saturating and checked: `at` comes from the table, and a corrupt row must not
-            // turn into a panic or a wrapped position.
-            let byte = |n: i64| usize::try_from(n.max(0)).unwrap_or(usize::MAX);
-            let from = ceil_boundary(&data, byte(cursor.max(at).saturating_sub(at)));
-            let to = ceil_boundary(&data, byte(end.saturating_sub(at)));
-            if let Some(piece) = data.get(from..to) {
-                text.push_str(piece);
-            }
-            cursor = at.saturating_add(i64::try_from(data.len()).unwrap_or(i64::MAX));
-        }
+        let chunks = stmt
+            .query_map(params![instance, machine, offset, end], |row| {
+                Ok((row.get::<_, i64>(0)?, row.get::<_, String>(1)?))
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        let text = crate::output::join_range(chunks, offset, end);
         Ok(Some(OutputRange {
             text,
             total_bytes: total as u64,
             dropped_bytes: dropped as u64,
         }))
     }
-}
-
-fn ceil_boundary(s: &str, mut at: usize) -> usize {
-    at = at.min(s.len());
-    // Ends at `s.len()` at the latest, which is a boundary.
-    while !s.is_char_boundary(at) {
-        at = at.saturating_add(1);
-    }
-    at
 }
 
 fn run_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RunRecord> {
