@@ -18,7 +18,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
-use crate::assign::jobs_for_known;
+use crate::assign::jobs_for;
 use crate::lease::{
     Advertised, DEFAULT_LEASE_TTL, DEFAULT_MASTER_TTL, DEFAULT_RENEW_EVERY, DEFAULT_STOP_MARGIN,
     Fence, Lease, MasterInfo,
@@ -193,7 +193,7 @@ impl Coordinator {
             .map(|(m, k)| (m.id.as_str(), k.as_ref()))
             .collect();
         let mine: HashSet<&str> =
-            jobs_for_known(&s.master_id, self.jobs.iter().map(String::as_str), &live)
+            jobs_for(&s.master_id, self.jobs.iter().map(String::as_str), &live)
                 .into_iter()
                 .collect();
         let to_release: Vec<String> = self
