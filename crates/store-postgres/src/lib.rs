@@ -77,6 +77,19 @@ impl Database {
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(op_timeout);
         }
+        // A master cut off in the middle of a transaction leaves it open on the server, which
+        // does not notice a silent peer for hours, and the lease row that transaction locked
+        // `FOR SHARE` would keep every other master from taking the job over. The server ends
+        // such a session itself once it has waited this long inside a transaction.
+        let idle = format!(
+            "-c idle_in_transaction_session_timeout={}",
+            op_timeout.as_millis().max(1)
+        );
+        let options = match config.get_options() {
+            Some(given) if !given.is_empty() => format!("{given} {idle}"),
+            _ => idle,
+        };
+        config.options(&options);
         let manager_config = ManagerConfig {
             // A connection that broke is found by its next query; checking each one out
             // with a round trip would double the latency of every lease renewal.
